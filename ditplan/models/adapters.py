@@ -1,0 +1,223 @@
+"""Model adapters: one interface over class-conditional DiT and prompt-conditioned PixArt.
+
+An adapter owns the transformer, the noise-schedule config, the optional VAE and the conditioning.
+It loads through diffusers' ``from_pretrained`` (a local folder in pipeline layout or a hub id) or
+builds a random-weight model from a config dict (tests).
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel, PixArtTransformer2DModel
+from diffusers.models.attention_processor import Attention
+
+from ditplan.models.embedded import EMBEDDED_PATH
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the transformer is conditioned on, for a batch: ``cond`` and the null ``uncond``."""
+
+    cond: dict[str, torch.Tensor]
+    uncond: dict[str, torch.Tensor]
+
+    def for_batch(self, cfg: bool) -> dict[str, torch.Tensor]:
+        """Keyword arguments for one transformer call: ``[cond; uncond]`` halves when ``cfg``."""
+        if not cfg:
+            return self.cond
+        return {k: torch.cat([self.cond[k], self.uncond[k]]) for k in self.cond}
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    """A short content hash of a module's weights: plans and caches are keyed by it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class ModelAdapter(abc.ABC):
+    """A diffusers transformer + its scheduler config + VAE, seen the way ditplan needs it."""
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        scheduler_config: dict[str, Any],
+        model_id: str,
+        vae: AutoencoderKL | None = None,
+    ) -> None:
+        self.transformer = transformer.eval().requires_grad_(False)
+        self.scheduler_config = dict(scheduler_config)
+        self.model_id = model_id
+        self.vae = vae.eval().requires_grad_(False) if vae is not None else None
+
+    # --- shape of the model --------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.transformer.transformer_blocks)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels
+
+    @property
+    def latent_size(self) -> int:
+        return self.transformer.config.sample_size
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.latent_size // self.transformer.config.patch_size) ** 2
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.transformer.config.num_attention_heads * self.transformer.config.attention_head_dim
+
+    def self_attention_layers(self) -> list[Attention]:
+        """The self-attention module (``attn1``) of every block, in depth order."""
+        return [block.attn1 for block in self.transformer.transformer_blocks]
+
+    @cached_property
+    def weights_hash(self) -> str:
+        return weights_hash(self.transformer)
+
+    # --- what a subclass supplies ---------------------------------------------------------------
+    @abc.abstractmethod
+    def conditioning(self, conditions: Sequence[Any], device: torch.device) -> Conditioning:
+        """Turn a batch of workload conditions (class labels, prompts) into transformer inputs."""
+
+    @abc.abstractmethod
+    def _call_transformer(self, latents: torch.Tensor, timestep: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """One transformer forward; returns the raw output (N, C_out, H, W)."""
+
+    # --- shared behaviour -----------------------------------------------------------------------
+    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """The model prediction (ε or v) with any learned-variance channels dropped."""
+        out = self._call_transformer(latents, timestep.expand(latents.shape[0]), inputs)
+        return out[:, : self.latent_channels]  # (N, C, H, W)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → images in [-1, 1]; pixel-space models return the latents unchanged."""
+        if self.vae is None:
+            return latents
+        return self.vae.decode(latents / self.vae.config.scaling_factor).sample
+
+    def to(self, device: torch.device | str) -> ModelAdapter:
+        self.transformer.to(device)
+        if self.vae is not None:
+            self.vae.to(device)
+        return self
+
+
+class DiTAdapter(ModelAdapter):
+    """Class-conditional DiT; the null class (CFG) is the extra row of the label table."""
+
+    @property
+    def num_classes(self) -> int:
+        return self.transformer.config.num_embeds_ada_norm
+
+    def conditioning(self, conditions: Sequence[Any], device: torch.device) -> Conditioning:
+        labels = torch.tensor([int(c) for c in conditions], device=device)
+        null = torch.full_like(labels, self.num_classes)
+        return Conditioning({"class_labels": labels}, {"class_labels": null})
+
+    def _call_transformer(self, latents: torch.Tensor, timestep: torch.Tensor, inputs: dict) -> torch.Tensor:
+        return self.transformer(latents, timestep=timestep, class_labels=inputs["class_labels"]).sample
+
+
+class PixArtAdapter(ModelAdapter):
+    """Prompt-conditioned PixArt; runs offline from prompt embeddings + attention masks.
+
+    ``prompt_embeddings`` maps a prompt to ``(embeds (L, D), mask (L,))``; the empty prompt "" is the
+    unconditional one. A user with the T5 encoder fills it with :meth:`encode_prompts`.
+    """
+
+    def __init__(self, *args: Any, prompt_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.prompt_embeddings = dict(prompt_embeddings)
+
+    def conditioning(self, conditions: Sequence[Any], device: torch.device) -> Conditioning:
+        missing = [p for p in [*conditions, ""] if p not in self.prompt_embeddings]
+        if missing:
+            raise ValueError(
+                f"no prompt embedding for {missing[0]!r}; give embeddings for every prompt and for the empty "
+                "prompt '' (model.prompt_embeddings in the experiment file), or configure the T5 text encoder"
+            )
+
+        def stack(prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+            embeds = torch.stack([self.prompt_embeddings[p][0] for p in prompts]).to(device)
+            mask = torch.stack([self.prompt_embeddings[p][1] for p in prompts]).to(device)
+            return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+
+        return Conditioning(stack(list(conditions)), stack([""] * len(conditions)))
+
+    def _call_transformer(self, latents: torch.Tensor, timestep: torch.Tensor, inputs: dict) -> torch.Tensor:
+        added: dict[str, torch.Tensor | None] = {"resolution": None, "aspect_ratio": None}
+        if self.transformer.use_additional_conditions:
+            # NOTE: PixArt-α 1024 is conditioned on image size and aspect ratio, as in its pipeline.
+            size = float(self.latent_size * 8)
+            n = latents.shape[0]
+            added = {
+                "resolution": torch.tensor([[size, size]], device=latents.device).repeat(n, 1),
+                "aspect_ratio": torch.tensor([[1.0]], device=latents.device).repeat(n, 1),
+            }
+        return self.transformer(latents, timestep=timestep, added_cond_kwargs=added, **inputs).sample
+
+    @staticmethod
+    def encode_prompts(source: str, prompts: Sequence[str], max_length: int = 300) -> dict:
+        """Encode prompts with the pipeline's T5 encoder (needs ``transformers`` and the weights)."""
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
+        encoder = T5EncoderModel.from_pretrained(source, subfolder="text_encoder").eval()
+        out = {}
+        for prompt in [*prompts, ""]:
+            tokens = tokenizer(prompt, max_length=max_length, padding="max_length", truncation=True, return_tensors="pt")
+            with torch.no_grad():
+                embeds = encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0][0]
+            out[prompt] = (embeds, tokens.attention_mask[0])
+        return out
+
+
+ADAPTERS: dict[str, tuple[type[ModelAdapter], type[torch.nn.Module]]] = {
+    "dit": (DiTAdapter, DiTTransformer2DModel),
+    "pixart": (PixArtAdapter, PixArtTransformer2DModel),
+}
+
+
+def load_adapter(
+    kind: str,
+    source: str | None = None,
+    config: dict[str, Any] | None = None,
+    scheduler_config: dict[str, Any] | None = None,
+    vae: str | None = None,
+    seed: int = 0,
+    **adapter_kwargs: Any,
+) -> ModelAdapter:
+    """Load a model: ``source`` is ``"embedded"``, a local pipeline folder or a hub id (weights under
+    ``transformer/``, schedule under ``scheduler/``); or ``config`` builds random weights (seeded)."""
+    adapter_cls, transformer_cls = ADAPTERS[kind]
+    if config is not None:
+        torch.manual_seed(seed)
+        transformer = transformer_cls(**config)
+        model_id = f"random-{kind}"
+        base_schedule: dict[str, Any] = DDPMScheduler().config
+    elif source is not None:
+        path = str(EMBEDDED_PATH) if source == "embedded" else source
+        transformer = transformer_cls.from_pretrained(path, subfolder="transformer")
+        base_schedule = DDPMScheduler.load_config(path, subfolder="scheduler")
+        model_id = source
+    else:
+        raise ValueError("a model needs a source (a folder, a hub id or 'embedded') or a config dict; give one")
+    schedule = {**base_schedule, **(scheduler_config or {})}
+    vae_model = AutoencoderKL.from_pretrained(vae, subfolder="vae") if vae else None
+    return adapter_cls(transformer, schedule, model_id, vae=vae_model, **adapter_kwargs)

@@ -1,0 +1,122 @@
+"""ditplan's denoising loop on diffusers schedulers, with classifier-free guidance and step tracking.
+
+Every sample has its own seed, so a sample does not depend on which batch it was drawn in. The loop
+publishes the step index and CFG layout (:mod:`ditplan.models.context`) and resets the state of any
+installed plan before each run, also when the previous run failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from ditplan.models.adapters import ModelAdapter
+from ditplan.models.context import StepContext, step_context
+from ditplan.progress import progress_bar
+
+# name → (scheduler class, settings over the model's noise schedule)
+SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "ddim": (DDIMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+}
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """scheduler: a name in ``SAMPLERS``; guidance_scale ≤ 1 switches classifier-free guidance off."""
+
+    scheduler: str = "dpmsolver++"
+    num_steps: int = 20
+    guidance_scale: float = 4.0
+    batch_size: int = 50
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+
+def make_scheduler(adapter: ModelAdapter, name: str) -> SchedulerMixin:
+    scheduler_cls, overrides = SAMPLERS[name]
+    return scheduler_cls.from_config({**adapter.scheduler_config, **overrides})
+
+
+# Called after every step with (step index, latents): greedy search and reference caching use it.
+StepCallback = Callable[[int, torch.Tensor], None]
+
+
+def initial_noise(adapter: ModelAdapter, seeds: Sequence[int], device: torch.device) -> torch.Tensor:
+    shape = (adapter.latent_channels, adapter.latent_size, adapter.latent_size)
+    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.stack(noise).to(device)  # (N, C, H, W)
+
+
+def guided_prediction(
+    adapter: ModelAdapter, latents: torch.Tensor, t: torch.Tensor, inputs: dict, settings: SamplerSettings
+) -> torch.Tensor:
+    """One guided model prediction for ``latents`` (N, C, H, W): the transformer sees 2N when CFG."""
+    if not settings.cfg:
+        return adapter.predict(latents, t, inputs)
+    both = adapter.predict(torch.cat([latents, latents]), t, inputs)  # (2N, C, H, W)
+    cond, uncond = both.chunk(2)
+    return uncond + settings.guidance_scale * (cond - uncond)
+
+
+@torch.no_grad()
+def sample_batch(
+    adapter: ModelAdapter,
+    conditions: Sequence[Any],
+    seeds: Sequence[int],
+    settings: SamplerSettings,
+    on_step: StepCallback | None = None,
+    show_progress: bool = False,
+) -> torch.Tensor:
+    """Sample one batch; returns the final latents (N, C, H, W) (not decoded)."""
+    from ditplan.strategies.apply import reset_plan_state
+
+    device = next(adapter.transformer.parameters()).device
+    scheduler = make_scheduler(adapter, settings.scheduler)
+    scheduler.set_timesteps(settings.num_steps, device=device)
+    inputs = adapter.conditioning(conditions, device).for_batch(settings.cfg)
+    latents = initial_noise(adapter, seeds, device) * scheduler.init_noise_sigma
+    reset_plan_state(adapter.transformer)
+    try:
+        with progress_bar(settings.num_steps, "denoising", enabled=show_progress) as bar:
+            for i, t in enumerate(scheduler.timesteps):
+                with step_context(StepContext(step=i, num_steps=settings.num_steps, cfg=settings.cfg)):
+                    model_in = scheduler.scale_model_input(latents, t)
+                    prediction = guided_prediction(adapter, model_in, t, inputs, settings)
+                latents = scheduler.step(prediction, t, latents).prev_sample
+                if on_step is not None:
+                    on_step(i, latents)
+                bar.update(1)
+    finally:
+        # NOTE: caches of a failed run must not leak into the next one.
+        reset_plan_state(adapter.transformer)
+    return latents
+
+
+def sample(
+    adapter: ModelAdapter,
+    conditions: Sequence[Any],
+    seeds: Sequence[int],
+    settings: SamplerSettings,
+    show_progress: bool = False,
+    decode: bool = True,
+) -> torch.Tensor:
+    """Sample a whole workload in batches of ``settings.batch_size``; images (N, C, H, W) in [-1, 1]."""
+    if len(conditions) != len(seeds):
+        raise ValueError(f"{len(conditions)} conditions but {len(seeds)} seeds; give one seed per sample")
+    out = []
+    size = settings.batch_size
+    with progress_bar(len(seeds), "sampling", enabled=show_progress) as bar:
+        for start in range(0, len(seeds), size):
+            latents = sample_batch(adapter, conditions[start : start + size], seeds[start : start + size], settings)
+            out.append(adapter.decode(latents) if decode else latents)
+            bar.update(len(latents))
+    return torch.cat(out).cpu()

@@ -1,0 +1,175 @@
+"""The Plan: which strategy each self-attention layer uses at each denoising step, plus the
+strategies' parameters, what the plan was made for, and how it was found.
+
+Plan files are YAML (``yaml.safe_load`` only). The step × layer grid is stored run-length encoded,
+one line per layer, e.g. ``"full:2 ast:3 wars:15"``.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCHEMA_VERSION = 1
+
+
+class PlanError(ValueError):
+    """A plan file is malformed, or does not fit the model/sampler it is applied to."""
+
+
+@dataclass(frozen=True)
+class PlanTarget:
+    """What a plan was made for; a plan applied elsewhere is refused (see :meth:`Plan.check_fits`)."""
+
+    model: str
+    weights_hash: str
+    num_layers: int
+    num_tokens: int
+    scheduler: str
+    num_steps: int
+    guidance_scale: float
+
+    def differences(self, other: PlanTarget) -> list[str]:
+        """Human-readable mismatches, ignoring the model id (the weights hash decides identity)."""
+        names = {
+            "weights_hash": "model weights (hash)",
+            "num_layers": "layers",
+            "num_tokens": "tokens",
+            "scheduler": "scheduler",
+            "num_steps": "steps",
+            "guidance_scale": "guidance scale",
+        }
+        return [
+            f"{label}: plan has {getattr(self, key)!r}, target has {getattr(other, key)!r}"
+            for key, label in names.items()
+            if getattr(self, key) != getattr(other, key)
+        ]
+
+
+def encode_runs(row: Sequence[str]) -> str:
+    """``["full", "full", "ast"]`` → ``"full:2 ast:1"``."""
+    runs: list[list[Any]] = []
+    for name in row:
+        if runs and runs[-1][0] == name:
+            runs[-1][1] += 1
+        else:
+            runs.append([name, 1])
+    return " ".join(f"{name}:{count}" for name, count in runs)
+
+
+def decode_runs(text: str) -> list[str]:
+    row: list[str] = []
+    for token in str(text).split():
+        name, sep, count = token.rpartition(":")
+        if not sep or not name or not count.isdigit() or int(count) < 1:
+            raise PlanError(f"bad run {token!r} in plan grid; write runs as NAME:COUNT, e.g. 'full:20'")
+        row.extend([name] * int(count))
+    return row
+
+
+@dataclass(frozen=True)
+class Plan:
+    """grid[step][layer] names a registered strategy; ``params`` maps a strategy name to its config."""
+
+    target: PlanTarget
+    grid: tuple[tuple[str, ...], ...]
+    params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.grid)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.grid[0]) if self.grid else 0
+
+    def method(self, step: int, layer: int) -> str:
+        return self.grid[step][layer]
+
+    def strategies(self) -> set[str]:
+        return {name for row in self.grid for name in row}
+
+    @classmethod
+    def uniform(cls, target: PlanTarget, method: str = "full", **kwargs: Any) -> Plan:
+        grid = tuple(tuple([method] * target.num_layers) for _ in range(target.num_steps))
+        return cls(target=target, grid=grid, **kwargs)
+
+    def with_provenance(self, **entries: Any) -> Plan:
+        return replace(self, provenance={**copy.deepcopy(dict(self.provenance)), **entries})
+
+    def check_fits(self, target: PlanTarget) -> None:
+        differences = self.target.differences(target)
+        if differences:
+            raise PlanError(
+                f"plan made for {self.target.model} does not fit this model/sampler: " + "; ".join(differences)
+            )
+
+    # --- YAML -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        columns = [[row[layer] for row in self.grid] for layer in range(self.num_layers)]
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "target": dict(self.target.__dict__),
+            "params": copy.deepcopy({k: dict(v) for k, v in self.params.items()}),
+            "grid": [encode_runs(col) for col in columns],  # one line per layer, runs over steps
+            "provenance": copy.deepcopy(dict(self.provenance)),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Plan:
+        if not isinstance(data, dict):
+            raise PlanError("a plan file must be a YAML mapping with target, grid, params and provenance")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise PlanError(f"plan schema_version {version!r} is not supported; this ditplan reads {SCHEMA_VERSION}")
+        try:
+            target = PlanTarget(**data["target"])
+        except (KeyError, TypeError) as err:
+            raise PlanError(f"plan target is malformed ({err}); it needs {list(PlanTarget.__dataclass_fields__)}")
+        columns = [decode_runs(line) for line in data.get("grid") or []]
+        if len(columns) != target.num_layers or any(len(c) != target.num_steps for c in columns):
+            raise PlanError(
+                f"plan grid is {len(columns)} layers × {[len(c) for c in columns][:1] or [0]} steps, but its target "
+                f"says {target.num_layers} layers × {target.num_steps} steps"
+            )
+        grid = tuple(tuple(col[step] for col in columns) for step in range(target.num_steps))
+        return cls(target=target, grid=grid, params=data.get("params") or {}, provenance=data.get("provenance") or {})
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (temporary file, then rename): no half-written plan is ever left."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, width=120))
+        os.replace(tmp, path)
+        return path
+
+
+def load_plan(path: str | Path) -> Plan:
+    path = Path(path)
+    if not path.exists():
+        raise PlanError(f"plan file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise PlanError(f"plan file {path} is not valid YAML: {err}") from None
+    return Plan.from_dict(data)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions recorded in a plan's provenance."""
+    out = {}
+    for name in ("ditplan", "torch", "diffusers", "optuna"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out

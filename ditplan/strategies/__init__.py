@@ -1,0 +1,17 @@
+"""Strategies and their registry. Importing this package registers the built-in strategies."""
+
+from ditplan.strategies import full  # noqa: F401  (registers)
+from ditplan.strategies.apply import apply_plan, remove_plan, reset_plan_state
+from ditplan.strategies.base import STRATEGIES, AttentionCall, AttentionShape, Strategy, get_strategy_class, register
+
+__all__ = [
+    "STRATEGIES",
+    "AttentionCall",
+    "AttentionShape",
+    "Strategy",
+    "apply_plan",
+    "get_strategy_class",
+    "register",
+    "remove_plan",
+    "reset_plan_state",
+]

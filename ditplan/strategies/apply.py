@@ -1,0 +1,171 @@
+"""Install a plan on a diffusers transformer and remove it again, exactly.
+
+Each self-attention module (``attn1`` of every block) gets a :class:`PlanAttnProcessor` through
+diffusers' own ``set_processor``; it looks up the strategy of its (step, layer) cell at every call.
+The original processor objects are kept and put back by :func:`remove_plan`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ditplan.models.context import current_step
+from ditplan.plan import Plan, PlanError, PlanTarget
+from ditplan.strategies.base import AttentionCall, Strategy, get_strategy_class
+
+_RUNTIME_ATTR = "_ditplan_runtime"
+
+
+class PlanRuntime:
+    """The plan installed on one transformer, its strategies and the per-layer caches of a run.
+
+    ``keep_all`` (greedy calibration, where later steps are not decided yet) keeps every cache entry
+    a strategy writes; otherwise an entry is kept only while a later step of the layer reads it.
+    ``frozen`` (trial forwards during calibration) reads caches but writes and frees nothing.
+    """
+
+    def __init__(self, plan: Plan, strategies: dict[str, Strategy], originals: list[Any]) -> None:
+        self.plan = plan
+        self.strategies = strategies
+        self.originals = originals
+        self.caches: list[dict[str, torch.Tensor]] = [{} for _ in originals]
+        self.keep_all = False
+        self.frozen = False
+        self.peak_cache_bytes = 0
+
+    def strategy_at(self, step: int, layer: int) -> Strategy:
+        return self.strategies[self.plan.method(step, layer)]
+
+    def needed_after(self, step: int, layer: int, entry: str) -> bool:
+        """Does a step after ``step`` read ``entry`` before some step rewrites it?"""
+        for later in range(step + 1, self.plan.num_steps):
+            strategy = self.strategy_at(later, layer)
+            if entry in strategy.reads:
+                return True
+            if entry in strategy.writes:
+                return False
+        return False
+
+    def wants(self, step: int, layer: int) -> frozenset[str]:
+        if self.frozen:
+            return frozenset()
+        writes = self.strategy_at(step, layer).writes
+        if self.keep_all:
+            return writes
+        return frozenset(e for e in writes if self.needed_after(step, layer, e))
+
+    def after_call(self, step: int, layer: int) -> None:
+        """Free what no later step reads; track the peak cache size."""
+        if self.frozen:
+            return
+        cache = self.caches[layer]
+        if not self.keep_all:
+            for entry in [e for e in cache if not self.needed_after(step, layer, e)]:
+                del cache[entry]
+        self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes())
+
+    def cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for cache in self.caches for t in cache.values())
+
+    def reset(self) -> None:
+        for cache in self.caches:
+            cache.clear()
+
+
+class PlanAttnProcessor:
+    """The attention processor ditplan installs: dispatches each call to the plan's strategy."""
+
+    def __init__(self, runtime: PlanRuntime, layer: int) -> None:
+        self.runtime = runtime
+        self.layer = layer
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        context = current_step()
+        runtime = self.runtime
+        if context is None:
+            raise RuntimeError(
+                "a ditplan plan is applied but the transformer was called outside ditplan's sampling loop, so the "
+                "step is unknown; sample with ditplan.models.sampling.sample, or remove_plan(transformer) first"
+            )
+        if context.num_steps != runtime.plan.num_steps:
+            raise PlanError(
+                f"plan has {runtime.plan.num_steps} steps but the sampler runs {context.num_steps}; "
+                "sample with the plan's step count or make a plan for this one"
+            )
+        if args:
+            raise TypeError("ditplan's attention processor takes keyword arguments only after hidden_states")
+        strategy = runtime.strategy_at(context.step, self.layer)
+        call = AttentionCall(
+            attn=attn,
+            original=runtime.originals[self.layer],
+            hidden_states=hidden_states,
+            kwargs=kwargs,
+            context=context,
+            cache=runtime.caches[self.layer],
+            wants=runtime.wants(context.step, self.layer),
+        )
+        out = strategy.attention(call)
+        if "output" in call.wants:
+            runtime.caches[self.layer]["output"] = out
+        runtime.after_call(context.step, self.layer)
+        return out
+
+
+def _attention_layers(transformer: torch.nn.Module) -> list[Any]:
+    blocks = getattr(transformer, "transformer_blocks", None)
+    if blocks is None:
+        raise TypeError(f"{type(transformer).__name__} has no transformer_blocks; ditplan supports DiT and PixArt")
+    return [block.attn1 for block in blocks]
+
+
+def get_runtime(transformer: torch.nn.Module) -> PlanRuntime | None:
+    return getattr(transformer, _RUNTIME_ATTR, None)
+
+
+def apply_plan(transformer: torch.nn.Module, plan: Plan, target: PlanTarget | None = None) -> PlanRuntime:
+    """Install ``plan`` on ``transformer`` (a diffusers DiT/PixArt transformer).
+
+    ``target`` (what the model and sampler are) is checked against the plan first; a plan with another
+    layer count is always refused. Example::
+
+        plan = load_plan("plan.yaml")
+        apply_plan(adapter.transformer, plan, target)
+        images = sample(adapter, labels, seeds, settings)
+        remove_plan(adapter.transformer)
+    """
+    if get_runtime(transformer) is not None:
+        raise PlanError("a plan is already applied to this transformer; call remove_plan(transformer) first")
+    if target is not None:
+        plan.check_fits(target)
+    layers = _attention_layers(transformer)
+    if plan.num_layers != len(layers):
+        raise PlanError(f"plan is for {plan.num_layers} layers but this model has {len(layers)} layers")
+    strategies = {name: get_strategy_class(name).from_params(plan.params.get(name)) for name in plan.strategies()}
+    for strategy in strategies.values():
+        strategy.validate(plan.target.num_tokens)
+    originals = [attn.processor for attn in layers]
+    runtime = PlanRuntime(plan, strategies, originals)
+    for index, attn in enumerate(layers):
+        attn.set_processor(PlanAttnProcessor(runtime, index))
+    setattr(transformer, _RUNTIME_ATTR, runtime)
+    return runtime
+
+
+def remove_plan(transformer: torch.nn.Module) -> None:
+    """Put the original attention processors back; a transformer without a plan is left alone."""
+    runtime = get_runtime(transformer)
+    if runtime is None:
+        return
+    for attn, original in zip(_attention_layers(transformer), runtime.originals):
+        attn.set_processor(original)
+    runtime.reset()
+    delattr(transformer, _RUNTIME_ATTR)
+
+
+def reset_plan_state(transformer: torch.nn.Module) -> None:
+    """Clear the caches of an applied plan (called before and after every sampling run)."""
+    runtime = get_runtime(transformer)
+    if runtime is not None:
+        runtime.reset()

@@ -1,0 +1,138 @@
+"""The Strategy contract: one way to compute a self-attention layer at a denoising step.
+
+A strategy is registered by name (:func:`register`); plans name strategies per (step, layer), search
+spaces are built from their ``search_space`` and the CLI lists the registry. Adding a strategy means
+adding one module under ``ditplan/strategies/`` that subclasses :class:`Strategy` and registers it.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from diffusers.models.attention_processor import Attention
+
+from ditplan.models.context import StepContext
+
+
+@dataclass(frozen=True)
+class NoConfig:
+    """A strategy without parameters."""
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """The sizes the cost model needs: batch (incl. CFG doubling), tokens, width, heads."""
+
+    batch: int
+    tokens: int
+    dim: int
+    heads: int
+
+
+class AttentionCall:
+    """Everything a strategy sees for one call of one self-attention layer.
+
+    ``cache`` persists across the steps of one sampling run (it is cleared before every run);
+    ``wants`` names the cache entries a later step of this layer will read, so nothing else is kept.
+    """
+
+    def __init__(
+        self,
+        attn: Attention,
+        original: Callable[..., torch.Tensor],
+        hidden_states: torch.Tensor,
+        kwargs: dict[str, Any],
+        context: StepContext,
+        cache: dict[str, torch.Tensor],
+        wants: frozenset[str],
+    ) -> None:
+        self.attn = attn
+        self.hidden_states = hidden_states  # (B, N, C)
+        self.context = context
+        self.cache = cache
+        self.wants = wants
+        self._original = original
+        self._kwargs = kwargs
+
+    def original(self, hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's own (unmodified diffusers) attention on ``hidden_states`` (default: the input)."""
+        x = self.hidden_states if hidden_states is None else hidden_states
+        return self._original(self.attn, x, **self._kwargs)
+
+
+class Strategy(abc.ABC):
+    """Base class of attention strategies.
+
+    Subclasses set ``name``, optionally ``config_class`` (a frozen dataclass whose fields document
+    their trade-offs), ``reads`` (cache entries taken from an earlier step) and ``writes`` (cache
+    entries this strategy refreshes, which ends the need for older ones).
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type] = NoConfig
+    reads: ClassVar[frozenset[str]] = frozenset()
+    writes: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config if config is not None else self.config_class()
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any] | None) -> Strategy:
+        """Build from a plan's ``params[name]`` mapping; unknown keys are refused by name."""
+        params = dict(params or {})
+        fields = {f.name for f in dataclasses.fields(cls.config_class)}
+        unknown = sorted(set(params) - fields)
+        if unknown:
+            raise ValueError(
+                f"strategy {cls.name!r} has no parameter {unknown[0]!r}; its parameters are {sorted(fields) or 'none'}"
+            )
+        return cls(cls.config_class(**params))
+
+    @abc.abstractmethod
+    def attention(self, call: AttentionCall) -> torch.Tensor:
+        """Called at every attention call of a layer whose plan cell names this strategy at this step;
+        returns the attention output (B, N, C). Stores what ``call.wants`` in ``call.cache``."""
+
+    @abc.abstractmethod
+    def attention_flops(self, shape: AttentionShape, cfg: bool) -> float:
+        """Analytic FLOPs of the attention *core* (scores + weighted sum) and the projections."""
+
+    def validate(self, num_tokens: int) -> None:
+        """Called once when a plan is applied; raise ``ValueError`` naming a bad parameter."""
+
+    @classmethod
+    def search_space(cls) -> dict[str, Any]:
+        """The parameters a search may tune, as ``{param: [choices]}``; none by default."""
+        return {}
+
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: make a strategy available to plans, search spaces and the CLI by its name."""
+    if cls.name in STRATEGIES and STRATEGIES[cls.name] is not cls:
+        raise ValueError(f"strategy {cls.name!r} is already registered; choose another name")
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def get_strategy_class(name: str) -> type[Strategy]:
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; registered strategies: {sorted(STRATEGIES)}") from None
+
+
+def dense_attention_flops(shape: AttentionShape, batch: int | None = None, window: int | None = None) -> float:
+    """Projections (Q, K, V, out: 4·2·N·C²) plus the core (QKᵀ and AV: 2·2·N·K·C), K = keys per query."""
+    b = shape.batch if batch is None else batch
+    keys = shape.tokens if window is None else window
+    projections = 4 * 2 * shape.tokens * shape.dim * shape.dim
+    core = 2 * 2 * shape.tokens * keys * shape.dim
+    return float(b * (projections + core))
