@@ -17,10 +17,12 @@ from typing import Any
 
 import yaml
 
+from ditplan.errors import UserError
+
 SCHEMA_VERSION = 1
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """A plan file is malformed, or does not fit the model/sampler it is applied to."""
 
 

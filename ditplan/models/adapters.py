@@ -13,13 +13,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel, PixArtTransformer2DModel
 from diffusers.models.attention_processor import Attention
 
 from ditplan.models.embedded import EMBEDDED_PATH
+
+if TYPE_CHECKING:
+    from ditplan.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -221,3 +224,26 @@ def load_adapter(
     schedule = {**base_schedule, **(scheduler_config or {})}
     vae_model = AutoencoderKL.from_pretrained(vae, subfolder="vae") if vae else None
     return adapter_cls(transformer, schedule, model_id, vae=vae_model, **adapter_kwargs)
+
+
+def read_prompt_embeddings(path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A safetensors file with ``<prompt>.embeds`` (L, D) and ``<prompt>.mask`` (L,) per prompt."""
+    from safetensors.torch import load_file
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"prompt embeddings file {path} does not exist")
+    tensors = load_file(path)
+    prompts = {key.rsplit(".", 1)[0] for key in tensors}
+    return {p: (tensors[f"{p}.embeds"], tensors[f"{p}.mask"]) for p in prompts}
+
+
+def adapter_from_spec(spec: ModelSpec, prompts: Sequence[str] = ()) -> ModelAdapter:
+    """Load the model an experiment file describes, on its device."""
+    kwargs: dict[str, Any] = {}
+    if spec.kind == "pixart":
+        if spec.prompt_embeddings:
+            kwargs["prompt_embeddings"] = read_prompt_embeddings(spec.prompt_embeddings)
+        else:
+            kwargs["prompt_embeddings"] = PixArtAdapter.encode_prompts(spec.text_encoder, prompts)
+    adapter = load_adapter(spec.kind, spec.source, spec.config, vae=spec.vae, seed=spec.seed, **kwargs)
+    return adapter.to(spec.torch_device())

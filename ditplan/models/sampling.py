@@ -17,6 +17,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ditplan.models.adapters import ModelAdapter
 from ditplan.models.context import StepContext, step_context
+from ditplan.plan import PlanTarget
 from ditplan.progress import progress_bar
 
 # name → (scheduler class, settings over the model's noise schedule)
@@ -74,7 +75,6 @@ def sample_batch(
     seeds: Sequence[int],
     settings: SamplerSettings,
     on_step: StepCallback | None = None,
-    show_progress: bool = False,
 ) -> torch.Tensor:
     """Sample one batch; returns the final latents (N, C, H, W) (not decoded)."""
     from ditplan.strategies.apply import reset_plan_state
@@ -86,15 +86,13 @@ def sample_batch(
     latents = initial_noise(adapter, seeds, device) * scheduler.init_noise_sigma
     reset_plan_state(adapter.transformer)
     try:
-        with progress_bar(settings.num_steps, "denoising", enabled=show_progress) as bar:
-            for i, t in enumerate(scheduler.timesteps):
-                with step_context(StepContext(step=i, num_steps=settings.num_steps, cfg=settings.cfg)):
-                    model_in = scheduler.scale_model_input(latents, t)
-                    prediction = guided_prediction(adapter, model_in, t, inputs, settings)
-                latents = scheduler.step(prediction, t, latents).prev_sample
-                if on_step is not None:
-                    on_step(i, latents)
-                bar.update(1)
+        for i, t in enumerate(scheduler.timesteps):
+            with step_context(StepContext(step=i, num_steps=settings.num_steps, cfg=settings.cfg)):
+                model_in = scheduler.scale_model_input(latents, t)
+                prediction = guided_prediction(adapter, model_in, t, inputs, settings)
+            latents = scheduler.step(prediction, t, latents).prev_sample
+            if on_step is not None:
+                on_step(i, latents)
     finally:
         # NOTE: caches of a failed run must not leak into the next one.
         reset_plan_state(adapter.transformer)
@@ -114,9 +112,23 @@ def sample(
         raise ValueError(f"{len(conditions)} conditions but {len(seeds)} seeds; give one seed per sample")
     out = []
     size = settings.batch_size
-    with progress_bar(len(seeds), "sampling", enabled=show_progress) as bar:
-        for start in range(0, len(seeds), size):
-            latents = sample_batch(adapter, conditions[start : start + size], seeds[start : start + size], settings)
+    starts = range(0, len(seeds), size)
+    with progress_bar(len(starts) * settings.num_steps, "denoising steps", enabled=show_progress) as bar:
+        for start in starts:
+            batch_conditions, batch_seeds = conditions[start : start + size], seeds[start : start + size]
+            latents = sample_batch(adapter, batch_conditions, batch_seeds, settings, lambda *_: bar.update(1))
             out.append(adapter.decode(latents) if decode else latents)
-            bar.update(len(latents))
     return torch.cat(out).cpu()
+
+
+def plan_target(adapter: ModelAdapter, settings: SamplerSettings) -> PlanTarget:
+    """What a plan for this model and sampler is made for."""
+    return PlanTarget(
+        model=adapter.model_id,
+        weights_hash=adapter.weights_hash,
+        num_layers=adapter.num_layers,
+        num_tokens=adapter.num_tokens,
+        scheduler=settings.scheduler,
+        num_steps=settings.num_steps,
+        guidance_scale=float(settings.guidance_scale),
+    )

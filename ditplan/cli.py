@@ -1,0 +1,92 @@
+"""The ``ditplan`` command. User mistakes print one line (``error: …``) and exit 2, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ditplan.errors import UserError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {}
+
+
+def command(name: str) -> Callable[[Callable[[argparse.Namespace], None]], Callable[[argparse.Namespace], None]]:
+    def decorate(fn: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
+        COMMANDS[name] = fn
+        return fn
+
+    return decorate
+
+
+def _quiet_libraries() -> None:
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+
+
+@command("generate")
+def _generate(args: argparse.Namespace) -> None:
+    from ditplan.generate import generate
+
+    out = generate(args.experiment, args.out, plan_path=args.plan)
+    print(f"wrote {out / 'grid.png'} and {out / 'samples.safetensors'}")
+
+
+@command("train-embedded")
+def _train_embedded(args: argparse.Namespace) -> None:
+    from ditplan.evaluators.digit_classifier import CLASSIFIER_PATH, train_digit_classifier
+    from ditplan.models.embedded import EMBEDDED_PATH
+    from ditplan.models.train_embedded import TrainConfig, export_embedded, train_embedded
+
+    if not args.classifier_only:
+        config = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+        step = train_embedded(args.run_dir, config, device=args.device, max_minutes=args.max_minutes)
+        print(f"trained to step {step} of {config.steps} (checkpoint in {args.run_dir}; rerun to resume)")
+        if step < config.steps:
+            return
+        dest = Path(args.export or EMBEDDED_PATH)
+        export_embedded(args.run_dir, dest)
+        print(f"exported EMA weights to {dest}")
+    classifier_dest = Path(args.export) / "digit_classifier" / "model.safetensors" if args.export else CLASSIFIER_PATH
+    accuracy = train_digit_classifier(classifier_dest, device=args.device, seed=args.seed)
+    print(f"digit classifier: held-out accuracy {accuracy:.4f}, saved to {classifier_dest}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ditplan", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="sample an experiment's workload (optionally with a plan) to a PNG grid")
+    p.add_argument("--experiment", required=True, help="experiment YAML file")
+    p.add_argument("--plan", help="plan YAML file (default: dense)")
+    p.add_argument("--out", required=True, help="output folder")
+
+    p = sub.add_parser("train-embedded", help="train (or resume) the embedded digit DiT and its classifier")
+    p.add_argument("--run-dir", default="checkpoints/embedded", help="checkpoint folder; rerun to resume")
+    p.add_argument("--steps", type=int, default=9400, help="total optimiser steps")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this many minutes")
+    p.add_argument("--export", help="where to write the weights (default: inside the installed package)")
+    p.add_argument("--classifier-only", action="store_true", help="train only the digit classifier")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        COMMANDS[args.command](args)
+    except (UserError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

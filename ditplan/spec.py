@@ -1,0 +1,156 @@
+"""The experiment file: model, sampler, workload, strategies, objectives, search, output.
+
+Validated with pydantic; a bad file raises :class:`SpecError` whose one-line message names the field
+path and the bad value, e.g. ``quickstart.yaml: sampler.num_steps = -3: Input should be greater than 0``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ditplan.errors import UserError
+from ditplan.models.sampling import SAMPLERS, SamplerSettings
+
+
+class SpecError(UserError):
+    """The experiment file is invalid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """kind: ``dit`` (class labels) or ``pixart`` (prompts).
+
+    source: ``embedded`` (ditplan's digit DiT), a local folder in diffusers pipeline layout, or a hub id.
+    config: instead of ``source``, a transformer config dict: random weights (tests, smoke runs).
+    vae: a folder/hub id whose ``vae/`` decodes latents; none for pixel-space models.
+    prompt_embeddings: PixArt without its T5 encoder: a safetensors file with ``<prompt>.embeds`` and
+    ``<prompt>.mask`` for every prompt and for the empty prompt "".
+    device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+    """
+
+    kind: Literal["dit", "pixart"] = "dit"
+    source: str | None = None
+    config: dict[str, Any] | None = None
+    vae: str | None = None
+    prompt_embeddings: str | None = None
+    text_encoder: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.source is None) == (self.config is None):
+            raise ValueError("give exactly one of model.source (folder, hub id or 'embedded') and model.config")
+        if self.kind == "pixart" and not (self.prompt_embeddings or self.text_encoder):
+            raise ValueError("a pixart model needs model.prompt_embeddings (a safetensors file) or model.text_encoder")
+        return self
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+class SamplerSpec(_Strict):
+    scheduler: str = "dpmsolver++"
+    num_steps: int = Field(20, gt=0)
+    guidance_scale: float = Field(4.0, ge=0)
+    batch_size: int = Field(50, gt=0)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        if value not in SAMPLERS:
+            raise ValueError(f"unknown scheduler; choose one of {sorted(SAMPLERS)}")
+        return value
+
+    def settings(self) -> SamplerSettings:
+        return SamplerSettings(self.scheduler, self.num_steps, self.guidance_scale, self.batch_size)
+
+
+class WorkloadSpec(_Strict):
+    """The fixed conditions every plan is judged on: ``classes`` (DiT) or ``prompts`` (PixArt), each
+    drawn ``samples_per_condition`` times with seeds ``seed, seed + 1, …``."""
+
+    classes: list[int] | None = None
+    prompts: list[str] | None = None
+    samples_per_condition: int = Field(1, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> WorkloadSpec:
+        if (self.classes is None) == (self.prompts is None):
+            raise ValueError("give exactly one of workload.classes and workload.prompts")
+        if not (self.classes or self.prompts):
+            raise ValueError("the workload is empty; list at least one class or prompt")
+        return self
+
+    def conditions(self) -> list[Any]:
+        base = self.classes if self.classes is not None else self.prompts
+        return [c for _ in range(self.samples_per_condition) for c in base]  # type: ignore[union-attr]
+
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(len(self.conditions()))]
+
+
+class ExperimentSpec(_Strict):
+    name: str
+    model: ModelSpec
+    sampler: SamplerSpec = SamplerSpec()
+    workload: WorkloadSpec
+    output_dir: str = "runs/${name}"
+
+    @model_validator(mode="after")
+    def _workload_fits_model(self) -> ExperimentSpec:
+        if self.model.kind == "dit" and self.workload.classes is None:
+            raise ValueError("a dit model is class-conditional: give workload.classes")
+        if self.model.kind == "pixart" and self.workload.prompts is None:
+            raise ValueError("a pixart model is prompt-conditioned: give workload.prompts")
+        return self
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir.replace("${name}", self.name))
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) or first["type"] == "missing" else f" = {value!r}"
+    extra = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{path}: {where}{shown}: {message}{extra}"
+
+
+def load_spec(path: str | Path) -> ExperimentSpec:
+    path = Path(path)
+    if not path.exists():
+        raise SpecError(f"experiment file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path} is not valid YAML: {err}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: an experiment file is a YAML mapping with name, model, sampler and workload")
+    data = _resolve_paths(data, path.parent)
+    try:
+        return ExperimentSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_format_error(path, err)) from None
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Relative file paths in the model section are relative to the experiment file."""
+    model = dict(data.get("model") or {})
+    for key in ("prompt_embeddings",):
+        if isinstance(model.get(key), str) and not Path(model[key]).is_absolute():
+            model[key] = str(base / model[key])
+    return {**data, "model": model} if "model" in data else data
