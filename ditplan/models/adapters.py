@@ -247,3 +247,50 @@ def adapter_from_spec(spec: ModelSpec, prompts: Sequence[str] = ()) -> ModelAdap
             kwargs["prompt_embeddings"] = PixArtAdapter.encode_prompts(spec.text_encoder, prompts)
     adapter = load_adapter(spec.kind, spec.source, spec.config, vae=spec.vae, seed=spec.seed, **kwargs)
     return adapter.to(spec.torch_device())
+
+
+def _linear(rows: int, fan_in: int, fan_out: int) -> int:
+    return 2 * rows * fan_in * fan_out
+
+
+def _timestep_embedding_flops(dim: int) -> int:
+    """diffusers' TimestepEmbedding: 256-d sinusoid → dim → dim."""
+    return _linear(1, 256, dim) + _linear(1, dim, dim)
+
+
+def _dit_other_flops(adapter: ModelAdapter) -> tuple[int, int]:
+    """(per block, once per forward) FLOPs of everything but self-attention, per sample."""
+    c, n, cfg = adapter.hidden_dim, adapter.num_tokens, adapter.transformer.config
+    p2 = cfg.patch_size**2
+    # each block has its own AdaLayerNormZero: timestep embedding + modulation (C → 6C); MLP C → 4C → C
+    per_block = _timestep_embedding_flops(c) + _linear(1, c, 6 * c) + _linear(n, c, 4 * c) + _linear(n, 4 * c, c)
+    once = (
+        _linear(n, p2 * cfg.in_channels, c)  # patch embedding (a strided conv)
+        + _timestep_embedding_flops(c) + _linear(1, c, 2 * c)  # final modulation
+        + _linear(n, c, p2 * adapter.transformer.out_channels)  # unpatchify projection
+    )
+    return per_block, once
+
+
+def _pixart_other_flops(adapter: ModelAdapter, text_tokens: int) -> tuple[int, int]:
+    c, n, cfg = adapter.hidden_dim, adapter.num_tokens, adapter.transformer.config
+    p2 = cfg.patch_size**2
+    cross = (
+        _linear(n, c, c) + 2 * _linear(text_tokens, c, c) + _linear(n, c, c)  # q, k, v, out projections
+        + 2 * 2 * n * text_tokens * c  # scores and weighted sum
+    )
+    per_block = cross + _linear(n, c, 4 * c) + _linear(n, 4 * c, c)
+    once = (
+        _linear(n, p2 * cfg.in_channels, c)
+        + _timestep_embedding_flops(c) + _linear(1, c, 6 * c)  # adaln_single
+        + _linear(text_tokens, cfg.caption_channels, c) + _linear(text_tokens, c, c)  # caption projection
+        + _linear(n, c, p2 * cfg.out_channels)
+    )
+    return per_block, once
+
+
+def other_flops(adapter: ModelAdapter, text_tokens: int = 0) -> tuple[int, int]:
+    """Analytic FLOPs of the parts no strategy changes, per sample: (per block, once per forward)."""
+    if isinstance(adapter, PixArtAdapter):
+        return _pixart_other_flops(adapter, text_tokens)
+    return _dit_other_flops(adapter)

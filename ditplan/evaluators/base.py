@@ -1,0 +1,32 @@
+"""The Evaluator contract: samples of a plan + dense reference samples (same seeds) → named metrics."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Direction = Literal["minimize", "maximize"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    value: float
+    direction: Direction
+
+    def better_than(self, other: float) -> bool:
+        return self.value < other if self.direction == "minimize" else self.value > other
+
+
+class Evaluator(abc.ABC):
+    """Quality evaluators compare a plan's samples with the dense reference samples of the same seeds
+    (and, for distribution metrics, with a real reference set)."""
+
+    name: str
+
+    @abc.abstractmethod
+    def evaluate(self, samples: torch.Tensor, reference: torch.Tensor) -> list[Metric]:
+        """Called once per evaluated plan; ``samples`` and ``reference`` are (N, C, H, W) in [-1, 1]."""

@@ -1,0 +1,115 @@
+"""Cost of a plan: analytic FLOPs, end-to-end latency, attention time share, peak memory."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ditplan.models.adapters import ModelAdapter, other_flops
+from ditplan.models.sampling import SamplerSettings
+from ditplan.plan import Plan
+from ditplan.strategies.base import AttentionShape, get_strategy_class
+
+
+@dataclass(frozen=True)
+class Flops:
+    """FLOPs of sampling one batch: self-attention only, and the whole transformer."""
+
+    attention: float
+    total: float
+
+
+def plan_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSettings, batch: int = 1, text_tokens: int = 0) -> Flops:
+    """Analytic FLOPs of ``settings.num_steps`` transformer forwards of ``batch`` samples (×2 with CFG)
+    under ``plan`` (dense when None). Counts matrix products, as ``torch.utils.flop_counter`` does."""
+    rows = batch * (2 if settings.cfg else 1)
+    shape = AttentionShape(batch=rows, tokens=adapter.num_tokens, dim=adapter.hidden_dim,
+                           heads=adapter.transformer.config.num_attention_heads)
+    per_block, once = other_flops(adapter, text_tokens)
+    dense = get_strategy_class("full")()
+    strategies: dict[str, Any] = {}
+    attention = 0.0
+    for step in range(settings.num_steps):
+        for layer in range(adapter.num_layers):
+            name = plan.method(step, layer) if plan is not None else "full"
+            if name not in strategies:
+                params = plan.params.get(name) if plan is not None else None
+                strategies[name] = dense if name == "full" else get_strategy_class(name).from_params(params)
+            attention += strategies[name].attention_flops(shape, settings.cfg)
+    other = settings.num_steps * rows * (per_block * adapter.num_layers + once)
+    return Flops(attention=attention, total=attention + other)
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Seconds per run over ``repeats`` (after warm-up), and the torch threads used."""
+
+    median: float
+    minimum: float
+    maximum: float
+    runs: tuple[float, ...]
+    threads: int
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_latency(run: Callable[[], Any], device: torch.device, repeats: int = 5, warmup: int = 1) -> Latency:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        run()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return Latency(statistics.median(times), min(times), max(times), tuple(times), torch.get_num_threads())
+
+
+def attention_time_share(adapter: ModelAdapter, run: Callable[[], Any]) -> float:
+    """Share of one run's wall time spent inside the self-attention modules (timed by forward hooks)."""
+    device = next(adapter.transformer.parameters()).device
+    spent = [0.0]
+    started: list[float] = []
+
+    def before(*_: Any) -> None:
+        _sync(device)
+        started.append(time.perf_counter())
+
+    def after(*_: Any) -> None:
+        _sync(device)
+        spent[0] += time.perf_counter() - started.pop()
+
+    handles = []
+    for attn in adapter.self_attention_layers():
+        handles += [attn.register_forward_pre_hook(before), attn.register_forward_hook(after)]
+    try:
+        _sync(device)
+        start = time.perf_counter()
+        run()
+        _sync(device)
+        total = time.perf_counter() - start
+    finally:
+        for handle in handles:
+            handle.remove()
+    return spent[0] / total
+
+
+def peak_memory_bytes(run: Callable[[], Any], device: torch.device) -> int:
+    """CUDA: max allocated during ``run``. CPU: growth of the process's peak RSS (0 if it did not grow)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        return torch.cuda.max_memory_allocated(device)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
