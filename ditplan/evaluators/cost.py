@@ -14,6 +14,7 @@ import torch
 from ditplan.models.adapters import ModelAdapter, other_flops
 from ditplan.models.sampling import SamplerSettings
 from ditplan.plan import Plan
+from ditplan.strategies.apply import CachePlanner, build_strategies
 from ditplan.strategies.base import AttentionShape, get_strategy_class
 
 
@@ -32,16 +33,19 @@ def plan_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSettin
     shape = AttentionShape(batch=rows, tokens=adapter.num_tokens, dim=adapter.hidden_dim,
                            heads=adapter.transformer.config.num_attention_heads)
     per_block, once = other_flops(adapter, text_tokens)
-    dense = get_strategy_class("full")()
-    strategies: dict[str, Any] = {}
-    attention = 0.0
-    for step in range(settings.num_steps):
-        for layer in range(adapter.num_layers):
-            name = plan.method(step, layer) if plan is not None else "full"
-            if name not in strategies:
-                params = plan.params.get(name) if plan is not None else None
-                strategies[name] = dense if name == "full" else get_strategy_class(name).from_params(params)
-            attention += strategies[name].attention_flops(shape, settings.cfg)
+    if plan is None:
+        attention = settings.num_steps * adapter.num_layers * get_strategy_class("full")().attention_flops(
+            shape, settings.cfg, frozenset()
+        )
+    else:
+        planner = CachePlanner(plan, build_strategies(plan))
+        attention = 0.0
+        for step in range(plan.num_steps):
+            for layer in range(plan.num_layers):
+                wants = planner.wants(step, layer)
+                attention += planner.strategy_at(step, layer).attention_flops(shape, settings.cfg, wants)
+                for entry in wants:  # e.g. the window pass a dense step spends on a later WA-RS residual
+                    attention += planner.next_reader(step, layer, entry).production_flops(entry, shape)  # type: ignore[union-attr]
     other = settings.num_steps * rows * (per_block * adapter.num_layers + once)
     return Flops(attention=attention, total=attention + other)
 

@@ -18,43 +18,88 @@ from ditplan.strategies.base import AttentionCall, Strategy, get_strategy_class
 _RUNTIME_ATTR = "_ditplan_runtime"
 
 
+def build_strategies(plan: Plan) -> dict[str, Strategy]:
+    """The configured, validated strategy object of every name the plan uses."""
+    strategies = {}
+    for name in sorted(plan.strategies()):
+        try:
+            strategy = get_strategy_class(name).from_params(plan.params.get(name))
+            strategy.validate(plan.target.num_tokens)
+        except (TypeError, ValueError) as err:
+            raise PlanError(str(err)) from None
+        strategies[name] = strategy
+    return strategies
+
+
+class CachePlanner:
+    """Which cache entries each (step, layer) cell must keep, derived from the plan alone.
+
+    An entry is kept after a step only while a later step of the layer reads it before another step
+    rewrites it; so caches are freed as soon as nothing needs them.
+    """
+
+    def __init__(self, plan: Plan, strategies: dict[str, Strategy]) -> None:
+        self.plan = plan
+        self.strategies = strategies
+        self._check_reads_are_written()
+
+    def strategy_at(self, step: int, layer: int) -> Strategy:
+        return self.strategies[self.plan.method(step, layer)]
+
+    def next_reader(self, step: int, layer: int, entry: str) -> Strategy | None:
+        """The strategy of the first later step that reads ``entry`` before a step rewrites it."""
+        for later in range(step + 1, self.plan.num_steps):
+            strategy = self.strategy_at(later, layer)
+            if entry in strategy.reads:
+                return strategy
+            if entry in strategy.writes:
+                return None
+        return None
+
+    def wants(self, step: int, layer: int) -> frozenset[str]:
+        writes = self.strategy_at(step, layer).writes
+        return frozenset(e for e in writes if self.next_reader(step, layer, e) is not None)
+
+    def _check_reads_are_written(self) -> None:
+        for layer in range(self.plan.num_layers):
+            written: set[str] = set()
+            for step in range(self.plan.num_steps):
+                strategy = self.strategy_at(step, layer)
+                missing = strategy.reads - written
+                if missing:
+                    raise PlanError(
+                        f"layer {layer} uses {strategy.name!r} at step {step}, which reuses the {sorted(missing)[0]} "
+                        f"of an earlier step, but no earlier step of that layer computes it; make an earlier step 'full'"
+                    )
+                written |= strategy.writes
+
+
 class PlanRuntime:
     """The plan installed on one transformer, its strategies and the per-layer caches of a run.
 
     ``keep_all`` (greedy calibration, where later steps are not decided yet) keeps every cache entry
-    a strategy writes; otherwise an entry is kept only while a later step of the layer reads it.
-    ``frozen`` (trial forwards during calibration) reads caches but writes and frees nothing.
+    a strategy writes; ``frozen`` (trial forwards during calibration) reads caches but writes and
+    frees nothing.
     """
 
     def __init__(self, plan: Plan, strategies: dict[str, Strategy], originals: list[Any]) -> None:
-        self.plan = plan
-        self.strategies = strategies
+        self.planner = CachePlanner(plan, strategies)
         self.originals = originals
         self.caches: list[dict[str, torch.Tensor]] = [{} for _ in originals]
         self.keep_all = False
         self.frozen = False
         self.peak_cache_bytes = 0
 
-    def strategy_at(self, step: int, layer: int) -> Strategy:
-        return self.strategies[self.plan.method(step, layer)]
-
-    def needed_after(self, step: int, layer: int, entry: str) -> bool:
-        """Does a step after ``step`` read ``entry`` before some step rewrites it?"""
-        for later in range(step + 1, self.plan.num_steps):
-            strategy = self.strategy_at(later, layer)
-            if entry in strategy.reads:
-                return True
-            if entry in strategy.writes:
-                return False
-        return False
+    @property
+    def plan(self) -> Plan:
+        return self.planner.plan
 
     def wants(self, step: int, layer: int) -> frozenset[str]:
         if self.frozen:
             return frozenset()
-        writes = self.strategy_at(step, layer).writes
         if self.keep_all:
-            return writes
-        return frozenset(e for e in writes if self.needed_after(step, layer, e))
+            return self.planner.strategy_at(step, layer).writes
+        return self.planner.wants(step, layer)
 
     def after_call(self, step: int, layer: int) -> None:
         """Free what no later step reads; track the peak cache size."""
@@ -62,7 +107,7 @@ class PlanRuntime:
             return
         cache = self.caches[layer]
         if not self.keep_all:
-            for entry in [e for e in cache if not self.needed_after(step, layer, e)]:
+            for entry in [e for e in cache if self.planner.next_reader(step, layer, e) is None]:
                 del cache[entry]
         self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes())
 
@@ -96,20 +141,21 @@ class PlanAttnProcessor:
             )
         if args:
             raise TypeError("ditplan's attention processor takes keyword arguments only after hidden_states")
-        strategy = runtime.strategy_at(context.step, self.layer)
+        step, layer = context.step, self.layer
         call = AttentionCall(
             attn=attn,
-            original=runtime.originals[self.layer],
+            original=runtime.originals[layer],
             hidden_states=hidden_states,
             kwargs=kwargs,
             context=context,
-            cache=runtime.caches[self.layer],
-            wants=runtime.wants(context.step, self.layer),
+            cache=runtime.caches[layer],
+            wants=runtime.wants(step, layer),
+            reader=lambda entry: runtime.planner.next_reader(step, layer, entry),
         )
-        out = strategy.attention(call)
+        out = runtime.planner.strategy_at(step, layer).attention(call)
         if "output" in call.wants:
-            runtime.caches[self.layer]["output"] = out
-        runtime.after_call(context.step, self.layer)
+            runtime.caches[layer]["output"] = out
+        runtime.after_call(step, layer)
         return out
 
 
@@ -142,11 +188,8 @@ def apply_plan(transformer: torch.nn.Module, plan: Plan, target: PlanTarget | No
     layers = _attention_layers(transformer)
     if plan.num_layers != len(layers):
         raise PlanError(f"plan is for {plan.num_layers} layers but this model has {len(layers)} layers")
-    strategies = {name: get_strategy_class(name).from_params(plan.params.get(name)) for name in plan.strategies()}
-    for strategy in strategies.values():
-        strategy.validate(plan.target.num_tokens)
     originals = [attn.processor for attn in layers]
-    runtime = PlanRuntime(plan, strategies, originals)
+    runtime = PlanRuntime(plan, build_strategies(plan), originals)
     for index, attn in enumerate(layers):
         attn.set_processor(PlanAttnProcessor(runtime, index))
     setattr(transformer, _RUNTIME_ATTR, runtime)

@@ -50,6 +50,7 @@ class AttentionCall:
         context: StepContext,
         cache: dict[str, torch.Tensor],
         wants: frozenset[str],
+        reader: Callable[[str], Strategy | None],
     ) -> None:
         self.attn = attn
         self.hidden_states = hidden_states  # (B, N, C)
@@ -58,6 +59,15 @@ class AttentionCall:
         self.wants = wants
         self._original = original
         self._kwargs = kwargs
+        self._reader = reader
+
+    def reader(self, entry: str) -> Strategy | None:
+        """The strategy of the next step that reads cache ``entry`` (it defines how the entry is made)."""
+        return self._reader(entry)
+
+    def cfg_halves(self) -> bool:
+        """Whether the batch is ``[cond; uncond]`` halves (classifier-free guidance)."""
+        return self.context.cfg
 
     def original(self, hidden_states: torch.Tensor | None = None) -> torch.Tensor:
         """The layer's own (unmodified diffusers) attention on ``hidden_states`` (default: the input)."""
@@ -99,8 +109,13 @@ class Strategy(abc.ABC):
         returns the attention output (B, N, C). Stores what ``call.wants`` in ``call.cache``."""
 
     @abc.abstractmethod
-    def attention_flops(self, shape: AttentionShape, cfg: bool) -> float:
-        """Analytic FLOPs of the attention *core* (scores + weighted sum) and the projections."""
+    def attention_flops(self, shape: AttentionShape, cfg: bool, writes: frozenset[str]) -> float:
+        """Analytic FLOPs (projections + scores + weighted sum) of one call, given the cache entries it
+        writes at this cell (e.g. a dense step that also makes a residual for later steps)."""
+
+    def production_flops(self, entry: str, shape: AttentionShape) -> float:
+        """FLOPs an earlier step spends making cache ``entry`` for this strategy (charged to that step)."""
+        return 0.0
 
     def validate(self, num_tokens: int) -> None:
         """Called once when a plan is applied; raise ``ValueError`` naming a bad parameter."""
