@@ -34,6 +34,39 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'grid.png'} and {out / 'samples.safetensors'}")
 
 
+@command("evaluate")
+def _evaluate(args: argparse.Namespace) -> None:
+    from ditplan.evaluators.evaluate import evaluate_plan, format_table
+    from ditplan.models.adapters import adapter_from_spec
+    from ditplan.plan import load_plan
+    from ditplan.spec import load_spec
+
+    spec = load_spec(args.experiment)
+    plan = load_plan(args.plan) if args.plan else None
+    if args.repeats is not None:
+        spec = spec.model_copy(update={"evaluation": spec.evaluation.model_copy(update={"latency_repeats": args.repeats})})
+    adapter = adapter_from_spec(spec.model, spec.workload.prompts or ())
+    if plan is not None:
+        from ditplan.models.sampling import plan_target
+
+        plan.check_fits(plan_target(adapter, spec.sampler.settings()))
+    print(format_table(evaluate_plan(spec, adapter, plan, show_progress=True)))
+
+
+@command("greedy")
+def _greedy(args: argparse.Namespace) -> None:
+    from ditplan.search.greedy_cli import run_greedy
+
+    try:
+        thresholds = [float(x) for x in args.thresholds.split(",")]
+    except ValueError:
+        raise UserError(f"--thresholds {args.thresholds!r} is not a comma-separated list of numbers") from None
+    if any(t < 0 for t in thresholds):
+        raise UserError(f"--thresholds {args.thresholds!r}: thresholds must be ≥ 0")
+    for path in run_greedy(args.experiment, args.out, thresholds, args.calibration_samples, args.window_size):
+        print(f"wrote {path}")
+
+
 @command("train-embedded")
 def _train_embedded(args: argparse.Namespace) -> None:
     from ditplan.evaluators.digit_classifier import CLASSIFIER_PATH, train_digit_classifier
@@ -62,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", required=True, help="experiment YAML file")
     p.add_argument("--plan", help="plan YAML file (default: dense)")
     p.add_argument("--out", required=True, help="output folder")
+
+    p = sub.add_parser("evaluate", help="all metrics of one plan vs dense on the experiment's workload")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--plan", help="plan YAML file (default: dense vs dense)")
+    p.add_argument("--repeats", type=int, help="timed runs per config (default: evaluation.latency_repeats)")
+
+    p = sub.add_parser("greedy", help="DiTFastAttn's greedy search: one plan file per threshold (D1 … D6)")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--thresholds", default="0.025,0.05,0.075,0.1,0.125,0.15", help="δ values (default D1 … D6)")
+    p.add_argument("--calibration-samples", type=int, default=8, help="first K samples of the workload")
+    p.add_argument("--window-size", type=int, help="WA-RS half-width w (default tokens // 8)")
+    p.add_argument("--out", required=True, help="folder for the plan files")
 
     p = sub.add_parser("train-embedded", help="train (or resume) the embedded digit DiT and its classifier")
     p.add_argument("--run-dir", default="checkpoints/embedded", help="checkpoint folder; rerun to resume")

@@ -101,11 +101,32 @@ class WorkloadSpec(_Strict):
         return [self.seed + i for i in range(len(self.conditions()))]
 
 
+class EvaluationSpec(_Strict):
+    """feature_extractor: torch-fidelity extractor for FID/KID/IS/precision/recall (``digits`` for the
+    embedded model, ``inception-v3-compat`` with a local ``feature_extractor_weights_path``); none
+    skips distribution metrics. reference: ``digits-held-out`` or a folder of real images.
+    latency_repeats: timed runs (after a warm-up) whose median is reported.
+    cache_dir: where dense references and reference statistics are cached by content hash."""
+
+    feature_extractor: str | None = None
+    feature_extractor_weights_path: str | None = None
+    reference: str | None = None
+    latency_repeats: int = Field(5, gt=0)
+    cache_dir: str = ".cache/ditplan"
+
+    @model_validator(mode="after")
+    def _reference_with_extractor(self) -> EvaluationSpec:
+        if self.feature_extractor and not self.reference:
+            raise ValueError("evaluation.feature_extractor needs evaluation.reference (a folder or 'digits-held-out')")
+        return self
+
+
 class ExperimentSpec(_Strict):
     name: str
     model: ModelSpec
     sampler: SamplerSpec = SamplerSpec()
     workload: WorkloadSpec
+    evaluation: EvaluationSpec = EvaluationSpec()
     output_dir: str = "runs/${name}"
 
     @model_validator(mode="after")

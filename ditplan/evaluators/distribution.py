@@ -78,7 +78,7 @@ def content_hash(tensor: torch.Tensor) -> str:
 
 def distribution_metrics(
     samples: torch.Tensor,
-    reference: torch.Tensor,
+    reference: torch.Tensor | str,
     extractor: str = DIGITS_EXTRACTOR,
     weights_path: str | None = None,
     metrics: tuple[str, ...] = ("fid", "kid", "isc", "prc"),
@@ -86,7 +86,8 @@ def distribution_metrics(
     device: str | torch.device = "cpu",
     save_cpu_ram: bool = False,
 ) -> list[Metric]:
-    """FID/KID/IS/precision/recall of ``samples`` against ``reference`` (both (N, C, H, W) in [-1, 1])."""
+    """FID/KID/IS/precision/recall of ``samples`` against ``reference``: (N, C, H, W) in [-1, 1] like
+    the samples, or a folder of real images."""
     if extractor == "inception-v3-compat" and not (weights_path and Path(weights_path).exists()):
         raise UserError(
             f"Inception weights file {weights_path!r} not found; download pt_inception-2015-12-05 once on a "
@@ -94,10 +95,17 @@ def distribution_metrics(
         )
     if extractor not in FEATURE_EXTRACTORS_REGISTRY:
         raise UserError(f"unknown feature extractor {extractor!r}; registered: {sorted(FEATURE_EXTRACTORS_REGISTRY)}")
-    size = min(len(samples), len(reference))
+    if isinstance(reference, str):
+        reference_input: Any = reference
+        reference_id = hashlib.sha256(str(Path(reference).resolve()).encode()).hexdigest()[:16]
+        size = len(samples)
+    else:
+        reference_input = _Images(to_uint8_rgb(reference))
+        reference_id = content_hash(reference)
+        size = min(len(samples), len(reference))
     kwargs: dict[str, Any] = {
         "input1": _Images(to_uint8_rgb(samples)),
-        "input2": _Images(to_uint8_rgb(reference)),
+        "input2": reference_input,
         "cuda": torch.device(device).type == "cuda",
         "feature_extractor": extractor,
         "feature_extractor_weights_path": weights_path,
@@ -112,7 +120,7 @@ def distribution_metrics(
         "verbose": False,
     }
     if cache_dir is not None:
-        kwargs.update(cache_root=str(cache_dir), cache=True, input2_cache_name=f"ref-{extractor}-{content_hash(reference)}")
+        kwargs.update(cache_root=str(cache_dir), cache=True, input2_cache_name=f"ref-{extractor}-{reference_id}")
     else:
         kwargs.update(cache=False)
     raw = torch_fidelity.calculate_metrics(**kwargs)

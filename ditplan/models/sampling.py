@@ -47,8 +47,11 @@ def make_scheduler(adapter: ModelAdapter, name: str) -> SchedulerMixin:
     return scheduler_cls.from_config({**adapter.scheduler_config, **overrides})
 
 
-# Called after every step with (step index, latents): greedy search and reference caching use it.
+# Called after every step with (step index, latents).
 StepCallback = Callable[[int, torch.Tensor], None]
+# (step index, scaled latents, timestep, transformer inputs) → guided prediction; greedy calibration
+# replaces the default (one guided forward) with its own trial forwards.
+PredictFn = Callable[[int, torch.Tensor, torch.Tensor, dict], torch.Tensor]
 
 
 def initial_noise(adapter: ModelAdapter, seeds: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -64,6 +67,11 @@ def guided_prediction(
     if not settings.cfg:
         return adapter.predict(latents, t, inputs)
     both = adapter.predict(torch.cat([latents, latents]), t, inputs)  # (2N, C, H, W)
+    return combine_guidance(both, settings)
+
+
+def combine_guidance(both: torch.Tensor, settings: SamplerSettings) -> torch.Tensor:
+    """``[cond; uncond]`` predictions (2N, C, H, W) → the guided prediction (N, C, H, W)."""
     cond, uncond = both.chunk(2)
     return uncond + settings.guidance_scale * (cond - uncond)
 
@@ -75,6 +83,7 @@ def sample_batch(
     seeds: Sequence[int],
     settings: SamplerSettings,
     on_step: StepCallback | None = None,
+    predict: PredictFn | None = None,
 ) -> torch.Tensor:
     """Sample one batch; returns the final latents (N, C, H, W) (not decoded)."""
     from ditplan.strategies.apply import reset_plan_state
@@ -89,7 +98,10 @@ def sample_batch(
         for i, t in enumerate(scheduler.timesteps):
             with step_context(StepContext(step=i, num_steps=settings.num_steps, cfg=settings.cfg)):
                 model_in = scheduler.scale_model_input(latents, t)
-                prediction = guided_prediction(adapter, model_in, t, inputs, settings)
+                if predict is None:
+                    prediction = guided_prediction(adapter, model_in, t, inputs, settings)
+                else:
+                    prediction = predict(i, model_in, t, inputs)
             latents = scheduler.step(prediction, t, latents).prev_sample
             if on_step is not None:
                 on_step(i, latents)

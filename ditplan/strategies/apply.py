@@ -18,10 +18,10 @@ from ditplan.strategies.base import AttentionCall, Strategy, get_strategy_class
 _RUNTIME_ATTR = "_ditplan_runtime"
 
 
-def build_strategies(plan: Plan) -> dict[str, Strategy]:
-    """The configured, validated strategy object of every name the plan uses."""
+def build_strategies(plan: Plan, extra: tuple[str, ...] = ()) -> dict[str, Strategy]:
+    """The configured, validated strategy object of every name the plan uses (plus ``extra`` names)."""
     strategies = {}
-    for name in sorted(plan.strategies()):
+    for name in sorted(plan.strategies() | set(extra)):
         try:
             strategy = get_strategy_class(name).from_params(plan.params.get(name))
             strategy.validate(plan.target.num_tokens)
@@ -38,9 +38,12 @@ class CachePlanner:
     rewrites it; so caches are freed as soon as nothing needs them.
     """
 
-    def __init__(self, plan: Plan, strategies: dict[str, Strategy]) -> None:
+    def __init__(self, plan: Plan, strategies: dict[str, Strategy], open_ended: bool = False) -> None:
+        """``open_ended``: later steps are not decided yet (greedy calibration), so every entry that
+        some known strategy reads is kept, made as the first such strategy defines it."""
         self.plan = plan
         self.strategies = strategies
+        self.open_ended = open_ended
         self._check_reads_are_written()
 
     def strategy_at(self, step: int, layer: int) -> Strategy:
@@ -48,6 +51,8 @@ class CachePlanner:
 
     def next_reader(self, step: int, layer: int, entry: str) -> Strategy | None:
         """The strategy of the first later step that reads ``entry`` before a step rewrites it."""
+        if self.open_ended:
+            return next((s for _, s in sorted(self.strategies.items()) if entry in s.reads), None)
         for later in range(step + 1, self.plan.num_steps):
             strategy = self.strategy_at(later, layer)
             if entry in strategy.reads:
@@ -77,16 +82,13 @@ class CachePlanner:
 class PlanRuntime:
     """The plan installed on one transformer, its strategies and the per-layer caches of a run.
 
-    ``keep_all`` (greedy calibration, where later steps are not decided yet) keeps every cache entry
-    a strategy writes; ``frozen`` (trial forwards during calibration) reads caches but writes and
-    frees nothing.
+    ``frozen`` (trial forwards during greedy calibration) reads caches but writes and frees nothing.
     """
 
     def __init__(self, plan: Plan, strategies: dict[str, Strategy], originals: list[Any]) -> None:
         self.planner = CachePlanner(plan, strategies)
         self.originals = originals
         self.caches: list[dict[str, torch.Tensor]] = [{} for _ in originals]
-        self.keep_all = False
         self.frozen = False
         self.peak_cache_bytes = 0
 
@@ -97,8 +99,6 @@ class PlanRuntime:
     def wants(self, step: int, layer: int) -> frozenset[str]:
         if self.frozen:
             return frozenset()
-        if self.keep_all:
-            return self.planner.strategy_at(step, layer).writes
         return self.planner.wants(step, layer)
 
     def after_call(self, step: int, layer: int) -> None:
@@ -106,9 +106,8 @@ class PlanRuntime:
         if self.frozen:
             return
         cache = self.caches[layer]
-        if not self.keep_all:
-            for entry in [e for e in cache if self.planner.next_reader(step, layer, e) is None]:
-                del cache[entry]
+        for entry in [e for e in cache if self.planner.next_reader(step, layer, e) is None]:
+            del cache[entry]
         self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes())
 
     def cache_bytes(self) -> int:

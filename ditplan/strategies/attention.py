@@ -89,6 +89,9 @@ def _flex_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wi
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
+    # NOTE: each (batch, heads, tokens) shape compiles once; dynamo's default limit of 8 shapes would
+    # otherwise silently drop to the (very slow) uncompiled flex_attention.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -102,15 +105,20 @@ def _flex_block_mask(tokens: int, window: int, device: torch.device):
     return create_block_mask(band, None, None, tokens, tokens, device=device)
 
 
-def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+def window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, implementation: str | None = None
+) -> torch.Tensor:
     """1-D sliding-window attention over the flattened tokens: query i attends to keys |i − j| ≤ w.
 
-    A window covering every token is dense attention (computed as such). On CUDA with 128+ tokens,
-    torch's ``flex_attention`` with a block-sparse band mask; elsewhere a blocked banded kernel.
+    A window covering every token is dense attention (computed as such). ``implementation``:
+    ``banded`` (blocked band through SDPA, any device) or ``flex`` (torch ``flex_attention`` with a
+    block-sparse band, CUDA); by default flex on CUDA, banded elsewhere.
     """
     tokens = q.shape[2]
     if window >= tokens - 1:
         return dense_attention(q, k, v)
-    if q.is_cuda and tokens >= 128:
+    if implementation is None:
+        implementation = "flex" if q.is_cuda else "banded"
+    if implementation == "flex":
         return _flex_window_attention(q, k, v, window)
     return _banded_window_attention(q, k, v, window, block=max(8, window // 2))

@@ -1,0 +1,80 @@
+"""DiTFastAttn's D1–D6 table on the embedded model (20 DPM-Solver++ steps, guidance 4).
+
+Greedy plans are calibrated on 8 samples; every config then samples the same 20-sample batch (other
+seeds). Latency: one process, runs interleaved across configs, median of ``--repeats`` after a
+warm-up; printed as ratios to dense. Quality: relative L1 and PSNR of the final samples vs dense.
+
+    python benchmarks/ditfastattn_table.py [--repeats 5] [--plans-out runs/bench-greedy]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from ditplan.evaluators.cost import plan_flops
+from ditplan.evaluators.fidelity import psnr, relative_l1
+from ditplan.models.adapters import load_adapter
+from ditplan.models.sampling import SamplerSettings, plan_target, sample
+from ditplan.search.greedy import DEFAULT_THRESHOLDS, greedy_search, threshold_name
+from ditplan.strategies import apply_plan, remove_plan
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--plans-out", default="runs/bench-greedy")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    adapter = load_adapter("dit", "embedded")
+    settings = SamplerSettings("dpmsolver++", num_steps=20, guidance_scale=4.0, batch_size=20)
+    target = plan_target(adapter, settings)
+    labels, seeds = [i % 10 for i in range(20)], list(range(1000, 1020))
+
+    configs = {"dense": None}
+    search = {}
+    for index, delta in enumerate(DEFAULT_THRESHOLDS):
+        result = greedy_search(adapter, settings, list(range(8)), list(range(8)), delta)
+        name = threshold_name(index)
+        configs[name] = result.plan.save(f"{args.plans_out}/greedy-{name}.yaml") and result.plan
+        search[name] = (result.forwards, result.seconds)
+        print(f"{name} (δ={delta}): {result.forwards} forwards, {result.seconds:.0f} s", flush=True)
+
+    def run(plan):
+        if plan is not None:
+            apply_plan(adapter.transformer, plan, target)
+        try:
+            return sample(adapter, labels, seeds, settings)
+        finally:
+            remove_plan(adapter.transformer)
+
+    samples = {name: run(plan) for name, plan in configs.items()}  # also the warm-up
+    times = {name: [] for name in configs}
+    for _ in range(args.repeats):
+        for name, plan in configs.items():
+            start = time.perf_counter()
+            run(plan)
+            times[name].append(time.perf_counter() - start)
+
+    dense_flops = plan_flops(adapter, None, settings, batch=len(labels))
+    dense_time = statistics.median(times["dense"])
+    print(f"\ndense: {dense_time:.2f} s median for {len(labels)} samples "
+          f"(min {min(times['dense']):.2f}, max {max(times['dense']):.2f}), torch threads {torch.get_num_threads()}")
+    print("\n| config | attn FLOPs | whole FLOPs | latency ratio (median, min–max) | rel. L1 vs dense | PSNR vs dense (dB) |")
+    print("|---|---|---|---|---|---|")
+    for name, plan in configs.items():
+        flops = plan_flops(adapter, plan, settings, batch=len(labels))
+        ratios = [t / dense_time for t in times[name]]
+        print(
+            f"| {name} | {flops.attention / dense_flops.attention:.0%} | {flops.total / dense_flops.total:.0%} | "
+            f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f}) | "
+            f"{relative_l1(samples[name], samples['dense']):.4f} | {psnr(samples[name], samples['dense']):.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

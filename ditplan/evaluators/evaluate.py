@@ -1,0 +1,114 @@
+"""Evaluate one plan against dense on an experiment's workload: quality and cost in one table."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ditplan.errors import UserError
+from ditplan.evaluators.base import Metric
+from ditplan.evaluators.cost import attention_time_share, plan_flops
+from ditplan.evaluators.fidelity import FidelityEvaluator
+from ditplan.evaluators.reference import dense_reference
+from ditplan.models.adapters import ModelAdapter
+from ditplan.models.sampling import plan_target, sample
+from ditplan.plan import Plan
+from ditplan.spec import ExperimentSpec
+from ditplan.strategies.apply import apply_plan, get_runtime, remove_plan
+
+DIGITS_REFERENCE = "digits-held-out"
+
+
+def _reference_images(spec: ExperimentSpec) -> torch.Tensor | str:
+    reference = spec.evaluation.reference
+    if reference == DIGITS_REFERENCE:
+        from ditplan.models.digits import load_digits
+
+        return load_digits("held_out")[0]
+    if reference is None or not Path(reference).is_dir():
+        raise UserError(f"evaluation.reference {reference!r} is neither '{DIGITS_REFERENCE}' nor a folder of images")
+    return reference
+
+
+def evaluate_plan(spec: ExperimentSpec, adapter: ModelAdapter, plan: Plan | None, show_progress: bool = False) -> dict[str, tuple[Metric, Metric]]:
+    """``{metric: (plan value, dense value)}``: fidelity, distribution quality (when configured) and cost."""
+    settings = spec.sampler.settings()
+    conditions, seeds = spec.workload.conditions(), spec.workload.seeds()
+    device = next(adapter.transformer.parameters()).device
+    dense = dense_reference(adapter, settings, conditions, seeds, spec.evaluation.cache_dir, show_progress)
+    target = plan_target(adapter, settings)
+
+    def run(with_plan: Plan | None) -> torch.Tensor:
+        if with_plan is not None:
+            apply_plan(adapter.transformer, with_plan, target)
+        try:
+            return sample(adapter, conditions, seeds, settings)
+        finally:
+            runtime = get_runtime(adapter.transformer)
+            peak[with_plan is not None] = runtime.peak_cache_bytes if runtime else 0
+            remove_plan(adapter.transformer)
+
+    peak = {False: 0, True: 0}
+    samples = run(plan)  # also the warm-up
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(spec.evaluation.latency_repeats):  # interleaved, so drift hits both alike
+        for planned in (False, True):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            run(plan if planned else None)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[planned].append(time.perf_counter() - start)
+
+    out: dict[str, tuple[Metric, Metric]] = {}
+    for mine, ref in zip(FidelityEvaluator().evaluate(samples, dense), FidelityEvaluator().evaluate(dense, dense)):
+        out[mine.name] = (mine, ref)
+    if spec.evaluation.feature_extractor:
+        from ditplan.evaluators.distribution import class_agreement, distribution_metrics
+
+        reference = _reference_images(spec)
+        kwargs = dict(
+            reference=reference, extractor=spec.evaluation.feature_extractor,
+            weights_path=spec.evaluation.feature_extractor_weights_path,
+            cache_dir=Path(spec.evaluation.cache_dir) / "fidelity", device=device,
+        )
+        for mine, ref in zip(distribution_metrics(samples, **kwargs), distribution_metrics(dense, **kwargs)):
+            out[mine.name] = (mine, ref)
+        if spec.evaluation.feature_extractor == "digits" and spec.workload.classes is not None:
+            labels = torch.tensor(conditions)
+            out["class_agreement"] = (
+                Metric("class_agreement", class_agreement(samples, labels), "maximize"),
+                Metric("class_agreement", class_agreement(dense, labels), "maximize"),
+            )
+    flops, dense_flops = plan_flops(adapter, plan, settings, len(seeds)), plan_flops(adapter, None, settings, len(seeds))
+    latency = {k: statistics.median(v) for k, v in times.items()}
+    pairs = {
+        "latency_s": (latency[True], latency[False], "minimize"),
+        "latency_ratio": (latency[True] / latency[False], 1.0, "minimize"),
+        "attention_flops_ratio": (flops.attention / dense_flops.attention, 1.0, "minimize"),
+        "flops_ratio": (flops.total / dense_flops.total, 1.0, "minimize"),
+        "cache_peak_mb": (peak[True] / 2**20, 0.0, "minimize"),
+    }
+    for name, (mine_value, ref_value, direction) in pairs.items():
+        out[name] = (Metric(name, mine_value, direction), Metric(name, ref_value, direction))
+    share_plan = attention_time_share(adapter, lambda: run(plan))
+    out["attention_time_share"] = (
+        Metric("attention_time_share", share_plan, "minimize"),
+        Metric("attention_time_share", attention_time_share(adapter, lambda: run(None)), "minimize"),
+    )
+    out["latency_noise_band"] = (
+        Metric("latency_noise_band", (max(times[True]) - min(times[True])) / latency[True], "minimize"),
+        Metric("latency_noise_band", (max(times[False]) - min(times[False])) / latency[False], "minimize"),
+    )
+    return out
+
+
+def format_table(results: dict[str, tuple[Metric, Metric]]) -> str:
+    lines = ["| metric | plan | dense | better |", "|---|---|---|---|"]
+    for name, (mine, ref) in results.items():
+        lines.append(f"| {name} | {mine.value:.4g} | {ref.value:.4g} | {'lower' if mine.direction == 'minimize' else 'higher'} |")
+    return "\n".join(lines)

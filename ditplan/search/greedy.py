@@ -1,0 +1,124 @@
+"""DiTFastAttn's greedy plan search (their Algorithm 1), faithfully.
+
+For every step after the first (step 0 stays dense): compute the dense transformer output O at the
+current latents; for each layer i in order try the candidates from most to least compression,
+``[AST, WA-RS+ASC, WA-RS, ASC]``, re-running the whole transformer with layer i compressed (choices
+already made for earlier layers at this step stay), and keep the first with
+``L(O, O') < (i + 1) / L · δ``; if none passes the layer stays dense. The step is then taken with
+the chosen plan, so calibration follows the compressed trajectory. ``L`` is DiTFastAttn's relative L1.
+Without guidance the CFG-sharing candidates are left out (they would equal their plain versions).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ditplan.evaluators.fidelity import relative_l1
+from ditplan.models.adapters import ModelAdapter
+from ditplan.models.sampling import SamplerSettings, combine_guidance, plan_target, sample_batch
+from ditplan.plan import Plan, library_versions
+from ditplan.progress import Bar
+from ditplan.strategies.apply import CachePlanner, apply_plan, build_strategies, remove_plan
+
+CANDIDATES: tuple[str, ...] = ("ast", "wars+asc", "wars", "asc")
+CFG_SHARING = frozenset({"wars+asc", "asc"})
+DEFAULT_THRESHOLDS: tuple[float, ...] = (0.025, 0.05, 0.075, 0.1, 0.125, 0.15)  # D1 … D6
+
+
+def threshold_name(index: int) -> str:
+    return f"D{index + 1}"
+
+
+@dataclass
+class GreedyResult:
+    plan: Plan
+    forwards: int
+    seconds: float
+
+
+def greedy_search(
+    adapter: ModelAdapter,
+    settings: SamplerSettings,
+    conditions: Sequence[Any],
+    seeds: Sequence[int],
+    threshold: float,
+    window_size: int | None = None,
+    bar: Bar | None = None,
+) -> GreedyResult:
+    """One greedy run at threshold δ on the calibration batch ``(conditions, seeds)``."""
+    target = plan_target(adapter, settings)
+    window = {"window_size": window_size} if window_size is not None else {}
+    candidates = tuple(c for c in CANDIDATES if settings.cfg or c not in CFG_SHARING)
+    grid = [["full"] * adapter.num_layers for _ in range(settings.num_steps)]
+    params = {"wars": dict(window), "wars+asc": dict(window)}
+    start_plan = Plan(target, tuple(map(tuple, grid)), params=params)
+    runtime = apply_plan(adapter.transformer, start_plan, target)
+    strategies = build_strategies(start_plan, extra=candidates)
+    forwards = [0]
+    counter = adapter.transformer.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+
+    def forward(step: int, row: list[str], model_in: torch.Tensor, t: torch.Tensor, inputs: dict) -> torch.Tensor:
+        grid[step] = list(row)
+        runtime.planner = CachePlanner(Plan(target, tuple(map(tuple, grid)), params=params), strategies, open_ended=True)
+        batch = torch.cat([model_in, model_in]) if settings.cfg else model_in
+        return adapter.predict(batch, t, inputs)  # (2N or N, C, H, W): the raw transformer output
+
+    def calibrate(step: int, model_in: torch.Tensor, t: torch.Tensor, inputs: dict) -> torch.Tensor:
+        row = ["full"] * adapter.num_layers
+        if step > 0:
+            runtime.frozen = True  # trial forwards read the caches but must not overwrite them
+            try:
+                dense = forward(step, row, model_in, t, inputs)
+                for layer in range(adapter.num_layers):
+                    bound = (layer + 1) / adapter.num_layers * threshold
+                    for candidate in candidates:
+                        row[layer] = candidate
+                        if relative_l1(dense, forward(step, row, model_in, t, inputs)) < bound:
+                            break
+                    else:
+                        row[layer] = "full"
+            finally:
+                runtime.frozen = False
+        out = forward(step, row, model_in, t, inputs)  # takes the step with the chosen row (writes caches)
+        if bar is not None:
+            bar.update(1)
+        return combine_guidance(out, settings) if settings.cfg else out
+
+    started = time.perf_counter()
+    try:
+        sample_batch(adapter, conditions, seeds, settings, predict=calibrate)
+    finally:
+        counter.remove()
+        remove_plan(adapter.transformer)
+    seconds = time.perf_counter() - started
+    used = {name for row in grid for name in row}
+    plan = Plan(
+        target,
+        tuple(map(tuple, grid)),
+        params={k: v for k, v in params.items() if k in used},
+        provenance={
+            "search": "greedy",
+            "threshold": threshold,
+            "candidates": list(candidates),
+            "calibration": {"conditions": list(conditions), "seeds": list(seeds)},
+            "transformer_forwards": forwards[0],
+            "search_seconds": round(seconds, 2),
+            "versions": library_versions(),
+        },
+    )
+    return GreedyResult(plan, forwards[0], seconds)
+
+
+def expected_forwards(plan: Plan, candidates: Sequence[str]) -> int:
+    """Transformer forwards Algorithm 1 spends to produce ``plan``: step 0 one forward; every later step
+    one dense reference, one trial per candidate tried per layer, and one forward taking the step."""
+    total = 1
+    for row in plan.grid[1:]:
+        tries = sum(candidates.index(m) + 1 if m in candidates else len(candidates) for m in row)
+        total += 2 + tries
+    return total
