@@ -59,7 +59,7 @@ def accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor,
 
 
 def train_digit_classifier(
-    dest: str | Path = CLASSIFIER_PATH, epochs: int = 30, device: str = "cpu", seed: int = 0,
+    dest: str | Path = CLASSIFIER_PATH, epochs: int = 40, device: str = "cpu", seed: int = 0,
     data_npz: str | Path | None = None,
 ) -> float:
     """Train on the training split, save to ``dest``; return held-out accuracy."""

@@ -90,11 +90,20 @@ def train_embedded(
         ema.load_state_dict(state["ema"])
         ema.to(device)
         generator.set_state(state["generator"].cpu() if device == "cpu" else state["generator"])
+        # NOTE: label dropout draws from the global RNG, so it is restored too (exact resume).
+        if "cpu_rng" in state:
+            torch.set_rng_state(state["cpu_rng"])
+        if "cuda_rng" in state and torch.device(device).type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu())
         step = state["step"]
 
     def save() -> None:
+        rng = {"cpu_rng": torch.get_rng_state()}
+        if torch.device(device).type == "cuda":
+            rng["cuda_rng"] = torch.cuda.get_rng_state()
         _atomic_save(
             {
+                **rng,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "lr_schedule": lr_schedule.state_dict(),

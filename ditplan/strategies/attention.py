@@ -68,16 +68,18 @@ def _banded_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     batch, heads, tokens, head_dim = q.shape
     blocks = -(-tokens // block)
     pad_end = blocks * block - tokens
-    qb = F.pad(q, (0, 0, 0, pad_end)).view(batch, heads, blocks, block, head_dim)
+    span = block + 2 * window
+    # NOTE: 4-D inputs keep SDPA on its fused CPU kernel; 5-D ones fall back to the slow math path.
+    qb = F.pad(q, (0, 0, 0, pad_end)).reshape(batch, heads * blocks, block, head_dim)
     # keys/values padded by w in front and w + pad_end behind; span b starts at b·block
     kp = F.pad(k, (0, 0, window, window + pad_end))
     vp = F.pad(v, (0, 0, window, window + pad_end))
-    span = block + 2 * window
-    kb = kp.unfold(2, span, block).transpose(-1, -2)  # (B, H, blocks, span, D)
-    vb = vp.unfold(2, span, block).transpose(-1, -2)
+    kb = kp.unfold(2, span, block).transpose(-1, -2).reshape(batch, heads * blocks, span, head_dim)
+    vb = vp.unfold(2, span, block).transpose(-1, -2).reshape(batch, heads * blocks, span, head_dim)
     mask = _band_mask(tokens, window, block, q.device)  # (blocks, block, span)
-    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)  # (B, H, blocks, block, D)
-    return out.reshape(batch, heads, blocks * block, head_dim)[:, :, :tokens]
+    mask = mask.expand(heads, -1, -1, -1).reshape(1, heads * blocks, block, span)
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)  # (B, H·blocks, block, D)
+    return out.view(batch, heads, blocks * block, head_dim)[:, :, :tokens]
 
 
 def _flex_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
