@@ -105,12 +105,14 @@ class EvaluationSpec(_Strict):
     """feature_extractor: torch-fidelity extractor for FID/KID/IS/precision/recall (``digits`` for the
     embedded model, ``inception-v3-compat`` with a local ``feature_extractor_weights_path``); none
     skips distribution metrics. reference: ``digits-held-out`` or a folder of real images.
+    clip_weights_path: a local CLIP folder for the CLIP score of prompt workloads (skipped without).
     latency_repeats: timed runs (after a warm-up) whose median is reported.
     cache_dir: where dense references and reference statistics are cached by content hash."""
 
     feature_extractor: str | None = None
     feature_extractor_weights_path: str | None = None
     reference: str | None = None
+    clip_weights_path: str | None = None
     latency_repeats: int = Field(5, gt=0)
     cache_dir: str = ".cache/ditplan"
 

@@ -84,10 +84,11 @@ def distribution_metrics(
     metrics: tuple[str, ...] = ("fid", "kid", "isc", "prc"),
     cache_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
-    save_cpu_ram: bool = False,
+    save_cpu_ram: bool = True,
 ) -> list[Metric]:
     """FID/KID/IS/precision/recall of ``samples`` against ``reference``: (N, C, H, W) in [-1, 1] like
-    the samples, or a folder of real images."""
+    the samples, or a folder of real images. ``save_cpu_ram`` (torch-fidelity's switch) loads without
+    worker processes: in-memory tensors gain nothing from them, and Ray workers must not fork."""
     if extractor == "inception-v3-compat" and not (weights_path and Path(weights_path).exists()):
         raise UserError(
             f"Inception weights file {weights_path!r} not found; download pt_inception-2015-12-05 once on a "

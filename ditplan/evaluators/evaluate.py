@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -83,6 +84,17 @@ def evaluate_plan(spec: ExperimentSpec, adapter: ModelAdapter, plan: Plan | None
             out["class_agreement"] = (
                 Metric("class_agreement", class_agreement(samples, labels), "maximize"),
                 Metric("class_agreement", class_agreement(dense, labels), "maximize"),
+            )
+    if spec.workload.prompts is not None:
+        if spec.evaluation.clip_weights_path:
+            from ditplan.evaluators.clip_score import ClipScorer
+
+            scorer = ClipScorer(spec.evaluation.clip_weights_path)
+            out["clip_score"] = (scorer.score(samples, conditions), scorer.score(dense, conditions))
+        else:
+            warnings.warn(
+                "clip_score skipped: set evaluation.clip_weights_path to a local CLIP folder to compute it",
+                stacklevel=2,
             )
     flops, dense_flops = plan_flops(adapter, plan, settings, len(seeds)), plan_flops(adapter, None, settings, len(seeds))
     latency = {k: statistics.median(v) for k, v in times.items()}

@@ -177,8 +177,11 @@ class PixArtAdapter(ModelAdapter):
 
     @staticmethod
     def encode_prompts(source: str, prompts: Sequence[str], max_length: int = 300) -> dict:
-        """Encode prompts with the pipeline's T5 encoder (needs ``transformers`` and the weights)."""
-        from transformers import AutoTokenizer, T5EncoderModel
+        """Encode prompts with the pipeline's T5 encoder (needs ``ditplan[text]`` and the weights)."""
+        try:
+            from transformers import AutoTokenizer, T5EncoderModel
+        except ImportError:
+            raise ImportError("encoding prompts needs the transformers package: pip install 'ditplan[text]'") from None
 
         tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
         encoder = T5EncoderModel.from_pretrained(source, subfolder="text_encoder").eval()
