@@ -21,9 +21,17 @@ def command(name: str) -> Callable[[Callable[[argparse.Namespace], None]], Calla
 
 
 def _quiet_libraries() -> None:
+    import logging
+    import os
+    import warnings
+
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
+    logging.getLogger("optuna").setLevel(logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    warnings.filterwarnings("ignore", message=".*accelerate.*")
 
 
 @command("generate")
@@ -51,6 +59,23 @@ def _evaluate(args: argparse.Namespace) -> None:
 
         plan.check_fits(plan_target(adapter, spec.sampler.settings()))
     print(format_table(evaluate_plan(spec, adapter, plan, show_progress=True)))
+
+
+@command("search")
+def _search(args: argparse.Namespace) -> None:
+    from ditplan.plan import load_plan
+    from ditplan.search.driver import run_search
+    from ditplan.spec import load_spec
+
+    spec = load_spec(args.experiment)
+    run_dir = Path(args.out) if args.out else spec.run_dir() / "search"
+    warm = [load_plan(p) for p in sorted(Path(args.warm_start).glob("*.yaml"))] if args.warm_start else []
+    result = run_search(spec, run_dir, trials=args.trials, workers=args.workers, ray_address=args.ray_address,
+                        resume=args.resume, warm_start=warm, plugins=args.plugin or ())
+    print(f"study {result.study_name}: {result.completed} complete, {result.failed} failed trials; "
+          f"front of {len(result.front)}; hypervolume {result.hypervolume:.4g}")
+    print(f"Pareto front: {run_dir / 'pareto_front.md'}; plans: {run_dir / 'trials'}; "
+          f"MLflow: mlflow ui --backend-store-uri sqlite:///{(run_dir / 'mlflow.db').resolve()}")
 
 
 @command("greedy")
@@ -100,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", required=True)
     p.add_argument("--plan", help="plan YAML file (default: dense vs dense)")
     p.add_argument("--repeats", type=int, help="timed runs per config (default: evaluation.latency_repeats)")
+
+    p = sub.add_parser("search", help="multi-objective plan search: Optuna on Ray, tracked in MLflow")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--trials", type=int, help="finished search trials to reach (default: search.trials)")
+    p.add_argument("--workers", type=int, help="trials evaluated at once (default: search.workers)")
+    p.add_argument("--ray-address", help="an existing Ray cluster, e.g. 127.0.0.1:6379 (default: local Ray)")
+    p.add_argument("--resume", action="store_true", help="continue the study already in the output dir")
+    p.add_argument("--warm-start", help="folder of plan files (e.g. greedy D1 … D6) added as known trials")
+    p.add_argument("--plugin", action="append", help="module to import (driver and workers) that registers strategies")
+    p.add_argument("--out", help="run directory (default: output_dir/search)")
 
     p = sub.add_parser("greedy", help="DiTFastAttn's greedy search: one plan file per threshold (D1 … D6)")
     p.add_argument("--experiment", required=True)

@@ -123,12 +123,95 @@ class EvaluationSpec(_Strict):
         return self
 
 
+def _known_metric(name: str) -> str:
+    from ditplan.evaluators.base import METRIC_DIRECTIONS
+
+    if name not in METRIC_DIRECTIONS:
+        raise ValueError(f"unknown metric; choose one of {sorted(METRIC_DIRECTIONS)}")
+    return name
+
+
+class _MetricSpec(_Strict):
+    metric: str
+
+    @field_validator("metric")
+    @classmethod
+    def _metric_is_known(cls, value: str) -> str:
+        return _known_metric(value)
+
+
+class ObjectiveSpec(_MetricSpec):
+    direction: Literal["minimize", "maximize"] | None = None  # default: the metric's own
+
+    def resolved_direction(self) -> str:
+        from ditplan.evaluators.base import METRIC_DIRECTIONS
+
+        return self.direction or METRIC_DIRECTIONS[self.metric]
+
+
+class ConstraintSpec(_MetricSpec):
+    """A feasibility bound on a metric, e.g. ``{metric: rel_l1, max: 0.1}`` (Optuna: value ≤ 0 is feasible)."""
+
+    max: float | None = None
+    min: float | None = None
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> ConstraintSpec:
+        if (self.max is None) == (self.min is None):
+            raise ValueError("a constraint needs exactly one of max and min")
+        return self
+
+    def violation(self, value: float) -> float:
+        return value - self.max if self.max is not None else self.min - value  # type: ignore[operator]
+
+
+class SpaceSpec(_Strict):
+    """methods: strategies a (layer group × step segment) cell may take. layer_groups / step_segments:
+    a count of even pieces or explicit cut points (1 per layer / per step = the full grid).
+    params: narrower choices for strategy parameters, e.g. ``{wars: {window_size: [16, 32]}}``."""
+
+    methods: list[str] = ["full", "ast", "wars", "asc", "wars+asc"]
+    layer_groups: int | list[int] = 3
+    step_segments: int | list[int] = 4
+    params: dict[str, dict[str, list[Any]]] = {}
+
+
+class SearchSpec(_Strict):
+    """sampler: tpe (default), nsga2, gp or random, seeded by ``seed``. trials: evaluated trials per
+    study (warm-start plans not counted). workers: Ray tasks in flight. samples: the first K workload
+    samples every trial is judged on. reference_point: hypervolume reference in objective units
+    (default: dense cost, and the worst quality seen). storage: an Optuna RDB URL for several drivers
+    (default: a journal file in the run directory). tracking_uri: MLflow (default: SQLite in the run
+    directory). gpus_per_trial: Ray GPUs per trial (1 on a GPU cluster)."""
+
+    sampler: Literal["tpe", "nsga2", "gp", "random"] = "tpe"
+    trials: int = Field(30, gt=0)
+    workers: int = Field(2, gt=0)
+    seed: int = 0
+    samples: int = Field(10, gt=0)
+    objectives: list[ObjectiveSpec] = [ObjectiveSpec(metric="rel_l1"), ObjectiveSpec(metric="flops_ratio")]
+    constraints: list[ConstraintSpec] = []
+    space: SpaceSpec = SpaceSpec()
+    reference_point: list[float] | None = None
+    storage: str | None = None
+    tracking_uri: str | None = None
+    gpus_per_trial: float = Field(0.0, ge=0)
+    max_retries: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _reference_fits(self) -> SearchSpec:
+        if self.reference_point is not None and len(self.reference_point) != len(self.objectives):
+            raise ValueError(f"reference_point has {len(self.reference_point)} values for {len(self.objectives)} objectives")
+        return self
+
+
 class ExperimentSpec(_Strict):
     name: str
     model: ModelSpec
     sampler: SamplerSpec = SamplerSpec()
     workload: WorkloadSpec
     evaluation: EvaluationSpec = EvaluationSpec()
+    search: SearchSpec = SearchSpec()
     output_dir: str = "runs/${name}"
 
     @model_validator(mode="after")

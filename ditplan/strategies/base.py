@@ -121,8 +121,8 @@ class Strategy(abc.ABC):
         """Called once when a plan is applied; raise ``ValueError`` naming a bad parameter."""
 
     @classmethod
-    def search_space(cls) -> dict[str, Any]:
-        """The parameters a search may tune, as ``{param: [choices]}``; none by default."""
+    def search_space(cls, num_tokens: int) -> dict[str, list[Any]]:
+        """The parameters a search may tune for a model of ``num_tokens``, as ``{param: [choices]}``."""
         return {}
 
 

@@ -51,6 +51,11 @@ class WindowResidual(Strategy):
             )
         self.window = w if w is not None else max(1, num_tokens // 8)
 
+    @classmethod
+    def search_space(cls, num_tokens: int) -> dict[str, list[int]]:
+        """Windows of N/16, N/8 (DiTFastAttn's choice) and N/4 tokens."""
+        return {"window_size": sorted({max(1, num_tokens // d) for d in (16, 8, 4)})}
+
     def make_residual(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
         """Called at a dense step whose residual a later step of this strategy reads: O − W, (B, N, C)."""
         return dense - merge_heads(window_attention(q, k, v, self.window))

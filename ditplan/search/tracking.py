@@ -1,0 +1,87 @@
+"""MLflow tracking of a study, from the driver only: a parent run per study, a child run per trial,
+hypervolume stepped by trial, and the Pareto front as PNG, interactive HTML and a Markdown table."""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+STUDY_TAG = "ditplan.study"
+TRIAL_TAG = "ditplan.trial"
+
+
+def mlflow_key(name: str) -> str:
+    """MLflow names allow letters, digits, ``_ - . : /`` and spaces: ``wars+asc.window_size`` → ``wars_asc.window_size``."""
+    return re.sub(r"[^\w\-. :/]", "_", name)
+
+
+class Tracker:
+    """One study's runs. Resuming a study finds its parent run by tag instead of starting another."""
+
+    def __init__(self, tracking_uri: str, experiment: str, study: str, params: Mapping[str, Any], files: Sequence[Path]) -> None:
+        self.client = MlflowClient(tracking_uri)
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{study}'")
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        if parents:
+            self.parent_id = parents[0].info.run_id
+        else:
+            run = self.client.create_run(self.experiment_id, run_name=study, tags={STUDY_TAG: study})
+            self.parent_id = run.info.run_id
+            for key, value in params.items():
+                self.client.log_param(self.parent_id, key, str(value)[:6000])
+            for path in files:
+                self.client.log_artifact(self.parent_id, str(path))
+        self.study = study
+
+    def logged_trials(self) -> set[int]:
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_id}'")
+        return {int(r.data.tags[TRIAL_TAG]) for r in runs if TRIAL_TAG in r.data.tags}
+
+    def log_trial(self, number: int, state: str, params: Mapping[str, Any], metrics: Mapping[str, float], plan_path: Path | None) -> str:
+        tags = {"mlflow.parentRunId": self.parent_id, STUDY_TAG: self.study, TRIAL_TAG: str(number), "state": state}
+        run = self.client.create_run(self.experiment_id, run_name=f"trial-{number}", tags=tags)
+        run_id = run.info.run_id
+        for key, value in params.items():
+            self.client.log_param(run_id, mlflow_key(key), str(value))
+        for key, value in metrics.items():
+            self.client.log_metric(run_id, mlflow_key(key), float(value))
+        if plan_path is not None:
+            self.client.log_artifact(run_id, str(plan_path))
+        self.client.set_terminated(run_id, "FINISHED" if state == "COMPLETE" else "FAILED")
+        return run_id
+
+    def log_hypervolume(self, value: float, step: int) -> None:
+        self.client.log_metric(self.parent_id, "hypervolume", value, step=step)
+
+    def mark_front(self, numbers: set[int]) -> None:
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_id}'")
+        for run in runs:
+            if TRIAL_TAG in run.data.tags:
+                on_front = int(run.data.tags[TRIAL_TAG]) in numbers
+                self.client.set_tag(run.info.run_id, "pareto", "true" if on_front else "false")
+
+    def log_front(self, png_figure: Any, html_figure: Any, table: str, rows: list[dict[str, Any]]) -> None:
+        self.client.log_figure(self.parent_id, png_figure, "pareto_front.png")
+        self.client.log_figure(self.parent_id, html_figure, "pareto_front.html")
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "pareto_front.md").write_text(table)
+            (Path(tmp) / "pareto_front.json").write_text(json.dumps(rows, indent=1))
+            self.client.log_artifact(self.parent_id, str(Path(tmp) / "pareto_front.md"))
+            self.client.log_artifact(self.parent_id, str(Path(tmp) / "pareto_front.json"))
+
+    def finish(self) -> None:
+        self.client.set_terminated(self.parent_id, "FINISHED")
+
+
+def default_tracking_uri(run_dir: Path) -> str:
+    # NOTE: MLflow 3 refuses the ./mlruns file store by default; SQLite is written by the driver only.
+    return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+

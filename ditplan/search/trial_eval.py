@@ -1,0 +1,102 @@
+"""Evaluate one plan for a search: the same path serves learned trials, greedy plans and re-evaluation,
+so their metrics are comparable. Runs in Ray workers; the model is loaded once per worker."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ditplan.evaluators.base import METRIC_DIRECTIONS
+from ditplan.evaluators.cost import plan_flops
+from ditplan.evaluators.fidelity import FidelityEvaluator
+from ditplan.models.adapters import ModelAdapter, adapter_from_spec
+from ditplan.models.sampling import plan_target, sample
+from ditplan.plan import Plan
+from ditplan.spec import ExperimentSpec
+from ditplan.strategies.apply import apply_plan, remove_plan
+
+DISTRIBUTION_METRICS = frozenset({"fid", "kid", "class_agreement"})
+
+_WORKER_ADAPTERS: dict[str, ModelAdapter] = {}
+_WORKER_DENSE_SECONDS: dict[str, float] = {}
+
+
+def worker_adapter(spec: ExperimentSpec) -> ModelAdapter:
+    """The experiment's model, loaded once per process (Ray workers keep it between trials)."""
+    key = json.dumps(spec.model.model_dump(), sort_keys=True)
+    if key not in _WORKER_ADAPTERS:
+        _WORKER_ADAPTERS[key] = adapter_from_spec(spec.model, spec.workload.prompts or ())
+    return _WORKER_ADAPTERS[key]
+
+
+def _timed_sample(adapter: ModelAdapter, plan: Plan | None, spec: ExperimentSpec, conditions: Sequence[Any], seeds: Sequence[int]) -> tuple[torch.Tensor, float]:
+    settings = spec.sampler.settings()
+    if plan is not None:
+        apply_plan(adapter.transformer, plan, plan_target(adapter, settings))
+    try:
+        start = time.perf_counter()
+        out = sample(adapter, conditions, seeds, settings)
+        return out, time.perf_counter() - start
+    finally:
+        remove_plan(adapter.transformer)
+
+
+def plan_metrics(
+    adapter: ModelAdapter,
+    spec: ExperimentSpec,
+    plan: Plan,
+    dense: torch.Tensor,
+    conditions: Sequence[Any],
+    seeds: Sequence[int],
+    metrics: Sequence[str],
+    latency_repeats: int = 1,
+) -> dict[str, float]:
+    """The requested metrics of ``plan`` on ``(conditions, seeds)`` against ``dense`` (same seeds)."""
+    settings = spec.sampler.settings()
+    samples, _ = _timed_sample(adapter, plan, spec, conditions, seeds)  # also the warm-up
+    values: dict[str, float] = {m.name: m.value for m in FidelityEvaluator().evaluate(samples, dense)}
+    flops, dense_flops = plan_flops(adapter, plan, settings, len(seeds)), plan_flops(adapter, None, settings, len(seeds))
+    values["flops_ratio"] = flops.total / dense_flops.total
+    values["attention_flops_ratio"] = flops.attention / dense_flops.attention
+    if "latency_ratio" in metrics:
+        key = f"{adapter.weights_hash}-{len(seeds)}"
+        if key not in _WORKER_DENSE_SECONDS:
+            _timed_sample(adapter, None, spec, conditions, seeds)
+            _WORKER_DENSE_SECONDS[key] = statistics.median(
+                _timed_sample(adapter, None, spec, conditions, seeds)[1] for _ in range(max(1, latency_repeats))
+            )
+        seconds = statistics.median(_timed_sample(adapter, plan, spec, conditions, seeds)[1] for _ in range(max(1, latency_repeats)))
+        values["latency_ratio"] = seconds / _WORKER_DENSE_SECONDS[key]
+    if DISTRIBUTION_METRICS & set(metrics):
+        from ditplan.evaluators.distribution import class_agreement, distribution_metrics
+        from ditplan.evaluators.evaluate import _reference_images
+
+        extractor = spec.evaluation.feature_extractor or "digits"
+        for m in distribution_metrics(samples, _reference_images(spec), extractor=extractor,
+                                      weights_path=spec.evaluation.feature_extractor_weights_path,
+                                      metrics=("fid", "kid")):
+            values[m.name] = m.value
+        if spec.workload.classes is not None:
+            values["class_agreement"] = class_agreement(samples, torch.tensor(list(conditions)))
+    missing = [m for m in metrics if m not in values]
+    if missing:
+        raise ValueError(f"metric {missing[0]!r} is not computed by search trials; choose from {sorted(METRIC_DIRECTIONS)}")
+    bad = [m for m in metrics if not math.isfinite(values[m])]
+    if bad:
+        raise FloatingPointError(f"metric {bad[0]} is {values[bad[0]]} for this plan")
+    return values
+
+
+def evaluate_in_worker(
+    spec: ExperimentSpec, plan: Plan, dense: torch.Tensor, conditions: list, seeds: list[int],
+    metrics: tuple[str, ...], threads: int,
+) -> dict[str, float]:
+    """Entry point of a Ray evaluation task."""
+    torch.set_num_threads(threads)  # NOTE: workers share the machine's cores; don't oversubscribe
+    return plan_metrics(worker_adapter(spec), spec, plan, dense, conditions, seeds, metrics)

@@ -1,0 +1,109 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from ditplan.search.driver import run_search, study_storage
+from ditplan.search.tracking import default_tracking_uri
+from ditplan.spec import load_spec
+from tests.conftest import DATA
+
+EXPERIMENT = DATA / "tiny-search.yaml"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance for these tests (2 CPUs, no dashboard); workers can import tests.*."""
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.getcwd(), "RAY_USAGE_STATS_ENABLED": "0"}})
+    yield
+    ray.shutdown()
+
+
+def _spec(tmp_path, **search):
+    spec = load_spec(EXPERIMENT)
+    evaluation = spec.evaluation.model_copy(update={"cache_dir": str(tmp_path / "cache")})
+    return spec.model_copy(update={"evaluation": evaluation, "search": spec.search.model_copy(update=search)})
+
+
+def _study(spec, run_dir):
+    return optuna.load_study(study_name=spec.name, storage=study_storage(spec, run_dir))
+
+
+def _child_runs(run_dir):
+    client = MlflowClient(default_tracking_uri(run_dir))
+    experiment = client.get_experiment_by_name("ditplan")
+    runs = client.search_runs([experiment.experiment_id])
+    return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+def test_six_trials_on_two_workers_are_in_the_journal_and_mlflow(local_ray, tmp_path):
+    spec = _spec(tmp_path)
+    result = run_search(spec, tmp_path / "run", trials=6, workers=2, show_progress=False)
+    study = _study(spec, tmp_path / "run")
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 6 == result.completed
+    children = _child_runs(tmp_path / "run")
+    assert len(children) == 6
+    assert {r.data.tags["pareto"] for r in children} <= {"true", "false"}
+    assert sum(r.data.tags["pareto"] == "true" for r in children) == len(result.front) > 0
+    assert (tmp_path / "run" / "pareto_front.md").exists()
+    assert len(list((tmp_path / "run" / "trials").glob("*.yaml"))) == 6
+    assert result.hypervolume > 0
+
+
+def test_a_strategy_that_raises_fails_only_its_trials(local_ray, tmp_path):
+    spec = _spec(tmp_path, space=load_spec(EXPERIMENT).search.space.model_copy(
+        update={"methods": ["full", "boom"], "layer_groups": 1, "step_segments": 1}))
+    result = run_search(spec, tmp_path / "run", trials=6, workers=2, plugins=["tests.plugins.failing_strategy"],
+                        show_progress=False)
+    trials = _study(spec, tmp_path / "run").get_trials()
+    assert len(trials) == 6
+    for trial in trials:
+        uses_boom = "boom" in trial.params.values()
+        assert trial.state == (TrialState.FAIL if uses_boom else TrialState.COMPLETE)
+        if uses_boom:
+            assert "boom strategy failed on purpose" in trial.user_attrs["error"]
+    assert 0 < result.failed < 6
+
+
+def test_killing_the_driver_then_resuming_loses_no_completed_trial(tmp_path):
+    run_dir = tmp_path / "run"
+    spec = _spec(tmp_path)
+    config = tmp_path / "search.yaml"
+    config.write_text(EXPERIMENT.read_text() + f"evaluation: {{cache_dir: {tmp_path / 'cache'}}}\n")
+    command = [sys.executable, "-m", "ditplan.cli", "search", "--experiment", str(config), "--trials", "6",
+               "--workers", "1", "--out", str(run_dir)]
+    driver = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    completed = []
+    while time.time() < deadline and driver.poll() is None:
+        time.sleep(1)
+        if (run_dir / "optuna.journal").exists():
+            try:
+                completed = _study(spec, run_dir).get_trials(states=(TrialState.COMPLETE,))
+            except KeyError:
+                continue
+            if len(completed) >= 2:
+                break
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert 2 <= len(completed) < 6, "the driver should have been killed mid-study"
+    before = {t.number: t.values for t in _study(spec, run_dir).get_trials(states=(TrialState.COMPLETE,))}
+
+    result = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    after = _study(spec, run_dir).get_trials()
+    complete = {t.number: t.values for t in after if t.state == TrialState.COMPLETE}
+    assert all(complete[n] == v for n, v in before.items())  # nothing completed was lost or changed
+    assert sum(1 for t in after if t.state != TrialState.RUNNING) == len(after)
+    assert len(complete) + sum(t.state == TrialState.FAIL for t in after) >= 6
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "already exists" in refused.stderr
