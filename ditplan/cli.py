@@ -58,7 +58,33 @@ def _evaluate(args: argparse.Namespace) -> None:
         from ditplan.models.sampling import plan_target
 
         plan.check_fits(plan_target(adapter, spec.sampler.settings()))
-    print(format_table(evaluate_plan(spec, adapter, plan, show_progress=True)))
+    print(format_table(evaluate_plan(spec, adapter, plan, show_progress=True, samples=args.samples)))
+
+
+@command("run")
+def _run(args: argparse.Namespace) -> None:
+    from ditplan.workflow import run_experiment
+
+    run_dir = run_experiment(args.experiment, trials=args.trials, workers=args.workers, ray_address=args.ray_address)
+    print(f"run directory: {run_dir}; MLflow: mlflow ui --backend-store-uri "
+          f"sqlite:///{(run_dir / 'search' / 'mlflow.db').resolve()}")
+
+
+@command("compare")
+def _compare(args: argparse.Namespace) -> None:
+    from ditplan.report import compare_runs
+
+    report = compare_runs(args.run_dirs, args.out or Path(args.run_dirs[0]) / "report")
+    print(report.read_text())
+    print(f"\nreport: {report} (+ comparison.png, comparison.html)")
+
+
+@command("export")
+def _export(args: argparse.Namespace) -> None:
+    from ditplan.report import export_plans
+
+    for path in export_plans(args.run_dir, args.select, args.out):
+        print(f"wrote {path}")
 
 
 @command("search")
@@ -125,6 +151,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", required=True)
     p.add_argument("--plan", help="plan YAML file (default: dense vs dense)")
     p.add_argument("--repeats", type=int, help="timed runs per config (default: evaluation.latency_repeats)")
+    p.add_argument("--samples", type=int, help="only the workload's first K samples (a plan's provenance names K)")
+
+    p = sub.add_parser("run", help="the whole loop: greedy, learned search, re-evaluation, comparison, export")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--trials", type=int, help="learned trials (default: search.trials)")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--ray-address")
+
+    p = sub.add_parser("compare", help="greedy vs learned fronts of one or more run directories")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", help="report folder (default: first run's report/)")
+
+    p = sub.add_parser("export", help="write the plans a rule selects from a run directory")
+    p.add_argument("run_dir")
+    p.add_argument("--select", required=True, help="fastest:rel_l1<=0.05 | best:latency_ratio<=0.8 | knee | top:3")
+    p.add_argument("--out", required=True)
 
     p = sub.add_parser("search", help="multi-objective plan search: Optuna on Ray, tracked in MLflow")
     p.add_argument("--experiment", required=True)

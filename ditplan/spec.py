@@ -176,13 +176,29 @@ class SpaceSpec(_Strict):
     params: dict[str, dict[str, list[Any]]] = {}
 
 
+class RefineSpec(_Strict):
+    """Multi-fidelity: after the search, the Pareto front is re-evaluated on more samples with the
+    expensive metrics (e.g. domain FID, measured latency), sequentially on the driver so timings do
+    not contend; results go to a second study ``<name>-refined`` beside the first."""
+
+    metrics: list[str] = ["rel_l1", "latency_ratio"]
+    samples: int = Field(20, gt=0)
+    latency_repeats: int = Field(3, gt=0)
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics_are_known(cls, value: list[str]) -> list[str]:
+        return [_known_metric(m) for m in value]
+
+
 class SearchSpec(_Strict):
     """sampler: tpe (default), nsga2, gp or random, seeded by ``seed``. trials: evaluated trials per
     study (warm-start plans not counted). workers: Ray tasks in flight. samples: the first K workload
     samples every trial is judged on. reference_point: hypervolume reference in objective units
     (default: dense cost, and the worst quality seen). storage: an Optuna RDB URL for several drivers
     (default: a journal file in the run directory). tracking_uri: MLflow (default: SQLite in the run
-    directory). gpus_per_trial: Ray GPUs per trial (1 on a GPU cluster)."""
+    directory). gpus_per_trial: Ray GPUs per trial (1 on a GPU cluster). refine: re-evaluate the
+    front with expensive metrics (multi-fidelity); none skips it."""
 
     sampler: Literal["tpe", "nsga2", "gp", "random"] = "tpe"
     trials: int = Field(30, gt=0)
@@ -197,12 +213,22 @@ class SearchSpec(_Strict):
     tracking_uri: str | None = None
     gpus_per_trial: float = Field(0.0, ge=0)
     max_retries: int = Field(2, ge=0)
+    refine: RefineSpec | None = None
 
     @model_validator(mode="after")
     def _reference_fits(self) -> SearchSpec:
         if self.reference_point is not None and len(self.reference_point) != len(self.objectives):
             raise ValueError(f"reference_point has {len(self.reference_point)} values for {len(self.objectives)} objectives")
         return self
+
+
+class GreedySpec(_Strict):
+    """DiTFastAttn's greedy search as run by ``ditplan run``: thresholds δ (D1 … D6 by default), the
+    first K workload samples as calibration batch, the WA-RS window (default tokens // 8)."""
+
+    thresholds: list[float] = [0.025, 0.05, 0.075, 0.1, 0.125, 0.15]
+    calibration_samples: int = Field(8, gt=0)
+    window_size: int | None = None
 
 
 class ExperimentSpec(_Strict):
@@ -212,6 +238,7 @@ class ExperimentSpec(_Strict):
     workload: WorkloadSpec
     evaluation: EvaluationSpec = EvaluationSpec()
     search: SearchSpec = SearchSpec()
+    greedy: GreedySpec = GreedySpec()
     output_dir: str = "runs/${name}"
 
     @model_validator(mode="after")

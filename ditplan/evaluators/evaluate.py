@@ -34,10 +34,13 @@ def _reference_images(spec: ExperimentSpec) -> torch.Tensor | str:
     return reference
 
 
-def evaluate_plan(spec: ExperimentSpec, adapter: ModelAdapter, plan: Plan | None, show_progress: bool = False) -> dict[str, tuple[Metric, Metric]]:
-    """``{metric: (plan value, dense value)}``: fidelity, distribution quality (when configured) and cost."""
+def evaluate_plan(
+    spec: ExperimentSpec, adapter: ModelAdapter, plan: Plan | None, show_progress: bool = False, samples: int | None = None
+) -> dict[str, tuple[Metric, Metric]]:
+    """``{metric: (plan value, dense value)}``: fidelity, distribution quality (when configured) and cost,
+    on the workload's first ``samples`` samples (all by default)."""
     settings = spec.sampler.settings()
-    conditions, seeds = spec.workload.conditions(), spec.workload.seeds()
+    conditions, seeds = spec.workload.conditions()[:samples], spec.workload.seeds()[:samples]
     device = next(adapter.transformer.parameters()).device
     dense = dense_reference(adapter, settings, conditions, seeds, spec.evaluation.cache_dir, show_progress)
     target = plan_target(adapter, settings)
@@ -53,7 +56,7 @@ def evaluate_plan(spec: ExperimentSpec, adapter: ModelAdapter, plan: Plan | None
             remove_plan(adapter.transformer)
 
     peak = {False: 0, True: 0}
-    samples = run(plan)  # also the warm-up
+    images = run(plan)  # also the warm-up
     times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(spec.evaluation.latency_repeats):  # interleaved, so drift hits both alike
         for planned in (False, True):
@@ -66,7 +69,7 @@ def evaluate_plan(spec: ExperimentSpec, adapter: ModelAdapter, plan: Plan | None
             times[planned].append(time.perf_counter() - start)
 
     out: dict[str, tuple[Metric, Metric]] = {}
-    for mine, ref in zip(FidelityEvaluator().evaluate(samples, dense), FidelityEvaluator().evaluate(dense, dense)):
+    for mine, ref in zip(FidelityEvaluator().evaluate(images, dense), FidelityEvaluator().evaluate(dense, dense)):
         out[mine.name] = (mine, ref)
     if spec.evaluation.feature_extractor:
         from ditplan.evaluators.distribution import class_agreement, distribution_metrics
@@ -77,12 +80,12 @@ def evaluate_plan(spec: ExperimentSpec, adapter: ModelAdapter, plan: Plan | None
             weights_path=spec.evaluation.feature_extractor_weights_path,
             cache_dir=Path(spec.evaluation.cache_dir) / "fidelity", device=device,
         )
-        for mine, ref in zip(distribution_metrics(samples, **kwargs), distribution_metrics(dense, **kwargs)):
+        for mine, ref in zip(distribution_metrics(images, **kwargs), distribution_metrics(dense, **kwargs)):
             out[mine.name] = (mine, ref)
         if spec.evaluation.feature_extractor == "digits" and spec.workload.classes is not None:
             labels = torch.tensor(conditions)
             out["class_agreement"] = (
-                Metric("class_agreement", class_agreement(samples, labels), "maximize"),
+                Metric("class_agreement", class_agreement(images, labels), "maximize"),
                 Metric("class_agreement", class_agreement(dense, labels), "maximize"),
             )
     if spec.workload.prompts is not None:
@@ -90,7 +93,7 @@ def evaluate_plan(spec: ExperimentSpec, adapter: ModelAdapter, plan: Plan | None
             from ditplan.evaluators.clip_score import ClipScorer
 
             scorer = ClipScorer(spec.evaluation.clip_weights_path)
-            out["clip_score"] = (scorer.score(samples, conditions), scorer.score(dense, conditions))
+            out["clip_score"] = (scorer.score(images, conditions), scorer.score(dense, conditions))
         else:
             warnings.warn(
                 "clip_score skipped: set evaluation.clip_weights_path to a local CLIP folder to compute it",

@@ -143,8 +143,10 @@ def run_search(
     def record(trial_number: int, plan: Plan | None, values: dict[str, float] | None, state: str, params: dict) -> None:
         path = None
         if plan is not None and values is not None:
-            plan = plan.with_provenance(search=f"optuna-{search.sampler}", study=study_name, trial=trial_number,
-                                        metrics={k: float(v) for k, v in values.items()}, versions=library_versions())
+            plan = plan.with_provenance(search=plan.provenance.get("search", f"optuna-{search.sampler}"),
+                                        study=study_name, trial=trial_number,
+                                        metrics={k: float(v) for k, v in values.items()},
+                                        evaluated_on={"samples": len(seeds)}, versions=library_versions())
             path = plan.save(plans_dir / f"trial-{trial_number:04d}.yaml")
         tracker.log_trial(trial_number, state, params, values or {}, path)
         done = _complete(study)
@@ -156,17 +158,23 @@ def run_search(
             trial.set_constraint(constraint.metric, constraint.violation(values[constraint.metric]))
         study.tell(trial, [values[o] for o in objectives])
 
-    # Warm start: known plans (greedy D1 … D6) enter the study as finished trials, evaluated on the
-    # same path as every learned trial.
+    # Warm start: known plans (greedy D1 … D6) join the study. Plans the space can express are
+    # enqueued (evaluated by the workers like any trial, and NSGA-II breeds from them); others enter
+    # as known results evaluated here, on the same path.
     known = {t.user_attrs.get("name") for t in study.get_trials(deepcopy=False)}
     for plan in warm_start:
         name = str(plan.provenance.get("name", "warm-start"))
         if name in known:
             continue
+        attrs = {"name": name, "source": str(plan.provenance.get("search", "warm-start"))}
+        params = space.params_for(plan)
+        if params is not None:
+            study.enqueue_trial(params, user_attrs=attrs)
+            continue
         values = plan_metrics(adapter, spec, plan, dense, conditions, seeds, needed)
         trial = study.ask()
-        trial.set_user_attr("name", name)
-        trial.set_user_attr("source", str(plan.provenance.get("search", "warm-start")))
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
         tell(trial, values)
         record(trial.number, plan, values, "COMPLETE", {"warm_start": name})
 
@@ -185,17 +193,21 @@ def run_search(
                                                 max_retries=search.max_retries)
     dense_ref = ray.put(dense)
 
-    def searched(states: tuple[TrialState, ...]) -> int:
-        return sum(1 for t in study.get_trials(deepcopy=False, states=states) if "source" not in t.user_attrs)
+    def count(states: tuple[TrialState, ...], warm: bool | None = None) -> int:
+        return sum(1 for t in study.get_trials(deepcopy=False, states=states)
+                   if warm is None or ("source" in t.user_attrs) == warm)
 
-    failed = searched((TrialState.FAIL,))
+    finished_states = (TrialState.COMPLETE, TrialState.FAIL)
+    # ``trials`` counts learned trials; warm-start trials (finished or waiting) come on top.
+    target = n_trials + count(finished_states + (TrialState.WAITING,), warm=True)
+    failed = count((TrialState.FAIL,), warm=False)
     in_flight: dict[Any, tuple[optuna.Trial, Plan]] = {}
     try:
-        with progress_bar(n_trials, "search trials", completed=min(n_trials, searched((TrialState.COMPLETE, TrialState.FAIL))),
+        with progress_bar(target, "search trials", completed=min(target, count(finished_states)),
                           enabled=show_progress) as bar:
             while True:
-                finished = searched((TrialState.COMPLETE, TrialState.FAIL))
-                while len(in_flight) < n_workers and finished + len(in_flight) < n_trials:
+                finished = count(finished_states)
+                while len(in_flight) < n_workers and finished + len(in_flight) < target:
                     trial = study.ask()
                     plan = space.suggest(trial)
                     ref_obj = task.remote(spec, plan, dense_ref, conditions, seeds, needed, cpus, tuple(plugins))
@@ -240,6 +252,18 @@ def run_search(
         tracker.mark_front(front_numbers)
         tracker.log_front(front_png(groups, objectives), front_html(groups, objectives), table, rows)
         (run_dir / "pareto_front.md").write_text(table + "\n")
-    tracker.finish()
     front = [t for t in done if t.number in front_numbers]
+    if search.refine is not None and front:
+        from ditplan.search.refine import refine_front
+
+        warm = [t for t in done if "source" in t.user_attrs and t.number not in front_numbers]
+        refined = refine_front(spec, storage, study_name, front + warm, plans_dir, show_progress)
+        lines = ["| trial | name | " + " | ".join(search.refine.metrics) + " |", "|---|---|" + "---|" * len(search.refine.metrics)]
+        for t in refined.get_trials(deepcopy=False):
+            lines.append(f"| {t.user_attrs['source_trial']} | {t.user_attrs['name']} | " + " | ".join(f"{v:.4g}" for v in t.values) + " |")
+            for key, value in t.user_attrs["metrics"].items():
+                tracker.client.log_metric(tracker.parent_id, f"refined.{t.user_attrs['name']}.{key}", float(value))
+        (run_dir / "refined_front.md").write_text("\n".join(lines) + "\n")
+        tracker.client.log_artifact(tracker.parent_id, str(run_dir / "refined_front.md"))
+    tracker.finish()
     return SearchResult(study_name, run_dir, objectives, directions, front, hv, len(done), failed)

@@ -49,12 +49,38 @@ class PlanSpace:
     def step_segments(self) -> list[tuple[int, int]]:
         return _bounds(self.step_cuts, self.target.num_steps, 1)  # step 0 stays dense
 
+    def cell_name(self, layers: tuple[int, int], steps: tuple[int, int]) -> str:
+        return f"L{layers[0]}-{layers[1] - 1}/S{steps[0]}-{steps[1] - 1}"
+
+    def params_for(self, plan: Plan) -> dict[str, Any] | None:
+        """The trial parameters that reproduce ``plan``, or None when this space cannot express it
+        (a cell that mixes methods, a method or parameter value outside the choices)."""
+        params: dict[str, Any] = {}
+        if any(m != "full" for m in plan.grid[0]):
+            return None
+        for layers in self.layer_groups:
+            for steps in self.step_segments:
+                methods = {plan.grid[s][l] for s in range(*steps) for l in range(*layers)}
+                if len(methods) != 1 or not methods <= set(self.methods):
+                    return None
+                params[self.cell_name(layers, steps)] = methods.pop()
+        used = {m for row in plan.grid for m in row}
+        for name, choices in self.params.items():
+            if name not in used:
+                continue
+            for key, options in choices.items():
+                value = plan.params.get(name, {}).get(key)
+                if value is None or value not in options:
+                    return None
+                params[f"{name}.{key}"] = value
+        return params
+
     def suggest(self, trial: optuna.Trial) -> Plan:
         """Called once per trial on the driver: draws every cell and parameter, returns the plan."""
         grid = [["full"] * self.target.num_layers for _ in range(self.target.num_steps)]
-        for gi, (l0, l1) in enumerate(self.layer_groups):
-            for si, (s0, s1) in enumerate(self.step_segments):
-                method = trial.suggest_categorical(f"L{l0}-{l1 - 1}/S{s0}-{s1 - 1}", list(self.methods))
+        for l0, l1 in self.layer_groups:
+            for s0, s1 in self.step_segments:
+                method = trial.suggest_categorical(self.cell_name((l0, l1), (s0, s1)), list(self.methods))
                 for step in range(s0, s1):
                     for layer in range(l0, l1):
                         grid[step][layer] = method

@@ -1,0 +1,70 @@
+"""``ditplan run``: dense reference → greedy D1 … D6 → learned search (warm-started from greedy) →
+multi-fidelity re-evaluation → comparison → export, in one resumable run directory."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from rich.console import Console
+
+from ditplan.errors import UserError
+from ditplan.evaluators.reference import dense_reference
+from ditplan.plan import load_plan
+from ditplan.report import compare_runs, export_plans
+from ditplan.search.driver import run_search
+from ditplan.search.greedy import greedy_search, threshold_name
+from ditplan.search.trial_eval import worker_adapter
+from ditplan.spec import load_spec
+
+DEFAULT_EXPORT_RULES = ("knee", "top:3")
+
+
+def run_experiment(
+    experiment: str | Path, trials: int | None = None, workers: int | None = None, ray_address: str | None = None,
+    export_rules: tuple[str, ...] = DEFAULT_EXPORT_RULES, show_progress: bool = True,
+) -> Path:
+    """Run every stage; stages already done in the run directory are skipped. Returns the run directory."""
+    console = Console(quiet=not show_progress)
+    spec = load_spec(experiment)
+    run_dir = spec.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    copy = run_dir / "experiment.yaml"
+    if copy.exists() and load_spec(copy) != spec:
+        raise UserError(f"{run_dir} holds a run of a different experiment file; set another output_dir or remove it")
+    shutil.copyfile(experiment, copy)
+    spec = load_spec(copy)  # NOTE: relative paths now resolve from the run directory's copy, as later commands see them
+    adapter = worker_adapter(spec)
+    settings = spec.sampler.settings()
+
+    console.rule("[bold]1/5 dense reference")
+    dense_reference(adapter, settings, spec.workload.conditions()[: spec.search.samples],
+                    spec.workload.seeds()[: spec.search.samples], spec.evaluation.cache_dir, show_progress)
+
+    console.rule("[bold]2/5 greedy DiTFastAttn plans")
+    greedy_dir = run_dir / "greedy"
+    calibration = spec.greedy.calibration_samples
+    plans = []
+    for index, delta in enumerate(spec.greedy.thresholds):
+        path = greedy_dir / f"greedy-{threshold_name(index)}.yaml"
+        if not path.exists():
+            result = greedy_search(adapter, settings, spec.workload.conditions()[:calibration],
+                                   spec.workload.seeds()[:calibration], delta, spec.greedy.window_size)
+            result.plan.with_provenance(name=threshold_name(index), experiment=spec.name).save(path)
+            console.print(f"{threshold_name(index)} (δ={delta}): {result.forwards} forwards, {result.seconds:.0f} s")
+        plans.append(load_plan(path))
+
+    console.rule("[bold]3/5 learned search (+ 4/5 multi-fidelity re-evaluation of the front)")
+    search_dir = run_dir / "search"
+    resume = (search_dir / "optuna.journal").exists()
+    result = run_search(spec, search_dir, trials=trials, workers=workers, ray_address=ray_address, resume=resume,
+                        warm_start=plans, show_progress=show_progress)
+    console.print(f"{result.completed} trials complete ({result.failed} failed), front of {len(result.front)}, "
+                  f"hypervolume {result.hypervolume:.4g}")
+
+    console.rule("[bold]5/5 comparison and export")
+    report = compare_runs([run_dir], run_dir / "report")
+    exported = [p for rule in export_rules for p in export_plans(run_dir, rule, run_dir / "exported")]
+    console.print(report.read_text())
+    console.print(f"report: {report}; exported plans: {', '.join(str(p) for p in exported)}")
+    return run_dir

@@ -1,0 +1,110 @@
+import pytest
+import torch
+
+import ditplan
+from ditplan.cli import main
+from ditplan.errors import UserError
+from ditplan.evaluators.evaluate import evaluate_plan
+from ditplan.models.adapters import adapter_from_spec
+from ditplan.report import load_run
+from ditplan.spec import load_spec
+from tests.conftest import DATA
+
+TINY_RUN = """
+name: tiny-run
+model:
+  kind: dit
+  config: {{sample_size: 16, patch_size: 4, in_channels: 4, out_channels: 8, num_layers: 2,
+           num_attention_heads: 2, attention_head_dim: 8, num_embeds_ada_norm: 10}}
+  device: cpu
+sampler: {{scheduler: dpmsolver++, num_steps: 4, guidance_scale: 3.0, batch_size: 4}}
+workload: {{classes: [1, 2, 3, 4], samples_per_condition: 1, seed: 0}}
+evaluation: {{cache_dir: {cache}, latency_repeats: 1}}
+greedy: {{thresholds: [0.05, 0.5], calibration_samples: 2}}
+search:
+  trials: 4
+  workers: 2
+  samples: 4
+  space: {{layer_groups: 2, step_segments: 2}}
+  refine: {{metrics: [rel_l1, latency_ratio], samples: 4, latency_repeats: 1}}
+output_dir: {out}
+"""
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loop")
+    experiment = root / "tiny-run.yaml"
+    experiment.write_text(TINY_RUN.format(cache=root / "cache", out=root / "run"))
+    run_dir = ditplan.run(experiment, show_progress=False)
+    return experiment, run_dir
+
+
+def test_run_produces_greedy_plans_a_study_a_report_and_exported_plans(finished_run):
+    _, run_dir = finished_run
+    assert sorted(p.name for p in (run_dir / "greedy").iterdir()) == ["greedy-D1.yaml", "greedy-D2.yaml"]
+    spec, candidates = load_run(run_dir)
+    assert {c.source for c in candidates} == {"greedy", "search"}
+    assert sum(c.source == "search" for c in candidates) == 4
+    assert any(c.refined for c in candidates)  # the front was re-evaluated with latency
+    report = (run_dir / "report" / "comparison.md").read_text()
+    assert "| tiny-run | greedy | 2 |" in report and "| tiny-run | learned | 4 |" in report
+    assert (run_dir / "report" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((run_dir / "exported").glob("*.yaml"))
+    assert (run_dir / "search" / "mlflow.db").exists()
+
+
+def test_rerunning_resumes_without_redoing_finished_stages(finished_run):
+    experiment, run_dir = finished_run
+    before = {p: p.stat().st_mtime_ns for p in (run_dir / "greedy").iterdir()}
+    ditplan.run(experiment, show_progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "greedy").iterdir()} == before
+    _, candidates = load_run(run_dir)
+    assert sum(c.source == "search" for c in candidates) == 4  # the study was already complete
+
+
+def test_an_exported_plan_reproduces_its_recorded_quality_exactly(finished_run, tmp_path):
+    _, run_dir = finished_run
+    main(["export", str(run_dir), "--select", "fastest:rel_l1<=10", "--out", str(tmp_path)])
+    (path,) = list(tmp_path.glob("*.yaml"))
+    plan = ditplan.load_plan(path)
+    assert plan.provenance["selected_by"] == "fastest:rel_l1<=10"
+    spec = load_spec(run_dir / "experiment.yaml")
+    adapter = adapter_from_spec(spec.model)
+    results = evaluate_plan(spec, adapter, plan, samples=plan.provenance["evaluated_on"]["samples"])
+    assert results["rel_l1"][0].value == plan.provenance["metrics"]["rel_l1"]
+    assert results["flops_ratio"][0].value == pytest.approx(plan.provenance["metrics"]["flops_ratio"], rel=1e-12)
+
+
+def test_bad_selection_rules_and_bounds_are_user_errors(finished_run, tmp_path):
+    _, run_dir = finished_run
+    with pytest.raises(UserError, match="unknown selection rule"):
+        ditplan.export(run_dir, "fastest", tmp_path)
+    with pytest.raises(UserError, match="no plan has rel_l1 <= -1.0"):
+        ditplan.export(run_dir, "fastest:rel_l1<=-1", tmp_path)
+
+
+def test_compare_refuses_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(UserError, match="not a ditplan run directory"):
+        ditplan.compare([tmp_path], tmp_path / "report")
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "dit-xl-512.yaml", "pixart-sigma-1024.yaml"])
+def test_shipped_experiment_files_validate_offline(name):
+    spec = load_spec(DATA.parent.parent / "experiments" / name)
+    assert spec.search.objectives and spec.sampler.num_steps > 0
+
+
+def test_the_python_api_applies_a_plan_to_a_pipeline_object(tiny_adapter, tiny_spec):
+    from ditplan.models.sampling import plan_target
+    from ditplan.plan import Plan
+
+    class Pipeline:  # what a diffusers pipeline looks like to apply_plan
+        transformer = tiny_adapter.transformer
+
+    target = plan_target(tiny_adapter, tiny_spec.sampler.settings())
+    ditplan.apply_plan(Pipeline(), Plan.uniform(target), target)
+    assert hasattr(tiny_adapter.transformer, "_ditplan_runtime")
+    ditplan.remove_plan(Pipeline())
+    assert not hasattr(tiny_adapter.transformer, "_ditplan_runtime")
+    assert isinstance(ditplan.sample(tiny_adapter, [1], [0], tiny_spec.sampler.settings()), torch.Tensor)
