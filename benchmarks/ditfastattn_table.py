@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -19,6 +20,7 @@ from ditplan.evaluators.cost import plan_flops
 from ditplan.evaluators.fidelity import psnr, relative_l1
 from ditplan.models.adapters import load_adapter
 from ditplan.models.sampling import SamplerSettings, plan_target, sample
+from ditplan.plan import load_plan
 from ditplan.search.greedy import DEFAULT_THRESHOLDS, greedy_search, threshold_name
 from ditplan.strategies import apply_plan, remove_plan
 
@@ -36,13 +38,18 @@ def main() -> None:
     labels, seeds = [i % 10 for i in range(20)], list(range(1000, 1020))
 
     configs = {"dense": None}
-    search = {}
     for index, delta in enumerate(DEFAULT_THRESHOLDS):
-        result = greedy_search(adapter, settings, list(range(8)), list(range(8)), delta)
         name = threshold_name(index)
-        configs[name] = result.plan.save(f"{args.plans_out}/greedy-{name}.yaml") and result.plan
-        search[name] = (result.forwards, result.seconds)
-        print(f"{name} (δ={delta}): {result.forwards} forwards, {result.seconds:.0f} s", flush=True)
+        path = Path(args.plans_out) / f"greedy-{name}.yaml"
+        if path.exists() and load_plan(path).target == target:  # reuse an earlier calibration
+            configs[name] = load_plan(path)
+        else:
+            result = greedy_search(adapter, settings, list(range(8)), list(range(8)), delta)
+            configs[name] = result.plan.with_provenance(name=name)
+            configs[name].save(path)
+        provenance = configs[name].provenance
+        print(f"{name} (δ={delta}): {provenance['transformer_forwards']} forwards, "
+              f"{provenance['search_seconds']:.0f} s of calibration", flush=True)
 
     def run(plan):
         if plan is not None:

@@ -113,7 +113,8 @@ def main() -> None:
     measured = {}
     for name in greedy:
         measured[name] = plan_metrics(adapter, spec, greedy[name], dense, conditions, seeds, lat_metrics, args.latency_repeats)
-    learned_plans = {f"trial-{t.number}": load_plan(out / "learned" / "trials" / f"trial-{t.number:04d}.yaml") for t in result.front}
+    learned_plans = {f"trial-{t.number}": load_plan(out / "learned" / "trials" / f"trial-{t.number:04d}.yaml")
+                     for t in result.front if "source" not in t.user_attrs}  # enqueued greedy plans are not learned
     for name, plan in learned_plans.items():
         measured[name] = plan_metrics(adapter, spec, plan, dense, conditions, seeds, lat_metrics, args.latency_repeats)
     print(f"\ngreedy front: {greedy_front}. Latency: median of {args.latency_repeats} after a warm-up, ratio to dense "
