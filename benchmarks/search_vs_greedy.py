@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--latency-repeats", type=int, default=3)
     parser.add_argument("--throughput-trials", type=int, default=8)
     parser.add_argument("--sampler", help="override search.sampler (tpe, nsga2, gp, random)")
+    parser.add_argument("--population", type=int, help="override search.population_size (NSGA-II)")
     parser.add_argument("--full-grid", action="store_true", help="one cell per (step, layer) instead of the file's groups")
     parser.add_argument("--warm-start", action="store_true",
                         help="enqueue the greedy plans and add the calibration-equivalent trials on top of them")
@@ -47,6 +48,8 @@ def main() -> None:
     search = {"refine": None}
     if args.sampler:
         search["sampler"] = args.sampler
+    if args.population:
+        search["population_size"] = args.population
     if args.full_grid:
         search["space"] = spec.search.space.model_copy(
             update={"layer_groups": 10**6, "step_segments": 10**6})  # counts are clamped: one layer/step per cell

@@ -201,6 +201,7 @@ class SearchSpec(_Strict):
     front with expensive metrics (multi-fidelity); none skips it."""
 
     sampler: Literal["tpe", "nsga2", "gp", "random"] = "tpe"
+    population_size: int = Field(50, ge=2)  # NSGA-II generation size
     trials: int = Field(30, gt=0)
     workers: int = Field(2, gt=0)
     seed: int = 0

@@ -34,10 +34,10 @@ from ditplan.search.trial_eval import evaluate_in_worker, plan_metrics, worker_a
 from ditplan.spec import ExperimentSpec
 
 SAMPLERS = {
-    "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True),
-    "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed),
-    "gp": lambda seed: optuna.samplers.GPSampler(seed=seed),
-    "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
+    "tpe": lambda search: optuna.samplers.TPESampler(seed=search.seed, multivariate=True),
+    "nsga2": lambda search: optuna.samplers.NSGAIISampler(seed=search.seed, population_size=search.population_size),
+    "gp": lambda search: optuna.samplers.GPSampler(seed=search.seed),
+    "random": lambda search: optuna.samplers.RandomSampler(seed=search.seed),
 }
 
 
@@ -121,7 +121,7 @@ def run_search(
     if exists and not resume:
         raise UserError(f"study {study_name!r} already exists in {run_dir}; pass --resume to continue it or use another output dir")
     study = optuna.create_study(study_name=study_name, storage=storage, directions=directions,
-                                sampler=SAMPLERS[search.sampler](search.seed), load_if_exists=True)
+                                sampler=SAMPLERS[search.sampler](search), load_if_exists=True)
     for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(stale.number, state=TrialState.FAIL)  # NOTE: left RUNNING by a killed driver
 
