@@ -56,6 +56,7 @@ def test_six_trials_on_two_workers_are_in_the_journal_and_mlflow(local_ray, tmp_
     assert sum(r.data.tags["pareto"] == "true" for r in children) == len(result.front) > 0
     assert (tmp_path / "run" / "pareto_front.md").exists()
     assert len(list((tmp_path / "run" / "trials").glob("*.yaml"))) == 6
+    assert list((tmp_path / "run" / "mlartifacts").rglob("pareto_front.png"))  # artifacts stay in the run dir
     assert result.hypervolume > 0
 
 

@@ -137,7 +137,8 @@ def run_search(
     ref = reference_point(spec)
     tracker = Tracker(search.tracking_uri or default_tracking_uri(run_dir), "ditplan", study_name,
                       {"experiment": spec.model_dump_json(), "sampler": search.sampler, "seed": search.seed,
-                       "objectives": objectives, "reference_point": ref, **library_versions()}, [])
+                       "objectives": objectives, "reference_point": ref, **library_versions()}, [],
+                      artifact_location=None if search.tracking_uri else run_dir / "mlartifacts")
     plans_dir = run_dir / "trials"
 
     def record(trial_number: int, plan: Plan | None, values: dict[str, float] | None, state: str, params: dict) -> None:

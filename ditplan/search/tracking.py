@@ -24,10 +24,19 @@ def mlflow_key(name: str) -> str:
 class Tracker:
     """One study's runs. Resuming a study finds its parent run by tag instead of starting another."""
 
-    def __init__(self, tracking_uri: str, experiment: str, study: str, params: Mapping[str, Any], files: Sequence[Path]) -> None:
+    def __init__(
+        self, tracking_uri: str, experiment: str, study: str, params: Mapping[str, Any], files: Sequence[Path],
+        artifact_location: Path | None = None,
+    ) -> None:
+        """``artifact_location``: where a new experiment keeps artifacts (for a SQLite store, the run
+        directory; MLflow's default would be ./mlruns under whatever directory the driver runs in)."""
         self.client = MlflowClient(tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        if found is not None:
+            self.experiment_id = found.experiment_id
+        else:
+            location = artifact_location.resolve().as_uri() if artifact_location is not None else None
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{study}'")
         parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
         if parents:
