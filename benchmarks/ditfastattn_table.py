@@ -19,10 +19,9 @@ import torch
 from ditplan.evaluators.cost import plan_flops
 from ditplan.evaluators.fidelity import psnr, relative_l1
 from ditplan.models.adapters import load_adapter
-from ditplan.models.sampling import SamplerSettings, plan_target, sample
+from ditplan.models.sampling import SamplerSettings, plan_target, sample_with_plan
 from ditplan.plan import load_plan
 from ditplan.search.greedy import DEFAULT_THRESHOLDS, greedy_search, threshold_name
-from ditplan.strategies import apply_plan, remove_plan
 
 
 def main() -> None:
@@ -52,12 +51,7 @@ def main() -> None:
               f"{provenance['search_seconds']:.0f} s of calibration", flush=True)
 
     def run(plan):
-        if plan is not None:
-            apply_plan(adapter.transformer, plan, target)
-        try:
-            return sample(adapter, labels, seeds, settings)
-        finally:
-            remove_plan(adapter.transformer)
+        return sample_with_plan(adapter, plan, labels, seeds, settings)[0]
 
     samples = {name: run(plan) for name, plan in configs.items()}  # also the warm-up
     times = {name: [] for name in configs}

@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("greedy", help="DiTFastAttn's greedy search: one plan file per threshold (D1 … D6)")
     p.add_argument("--experiment", required=True)
     p.add_argument("--thresholds", default="0.025,0.05,0.075,0.1,0.125,0.15", help="δ values (default D1 … D6)")
-    p.add_argument("--calibration-samples", type=int, default=8, help="first K samples of the workload")
+    p.add_argument("--calibration-samples", type=int, help="first K workload samples (default: greedy.calibration_samples)")
     p.add_argument("--window-size", type=int, help="WA-RS half-width w (default tokens // 8)")
     p.add_argument("--out", required=True, help="folder for the plan files")
 

@@ -9,24 +9,10 @@ import torch
 from safetensors.torch import save_file
 from torchvision.utils import save_image
 
-from ditplan.models.adapters import ModelAdapter, adapter_from_spec
-from ditplan.models.sampling import plan_target, sample
-from ditplan.plan import Plan, load_plan
-from ditplan.spec import ExperimentSpec, load_spec
-from ditplan.strategies import apply_plan, remove_plan
-
-
-def sample_with_plan(
-    adapter: ModelAdapter, spec: ExperimentSpec, plan: Plan | None, show_progress: bool = False
-) -> torch.Tensor:
-    """The workload's samples (N, C, H, W) in [-1, 1] under ``plan`` (dense when None)."""
-    settings = spec.sampler.settings()
-    if plan is not None:
-        apply_plan(adapter.transformer, plan, plan_target(adapter, settings))
-    try:
-        return sample(adapter, spec.workload.conditions(), spec.workload.seeds(), settings, show_progress)
-    finally:
-        remove_plan(adapter.transformer)
+from ditplan.models.adapters import adapter_from_spec
+from ditplan.models.sampling import sample_with_plan
+from ditplan.plan import load_plan
+from ditplan.spec import load_spec
 
 
 def save_samples(samples: torch.Tensor, out: Path, nrow: int) -> None:
@@ -45,7 +31,8 @@ def generate(experiment: str | Path, out: str | Path, plan_path: str | Path | No
     spec = load_spec(experiment)
     plan = load_plan(plan_path) if plan_path else None
     adapter = adapter_from_spec(spec.model, spec.workload.prompts or ())
-    samples = sample_with_plan(adapter, spec, plan, show_progress=True)
+    samples, _ = sample_with_plan(adapter, plan, spec.workload.conditions(), spec.workload.seeds(),
+                                  spec.sampler.settings(), show_progress=True)
     nrow = len(spec.workload.classes or spec.workload.prompts or [])
     save_samples(samples, Path(out), nrow=max(1, min(nrow, 16)))
     return Path(out)

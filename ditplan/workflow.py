@@ -13,7 +13,7 @@ from ditplan.evaluators.reference import dense_reference
 from ditplan.plan import load_plan
 from ditplan.report import compare_runs, export_plans
 from ditplan.search.driver import run_search
-from ditplan.search.greedy import greedy_search, threshold_name
+from ditplan.search.greedy_cli import write_greedy_plans
 from ditplan.search.trial_eval import worker_adapter
 from ditplan.spec import load_spec
 
@@ -42,17 +42,11 @@ def run_experiment(
                     spec.workload.seeds()[: spec.search.samples], spec.evaluation.cache_dir, show_progress)
 
     console.rule("[bold]2/5 greedy DiTFastAttn plans")
-    greedy_dir = run_dir / "greedy"
-    calibration = spec.greedy.calibration_samples
-    plans = []
-    for index, delta in enumerate(spec.greedy.thresholds):
-        path = greedy_dir / f"greedy-{threshold_name(index)}.yaml"
-        if not path.exists():
-            result = greedy_search(adapter, settings, spec.workload.conditions()[:calibration],
-                                   spec.workload.seeds()[:calibration], delta, spec.greedy.window_size)
-            result.plan.with_provenance(name=threshold_name(index), experiment=spec.name).save(path)
-            console.print(f"{threshold_name(index)} (δ={delta}): {result.forwards} forwards, {result.seconds:.0f} s")
-        plans.append(load_plan(path))
+    plans = [load_plan(p) for p in write_greedy_plans(adapter, spec, run_dir / "greedy", skip_existing=True,
+                                                       show_progress=show_progress)]
+    for plan in plans:
+        console.print(f"{plan.provenance['name']} (δ={plan.provenance['threshold']}): "
+                      f"{plan.provenance['transformer_forwards']} forwards, {plan.provenance['search_seconds']:.0f} s")
 
     console.rule("[bold]3/5 learned search (+ 4/5 multi-fidelity re-evaluation of the front)")
     search_dir = run_dir / "search"

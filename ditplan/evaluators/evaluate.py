@@ -15,15 +15,15 @@ from ditplan.evaluators.cost import attention_time_share, plan_flops
 from ditplan.evaluators.fidelity import FidelityEvaluator
 from ditplan.evaluators.reference import dense_reference
 from ditplan.models.adapters import ModelAdapter
-from ditplan.models.sampling import plan_target, sample
+from ditplan.models.sampling import sample_with_plan
 from ditplan.plan import Plan
 from ditplan.spec import ExperimentSpec
-from ditplan.strategies.apply import apply_plan, get_runtime, remove_plan
 
 DIGITS_REFERENCE = "digits-held-out"
 
 
-def _reference_images(spec: ExperimentSpec) -> torch.Tensor | str:
+def reference_images(spec: ExperimentSpec) -> torch.Tensor | str:
+    """The real images distribution metrics compare with (``evaluation.reference``)."""
     reference = spec.evaluation.reference
     if reference == DIGITS_REFERENCE:
         from ditplan.models.digits import load_digits
@@ -43,17 +43,10 @@ def evaluate_plan(
     conditions, seeds = spec.workload.conditions()[:samples], spec.workload.seeds()[:samples]
     device = next(adapter.transformer.parameters()).device
     dense = dense_reference(adapter, settings, conditions, seeds, spec.evaluation.cache_dir, show_progress)
-    target = plan_target(adapter, settings)
 
     def run(with_plan: Plan | None) -> torch.Tensor:
-        if with_plan is not None:
-            apply_plan(adapter.transformer, with_plan, target)
-        try:
-            return sample(adapter, conditions, seeds, settings)
-        finally:
-            runtime = get_runtime(adapter.transformer)
-            peak[with_plan is not None] = runtime.peak_cache_bytes if runtime else 0
-            remove_plan(adapter.transformer)
+        images, peak[with_plan is not None] = sample_with_plan(adapter, with_plan, conditions, seeds, settings)
+        return images
 
     peak = {False: 0, True: 0}
     images = run(plan)  # also the warm-up
@@ -74,7 +67,7 @@ def evaluate_plan(
     if spec.evaluation.feature_extractor:
         from ditplan.evaluators.distribution import class_agreement, distribution_metrics
 
-        reference = _reference_images(spec)
+        reference = reference_images(spec)
         kwargs = dict(
             reference=reference, extractor=spec.evaluation.feature_extractor,
             weights_path=spec.evaluation.feature_extractor_weights_path,

@@ -17,7 +17,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ditplan.models.adapters import ModelAdapter
 from ditplan.models.context import StepContext, step_context
-from ditplan.plan import PlanTarget
+from ditplan.plan import Plan, PlanTarget
 from ditplan.progress import progress_bar
 
 # name → (scheduler class, settings over the model's noise schedule)
@@ -131,6 +131,25 @@ def sample(
             latents = sample_batch(adapter, batch_conditions, batch_seeds, settings, lambda *_: bar.update(1))
             out.append(adapter.decode(latents) if decode else latents)
     return torch.cat(out).cpu()
+
+
+def sample_with_plan(
+    adapter: ModelAdapter,
+    plan: Plan | None,
+    conditions: Sequence[Any],
+    seeds: Sequence[int],
+    settings: SamplerSettings,
+    show_progress: bool = False,
+) -> tuple[torch.Tensor, int]:
+    """Sample under ``plan`` (dense when None), checked against this model and sampler, and remove
+    it again; returns the samples and the peak bytes the plan's caches held."""
+    from ditplan.strategies.apply import apply_plan, remove_plan
+
+    runtime = apply_plan(adapter.transformer, plan, plan_target(adapter, settings)) if plan is not None else None
+    try:
+        return sample(adapter, conditions, seeds, settings, show_progress), runtime.peak_cache_bytes if runtime else 0
+    finally:
+        remove_plan(adapter.transformer)
 
 
 def plan_target(adapter: ModelAdapter, settings: SamplerSettings) -> PlanTarget:

@@ -1,31 +1,47 @@
-"""``ditplan greedy``: DiTFastAttn's greedy plans D1 … D6 for an experiment, one plan file per δ."""
+"""DiTFastAttn's greedy plans D1 … D6 for an experiment, one plan file per δ (``ditplan greedy`` and
+the greedy stage of ``ditplan run``)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
-from ditplan.models.adapters import adapter_from_spec
+from ditplan.models.adapters import ModelAdapter, adapter_from_spec
 from ditplan.progress import progress_bar
 from ditplan.search.greedy import greedy_search, threshold_name
-from ditplan.spec import load_spec
+from ditplan.spec import ExperimentSpec, load_spec
+
+
+def write_greedy_plans(
+    adapter: ModelAdapter,
+    spec: ExperimentSpec,
+    out: str | Path,
+    thresholds: Sequence[float] | None = None,
+    calibration_samples: int | None = None,
+    window_size: int | None = None,
+    skip_existing: bool = False,
+    show_progress: bool = True,
+) -> list[Path]:
+    """Calibrate one plan per threshold (defaults from ``spec.greedy``) into ``out/greedy-Dk.yaml``;
+    ``skip_existing`` keeps plan files already there (a resumed run)."""
+    thresholds = list(thresholds if thresholds is not None else spec.greedy.thresholds)
+    k = calibration_samples or spec.greedy.calibration_samples
+    window = window_size if window_size is not None else spec.greedy.window_size
+    settings = spec.sampler.settings()
+    conditions, seeds = spec.workload.conditions()[:k], spec.workload.seeds()[:k]
+    paths = [Path(out) / f"greedy-{threshold_name(i)}.yaml" for i in range(len(thresholds))]
+    todo = [(i, t) for i, t in enumerate(thresholds) if not (skip_existing and paths[i].exists())]
+    with progress_bar(len(todo) * settings.num_steps, "greedy calibration", enabled=show_progress) as bar:
+        for index, threshold in todo:
+            result = greedy_search(adapter, settings, conditions, seeds, threshold, window, bar=bar)
+            result.plan.with_provenance(name=threshold_name(index), experiment=spec.name).save(paths[index])
+    return paths
 
 
 def run_greedy(
-    experiment: str | Path,
-    out: str | Path,
-    thresholds: list[float],
-    calibration_samples: int = 8,
-    window_size: int | None = None,
+    experiment: str | Path, out: str | Path, thresholds: list[float],
+    calibration_samples: int | None = None, window_size: int | None = None,
 ) -> list[Path]:
     spec = load_spec(experiment)
     adapter = adapter_from_spec(spec.model, spec.workload.prompts or ())
-    settings = spec.sampler.settings()
-    conditions = spec.workload.conditions()[:calibration_samples]
-    seeds = spec.workload.seeds()[:calibration_samples]
-    paths = []
-    with progress_bar(len(thresholds) * settings.num_steps, "greedy calibration") as bar:
-        for index, threshold in enumerate(thresholds):
-            result = greedy_search(adapter, settings, conditions, seeds, threshold, window_size, bar=bar)
-            plan = result.plan.with_provenance(name=threshold_name(index), experiment=spec.name)
-            paths.append(plan.save(Path(out) / f"greedy-{threshold_name(index)}.yaml"))
-    return paths
+    return write_greedy_plans(adapter, spec, out, thresholds, calibration_samples, window_size)

@@ -16,10 +16,9 @@ from ditplan.evaluators.base import METRIC_DIRECTIONS
 from ditplan.evaluators.cost import plan_flops
 from ditplan.evaluators.fidelity import FidelityEvaluator
 from ditplan.models.adapters import ModelAdapter, adapter_from_spec
-from ditplan.models.sampling import plan_target, sample
+from ditplan.models.sampling import sample_with_plan
 from ditplan.plan import Plan
 from ditplan.spec import ExperimentSpec
-from ditplan.strategies.apply import apply_plan, remove_plan
 
 DISTRIBUTION_METRICS = frozenset({"fid", "kid", "class_agreement"})
 
@@ -36,15 +35,9 @@ def worker_adapter(spec: ExperimentSpec) -> ModelAdapter:
 
 
 def _timed_sample(adapter: ModelAdapter, plan: Plan | None, spec: ExperimentSpec, conditions: Sequence[Any], seeds: Sequence[int]) -> tuple[torch.Tensor, float]:
-    settings = spec.sampler.settings()
-    if plan is not None:
-        apply_plan(adapter.transformer, plan, plan_target(adapter, settings))
-    try:
-        start = time.perf_counter()
-        out = sample(adapter, conditions, seeds, settings)
-        return out, time.perf_counter() - start
-    finally:
-        remove_plan(adapter.transformer)
+    start = time.perf_counter()
+    samples, _ = sample_with_plan(adapter, plan, conditions, seeds, spec.sampler.settings())
+    return samples, time.perf_counter() - start
 
 
 def plan_metrics(
@@ -75,10 +68,10 @@ def plan_metrics(
         values["latency_ratio"] = seconds / _WORKER_DENSE_SECONDS[key]
     if DISTRIBUTION_METRICS & set(metrics):
         from ditplan.evaluators.distribution import class_agreement, distribution_metrics
-        from ditplan.evaluators.evaluate import _reference_images
+        from ditplan.evaluators.evaluate import reference_images
 
         extractor = spec.evaluation.feature_extractor or "digits"
-        for m in distribution_metrics(samples, _reference_images(spec), extractor=extractor,
+        for m in distribution_metrics(samples, reference_images(spec), extractor=extractor,
                                       weights_path=spec.evaluation.feature_extractor_weights_path,
                                       metrics=("fid", "kid")):
             values[m.name] = m.value
