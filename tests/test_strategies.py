@@ -164,3 +164,31 @@ def test_plan_flops_count_windows_residual_passes_and_sharing(tiny_adapter, tiny
     )
     assert plan_flops(tiny_adapter, plan, settings, batch=1).attention == expected
     assert plan_flops(tiny_adapter, None, settings, batch=1).attention == 8 * dense
+
+
+def test_poolingformer_equals_attention_with_a_uniform_softmax(tiny_adapter, tiny_spec):
+    target = plan_target(tiny_adapter, tiny_spec.sampler.settings())
+    attn = tiny_adapter.self_attention_layers()[0]
+    x = torch.randn(4, tiny_adapter.num_tokens, tiny_adapter.hidden_dim)
+    # uniform softmax: all queries zero → every score equal → the mean of the values
+    from ditplan.strategies.attention import merge_heads, project_out, project_qkv
+
+    _, k, v = project_qkv(attn, x)
+    uniform = torch.nn.functional.scaled_dot_product_attention(torch.zeros_like(k), k, v)
+    expected = project_out(attn, merge_heads(uniform))
+    apply_plan(tiny_adapter.transformer, grid_plan(target, [["pool"] * 4, ["full"] * 4]), target)
+    try:
+        out = _layer_call(tiny_adapter, 0, x, step=2)
+    finally:
+        remove_plan(tiny_adapter.transformer)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out[:, 0], out[:, -1])  # one vector for every token
+
+
+def test_poolingformer_flops_count_only_the_value_and_pooled_output_projections(tiny_adapter, tiny_spec):
+    settings = tiny_spec.sampler.settings()
+    target = plan_target(tiny_adapter, settings)
+    n, c, rows = tiny_adapter.num_tokens, tiny_adapter.hidden_dim, 2
+    plan = grid_plan(target, [["pool"] * 4, ["full"] * 4])
+    dense = rows * (4 * 2 * n * c * c + 4 * n * n * c)
+    assert plan_flops(tiny_adapter, plan, settings, batch=1).attention == 4 * rows * (2 * n * c * c + 2 * c * c) + 4 * dense

@@ -1,6 +1,6 @@
 """Strategies and their registry. Importing this package registers the built-in strategies."""
 
-from ditplan.strategies import asc, ast, full, wars  # noqa: F401  (registers the built-in strategies)
+from ditplan.strategies import asc, ast, full, poolingformer, wars  # noqa: F401  (registers the built-in strategies)
 from ditplan.strategies.apply import apply_plan, remove_plan, reset_plan_state
 from ditplan.strategies.base import STRATEGIES, AttentionCall, AttentionShape, Strategy, get_strategy_class, register
 
