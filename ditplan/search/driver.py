@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ditplan.errors import UserError
 from ditplan.evaluators.base import METRIC_REFERENCE
 from ditplan.evaluators.reference import dense_reference
+from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, library_versions
 from ditplan.progress import progress_bar
 from ditplan.search.figures import front_html, front_png
@@ -130,8 +131,6 @@ def run_search(
     conditions = spec.workload.conditions()[: search.samples]
     seeds = spec.workload.seeds()[: search.samples]
     dense = dense_reference(adapter, settings, conditions, seeds, spec.evaluation.cache_dir)
-    from ditplan.models.sampling import plan_target
-
     space = build_space(plan_target(adapter, settings), search.space.methods, search.space.layer_groups,
                         search.space.step_segments, search.space.params)
     ref = reference_point(spec)
