@@ -138,7 +138,26 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
     lines += ["", "![fronts](comparison.png)", ""]
     report = out / "comparison.md"
     report.write_text("\n".join(lines))
+    for (run_spec, _), run_dir in zip(runs, run_dirs):
+        _log_report(run_spec, Path(run_dir), [report, out / "comparison.png", out / "comparison.html"])
     return report
+
+
+def _log_report(spec: ExperimentSpec, run_dir: Path, files: list[Path]) -> None:
+    """Attach the report to the study's parent run in MLflow (driver-side, like all tracking)."""
+    from mlflow.tracking import MlflowClient
+
+    from ditplan.search.tracking import STUDY_TAG, default_tracking_uri
+
+    client = MlflowClient(spec.search.tracking_uri or default_tracking_uri(run_dir / "search"))
+    experiment = client.get_experiment_by_name("ditplan")
+    if experiment is None:
+        return
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{spec.name}'")
+    for run in runs:
+        if "mlflow.parentRunId" not in run.data.tags:
+            for path in files:
+                client.log_artifact(run.info.run_id, str(path), artifact_path="comparison")
 
 
 _RULE = re.compile(r"^(fastest|best):(\w+)(<=|>=)([0-9.eE+-]+)$|^knee$|^top:(\d+)$")

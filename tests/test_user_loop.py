@@ -52,6 +52,7 @@ def test_run_produces_greedy_plans_a_study_a_report_and_exported_plans(finished_
     assert (run_dir / "report" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert list((run_dir / "exported").glob("*.yaml"))
     assert (run_dir / "search" / "mlflow.db").exists()
+    assert list((run_dir / "search" / "mlartifacts").rglob("comparison/comparison.md"))  # report logged to MLflow
 
 
 def test_rerunning_resumes_without_redoing_finished_stages(finished_run):
