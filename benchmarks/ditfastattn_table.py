@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from ditplan.evaluators.cost import plan_flops
+from ditplan.evaluators.cost import interleaved_times, plan_flops
 from ditplan.evaluators.fidelity import psnr, relative_l1
 from ditplan.models.adapters import load_adapter
 from ditplan.models.sampling import SamplerSettings, plan_target, sample_with_plan
@@ -54,12 +53,8 @@ def main() -> None:
         return sample_with_plan(adapter, plan, labels, seeds, settings)[0]
 
     samples = {name: run(plan) for name, plan in configs.items()}  # also the warm-up
-    times = {name: [] for name in configs}
-    for _ in range(args.repeats):
-        for name, plan in configs.items():
-            start = time.perf_counter()
-            run(plan)
-            times[name].append(time.perf_counter() - start)
+    runs = {name: (lambda plan=plan: run(plan)) for name, plan in configs.items()}
+    times = interleaved_times(runs, torch.device("cpu"), args.repeats)
 
     dense_flops = plan_flops(adapter, None, settings, batch=len(labels))
     dense_time = statistics.median(times["dense"])

@@ -10,11 +10,10 @@ against the held-out digits (dense's own FID printed beside it).
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
-from ditplan.evaluators.cost import plan_flops
+from ditplan.evaluators.cost import interleaved_times, plan_flops
 from ditplan.evaluators.distribution import class_agreement, distribution_metrics
 from ditplan.evaluators.fidelity import psnr, relative_l1
 from ditplan.models.adapters import load_adapter
@@ -36,12 +35,9 @@ def main() -> None:
     labels, seeds = [i % 10 for i in range(200)], list(range(2000, 2200))
     held_out = load_digits("held_out")[0]
     samples = {name: sample_with_plan(adapter, plan, labels, seeds, settings)[0] for name, plan in configs.items()}
-    times: dict[str, list[float]] = {name: [] for name in configs}
-    for _ in range(5):
-        for name, plan in configs.items():
-            start = time.perf_counter()
-            sample_with_plan(adapter, plan, labels[:20], seeds[:20], settings)
-            times[name].append(time.perf_counter() - start)
+    runs = {name: (lambda plan=plan: sample_with_plan(adapter, plan, labels[:20], seeds[:20], settings))
+            for name, plan in configs.items()}
+    times = interleaved_times(runs, torch.device("cpu"), repeats=5)
     dense_flops = plan_flops(adapter, None, settings, batch=20)
     dense_time = statistics.median(times["dense"])
     print(f"embedded DiT, 20 DPM-Solver++ steps, CFG 4; quality on 200 samples, latency median of 5 on 20 samples "

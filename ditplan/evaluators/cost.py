@@ -79,6 +79,20 @@ def measure_latency(run: Callable[[], Any], device: torch.device, repeats: int =
     return Latency(statistics.median(times), min(times), max(times), tuple(times), torch.get_num_threads())
 
 
+def interleaved_times(runs: dict[str, Callable[[], Any]], device: torch.device, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each run over ``repeats`` rounds, the runs taking turns in every round so that drift
+    on a noisy machine hits all of them alike (call each run once before, as a warm-up)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            _sync(device)
+            start = time.perf_counter()
+            run()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def attention_time_share(adapter: ModelAdapter, run: Callable[[], Any]) -> float:
     """Share of one run's wall time spent inside the self-attention modules (timed by forward hooks)."""
     device = next(adapter.transformer.parameters()).device

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import statistics
-import time
 import warnings
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import torch
 
 from ditplan.errors import UserError
 from ditplan.evaluators.base import Metric
-from ditplan.evaluators.cost import attention_time_share, plan_flops
+from ditplan.evaluators.cost import attention_time_share, interleaved_times, plan_flops
 from ditplan.evaluators.fidelity import FidelityEvaluator
 from ditplan.evaluators.reference import dense_reference
 from ditplan.models.adapters import ModelAdapter
@@ -50,16 +49,9 @@ def evaluate_plan(
 
     peak = {False: 0, True: 0}
     images = run(plan)  # also the warm-up
-    times: dict[bool, list[float]] = {False: [], True: []}
-    for _ in range(spec.evaluation.latency_repeats):  # interleaved, so drift hits both alike
-        for planned in (False, True):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            run(plan if planned else None)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[planned].append(time.perf_counter() - start)
+    named = interleaved_times({"plan": lambda: run(plan), "dense": lambda: run(None)}, device,
+                              spec.evaluation.latency_repeats)
+    times = {True: named["plan"], False: named["dense"]}
 
     out: dict[str, tuple[Metric, Metric]] = {}
     for mine, ref in zip(FidelityEvaluator().evaluate(images, dense), FidelityEvaluator().evaluate(dense, dense)):
