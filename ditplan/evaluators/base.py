@@ -44,9 +44,6 @@ class Metric:
     value: float
     direction: Direction
 
-    def better_than(self, other: float) -> bool:
-        return self.value < other if self.direction == "minimize" else self.value > other
-
 
 class Evaluator(abc.ABC):
     """Quality evaluators compare a plan's samples with the dense reference samples of the same seeds

@@ -10,7 +10,7 @@ import torch
 
 from ditplan.errors import UserError
 from ditplan.evaluators.base import Metric
-from ditplan.evaluators.cost import attention_time_share, interleaved_times, plan_flops
+from ditplan.evaluators.cost import attention_time_share, interleaved_times, peak_memory_bytes, plan_flops
 from ditplan.evaluators.fidelity import FidelityEvaluator
 from ditplan.evaluators.reference import dense_reference
 from ditplan.models.adapters import ModelAdapter
@@ -99,6 +99,11 @@ def evaluate_plan(
     out["attention_time_share"] = (
         Metric("attention_time_share", share_plan, "minimize"),
         Metric("attention_time_share", attention_time_share(adapter, lambda: run(None)), "minimize"),
+    )
+    # CUDA: max allocated during a run; CPU: growth of the process's peak RSS (0 once earlier runs reached it)
+    out["peak_memory_mb"] = (
+        Metric("peak_memory_mb", peak_memory_bytes(lambda: run(plan), device) / 2**20, "minimize"),
+        Metric("peak_memory_mb", peak_memory_bytes(lambda: run(None), device) / 2**20, "minimize"),
     )
     out["latency_noise_band"] = (
         Metric("latency_noise_band", (max(times[True]) - min(times[True])) / latency[True], "minimize"),
