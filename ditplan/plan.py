@@ -78,12 +78,15 @@ def decode_runs(text: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Plan:
-    """grid[step][layer] names a registered strategy; ``params`` maps a strategy name to its config."""
+    """grid[step][layer] names a registered strategy; ``params`` maps a strategy name to its config;
+    ``sparse`` is SparseDiT's global part (SDTM block ranges, pruning curve, fine-tuned weights; see
+    :class:`ditplan.strategies.sdtm.SparseLayout`), or None."""
 
     target: PlanTarget
     grid: tuple[tuple[str, ...], ...]
     params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     provenance: Mapping[str, Any] = field(default_factory=dict)
+    sparse: Mapping[str, Any] | None = None
 
     @property
     def num_steps(self) -> int:
@@ -109,6 +112,13 @@ class Plan:
 
     def check_fits(self, target: PlanTarget) -> None:
         differences = self.target.differences(target)
+        weights = (self.sparse or {}).get("weights")
+        if weights and self.target.weights_hash != target.weights_hash:
+            raise PlanError(
+                f"plan runs on the fine-tuned SparseDiT network {weights!r} (weights {self.target.weights_hash}), not on "
+                f"this model (weights {target.weights_hash}); load that network (ditplan.load_for_plan, or the "
+                "experiment's model folder + the plan's sparse.weights), or make it with `ditplan finetune-sparse`"
+            )
         if differences:
             raise PlanError(
                 f"plan made for {self.target.model} does not fit this model/sampler: " + "; ".join(differences)
@@ -121,6 +131,7 @@ class Plan:
             "schema_version": SCHEMA_VERSION,
             "target": dict(self.target.__dict__),
             "params": copy.deepcopy({k: dict(v) for k, v in self.params.items()}),
+            "sparse": copy.deepcopy(dict(self.sparse)) if self.sparse else None,
             "grid": [encode_runs(col) for col in columns],  # one line per layer, runs over steps
             "provenance": copy.deepcopy(dict(self.provenance)),
         }
@@ -143,7 +154,8 @@ class Plan:
                 f"says {target.num_layers} layers × {target.num_steps} steps"
             )
         grid = tuple(tuple(col[step] for col in columns) for step in range(target.num_steps))
-        return cls(target=target, grid=grid, params=data.get("params") or {}, provenance=data.get("provenance") or {})
+        return cls(target=target, grid=grid, params=data.get("params") or {}, provenance=data.get("provenance") or {},
+                   sparse=data.get("sparse") or None)
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (temporary file, then rename): no half-written plan is ever left."""

@@ -165,15 +165,29 @@ class ConstraintSpec(_MetricSpec):
         return value - self.max if self.max is not None else self.min - value  # type: ignore[operator]
 
 
+class SparseSpaceSpec(_Strict):
+    """SparseDiT choices of a search. networks: fine-tuned networks (``ditplan finetune-sparse``) a plan
+    may run on, as folders relative to the model's (``auto``: every one found under its ``sparse/``);
+    running on none is always a choice. pool_layers: Poolingformer bottom-layer counts for plans on
+    the pretrained weights. curves: pruning-curve families for plans on a network, their rates drawn
+    inside the range the network was trained for."""
+
+    networks: Literal["auto"] | list[str] = "auto"
+    pool_layers: list[int] = [0, 1, 2]
+    curves: list[str] = ["constant", "paper", "linear", "cosine", "step"]
+
+
 class SpaceSpec(_Strict):
     """methods: strategies a (layer group × step segment) cell may take. layer_groups / step_segments:
     a count of even pieces or explicit cut points (1 per layer / per step = the full grid).
-    params: narrower choices for strategy parameters, e.g. ``{wars: {window_size: [16, 32]}}``."""
+    params: narrower choices for strategy parameters, e.g. ``{wars: {window_size: [16, 32]}}``.
+    sparse: SparseDiT choices joined to the attention choices (none: attention strategies only)."""
 
     methods: list[str] = ["full", "ast", "wars", "asc", "wars+asc"]
     layer_groups: int | list[int] = 3
     step_segments: int | list[int] = 4
     params: dict[str, dict[str, list[Any]]] = {}
+    sparse: SparseSpaceSpec | None = None
 
 
 class RefineSpec(_Strict):

@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from ditplan.models.adapters import ModelAdapter, other_flops
-from ditplan.models.sampling import SamplerSettings
+from ditplan.models.adapters import ModelAdapter, other_flops, sdtm_overhead_flops
+from ditplan.models.sampling import SamplerSettings, plan_target
 from ditplan.plan import Plan
-from ditplan.strategies.apply import CachePlanner, build_strategies
-from ditplan.strategies.base import AttentionShape, get_strategy_class
+from ditplan.strategies.apply import CachePlanner, build_strategies, sparse_layout
+from ditplan.strategies.base import AttentionShape, cross_attention_flops
 
 
 @dataclass(frozen=True)
@@ -30,23 +30,26 @@ def plan_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSettin
     """Analytic FLOPs of ``settings.num_steps`` transformer forwards of ``batch`` samples (×2 with CFG)
     under ``plan`` (dense when None). Counts matrix products, as ``torch.utils.flop_counter`` does."""
     rows = batch * (2 if settings.cfg else 1)
-    shape = AttentionShape(batch=rows, tokens=adapter.num_tokens, dim=adapter.hidden_dim,
-                           heads=adapter.transformer.config.num_attention_heads)
-    per_block, once = other_flops(adapter, text_tokens)
-    if plan is None:
-        attention = settings.num_steps * adapter.num_layers * get_strategy_class("full")().attention_flops(
-            shape, settings.cfg, frozenset()
-        )
-    else:
-        planner = CachePlanner(plan, build_strategies(plan))
-        attention = 0.0
-        for step in range(plan.num_steps):
-            for layer in range(plan.num_layers):
-                wants = planner.wants(step, layer)
-                attention += planner.strategy_at(step, layer).attention_flops(shape, settings.cfg, wants)
-                for entry in wants:  # e.g. the window pass a dense step spends on a later WA-RS residual
-                    attention += planner.next_reader(step, layer, entry).production_flops(entry, shape)  # type: ignore[union-attr]
-    other = settings.num_steps * rows * (per_block * adapter.num_layers + once)
+    n, layers = adapter.num_tokens, adapter.num_layers
+    shape = AttentionShape(batch=rows, tokens=n, dim=adapter.hidden_dim, heads=adapter.transformer.config.num_attention_heads)
+    once = other_flops(adapter, text_tokens)[1]
+    plan = plan if plan is not None else Plan.uniform(plan_target(adapter, settings))
+    planner = CachePlanner(plan, build_strategies(plan))
+    layout = sparse_layout(plan)
+    attention, other = 0.0, 0.0
+    for step in range(plan.num_steps):
+        # (query, key/value) tokens of each block's attention; SDTM changes them, nothing else does
+        tokens = layout.tokens_by_block(step, plan.num_steps, layers, n) if layout else [(n, n)] * layers
+        for layer, (queries, keys) in enumerate(tokens):
+            other += rows * other_flops(adapter, text_tokens, queries)[0]
+            if (queries, keys) != (n, n):  # an SDTM block: its attention is always computed
+                attention += cross_attention_flops(rows, queries, keys, shape.dim)
+                continue
+            wants = planner.wants(step, layer)
+            attention += planner.strategy_at(step, layer).attention_flops(shape, settings.cfg, wants)
+            for entry in wants:  # e.g. the window pass a dense step spends on a later WA-RS residual
+                attention += planner.next_reader(step, layer, entry).production_flops(entry, shape)  # type: ignore[union-attr]
+        other += rows * (once + (sdtm_overhead_flops(adapter) * len(layout.modules) if layout else 0))
     return Flops(attention=attention, total=attention + other)
 
 

@@ -8,6 +8,7 @@ builds a random-weight model from a config dict (tests).
 from __future__ import annotations
 
 import abc
+import copy
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,10 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import load_file
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel, PixArtTransformer2DModel
 from diffusers.models.attention_processor import Attention
 
 from ditplan.models.embedded import EMBEDDED_PATH
+from ditplan.plan import Plan, PlanError
+from ditplan.strategies.sdtm import new_merges
 
 if TYPE_CHECKING:
     from ditplan.spec import ModelSpec
@@ -57,11 +61,14 @@ class ModelAdapter(abc.ABC):
         scheduler_config: dict[str, Any],
         model_id: str,
         vae: AutoencoderKL | None = None,
+        merges: torch.nn.ModuleList | None = None,
     ) -> None:
         self.transformer = transformer.eval().requires_grad_(False)
         self.scheduler_config = dict(scheduler_config)
         self.model_id = model_id
         self.vae = vae.eval().requires_grad_(False) if vae is not None else None
+        # SDTM merge weights of a fine-tuned SparseDiT network (ditplan finetune-sparse), else None
+        self.merges = merges.eval().requires_grad_(False) if merges is not None else None
 
     # --- shape of the model --------------------------------------------------------------------
     @property
@@ -90,7 +97,9 @@ class ModelAdapter(abc.ABC):
 
     @cached_property
     def weights_hash(self) -> str:
-        return weights_hash(self.transformer)
+        if self.merges is None:
+            return weights_hash(self.transformer)
+        return weights_hash(torch.nn.ModuleDict({"transformer": self.transformer, "merges": self.merges}))
 
     # --- what a subclass supplies ---------------------------------------------------------------
     @abc.abstractmethod
@@ -115,9 +124,9 @@ class ModelAdapter(abc.ABC):
         return self.vae.decode(latents / self.vae.config.scaling_factor).sample
 
     def to(self, device: torch.device | str) -> ModelAdapter:
-        self.transformer.to(device)
-        if self.vae is not None:
-            self.vae.to(device)
+        for module in (self.transformer, self.vae, self.merges):
+            if module is not None:
+                module.to(device)
         return self
 
 
@@ -218,10 +227,11 @@ def load_adapter(
         model_id = f"random-{kind}"
         base_schedule: dict[str, Any] = DDPMScheduler().config
     elif source is not None:
-        path = str(EMBEDDED_PATH) if source == "embedded" else source
+        path = str(model_folder(source))
         transformer = transformer_cls.from_pretrained(path, subfolder="transformer")
         base_schedule = DDPMScheduler.load_config(path, subfolder="scheduler")
         model_id = source
+        adapter_kwargs.setdefault("merges", load_merges(Path(path), transformer))
     else:
         raise ValueError("a model needs a source (a folder, a hub id or 'embedded') or a config dict; give one")
     schedule = {**base_schedule, **(scheduler_config or {})}
@@ -229,10 +239,59 @@ def load_adapter(
     return adapter_cls(transformer, schedule, model_id, vae=vae_model, **adapter_kwargs)
 
 
+def model_folder(source: str) -> Path:
+    """The local folder of a model source ("embedded" is the package's own)."""
+    return EMBEDDED_PATH if source == "embedded" else Path(source)
+
+
+MERGES_FILE = "sparse_merge.safetensors"
+
+
+def load_merges(folder: Path, transformer: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The SDTM merges a fine-tuned SparseDiT folder carries (``ditplan finetune-sparse``), else None."""
+    path = folder / MERGES_FILE
+    if not path.exists():
+        return None
+    state = load_file(path)
+    count = len({key.split(".")[0] for key in state})
+    merges = new_merges(count, transformer.config.num_attention_heads * transformer.config.attention_head_dim)
+    merges.load_state_dict(state)
+    return merges
+
+
+def load_for_plan(adapter: ModelAdapter, plan: Plan) -> ModelAdapter:
+    """The model ``plan`` runs on: ``adapter`` itself, or the fine-tuned SparseDiT network the plan names
+    in ``sparse.weights``."""
+    weights = (plan.sparse or {}).get("weights")
+    if not weights or adapter.merges is not None and adapter.weights_hash == plan.target.weights_hash:
+        return adapter
+    return load_sparse_network(adapter, weights)
+
+
+def load_sparse_network(adapter: ModelAdapter, weights: str) -> ModelAdapter:
+    """The fine-tuned SparseDiT network ``weights`` (a folder next to the base model's, or absolute) as an
+    adapter like ``adapter`` (same conditioning, schedule, VAE, device); loaded once per adapter."""
+    networks = adapter.__dict__.setdefault("_sparse_networks", {})
+    if weights not in networks:
+        folder = model_folder(adapter.model_id) / weights
+        if not (folder / "transformer").is_dir():
+            raise PlanError(
+                f"plan needs the fine-tuned SparseDiT network {weights!r}, but {folder} holds none; make it with "
+                "`ditplan finetune-sparse` for this model"
+            )
+        transformer = type(adapter.transformer).from_pretrained(str(folder), subfolder="transformer")
+        tuned = copy.copy(adapter)
+        tuned.__dict__.pop("weights_hash", None)
+        tuned.__dict__.pop("_sparse_networks", None)
+        tuned.transformer = transformer.eval().requires_grad_(False)
+        tuned.merges = load_merges(folder, transformer)
+        tuned.model_id = str(folder)
+        networks[weights] = tuned.to(next(adapter.transformer.parameters()).device)
+    return networks[weights]
+
+
 def read_prompt_embeddings(path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """A safetensors file with ``<prompt>.embeds`` (L, D) and ``<prompt>.mask`` (L,) per prompt."""
-    from safetensors.torch import load_file
-
     if not Path(path).exists():
         raise FileNotFoundError(f"prompt embeddings file {path} does not exist")
     tensors = load_file(path)
@@ -261,12 +320,12 @@ def _timestep_embedding_flops(dim: int) -> int:
     return _linear(1, 256, dim) + _linear(1, dim, dim)
 
 
-def _dit_other_flops(adapter: ModelAdapter) -> tuple[int, int]:
-    """(per block, once per forward) FLOPs of everything but self-attention, per sample."""
+def _dit_other_flops(adapter: ModelAdapter, tokens: int) -> tuple[int, int]:
+    """(per block of ``tokens`` tokens, once per forward) FLOPs of everything but self-attention, per sample."""
     c, n, cfg = adapter.hidden_dim, adapter.num_tokens, adapter.transformer.config
     p2 = cfg.patch_size**2
     # each block has its own AdaLayerNormZero: timestep embedding + modulation (C → 6C); MLP C → 4C → C
-    per_block = _timestep_embedding_flops(c) + _linear(1, c, 6 * c) + _linear(n, c, 4 * c) + _linear(n, 4 * c, c)
+    per_block = _timestep_embedding_flops(c) + _linear(1, c, 6 * c) + _linear(tokens, c, 4 * c) + _linear(tokens, 4 * c, c)
     once = (
         _linear(n, p2 * cfg.in_channels, c)  # patch embedding (a strided conv)
         + _timestep_embedding_flops(c) + _linear(1, c, 2 * c)  # final modulation
@@ -275,14 +334,14 @@ def _dit_other_flops(adapter: ModelAdapter) -> tuple[int, int]:
     return per_block, once
 
 
-def _pixart_other_flops(adapter: ModelAdapter, text_tokens: int) -> tuple[int, int]:
+def _pixart_other_flops(adapter: ModelAdapter, text_tokens: int, tokens: int) -> tuple[int, int]:
     c, n, cfg = adapter.hidden_dim, adapter.num_tokens, adapter.transformer.config
     p2 = cfg.patch_size**2
     cross = (
-        _linear(n, c, c) + 2 * _linear(text_tokens, c, c) + _linear(n, c, c)  # q, k, v, out projections
-        + 2 * 2 * n * text_tokens * c  # scores and weighted sum
+        _linear(tokens, c, c) + 2 * _linear(text_tokens, c, c) + _linear(tokens, c, c)  # q, k, v, out projections
+        + 2 * 2 * tokens * text_tokens * c  # scores and weighted sum
     )
-    per_block = cross + _linear(n, c, 4 * c) + _linear(n, 4 * c, c)
+    per_block = cross + _linear(tokens, c, 4 * c) + _linear(tokens, 4 * c, c)
     once = (
         _linear(n, p2 * cfg.in_channels, c)
         + _timestep_embedding_flops(c) + _linear(1, c, 6 * c)  # adaln_single
@@ -292,8 +351,18 @@ def _pixart_other_flops(adapter: ModelAdapter, text_tokens: int) -> tuple[int, i
     return per_block, once
 
 
-def other_flops(adapter: ModelAdapter, text_tokens: int = 0) -> tuple[int, int]:
-    """Analytic FLOPs of the parts no strategy changes, per sample: (per block, once per forward)."""
+def other_flops(adapter: ModelAdapter, text_tokens: int = 0, tokens: int | None = None) -> tuple[int, int]:
+    """Analytic FLOPs of the parts no attention strategy changes, per sample: (per block, once per
+    forward). ``tokens``: the block's token count when SDTM runs it on sparse tokens (default all)."""
+    tokens = adapter.num_tokens if tokens is None else tokens
     if isinstance(adapter, PixArtAdapter):
-        return _pixart_other_flops(adapter, text_tokens)
-    return _dit_other_flops(adapter)
+        return _pixart_other_flops(adapter, text_tokens, tokens)
+    return _dit_other_flops(adapter, tokens)
+
+
+def sdtm_overhead_flops(adapter: ModelAdapter) -> int:
+    """What one SDTM adds per sample and forward: the merge (two C×C maps on N tokens) and, in DiT, the
+    second modulation of each end block (timestep embedding + C → 6C) that makes its keys/values."""
+    c, n = adapter.hidden_dim, adapter.num_tokens
+    modulation = 0 if isinstance(adapter, PixArtAdapter) else _timestep_embedding_flops(c) + _linear(1, c, 6 * c)
+    return 2 * _linear(n, c, c) + 2 * modulation

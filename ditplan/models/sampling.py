@@ -15,7 +15,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ditplan.models.adapters import ModelAdapter
+from ditplan.models.adapters import ModelAdapter, load_for_plan
 from ditplan.models.context import StepContext, step_context
 from ditplan.plan import Plan, PlanTarget
 from ditplan.progress import progress_bar
@@ -142,10 +142,16 @@ def sample_with_plan(
     show_progress: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Sample under ``plan`` (dense when None), checked against this model and sampler, and remove
-    it again; returns the samples and the peak bytes the plan's caches held."""
+    it again; returns the samples and the peak bytes the plan's caches held. A plan made for a
+    fine-tuned SparseDiT network runs on that network, loaded from next to ``adapter``'s weights."""
     from ditplan.strategies.apply import apply_plan, remove_plan
 
-    runtime = apply_plan(adapter.transformer, plan, plan_target(adapter, settings)) if plan is not None else None
+    if plan is not None:
+        adapter = load_for_plan(adapter, plan)
+
+    runtime = (
+        apply_plan(adapter.transformer, plan, plan_target(adapter, settings), adapter.merges) if plan is not None else None
+    )
     try:
         return sample(adapter, conditions, seeds, settings, show_progress), runtime.peak_cache_bytes if runtime else 0
     finally:

@@ -29,7 +29,7 @@ from ditplan.plan import Plan, library_versions
 from ditplan.progress import progress_bar
 from ditplan.search.figures import front_html, front_png
 from ditplan.search.pareto import hypervolume, pareto_mask
-from ditplan.search.space import build_space
+from ditplan.search.space import build_space, sparse_choices
 from ditplan.search.tracking import Tracker, default_tracking_uri
 from ditplan.search.trial_eval import evaluate_in_worker, plan_metrics, worker_adapter
 from ditplan.spec import ExperimentSpec
@@ -132,7 +132,7 @@ def run_search(
     seeds = spec.workload.seeds()[: search.samples]
     dense = dense_reference(adapter, settings, conditions, seeds, spec.evaluation.cache_dir)
     space = build_space(plan_target(adapter, settings), search.space.methods, search.space.layer_groups,
-                        search.space.step_segments, search.space.params)
+                        search.space.step_segments, search.space.params, sparse_choices(adapter, spec))
     ref = reference_point(spec)
     tracker = Tracker(search.tracking_uri or default_tracking_uri(run_dir), "ditplan", study_name,
                       {"experiment": spec.model_dump_json(), "sampler": search.sampler, "seed": search.seed,

@@ -5,6 +5,11 @@ Step 0 is always dense (every reuse strategy needs something computed before it)
 per group and one step per segment the space is the full per-(step, layer) grid. Strategy
 parameters (e.g. the WA-RS window) come from each strategy's own ``search_space``, narrowed by the
 experiment file when it lists choices.
+
+SparseDiT joins as global choices (:class:`SparseChoices`): which fine-tuned network (its fixed
+Poolingformer layers and SDTM modules) or none, then a pruning-curve family and its rates inside the
+rate range that network was trained for; without a network, a number of Poolingformer bottom layers
+(usable without fine-tuning). Blocks a layout fixes are not drawn in the grid.
 """
 
 from __future__ import annotations
@@ -15,8 +20,43 @@ from typing import Any
 
 import optuna
 
+from ditplan.errors import UserError
+from ditplan.models.adapters import ModelAdapter, load_sparse_network, model_folder
+from ditplan.models.finetune_sparse import sparse_networks
+from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, PlanTarget
+from ditplan.spec import ExperimentSpec
 from ditplan.strategies.base import get_strategy_class
+from ditplan.strategies.curves import CURVES, RATE_CHOICES
+from ditplan.strategies.sdtm import SparseLayout
+
+NO_NETWORK = "none"
+
+
+@dataclass(frozen=True)
+class SparseNetwork:
+    """A fine-tuned SparseDiT network a plan may run on: its folder (``sparse.weights``), the target of
+    plans on it, its fixed layout and the pruning rates it was trained for."""
+
+    weights: str
+    target: PlanTarget
+    pool_layers: int
+    modules: tuple[tuple[int, int], ...]
+    rate_range: tuple[float, float]
+
+    def rate_choices(self) -> list[float]:
+        low, high = self.rate_range
+        return sorted({low, high, *(r for r in RATE_CHOICES if low <= r <= high)})
+
+
+@dataclass(frozen=True)
+class SparseChoices:
+    """networks: fine-tuned networks to choose from (besides none); pool_layers: Poolingformer layer
+    counts for plans without a network; curves: pruning-curve families for plans with one."""
+
+    networks: tuple[SparseNetwork, ...]
+    pool_layers: tuple[int, ...]
+    curves: tuple[str, ...]
 
 
 def _bounds(cuts: Sequence[int], end: int, start: int) -> list[tuple[int, int]]:
@@ -40,6 +80,7 @@ class PlanSpace:
     layer_cuts: tuple[int, ...]
     step_cuts: tuple[int, ...]
     params: Mapping[str, Mapping[str, Sequence[Any]]]
+    sparse: SparseChoices | None = None
 
     @property
     def layer_groups(self) -> list[tuple[int, int]]:
@@ -56,11 +97,22 @@ class PlanSpace:
         """The trial parameters that reproduce ``plan``, or None when this space cannot express it
         (a cell that mixes methods, a method or parameter value outside the choices)."""
         params: dict[str, Any] = {}
-        if any(m != "full" for m in plan.grid[0]):
+        fixed: dict[int, str] = {}
+        if self.sparse is not None:
+            sparse = self._sparse_params_for(plan)
+            if sparse is None:
+                return None
+            params, fixed = sparse
+        elif plan.sparse:
+            return None
+        if any(m != fixed.get(layer, "full") for layer, m in enumerate(plan.grid[0])):
             return None
         for layers in self.layer_groups:
+            free = [l for l in range(*layers) if l not in fixed]
             for steps in self.step_segments:
-                methods = {plan.grid[s][l] for s in range(*steps) for l in range(*layers)}
+                if not free:
+                    continue
+                methods = {plan.grid[s][l] for s in range(*steps) for l in free}
                 if len(methods) != 1 or not methods <= set(self.methods):
                     return None
                 params[self.cell_name(layers, steps)] = methods.pop()
@@ -77,19 +129,71 @@ class PlanSpace:
 
     def suggest(self, trial: optuna.Trial) -> Plan:
         """Called once per trial on the driver: draws every cell and parameter, returns the plan."""
-        grid = [["full"] * self.target.num_layers for _ in range(self.target.num_steps)]
+        target, layout, fixed = self.target, None, {}
+        if self.sparse is not None:
+            target, layout, fixed = self._suggest_sparse(trial)
+        grid = [[fixed.get(layer, "full") for layer in range(target.num_layers)] for _ in range(target.num_steps)]
         for l0, l1 in self.layer_groups:
+            free = [layer for layer in range(l0, l1) if layer not in fixed]
             for s0, s1 in self.step_segments:
+                if not free:
+                    continue
                 method = trial.suggest_categorical(self.cell_name((l0, l1), (s0, s1)), list(self.methods))
                 for step in range(s0, s1):
-                    for layer in range(l0, l1):
+                    for layer in free:
                         grid[step][layer] = method
         used = {m for row in grid for m in row}
         params = {}
         for name, choices in self.params.items():
             if name in used:
                 params[name] = {p: trial.suggest_categorical(f"{name}.{p}", list(c)) for p, c in choices.items()}
-        return Plan(self.target, tuple(map(tuple, grid)), params=params)
+        return Plan(target, tuple(map(tuple, grid)), params=params, sparse=layout.to_dict() if layout else None)
+
+    # --- SparseDiT --------------------------------------------------------------------------------
+    def _network(self, weights: str) -> SparseNetwork:
+        return next(n for n in self.sparse.networks if n.weights == weights)  # type: ignore[union-attr]
+
+    def _curve_space(self, network: SparseNetwork, curve: str) -> dict[str, list[Any]]:
+        space = CURVES[curve].search_space()
+        return {k: network.rate_choices() if k.startswith("r") else v for k, v in space.items()}
+
+    def _suggest_sparse(self, trial: optuna.Trial) -> tuple[PlanTarget, SparseLayout | None, dict[int, str]]:
+        """The network (or none), its layout and curve; returns the plan's target, layout and the
+        grid cells the layout fixes."""
+        choices = self.sparse
+        assert choices is not None
+        weights = trial.suggest_categorical("sparse.network", [NO_NETWORK, *(n.weights for n in choices.networks)])
+        if weights == NO_NETWORK:
+            pool = trial.suggest_categorical("sparse.pool_layers", list(choices.pool_layers))
+            layout = SparseLayout(modules=(), curve=CURVES["constant"](r=0.0), pool_layers=pool) if pool else None
+            return self.target, layout, layout.fixed_cells() if layout else {}
+        network = self._network(weights)
+        name = trial.suggest_categorical(f"sparse.{weights}.curve", list(choices.curves))
+        rates = {k: trial.suggest_categorical(f"sparse.{weights}.{name}.{k}", v)
+                 for k, v in self._curve_space(network, name).items()}
+        layout = SparseLayout(network.modules, CURVES[name](**rates), weights, network.pool_layers)
+        return network.target, layout, layout.fixed_cells()
+
+    def _sparse_params_for(self, plan: Plan) -> tuple[dict[str, Any], dict[int, str]] | None:
+        choices = self.sparse
+        assert choices is not None
+        if not plan.sparse:
+            return ({"sparse.network": NO_NETWORK, "sparse.pool_layers": 0}, {}) if 0 in choices.pool_layers else None
+        layout = SparseLayout.from_dict(plan.sparse)
+        if not layout.weights:
+            if layout.modules or layout.pool_layers not in choices.pool_layers:
+                return None
+            return {"sparse.network": NO_NETWORK, "sparse.pool_layers": layout.pool_layers}, layout.fixed_cells()
+        if layout.weights not in {n.weights for n in choices.networks} or layout.curve.name not in choices.curves:
+            return None
+        network = self._network(layout.weights)
+        params: dict[str, Any] = {"sparse.network": layout.weights, f"sparse.{layout.weights}.curve": layout.curve.name}
+        for key, options in self._curve_space(network, layout.curve.name).items():
+            value = getattr(layout.curve, key)
+            if value not in options:
+                return None
+            params[f"sparse.{layout.weights}.{layout.curve.name}.{key}"] = value
+        return params, layout.fixed_cells()
 
 
 def build_space(
@@ -98,6 +202,7 @@ def build_space(
     layer_groups: int | Sequence[int],
     step_segments: int | Sequence[int],
     param_choices: Mapping[str, Mapping[str, Sequence[Any]]] | None = None,
+    sparse: SparseChoices | None = None,
 ) -> PlanSpace:
     """``layer_groups`` / ``step_segments``: a count (even pieces) or explicit cut points."""
     for name in methods:
@@ -110,4 +215,34 @@ def build_space(
         space.update({k: list(v) for k, v in (param_choices or {}).get(name, {}).items()})
         if space:
             params[name] = space
-    return PlanSpace(target, tuple(methods), tuple(layer_cuts), tuple(step_cuts), params)
+    if sparse is not None:
+        unknown = [c for c in sparse.curves if c not in CURVES]
+        if unknown:
+            raise ValueError(f"unknown pruning curve {unknown[0]!r} in the search space; curves: {sorted(CURVES)}")
+    return PlanSpace(target, tuple(methods), tuple(layer_cuts), tuple(step_cuts), params, sparse)
+
+
+def sparse_choices(adapter: ModelAdapter, spec: ExperimentSpec) -> SparseChoices | None:
+    """The SparseDiT part of an experiment's search space, with the fine-tuned networks it names (or
+    finds next to the model's weights) loaded to learn their targets."""
+    sparse = spec.search.space.sparse
+    if sparse is None:
+        return None
+    found = sparse_networks(model_folder(adapter.model_id)) if adapter.model_id else {}
+    names = list(found) if sparse.networks == "auto" else sparse.networks
+    settings = spec.sampler.settings()
+    networks = []
+    for weights in names:
+        info = found.get(weights)
+        if info is None:
+            raise UserError(f"search.space.sparse.networks names {weights!r}, but no fine-tuned network is there; "
+                            f"found: {sorted(found) or 'none'} (make one with `ditplan finetune-sparse`)")
+        layout = info["layout"]
+        networks.append(SparseNetwork(
+            weights=weights,
+            target=plan_target(load_sparse_network(adapter, weights), settings),
+            pool_layers=int(layout["pool_layers"]),
+            modules=tuple((int(a), int(b)) for a, b in layout["modules"]),
+            rate_range=(float(info["rate_range"][0]), float(info["rate_range"][1])),
+        ))
+    return SparseChoices(tuple(networks), tuple(sparse.pool_layers), tuple(sparse.curves))

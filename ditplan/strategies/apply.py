@@ -14,8 +14,28 @@ import torch
 from ditplan.models.context import current_step
 from ditplan.plan import Plan, PlanError, PlanTarget
 from ditplan.strategies.base import AttentionCall, Strategy, get_strategy_class
+from ditplan.strategies.sdtm import SparseLayout, SparseRuntime, new_merges
 
 _RUNTIME_ATTR = "_ditplan_runtime"
+
+
+def sparse_layout(plan: Plan) -> SparseLayout | None:
+    """The plan's validated SparseDiT layout, or None; the grid must hold the layout's fixed cells."""
+    if not plan.sparse:
+        return None
+    try:
+        layout = SparseLayout.from_dict(plan.sparse)
+        layout.validate(plan.num_layers, plan.target.num_tokens)
+    except ValueError as err:
+        raise PlanError(str(err)) from None
+    for layer, method in sorted(layout.fixed_cells().items()):
+        for step in range(plan.num_steps):
+            if plan.method(step, layer) != method:
+                raise PlanError(
+                    f"layer {layer} uses {plan.method(step, layer)!r} at step {step}, but the plan's sparse layout "
+                    f"{layout.name} needs {method!r} there at every step"
+                )
+    return layout
 
 
 def build_strategies(plan: Plan, extra: tuple[str, ...] = ()) -> dict[str, Strategy]:
@@ -85,8 +105,10 @@ class PlanRuntime:
     ``frozen`` (trial forwards during greedy calibration) reads caches but writes and frees nothing.
     """
 
-    def __init__(self, plan: Plan, strategies: dict[str, Strategy], originals: list[Any]) -> None:
+    def __init__(self, plan: Plan, strategies: dict[str, Strategy], originals: list[Any],
+                 sparse: SparseRuntime | None = None) -> None:
         self.planner = CachePlanner(plan, strategies)
+        self.sparse = sparse
         self.originals = originals
         self.caches: list[dict[str, torch.Tensor]] = [{} for _ in originals]
         self.frozen = False
@@ -116,6 +138,8 @@ class PlanRuntime:
     def reset(self) -> None:
         for cache in self.caches:
             cache.clear()
+        if self.sparse is not None:
+            self.sparse.reset()
 
 
 class PlanAttnProcessor:
@@ -141,6 +165,9 @@ class PlanAttnProcessor:
         if args:
             raise TypeError("ditplan's attention processor takes keyword arguments only after hidden_states")
         step, layer = context.step, self.layer
+        if runtime.sparse is not None and layer in runtime.sparse.key_values:
+            # an SDTM end: keys/values come from the other token set (dense ↔ sparse)
+            kwargs = {**kwargs, "encoder_hidden_states": runtime.sparse.key_values[layer]}
         call = AttentionCall(
             attn=attn,
             original=runtime.originals[layer],
@@ -169,11 +196,17 @@ def get_runtime(transformer: torch.nn.Module) -> PlanRuntime | None:
     return getattr(transformer, _RUNTIME_ATTR, None)
 
 
-def apply_plan(transformer: torch.nn.Module, plan: Plan, target: PlanTarget | None = None) -> PlanRuntime:
+def apply_plan(
+    transformer: torch.nn.Module,
+    plan: Plan,
+    target: PlanTarget | None = None,
+    merges: torch.nn.ModuleList | None = None,
+) -> PlanRuntime:
     """Install ``plan`` on ``transformer`` (a diffusers DiT/PixArt transformer).
 
     ``target`` (what the model and sampler are) is checked against the plan first; a plan with another
-    layer count is always refused. Example::
+    layer count is always refused. ``merges``: the SDTM merge weights of a fine-tuned SparseDiT network
+    (identity merges when None). Example::
 
         plan = load_plan("plan.yaml")
         apply_plan(adapter.transformer, plan, target)
@@ -187,10 +220,22 @@ def apply_plan(transformer: torch.nn.Module, plan: Plan, target: PlanTarget | No
     layers = _attention_layers(transformer)
     if plan.num_layers != len(layers):
         raise PlanError(f"plan is for {plan.num_layers} layers but this model has {len(layers)} layers")
+    layout = sparse_layout(plan)
+    if layout is not None and layout.weights and merges is None:
+        raise PlanError(f"plan needs the fine-tuned SparseDiT network {layout.weights!r}, but no merge weights came "
+                        "with this model; load the network with ditplan.load_for_plan")
+    sparse = None
+    if layout is not None:
+        if merges is None:
+            weight = next(transformer.parameters())
+            merges = new_merges(len(layout.modules), layers[0].inner_dim).to(weight.device, weight.dtype)
+        sparse = SparseRuntime(layout, plan.target.num_tokens, merges)
     originals = [attn.processor for attn in layers]
-    runtime = PlanRuntime(plan, build_strategies(plan), originals)
+    runtime = PlanRuntime(plan, build_strategies(plan), originals, sparse)
     for index, attn in enumerate(layers):
         attn.set_processor(PlanAttnProcessor(runtime, index))
+    if sparse is not None:
+        sparse.install(transformer.transformer_blocks)
     setattr(transformer, _RUNTIME_ATTR, runtime)
     return runtime
 
@@ -202,6 +247,8 @@ def remove_plan(transformer: torch.nn.Module) -> None:
         return
     for attn, original in zip(_attention_layers(transformer), runtime.originals):
         attn.set_processor(original)
+    if runtime.sparse is not None:
+        runtime.sparse.remove(transformer.transformer_blocks)
     runtime.reset()
     delattr(transformer, _RUNTIME_ATTR)
 

@@ -151,3 +151,10 @@ def dense_attention_flops(shape: AttentionShape, batch: int | None = None, windo
     projections = 4 * 2 * shape.tokens * shape.dim * shape.dim
     core = 2 * 2 * shape.tokens * keys * shape.dim
     return float(b * (projections + core))
+
+
+def cross_attention_flops(batch: int, queries: int, keys: int, dim: int) -> float:
+    """Attention from ``queries`` tokens to ``keys`` other tokens (SDTM's sparse ↔ dense attention):
+    Q and out projections on the queries, K and V on the keys, and the full core."""
+    projections = 2 * 2 * queries * dim * dim + 2 * 2 * keys * dim * dim
+    return float(batch * (projections + 2 * 2 * queries * keys * dim))

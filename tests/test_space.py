@@ -1,0 +1,70 @@
+"""Search spaces: what a trial draws is a valid plan, and a plan maps back to the trial's parameters."""
+
+import dataclasses
+
+import optuna
+import pytest
+
+from ditplan.plan import Plan, PlanTarget
+from ditplan.search.space import NO_NETWORK, SparseChoices, SparseNetwork, build_space
+from ditplan.strategies.apply import build_strategies, sparse_layout
+from ditplan.strategies.sdtm import SparseLayout
+
+TARGET = PlanTarget("m", "base", num_layers=6, num_tokens=256, scheduler="ddim", num_steps=10, guidance_scale=4.0)
+NETWORK = SparseNetwork("sparse/p1-s1_5", dataclasses.replace(TARGET, model="tuned", weights_hash="tuned"),
+                        pool_layers=1, modules=((1, 5),), rate_range=(0.5, 0.875))
+
+
+def draw(space, trials=40, seed=0):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    out = []
+    for _ in range(trials):
+        trial = study.ask()
+        out.append((space.suggest(trial), trial.params))
+        study.tell(trial, 0.0)
+    return out
+
+
+def test_a_grouped_space_draws_groups_and_maps_plans_back():
+    space = build_space(TARGET, ["full", "ast", "wars"], layer_groups=2, step_segments=3)
+    for plan, params in draw(space):
+        assert all(m == "full" for m in plan.grid[0])  # step 0 stays dense
+        assert space.params_for(plan) == params
+        build_strategies(plan)  # every drawn parameter is valid
+    mixed = Plan(TARGET, (("full",) * 6,) + (("ast",) + ("full",) * 5,) * 9)  # layer 0 ≠ rest of its group
+    assert space.params_for(mixed) is None
+
+
+def test_sparse_choices_fix_the_layout_cells_and_keep_rates_in_the_network_range():
+    space = build_space(TARGET, ["full", "ast", "asc"], layer_groups=3, step_segments=2,
+                        sparse=SparseChoices((NETWORK,), pool_layers=(0, 2), curves=("constant", "paper", "step")))
+    seen = set()
+    for plan, params in draw(space, trials=60):
+        assert space.params_for(plan) == params
+        layout = sparse_layout(plan)
+        if params["sparse.network"] == NO_NETWORK:
+            seen.add(f"pool{params['sparse.pool_layers']}")
+            assert plan.target == TARGET
+            assert all(row[:params["sparse.pool_layers"]] == ("pool",) * params["sparse.pool_layers"] for row in plan.grid)
+            continue
+        seen.add(layout.curve.name)
+        assert plan.target == NETWORK.target and layout.weights == NETWORK.weights
+        assert all(row[0] == "pool" and row[1:5] == ("full",) * 4 for row in plan.grid)
+        assert "L2-3/S1-4" not in params  # a group wholly inside the layout is not drawn
+        for step in range(plan.num_steps):
+            assert 0.5 <= layout.curve.rate(step, plan.num_steps) <= 0.875
+    assert seen == {"pool0", "pool2", "constant", "paper", "step"}
+
+
+def test_plans_outside_the_sparse_choices_are_not_expressible():
+    space = build_space(TARGET, ["full", "ast"], 3, 2, sparse=SparseChoices((NETWORK,), (0,), ("paper",)))
+    dense = Plan.uniform(TARGET)
+    assert space.params_for(dense) == {"sparse.network": NO_NETWORK, "sparse.pool_layers": 0,
+                                       "L0-1/S1-4": "full", "L2-3/S1-4": "full", "L4-5/S1-4": "full",
+                                       "L0-1/S5-9": "full", "L2-3/S5-9": "full", "L4-5/S5-9": "full"}
+    layout = SparseLayout.from_dict({"pool_layers": 1, "modules": [[1, 5]], "weights": NETWORK.weights,
+                                     "curve": {"name": "linear", "r_start": 0.875, "r_end": 0.5}})
+    row = ("pool", "full", "full", "full", "full", "full")
+    assert space.params_for(Plan(NETWORK.target, (row,) * 10, sparse=layout.to_dict())) is None  # curve not offered
+    with pytest.raises(ValueError, match="unknown pruning curve 'wavy'"):
+        build_space(TARGET, ["full"], 1, 1, sparse=SparseChoices((), (0,), ("wavy",)))
