@@ -5,9 +5,12 @@ samples vs dense). The learned search gets as many full evaluations as greedy's 
 calibration forwards converted to evaluation-equivalents (forward rows × forwards). Prints the
 hypervolume of both fronts (rel. L1 vs FLOPs ratio, one reference point), then re-measures both
 fronts' latency (median of repeats, one plan at a time) and, for every Dk, the best learned plan at
-≤ its latency. Last, search throughput with 1 and 2 Ray workers.
+≤ its latency. Then the 2× goal: learned front plans from the fastest up, the first whose domain FID
+(``--fid-samples`` samples vs the held-out digits) is within +10 % of dense's. Last, search throughput
+with 1 and 2 Ray workers.
 
     python benchmarks/search_vs_greedy.py [--greedy-dir runs/bench-greedy] [--out runs/bench-search]
+    python benchmarks/search_vs_greedy.py --experiment benchmarks/search-vs-greedy-sparse.yaml  # + SparseDiT
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ditplan.evaluators.distribution import distribution_metrics
 from ditplan.evaluators.reference import dense_reference
-from ditplan.models.sampling import plan_target
+from ditplan.models.digits import load_digits
+from ditplan.models.sampling import plan_target, sample_with_plan
 from ditplan.plan import load_plan
 from ditplan.search.driver import reference_point, run_search
 from ditplan.search.greedy import DEFAULT_THRESHOLDS, greedy_search, threshold_name
@@ -37,6 +42,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-search")
     parser.add_argument("--latency-repeats", type=int, default=3)
     parser.add_argument("--throughput-trials", type=int, default=8)
+    parser.add_argument("--fid-samples", type=int, default=200, help="samples per domain-FID check of the 2× goal")
     parser.add_argument("--sampler", help="override search.sampler (tpe, nsga2, gp, random)")
     parser.add_argument("--population", type=int, help="override search.population_size (NSGA-II)")
     parser.add_argument("--full-grid", action="store_true", help="one cell per (step, layer) instead of the file's groups")
@@ -134,6 +140,26 @@ def main() -> None:
                   f"{lm['rel_l1']:.4f} | {lm['flops_ratio']:.2f} | {lm['latency_ratio']:.2f} | {lm['rel_l1'] - gm['rel_l1']:+.4f} |")
         else:
             print(f"| {name} | {gm['rel_l1']:.4f} | {gm['flops_ratio']:.2f} | {gm['latency_ratio']:.2f} | none | | | | |")
+
+    # --- the 2× goal: the fastest learned plan within +10 % domain FID of dense -------------------------
+    fid_labels = [i % 10 for i in range(args.fid_samples)]
+    fid_seeds = list(range(5000, 5000 + args.fid_samples))
+    held_out = load_digits("held_out")[0]
+
+    def domain_fid(plan):
+        samples = sample_with_plan(adapter, plan, fid_labels, fid_seeds, settings)[0]
+        return next(m.value for m in distribution_metrics(samples, held_out, metrics=("fid",)) if m.name == "fid")
+
+    dense_fid = domain_fid(None)
+    print(f"\ndomain FID on {args.fid_samples} samples: dense {dense_fid:.2f}; learned front from the fastest:")
+    for name in sorted(learned_plans, key=lambda n: measured[n]["latency_ratio"]):
+        fid = domain_fid(learned_plans[name])
+        latency = measured[name]["latency_ratio"]
+        print(f"  {name}: latency {latency:.2f} ({1 / latency:.2f}× faster), FID {fid:.2f} ({fid / dense_fid - 1:+.1%})")
+        if fid <= 1.1 * dense_fid:
+            print(f"  → fastest within +10 % FID: {name}, {1 / latency:.2f}× faster than dense "
+                  f"({'meets' if latency <= 0.5 else 'misses'} the 2× goal)")
+            break
 
     # --- throughput with 1 and 2 workers --------------------------------------------------------------
     for workers in (1, 2):

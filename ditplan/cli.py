@@ -57,9 +57,10 @@ def _evaluate(args: argparse.Namespace) -> None:
         spec = spec.model_copy(update={"evaluation": spec.evaluation.model_copy(update={"latency_repeats": args.repeats})})
     adapter = adapter_from_spec(spec.model, spec.workload.prompts or ())
     if plan is not None:
+        from ditplan.models.adapters import load_for_plan
         from ditplan.models.sampling import plan_target
 
-        plan.check_fits(plan_target(adapter, spec.sampler.settings()))
+        plan.check_fits(plan_target(load_for_plan(adapter, plan), spec.sampler.settings()))
     print(format_table(evaluate_plan(spec, adapter, plan, show_progress=True, samples=args.samples)))
 
 
@@ -122,9 +123,16 @@ def _greedy(args: argparse.Namespace) -> None:
 
 @command("train-embedded")
 def _train_embedded(args: argparse.Namespace) -> None:
-    from ditplan.evaluators.digit_classifier import CLASSIFIER_PATH, train_digit_classifier
+    from ditplan.evaluators.digit_classifier import (
+        CLASSIFIER_PATH,
+        train_digit_classifier,
+    )
     from ditplan.models.embedded import EMBEDDED_PATH
-    from ditplan.models.train_embedded import TrainConfig, export_embedded, train_embedded
+    from ditplan.models.train_embedded import (
+        TrainConfig,
+        export_embedded,
+        train_embedded,
+    )
 
     if not args.classifier_only:
         config = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
@@ -150,7 +158,11 @@ def _parse_modules(texts: Sequence[str]) -> tuple[tuple[int, int], ...]:
 @command("finetune-sparse")
 def _finetune_sparse(args: argparse.Namespace) -> None:
     from ditplan.models.adapters import load_adapter, model_folder
-    from ditplan.models.finetune_sparse import FinetuneConfig, export_sparse, finetune_sparse
+    from ditplan.models.finetune_sparse import (
+        FinetuneConfig,
+        export_sparse,
+        finetune_sparse,
+    )
     from ditplan.strategies.curves import Constant
     from ditplan.strategies.sdtm import SparseLayout
 

@@ -109,3 +109,38 @@ def test_killing_the_driver_then_resuming_loses_no_completed_trial(tmp_path):
     assert len(complete) + sum(t.state == TrialState.FAIL for t in after) >= trials
     refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "already exists" in refused.stderr
+
+
+def test_a_search_with_sparsedit_choices_runs_plans_on_the_fine_tuned_network(local_ray, tmp_path):
+    from diffusers import DDPMScheduler
+
+    from ditplan.models.adapters import load_adapter
+    from ditplan.models.finetune_sparse import (
+        FinetuneConfig,
+        export_sparse,
+        finetune_sparse,
+    )
+    from ditplan.plan import load_plan
+    from ditplan.strategies.curves import Constant
+    from ditplan.strategies.sdtm import SparseLayout
+    from tests.test_sparse import SMALL_DIT
+
+    base = tmp_path / "model"
+    load_adapter("dit", config=SMALL_DIT).transformer.save_pretrained(base / "transformer")
+    DDPMScheduler(prediction_type="v_prediction").save_pretrained(base / "scheduler")
+    teacher = load_adapter("dit", str(base))
+    layout = SparseLayout(modules=((1, 4),), curve=Constant(), pool_layers=1)
+    finetune_sparse(teacher, layout, tmp_path / "ft", FinetuneConfig(steps=2, batch_size=4, warmup_steps=1))
+    export_sparse(teacher, base, layout, tmp_path / "ft")
+
+    data = _spec(tmp_path, sampler="random", seed=1).model_dump()
+    data["model"].update(config=None, source=str(base))
+    data["sampler"]["num_steps"] = 3
+    data["search"]["space"].update(methods=["full", "asc"], sparse={"pool_layers": [0, 1], "curves": ["paper"]})
+    spec = type(load_spec(EXPERIMENT)).model_validate(data)
+    result = run_search(spec, tmp_path / "run", trials=8, workers=2, show_progress=False)
+    assert result.completed == 8
+    plans = [load_plan(p) for p in sorted((tmp_path / "run" / "trials").glob("*.yaml"))]
+    tuned = [p for p in plans if (p.sparse or {}).get("weights") == "sparse/p1-s1_4"]
+    assert tuned and all(p.target.weights_hash != teacher.weights_hash for p in tuned)
+    assert all(p.provenance["metrics"]["flops_ratio"] < 1 for p in tuned)

@@ -17,9 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file
-from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel, PixArtTransformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiTTransformer2DModel,
+    PixArtTransformer2DModel,
+)
 from diffusers.models.attention_processor import Attention
+from safetensors.torch import load_file
 
 from ditplan.models.embedded import EMBEDDED_PATH
 from ditplan.plan import Plan, PlanError

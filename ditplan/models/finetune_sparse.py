@@ -26,10 +26,17 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from safetensors.torch import save_file
 
 from ditplan.errors import UserError
-from ditplan.models.adapters import MERGES_FILE, DiTAdapter, ModelAdapter, load_sparse_network, weights_hash
+from ditplan.models.adapters import (
+    MERGES_FILE,
+    DiTAdapter,
+    ModelAdapter,
+    load_sparse_network,
+    weights_hash,
+)
 from ditplan.models.context import StepContext, step_context
 from ditplan.models.digits import load_digits
 from ditplan.models.sampling import SamplerSettings, plan_target
+from ditplan.models.training import atomic_save, optimiser_step
 from ditplan.plan import Plan, PlanTarget
 from ditplan.progress import progress_bar
 from ditplan.strategies.apply import apply_plan, remove_plan
@@ -72,11 +79,6 @@ def layout_plan(adapter: ModelAdapter, layout: SparseLayout, settings: SamplerSe
     row = tuple(["pool"] * layout.pool_layers + ["full"] * (adapter.num_layers - layout.pool_layers))
     return Plan(target=target, grid=(row,) * target.num_steps, sparse=layout.to_dict())
 
-
-def _atomic_save(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def finetune_sparse(
@@ -122,7 +124,7 @@ def finetune_sparse(
         step, elapsed = state["step"], state["elapsed_s"]
 
     def save() -> None:
-        _atomic_save({"student": student.state_dict(), "merges": merges.state_dict(), "optimizer": optimizer.state_dict(),
+        atomic_save({"student": student.state_dict(), "merges": merges.state_dict(), "optimizer": optimizer.state_dict(),
                       "lr_schedule": lr_schedule.state_dict(), "generator": generator.get_state(), "step": step,
                       "elapsed_s": elapsed + time.monotonic() - started, "device": str(device),
                       "layout": layout.to_dict(), "config": asdict(config)}, ckpt)
@@ -151,11 +153,7 @@ def finetune_sparse(
                 with runtime.sparse.rate(rate):  # type: ignore[union-attr]
                     pred = student(xt, timestep=t, class_labels=y).sample
                 loss = F.mse_loss(pred, target)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                lr_schedule.step()
+                optimiser_step(loss, optimizer, params, lr_schedule)
                 step += 1
                 bar.update(1, loss=f"{loss.item():.5f}" if step % 20 == 0 else None)
                 if step % config.save_every == 0 or step == config.steps:

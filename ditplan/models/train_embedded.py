@@ -8,7 +8,6 @@ weights and the noise schedule in diffusers' ``save_pretrained`` layout.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from diffusers.training_utils import EMAModel
 
 from ditplan.models.digits import load_digits
 from ditplan.models.embedded import new_embedded_scheduler, new_embedded_transformer
+from ditplan.models.training import atomic_save, optimiser_step
 from ditplan.progress import progress_bar
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -47,11 +47,6 @@ class TrainConfig:
     save_every: int = 500
     seed: int = 0
 
-
-def _atomic_save(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def train_embedded(
@@ -101,7 +96,7 @@ def train_embedded(
         rng = {"cpu_rng": torch.get_rng_state()}
         if torch.device(device).type == "cuda":
             rng["cuda_rng"] = torch.cuda.get_rng_state()
-        _atomic_save(
+        atomic_save(
             {
                 **rng,
                 "model": model.state_dict(),
@@ -130,11 +125,7 @@ def train_embedded(
             pred = model(xt, timestep=t, class_labels=y).sample
             per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
             loss = (per_sample * loss_weight[t]).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            lr_schedule.step()
+            optimiser_step(loss, optimizer, model.parameters(), lr_schedule)
             ema.step(model.parameters())
             step += 1
             bar.update(1, loss=f"{loss.item():.4f}" if step % 50 == 0 else None)

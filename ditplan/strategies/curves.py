@@ -92,21 +92,24 @@ class Linear(PruningCurve):
     r_end: float = 0.5
 
     def rate(self, step: int, num_steps: int) -> float:
-        return self.r_start + (self.r_end - self.r_start) * self.progress(step, num_steps)
+        return self.r_start + (self.r_end - self.r_start) * self.ease(self.progress(step, num_steps))
+
+    @staticmethod
+    def ease(progress: float) -> float:
+        """How far from ``r_start`` to ``r_end`` the curve is at ``progress`` ∈ [0, 1]."""
+        return progress
 
 
 @register_curve
 @dataclass(frozen=True)
-class Cosine(PruningCurve):
+class Cosine(Linear):
     """From ``r_start`` to ``r_end`` on a half cosine: flat at both ends, steepest mid-way."""
 
     name = "cosine"
-    r_start: float = 0.875
-    r_end: float = 0.5
 
-    def rate(self, step: int, num_steps: int) -> float:
-        weight = 0.5 * (1 - math.cos(math.pi * self.progress(step, num_steps)))
-        return self.r_start + (self.r_end - self.r_start) * weight
+    @staticmethod
+    def ease(progress: float) -> float:
+        return 0.5 * (1 - math.cos(math.pi * progress))
 
 
 @register_curve
