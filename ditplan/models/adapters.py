@@ -233,7 +233,8 @@ def load_adapter(
         base_schedule: dict[str, Any] = DDPMScheduler().config
     elif source is not None:
         path = str(model_folder(source))
-        transformer = transformer_cls.from_pretrained(path, subfolder="transformer")
+        # NOTE: low_cpu_mem_usage needs accelerate (not a dependency); without it diffusers warns each load
+        transformer = transformer_cls.from_pretrained(path, subfolder="transformer", low_cpu_mem_usage=False)
         base_schedule = DDPMScheduler.load_config(path, subfolder="scheduler")
         model_id = source
         adapter_kwargs.setdefault("merges", load_merges(Path(path), transformer))
@@ -284,7 +285,8 @@ def load_sparse_network(adapter: ModelAdapter, weights: str) -> ModelAdapter:
                 f"plan needs the fine-tuned SparseDiT network {weights!r}, but {folder} holds none; make it with "
                 "`ditplan finetune-sparse` for this model"
             )
-        transformer = type(adapter.transformer).from_pretrained(str(folder), subfolder="transformer")
+        transformer_cls = type(adapter.transformer)
+        transformer = transformer_cls.from_pretrained(str(folder), subfolder="transformer", low_cpu_mem_usage=False)
         tuned = copy.copy(adapter)
         tuned.__dict__.pop("weights_hash", None)
         tuned.__dict__.pop("_sparse_networks", None)
