@@ -57,6 +57,13 @@ def weights_hash(module: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def network_hash(transformer: torch.nn.Module, merges: torch.nn.ModuleList | None) -> str:
+    """The identity of a network: its transformer's weights, plus its SDTM merges when fine-tuned."""
+    if merges is None:
+        return weights_hash(transformer)
+    return weights_hash(torch.nn.ModuleDict({"transformer": transformer, "merges": merges}))
+
+
 class ModelAdapter(abc.ABC):
     """A diffusers transformer + its scheduler config + VAE, seen the way ditplan needs it."""
 
@@ -102,9 +109,7 @@ class ModelAdapter(abc.ABC):
 
     @cached_property
     def weights_hash(self) -> str:
-        if self.merges is None:
-            return weights_hash(self.transformer)
-        return weights_hash(torch.nn.ModuleDict({"transformer": self.transformer, "merges": self.merges}))
+        return network_hash(self.transformer, self.merges)
 
     # --- what a subclass supplies ---------------------------------------------------------------
     @abc.abstractmethod

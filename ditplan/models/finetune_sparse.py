@@ -31,12 +31,12 @@ from ditplan.models.adapters import (
     DiTAdapter,
     ModelAdapter,
     load_sparse_network,
-    weights_hash,
+    network_hash,
 )
 from ditplan.models.context import StepContext, step_context
 from ditplan.models.digits import load_digits
 from ditplan.models.sampling import SamplerSettings, plan_target
-from ditplan.models.training import atomic_save, optimiser_step
+from ditplan.models.training import atomic_save, checkpoint_and_stop, optimiser_step
 from ditplan.plan import Plan, PlanTarget
 from ditplan.progress import progress_bar
 from ditplan.strategies.apply import apply_plan, remove_plan
@@ -156,10 +156,7 @@ def finetune_sparse(
                 optimiser_step(loss, optimizer, params, lr_schedule)
                 step += 1
                 bar.update(1, loss=f"{loss.item():.5f}" if step % 20 == 0 else None)
-                if step % config.save_every == 0 or step == config.steps:
-                    save()
-                if max_minutes is not None and time.monotonic() - started > max_minutes * 60:
-                    save()
+                if checkpoint_and_stop(step, config.steps, config.save_every, started, max_minutes, save):
                     break
     finally:
         remove_plan(student)
@@ -186,7 +183,7 @@ def export_sparse(teacher: ModelAdapter, base_folder: Path, layout: SparseLayout
         "layout": {**layout.to_dict(), "curve": None, "weights": None},
         "rate_range": [state["config"]["r_min"], state["config"]["r_max"]],
         "base_weights_hash": teacher.weights_hash,
-        "weights_hash": weights_hash(torch.nn.ModuleDict({"transformer": student, "merges": merges})),
+        "weights_hash": network_hash(student, merges),
         "fine_tuning": {**state["config"], "steps_done": state["step"], "device": state["device"],
                         "minutes": round(state["elapsed_s"] / 60, 1)},
     }

@@ -19,7 +19,7 @@ from diffusers.training_utils import EMAModel
 
 from ditplan.models.digits import load_digits
 from ditplan.models.embedded import new_embedded_scheduler, new_embedded_transformer
-from ditplan.models.training import atomic_save, optimiser_step
+from ditplan.models.training import atomic_save, checkpoint_and_stop, optimiser_step
 from ditplan.progress import progress_bar
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -129,10 +129,7 @@ def train_embedded(
             ema.step(model.parameters())
             step += 1
             bar.update(1, loss=f"{loss.item():.4f}" if step % 50 == 0 else None)
-            if step % config.save_every == 0 or step == config.steps:
-                save()
-            if max_minutes is not None and time.monotonic() - started > max_minutes * 60:
-                save()
+            if checkpoint_and_stop(step, config.steps, config.save_every, started, max_minutes, save):
                 break
     if not math.isfinite(loss.item()):
         raise RuntimeError(f"training diverged at step {step} (loss {loss.item()})")

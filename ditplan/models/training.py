@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -24,3 +25,15 @@ def optimiser_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params:
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
     lr_schedule.step()
+
+
+def checkpoint_and_stop(step: int, total: int, save_every: int, started: float, max_minutes: float | None,
+                        save: Callable[[], None]) -> bool:
+    """After optimiser step ``step``: checkpoint every ``save_every`` steps and at the end; past
+    ``max_minutes`` since ``started`` (``time.monotonic``), checkpoint and return True to stop."""
+    if step % save_every == 0 or step == total:
+        save()
+    if max_minutes is not None and time.monotonic() - started > max_minutes * 60:
+        save()
+        return True
+    return False

@@ -169,16 +169,10 @@ def attention_input(block: torch.nn.Module, x: torch.Tensor, kwargs: Mapping[str
 class _ModuleHook(ModelHook):
     """Shared by the two ends of one module: which module, and the runtime holding its state."""
 
-    _is_stateful = True
-
     def __init__(self, runtime: SparseRuntime, index: int) -> None:
         super().__init__()
-        self.runtime = runtime
+        self.runtime = runtime  # holds the per-forward state; the plan's reset clears it
         self.index = index
-
-    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.runtime.reset()
-        return module
 
     def _run(self, block: torch.nn.Module, layer: int, queries: torch.Tensor, keys_values: torch.Tensor,
              args: tuple, kwargs: dict) -> torch.Tensor:
