@@ -1,7 +1,7 @@
 """SparseDiT on the embedded model: Poolingformer, SDTM layouts with and without fine-tuning, curves.
 
 Rows: Poolingformer on 1 and 2 bottom layers (no fine-tuning); each SDTM layout at r = 0.75 on the
-pretrained weights (identity merge) and on its fine-tuned network (``ditplan finetune-sparse``, found
+pretrained weights (identity merge), and at r = 0.75 and 0.875 on its fine-tuned network (``ditplan finetune-sparse``, found
 under the embedded model's ``sparse/`` folder); the first fine-tuned layout under two time-wise
 curves. Columns: FLOPs ratio, latency ratio (median of interleaved runs on 20 samples, one process),
 quality vs dense on 200 samples (relative L1, PSNR, class agreement) and domain FID against the
@@ -26,7 +26,6 @@ from ditplan.models.embedded import EMBEDDED_PATH
 from ditplan.models.finetune_sparse import layout_plan, sparse_networks
 from ditplan.models.sampling import SamplerSettings, plan_target, sample_with_plan
 from ditplan.plan import Plan
-from ditplan.strategies.curves import curve_from_dict
 from ditplan.strategies.sdtm import SparseLayout
 
 CURVES = [{"name": "paper", "r_min": 0.5, "r_max": 0.875}, {"name": "step", "r_high": 0.875, "r_low": 0.5, "switch": 0.5}]
@@ -39,11 +38,13 @@ def configs(adapter, settings) -> dict[str, Plan | None]:
         row = tuple("pool" if layer < bottom else "full" for layer in range(adapter.num_layers))
         out[f"pool ×{bottom}"] = Plan(target, tuple(row for _ in range(settings.num_steps)))
     networks = sparse_networks(EMBEDDED_PATH)
-    r75 = curve_from_dict({"name": "constant", "r": 0.75})
     for weights, info in networks.items():
-        base = SparseLayout.from_dict({**info["layout"], "curve": r75.to_dict(), "weights": None})
-        out[f"{base.name} r=0.75, not fine-tuned"] = layout_plan(adapter, base, settings)
-        out[f"{base.name} r=0.75, fine-tuned"] = layout_plan(adapter, SparseLayout.from_dict({**base.to_dict(), "weights": weights}), settings)
+        for rate in (0.75, 0.875):
+            base = SparseLayout.from_dict({**info["layout"], "curve": {"name": "constant", "r": rate}, "weights": None})
+            if rate == 0.75:
+                out[f"{base.name} r={rate}, not fine-tuned"] = layout_plan(adapter, base, settings)
+            tuned = SparseLayout.from_dict({**base.to_dict(), "weights": weights})
+            out[f"{base.name} r={rate}, fine-tuned"] = layout_plan(adapter, tuned, settings)
     for weights, info in list(networks.items())[:1]:
         for curve in CURVES:
             layout = SparseLayout.from_dict({**info["layout"], "curve": curve, "weights": weights})
