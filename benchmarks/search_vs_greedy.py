@@ -6,7 +6,8 @@ calibration forwards converted to evaluation-equivalents (forward rows × forwar
 hypervolume of both fronts (rel. L1 vs FLOPs ratio, one reference point), then re-measures both
 fronts' latency (median of repeats, one plan at a time) and, for every Dk, the best learned plan at
 ≤ its latency. Then the 2× goal: learned front plans from the fastest up, the first whose domain FID
-(``--fid-samples`` samples vs the held-out digits) is within +10 % of dense's. Last, search throughput
+(``--fid-samples`` samples vs the held-out digits) is within +10 % of dense's, with a grid of its
+samples below dense's. Last, search throughput
 with 1 and 2 Ray workers.
 
     python benchmarks/search_vs_greedy.py [--greedy-dir runs/bench-greedy] [--out runs/bench-search]
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.utils import save_image
 
 from ditplan.evaluators.distribution import distribution_metrics
 from ditplan.evaluators.reference import dense_reference
@@ -148,17 +150,21 @@ def main() -> None:
 
     def domain_fid(plan):
         samples = sample_with_plan(adapter, plan, fid_labels, fid_seeds, settings)[0]
-        return next(m.value for m in distribution_metrics(samples, held_out, metrics=("fid",)) if m.name == "fid")
+        fid = next(m.value for m in distribution_metrics(samples, held_out, metrics=("fid",)) if m.name == "fid")
+        return fid, samples
 
-    dense_fid = domain_fid(None)
+    dense_fid, dense_samples = domain_fid(None)
     print(f"\ndomain FID on {args.fid_samples} samples: dense {dense_fid:.2f}; learned front from the fastest:")
     for name in sorted(learned_plans, key=lambda n: measured[n]["latency_ratio"]):
-        fid = domain_fid(learned_plans[name])
+        fid, samples = domain_fid(learned_plans[name])
         latency = measured[name]["latency_ratio"]
         print(f"  {name}: latency {latency:.2f} ({1 / latency:.2f}× faster), FID {fid:.2f} ({fid / dense_fid - 1:+.1%})")
         if fid <= 1.1 * dense_fid:
             print(f"  → fastest within +10 % FID: {name}, {1 / latency:.2f}× faster than dense "
                   f"({'meets' if latency <= 0.5 else 'misses'} the 2× goal)")
+            grid = out / "fastest-within-fid.png"  # 3 rows of dense over 3 rows of the plan, same seeds
+            save_image((torch.cat([dense_samples[:30], samples[:30]]) + 1) / 2, grid, nrow=10)
+            print(f"  samples, dense above {name} (same seeds): {grid}")
             break
 
     # --- throughput with 1 and 2 workers --------------------------------------------------------------
