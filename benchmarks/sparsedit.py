@@ -1,8 +1,8 @@
 """SparseDiT on the embedded model: Poolingformer, SDTM layouts with and without fine-tuning, curves.
 
 Rows: Poolingformer on 1 and 2 bottom layers (no fine-tuning); each SDTM layout at r = 0.75 on the
-pretrained weights (identity merge), and at r = 0.75 and 0.875 on its fine-tuned network (``ditplan finetune-sparse``, found
-under the embedded model's ``sparse/`` folder); the first fine-tuned layout under two time-wise
+pretrained weights (identity merge), and at r = 0.75 and 0.875 on its fine-tuned network (``ditplan
+finetune-sparse``, found under the embedded model's ``sparse/`` folder); the first fine-tuned layout under two time-wise
 curves. Columns: FLOPs ratio, latency ratio (median of interleaved runs on 20 samples, one process),
 quality vs dense on 200 samples (relative L1, PSNR, class agreement) and domain FID against the
 held-out digits (dense's own FID in its row).
@@ -38,18 +38,21 @@ def configs(adapter, settings) -> dict[str, Plan | None]:
         row = tuple("pool" if layer < bottom else "full" for layer in range(adapter.num_layers))
         out[f"pool ×{bottom}"] = Plan(target, tuple(row for _ in range(settings.num_steps)))
     networks = sparse_networks(EMBEDDED_PATH)
+
+    def layout(info: dict, curve: dict, weights: str | None) -> SparseLayout:
+        return SparseLayout.from_dict({**info["layout"], "curve": curve, "weights": weights})
+
     for weights, info in networks.items():
+        untuned = layout(info, {"name": "constant", "r": 0.75}, None)
+        out[f"{untuned.name} r=0.75, not fine-tuned"] = layout_plan(adapter, untuned, settings)
         for rate in (0.75, 0.875):
-            base = SparseLayout.from_dict({**info["layout"], "curve": {"name": "constant", "r": rate}, "weights": None})
-            if rate == 0.75:
-                out[f"{base.name} r={rate}, not fine-tuned"] = layout_plan(adapter, base, settings)
-            tuned = SparseLayout.from_dict({**base.to_dict(), "weights": weights})
-            out[f"{base.name} r={rate}, fine-tuned"] = layout_plan(adapter, tuned, settings)
+            tuned = layout(info, {"name": "constant", "r": rate}, weights)
+            out[f"{tuned.name} r={rate}, fine-tuned"] = layout_plan(adapter, tuned, settings)
     for weights, info in list(networks.items())[:1]:
         for curve in CURVES:
-            layout = SparseLayout.from_dict({**info["layout"], "curve": curve, "weights": weights})
+            tuned = layout(info, curve, weights)
             label = ", ".join(f"{k}={v}" for k, v in curve.items() if k != "name")
-            out[f"{layout.name} {curve['name']} ({label}), fine-tuned"] = layout_plan(adapter, layout, settings)
+            out[f"{tuned.name} {curve['name']} ({label}), fine-tuned"] = layout_plan(adapter, tuned, settings)
     return out
 
 

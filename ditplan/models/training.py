@@ -31,9 +31,7 @@ def checkpoint_and_stop(step: int, total: int, save_every: int, started: float, 
                         save: Callable[[], None]) -> bool:
     """After optimiser step ``step``: checkpoint every ``save_every`` steps and at the end; past
     ``max_minutes`` since ``started`` (``time.monotonic``), checkpoint and return True to stop."""
-    if step % save_every == 0 or step == total:
+    stop = max_minutes is not None and time.monotonic() - started > max_minutes * 60
+    if stop or step % save_every == 0 or step == total:
         save()
-    if max_minutes is not None and time.monotonic() - started > max_minutes * 60:
-        save()
-        return True
-    return False
+    return stop
