@@ -3,8 +3,8 @@
 The (step × layer) grid is cut into layer groups × step segments; each cell picks one method.
 Step 0 is always dense (every reuse strategy needs something computed before it). With one layer
 per group and one step per segment the space is the full per-(step, layer) grid. Strategy
-parameters (e.g. the WA-RS window) come from each strategy's own ``search_space``, narrowed by the
-experiment file when it lists choices.
+parameters (e.g. the WA-RS window size and shape) come from each strategy's own ``search_space``,
+narrowed by the experiment file when it lists choices; ``wars`` and ``wars+asc`` draw one window.
 
 SparseDiT joins as global choices (:class:`SparseChoices`): which fine-tuned network (its fixed
 Poolingformer layers and SDTM modules) or none, then a pruning-curve family and its rates inside the
@@ -122,9 +122,8 @@ class PlanSpace:
                 continue
             for key, options in choices.items():
                 value = plan.params.get(name, {}).get(key)
-                if value is None or value not in options:
+                if value is None or value not in options or params.setdefault(_param_name(name, key), value) != value:
                     return None
-                params[f"{name}.{key}"] = value
         return params
 
     def suggest(self, trial: optuna.Trial) -> Plan:
@@ -146,7 +145,7 @@ class PlanSpace:
         params = {}
         for name, choices in self.params.items():
             if name in used:
-                params[name] = {p: trial.suggest_categorical(f"{name}.{p}", list(c)) for p, c in choices.items()}
+                params[name] = {p: trial.suggest_categorical(_param_name(name, p), list(c)) for p, c in choices.items()}
         return Plan(target, tuple(map(tuple, grid)), params=params, sparse=layout.to_dict() if layout else None)
 
     # --- SparseDiT --------------------------------------------------------------------------------
@@ -196,6 +195,12 @@ class PlanSpace:
         return params, layout.fixed_cells()
 
 
+def _param_name(strategy: str, param: str) -> str:
+    """The trial parameter of a strategy's parameter; strategies that share parameters (``wars+asc``
+    with ``wars``: one window, so one residual serves both) draw them once, under the other's name."""
+    return f"{get_strategy_class(strategy).shares_params_with or strategy}.{param}"
+
+
 def build_space(
     target: PlanTarget,
     methods: Sequence[str],
@@ -215,6 +220,11 @@ def build_space(
         space.update({k: list(v) for k, v in (param_choices or {}).get(name, {}).items()})
         if space:
             params[name] = space
+    for name, space in params.items():
+        other = get_strategy_class(name).shares_params_with
+        if other in params and params[other] != space:
+            raise UserError(f"{name} and {other} share their parameters (one window for both), but the search space "
+                            f"gives them different choices ({space} vs {params[other]}); give both the same choices")
     if sparse is not None:
         unknown = [c for c in sparse.curves if c not in CURVES]
         if unknown:

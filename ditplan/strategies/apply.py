@@ -88,6 +88,7 @@ class CachePlanner:
     def _check_reads_are_written(self) -> None:
         for layer in range(self.plan.num_layers):
             written: set[str] = set()
+            made_for: dict[str, Strategy] = {}  # entry → the first strategy that reads it since it was made
             for step in range(self.plan.num_steps):
                 strategy = self.strategy_at(step, layer)
                 missing = strategy.reads - written
@@ -96,6 +97,14 @@ class CachePlanner:
                         f"layer {layer} uses {strategy.name!r} at step {step}, which reuses the {sorted(missing)[0]} "
                         f"of an earlier step, but no earlier step of that layer computes it; make an earlier step 'full'"
                     )
+                for entry in strategy.reads:
+                    first = made_for.setdefault(entry, strategy)
+                    if first.cache_format(entry) != strategy.cache_format(entry):
+                        raise PlanError(
+                            f"layer {layer} reads one {entry} with {first.name!r} and, at step {step}, with "
+                            f"{strategy.name!r}, which needs it made differently; give both the same parameters"
+                        )
+                made_for = {e: s for e, s in made_for.items() if e not in strategy.writes}
                 written |= strategy.writes
 
 

@@ -1,11 +1,19 @@
-"""One attention routine for every strategy: project, attend (dense or 1-D sliding window), project out.
+"""One attention routine for every strategy: project, attend (dense or windowed), project out.
 
 The operations mirror diffusers' ``AttnProcessor2_0`` for self-attention exactly, so a dense pass
 through here is bit-identical to the layer's own processor.
+
+Windows (:class:`WindowLayout`) come in three shapes: ``band``, the exact ±w sliding band over the
+flattened tokens (DiTFastAttn's public code); ``blocks``, query blocks of b tokens that each see the
+keys of their own and their neighbouring blocks; and ``tiles``, the same over the √N × √N token grid
+with t × t tiles (Sliding Tile Attention). Blocks and tiles are made of dense, unmasked pieces, so
+PyTorch's fused SDPA kernels run at full speed on them; the band needs a mask.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -41,6 +49,9 @@ def project_out(attn: Attention, merged: torch.Tensor) -> torch.Tensor:
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+
+
+WINDOW_SHAPES = ("band", "blocks", "tiles")
 
 
 def window_keys(tokens: int, window: int) -> int:
@@ -107,20 +118,154 @@ def _flex_block_mask(tokens: int, window: int, device: torch.device):
     return create_block_mask(band, None, None, tokens, tokens, device=device)
 
 
-def window_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, implementation: str | None = None
-) -> torch.Tensor:
-    """1-D sliding-window attention over the flattened tokens: query i attends to keys |i − j| ≤ w.
+@dataclass(frozen=True)
+class WindowLayout:
+    """Which keys each query of a window sees (see the module docstring for the shapes).
 
-    A window covering every token is dense attention (computed as such). ``implementation``:
-    ``banded`` (blocked band through SDPA, any device) or ``flex`` (torch ``flex_attention`` with a
-    block-sparse band, CUDA); by default flex on CUDA, banded elsewhere.
+    band: query i sees keys |i − j| ≤ ``window``. blocks: ``tokens / block`` query blocks; block i sees
+    the 2·``neighbours`` + 1 consecutive blocks centred on it, shifted inwards at the ends so that every
+    block sees as many keys. tiles: the same on the √N × √N grid, ``block`` × ``block`` tiles seeing
+    (2·``neighbours`` + 1)² tiles. A layout whose window covers every token is dense attention.
     """
-    tokens = q.shape[2]
-    if window >= tokens - 1:
+
+    shape: str
+    tokens: int
+    window: int = 0
+    block: int = 1
+    neighbours: int = 0
+
+    @property
+    def spans(self) -> int:
+        """Blocks (or tiles) per axis: the sequence for blocks, the grid side for tiles."""
+        side = math.isqrt(self.tokens) if self.shape == "tiles" else self.tokens
+        return side // self.block
+
+    def covers_all(self) -> bool:
+        if self.shape == "band":
+            return self.window >= self.tokens - 1
+        return 2 * self.neighbours + 1 >= self.spans
+
+    def pairs(self) -> int:
+        """(query, key) pairs the kernel computes: the cost model's count (N² when dense)."""
+        if self.covers_all():
+            return self.tokens * self.tokens
+        if self.shape == "band":
+            return window_keys(self.tokens, self.window)
+        keys = (2 * self.neighbours + 1) * self.block
+        return self.tokens * (keys if self.shape == "blocks" else keys * keys)
+
+    def groups(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks and tiles: (query index (G, Q), key index (G, S)) — group g's queries see exactly its keys."""
+        starts = (torch.arange(self.spans) - self.neighbours).clamp(0, self.spans - 2 * self.neighbours - 1)
+        keys = (starts[:, None] * self.block + torch.arange((2 * self.neighbours + 1) * self.block))  # (spans, S1)
+        queries = torch.arange(self.spans * self.block).view(self.spans, self.block)  # (spans, b)
+        if self.shape == "blocks":
+            return queries, keys
+        side = self.spans * self.block  # grid tokens = row · side + column
+
+        def grid(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:  # (n, R), (n, Cn) → (n², R·Cn)
+            index = rows[:, None, :, None] * side + cols[None, :, None, :]
+            return index.reshape(rows.shape[0] * cols.shape[0], -1)
+
+        return grid(queries, queries), grid(keys, keys)
+
+    def key_mask(self) -> torch.Tensor:
+        """(N, N) bool: query i sees key j — the reference the kernels are tested against."""
+        if self.covers_all():
+            return torch.ones(self.tokens, self.tokens, dtype=torch.bool)
+        if self.shape == "band":
+            i = torch.arange(self.tokens)
+            return (i[:, None] - i[None, :]).abs() <= self.window
+        queries, keys = self.groups()
+        mask = torch.zeros(self.tokens, self.tokens, dtype=torch.bool)
+        mask[queries[:, :, None], keys[:, None, :]] = True
+        return mask
+
+
+def window_layout(shape: str, tokens: int, window: int, block: int | None = None) -> WindowLayout:
+    """The layout of a ``shape`` window over ``tokens`` that sees about 2·``window`` + 1 keys per query.
+
+    blocks / tiles: ``block`` is the block size (tile side); by default the divisor of N (of √N) whose
+    block with one neighbour each side comes nearest to the band's key count. With ``block`` given, the
+    number of neighbours is chosen that way instead. Raises ``ValueError`` naming a bad value.
+    """
+    if shape not in WINDOW_SHAPES:
+        raise ValueError(f"unknown window shape {shape!r}; use one of {list(WINDOW_SHAPES)}")
+    if shape == "band":
+        return WindowLayout("band", tokens, window=window)
+    side = tokens
+    if shape == "tiles":
+        side = math.isqrt(tokens)
+        if side * side != tokens:
+            raise ValueError(f"window shape 'tiles' needs a square token grid, but {tokens} tokens are not one; use 'blocks'")
+    keys = 2 * window + 1
+    # keys per query of b-token blocks with r neighbours: ((2r + 1)·b) for blocks, its square for tiles
+    seen = (lambda reach: reach) if shape == "blocks" else (lambda reach: reach * reach)
+    if block is None:
+        divisors = [d for d in range(1, side + 1) if side % d == 0]
+        block = min(divisors, key=lambda d: (abs(seen(3 * d) - keys), d))
+        return WindowLayout(shape, tokens, window=window, block=block, neighbours=1)
+    if block < 1 or side % block:
+        unit = "the token count" if shape == "blocks" else "the grid side"
+        raise ValueError(f"{shape} block_size {block} does not divide {unit} {side}; use a divisor of {side}")
+    neighbours = min(range(side // block + 1), key=lambda r: abs(seen((2 * r + 1) * block) - keys))
+    return WindowLayout(shape, tokens, window=window, block=block, neighbours=neighbours)
+
+
+def _strided_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
+    """1-D blocks through strided views of K/V (no copies of the key slabs): the inner blocks in one
+    SDPA call, the r blocks at each end (which share the first/last slab) in one call each."""
+    batch, heads, tokens, head_dim = q.shape
+    b, r, n = layout.block, layout.neighbours, layout.spans
+    span = (2 * r + 1) * b
+    q, k, v = (t.reshape(batch * heads, tokens, head_dim) for t in (q, k, v))  # (BH, N, D)
+    ks = k.unfold(1, span, b).transpose(-1, -2)  # (BH, n − 2r, span, D): slab i starts at token i·b
+    vs = v.unfold(1, span, b).transpose(-1, -2)
+    inner = q[:, r * b : (n - r) * b].reshape(batch * heads, n - 2 * r, b, head_dim)  # (BH, n − 2r, b, D)
+    parts = [F.scaled_dot_product_attention(inner, ks, vs).flatten(1, 2)]  # (BH, (n − 2r)·b, D)
+    if r:
+        ends = (q[:, None, : r * b], ks[:, :1], vs[:, :1]), (q[:, None, (n - r) * b :], ks[:, -1:], vs[:, -1:])
+        head, tail = (F.scaled_dot_product_attention(*end).flatten(1, 2) for end in ends)  # (BH, r·b, D)
+        parts = [head, *parts, tail]
+    return torch.cat(parts, dim=1).view(batch, heads, tokens, head_dim)
+
+
+@lru_cache(maxsize=32)
+def _gather_indices(layout: WindowLayout, device: torch.device) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group count, flat query and key indices, and the permutation that puts the queries back."""
+    queries, keys = layout.groups()
+    flat = queries.flatten()
+    return queries.shape[0], flat.to(device), keys.flatten().to(device), flat.argsort().to(device)
+
+
+def _gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
+    """Blocks or tiles through gathered copies: each group's queries and its (2r + 1)·b or ((2r + 1)·t)²
+    keys copied side by side, one unmasked SDPA call over all groups, then the queries put back."""
+    batch, heads, tokens, head_dim = q.shape
+    groups, queries, keys, inverse = _gather_indices(layout, q.device)
+    qg = q[:, :, queries].reshape(batch, heads * groups, -1, head_dim)  # (B, H·G, Q, D)
+    kg = k[:, :, keys].reshape(batch, heads * groups, -1, head_dim)  # (B, H·G, S, D)
+    vg = v[:, :, keys].reshape(batch, heads * groups, -1, head_dim)
+    out = F.scaled_dot_product_attention(qg, kg, vg).reshape(batch, heads, tokens, head_dim)
+    return out[:, :, inverse]
+
+
+def window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayout, implementation: str | None = None
+) -> torch.Tensor:
+    """Attention of each query over the keys ``layout`` gives it; (B, H, N, D) in and out.
+
+    A window covering every token is dense attention (computed as such). ``implementation``: for the
+    band ``banded`` (blocked band with a mask through SDPA, any device) or ``flex`` (torch
+    ``flex_attention``, CUDA; the default there); for blocks ``strided`` (the default) or ``gather``;
+    tiles are always gathered.
+    """
+    if layout.covers_all():
         return dense_attention(q, k, v)
-    if implementation is None:
-        implementation = "flex" if q.is_cuda else "banded"
-    if implementation == "flex":
-        return _flex_window_attention(q, k, v, window)
-    return _banded_window_attention(q, k, v, window, block=max(8, window // 2))
+    if layout.shape == "band":
+        if (implementation or ("flex" if q.is_cuda else "banded")) == "flex":
+            return _flex_window_attention(q, k, v, layout.window)
+        return _banded_window_attention(q, k, v, layout.window, block=max(8, layout.window // 2))
+    if layout.shape == "blocks" and implementation in (None, "strided"):
+        return _strided_block_attention(q, k, v, layout)
+    return _gathered_attention(q, k, v, layout)

@@ -87,6 +87,7 @@ class Strategy(abc.ABC):
     config_class: ClassVar[type] = NoConfig
     reads: ClassVar[frozenset[str]] = frozenset()
     writes: ClassVar[frozenset[str]] = frozenset()
+    shares_params_with: ClassVar[str | None] = None  # a search draws this strategy's parameters with that one's
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.config_class()
@@ -116,6 +117,11 @@ class Strategy(abc.ABC):
     def production_flops(self, entry: str, shape: AttentionShape) -> float:
         """FLOPs an earlier step spends making cache ``entry`` for this strategy (charged to that step)."""
         return 0.0
+
+    def cache_format(self, entry: str) -> Any:
+        """Called once when a plan is applied: how this strategy needs cache ``entry`` made (e.g. WA-RS:
+        its window). All readers of one made entry must agree; None means any way does."""
+        return None
 
     def validate(self, num_tokens: int) -> None:
         """Called once when a plan is applied; raise ``ValueError`` naming a bad parameter."""
