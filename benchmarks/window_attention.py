@@ -1,69 +1,190 @@
-"""Window attention micro-benchmark: latency ratio vs FLOPs ratio against dense attention.
+"""Window attention benchmark: latency ratio vs FLOPs ratio against dense, per window shape.
 
-Part 1 (any device): the attention core alone, 1-D window ±N/8, at 256, 1024 and 4096 tokens.
-Goal on CPU: latency ratio ≤ 1.3 × FLOPs ratio.
-Part 2 (``--dit-xl``, meant for a GPU in fp16): one DiT-XL-sized self-attention module (1152 wide,
-16 heads) under each DiTFastAttn strategy, as % of dense, next to DiTFastAttn's Table 2.
+Part 1: the attention core alone, window ±N/8 (blocks and tiles at their derived layouts, about as
+many keys), and blocks at other block sizes, at 256, 1024 and 4096 tokens; the 1-D blocks both through
+strided K/V views and through gathered copies.
+Part 2: the whole embedded-sized DiT transformer (6 layers, 4 heads × 32, random weights) at the same
+token counts, every layer running ``wars`` at a reuse step, against the dense transformer; FLOPs
+counted by ``torch.utils.flop_counter`` on one forward of each.
+Goal: latency ratio ≤ 1.3 × FLOPs ratio at ≥ 1,024 tokens. Timings: one process, every config and
+dense interleaved in each round, ratios per round, median (min–max) of ``--repeats`` after a warm-up.
+Part 3 (``--quality``): WA-RS on the embedded model, every shape against the band at (nearly) equal
+FLOPs, fidelity of the final samples to dense on 20 seeds (1000–1019); fixed plans, no calibration.
+Part 4 (``--dit-xl``, meant for a GPU in bfloat16): one DiT-XL-sized self-attention module (1152
+wide, 16 heads) under each DiTFastAttn strategy, as % of dense, next to DiTFastAttn's Table 2.
 
-    python benchmarks/window_attention.py [--device cuda --dtype float16 --dit-xl]
+    python benchmarks/window_attention.py [--repeats 20] [--quality]
+    python benchmarks/window_attention.py --device cuda --dtype bfloat16 --dit-xl
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
+from collections.abc import Callable
 
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
+from ditplan.evaluators.cost import interleaved_times, plan_flops
+from ditplan.evaluators.fidelity import psnr, relative_l1
+from ditplan.models.adapters import load_adapter
 from ditplan.models.context import StepContext
+from ditplan.models.sampling import SamplerSettings, plan_target, sample_with_plan
+from ditplan.plan import Plan
 from ditplan.strategies import AttentionCall, AttentionShape, get_strategy_class
-from ditplan.strategies.attention import dense_attention, window_attention, window_keys
+from ditplan.strategies.attention import dense_attention, window_attention, window_keys, window_layout
 
 # DiTFastAttn Table 2, "Attn Latency" (and "Attn FLOPs") as % of dense, A100.
 PAPER = {
     1024: {"asc": (59, 50), "wars": (85, 77), "wars+asc": (51, 38), "ast": (4, 0)},
     4096: {"asc": (54, 50), "wars": (54, 51), "wars+asc": (31, 26), "ast": (3, 0)},
 }
+TOKENS = (256, 1024, 4096)
+SHAPES = ("band", "blocks", "tiles")
 
 
-def timed(fn, device: torch.device, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def ratio_cells(times: dict[str, list[float]], name: str) -> tuple[str, float]:
+    """Median (min–max) over rounds of this config's time / dense's time in the same round."""
+    ratios = [t / d for t, d in zip(times[name], times["dense"])]
+    return f"{statistics.median(ratios):.3f} ({min(ratios):.3f}–{max(ratios):.3f})", statistics.median(ratios)
+
+
+def timed_ratios(runs: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, list[float]]:
+    for run in runs.values():  # warm-up (and flex/torch.compile builds)
+        run()
+    return interleaved_times(runs, device, repeats)
 
 
 def core_table(device: torch.device, dtype: torch.dtype, repeats: int, batch: int, heads: int, head_dim: int) -> None:
     print(f"\nwindow attention core vs dense: batch {batch}, {heads} heads × {head_dim}, {device}, {dtype}, "
-          f"median of {repeats}, torch threads {torch.get_num_threads()}")
-    print("| tokens | window ±w | implementation | FLOPs ratio | latency ratio | latency / FLOPs |")
+          f"{repeats} interleaved rounds, torch threads {torch.get_num_threads()}")
+    print("| tokens | shape (layout) | implementation | FLOPs ratio | latency ratio, median (min–max) | latency / FLOPs |")
     print("|---|---|---|---|---|---|")
-    implementations = ("banded", "flex") if device.type == "cuda" else ("banded",)
-    for tokens in (256, 1024, 4096):
+    variants = [("band", "flex" if device.type == "cuda" else "banded"), ("blocks", "strided"), ("blocks", "gather"),
+                ("tiles", "gather")]
+    for tokens in TOKENS:
         window = tokens // 8
         q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype) for _ in range(3))
-        dense = timed(lambda: dense_attention(q, k, v), device, repeats)
-        flops_ratio = window_keys(tokens, window) / tokens**2
-        for impl in implementations:
-            ratio = timed(lambda: window_attention(q, k, v, window, impl), device, repeats) / dense
-            print(f"| {tokens} | {window} | {impl} | {flops_ratio:.3f} | {ratio:.3f} | {ratio / flops_ratio:.2f} |")
+        layouts = {f"{s}/{impl}": (window_layout(s, tokens, window), impl) for s, impl in variants}
+        runs = {"dense": lambda: dense_attention(q, k, v)}
+        runs |= {name: (lambda l=l, i=i: window_attention(q, k, v, l, i)) for name, (l, i) in layouts.items()}
+        times = timed_ratios(runs, device, repeats)
+        for name, (layout, impl) in layouts.items():
+            flops = layout.pairs() / tokens**2
+            cells, median = ratio_cells(times, name)
+            print(f"| {tokens} | {describe(layout)} | {impl} | {flops:.3f} | {cells} | {median / flops:.2f} |", flush=True)
+
+
+def describe(layout) -> str:
+    if layout.shape == "band":
+        return f"band ±{layout.window}"
+    if layout.shape == "blocks":
+        return f"blocks of {layout.block} + halo {layout.halo}"
+    return f"tiles {layout.block}² + halo {layout.halo}"
+
+
+class ReuseStepProcessor:
+    """Runs a strategy at a reuse step (its cache filled with zeros): what a plan does at that cell."""
+
+    def __init__(self, strategy, original) -> None:
+        self.strategy = strategy
+        self.original = original
+        self.context = StepContext(step=1, num_steps=2, cfg=True)
+
+    def __call__(self, attn, hidden_states, **kwargs):
+        cache = {"residual": torch.zeros_like(hidden_states), "output": torch.zeros_like(hidden_states)}
+        call = AttentionCall(attn, self.original, hidden_states, kwargs, self.context, cache, frozenset(), lambda _: None)
+        return self.strategy.attention(call)
+
+
+def transformer_table(device: torch.device, dtype: torch.dtype, repeats: int) -> None:
+    print(f"\nwhole transformer (embedded config: 6 layers, 4 heads × 32, patch 2; random weights), batch 2 "
+          f"(1 sample × CFG), every layer `wars` ±N/8 at a reuse step vs dense, {device}, {dtype}, "
+          f"{repeats} interleaved rounds")
+    print("| tokens | shape (layout) | whole FLOPs ratio | latency ratio, median (min–max) | latency / FLOPs | "
+          "attn-core FLOPs ratio |")
+    print("|---|---|---|---|---|---|")
+    embedded = load_adapter("dit", "embedded").transformer.config
+    for tokens in TOKENS:
+        side = int(tokens**0.5) * embedded.patch_size
+        adapter = load_adapter("dit", config={**dict(embedded), "sample_size": side})
+        model = adapter.transformer.to(device, dtype).eval()
+        x = torch.randn(2, embedded.in_channels, side, side, device=device, dtype=dtype)
+        t, y = torch.tensor([500, 500], device=device), torch.tensor([3, 10], device=device)
+        layers = adapter.self_attention_layers()
+        originals = [attn.processor for attn in layers]
+        strategies = {}
+        for shape in SHAPES:
+            strategy = get_strategy_class("wars").from_params({"window_shape": shape})
+            strategy.validate(tokens)
+            strategies[shape] = strategy
+
+        def forward(shape: str | None) -> None:
+            for attn, original in zip(layers, originals):
+                attn.set_processor(original if shape is None else ReuseStepProcessor(strategies[shape], original))
+            model(x, timestep=t, class_labels=y)
+
+        def run(shape: str | None) -> Callable[[], None]:
+            return lambda: forward(shape)
+
+        with torch.no_grad():
+            flops = {}
+            for shape in (None, *SHAPES):
+                with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+                    forward(shape)
+                flops[shape] = counter.get_total_flops()
+            times = timed_ratios({"dense": run(None), **{s: run(s) for s in SHAPES}}, device, repeats)
+        forward(None)  # originals back
+        for shape, strategy in strategies.items():
+            ratio = flops[shape] / flops[None]
+            cells, median = ratio_cells(times, shape)
+            print(f"| {tokens} | {describe(strategy.layout)} | {ratio:.3f} | {cells} | {median / ratio:.2f} | "
+                  f"{strategy.layout.pairs() / tokens**2:.3f} |", flush=True)
+
+
+def band_at_equal_pairs(tokens: int, pairs: int) -> int:
+    """The band half-width whose (query, key) pairs come nearest to ``pairs``."""
+    return min(range(1, tokens), key=lambda w: abs(window_keys(tokens, w) - pairs))
+
+
+def quality_table() -> None:
+    adapter = load_adapter("dit", "embedded")
+    settings = SamplerSettings("dpmsolver++", num_steps=20, guidance_scale=4.0, batch_size=20)
+    target = plan_target(adapter, settings)
+    labels, seeds = [i % 10 for i in range(20)], list(range(1000, 1020))
+    n, dense_steps = adapter.num_tokens, (0, 4, 8, 12, 16)
+    print(f"\nWA-RS quality at equal FLOPs, embedded model ({n} tokens), 20 DPM-Solver++ steps, guidance 4: every "
+          f"layer dense at steps {dense_steps} and `wars` between them; fidelity of 20 samples (seeds 1000–1019, "
+          "labels 0–9 twice; no calibration involved) to dense, each window next to the band of nearest FLOPs")
+    print("| window | attn FLOPs | whole FLOPs | rel. L1 vs dense | PSNR vs dense (dB) |")
+    print("|---|---|---|---|---|")
+    row = tuple("full" if s in dense_steps else "wars" for s in range(settings.num_steps))
+    grid = tuple((cell,) * adapter.num_layers for cell in row)
+    dense_samples = sample_with_plan(adapter, None, labels, seeds, settings)[0]
+    dense = plan_flops(adapter, None, settings, batch=len(labels))
+    # (shape, window_size, block_size): blocks/tiles with ±1 or ±2 neighbours, 36 … 192 keys per query
+    for shape, window, block in [("blocks", 24, 8), ("blocks", 24, 16), ("blocks", 48, 32), ("blocks", 96, 64),
+                                 ("tiles", 18, 2), ("tiles", 50, 2), ("tiles", 72, 4)]:
+        layout = window_layout(shape, n, window, block)
+        band = band_at_equal_pairs(n, layout.pairs())
+        for params in ({"window_size": window, "window_shape": shape, "block_size": block},
+                       {"window_size": band, "window_shape": "band"}):
+            plan = Plan(target, grid, params={"wars": params})
+            samples = sample_with_plan(adapter, plan, labels, seeds, settings)[0]
+            flops = plan_flops(adapter, plan, settings, batch=len(labels))
+            name = describe(window_layout(params["window_shape"], n, params["window_size"], params.get("block_size")))
+            print(f"| {name} | {flops.attention / dense.attention:.1%} | {flops.total / dense.total:.1%} | "
+                  f"{relative_l1(samples, dense_samples):.4f} | {psnr(samples, dense_samples):.1f} |", flush=True)
 
 
 def module_table(device: torch.device, dtype: torch.dtype, repeats: int) -> None:
     print(f"\nDiT-XL-sized self-attention module (1152 wide, 16 heads), {device}, {dtype}: % of dense "
           "(ditplan measured | paper Table 2, A100)")
-    print("| tokens | batch | strategy | attn FLOPs % | latency % | paper FLOPs % | paper latency % |")
-    print("|---|---|---|---|---|---|---|")
+    print("| tokens | batch | strategy | window | attn FLOPs % | latency % | paper FLOPs % | paper latency % |")
+    print("|---|---|---|---|---|---|---|---|")
     attn = Attention(query_dim=1152, heads=16, dim_head=72, bias=True).to(device, dtype).eval()
     original = AttnProcessor2_0()
     for tokens, batch in ((1024, 16), (4096, 2)):  # DiT: 8 images × CFG; PixArt: 1 image × CFG
@@ -72,17 +193,24 @@ def module_table(device: torch.device, dtype: torch.dtype, repeats: int) -> None
         context = StepContext(step=1, num_steps=2, cfg=True)
         dense_flops = get_strategy_class("full")().attention_flops(shape, True, frozenset())
         cache = {"output": torch.zeros_like(x), "residual": torch.zeros_like(x)}
+        strategies = {"asc": get_strategy_class("asc")(), "ast": get_strategy_class("ast")()}
+        for name in ("wars", "wars+asc"):
+            for window in SHAPES:
+                strategies[f"{name}/{window}"] = get_strategy_class(name).from_params({"window_shape": window})
+        for strategy in strategies.values():
+            strategy.validate(tokens)
+        call = AttentionCall(attn, original, x, {}, context, cache, frozenset(), lambda _: None)
+        runs = {"dense": lambda: original(attn, x)}
+        runs |= {name: (lambda s=s: s.attention(call)) for name, s in strategies.items()}
         with torch.no_grad():
-            dense_time = timed(lambda: original(attn, x), device, repeats)
-            for name in ("asc", "wars", "wars+asc", "ast"):
-                strategy = get_strategy_class(name).from_params({})
-                strategy.validate(tokens)
-                call = AttentionCall(attn, original, x, {}, context, cache, frozenset(), lambda _: None)
-                latency = timed(lambda: strategy.attention(call), device, repeats)
-                flops = strategy.attention_flops(shape, True, frozenset())
-                paper_latency, paper_flops = PAPER[tokens][name]
-                print(f"| {tokens} | {batch} | {name} | {flops / dense_flops:.0%} | {latency / dense_time:.0%} | "
-                      f"{paper_flops}% | {paper_latency}% |")
+            times = timed_ratios(runs, device, repeats)
+        for name, strategy in strategies.items():
+            flops = strategy.attention_flops(shape, True, frozenset())
+            paper_latency, paper_flops = PAPER[tokens][strategy.name]
+            median = statistics.median(t / d for t, d in zip(times[name], times["dense"]))
+            window = describe(strategy.layout) if hasattr(strategy, "layout") else "—"
+            print(f"| {tokens} | {batch} | {strategy.name} | {window} | {flops / dense_flops:.0%} | {median:.0%} | "
+                  f"{paper_flops}% | {paper_latency}% |", flush=True)
 
 
 def main() -> None:
@@ -90,10 +218,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quality", action="store_true", help="also WA-RS quality per window shape (embedded model)")
     parser.add_argument("--dit-xl", action="store_true", help="also the DiT-XL-sized module table")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     core_table(device, dtype, args.repeats, batch=2, heads=4, head_dim=32)
+    transformer_table(device, dtype, max(5, args.repeats // 2))
+    if args.quality:
+        quality_table()
     if args.dit_xl:
         core_table(device, dtype, args.repeats, batch=2, heads=16, head_dim=72)
         module_table(device, dtype, args.repeats)

@@ -24,16 +24,14 @@ from ditplan.strategies.attention import (
 from tests.test_strategies import _layer_call, grid_plan
 
 
-def reference_mask(shape, tokens, block, neighbours):
+def reference_mask(shape, tokens, block, halo):
     """Which keys each query sees, written out from the definition (not from the kernel's indices)."""
     side = int(tokens**0.5) if shape == "tiles" else tokens
-    spans = side // block
+    width = block + 2 * halo
 
     def first_key(position):  # first key coordinate of the window of a query coordinate
-        start = (position // block - neighbours).clamp(0, spans - 2 * neighbours - 1)
-        return start * block
+        return ((position // block) * block - halo).clamp(0, side - width)
 
-    width = (2 * neighbours + 1) * block
     i = torch.arange(tokens)
     if shape == "blocks":
         lo = first_key(i)[:, None]
@@ -43,10 +41,10 @@ def reference_mask(shape, tokens, block, neighbours):
     return (y[None, :] >= ylo) & (y[None, :] < ylo + width) & (x[None, :] >= xlo) & (x[None, :] < xlo + width)
 
 
-CASES = [  # shape, tokens, window, block (None: derived)
+CASES = [  # shape, tokens, window, block (None: derived); halos of 0, < 1 block, 1 block and several blocks
     ("blocks", 64, 10, None), ("blocks", 64, 10, 4), ("blocks", 60, 7, 5), ("blocks", 256, 32, None),
-    ("blocks", 48, 3, 16), ("tiles", 64, 6, None), ("tiles", 256, 32, None), ("tiles", 256, 60, 2),
-    ("tiles", 144, 30, 3),
+    ("blocks", 48, 3, 16), ("blocks", 64, 6, 8), ("tiles", 64, 6, None), ("tiles", 256, 32, None),
+    ("tiles", 256, 60, 2), ("tiles", 144, 30, 3), ("tiles", 64, 12, 4),
 ]
 
 
@@ -54,7 +52,7 @@ CASES = [  # shape, tokens, window, block (None: derived)
 @pytest.mark.parametrize("implementation", ["strided", "gather"])
 def test_each_block_attends_over_exactly_the_keys_the_cost_model_counts(shape, tokens, window, block, implementation):
     layout = window_layout(shape, tokens, window, block)
-    mask = reference_mask(shape, tokens, layout.block, layout.neighbours)
+    mask = reference_mask(shape, tokens, layout.block, layout.halo)
     assert torch.equal(layout.key_mask(), mask)
     assert layout.pairs() == int(mask.sum()) < tokens * tokens
     q, k, v = (torch.randn(2, 3, tokens, 8) for _ in range(3))
@@ -72,16 +70,16 @@ def test_the_band_matches_its_masked_reference_and_count():
     assert layout.pairs() == int(band.sum())
 
 
-@pytest.mark.parametrize("shape, tokens, block, neighbours", [("blocks", 48, 16, 1), ("tiles", 36, 2, 1), ("blocks", 60, 12, 2)])
-def test_a_window_covering_every_block_equals_full_attention(shape, tokens, block, neighbours):
+@pytest.mark.parametrize("shape, tokens, block, halo", [("blocks", 48, 16, 16), ("tiles", 36, 2, 2), ("blocks", 60, 12, 24)])
+def test_a_window_covering_every_block_equals_full_attention(shape, tokens, block, halo):
     layout = window_layout(shape, tokens, window=tokens, block=block)
-    assert layout.neighbours >= neighbours and layout.covers_all() and layout.pairs() == tokens * tokens
+    assert layout.covers_all() and layout.pairs() == tokens * tokens
     q, k, v = (torch.randn(2, 3, tokens, 8) for _ in range(3))
     dense = dense_attention(q, k, v)
     assert torch.equal(window_attention(q, k, v, layout), dense)  # computed as dense attention
-    # the block kernels themselves, with 2r + 1 = blocks per axis, see every key as well
-    exact = type(layout)(shape, tokens, block=block, neighbours=neighbours)
-    assert torch.equal(exact.key_mask(), torch.ones(tokens, tokens, dtype=torch.bool))
+    # the block kernels themselves, with a halo that just covers the axis, see every key as well
+    exact = type(layout)(shape, tokens, block=block, halo=halo)
+    assert exact.span == exact.side and bool(reference_mask(shape, tokens, block, halo).all())
     torch.testing.assert_close(_gathered_attention(q, k, v, exact), dense, rtol=1e-5, atol=1e-6)
     if shape == "blocks":
         torch.testing.assert_close(_strided_block_attention(q, k, v, exact), dense, rtol=1e-5, atol=1e-6)
@@ -180,6 +178,7 @@ def test_a_search_draws_one_window_for_wars_and_wars_asc():
     ({"window_shape": "disc"}, "unknown window shape 'disc'; use one of"),
     ({"window_shape": "blocks", "block_size": 6}, "blocks block_size 6 does not divide the token count 16"),
     ({"window_shape": "tiles", "block_size": 3}, "tiles block_size 3 does not divide the grid side 4"),
+    ({"window_shape": "blocks", "block_size": 0}, "blocks block_size 0 does not divide the token count 16"),
     ({"window_shape": "band", "block_size": 4}, "block_size 4 needs window_shape 'blocks' or 'tiles'"),
 ])
 def test_bad_window_parameters_are_refused_by_name(tiny_adapter, tiny_spec, params, message):

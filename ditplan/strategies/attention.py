@@ -5,8 +5,8 @@ through here is bit-identical to the layer's own processor.
 
 Windows (:class:`WindowLayout`) come in three shapes: ``band``, the exact ±w sliding band over the
 flattened tokens (DiTFastAttn's public code); ``blocks``, query blocks of b tokens that each see the
-keys of their own and their neighbouring blocks; and ``tiles``, the same over the √N × √N token grid
-with t × t tiles (Sliding Tile Attention). Blocks and tiles are made of dense, unmasked pieces, so
+keys of their own block and a halo of its neighbours; and ``tiles``, the same over the √N × √N token
+grid with t × t tiles (Sliding Tile Attention). Blocks and tiles are made of dense, unmasked pieces, so
 PyTorch's fused SDPA kernels run at full speed on them; the band needs a mask.
 """
 
@@ -122,28 +122,33 @@ def _flex_block_mask(tokens: int, window: int, device: torch.device):
 class WindowLayout:
     """Which keys each query of a window sees (see the module docstring for the shapes).
 
-    band: query i sees keys |i − j| ≤ ``window``. blocks: ``tokens / block`` query blocks; block i sees
-    the 2·``neighbours`` + 1 consecutive blocks centred on it, shifted inwards at the ends so that every
-    block sees as many keys. tiles: the same on the √N × √N grid, ``block`` × ``block`` tiles seeing
-    (2·``neighbours`` + 1)² tiles. A layout whose window covers every token is dense attention.
+    band: query i sees keys |i − j| ≤ ``window``. blocks: ``tokens / block`` query blocks; each sees the
+    keys of its own block widened by ``halo`` tokens on each side — ``block + 2·halo`` consecutive keys,
+    the run shifted inwards at the ends so that every block sees as many (a halo of r blocks is "its own
+    and its r neighbouring blocks"). tiles: the same on the √N × √N grid, ``block`` × ``block`` tiles
+    seeing ``(block + 2·halo)²`` keys. A layout whose window covers every token is dense attention.
     """
 
     shape: str
     tokens: int
     window: int = 0
     block: int = 1
-    neighbours: int = 0
+    halo: int = 0
 
     @property
-    def spans(self) -> int:
-        """Blocks (or tiles) per axis: the sequence for blocks, the grid side for tiles."""
-        side = math.isqrt(self.tokens) if self.shape == "tiles" else self.tokens
-        return side // self.block
+    def side(self) -> int:
+        """Tokens per axis the blocks tile: the sequence for blocks, the grid side for tiles."""
+        return math.isqrt(self.tokens) if self.shape == "tiles" else self.tokens
+
+    @property
+    def span(self) -> int:
+        """Keys per query along one axis."""
+        return self.block + 2 * self.halo
 
     def covers_all(self) -> bool:
         if self.shape == "band":
             return self.window >= self.tokens - 1
-        return 2 * self.neighbours + 1 >= self.spans
+        return self.span >= self.side
 
     def pairs(self) -> int:
         """(query, key) pairs the kernel computes: the cost model's count (N² when dense)."""
@@ -151,20 +156,19 @@ class WindowLayout:
             return self.tokens * self.tokens
         if self.shape == "band":
             return window_keys(self.tokens, self.window)
-        keys = (2 * self.neighbours + 1) * self.block
-        return self.tokens * (keys if self.shape == "blocks" else keys * keys)
+        return self.tokens * (self.span if self.shape == "blocks" else self.span * self.span)
 
     def groups(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks and tiles: (query index (G, Q), key index (G, S)) — group g's queries see exactly its keys."""
-        starts = (torch.arange(self.spans) - self.neighbours).clamp(0, self.spans - 2 * self.neighbours - 1)
-        keys = (starts[:, None] * self.block + torch.arange((2 * self.neighbours + 1) * self.block))  # (spans, S1)
-        queries = torch.arange(self.spans * self.block).view(self.spans, self.block)  # (spans, b)
+        count = self.side // self.block
+        starts = (torch.arange(count) * self.block - self.halo).clamp(0, self.side - self.span)
+        keys = starts[:, None] + torch.arange(self.span)  # (count, span) key positions along the axis
+        queries = torch.arange(self.side).view(count, self.block)  # (count, block)
         if self.shape == "blocks":
             return queries, keys
-        side = self.spans * self.block  # grid tokens = row · side + column
 
-        def grid(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:  # (n, R), (n, Cn) → (n², R·Cn)
-            index = rows[:, None, :, None] * side + cols[None, :, None, :]
+        def grid(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:  # (n, R), (n, C) → (n², R·C)
+            index = rows[:, None, :, None] * self.side + cols[None, :, None, :]
             return index.reshape(rows.shape[0] * cols.shape[0], -1)
 
         return grid(queries, queries), grid(keys, keys)
@@ -185,9 +189,10 @@ class WindowLayout:
 def window_layout(shape: str, tokens: int, window: int, block: int | None = None) -> WindowLayout:
     """The layout of a ``shape`` window over ``tokens`` that sees about 2·``window`` + 1 keys per query.
 
-    blocks / tiles: ``block`` is the block size (tile side); by default the divisor of N (of √N) whose
-    block with one neighbour each side comes nearest to the band's key count. With ``block`` given, the
-    number of neighbours is chosen that way instead. Raises ``ValueError`` naming a bad value.
+    blocks / tiles: ``block`` is the block size (tile side); by default the largest divisor of N (of √N)
+    that leaves a halo of at least half a block on each side — large blocks keep the fused kernels
+    efficient. The halo then fills the key count: a blocks run of 2w + 1 keys, a tile of ⌊√(2w + 1)⌋²
+    keys. Raises ``ValueError`` naming a bad value.
     """
     if shape not in WINDOW_SHAPES:
         raise ValueError(f"unknown window shape {shape!r}; use one of {list(WINDOW_SHAPES)}")
@@ -198,34 +203,31 @@ def window_layout(shape: str, tokens: int, window: int, block: int | None = None
         side = math.isqrt(tokens)
         if side * side != tokens:
             raise ValueError(f"window shape 'tiles' needs a square token grid, but {tokens} tokens are not one; use 'blocks'")
-    keys = 2 * window + 1
-    # keys per query of b-token blocks with r neighbours: ((2r + 1)·b) for blocks, its square for tiles
-    seen = (lambda reach: reach) if shape == "blocks" else (lambda reach: reach * reach)
+    span = 2 * window + 1 if shape == "blocks" else math.isqrt(2 * window + 1)  # keys per query along an axis
     if block is None:
-        divisors = [d for d in range(1, side + 1) if side % d == 0]
-        block = min(divisors, key=lambda d: (abs(seen(3 * d) - keys), d))
-        return WindowLayout(shape, tokens, window=window, block=block, neighbours=1)
-    if block < 1 or side % block:
+        block = max(d for d in range(1, side + 1) if side % d == 0 and 2 * d <= max(span, 2))
+    elif block < 1 or side % block:
         unit = "the token count" if shape == "blocks" else "the grid side"
         raise ValueError(f"{shape} block_size {block} does not divide {unit} {side}; use a divisor of {side}")
-    neighbours = min(range(side // block + 1), key=lambda r: abs(seen((2 * r + 1) * block) - keys))
-    return WindowLayout(shape, tokens, window=window, block=block, neighbours=neighbours)
+    return WindowLayout(shape, tokens, window=window, block=block, halo=max(0, (span - block) // 2))
 
 
 def _strided_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
-    """1-D blocks through strided views of K/V (no copies of the key slabs): the inner blocks in one
-    SDPA call, the r blocks at each end (which share the first/last slab) in one call each."""
+    """1-D blocks through strided views of K/V (no copies of the key runs): the inner blocks in one SDPA
+    call, and the e = ⌈halo / block⌉ blocks at each end (which share the first/last run) in one call each."""
     batch, heads, tokens, head_dim = q.shape
-    b, r, n = layout.block, layout.neighbours, layout.spans
-    span = (2 * r + 1) * b
+    b, span, count = layout.block, layout.span, tokens // layout.block
+    edge = -(-layout.halo // b)  # blocks at each end whose run is shifted inwards
     q, k, v = (t.reshape(batch * heads, tokens, head_dim) for t in (q, k, v))  # (BH, N, D)
-    ks = k.unfold(1, span, b).transpose(-1, -2)  # (BH, n − 2r, span, D): slab i starts at token i·b
-    vs = v.unfold(1, span, b).transpose(-1, -2)
-    inner = q[:, r * b : (n - r) * b].reshape(batch * heads, n - 2 * r, b, head_dim)  # (BH, n − 2r, b, D)
-    parts = [F.scaled_dot_product_attention(inner, ks, vs).flatten(1, 2)]  # (BH, (n − 2r)·b, D)
-    if r:
-        ends = (q[:, None, : r * b], ks[:, :1], vs[:, :1]), (q[:, None, (n - r) * b :], ks[:, -1:], vs[:, -1:])
-        head, tail = (F.scaled_dot_product_attention(*end).flatten(1, 2) for end in ends)  # (BH, r·b, D)
+    first = edge * b - layout.halo  # start of inner block e's run; inner runs follow every b tokens
+    ks = k[:, first:].unfold(1, span, b)[:, : count - 2 * edge].transpose(-1, -2)  # (BH, count − 2e, span, D)
+    vs = v[:, first:].unfold(1, span, b)[:, : count - 2 * edge].transpose(-1, -2)
+    inner = q[:, edge * b : (count - edge) * b].reshape(batch * heads, count - 2 * edge, b, head_dim)
+    parts = [F.scaled_dot_product_attention(inner, ks, vs).flatten(1, 2)]  # (BH, (count − 2e)·b, D)
+    if edge:
+        ends = ((q[:, None, : edge * b], k[:, None, :span], v[:, None, :span]),
+                (q[:, None, (count - edge) * b :], k[:, None, tokens - span :], v[:, None, tokens - span :]))
+        head, tail = (F.scaled_dot_product_attention(*end).flatten(1, 2) for end in ends)  # (BH, e·b, D)
         parts = [head, *parts, tail]
     return torch.cat(parts, dim=1).view(batch, heads, tokens, head_dim)
 
@@ -239,8 +241,8 @@ def _gather_indices(layout: WindowLayout, device: torch.device) -> tuple[int, to
 
 
 def _gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
-    """Blocks or tiles through gathered copies: each group's queries and its (2r + 1)·b or ((2r + 1)·t)²
-    keys copied side by side, one unmasked SDPA call over all groups, then the queries put back."""
+    """Blocks or tiles through gathered copies: each group's queries and its span (or span²) keys copied
+    side by side, one unmasked SDPA call over all groups, then the queries put back in order."""
     batch, heads, tokens, head_dim = q.shape
     groups, queries, keys, inverse = _gather_indices(layout, q.device)
     qg = q[:, :, queries].reshape(batch, heads * groups, -1, head_dim)  # (B, H·G, Q, D)

@@ -35,13 +35,14 @@ class WindowConfig:
     cheaper but leans harder on the residual, which ages as the steps since the last dense step grow.
     Must satisfy 1 ≤ w ≤ N − 1 (N − 1 is dense).
 
-    window_shape: ``blocks`` (default) — query blocks each seeing their own and the neighbouring blocks'
-    keys, dense pieces the fused attention kernels run unmasked; ``tiles`` — the same with square
-    tiles of the token grid (needs a square grid); ``band`` — the exact sliding band, which needs a
-    mask and runs 3–4× less efficiently per FLOP on CPU.
+    window_shape: ``blocks`` (default) — query blocks each seeing their own block's keys and a halo of
+    the neighbouring ones, dense pieces the fused attention kernels run unmasked; ``tiles`` — the same
+    with square tiles of the token grid (needs a square grid); ``band`` — the exact sliding band, which
+    needs a mask and runs 3–4× less efficiently per FLOP on CPU.
 
-    block_size: block size (tile side) for ``blocks`` / ``tiles``; None picks the divisor whose block
-    plus one neighbour each side comes nearest to 2w + 1 keys. Larger blocks run more efficiently."""
+    block_size: block size (tile side) for ``blocks`` / ``tiles``, a divisor of N (of √N for tiles);
+    None picks the largest that leaves a halo of half a block each side. Larger blocks run more
+    efficiently; smaller ones give each query a more centred window."""
 
     window_size: int | None = None
     window_shape: str = "blocks"
