@@ -8,12 +8,12 @@ token counts, every layer running ``wars`` at a reuse step, against the dense tr
 counted by ``torch.utils.flop_counter`` on one forward of each.
 Goal: latency ratio ≤ 1.3 × FLOPs ratio at ≥ 1,024 tokens. Timings: one process, every config and
 dense interleaved in each round, ratios per round, median (min–max) of ``--repeats`` after a warm-up.
-Part 3 (``--quality``): WA-RS on the embedded model, every shape against the band at (nearly) equal
-FLOPs, fidelity of the final samples to dense on 20 seeds (1000–1019); fixed plans, no calibration.
+Part 3 (``--parts quality``): WA-RS on the embedded model, every shape at the same window size (nearly equal
+FLOPs), fidelity of the final samples to dense on 20 seeds (1000–1019); fixed plans, no calibration.
 Part 4 (``--dit-xl``, meant for a GPU in bfloat16): one DiT-XL-sized self-attention module (1152
 wide, 16 heads) under each DiTFastAttn strategy, as % of dense, next to DiTFastAttn's Table 2.
 
-    python benchmarks/window_attention.py [--repeats 20] [--quality]
+    python benchmarks/window_attention.py [--repeats 20] [--parts core,transformer,quality]
     python benchmarks/window_attention.py --device cuda --dtype bfloat16 --dit-xl
 """
 
@@ -35,7 +35,7 @@ from ditplan.models.context import StepContext
 from ditplan.models.sampling import SamplerSettings, plan_target, sample_with_plan
 from ditplan.plan import Plan
 from ditplan.strategies import AttentionCall, AttentionShape, get_strategy_class
-from ditplan.strategies.attention import dense_attention, window_attention, window_keys, window_layout
+from ditplan.strategies.attention import dense_attention, window_attention, window_layout
 
 # DiTFastAttn Table 2, "Attn Latency" (and "Attn FLOPs") as % of dense, A100.
 PAPER = {
@@ -61,21 +61,23 @@ def timed_ratios(runs: dict[str, Callable[[], object]], device: torch.device, re
 def core_table(device: torch.device, dtype: torch.dtype, repeats: int, batch: int, heads: int, head_dim: int) -> None:
     print(f"\nwindow attention core vs dense: batch {batch}, {heads} heads × {head_dim}, {device}, {dtype}, "
           f"{repeats} interleaved rounds, torch threads {torch.get_num_threads()}")
-    print("| tokens | shape (layout) | implementation | FLOPs ratio | latency ratio, median (min–max) | latency / FLOPs |")
-    print("|---|---|---|---|---|---|")
-    variants = [("band", "flex" if device.type == "cuda" else "banded"), ("blocks", "strided"), ("blocks", "gather"),
-                ("tiles", "gather")]
+    print("| tokens | window | layout | implementation | FLOPs ratio | latency ratio, median (min–max) | latency / FLOPs |")
+    print("|---|---|---|---|---|---|---|")
+    band = "flex" if device.type == "cuda" else "banded"
+    # (shape, window = N / divisor, implementation)
+    variants = [("band", 8, band), ("blocks", 8, "strided"), ("blocks", 8, "gather"), ("tiles", 8, "gather"),
+                ("band", 16, band), ("blocks", 16, "strided"), ("band", 4, band), ("blocks", 4, "strided")]
     for tokens in TOKENS:
-        window = tokens // 8
         q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype) for _ in range(3))
-        layouts = {f"{s}/{impl}": (window_layout(s, tokens, window), impl) for s, impl in variants}
+        layouts = {f"{s}/{d}/{impl}": (window_layout(s, tokens, tokens // d), impl) for s, d, impl in variants}
         runs = {"dense": lambda: dense_attention(q, k, v)}
         runs |= {name: (lambda l=l, i=i: window_attention(q, k, v, l, i)) for name, (l, i) in layouts.items()}
         times = timed_ratios(runs, device, repeats)
         for name, (layout, impl) in layouts.items():
             flops = layout.pairs() / tokens**2
             cells, median = ratio_cells(times, name)
-            print(f"| {tokens} | {describe(layout)} | {impl} | {flops:.3f} | {cells} | {median / flops:.2f} |", flush=True)
+            print(f"| {tokens} | ±{layout.window} | {describe(layout)} | {impl} | {flops:.3f} | {cells} | "
+                  f"{median / flops:.2f} |", flush=True)
 
 
 def describe(layout) -> str:
@@ -145,11 +147,6 @@ def transformer_table(device: torch.device, dtype: torch.dtype, repeats: int) ->
                   f"{strategy.layout.pairs() / tokens**2:.3f} |", flush=True)
 
 
-def band_at_equal_pairs(tokens: int, pairs: int) -> int:
-    """The band half-width whose (query, key) pairs come nearest to ``pairs``."""
-    return min(range(1, tokens), key=lambda w: abs(window_keys(tokens, w) - pairs))
-
-
 def quality_table() -> None:
     adapter = load_adapter("dit", "embedded")
     settings = SamplerSettings("dpmsolver++", num_steps=20, guidance_scale=4.0, batch_size=20)
@@ -158,25 +155,23 @@ def quality_table() -> None:
     n, dense_steps = adapter.num_tokens, (0, 4, 8, 12, 16)
     print(f"\nWA-RS quality at equal FLOPs, embedded model ({n} tokens), 20 DPM-Solver++ steps, guidance 4: every "
           f"layer dense at steps {dense_steps} and `wars` between them; fidelity of 20 samples (seeds 1000–1019, "
-          "labels 0–9 twice; no calibration involved) to dense, each window next to the band of nearest FLOPs")
-    print("| window | attn FLOPs | whole FLOPs | rel. L1 vs dense | PSNR vs dense (dB) |")
-    print("|---|---|---|---|---|")
+          "labels 0–9 twice; no calibration involved) to dense")
+    print("| window | layout | attn FLOPs | whole FLOPs | rel. L1 vs dense | PSNR vs dense (dB) |")
+    print("|---|---|---|---|---|---|")
     row = tuple("full" if s in dense_steps else "wars" for s in range(settings.num_steps))
     grid = tuple((cell,) * adapter.num_layers for cell in row)
     dense_samples = sample_with_plan(adapter, None, labels, seeds, settings)[0]
     dense = plan_flops(adapter, None, settings, batch=len(labels))
-    # (shape, window_size, block_size): blocks/tiles with ±1 or ±2 neighbours, 36 … 192 keys per query
-    for shape, window, block in [("blocks", 24, 8), ("blocks", 24, 16), ("blocks", 48, 32), ("blocks", 96, 64),
-                                 ("tiles", 18, 2), ("tiles", 50, 2), ("tiles", 72, 4)]:
-        layout = window_layout(shape, n, window, block)
-        band = band_at_equal_pairs(n, layout.pairs())
-        for params in ({"window_size": window, "window_shape": shape, "block_size": block},
-                       {"window_size": band, "window_shape": "band"}):
+    for window in (n // 16, n // 8, n // 4):
+        # each shape at the same window size sees about 2w + 1 keys per query: (nearly) equal FLOPs
+        for params in ({"window_shape": "band"}, {"window_shape": "blocks"}, {"window_shape": "tiles"},
+                       {"window_shape": "blocks", "block_size": window_layout("blocks", n, window).block // 2}):
+            params = {"window_size": window, **params}
             plan = Plan(target, grid, params={"wars": params})
             samples = sample_with_plan(adapter, plan, labels, seeds, settings)[0]
             flops = plan_flops(adapter, plan, settings, batch=len(labels))
-            name = describe(window_layout(params["window_shape"], n, params["window_size"], params.get("block_size")))
-            print(f"| {name} | {flops.attention / dense.attention:.1%} | {flops.total / dense.total:.1%} | "
+            name = describe(window_layout(params["window_shape"], n, window, params.get("block_size")))
+            print(f"| ±{window} | {name} | {flops.attention / dense.attention:.1%} | {flops.total / dense.total:.1%} | "
                   f"{relative_l1(samples, dense_samples):.4f} | {psnr(samples, dense_samples):.1f} |", flush=True)
 
 
@@ -219,14 +214,17 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quality", action="store_true", help="also WA-RS quality per window shape (embedded model)")
+    parser.add_argument("--parts", default="core,transformer", help="comma-separated: core, transformer, quality")
     parser.add_argument("--dit-xl", action="store_true", help="also the DiT-XL-sized module table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    core_table(device, dtype, args.repeats, batch=2, heads=4, head_dim=32)
-    transformer_table(device, dtype, max(5, args.repeats // 2))
-    if args.quality:
+    parts = set(args.parts.split(","))
+    if "core" in parts:
+        core_table(device, dtype, args.repeats, batch=2, heads=4, head_dim=32)
+    if "transformer" in parts:
+        transformer_table(device, dtype, max(5, args.repeats // 2))
+    if "quality" in parts:
         quality_table()
     if args.dit_xl:
         core_table(device, dtype, args.repeats, batch=2, heads=16, head_dim=72)
