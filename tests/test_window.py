@@ -119,7 +119,7 @@ def test_wars_flops_equal_the_flop_counter_on_a_layer(tiny_adapter, name, params
 def test_one_residual_read_through_two_windows_is_refused(tiny_adapter, tiny_spec):
     """wars (w = 2) then wars+asc (w = 5) from one residual would return W₅ + (O − W₂), which is not WA-RS."""
     target = plan_target(tiny_adapter, tiny_spec.sampler.settings())
-    windows = {"wars": {"window_size": 2, "window_shape": "band"}, "wars+asc": {"window_size": 5, "window_shape": "band"}}
+    windows = {"wars": {"window_size": 2}, "wars+asc": {"window_size": 5}}
     mixed = grid_plan(target, [["full", "wars", "wars+asc", "full"], ["full"] * 4], windows)
     with pytest.raises(PlanError, match="layer 0 reads one residual with 'wars' and, at step 2, with 'wars[+]asc'"):
         apply_plan(tiny_adapter.transformer, mixed, target)
