@@ -20,7 +20,8 @@ import torch
 from ditplan.evaluators.cost import interleaved_times, plan_flops
 from ditplan.evaluators.fidelity import psnr, relative_l1
 from ditplan.models.adapters import load_adapter
-from ditplan.models.sampling import SamplerSettings, plan_target, sample_with_plan
+from ditplan.models.sampling import SamplerSettings, plan_target
+from ditplan.strategies.apply import sample_with_plan
 from ditplan.plan import load_plan
 from ditplan.search.greedy import DEFAULT_THRESHOLDS, greedy_search, threshold_name
 from ditplan.strategies.wars import WindowConfig

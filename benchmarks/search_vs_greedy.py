@@ -28,7 +28,8 @@ from torchvision.utils import save_image
 from ditplan.evaluators.distribution import distribution_metrics
 from ditplan.evaluators.reference import dense_reference
 from ditplan.models.digits import load_digits
-from ditplan.models.sampling import plan_target, sample_with_plan
+from ditplan.models.sampling import plan_target
+from ditplan.strategies.apply import sample_with_plan
 from ditplan.plan import load_plan
 from ditplan.search.driver import reference_point, run_search
 from ditplan.search.greedy import DEFAULT_THRESHOLDS, greedy_search, threshold_name

@@ -23,8 +23,10 @@ from ditplan.evaluators.fidelity import psnr, relative_l1
 from ditplan.models.adapters import load_adapter
 from ditplan.models.digits import load_digits
 from ditplan.models.embedded import EMBEDDED_PATH
-from ditplan.models.finetune_sparse import layout_plan, sparse_networks
-from ditplan.models.sampling import SamplerSettings, plan_target, sample_with_plan
+from ditplan.models.adapters import sparse_networks
+from ditplan.models.sampling import SamplerSettings, plan_target
+from ditplan.strategies.apply import sample_with_plan
+from ditplan.strategies.finetune_sparse import layout_plan
 from ditplan.plan import Plan
 from ditplan.strategies.sdtm import SparseLayout
 

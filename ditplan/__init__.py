@@ -6,27 +6,38 @@ The Python API mirrors the CLI::
     run_dir = ditplan.run("experiments/quickstart.yaml")          # ditplan run
     ditplan.compare([run_dir], "report/")                         # ditplan compare
     paths = ditplan.export(run_dir, "knee", "plans/")             # ditplan export
-    plan = ditplan.load_plan(paths[0])
-    ditplan.apply_plan(pipe_or_transformer, plan)                 # then sample with ditplan.sample
+    ditplan.apply_plan(pipe, paths[0])                            # a stock diffusers DiT/PixArt pipeline
+    images = pipe(class_labels=[3, 7], num_inference_steps=20, guidance_scale=4.0).images
+    ditplan.remove_plan(pipe)
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["apply_plan", "compare", "export", "load_for_plan", "load_plan", "load_spec", "remove_plan", "run", "sample"]
+__all__ = [
+    "apply_plan",
+    "compare",
+    "denoising_step",
+    "export",
+    "load_for_plan",
+    "load_plan",
+    "load_spec",
+    "remove_plan",
+    "run",
+    "sample",
+]
 
 
-def _transformer(model: Any) -> Any:
-    """A diffusers pipeline or a bare transformer → the transformer."""
-    return getattr(model, "transformer", model)
+def apply_plan(model: Any, plan: Any, model_folder: Any = None) -> Any:
+    """Install ``plan`` (a Plan or a plan file) on a stock diffusers ``DiTPipeline`` /
+    ``PixArtAlphaPipeline`` / ``PixArtSigmaPipeline`` — then ``pipe(...)`` runs it — or on a bare
+    transformer, whose loop tells the step with :func:`denoising_step`. A SparseDiT plan swaps in its
+    fine-tuned network from ``model_folder`` (default: where the transformer was loaded from). Checks the
+    weights here and the scheduler, steps and guidance at each pipeline call (see strategies.pipeline)."""
+    from ditplan.strategies.pipeline import apply_plan_to
 
-
-def apply_plan(model: Any, plan: Any, target: Any = None) -> Any:
-    """Install ``plan`` on a diffusers DiT/PixArt pipeline or transformer (see strategies.apply_plan)."""
-    from ditplan.strategies import apply_plan as _apply
-
-    return _apply(_transformer(model), plan, target)
+    return apply_plan_to(model, plan, model_folder)
 
 
 def load_for_plan(adapter: Any, plan: Any) -> Any:
@@ -37,9 +48,18 @@ def load_for_plan(adapter: Any, plan: Any) -> Any:
 
 
 def remove_plan(model: Any) -> None:
-    from ditplan.strategies import remove_plan as _remove
+    """Undo :func:`apply_plan` exactly (processors, hooks, swapped weights, the pipeline's call)."""
+    from ditplan.strategies.pipeline import remove_plan_from
 
-    _remove(_transformer(model))
+    remove_plan_from(model)
+
+
+def denoising_step(step: int, num_steps: int, cfg: str | None = "cond-uncond") -> Any:
+    """Context manager telling an applied plan the step of a transformer call in your own loop
+    (see ditplan.models.context.denoising_step)."""
+    from ditplan.models.context import denoising_step as _step
+
+    return _step(step, num_steps, cfg)
 
 
 def load_plan(path: Any) -> Any:

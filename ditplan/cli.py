@@ -158,7 +158,7 @@ def _parse_modules(texts: Sequence[str]) -> tuple[tuple[int, int], ...]:
 @command("finetune-sparse")
 def _finetune_sparse(args: argparse.Namespace) -> None:
     from ditplan.models.adapters import load_adapter, model_folder
-    from ditplan.models.finetune_sparse import (
+    from ditplan.strategies.finetune_sparse import (
         FinetuneConfig,
         export_sparse,
         finetune_sparse,

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torchvision.utils import save_image
 
 from ditplan.models.adapters import adapter_from_spec
-from ditplan.models.sampling import sample_with_plan
+from ditplan.strategies.apply import sample_with_plan
 from ditplan.plan import load_plan
 from ditplan.spec import load_spec
 

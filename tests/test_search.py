@@ -115,7 +115,7 @@ def test_a_search_with_sparsedit_choices_runs_plans_on_the_fine_tuned_network(lo
     from diffusers import DDPMScheduler
 
     from ditplan.models.adapters import load_adapter
-    from ditplan.models.finetune_sparse import (
+    from ditplan.strategies.finetune_sparse import (
         FinetuneConfig,
         export_sparse,
         finetune_sparse,

@@ -10,21 +10,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from ditplan.evaluators.cost import plan_flops
 from ditplan.models.adapters import adapter_from_spec, load_adapter
 from ditplan.models.context import StepContext, step_context
-from ditplan.models.finetune_sparse import (
+from ditplan.models.adapters import sparse_networks
+from ditplan.strategies.finetune_sparse import (
     FinetuneConfig,
     export_sparse,
     finetune_sparse,
-    sparse_networks,
 )
-from ditplan.models.sampling import (
-    SamplerSettings,
-    guided_prediction,
-    plan_target,
-    sample_with_plan,
-)
+from ditplan.models.sampling import SamplerSettings, guided_prediction, plan_target
 from ditplan.plan import Plan, PlanError, load_plan
 from ditplan.spec import load_spec
-from ditplan.strategies import apply_plan, remove_plan
+from ditplan.strategies import apply_plan, remove_plan, sample_with_plan
 from ditplan.strategies.curves import CURVES, curve_from_dict
 from ditplan.strategies.sdtm import SparseLayout
 from tests.conftest import DATA

@@ -94,18 +94,3 @@ def test_compare_refuses_a_folder_that_is_not_a_run(tmp_path):
 def test_shipped_experiment_files_validate_offline(name):
     spec = load_spec(DATA.parent.parent / "experiments" / name)
     assert spec.search.objectives and spec.sampler.num_steps > 0
-
-
-def test_the_python_api_applies_a_plan_to_a_pipeline_object(tiny_adapter, tiny_spec):
-    from ditplan.models.sampling import plan_target
-    from ditplan.plan import Plan
-
-    class Pipeline:  # what a diffusers pipeline looks like to apply_plan
-        transformer = tiny_adapter.transformer
-
-    target = plan_target(tiny_adapter, tiny_spec.sampler.settings())
-    ditplan.apply_plan(Pipeline(), Plan.uniform(target), target)
-    assert hasattr(tiny_adapter.transformer, "_ditplan_runtime")
-    ditplan.remove_plan(Pipeline())
-    assert not hasattr(tiny_adapter.transformer, "_ditplan_runtime")
-    assert isinstance(ditplan.sample(tiny_adapter, [1], [0], tiny_spec.sampler.settings()), torch.Tensor)

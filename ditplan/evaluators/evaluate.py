@@ -14,7 +14,7 @@ from ditplan.evaluators.cost import attention_time_share, interleaved_times, pea
 from ditplan.evaluators.fidelity import FidelityEvaluator
 from ditplan.evaluators.reference import dense_reference
 from ditplan.models.adapters import ModelAdapter
-from ditplan.models.sampling import sample_with_plan
+from ditplan.strategies.apply import sample_with_plan
 from ditplan.plan import Plan
 from ditplan.spec import ExperimentSpec
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import yaml
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
@@ -28,7 +29,6 @@ from safetensors.torch import load_file
 
 from ditplan.models.embedded import EMBEDDED_PATH
 from ditplan.plan import Plan, PlanError
-from ditplan.strategies.sdtm import new_merges
 
 if TYPE_CHECKING:
     from ditplan.spec import ModelSpec
@@ -238,15 +238,14 @@ def load_adapter(
         base_schedule: dict[str, Any] = DDPMScheduler().config
     elif source is not None:
         path = str(model_folder(source))
-        # NOTE: low_cpu_mem_usage needs accelerate (not a dependency); without it diffusers warns each load
-        transformer = transformer_cls.from_pretrained(path, subfolder="transformer", low_cpu_mem_usage=False)
+        transformer = load_transformer(transformer_cls, Path(path))
         base_schedule = DDPMScheduler.load_config(path, subfolder="scheduler")
         model_id = source
         adapter_kwargs.setdefault("merges", load_merges(Path(path), transformer))
     else:
         raise ValueError("a model needs a source (a folder, a hub id or 'embedded') or a config dict; give one")
     schedule = {**base_schedule, **(scheduler_config or {})}
-    vae_model = AutoencoderKL.from_pretrained(vae, subfolder="vae") if vae else None
+    vae_model = AutoencoderKL.from_pretrained(vae, subfolder="vae", low_cpu_mem_usage=False) if vae else None
     return adapter_cls(transformer, schedule, model_id, vae=vae_model, **adapter_kwargs)
 
 
@@ -256,6 +255,19 @@ def model_folder(source: str) -> Path:
 
 
 MERGES_FILE = "sparse_merge.safetensors"
+LAYOUT_FILE = "sparse_layout.yaml"
+
+
+def new_merges(num_modules: int, dim: int) -> torch.nn.ModuleList:
+    """The merge of each module at its start: ``up`` = identity, ``skip`` = zero."""
+    merges = torch.nn.ModuleList()
+    for _ in range(num_modules):
+        merge = torch.nn.ModuleDict({"up": torch.nn.Linear(dim, dim, bias=False), "skip": torch.nn.Linear(dim, dim, bias=False)})
+        with torch.no_grad():
+            merge["up"].weight.copy_(torch.eye(dim))
+            merge["skip"].weight.zero_()
+        merges.append(merge)
+    return merges
 
 
 def load_merges(folder: Path, transformer: torch.nn.Module) -> torch.nn.ModuleList | None:
@@ -284,14 +296,8 @@ def load_sparse_network(adapter: ModelAdapter, weights: str) -> ModelAdapter:
     adapter like ``adapter`` (same conditioning, schedule, VAE, device); loaded once per adapter."""
     networks = adapter.__dict__.setdefault("_sparse_networks", {})
     if weights not in networks:
-        folder = model_folder(adapter.model_id) / weights
-        if not (folder / "transformer").is_dir():
-            raise PlanError(
-                f"plan needs the fine-tuned SparseDiT network {weights!r}, but {folder} holds none; make it with "
-                "`ditplan finetune-sparse` for this model"
-            )
-        transformer_cls = type(adapter.transformer)
-        transformer = transformer_cls.from_pretrained(str(folder), subfolder="transformer", low_cpu_mem_usage=False)
+        folder = sparse_network_folder(model_folder(adapter.model_id), weights)
+        transformer = load_transformer(type(adapter.transformer), folder)
         tuned = copy.copy(adapter)
         tuned.__dict__.pop("weights_hash", None)
         tuned.__dict__.pop("_sparse_networks", None)
@@ -300,6 +306,33 @@ def load_sparse_network(adapter: ModelAdapter, weights: str) -> ModelAdapter:
         tuned.model_id = str(folder)
         networks[weights] = tuned.to(next(adapter.transformer.parameters()).device)
     return networks[weights]
+
+
+def sparse_network_folder(base: Path, weights: str) -> Path:
+    """The folder of the fine-tuned SparseDiT network a plan names (``sparse.weights``, relative to the base
+    model's folder ``base``); a path that leaves ``base`` or holds no network is refused."""
+    folder = (Path(base) / weights).resolve()
+    if Path(weights).is_absolute() or not folder.is_relative_to(Path(base).resolve()):
+        raise PlanError(f"plan's sparse.weights {weights!r} leaves the model folder {base}; a fine-tuned network must "
+                        "lie inside it, e.g. sparse/p1-s1_5")
+    if not (folder / "transformer").is_dir():
+        raise PlanError(f"plan needs the fine-tuned SparseDiT network {weights!r}, but {folder} holds none; make it "
+                        "with `ditplan finetune-sparse` for this model")
+    return folder
+
+
+def load_transformer(transformer_cls: type[torch.nn.Module], folder: Path) -> torch.nn.Module:
+    """The transformer of a model folder in diffusers layout (``<folder>/transformer``)."""
+    # NOTE: low_cpu_mem_usage needs accelerate (not a dependency); without it diffusers warns each load
+    return transformer_cls.from_pretrained(str(folder), subfolder="transformer", low_cpu_mem_usage=False)
+
+
+def sparse_networks(base_folder: Path) -> dict[str, dict]:
+    """The fine-tuned SparseDiT networks next to a base model: relative folder → its ``sparse_layout.yaml``."""
+    out = {}
+    for info in sorted((base_folder / "sparse").glob(f"*/{LAYOUT_FILE}")):
+        out[str(info.parent.relative_to(base_folder))] = yaml.safe_load(info.read_text())
+    return out
 
 
 def read_prompt_embeddings(path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -1,8 +1,8 @@
 """ditplan's denoising loop on diffusers schedulers, with classifier-free guidance and step tracking.
 
 Every sample has its own seed, so a sample does not depend on which batch it was drawn in. The loop
-publishes the step index and CFG layout (:mod:`ditplan.models.context`) and resets the state of any
-installed plan before each run, also when the previous run failed.
+publishes the step index, CFG layout and run id (:mod:`ditplan.models.context`) and resets diffusers'
+stateful hooks (an applied plan's caches) after each run, also a failed one. It knows no strategy.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ditplan.models.adapters import ModelAdapter, load_for_plan
-from ditplan.models.context import StepContext, step_context
-from ditplan.plan import Plan, PlanTarget
+from ditplan.models.adapters import ModelAdapter
+from ditplan.models.context import StepContext, new_run_id, step_context
+from ditplan.plan import PlanTarget
 from ditplan.progress import progress_bar
 
 # name → (scheduler class, settings over the model's noise schedule)
@@ -86,17 +86,15 @@ def sample_batch(
     predict: PredictFn | None = None,
 ) -> torch.Tensor:
     """Sample one batch; returns the final latents (N, C, H, W) (not decoded)."""
-    from ditplan.strategies.apply import reset_plan_state
-
     device = next(adapter.transformer.parameters()).device
     scheduler = make_scheduler(adapter, settings.scheduler)
     scheduler.set_timesteps(settings.num_steps, device=device)
     inputs = adapter.conditioning(conditions, device).for_batch(settings.cfg)
     latents = initial_noise(adapter, seeds, device) * scheduler.init_noise_sigma
-    reset_plan_state(adapter.transformer)
+    run = new_run_id()
     try:
         for i, t in enumerate(scheduler.timesteps):
-            with step_context(StepContext(step=i, num_steps=settings.num_steps, cfg=settings.cfg)):
+            with step_context(StepContext(step=i, num_steps=settings.num_steps, cfg=settings.cfg, run=run)):
                 model_in = scheduler.scale_model_input(latents, t)
                 if predict is None:
                     prediction = guided_prediction(adapter, model_in, t, inputs, settings)
@@ -106,9 +104,16 @@ def sample_batch(
             if on_step is not None:
                 on_step(i, latents)
     finally:
-        # NOTE: caches of a failed run must not leak into the next one.
-        reset_plan_state(adapter.transformer)
+        # NOTE: state kept by hooks (an applied plan's caches) must not outlive the run, failed or not.
+        reset_stateful_hooks(adapter.transformer)
     return latents
+
+
+def reset_stateful_hooks(module: torch.nn.Module) -> None:
+    """Reset the state of every stateful diffusers hook on ``module`` and its children."""
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is not None:
+        registry.reset_stateful_hooks()
 
 
 def sample(
@@ -131,31 +136,6 @@ def sample(
             latents = sample_batch(adapter, batch_conditions, batch_seeds, settings, lambda *_: bar.update(1))
             out.append(adapter.decode(latents) if decode else latents)
     return torch.cat(out).cpu()
-
-
-def sample_with_plan(
-    adapter: ModelAdapter,
-    plan: Plan | None,
-    conditions: Sequence[Any],
-    seeds: Sequence[int],
-    settings: SamplerSettings,
-    show_progress: bool = False,
-) -> tuple[torch.Tensor, int]:
-    """Sample under ``plan`` (dense when None), checked against this model and sampler, and remove
-    it again; returns the samples and the peak bytes the plan's caches held. A plan made for a
-    fine-tuned SparseDiT network runs on that network, loaded from next to ``adapter``'s weights."""
-    from ditplan.strategies.apply import apply_plan, remove_plan
-
-    if plan is not None:
-        adapter = load_for_plan(adapter, plan)
-
-    runtime = (
-        apply_plan(adapter.transformer, plan, plan_target(adapter, settings), adapter.merges) if plan is not None else None
-    )
-    try:
-        return sample(adapter, conditions, seeds, settings, show_progress), runtime.peak_cache_bytes if runtime else 0
-    finally:
-        remove_plan(adapter.transformer)
 
 
 def plan_target(adapter: ModelAdapter, settings: SamplerSettings) -> PlanTarget:

@@ -22,7 +22,7 @@ import optuna
 
 from ditplan.errors import UserError
 from ditplan.models.adapters import ModelAdapter, load_sparse_network, model_folder
-from ditplan.models.finetune_sparse import sparse_networks
+from ditplan.models.adapters import sparse_networks
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, PlanTarget
 from ditplan.spec import ExperimentSpec

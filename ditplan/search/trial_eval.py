@@ -16,7 +16,7 @@ from ditplan.evaluators.base import METRIC_DIRECTIONS
 from ditplan.evaluators.cost import plan_flops
 from ditplan.evaluators.fidelity import FidelityEvaluator
 from ditplan.models.adapters import ModelAdapter, adapter_from_spec
-from ditplan.models.sampling import sample_with_plan
+from ditplan.strategies.apply import sample_with_plan
 from ditplan.plan import Plan
 from ditplan.spec import ExperimentSpec
 

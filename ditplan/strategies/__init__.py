@@ -1,7 +1,7 @@
 """Strategies and their registry. Importing this package registers the built-in strategies."""
 
 from ditplan.strategies import asc, ast, full, poolingformer, wars  # noqa: F401  (registers the built-in strategies)
-from ditplan.strategies.apply import apply_plan, remove_plan, reset_plan_state
+from ditplan.strategies.apply import apply_plan, remove_plan, sample_with_plan
 from ditplan.strategies.base import STRATEGIES, AttentionCall, AttentionShape, Strategy, get_strategy_class, register
 
 __all__ = [
@@ -13,5 +13,5 @@ __all__ = [
     "get_strategy_class",
     "register",
     "remove_plan",
-    "reset_plan_state",
+    "sample_with_plan",
 ]

@@ -2,21 +2,31 @@
 
 Each self-attention module (``attn1`` of every block) gets a :class:`PlanAttnProcessor` through
 diffusers' own ``set_processor``; it looks up the strategy of its (step, layer) cell at every call.
+The transformer itself gets a stateful diffusers hook (:class:`PlanStepHook`) that, at each call,
+takes the step from the loop that publishes it (ditplan's own loop, :func:`denoising_step` in a
+user's loop) or from a :class:`StepClock` (a stock pipeline, :mod:`ditplan.strategies.pipeline`),
+starts empty caches at each new sampling run and is reset by diffusers' ``reset_stateful_hooks``.
 The original processor objects are kept and put back by :func:`remove_plan`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
 
-from ditplan.models.context import current_step
+from ditplan.models.adapters import ModelAdapter, load_for_plan, new_merges
+from ditplan.models.context import StepContext, current_step, step_context
+from ditplan.models.sampling import SamplerSettings, plan_target, sample
 from ditplan.plan import Plan, PlanError, PlanTarget
 from ditplan.strategies.base import AttentionCall, Strategy, get_strategy_class
-from ditplan.strategies.sdtm import SparseLayout, SparseRuntime, new_merges
+from ditplan.strategies.hooks import remove_hook
+from ditplan.strategies.sdtm import SparseLayout, SparseRuntime
 
 _RUNTIME_ATTR = "_ditplan_runtime"
+STEP_HOOK = "ditplan_plan_step"
 
 
 def sparse_layout(plan: Plan) -> SparseLayout | None:
@@ -122,6 +132,10 @@ class PlanRuntime:
         self.caches: list[dict[str, torch.Tensor]] = [{} for _ in originals]
         self.frozen = False
         self.peak_cache_bytes = 0
+        self.run: int | None = None  # the sampling run the caches belong to
+        self.last_step = -1
+        # the transformer's own weights while a fine-tuned SparseDiT network's are swapped in
+        self.original_weights: dict[str, torch.Tensor] | None = None
 
     @property
     def plan(self) -> Plan:
@@ -144,11 +158,63 @@ class PlanRuntime:
     def cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for cache in self.caches for t in cache.values())
 
+    def enter(self, context: StepContext) -> None:
+        """Called at every transformer call: check the step count, and start empty caches when the call
+        belongs to a new sampling run (another run id, or a step lower than the last one)."""
+        if context.num_steps != self.plan.num_steps:
+            raise PlanError(
+                f"plan has {self.plan.num_steps} steps but the sampler runs {context.num_steps}; "
+                "sample with the plan's step count or make a plan for this one"
+            )
+        if context.run != self.run or (context.run is None and context.step < self.last_step):
+            self.reset()
+            self.run = context.run
+        self.last_step = context.step
+
     def reset(self) -> None:
         for cache in self.caches:
             cache.clear()
         if self.sparse is not None:
             self.sparse.reset()
+        self.last_step = -1
+
+
+class StepClock(Protocol):
+    """Derives the step of a transformer call that no loop published (see ``pipeline.PipelineClock``)."""
+
+    def context_for(self, args: tuple, kwargs: dict) -> StepContext:
+        """Called at each transformer call without a published step; raises ``PlanError`` when the call
+        does not fit the schedule."""
+
+
+class PlanStepHook(ModelHook):
+    """The transformer-level hook of an applied plan: publishes the step for the plan's processors and
+    hooks during the forward, and owns the run's state (``reset_state`` clears the caches)."""
+
+    _is_stateful = True
+
+    def __init__(self, runtime: PlanRuntime) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.clock: StepClock | None = None  # set when the plan is applied to a pipeline
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        context = current_step()
+        if context is None:
+            if self.clock is None:
+                raise PlanError(
+                    "a ditplan plan is applied to this transformer but the denoising step is unknown: apply the plan "
+                    "to the diffusers pipeline instead (ditplan.apply_plan(pipe, plan)), wrap each call in "
+                    "`with ditplan.denoising_step(i, num_steps):`, or remove_plan first"
+                )
+            context = self.clock.context_for(args, kwargs)
+        self.runtime.enter(context)
+        with step_context(context):
+            return self.fn_ref.original_forward(*args, **kwargs)
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.runtime.reset()
+        return module
 
 
 class PlanAttnProcessor:
@@ -162,14 +228,9 @@ class PlanAttnProcessor:
         context = current_step()
         runtime = self.runtime
         if context is None:
-            raise RuntimeError(
-                "a ditplan plan is applied but the transformer was called outside ditplan's sampling loop, so the "
-                "step is unknown; sample with ditplan.models.sampling.sample, or remove_plan(transformer) first"
-            )
-        if context.num_steps != runtime.plan.num_steps:
             raise PlanError(
-                f"plan has {runtime.plan.num_steps} steps but the sampler runs {context.num_steps}; "
-                "sample with the plan's step count or make a plan for this one"
+                "a block of a transformer with a ditplan plan was called on its own, so the step is unknown; call the "
+                "transformer, or wrap the call in `with ditplan.denoising_step(i, num_steps):`"
             )
         if args:
             raise TypeError("ditplan's attention processor takes keyword arguments only after hidden_states")
@@ -245,12 +306,19 @@ def apply_plan(
         attn.set_processor(PlanAttnProcessor(runtime, index))
     if sparse is not None:
         sparse.install(transformer.transformer_blocks)
+    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(PlanStepHook(runtime), STEP_HOOK)
     setattr(transformer, _RUNTIME_ATTR, runtime)
     return runtime
 
 
+def step_hook(transformer: torch.nn.Module) -> PlanStepHook:
+    """The step hook of the plan applied to ``transformer``."""
+    return transformer._diffusers_hook.get_hook(STEP_HOOK)
+
+
 def remove_plan(transformer: torch.nn.Module) -> None:
-    """Put the original attention processors back; a transformer without a plan is left alone."""
+    """Put the original attention processors back and remove the plan's hooks; a transformer without
+    a plan is left alone."""
     runtime = get_runtime(transformer)
     if runtime is None:
         return
@@ -258,12 +326,29 @@ def remove_plan(transformer: torch.nn.Module) -> None:
         attn.set_processor(original)
     if runtime.sparse is not None:
         runtime.sparse.remove(transformer.transformer_blocks)
+    remove_hook(transformer, STEP_HOOK)
+    if runtime.original_weights is not None:
+        transformer.load_state_dict(runtime.original_weights)
     runtime.reset()
     delattr(transformer, _RUNTIME_ATTR)
 
 
-def reset_plan_state(transformer: torch.nn.Module) -> None:
-    """Clear the caches of an applied plan (called before and after every sampling run)."""
-    runtime = get_runtime(transformer)
-    if runtime is not None:
-        runtime.reset()
+def sample_with_plan(
+    adapter: ModelAdapter,
+    plan: Plan | None,
+    conditions: Sequence[Any],
+    seeds: Sequence[int],
+    settings: SamplerSettings,
+    show_progress: bool = False,
+) -> tuple[torch.Tensor, int]:
+    """Sample under ``plan`` (dense when None), checked against this model and sampler, and remove
+    it again; returns the samples and the peak bytes the plan's caches held. A plan made for a
+    fine-tuned SparseDiT network runs on that network, loaded from next to ``adapter``'s weights."""
+    if plan is None:
+        return sample(adapter, conditions, seeds, settings, show_progress), 0
+    adapter = load_for_plan(adapter, plan)
+    runtime = apply_plan(adapter.transformer, plan, plan_target(adapter, settings), adapter.merges)
+    try:
+        return sample(adapter, conditions, seeds, settings, show_progress), runtime.peak_cache_bytes
+    finally:
+        remove_plan(adapter.transformer)

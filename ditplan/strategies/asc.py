@@ -17,7 +17,7 @@ class AttentionShareCFG(Strategy):
     writes = frozenset({"output"})
 
     def attention(self, call: AttentionCall) -> torch.Tensor:
-        return conditional_half_only(call.hidden_states, call.cfg_halves(), call.original)
+        return conditional_half_only(call.hidden_states, call.context, call.original)
 
     def attention_flops(self, shape: AttentionShape, cfg: bool, writes: frozenset[str]) -> float:
         return dense_attention_flops(shape, batch=shape.batch // 2 if cfg else shape.batch)

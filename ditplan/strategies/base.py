@@ -65,10 +65,6 @@ class AttentionCall:
         """The strategy of the next step that reads cache ``entry`` (it defines how the entry is made)."""
         return self._reader(entry)
 
-    def cfg_halves(self) -> bool:
-        """Whether the batch is ``[cond; uncond]`` halves (classifier-free guidance)."""
-        return self.context.cfg
-
     def original(self, hidden_states: torch.Tensor | None = None) -> torch.Tensor:
         """The layer's own (unmodified diffusers) attention on ``hidden_states`` (default: the input)."""
         x = self.hidden_states if hidden_states is None else hidden_states

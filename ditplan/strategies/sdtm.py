@@ -36,6 +36,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from ditplan.models.context import current_step
 from ditplan.strategies.curves import PruningCurve, curve_from_dict
+from ditplan.strategies.hooks import remove_hook
 
 _GENERATE = "ditplan_sdtm_generate"
 _RECOVER = "ditplan_sdtm_recover"
@@ -122,18 +123,6 @@ class SparseLayout:
             out[start + 1 : end - 1] = [(m, m)] * (end - start - 2)
             out[end - 1] = (n, m)
         return out
-
-
-def new_merges(num_modules: int, dim: int) -> torch.nn.ModuleList:
-    """The merge of each module at its start: ``up`` = identity, ``skip`` = zero."""
-    merges = torch.nn.ModuleList()
-    for _ in range(num_modules):
-        merge = torch.nn.ModuleDict({"up": torch.nn.Linear(dim, dim, bias=False), "skip": torch.nn.Linear(dim, dim, bias=False)})
-        with torch.no_grad():
-            merge["up"].weight.copy_(torch.eye(dim))
-            merge["skip"].weight.zero_()
-        merges.append(merge)
-    return merges
 
 
 def pool_tokens(x: torch.Tensor, side: int) -> torch.Tensor:
@@ -241,15 +230,8 @@ class SparseRuntime:
 
     def remove(self, blocks: Sequence[torch.nn.Module]) -> None:
         for start, end in self.layout.modules:
-            for block, name in ((blocks[start], _GENERATE), (blocks[end - 1], _RECOVER)):
-                registry = getattr(block, "_diffusers_hook", None)
-                if registry is None:
-                    continue
-                registry.remove_hook(name, recurse=False)
-                if not registry.hooks:
-                    # NOTE: leave no trace: diffusers keeps the registry and an instance-level forward.
-                    del block._diffusers_hook
-                    block.__dict__.pop("forward", None)
+            remove_hook(blocks[start], _GENERATE)
+            remove_hook(blocks[end - 1], _RECOVER)
         self.reset()
 
     def reset(self) -> None:

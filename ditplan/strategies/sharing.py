@@ -6,11 +6,17 @@ from collections.abc import Callable
 
 import torch
 
+from ditplan.models.context import StepContext
 
-def conditional_half_only(x: torch.Tensor, cfg: bool, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """ASC: run ``compute`` on the conditional half of a ``[cond; uncond]`` batch and use the result
-    for both halves. Without CFG there is nothing to share and ``compute`` sees the whole batch."""
-    if not cfg:
+
+def conditional_half_only(
+    x: torch.Tensor, context: StepContext, compute: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """ASC: run ``compute`` on the conditional half of a CFG batch (the first half of ``[cond; uncond]``,
+    the second of ``[uncond; cond]``, as ``context`` says) and use the result for both halves. Without
+    CFG there is nothing to share and ``compute`` sees the whole batch."""
+    if not context.cfg:
         return compute(x)
-    half = compute(x[: x.shape[0] // 2])  # (B/2, N, C)
-    return torch.cat([half, half])
+    half = x.shape[0] // 2
+    shared = compute(x[:half] if context.cond_first else x[half:])  # (B/2, N, C)
+    return torch.cat([shared, shared])

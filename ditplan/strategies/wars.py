@@ -97,8 +97,11 @@ class WindowResidual(Strategy):
             q, k, v = project_qkv(call.attn, x)
             return merge_heads(window_attention(q, k, v, self.layout))  # (B', N, C)
 
-        cfg = self.share_cfg and call.cfg_halves()
-        merged = conditional_half_only(call.hidden_states, cfg, windowed) + call.cache["residual"]
+        if self.share_cfg:
+            merged = conditional_half_only(call.hidden_states, call.context, windowed)
+        else:
+            merged = windowed(call.hidden_states)
+        merged = merged + call.cache["residual"]
         return project_out(call.attn, merged)
 
     def attention_flops(self, shape: AttentionShape, cfg: bool, writes: frozenset[str]) -> float:

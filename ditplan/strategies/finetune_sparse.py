@@ -27,11 +27,13 @@ from safetensors.torch import save_file
 
 from ditplan.errors import UserError
 from ditplan.models.adapters import (
+    LAYOUT_FILE,
     MERGES_FILE,
     DiTAdapter,
     ModelAdapter,
     load_sparse_network,
     network_hash,
+    new_merges,
 )
 from ditplan.models.context import StepContext, step_context
 from ditplan.models.digits import load_digits
@@ -40,10 +42,9 @@ from ditplan.models.training import atomic_save, checkpoint_and_stop, optimiser_
 from ditplan.plan import Plan, PlanTarget
 from ditplan.progress import progress_bar
 from ditplan.strategies.apply import apply_plan, remove_plan
-from ditplan.strategies.sdtm import SparseLayout, new_merges
+from ditplan.strategies.sdtm import SparseLayout
 
 CHECKPOINT_NAME = "finetune.pt"
-LAYOUT_FILE = "sparse_layout.yaml"
 
 
 @dataclass(frozen=True)
@@ -191,12 +192,3 @@ def export_sparse(teacher: ModelAdapter, base_folder: Path, layout: SparseLayout
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
     return dest
-
-
-def sparse_networks(base_folder: Path) -> dict[str, dict]:
-    """The fine-tuned SparseDiT networks next to a base model: relative folder → its ``sparse_layout.yaml``."""
-    out = {}
-    for info in sorted((base_folder / "sparse").glob(f"*/{LAYOUT_FILE}")):
-        out[str(info.parent.relative_to(base_folder))] = yaml.safe_load(info.read_text())
-    return out
-

@@ -1,0 +1,279 @@
+"""Plans in stock diffusers pipelines: ``ditplan.apply_plan(pipe, plan)`` then ``pipe(...)``.
+
+Tiny random DiT (latent, with a tiny VAE) and PixArt pipelines are saved with ``save_pretrained`` and
+loaded back with ``from_pretrained``, as a user's own would be; the embedded digit DiT runs in a stock
+``DiTPipeline`` for the SparseDiT plan.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    DPMSolverMultistepScheduler,
+    PixArtAlphaPipeline,
+    PixArtTransformer2DModel,
+)
+from safetensors.torch import load_file
+
+import ditplan
+from ditplan.cli import main
+from ditplan.models.adapters import load_adapter, read_prompt_embeddings
+from ditplan.models.embedded import EMBEDDED_PATH
+from ditplan.models.sampling import SamplerSettings, plan_target
+from ditplan.plan import Plan, PlanError
+from ditplan.strategies import pipeline as pipeline_module
+from ditplan.strategies.apply import get_runtime, sample_with_plan, step_hook
+from ditplan.strategies.finetune_sparse import layout_plan
+from ditplan.strategies.sdtm import SparseLayout
+from ditplan.strategies.curves import Constant
+from tests.conftest import DATA
+
+README = Path(__file__).parent.parent / "README.md"
+DIT = SamplerSettings(scheduler="dpmsolver++", num_steps=4, guidance_scale=3.0, batch_size=8)
+PIXART = SamplerSettings(scheduler="ddim", num_steps=3, guidance_scale=4.5, batch_size=8)
+# every attention strategy, in both layers, after a dense first step
+MIXED = [["full", "full"], ["ast", "asc"], ["wars", "wars+asc"], ["asc", "wars"]]
+
+
+def tiny_vae() -> AutoencoderKL:
+    torch.manual_seed(1)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
+                         norm_num_groups=4, sample_size=16)
+
+
+@pytest.fixture(scope="module")
+def dit_folder(tmp_path_factory) -> Path:
+    """A latent DiT pipeline (16 tokens, 1000 classes as DiTPipeline assumes) saved like a hub model."""
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2,
+                                        num_attention_heads=2, attention_head_dim=8, num_embeds_ada_norm=1000)
+    folder = tmp_path_factory.mktemp("pipelines") / "tiny-dit"
+    DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=DPMSolverMultistepScheduler()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pixart_folder(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2,
+                                           num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                                           caption_channels=32, norm_num_groups=4)
+    folder = tmp_path_factory.mktemp("pipelines") / "tiny-pixart"
+    PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=tiny_vae(), transformer=transformer,
+                        scheduler=DDIMScheduler()).save_pretrained(folder)
+    return folder
+
+
+def dit_pipe(folder: Path) -> DiTPipeline:
+    pipe = DiTPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generators(seeds: list[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def run_dit(pipe: DiTPipeline, labels: list[int], seeds: list[int], **kwargs) -> np.ndarray:
+    args = {"num_inference_steps": DIT.num_steps, "guidance_scale": DIT.guidance_scale, **kwargs}
+    return pipe(class_labels=labels, generator=generators(seeds), output_type="np", **args).images  # (N, H, W, 3)
+
+
+def as_pipeline_images(samples: torch.Tensor) -> np.ndarray:
+    """ditplan's samples (N, C, H, W) in [-1, 1] → what a pipeline returns for output_type="np"."""
+    return (samples / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def plan_for(adapter, settings: SamplerSettings, rows: list[list[str]]) -> Plan:
+    return Plan(plan_target(adapter, settings), tuple(tuple(r) for r in rows))
+
+
+def test_a_dit_pipeline_runs_a_plan_as_ditplan_generate_does(dit_folder, tmp_path):
+    adapter = load_adapter("dit", str(dit_folder), vae=str(dit_folder))
+    plan_path = plan_for(adapter, DIT, MIXED).save(tmp_path / "plan.yaml")
+    experiment = tmp_path / "experiment.yaml"
+    experiment.write_text(
+        f"name: tiny\nmodel: {{kind: dit, source: {dit_folder}, vae: {dit_folder}, device: cpu}}\n"
+        "sampler: {scheduler: dpmsolver++, num_steps: 4, guidance_scale: 3.0, batch_size: 8}\n"
+        "workload: {classes: [1, 2, 3], samples_per_condition: 1, seed: 5}\n"
+    )
+    main(["generate", "--experiment", str(experiment), "--plan", str(plan_path), "--out", str(tmp_path / "g")])
+    ours = load_file(tmp_path / "g" / "samples.safetensors")["samples"]
+
+    pipe = dit_pipe(dit_folder)
+    ditplan.apply_plan(pipe, plan_path)
+    images = run_dit(pipe, [1, 2, 3], [5, 6, 7])
+    np.testing.assert_allclose(images, as_pipeline_images(ours), rtol=0, atol=1e-5)
+    dense = run_dit(dit_pipe(dit_folder), [1, 2, 3], [5, 6, 7])
+    assert np.abs(images - dense).max() > 1e-3  # the plan really changed the computation
+
+
+def test_an_all_full_plan_is_bit_identical_to_no_plan_and_removal_restores_the_pipeline(dit_folder):
+    pipe = dit_pipe(dit_folder)
+    processors = [block.attn1.processor for block in pipe.transformer.transformer_blocks]
+    state = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    before = run_dit(pipe, [4, 9], [0, 1])
+    adapter = load_adapter("dit", str(dit_folder), vae=str(dit_folder))
+    ditplan.apply_plan(pipe, plan_for(adapter, DIT, [["full", "full"]] * 4))
+    assert np.array_equal(run_dit(pipe, [4, 9], [0, 1]), before)
+    ditplan.remove_plan(pipe)
+    ditplan.apply_plan(pipe, plan_for(adapter, DIT, MIXED))
+    assert not np.array_equal(run_dit(pipe, [4, 9], [0, 1]), before)
+    ditplan.remove_plan(pipe)
+    assert type(pipe) is DiTPipeline and "_ditplan_original_class" not in pipe.__dict__
+    assert not hasattr(pipe.transformer, "_diffusers_hook") and "forward" not in pipe.transformer.__dict__
+    assert [block.attn1.processor for block in pipe.transformer.transformer_blocks] == processors
+    assert all(torch.equal(v, state[k]) for k, v in pipe.transformer.state_dict().items())
+    assert np.array_equal(run_dit(pipe, [4, 9], [0, 1]), before)
+
+
+def pixart_call(pipe: PixArtAlphaPipeline, prompts: list[str], seeds: list[int], embeddings: dict) -> np.ndarray:
+    def stack(names: list[str], part: int) -> torch.Tensor:
+        return torch.stack([embeddings[p][part] for p in names])
+
+    return pipe(negative_prompt=None, prompt_embeds=stack(prompts, 0), prompt_attention_mask=stack(prompts, 1),
+                negative_prompt_embeds=stack([""] * len(prompts), 0),
+                negative_prompt_attention_mask=stack([""] * len(prompts), 1),
+                num_inference_steps=PIXART.num_steps, guidance_scale=PIXART.guidance_scale,
+                generator=generators(seeds), use_resolution_binning=False, output_type="np").images
+
+
+def test_asc_in_a_pixart_pipeline_shares_the_conditional_half(pixart_folder, monkeypatch):
+    """PixArt batches [uncond; cond], ditplan's own loop [cond; uncond]: both must share the conditional half,
+    so the pipeline equals ditplan's loop; with the halves swapped it does not."""
+    embeddings = read_prompt_embeddings(str(DATA / "tiny-pixart-prompts.safetensors"))
+    adapter = load_adapter("pixart", str(pixart_folder), vae=str(pixart_folder), prompt_embeddings=embeddings)
+    prompts, seeds = ["a red circle", "a blue square"], [3, 4]
+    plan = plan_for(adapter, PIXART, [["full", "full"], ["asc", "asc"], ["asc", "wars+asc"]])
+    ours = as_pipeline_images(sample_with_plan(adapter, plan, prompts, seeds, PIXART)[0])
+    pipe = PixArtAlphaPipeline.from_pretrained(pixart_folder)
+    pipe.set_progress_bar_config(disable=True)
+    ditplan.apply_plan(pipe, plan)
+    np.testing.assert_allclose(pixart_call(pipe, prompts, seeds, embeddings), ours, rtol=0, atol=1e-5)
+    ditplan.remove_plan(pipe)
+
+    monkeypatch.setitem(pipeline_module.PIPELINE_CFG_ORDERS, "PixArtAlphaPipeline", "cond-uncond")
+    ditplan.apply_plan(pipe, plan)
+    assert np.abs(pixart_call(pipe, prompts, seeds, embeddings) - ours).max() > 1e-3
+    ditplan.remove_plan(pipe)
+
+
+def test_a_plan_for_another_sampler_is_refused_at_the_first_call_in_one_line(dit_folder):
+    adapter = load_adapter("dit", str(dit_folder), vae=str(dit_folder))
+    pipe = dit_pipe(dit_folder)
+    ditplan.apply_plan(pipe, plan_for(adapter, DIT, MIXED))
+    with pytest.raises(PlanError, match="steps: plan has 4, call has num_inference_steps=5") as err:
+        run_dit(pipe, [1], [0], num_inference_steps=5)
+    assert "\n" not in str(err.value)
+    with pytest.raises(PlanError, match="guidance scale: plan has 3.0, call has guidance_scale=2.0"):
+        run_dit(pipe, [1], [0], guidance_scale=2.0)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(PlanError, match="scheduler: plan has 'dpmsolver\\+\\+', pipeline has DDIMScheduler"):
+        run_dit(pipe, [1], [0])
+    assert get_runtime(pipe.transformer).caches == [{}, {}]  # a refused call leaves nothing behind
+    ditplan.remove_plan(pipe)
+
+
+def test_calls_that_do_not_follow_the_schedule_fail_in_one_line(dit_folder):
+    adapter = load_adapter("dit", str(dit_folder), vae=str(dit_folder))
+    pipe = dit_pipe(dit_folder)
+    ditplan.apply_plan(pipe, plan_for(adapter, DIT, MIXED))
+    x, labels = torch.randn(2, 4, 8, 8), torch.tensor([1, 1000])
+    with pytest.raises(PlanError, match="call the pipeline"):
+        pipe.transformer(x, timestep=torch.tensor([999, 999]), class_labels=labels)
+    clock = step_hook(pipe.transformer).clock
+    clock.start(DIT.guidance_scale)  # as the pipeline's call does
+    pipe.scheduler.set_timesteps(DIT.num_steps)
+    first = pipe.scheduler.timesteps[0].expand(2)
+    pipe.transformer(x, timestep=first, class_labels=labels)
+    with pytest.raises(PlanError, match="called for step 0 .* after step 0 .* one transformer call per step"):
+        pipe.transformer(x, timestep=first, class_labels=labels)
+    with pytest.raises(PlanError, match="timestep 998.5, which the scheduler's 4 timesteps do not hold"):
+        pipe.transformer(x, timestep=torch.tensor([998.5, 998.5]), class_labels=labels)
+    ditplan.remove_plan(pipe)
+
+
+def test_a_bare_transformer_in_a_users_own_loop_is_told_the_step(dit_folder):
+    adapter = load_adapter("dit", str(dit_folder), vae=str(dit_folder))
+    plan = plan_for(adapter, DIT, MIXED)
+    expected = sample_with_plan(adapter, plan, [2, 8], [0, 1], DIT)[0]
+
+    transformer, vae = adapter.transformer, adapter.vae
+    ditplan.apply_plan(transformer, plan)
+    with pytest.raises(PlanError, match="denoising step is unknown"):
+        transformer(torch.randn(2, 4, 8, 8), timestep=torch.tensor([1, 1]), class_labels=torch.tensor([2, 1000]))
+    scheduler = DPMSolverMultistepScheduler.from_config(adapter.scheduler_config)
+    scheduler.set_timesteps(DIT.num_steps)
+    x = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in (0, 1)])
+    labels = torch.tensor([2, 8, 1000, 1000])  # [cond; uncond]
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            with ditplan.denoising_step(i, len(scheduler.timesteps), cfg="cond-uncond"):
+                out = transformer(torch.cat([x, x]), timestep=t.expand(4), class_labels=labels).sample[:, :4]
+            cond, uncond = out.chunk(2)
+            x = scheduler.step(uncond + DIT.guidance_scale * (cond - uncond), t, x).prev_sample
+        images = vae.decode(x / vae.config.scaling_factor).sample
+    ditplan.remove_plan(transformer)
+    torch.testing.assert_close(images, expected, rtol=0, atol=1e-5)
+
+
+def test_a_sparsedit_plan_swaps_in_its_network_in_a_stock_pipeline_and_removal_restores_the_weights(embedded_adapter):
+    from ditplan.models.pipelines import embedded_pipeline
+
+    settings = SamplerSettings(num_steps=4, guidance_scale=4.0)
+    layout = SparseLayout(modules=((1, 5),), curve=Constant(0.75), weights="sparse/p1-s1_5", pool_layers=1)
+    plan = layout_plan(embedded_adapter, layout, settings)
+    labels, seeds = [0, 7], [10, 11]
+    ours = as_pipeline_images(sample_with_plan(embedded_adapter, plan, labels, seeds, settings)[0])
+
+    pipe = embedded_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    state = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    call = {"class_labels": labels, "num_inference_steps": 4, "guidance_scale": 4.0, "output_type": "np"}
+    before = pipe(generator=generators(seeds), **call).images
+    ditplan.apply_plan(pipe, plan)
+    assert not torch.equal(pipe.transformer.pos_embed.proj.weight, state["pos_embed.proj.weight"])
+    np.testing.assert_allclose(pipe(generator=generators(seeds), **call).images, ours, rtol=0, atol=1e-5)
+    ditplan.remove_plan(pipe)
+    assert all(torch.equal(v, state[k]) for k, v in pipe.transformer.state_dict().items())
+    assert np.array_equal(pipe(generator=generators(seeds), **call).images, before)
+
+
+def test_a_plan_naming_a_network_outside_the_model_folder_is_refused(embedded_adapter, tmp_path):
+    from ditplan.models.pipelines import embedded_pipeline
+
+    layout = SparseLayout(modules=((1, 5),), curve=Constant(0.75), weights="sparse/p1-s1_5", pool_layers=1)
+    plan = layout_plan(embedded_adapter, layout, SamplerSettings(num_steps=4))
+    pipe = embedded_pipeline()
+    outside = tmp_path / "network"
+    (outside / "transformer").mkdir(parents=True)  # looks like a network, but lies outside the model folder
+    for weights in (os.path.relpath(outside, EMBEDDED_PATH), str(outside)):
+        with pytest.raises(PlanError, match="leaves the model folder"):
+            ditplan.apply_plan(pipe, Plan(plan.target, plan.grid, sparse={**plan.sparse, "weights": weights}))
+    assert get_runtime(pipe.transformer) is None
+
+
+def test_the_readme_snippet_runs_as_written(dit_folder, tmp_path, monkeypatch):
+    """The README's "Run a plan in your own diffusers pipeline" block, on the tiny pipeline and a plan for it."""
+    text = README.read_text()
+    snippet = re.search(r"## Run a plan in your own diffusers pipeline.*?```python\n(.*?)```", text, re.S).group(1)
+    adapter = load_adapter("dit", str(dit_folder), vae=str(dit_folder))
+    settings = SamplerSettings(num_steps=4, guidance_scale=4.0)
+    monkeypatch.chdir(tmp_path)
+    Path("my-dit-pipeline").symlink_to(dit_folder)
+    plan_for(adapter, settings, MIXED).save("plans/knee.yaml")
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert len(namespace["images"]) == 2 and namespace["images"][0].size == (16, 16)
+    assert get_runtime(namespace["pipe"].transformer) is None
