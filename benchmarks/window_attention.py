@@ -32,9 +32,10 @@ from ditplan.evaluators.cost import interleaved_times, plan_flops
 from ditplan.evaluators.fidelity import psnr, relative_l1
 from ditplan.models.adapters import load_adapter
 from ditplan.models.context import StepContext
-from ditplan.models.sampling import SamplerSettings, plan_target, sample_with_plan
+from ditplan.models.sampling import SamplerSettings, plan_target
 from ditplan.plan import Plan
 from ditplan.strategies import AttentionCall, AttentionShape, get_strategy_class
+from ditplan.strategies.apply import sample_with_plan
 from ditplan.strategies.attention import dense_attention, window_attention, window_layout
 
 # DiTFastAttn Table 2, "Attn Latency" (and "Attn FLOPs") as % of dense, A100.
