@@ -36,7 +36,11 @@ from ditplan.models.sampling import SamplerSettings, plan_target
 from ditplan.plan import Plan
 from ditplan.strategies import AttentionCall, AttentionShape, get_strategy_class
 from ditplan.strategies.apply import sample_with_plan
-from ditplan.strategies.attention import dense_attention, window_attention, window_layout
+from ditplan.strategies.attention import (
+    dense_attention,
+    window_attention,
+    window_layout,
+)
 
 # DiTFastAttn Table 2, "Attn Latency" (and "Attn FLOPs") as % of dense, A100.
 PAPER = {

@@ -10,9 +10,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from ditplan.errors import UserError
 from ditplan.models.context import StepContext
 from ditplan.models.sampling import plan_target
-from ditplan.plan import Plan, PlanError, PlanTarget
+from ditplan.plan import PlanError, PlanTarget
 from ditplan.search.space import build_space
-from ditplan.strategies import AttentionCall, AttentionShape, apply_plan, get_strategy_class, remove_plan
+from ditplan.strategies import (
+    AttentionCall,
+    AttentionShape,
+    apply_plan,
+    get_strategy_class,
+    remove_plan,
+)
 from ditplan.strategies.apply import build_strategies
 from ditplan.strategies.attention import (
     _gathered_attention,
