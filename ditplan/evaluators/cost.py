@@ -41,6 +41,8 @@ def plan_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSettin
         # (query, key/value) tokens of each block's attention; SDTM changes them, nothing else does
         tokens = layout.tokens_by_block(step, plan.num_steps, layers, n) if layout else [(n, n)] * layers
         for layer, (queries, keys) in enumerate(tokens):
+            if planner.strategy_at(step, layer).level == "block":
+                continue  # the whole block is skipped: its output comes from cached residuals
             other += rows * other_flops(adapter, text_tokens, queries)[0]
             if (queries, keys) != (n, n):  # an SDTM block: its attention is always computed
                 attention += cross_attention_flops(rows, queries, keys, shape.dim)

@@ -21,12 +21,13 @@ from ditplan.models.adapters import ModelAdapter, load_for_plan, new_merges
 from ditplan.models.context import StepContext, current_step, step_context
 from ditplan.models.sampling import SamplerSettings, plan_target, sample
 from ditplan.plan import Plan, PlanError, PlanTarget
-from ditplan.strategies.base import AttentionCall, Strategy, get_strategy_class
+from ditplan.strategies.base import BLOCK_ENTRY, AttentionCall, BlockStrategy, Strategy, get_strategy_class
 from ditplan.strategies.hooks import remove_hook
 from ditplan.strategies.sdtm import SparseLayout, SparseRuntime
 
 _RUNTIME_ATTR = "_ditplan_runtime"
 STEP_HOOK = "ditplan_plan_step"
+BLOCK_HOOK = "ditplan_block_cache"
 
 
 def sparse_layout(plan: Plan) -> SparseLayout | None:
@@ -87,9 +88,14 @@ class CachePlanner:
             strategy = self.strategy_at(later, layer)
             if entry in strategy.reads:
                 return strategy
-            if entry in strategy.writes:
+            if entry in cell_writes(strategy):
                 return None
         return None
+
+    def block_history(self, step: int, layer: int) -> int:
+        """How many computed residuals of block ``layer`` the block-level cells after ``step`` still use."""
+        later = (self.strategy_at(s, layer) for s in range(step + 1, self.plan.num_steps))
+        return max((s.history for s in later if isinstance(s, BlockStrategy)), default=0)
 
     def wants(self, step: int, layer: int) -> frozenset[str]:
         writes = self.strategy_at(step, layer).writes
@@ -106,7 +112,13 @@ class CachePlanner:
                         f"layer {layer} uses {strategy.name!r} at step {step}, which reuses the {sorted(missing)[0]} "
                         f"of an earlier step, but no earlier step of that layer computes it; make an earlier step 'full'"
                     )
-                written |= strategy.writes
+                written |= cell_writes(strategy)
+
+
+def cell_writes(strategy: Strategy) -> frozenset[str]:
+    """The cache entries a cell refreshes: its strategy's own, and the block residual wherever the block
+    computes (any attention-level cell)."""
+    return strategy.writes | ({BLOCK_ENTRY} if strategy.level == "attention" else frozenset())
 
 
 class PlanRuntime:
@@ -121,6 +133,8 @@ class PlanRuntime:
         self.sparse = sparse
         self.originals = originals
         self.caches: list[dict[str, torch.Tensor]] = [{} for _ in originals]
+        # per block: (step, output − input) of its last computed steps, while block-level cells read them
+        self.block_residuals: list[list[tuple[int, torch.Tensor]]] = [[] for _ in originals]
         self.frozen = False
         self.peak_cache_bytes = 0
         self.run: int | None = None  # the sampling run the caches belong to
@@ -147,7 +161,9 @@ class PlanRuntime:
         self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes())
 
     def cache_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for cache in self.caches for t in cache.values())
+        tensors = [t for cache in self.caches for t in cache.values()]
+        tensors += [t for residuals in self.block_residuals for _, t in residuals]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def enter(self, context: StepContext) -> None:
         """Called at every transformer call: check the step count, and start empty caches when the call
@@ -165,6 +181,8 @@ class PlanRuntime:
     def reset(self) -> None:
         for cache in self.caches:
             cache.clear()
+        for residuals in self.block_residuals:
+            residuals.clear()
         if self.sparse is not None:
             self.sparse.reset()
         self.last_step = -1
@@ -206,6 +224,34 @@ class PlanStepHook(ModelHook):
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.runtime.reset()
         return module
+
+
+class BlockCacheHook(ModelHook):
+    """On a block whose plan row has block-level cells: runs the block strategy instead of the block at
+    those steps, and keeps the block's residual at computed steps while later block-level cells need it."""
+
+    def __init__(self, runtime: PlanRuntime, layer: int) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.layer = layer
+
+    def new_forward(self, block: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        runtime, layer = self.runtime, self.layer
+        step = current_step().step  # published by the plan's step hook around the transformer call
+        strategy = runtime.planner.strategy_at(step, layer)
+        residuals = runtime.block_residuals[layer]
+        if isinstance(strategy, BlockStrategy):
+            out = strategy.block_output(hidden_states, residuals, step)
+            if not runtime.frozen and runtime.planner.block_history(step, layer) == 0:
+                residuals.clear()  # the last reader
+            return out
+        out = self.fn_ref.original_forward(hidden_states, *args, **kwargs)  # (B, N, C)
+        if not runtime.frozen:
+            keep = runtime.planner.block_history(step, layer)
+            residuals.append((step, out - hidden_states))
+            del residuals[: max(0, len(residuals) - keep)]  # nothing is kept once no later cell reads it
+            runtime.peak_cache_bytes = max(runtime.peak_cache_bytes, runtime.cache_bytes())
+        return out
 
 
 class PlanAttnProcessor:
@@ -297,9 +343,18 @@ def apply_plan(
         attn.set_processor(PlanAttnProcessor(runtime, index))
     if sparse is not None:
         sparse.install(transformer.transformer_blocks)
+    for layer in block_cached_layers(plan):
+        HookRegistry.check_if_exists_or_initialize(transformer.transformer_blocks[layer]).register_hook(
+            BlockCacheHook(runtime, layer), BLOCK_HOOK)
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(PlanStepHook(runtime), STEP_HOOK)
     setattr(transformer, _RUNTIME_ATTR, runtime)
     return runtime
+
+
+def block_cached_layers(plan: Plan) -> list[int]:
+    """The layers whose plan row holds block-level cells (they get a :class:`BlockCacheHook`)."""
+    return [layer for layer in range(plan.num_layers)
+            if any(get_strategy_class(plan.method(step, layer)).level == "block" for step in range(plan.num_steps))]
 
 
 def step_hook(transformer: torch.nn.Module) -> PlanStepHook:
@@ -317,6 +372,8 @@ def remove_plan(transformer: torch.nn.Module) -> None:
         attn.set_processor(original)
     if runtime.sparse is not None:
         runtime.sparse.remove(transformer.transformer_blocks)
+    for layer in block_cached_layers(runtime.plan):
+        remove_hook(transformer.transformer_blocks[layer], BLOCK_HOOK)
     remove_hook(transformer, STEP_HOOK)
     if runtime.original_weights is not None:
         transformer.load_state_dict(runtime.original_weights)
