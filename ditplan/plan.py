@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from ditplan.atomic import atomic_write_text
 from ditplan.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -159,12 +159,7 @@ class Plan:
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (temporary file, then rename): no half-written plan is ever left."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, width=120))
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False, width=120))
 
 
 def load_plan(path: str | Path) -> Plan:
