@@ -279,3 +279,16 @@ def test_the_readme_snippet_runs_as_written(dit_folder, tmp_path, monkeypatch):
     exec(compile(snippet, "README.md", "exec"), namespace)
     assert len(namespace["images"]) == 2 and namespace["images"][0].size == (16, 16)
     assert get_runtime(namespace["pipe"].transformer) is None
+
+
+def test_a_plan_with_diffusers_first_block_cache_runs_in_the_pipeline_as_in_ditplans_loop(dit_folder):
+    adapter = load_adapter("dit", str(dit_folder), vae=str(dit_folder))
+    plan = Plan.uniform(plan_target(adapter, DIT), cache={"method": "first_block", "config": {"threshold": 0.2}})
+    ours = as_pipeline_images(sample_with_plan(adapter, plan, [1, 2], [0, 1], DIT)[0])
+    pipe = dit_pipe(dit_folder)
+    dense = run_dit(pipe, [1, 2], [0, 1])
+    runtime = ditplan.apply_plan(pipe, plan)
+    np.testing.assert_allclose(run_dit(pipe, [1, 2], [0, 1]), ours, rtol=0, atol=1e-5)
+    assert runtime.executed.counts["block"] < 2 * DIT.num_steps  # it skipped blocks
+    ditplan.remove_plan(pipe)
+    assert np.array_equal(run_dit(pipe, [1, 2], [0, 1]), dense)

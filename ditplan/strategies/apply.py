@@ -21,6 +21,7 @@ from ditplan.models.adapters import ModelAdapter, load_for_plan, new_merges
 from ditplan.models.context import StepContext, current_step, step_context
 from ditplan.models.sampling import SamplerSettings, plan_target, sample
 from ditplan.plan import Plan, PlanError, PlanTarget
+from ditplan.strategies.diffusers_cache import DiffusersCache, ExecutionCounter
 from ditplan.strategies.base import BLOCK_ENTRY, AttentionCall, BlockStrategy, Strategy, get_strategy_class
 from ditplan.strategies.hooks import remove_hook
 from ditplan.strategies.sdtm import SparseLayout, SparseRuntime
@@ -141,6 +142,8 @@ class PlanRuntime:
         self.last_step = -1
         # the transformer's own weights while a fine-tuned SparseDiT network's are swapped in
         self.original_weights: dict[str, torch.Tensor] | None = None
+        self.diffusers_cache: DiffusersCache | None = None  # one of diffusers' caches the plan carries
+        self.executed: ExecutionCounter | None = None  # what ran, when that is decided at run time
 
     @property
     def plan(self) -> Plan:
@@ -218,8 +221,15 @@ class PlanStepHook(ModelHook):
                 )
             context = self.clock.context_for(args, kwargs)
         self.runtime.enter(context)
+        cache = self.runtime.diffusers_cache
         with step_context(context):
-            return self.fn_ref.original_forward(*args, **kwargs)
+            if cache is None:
+                return self.fn_ref.original_forward(*args, **kwargs)
+            cache.set_context(module, context)
+            try:
+                return self.fn_ref.original_forward(*args, **kwargs)
+            finally:
+                cache.set_context(module, None)
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.runtime.reset()
@@ -338,7 +348,8 @@ def apply_plan(
             merges = new_merges(len(layout.modules), layers[0].inner_dim).to(weight.device, weight.dtype)
         sparse = SparseRuntime(layout, plan.target.num_tokens, merges)
     originals = [attn.processor for attn in layers]
-    runtime = PlanRuntime(plan, build_strategies(plan), originals, sparse)
+    runtime = PlanRuntime(plan, build_strategies(plan), originals, sparse)  # validates the plan: nothing is changed yet
+    runtime.diffusers_cache = DiffusersCache.from_plan(plan)
     for index, attn in enumerate(layers):
         attn.set_processor(PlanAttnProcessor(runtime, index))
     if sparse is not None:
@@ -346,6 +357,9 @@ def apply_plan(
     for layer in block_cached_layers(plan):
         HookRegistry.check_if_exists_or_initialize(transformer.transformer_blocks[layer]).register_hook(
             BlockCacheHook(runtime, layer), BLOCK_HOOK)
+    if runtime.diffusers_cache is not None:
+        runtime.diffusers_cache.install(transformer)
+        runtime.executed = ExecutionCounter(transformer)
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(PlanStepHook(runtime), STEP_HOOK)
     setattr(transformer, _RUNTIME_ATTR, runtime)
     return runtime
@@ -374,6 +388,9 @@ def remove_plan(transformer: torch.nn.Module) -> None:
         runtime.sparse.remove(transformer.transformer_blocks)
     for layer in block_cached_layers(runtime.plan):
         remove_hook(transformer.transformer_blocks[layer], BLOCK_HOOK)
+    if runtime.diffusers_cache is not None:
+        runtime.diffusers_cache.remove(transformer)
+        runtime.executed.remove()  # type: ignore[union-attr]
     remove_hook(transformer, STEP_HOOK)
     if runtime.original_weights is not None:
         transformer.load_state_dict(runtime.original_weights)
