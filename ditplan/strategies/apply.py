@@ -12,6 +12,7 @@ The original processor objects are kept and put back by :func:`remove_plan`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any, Protocol
 
 import torch
@@ -21,8 +22,8 @@ from ditplan.models.adapters import ModelAdapter, load_for_plan, new_merges
 from ditplan.models.context import StepContext, current_step, step_context
 from ditplan.models.sampling import SamplerSettings, plan_target, sample
 from ditplan.plan import Plan, PlanError, PlanTarget
-from ditplan.strategies.diffusers_cache import DiffusersCache, ExecutionCounter
 from ditplan.strategies.base import BLOCK_ENTRY, AttentionCall, BlockStrategy, Strategy, get_strategy_class
+from ditplan.strategies.diffusers_cache import DiffusersCache, ExecutionCounter
 from ditplan.strategies.hooks import remove_hook
 from ditplan.strategies.sdtm import SparseLayout, SparseRuntime
 
@@ -179,6 +180,10 @@ class PlanRuntime:
         if context.run != self.run or (context.run is None and context.step < self.last_step):
             self.reset()
             self.run = context.run
+            if self.executed is not None:
+                self.executed.reset()  # the counts describe the latest run
+        if self.executed is not None:
+            self.executed.calls += 1
         self.last_step = context.step
 
     def reset(self) -> None:
@@ -222,14 +227,8 @@ class PlanStepHook(ModelHook):
             context = self.clock.context_for(args, kwargs)
         self.runtime.enter(context)
         cache = self.runtime.diffusers_cache
-        with step_context(context):
-            if cache is None:
-                return self.fn_ref.original_forward(*args, **kwargs)
-            cache.set_context(module, context)
-            try:
-                return self.fn_ref.original_forward(*args, **kwargs)
-            finally:
-                cache.set_context(module, None)
+        with step_context(context), cache.context(module, context) if cache is not None else nullcontext():
+            return self.fn_ref.original_forward(*args, **kwargs)
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.runtime.reset()

@@ -18,7 +18,8 @@ A plan file holds it as::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,17 +115,21 @@ class DiffusersCache:
                 remove_hook(module, name)
 
     @staticmethod
-    def set_context(transformer: torch.nn.Module, context: StepContext | None) -> None:
-        """Called around every transformer call by the plan's step hook (``None`` after it)."""
-        cache_context = None
-        if context is not None:
-            cache_context = CacheContext(CONTEXT_NAME, step_index=context.step, num_inference_steps=context.num_steps)
-        _set_cache_context(transformer, cache_context)
+    @contextmanager
+    def context(transformer: torch.nn.Module, context: StepContext) -> Iterator[None]:
+        """diffusers' cache context around one transformer call (what ``CacheMixin.cache_context`` sets)."""
+        _set_cache_context(transformer, CacheContext(CONTEXT_NAME, step_index=context.step,
+                                                     num_inference_steps=context.num_steps))
+        try:
+            yield
+        finally:
+            _set_cache_context(transformer, None)
 
 
 class ExecutionCounter:
-    """Counts, per transformer call, the block parts that really ran: a block (its feed-forward), its
-    self-attention and its cross-attention (their query projections run only when they compute)."""
+    """Counts the block parts that really ran in a sampling run: a block (its feed-forward), its
+    self-attention and its cross-attention (their query projections run only when they compute), and
+    the transformer calls (counted by the plan runtime)."""
 
     PARTS = ("block", "self_attention", "cross_attention")
 
@@ -138,13 +143,9 @@ class ExecutionCounter:
                 modules["cross_attention"] = block.attn2.to_q
             for part, module in modules.items():
                 self._handles.append(module.register_forward_pre_hook(lambda *_, part=part: self._count(part)))
-        self._handles.append(transformer.register_forward_pre_hook(lambda *_: self._call()))
 
     def _count(self, part: str) -> None:
         self.counts[part] += 1
-
-    def _call(self) -> None:
-        self.calls += 1
 
     def reset(self) -> None:
         self.counts = dict.fromkeys(self.PARTS, 0)
