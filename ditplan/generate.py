@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torchvision.utils import save_image
 
+from ditplan.atomic import atomic_write
 from ditplan.models.adapters import adapter_from_spec
 from ditplan.strategies.apply import sample_with_plan
 from ditplan.plan import load_plan
@@ -17,14 +17,8 @@ from ditplan.spec import load_spec
 
 def save_samples(samples: torch.Tensor, out: Path, nrow: int) -> None:
     """Write ``grid.png`` and ``samples.safetensors`` atomically into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name, write in (
-        ("grid.png", lambda p: save_image((samples[:, :3] + 1) / 2, p, nrow=nrow, format="png")),
-        ("samples.safetensors", lambda p: save_file({"samples": samples.contiguous()}, p)),
-    ):
-        tmp = out / f".{name}.tmp"
-        write(str(tmp))
-        os.replace(tmp, out / name)
+    atomic_write(out / "grid.png", lambda tmp: save_image((samples[:, :3] + 1) / 2, tmp, nrow=nrow, format="png"))
+    atomic_write(out / "samples.safetensors", lambda tmp: save_file({"samples": samples.contiguous()}, str(tmp)))
 
 
 def generate(experiment: str | Path, out: str | Path, plan_path: str | Path | None = None) -> Path:

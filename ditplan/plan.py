@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from ditplan.atomic import atomic_write_text
 from ditplan.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -80,13 +80,15 @@ def decode_runs(text: str) -> list[str]:
 class Plan:
     """grid[step][layer] names a registered strategy; ``params`` maps a strategy name to its config;
     ``sparse`` is SparseDiT's global part (SDTM block ranges, pruning curve, fine-tuned weights; see
-    :class:`ditplan.strategies.sdtm.SparseLayout`), or None."""
+    :class:`ditplan.strategies.sdtm.SparseLayout`), or None; ``cache`` one of diffusers' caches with its
+    config (see :mod:`ditplan.strategies.diffusers_cache`), or None."""
 
     target: PlanTarget
     grid: tuple[tuple[str, ...], ...]
     params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     provenance: Mapping[str, Any] = field(default_factory=dict)
     sparse: Mapping[str, Any] | None = None
+    cache: Mapping[str, Any] | None = None
 
     @property
     def num_steps(self) -> int:
@@ -132,6 +134,7 @@ class Plan:
             "target": dict(self.target.__dict__),
             "params": copy.deepcopy({k: dict(v) for k, v in self.params.items()}),
             "sparse": copy.deepcopy(dict(self.sparse)) if self.sparse else None,
+            **({"cache": copy.deepcopy(dict(self.cache))} if self.cache else {}),
             "grid": [encode_runs(col) for col in columns],  # one line per layer, runs over steps
             "provenance": copy.deepcopy(dict(self.provenance)),
         }
@@ -155,16 +158,11 @@ class Plan:
             )
         grid = tuple(tuple(col[step] for col in columns) for step in range(target.num_steps))
         return cls(target=target, grid=grid, params=data.get("params") or {}, provenance=data.get("provenance") or {},
-                   sparse=data.get("sparse") or None)
+                   sparse=data.get("sparse") or None, cache=data.get("cache") or None)
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (temporary file, then rename): no half-written plan is ever left."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, width=120))
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False, width=120))
 
 
 def load_plan(path: str | Path) -> Plan:

@@ -21,6 +21,7 @@ from diffusers import (
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
     PixArtAlphaPipeline,
+    PixArtSigmaPipeline,
     PixArtTransformer2DModel,
 )
 from safetensors.torch import load_file
@@ -63,16 +64,16 @@ def dit_folder(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def pixart_folder(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=[PixArtAlphaPipeline, PixArtSigmaPipeline], ids=lambda cls: cls.__name__)
+def pixart_folder(request, tmp_path_factory) -> tuple[type, Path]:
     torch.manual_seed(0)
     transformer = PixArtTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2,
                                            num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
                                            caption_channels=32, norm_num_groups=4)
     folder = tmp_path_factory.mktemp("pipelines") / "tiny-pixart"
-    PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=tiny_vae(), transformer=transformer,
-                        scheduler=DDIMScheduler()).save_pretrained(folder)
-    return folder
+    request.param(tokenizer=None, text_encoder=None, vae=tiny_vae(), transformer=transformer,
+                  scheduler=DDIMScheduler()).save_pretrained(folder)
+    return request.param, folder
 
 
 def dit_pipe(folder: Path) -> DiTPipeline:
@@ -138,7 +139,7 @@ def test_an_all_full_plan_is_bit_identical_to_no_plan_and_removal_restores_the_p
     assert np.array_equal(run_dit(pipe, [4, 9], [0, 1]), before)
 
 
-def pixart_call(pipe: PixArtAlphaPipeline, prompts: list[str], seeds: list[int], embeddings: dict) -> np.ndarray:
+def pixart_call(pipe: PixArtAlphaPipeline | PixArtSigmaPipeline, prompts: list[str], seeds: list[int], embeddings: dict) -> np.ndarray:
     def stack(names: list[str], part: int) -> torch.Tensor:
         return torch.stack([embeddings[p][part] for p in names])
 
@@ -152,18 +153,19 @@ def pixart_call(pipe: PixArtAlphaPipeline, prompts: list[str], seeds: list[int],
 def test_asc_in_a_pixart_pipeline_shares_the_conditional_half(pixart_folder, monkeypatch):
     """PixArt batches [uncond; cond], ditplan's own loop [cond; uncond]: both must share the conditional half,
     so the pipeline equals ditplan's loop; with the halves swapped it does not."""
+    pipeline_cls, folder = pixart_folder
     embeddings = read_prompt_embeddings(str(DATA / "tiny-pixart-prompts.safetensors"))
-    adapter = load_adapter("pixart", str(pixart_folder), vae=str(pixart_folder), prompt_embeddings=embeddings)
+    adapter = load_adapter("pixart", str(folder), vae=str(folder), prompt_embeddings=embeddings)
     prompts, seeds = ["a red circle", "a blue square"], [3, 4]
     plan = plan_for(adapter, PIXART, [["full", "full"], ["asc", "asc"], ["asc", "wars+asc"]])
     ours = as_pipeline_images(sample_with_plan(adapter, plan, prompts, seeds, PIXART)[0])
-    pipe = PixArtAlphaPipeline.from_pretrained(pixart_folder)
+    pipe = pipeline_cls.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     ditplan.apply_plan(pipe, plan)
     np.testing.assert_allclose(pixart_call(pipe, prompts, seeds, embeddings), ours, rtol=0, atol=1e-5)
     ditplan.remove_plan(pipe)
 
-    monkeypatch.setitem(pipeline_module.PIPELINE_CFG_ORDERS, "PixArtAlphaPipeline", "cond-uncond")
+    monkeypatch.setitem(pipeline_module.PIPELINE_CFG_ORDERS, pipeline_cls.__name__, "cond-uncond")
     ditplan.apply_plan(pipe, plan)
     assert np.abs(pixart_call(pipe, prompts, seeds, embeddings) - ours).max() > 1e-3
     ditplan.remove_plan(pipe)
@@ -277,3 +279,16 @@ def test_the_readme_snippet_runs_as_written(dit_folder, tmp_path, monkeypatch):
     exec(compile(snippet, "README.md", "exec"), namespace)
     assert len(namespace["images"]) == 2 and namespace["images"][0].size == (16, 16)
     assert get_runtime(namespace["pipe"].transformer) is None
+
+
+def test_a_plan_with_diffusers_first_block_cache_runs_in_the_pipeline_as_in_ditplans_loop(dit_folder):
+    adapter = load_adapter("dit", str(dit_folder), vae=str(dit_folder))
+    plan = Plan.uniform(plan_target(adapter, DIT), cache={"method": "first_block", "config": {"threshold": 0.2}})
+    ours = as_pipeline_images(sample_with_plan(adapter, plan, [1, 2], [0, 1], DIT)[0])
+    pipe = dit_pipe(dit_folder)
+    dense = run_dit(pipe, [1, 2], [0, 1])
+    runtime = ditplan.apply_plan(pipe, plan)
+    np.testing.assert_allclose(run_dit(pipe, [1, 2], [0, 1]), ours, rtol=0, atol=1e-5)
+    assert runtime.executed.counts["block"] < 2 * DIT.num_steps  # it skipped blocks
+    ditplan.remove_plan(pipe)
+    assert np.array_equal(run_dit(pipe, [1, 2], [0, 1]), dense)

@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from ditplan.models.adapters import ModelAdapter, other_flops, sdtm_overhead_flops
+from ditplan.models.adapters import ModelAdapter, cross_attention_block_flops, other_flops, sdtm_overhead_flops
 from ditplan.models.sampling import SamplerSettings, plan_target
-from ditplan.plan import Plan
+from ditplan.plan import Plan, PlanError
 from ditplan.strategies.apply import CachePlanner, build_strategies, sparse_layout
-from ditplan.strategies.base import AttentionShape, cross_attention_flops
+from ditplan.strategies.base import AttentionShape, cross_attention_flops, dense_attention_flops
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,9 @@ class Flops:
 def plan_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSettings, batch: int = 1, text_tokens: int = 0) -> Flops:
     """Analytic FLOPs of ``settings.num_steps`` transformer forwards of ``batch`` samples (×2 with CFG)
     under ``plan`` (dense when None). Counts matrix products, as ``torch.utils.flop_counter`` does."""
+    if plan is not None and plan.cache:
+        raise PlanError("the FLOPs of a plan carrying one of diffusers' caches are what ran: count a run with the "
+                        "runtime's ExecutionCounter and use executed_flops")
     rows = batch * (2 if settings.cfg else 1)
     n, layers = adapter.num_tokens, adapter.num_layers
     shape = AttentionShape(batch=rows, tokens=n, dim=adapter.hidden_dim, heads=adapter.transformer.config.num_attention_heads)
@@ -41,6 +44,8 @@ def plan_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSettin
         # (query, key/value) tokens of each block's attention; SDTM changes them, nothing else does
         tokens = layout.tokens_by_block(step, plan.num_steps, layers, n) if layout else [(n, n)] * layers
         for layer, (queries, keys) in enumerate(tokens):
+            if planner.strategy_at(step, layer).level == "block":
+                continue  # the whole block is skipped: its output comes from cached residuals
             other += rows * other_flops(adapter, text_tokens, queries)[0]
             if (queries, keys) != (n, n):  # an SDTM block: its attention is always computed
                 attention += cross_attention_flops(rows, queries, keys, shape.dim)
@@ -51,6 +56,19 @@ def plan_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSettin
                 attention += planner.next_reader(step, layer, entry).production_flops(entry, shape)  # type: ignore[union-attr]
         other += rows * (once + (sdtm_overhead_flops(adapter) * len(layout.modules) if layout else 0))
     return Flops(attention=attention, total=attention + other)
+
+
+def executed_flops(adapter: ModelAdapter, counts: dict[str, int], calls: int, rows: int, text_tokens: int = 0) -> float:
+    """Whole-transformer FLOPs of what ran, from the counts of an ``ExecutionCounter`` (block parts
+    executed over ``calls`` transformer calls of ``rows`` rows each): for plans carrying one of
+    diffusers' caches, which decide at run time what computes."""
+    per_block, once = other_flops(adapter, text_tokens)
+    cross = cross_attention_block_flops(adapter, text_tokens)
+    shape = AttentionShape(batch=1, tokens=adapter.num_tokens, dim=adapter.hidden_dim,
+                           heads=adapter.transformer.config.num_attention_heads)
+    per_row = (calls * once + counts["block"] * (per_block - cross) + counts["cross_attention"] * cross
+               + counts["self_attention"] * dense_attention_flops(shape))
+    return float(rows * per_row)
 
 
 @dataclass(frozen=True)

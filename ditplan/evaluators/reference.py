@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ditplan.atomic import atomic_write
 from ditplan.models.adapters import ModelAdapter
 from ditplan.models.sampling import SamplerSettings, sample
 from ditplan.strategies.apply import get_runtime
@@ -47,8 +47,5 @@ def dense_reference(
     if path.exists():
         return load_file(str(path))["samples"]
     samples = sample(adapter, conditions, seeds, settings, show_progress=show_progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"samples": samples.contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file({"samples": samples.contiguous()}, str(tmp)))
     return samples

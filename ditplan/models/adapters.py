@@ -379,13 +379,22 @@ def _dit_other_flops(adapter: ModelAdapter, tokens: int) -> tuple[int, int]:
     return per_block, once
 
 
-def _pixart_other_flops(adapter: ModelAdapter, text_tokens: int, tokens: int) -> tuple[int, int]:
-    c, n, cfg = adapter.hidden_dim, adapter.num_tokens, adapter.transformer.config
-    p2 = cfg.patch_size**2
-    cross = (
+def cross_attention_block_flops(adapter: ModelAdapter, text_tokens: int, tokens: int | None = None) -> int:
+    """FLOPs of one block's cross-attention to the text tokens, per sample (0 for class-conditional DiT)."""
+    if not isinstance(adapter, PixArtAdapter):
+        return 0
+    c = adapter.hidden_dim
+    tokens = adapter.num_tokens if tokens is None else tokens
+    return (
         _linear(tokens, c, c) + 2 * _linear(text_tokens, c, c) + _linear(tokens, c, c)  # q, k, v, out projections
         + 2 * 2 * tokens * text_tokens * c  # scores and weighted sum
     )
+
+
+def _pixart_other_flops(adapter: ModelAdapter, text_tokens: int, tokens: int) -> tuple[int, int]:
+    c, n, cfg = adapter.hidden_dim, adapter.num_tokens, adapter.transformer.config
+    p2 = cfg.patch_size**2
+    cross = cross_attention_block_flops(adapter, text_tokens, tokens)
     per_block = cross + _linear(tokens, c, 4 * c) + _linear(tokens, 4 * c, c)
     once = (
         _linear(n, p2 * cfg.in_channels, c)

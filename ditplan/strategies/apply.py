@@ -12,6 +12,7 @@ The original processor objects are kept and put back by :func:`remove_plan`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any, Protocol
 
 import torch
@@ -21,12 +22,14 @@ from ditplan.models.adapters import ModelAdapter, load_for_plan, new_merges
 from ditplan.models.context import StepContext, current_step, step_context
 from ditplan.models.sampling import SamplerSettings, plan_target, sample
 from ditplan.plan import Plan, PlanError, PlanTarget
-from ditplan.strategies.base import AttentionCall, Strategy, get_strategy_class
+from ditplan.strategies.base import BLOCK_ENTRY, AttentionCall, BlockStrategy, Strategy, get_strategy_class
+from ditplan.strategies.diffusers_cache import DiffusersCache, ExecutionCounter
 from ditplan.strategies.hooks import remove_hook
 from ditplan.strategies.sdtm import SparseLayout, SparseRuntime
 
 _RUNTIME_ATTR = "_ditplan_runtime"
 STEP_HOOK = "ditplan_plan_step"
+BLOCK_HOOK = "ditplan_block_cache"
 
 
 def sparse_layout(plan: Plan) -> SparseLayout | None:
@@ -87,9 +90,14 @@ class CachePlanner:
             strategy = self.strategy_at(later, layer)
             if entry in strategy.reads:
                 return strategy
-            if entry in strategy.writes:
+            if entry in cell_writes(strategy):
                 return None
         return None
+
+    def block_history(self, step: int, layer: int) -> int:
+        """How many computed residuals of block ``layer`` the block-level cells after ``step`` still use."""
+        later = (self.strategy_at(s, layer) for s in range(step + 1, self.plan.num_steps))
+        return max((s.history for s in later if isinstance(s, BlockStrategy)), default=0)
 
     def wants(self, step: int, layer: int) -> frozenset[str]:
         writes = self.strategy_at(step, layer).writes
@@ -114,8 +122,14 @@ class CachePlanner:
                             f"layer {layer} reads one {entry} with {first.name!r} and, at step {step}, with "
                             f"{strategy.name!r}, which needs it made differently; give both the same parameters"
                         )
-                made_for = {e: s for e, s in made_for.items() if e not in strategy.writes}
-                written |= strategy.writes
+                made_for = {e: s for e, s in made_for.items() if e not in cell_writes(strategy)}
+                written |= cell_writes(strategy)
+
+
+def cell_writes(strategy: Strategy) -> frozenset[str]:
+    """The cache entries a cell refreshes: its strategy's own, and the block residual wherever the block
+    computes (any attention-level cell)."""
+    return strategy.writes | ({BLOCK_ENTRY} if strategy.level == "attention" else frozenset())
 
 
 class PlanRuntime:
@@ -130,12 +144,16 @@ class PlanRuntime:
         self.sparse = sparse
         self.originals = originals
         self.caches: list[dict[str, torch.Tensor]] = [{} for _ in originals]
+        # per block: (step, output − input) of its last computed steps, while block-level cells read them
+        self.block_residuals: list[list[tuple[int, torch.Tensor]]] = [[] for _ in originals]
         self.frozen = False
         self.peak_cache_bytes = 0
         self.run: int | None = None  # the sampling run the caches belong to
         self.last_step = -1
         # the transformer's own weights while a fine-tuned SparseDiT network's are swapped in
         self.original_weights: dict[str, torch.Tensor] | None = None
+        self.diffusers_cache: DiffusersCache | None = None  # one of diffusers' caches the plan carries
+        self.executed: ExecutionCounter | None = None  # what ran, when that is decided at run time
 
     @property
     def plan(self) -> Plan:
@@ -156,7 +174,9 @@ class PlanRuntime:
         self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes())
 
     def cache_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for cache in self.caches for t in cache.values())
+        tensors = [t for cache in self.caches for t in cache.values()]
+        tensors += [t for residuals in self.block_residuals for _, t in residuals]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def enter(self, context: StepContext) -> None:
         """Called at every transformer call: check the step count, and start empty caches when the call
@@ -169,11 +189,17 @@ class PlanRuntime:
         if context.run != self.run or (context.run is None and context.step < self.last_step):
             self.reset()
             self.run = context.run
+            if self.executed is not None:
+                self.executed.reset()  # the counts describe the latest run
+        if self.executed is not None:
+            self.executed.calls += 1
         self.last_step = context.step
 
     def reset(self) -> None:
         for cache in self.caches:
             cache.clear()
+        for residuals in self.block_residuals:
+            residuals.clear()
         if self.sparse is not None:
             self.sparse.reset()
         self.last_step = -1
@@ -209,12 +235,41 @@ class PlanStepHook(ModelHook):
                 )
             context = self.clock.context_for(args, kwargs)
         self.runtime.enter(context)
-        with step_context(context):
+        cache = self.runtime.diffusers_cache
+        with step_context(context), cache.context(module, context) if cache is not None else nullcontext():
             return self.fn_ref.original_forward(*args, **kwargs)
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.runtime.reset()
         return module
+
+
+class BlockCacheHook(ModelHook):
+    """On a block whose plan row has block-level cells: runs the block strategy instead of the block at
+    those steps, and keeps the block's residual at computed steps while later block-level cells need it."""
+
+    def __init__(self, runtime: PlanRuntime, layer: int) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.layer = layer
+
+    def new_forward(self, block: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        runtime, layer = self.runtime, self.layer
+        step = current_step().step  # published by the plan's step hook around the transformer call
+        strategy = runtime.planner.strategy_at(step, layer)
+        residuals = runtime.block_residuals[layer]
+        if isinstance(strategy, BlockStrategy):
+            out = strategy.block_output(hidden_states, residuals, step)
+            if not runtime.frozen and runtime.planner.block_history(step, layer) == 0:
+                residuals.clear()  # the last reader
+            return out
+        out = self.fn_ref.original_forward(hidden_states, *args, **kwargs)  # (B, N, C)
+        if not runtime.frozen:
+            keep = runtime.planner.block_history(step, layer)
+            residuals.append((step, out - hidden_states))
+            del residuals[: max(0, len(residuals) - keep)]  # nothing is kept once no later cell reads it
+            runtime.peak_cache_bytes = max(runtime.peak_cache_bytes, runtime.cache_bytes())
+        return out
 
 
 class PlanAttnProcessor:
@@ -301,14 +356,27 @@ def apply_plan(
             merges = new_merges(len(layout.modules), layers[0].inner_dim).to(weight.device, weight.dtype)
         sparse = SparseRuntime(layout, plan.target.num_tokens, merges)
     originals = [attn.processor for attn in layers]
-    runtime = PlanRuntime(plan, build_strategies(plan), originals, sparse)
+    runtime = PlanRuntime(plan, build_strategies(plan), originals, sparse)  # validates the plan: nothing is changed yet
+    runtime.diffusers_cache = DiffusersCache.from_plan(plan)
     for index, attn in enumerate(layers):
         attn.set_processor(PlanAttnProcessor(runtime, index))
     if sparse is not None:
         sparse.install(transformer.transformer_blocks)
+    for layer in block_cached_layers(plan):
+        HookRegistry.check_if_exists_or_initialize(transformer.transformer_blocks[layer]).register_hook(
+            BlockCacheHook(runtime, layer), BLOCK_HOOK)
+    if runtime.diffusers_cache is not None:
+        runtime.diffusers_cache.install(transformer)
+        runtime.executed = ExecutionCounter(transformer)
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(PlanStepHook(runtime), STEP_HOOK)
     setattr(transformer, _RUNTIME_ATTR, runtime)
     return runtime
+
+
+def block_cached_layers(plan: Plan) -> list[int]:
+    """The layers whose plan row holds block-level cells (they get a :class:`BlockCacheHook`)."""
+    return [layer for layer in range(plan.num_layers)
+            if any(get_strategy_class(plan.method(step, layer)).level == "block" for step in range(plan.num_steps))]
 
 
 def step_hook(transformer: torch.nn.Module) -> PlanStepHook:
@@ -326,6 +394,11 @@ def remove_plan(transformer: torch.nn.Module) -> None:
         attn.set_processor(original)
     if runtime.sparse is not None:
         runtime.sparse.remove(transformer.transformer_blocks)
+    for layer in block_cached_layers(runtime.plan):
+        remove_hook(transformer.transformer_blocks[layer], BLOCK_HOOK)
+    if runtime.diffusers_cache is not None:
+        runtime.diffusers_cache.remove(transformer)
+        runtime.executed.remove()  # type: ignore[union-attr]
     remove_hook(transformer, STEP_HOOK)
     if runtime.original_weights is not None:
         transformer.load_state_dict(runtime.original_weights)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -84,6 +84,9 @@ class Strategy(abc.ABC):
     reads: ClassVar[frozenset[str]] = frozenset()
     writes: ClassVar[frozenset[str]] = frozenset()
     shares_params_with: ClassVar[str | None] = None  # a search draws this strategy's parameters with that one's
+    # "attention": the cell changes the layer's self-attention, and the rest of the block runs;
+    # "block": the cell replaces the whole block (see BlockStrategy)
+    level: ClassVar[str] = "attention"
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.config_class()
@@ -126,6 +129,39 @@ class Strategy(abc.ABC):
     def search_space(cls, num_tokens: int) -> dict[str, list[Any]]:
         """The parameters a search may tune for a model of ``num_tokens``, as ``{param: [choices]}``."""
         return {}
+
+
+BLOCK_ENTRY = "block"  # a block's residual (output − input), cached for the block strategies of later steps
+
+
+class BlockStrategy(Strategy):
+    """Base class of strategies that replace a whole transformer block at a step (block caching).
+
+    A block that computes at a step (any attention-level cell) keeps its residual ``output − input``
+    while a later block-level cell reads it; ``history`` is how many of the last computed residuals the
+    strategy uses. Installed as a diffusers hook on the block (:mod:`ditplan.strategies.apply`).
+    """
+
+    level = "block"
+    reads = frozenset({BLOCK_ENTRY})
+
+    @property
+    def history(self) -> int:
+        """How many computed residuals (the latest last) :meth:`block_output` uses."""
+        return 1
+
+    @abc.abstractmethod
+    def block_output(self, hidden_states: torch.Tensor, residuals: Sequence[tuple[int, torch.Tensor]],
+                     step: int) -> torch.Tensor:
+        """Called instead of the block's forward at a step whose cell names this strategy: the block's
+        output (B, N, C) from its input and the residuals ``(step, output − input)`` of its last computed
+        steps (oldest first, at least one)."""
+
+    def attention(self, call: AttentionCall) -> torch.Tensor:
+        raise RuntimeError(f"{self.name!r} replaces whole blocks; its block hook runs instead of the attention")
+
+    def attention_flops(self, shape: AttentionShape, cfg: bool, writes: frozenset[str]) -> float:
+        return 0.0
 
 
 STRATEGIES: dict[str, type[Strategy]] = {}

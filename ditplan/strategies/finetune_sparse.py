@@ -12,7 +12,6 @@ result is a model folder in diffusers layout next to the base weights
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ from diffusers import DDPMScheduler
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from safetensors.torch import save_file
 
+from ditplan.atomic import atomic_folder
 from ditplan.errors import UserError
 from ditplan.models.adapters import (
     LAYOUT_FILE,
@@ -171,13 +171,8 @@ def export_sparse(teacher: ModelAdapter, base_folder: Path, layout: SparseLayout
     """Write the fine-tuned network of ``run_dir`` as a model folder (default ``<base>/sparse/<name>``)."""
     state = torch.load(Path(run_dir) / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
     dest = Path(dest) if dest is not None else base_folder / "sparse" / layout.name
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     student = copy.deepcopy(teacher.transformer).cpu()
     student.load_state_dict(state["student"])
-    student.save_pretrained(tmp / "transformer", safe_serialization=True)
-    shutil.copytree(base_folder / "scheduler", tmp / "scheduler")
-    save_file({k: v.contiguous() for k, v in state["merges"].items()}, tmp / MERGES_FILE)
     merges = new_merges(len(layout.modules), teacher.hidden_dim)
     merges.load_state_dict(state["merges"])
     info = {
@@ -188,7 +183,9 @@ def export_sparse(teacher: ModelAdapter, base_folder: Path, layout: SparseLayout
         "fine_tuning": {**state["config"], "steps_done": state["step"], "device": state["device"],
                         "minutes": round(state["elapsed_s"] / 60, 1)},
     }
-    (tmp / LAYOUT_FILE).write_text(yaml.safe_dump(info, sort_keys=False))
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+    with atomic_folder(dest) as tmp:
+        student.save_pretrained(tmp / "transformer", safe_serialization=True)
+        shutil.copytree(base_folder / "scheduler", tmp / "scheduler")
+        save_file({k: v.contiguous() for k, v in state["merges"].items()}, tmp / MERGES_FILE)
+        (tmp / LAYOUT_FILE).write_text(yaml.safe_dump(info, sort_keys=False))
     return dest

@@ -39,6 +39,13 @@ def is_pipeline(model: Any) -> bool:
     return hasattr(model, "transformer") and hasattr(model, "scheduler")
 
 
+def transformer_of(model: Any) -> torch.nn.Module:
+    """The transformer a plan goes on: a pipeline's, or ``model`` itself; under ``torch.compile``'s wrapper
+    the module it wraps."""
+    transformer = model.transformer if is_pipeline(model) else model
+    return getattr(transformer, "_orig_mod", transformer)
+
+
 def scheduler_family(scheduler: Any) -> str | None:
     """The ditplan sampler name (``SAMPLERS``) a diffusers scheduler object runs, or None."""
     for name, (scheduler_cls, overrides) in SAMPLERS.items():
@@ -124,16 +131,16 @@ def _planned_call(self: Any, *args: Any, **kwargs: Any) -> Any:
     original = getattr(self, _ORIGINAL_CLASS)
     bound = inspect.signature(original.__call__).bind(self, *args, **kwargs)
     bound.apply_defaults()
-    runtime = get_runtime(self.transformer)
-    check_pipeline_call(self, runtime.plan, bound.arguments)
-    clock = step_hook(self.transformer).clock
+    transformer = transformer_of(self)
+    check_pipeline_call(self, get_runtime(transformer).plan, bound.arguments)
+    clock = step_hook(transformer).clock
     clock.start(float(bound.arguments.get("guidance_scale", 1.0)))
     try:
         return original.__call__(self, *args, **kwargs)
     finally:
         clock.stop()
         # NOTE: caches of a failed call must not leak into the next one.
-        reset_stateful_hooks(self.transformer)
+        reset_stateful_hooks(transformer)
 
 
 _PLANNED_CLASSES: dict[type, type] = {}
@@ -174,7 +181,7 @@ def apply_plan_to(model: Any, plan: Plan | str | Path, model_folder: str | Path 
     """
     plan = plan if isinstance(plan, Plan) else load_plan(plan)
     pipeline = is_pipeline(model)
-    transformer = model.transformer if pipeline else model
+    transformer = transformer_of(model)
     if get_runtime(transformer) is not None:
         raise PlanError("a plan is already applied here; call ditplan.remove_plan first")
     cfg_order = None
@@ -213,4 +220,4 @@ def remove_plan_from(model: Any) -> None:
     pipeline = is_pipeline(model)
     if pipeline and _ORIGINAL_CLASS in model.__dict__:
         model.__class__ = model.__dict__.pop(_ORIGINAL_CLASS)
-    remove_plan(model.transformer if pipeline else model)
+    remove_plan(transformer_of(model))

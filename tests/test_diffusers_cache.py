@@ -1,0 +1,76 @@
+"""diffusers' own caches (FirstBlockCache, TaylorSeer) as a plan part, installed by diffusers' apply_*."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from ditplan.evaluators.cost import executed_flops, plan_flops
+from ditplan.models.sampling import plan_target, sample
+from ditplan.plan import Plan, PlanError, load_plan
+from ditplan.strategies import apply_plan, remove_plan, sample_with_plan
+
+
+def cache_plan(adapter, settings, method: str, **config) -> Plan:
+    return Plan.uniform(plan_target(adapter, settings), cache={"method": method, "config": config})
+
+
+def hooked_modules(transformer: torch.nn.Module) -> list[str]:
+    return [name for name, m in transformer.named_modules() if hasattr(m, "_diffusers_hook") or "forward" in m.__dict__]
+
+
+@pytest.mark.parametrize("method, never_skip", [("first_block", {"threshold": 0.0}), ("taylorseer", {"cache_interval": 1})])
+def test_a_cache_that_never_skips_equals_dense_and_removal_restores_the_transformer(tiny_adapter, tiny_spec, method,
+                                                                                    never_skip):
+    settings = tiny_spec.sampler.settings()
+    conditions, seeds = tiny_spec.workload.conditions(), tiny_spec.workload.seeds()
+    dense = sample(tiny_adapter, conditions, seeds, settings)
+    assert torch.equal(sample_with_plan(tiny_adapter, cache_plan(tiny_adapter, settings, method, **never_skip),
+                                        conditions, seeds, settings)[0], dense)
+    assert hooked_modules(tiny_adapter.transformer) == []
+    skipping = cache_plan(tiny_adapter, settings, method, **({"threshold": 1e9} if method == "first_block" else {}))
+    assert not torch.equal(sample_with_plan(tiny_adapter, skipping, conditions, seeds, settings)[0], dense)
+    assert torch.equal(sample(tiny_adapter, conditions, seeds, settings), dense)
+
+
+@pytest.mark.parametrize("method, config, expected", [
+    # FirstBlockCache, never close enough: every block at step 0, then only the first block
+    ("first_block", {"threshold": 1e9}, {"block": 2 + 3, "self_attention": 2 + 3, "cross_attention": 0}),
+    # TaylorSeer, warm-up 1, interval 2: attention computes at steps 0 and 2; the feed-forwards always run
+    ("taylorseer", {"cache_interval": 2, "disable_cache_before_step": 1}, {"block": 8, "self_attention": 4,
+                                                                          "cross_attention": 0}),
+])
+def test_executed_parts_are_counted_and_their_flops_equal_the_flop_counter(tiny_adapter, tiny_spec, method, config,
+                                                                           expected):
+    settings = tiny_spec.sampler.settings()  # 4 steps, CFG; the tiny DiT has 2 blocks
+    runtime = apply_plan(tiny_adapter.transformer, cache_plan(tiny_adapter, settings, method, **config))
+    try:
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            sample(tiny_adapter, [1, 2], [0, 1], settings)
+        counts, calls = dict(runtime.executed.counts), runtime.executed.calls
+    finally:
+        remove_plan(tiny_adapter.transformer)
+    assert counts == expected and calls == 4
+    assert executed_flops(tiny_adapter, counts, calls, rows=4) == counter.get_total_flops()
+
+
+def test_a_cache_plan_is_checked_before_anything_is_installed(tiny_adapter, tiny_spec, tmp_path):
+    settings = tiny_spec.sampler.settings()
+    target = plan_target(tiny_adapter, settings)
+    mixed = Plan(target, (("full", "full"), ("ast", "full"), ("full", "full"), ("full", "full")),
+                 cache={"method": "first_block", "config": {"threshold": 0.1}})
+    bad = {
+        "keeps every grid cell 'full'": mixed,
+        "cache method 'teacache' is unknown": Plan.uniform(target, cache={"method": "teacache"}),
+        "has no field 'treshold'": Plan.uniform(target, cache={"method": "first_block", "config": {"treshold": 0.1}}),
+    }
+    for message, plan in bad.items():
+        with pytest.raises(PlanError, match=message):
+            apply_plan(tiny_adapter.transformer, plan)
+        assert hooked_modules(tiny_adapter.transformer) == []
+    good = cache_plan(tiny_adapter, settings, "taylorseer", cache_interval=3, max_order=2)
+    assert load_plan(good.save(tmp_path / "plan.yaml")) == good
+    with pytest.raises(PlanError, match="executed_flops"):
+        plan_flops(tiny_adapter, good, settings)
