@@ -55,7 +55,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     plan = load_plan(args.plan) if args.plan else None
     if args.repeats is not None:
         spec = spec.model_copy(update={"evaluation": spec.evaluation.model_copy(update={"latency_repeats": args.repeats})})
-    adapter = adapter_from_spec(spec.model, spec.workload.prompts or ())
+    adapter = adapter_from_spec(spec.model, spec.workload.all_prompts())
     if plan is not None:
         from ditplan.models.adapters import load_for_plan
         from ditplan.models.sampling import plan_target
