@@ -12,6 +12,7 @@ exported. Budgets are in transformer sample-forwards (rows × steps, CFG counted
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 import warnings
@@ -282,6 +283,8 @@ def _dominance_lines(run: Run) -> list[str]:
         best = min(ok, key=lambda c: sign * c.value(quality))
         delta = best.value(quality) - g.value(quality)
         verdict = "dominated" if sign * delta <= 0 else "**no learned plan dominates**"
+        if best.held_out.get("latency_ratio_max", 0.0) >= g.held_out.get("latency_ratio_min", math.inf):
+            verdict += " (latency bands overlap: not faster beyond noise)"
         lines.append(head + f" {best.name} | {_fmt(best.value(quality))} | {_fmt(best.value('latency_ratio'), '.3f')} | "
                      f"{delta:+.4g} | {verdict} |")
     return lines
