@@ -250,7 +250,22 @@ def _headline_lines(run: Run) -> list[str]:
         lines.append(f"| {name} | {side} | " + " | ".join(_fmt(held.get(m, float("nan"))) for m in held_columns)
                      + f" | {_fmt(search.get('rel_l1', float('nan')))} | {_latency(held)} | "
                      f"{_fmt(held.get('flops_ratio', float('nan')), '.3f')} |")
-    return lines + ["", _shift_sentence(measured)]
+    return lines + ["", _fid_sentence(run.spec, samples), "", _shift_sentence(measured)]
+
+
+def _fid_sentence(spec: ExperimentSpec, samples: int) -> str:
+    """How many samples the held-out FID rests on, and what that count allows."""
+    from ditplan.evaluators.distribution import FID_FEATURE_DIMS
+
+    extractor = spec.evaluation.feature_extractor
+    dims = FID_FEATURE_DIMS.get(extractor or "")
+    if dims is None:
+        return ""
+    enough = ("enough for a full-rank covariance" if samples > dims else
+              "too few for a full-rank covariance: FID is biased upward, so compare plans with dense's FID at the "
+              "same count, and read KID (unbiased at any count) beside it")
+    return (f"FID and KID use {samples} held-out samples against the reference on the {dims}-d features of "
+            f"{extractor}: {enough}. kid_low is KID on the extractor's low-level layer (strokes and texture).")
 
 
 def _shift_sentence(measured: list[Candidate]) -> str:

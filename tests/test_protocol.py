@@ -52,10 +52,11 @@ def test_held_out_prompts_replace_the_workload_prompts_on_held_out_seeds_only():
 
 
 # --- constraints ------------------------------------------------------------------------------------
-CONSTRAINED = [  # name, rel_l1, flops_ratio, mse (constraint: mse <= 0.5)
-    ("best-but-infeasible", 0.01, 0.30, 0.9),
-    ("a", 0.05, 0.60, 0.1),
-    ("b", 0.10, 0.40, 0.1),
+CONSTRAINED = [  # name, rel_l1, flops_ratio, mse (constraint: mse <= 0.5), the plan's method everywhere
+    ("best-but-infeasible", 0.01, 0.30, 0.9, "asc"),
+    ("a", 0.05, 0.60, 0.1, "full"),
+    ("b", 0.10, 0.40, 0.1, "ast"),
+    ("a-again", 0.05, 0.60, 0.1, "full"),  # the sampler proposed a's plan again
 ]
 
 
@@ -72,12 +73,13 @@ def constrained_run(tmp_path_factory):
     (root / "search").mkdir()
     driver = _Search(spec, root / "search", resume=False)
     target = plan_target(driver.adapter, spec.sampler.settings())
-    for name, rel_l1, flops, mse in CONSTRAINED:
+    for name, rel_l1, flops, mse, method in CONSTRAINED:
         trial = driver.study.ask()
         trial.set_user_attr("name", name)
         values = {"rel_l1": rel_l1, "flops_ratio": flops, "mse": mse}
         driver.tell(trial, values)
-        driver.record(trial.number, Plan.uniform(target).with_provenance(name=name), values, "COMPLETE", {})
+        grid = ((("full",) * target.num_layers,) + ((method,) * target.num_layers,) * (target.num_steps - 1))
+        driver.record(trial.number, Plan(target, grid, provenance={"name": name}), values, "COMPLETE", {})
     front = driver.publish_front()
     driver.refine(front)
     driver.tracker.finish()
@@ -85,20 +87,21 @@ def constrained_run(tmp_path_factory):
 
 
 def test_the_constraint_binds(constrained_run):
-    values = np.array([[r, f] for _, r, f, _ in CONSTRAINED])
-    assert pareto_mask(values, ["minimize", "minimize"]).tolist() == [True, False, False]
+    values = np.array([[r, f] for _, r, f, _, _ in CONSTRAINED])
+    assert pareto_mask(values, ["minimize", "minimize"]).tolist() == [True, False, False, False]
 
 
 def test_an_infeasible_trial_is_on_no_front_in_no_hypervolume_and_never_refined(constrained_run):
     spec, root, driver, front = constrained_run
-    assert sorted(t.user_attrs["name"] for t in front) == ["a", "b"]
+    assert sorted(t.user_attrs["name"] for t in front) == ["a", "a-again", "b"]
     done = driver.study.get_trials()
-    feasible_values = np.array([[r, f] for _, r, f, _ in CONSTRAINED[1:]])
+    feasible_values = np.array([[r, f] for _, r, f, _, _ in CONSTRAINED[1:]])
     reference = [0.5, 1.0]
     assert feasible_hypervolume(done, ["minimize", "minimize"], reference) == hypervolume(feasible_values, ["minimize"] * 2, reference)
     assert "| 0 | best-but-infeasible | 0.01 | 0.3 | no |  |" in (root / "search" / "pareto_front.md").read_text()
     run = load_run_data(root)
-    assert {c.name for c in run.candidates if c.held_out} == {"a", "b"}  # kept and shown, but not refined
+    assert {c.name for c in run.candidates if c.held_out} == {"a", "b"}  # kept and shown, but not refined;
+    # a-again runs a's plan: measured once
 
 
 def test_an_infeasible_trial_is_not_tagged_pareto_in_mlflow(constrained_run):
@@ -106,7 +109,7 @@ def test_an_infeasible_trial_is_not_tagged_pareto_in_mlflow(constrained_run):
     client = MlflowClient(default_tracking_uri(root / "search"))
     runs = client.search_runs([client.get_experiment_by_name("ditplan").experiment_id])
     tags = {r.data.tags["ditplan.trial"]: r.data.tags["pareto"] for r in runs if "ditplan.trial" in r.data.tags}
-    assert tags == {"0": "false", "1": "true", "2": "true"}
+    assert tags == {"0": "false", "1": "true", "2": "true", "3": "true"}
 
 
 @pytest.mark.parametrize("rule", ["knee", "top:3", "fastest:rel_l1<=10", "best:latency_ratio<=100"])
@@ -119,7 +122,7 @@ def test_an_infeasible_trial_is_never_exported(constrained_run, rule, tmp_path):
 def test_the_report_shows_the_infeasible_trial_outside_the_front(constrained_run, tmp_path):
     _, root, _, _ = constrained_run
     report = compare_runs([root], tmp_path).read_text()
-    assert "| learned | 3 | 1 | 2 |" in report  # 3 plans, 1 infeasible, a front of 2
+    assert "| learned | 4 | 1 | 3 |" in report  # 4 plans, 1 infeasible, a front of 3
 
 
 # --- export rules on held-out metrics ---------------------------------------------------------------

@@ -25,6 +25,10 @@ from ditplan.models.digits import to_uint8_rgb
 DIGITS_EXTRACTOR = "digits"
 
 
+# Dimensions of the features FID fits a Gaussian to: fewer samples than this leave its covariance
+# rank-deficient (FID biased upward; KID is unbiased at any count).
+FID_FEATURE_DIMS = {DIGITS_EXTRACTOR: 128, "inception-v3-compat": 2048}
+
 # The extractor layer that ``kid_low`` reads: low-level features, before any class-specific layer
 # (Inception: its first pooled 64-channel block).
 LOW_LEVEL_LAYERS = {DIGITS_EXTRACTOR: "low", "inception-v3-compat": "64"}

@@ -286,7 +286,7 @@ class _Search:
         metrics = self.search.refine.metrics  # type: ignore[union-attr]
         numbers = {t.number for t in front}
         warm = [t for t in _complete(self.study) if "source" in t.user_attrs and t.number not in numbers]
-        refined = refine_front(self.spec, self.storage, self.spec.name, front + warm, self.plans_dir)
+        refined = refine_front(self.spec, self.storage, self.spec.name, warm + front, self.plans_dir)  # greedy first
         lines = ["| trial | name | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
         for t in refined.get_trials(deepcopy=False):
             lines.append(f"| {t.user_attrs['source_trial']} | {t.user_attrs['name']} | "

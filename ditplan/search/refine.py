@@ -13,11 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
+import yaml
 from optuna.trial import FrozenTrial
 
 from ditplan.evaluators.base import METRIC_DIRECTIONS
 from ditplan.evaluators.held_out import DENSE, held_out_metrics
-from ditplan.plan import load_plan
+from ditplan.plan import Plan, load_plan
 from ditplan.search.trial_eval import worker_adapter
 from ditplan.spec import ExperimentSpec
 
@@ -30,24 +31,42 @@ def trial_name(trial: FrozenTrial) -> str:
     return trial.user_attrs.get("name", f"trial-{trial.number}")
 
 
+def _plan_key(plan: Plan) -> str:
+    """What a plan runs, without where it came from: identical plans proposed twice share it."""
+    return yaml.safe_dump({k: v for k, v in plan.to_dict().items() if k != "provenance"}, sort_keys=True)
+
+
+def distinct_plans(trials: Sequence[FrozenTrial], plans_dir: Path) -> dict[str, tuple[FrozenTrial, Plan]]:
+    """The first trial (by name) of every distinct plan among ``trials``: a sampler that proposes the
+    same plan again costs one held-out measurement, not two."""
+    seen: set[str] = set()
+    out = {}
+    for trial in trials:
+        plan = load_plan(plans_dir / f"trial-{trial.number:04d}.yaml")
+        key = _plan_key(plan)
+        if key not in seen:
+            seen.add(key)
+            out[trial_name(trial)] = (trial, plan)
+    return out
+
+
 def refine_front(
     spec: ExperimentSpec, storage: object, study_name: str, trials: Sequence[FrozenTrial], plans_dir: Path,
 ) -> optuna.Study:
-    """Measure ``trials`` (their plan files are in ``plans_dir``) on the held-out seeds; trials already
-    measured are skipped, the rest are measured together, interleaved with dense."""
+    """Measure the distinct plans of ``trials`` (their files are in ``plans_dir``) on the held-out seeds;
+    trials already measured are skipped, the rest are measured together, interleaved with dense."""
     refine = spec.search.refine
     if refine is None:
         raise ValueError("the experiment has no search.refine section")
     study = optuna.create_study(study_name=refined_study_name(study_name), storage=storage, load_if_exists=True,
                                 directions=[METRIC_DIRECTIONS[m] for m in refine.metrics])
     done = {t.user_attrs.get("source_trial") for t in study.get_trials(deepcopy=False)}
-    todo = {trial_name(t): t for t in trials if t.number not in done}
+    todo = {name: pair for name, pair in distinct_plans(trials, plans_dir).items() if pair[0].number not in done}
     if not todo:
         return study
-    plans = {name: load_plan(plans_dir / f"trial-{t.number:04d}.yaml") for name, t in todo.items()}
-    result = held_out_metrics(worker_adapter(spec), spec, plans)
+    result = held_out_metrics(worker_adapter(spec), spec, {name: plan for name, (_, plan) in todo.items()})
     held_out = {"first_seed": result.seed_set.seeds[0], "samples": len(result.seed_set.seeds)}
-    for name, trial in todo.items():
+    for name, (trial, _) in todo.items():
         values = result.metrics[name]
         study.add_trial(optuna.trial.create_trial(
             values=[values[m] for m in refine.metrics],
