@@ -174,3 +174,23 @@ def test_budgets_of_sides_with_different_batch_sizes_come_out_in_sample_forwards
     # how the evaluation rows are batched does not change the count
     rebatched = spec.model_copy(update={"sampler": spec.sampler.model_copy(update={"batch_size": 1})})
     assert side_budget(rebatched, "search", cands) == s
+
+
+def test_plans_that_run_the_same_tokens_are_measured_once(tmp_path):
+    from optuna.trial import create_trial
+
+    from ditplan.search.refine import distinct_plans
+    from ditplan.strategies.curves import CURVES
+    from ditplan.strategies.sdtm import SparseLayout
+
+    target = Plan.uniform(plan_target(worker_adapter(load_spec(DATA / "tiny-search.yaml")),
+                                      load_spec(DATA / "tiny-search.yaml").sampler.settings())).target
+    flat = {"constant": {"r": 0.5}, "linear": {"r_start": 0.5, "r_end": 0.5}, "linear-2": {"r_start": 0.5, "r_end": 0.9}}
+    trials = []
+    for number, (name, rates) in enumerate(flat.items()):
+        layout = SparseLayout(((0, 2),), CURVES[name.split("-")[0]](**rates), None, 0)
+        plan = Plan(target, tuple(tuple(row) for row in Plan.uniform(target).grid), sparse=layout.to_dict())
+        plan.save(tmp_path / f"trial-{number:04d}.yaml")
+        trials.append(create_trial(values=[0.0], user_attrs={"name": name}))
+        trials[-1].number = number
+    assert list(distinct_plans(trials, tmp_path)) == ["constant", "linear-2"]  # constant ≡ linear 0.5 → 0.5

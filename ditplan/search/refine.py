@@ -9,17 +9,18 @@ side; dense's own held-out metrics and what the evaluation spent are that study'
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
-import yaml
 from optuna.trial import FrozenTrial
 
 from ditplan.evaluators.base import METRIC_DIRECTIONS
 from ditplan.evaluators.held_out import DENSE, held_out_metrics
 from ditplan.plan import Plan, load_plan
 from ditplan.search.trial_eval import worker_adapter
+from ditplan.strategies.apply import sparse_layout
 from ditplan.spec import ExperimentSpec
 
 
@@ -32,8 +33,15 @@ def trial_name(trial: FrozenTrial) -> str:
 
 
 def _plan_key(plan: Plan) -> str:
-    """What a plan runs, without where it came from: identical plans proposed twice share it."""
-    return yaml.safe_dump({k: v for k, v in plan.to_dict().items() if k != "provenance"}, sort_keys=True)
+    """What a plan runs, without where it came from: identical plans proposed twice share it, and so do
+    pruning curves of different families that give the same tokens at every step."""
+    data = {k: v for k, v in plan.to_dict().items() if k != "provenance"}
+    layout = sparse_layout(plan)
+    if layout is not None:
+        tokens = [layout.tokens_by_block(step, plan.num_steps, plan.num_layers, plan.target.num_tokens)
+                  for step in range(plan.num_steps)]
+        data["sparse"] = {**data["sparse"], "curve": tokens}
+    return json.dumps(data, sort_keys=True)
 
 
 def distinct_plans(trials: Sequence[FrozenTrial], plans_dir: Path) -> dict[str, tuple[FrozenTrial, Plan]]:
