@@ -1,8 +1,9 @@
 """Greedy DiTFastAttn plans (D1–D6) vs a learned multi-objective search on the embedded model.
 
-Both sides are judged on the same path (``plan_metrics``: the experiment's first ``search.samples``
-samples vs dense). The learned search gets as many full evaluations as greedy's 6 plans plus its
-calibration forwards converted to evaluation-equivalents (forward rows × forwards). Prints the
+Greedy calibrates on the experiment's calibration seeds; both sides are scored on the same path
+(``plan_metrics``: the search seed set vs dense); the domain-FID check uses the held-out seeds. The
+learned search gets as many full evaluations as greedy's 6 plans plus its calibration converted to
+evaluation-equivalents (both in transformer sample-forwards: rows × steps, CFG counted). Prints the
 hypervolume of both fronts (rel. L1 vs FLOPs ratio, one reference point), then re-measures both
 fronts' latency (median of repeats, one plan at a time) and, for every Dk, the best learned plan at
 ≤ its latency. Then the 2× goal: learned front plans from the fastest up, the first whose domain FID
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from torchvision.utils import save_image
 
+from ditplan.evaluators.cost import sample_forwards
 from ditplan.evaluators.distribution import distribution_metrics
 from ditplan.evaluators.reference import dense_reference
 from ditplan.models.digits import load_digits
@@ -69,25 +71,25 @@ def main() -> None:
     settings = spec.sampler.settings()
     target = plan_target(adapter, settings)
 
-    # --- greedy D1–D6 (calibrated on 8 samples) -----------------------------------------------------
+    # --- greedy D1–D6 (calibrated on the calibration seeds) -------------------------------------------
     greedy = {}
+    _, calibration_conditions, calibration_seeds = spec.seed_set("calibration")
     for index, delta in enumerate(DEFAULT_THRESHOLDS):
         name = threshold_name(index)
         path = Path(args.greedy_dir) / f"greedy-{name}.yaml"
-        if path.exists() and load_plan(path).target == target:
-            greedy[name] = load_plan(path)
+        found = load_plan(path) if path.exists() else None
+        if found and found.target == target and "sample_forwards" in found.provenance \
+                and found.provenance["calibration"]["seeds"] == calibration_seeds:
+            greedy[name] = found
         else:
-            k = spec.greedy.calibration_samples
-            result = greedy_search(adapter, settings, spec.workload.conditions()[:k], spec.workload.seeds()[:k], delta)
+            result = greedy_search(adapter, settings, calibration_conditions, calibration_seeds, delta)
             greedy[name] = result.plan.with_provenance(name=name)
             greedy[name].save(path)
-    forwards = sum(p.provenance["transformer_forwards"] for p in greedy.values())
+    calibration = sum(p.provenance["sample_forwards"] for p in greedy.values())
     seconds = sum(p.provenance["search_seconds"] for p in greedy.values())
-    calibration_rows = spec.greedy.calibration_samples * (2 if settings.cfg else 1)
-    eval_rows = spec.search.samples * (2 if settings.cfg else 1)
-    equivalent = forwards * calibration_rows / (eval_rows * settings.num_steps)
+    equivalent = calibration / sample_forwards(spec.search.samples, settings)
     budget = round(equivalent) if args.warm_start else 6 + round(equivalent)
-    print(f"greedy D1–D6: {forwards} transformer forwards on {calibration_rows} rows ({seconds:.0f} s) "
+    print(f"greedy D1–D6: {calibration} transformer sample-forwards ({seconds:.0f} s) "
           f"≈ {equivalent:.0f} full evaluations of {spec.search.samples} samples; + 6 plan evaluations "
           f"→ learned budget {budget} trials" + (" on top of the 6 enqueued greedy plans" if args.warm_start else "")
           + f"; sampler {spec.search.sampler}, {'full grid' if args.full_grid else 'grouped'} space", flush=True)
@@ -99,7 +101,7 @@ def main() -> None:
     learned_seconds = time.perf_counter() - start
     objectives, directions = result.objectives, result.directions
     ref = reference_point(spec)
-    conditions, seeds = spec.workload.conditions()[: spec.search.samples], spec.workload.seeds()[: spec.search.samples]
+    _, conditions, seeds = spec.seed_set("search")
     dense = dense_reference(adapter, settings, conditions, seeds, spec.evaluation.cache_dir)
     needed = tuple(objectives)
     greedy_values = {n: plan_metrics(adapter, spec, p, dense, conditions, seeds, needed) for n, p in greedy.items()}
@@ -145,8 +147,7 @@ def main() -> None:
             print(f"| {name} | {gm['rel_l1']:.4f} | {gm['flops_ratio']:.2f} | {gm['latency_ratio']:.2f} | none | | | | |")
 
     # --- the 2× goal: the fastest learned plan within +10 % domain FID of dense -------------------------
-    fid_labels = [i % 10 for i in range(args.fid_samples)]
-    fid_seeds = list(range(5000, 5000 + args.fid_samples))
+    _, fid_labels, fid_seeds = spec.workload.seed_set("held_out", args.fid_samples)
     held_out = load_digits("held_out")[0]
 
     def domain_fid(plan):

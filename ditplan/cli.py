@@ -55,7 +55,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     plan = load_plan(args.plan) if args.plan else None
     if args.repeats is not None:
         spec = spec.model_copy(update={"evaluation": spec.evaluation.model_copy(update={"latency_repeats": args.repeats})})
-    adapter = adapter_from_spec(spec.model, spec.workload.prompts or ())
+    adapter = adapter_from_spec(spec.model, spec.workload.all_prompts())
     if plan is not None:
         from ditplan.models.adapters import load_for_plan
         from ditplan.models.sampling import plan_target
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", required=True)
     p.add_argument("--plan", help="plan YAML file (default: dense vs dense)")
     p.add_argument("--repeats", type=int, help="timed runs per config (default: evaluation.latency_repeats)")
-    p.add_argument("--samples", type=int, help="only the workload's first K samples (a plan's provenance names K)")
+    p.add_argument("--samples", type=int, help="the first K held-out samples (default: search.refine.samples)")
 
     p = sub.add_parser("run", help="the whole loop: greedy, learned search, re-evaluation, comparison, export")
     p.add_argument("--experiment", required=True)
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("greedy", help="DiTFastAttn's greedy search: one plan file per threshold (D1 … D6)")
     p.add_argument("--experiment", required=True)
     p.add_argument("--thresholds", default="0.025,0.05,0.075,0.1,0.125,0.15", help="δ values (default D1 … D6)")
-    p.add_argument("--calibration-samples", type=int, help="first K workload samples (default: greedy.calibration_samples)")
+    p.add_argument("--calibration-samples", type=int, help="first K calibration-set samples (default: greedy.calibration_samples)")
     p.add_argument("--window-size", type=int, help="WA-RS half-width w (default tokens // 8)")
     p.add_argument("--out", required=True, help="folder for the plan files")
 

@@ -2,23 +2,39 @@
 
 A run directory holds ``experiment.yaml`` (a copy of the experiment), the Optuna study (greedy plans
 enter it as known trials with ``source = greedy``; learned trials have no source), the plan file of
-every trial under ``trials/`` and, after multi-fidelity re-evaluation, the ``<name>-refined`` study.
+every trial under ``trials/`` and, after the held-out evaluation, the ``<name>-refined`` study.
+
+Every figure the report states for a plan, and every export rule, reads the held-out metrics; the
+search-seed metrics (what chose the plans) are shown beside them, never instead. Infeasible trials
+(a constraint broken on the search seeds) are listed but are on no front, in no hypervolume and never
+exported. Budgets are in transformer sample-forwards (rows × steps, CFG counted) and elapsed time.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass
+import statistics
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
+
+import yaml
 
 from ditplan.errors import UserError
+from ditplan.evaluators.base import METRIC_DIRECTIONS
+from ditplan.evaluators.cost import sample_forwards
+from ditplan.evaluators.held_out import DENSE
+from ditplan.models.adapters import model_folder
+from ditplan.models.finetune_sparse import LAYOUT_FILE
 from ditplan.plan import Plan, load_plan
-from ditplan.search.driver import reference_point, study_storage
+from ditplan.search.driver import is_feasible_trial, reference_point, study_storage
 from ditplan.search.figures import front_html, front_png
 from ditplan.search.pareto import hypervolume, pareto_mask
 from ditplan.search.refine import refined_study_name
@@ -27,22 +43,48 @@ from ditplan.spec import ExperimentSpec, load_spec
 
 @dataclass
 class Candidate:
-    """One evaluated plan of a run: its cheap metrics, refined metrics (if any) and where it came from."""
+    """One evaluated plan of a run: its search-seed metrics (what chose it), held-out metrics (when
+    measured), whether it met the experiment's constraints, and where it came from."""
 
     run: str
     trial: int
     name: str
     source: str  # "greedy" or "search"
-    metrics: dict[str, float]
-    refined: dict[str, float]
-    seconds: float
+    metrics: dict[str, float]  # on the search seeds
+    held_out: dict[str, float]  # on the held-out seeds; empty when not measured
+    feasible: bool
+    started: datetime | None
+    completed: datetime | None
     plan_path: Path
 
     def value(self, metric: str) -> float:
-        return self.refined.get(metric, self.metrics.get(metric, float("nan")))
+        """The held-out value of ``metric`` (NaN when not measured on held-out seeds)."""
+        return self.held_out.get(metric, float("nan"))
 
 
-def load_run(run_dir: str | Path) -> tuple[ExperimentSpec, list[Candidate]]:
+@dataclass
+class Run:
+    """A loaded run directory: its experiment, candidates and held-out evaluation (dense's metrics,
+    the seed set and what it spent)."""
+
+    spec: ExperimentSpec
+    candidates: list[Candidate]
+    dense: dict[str, float] = field(default_factory=dict)
+    held_out: dict[str, int] = field(default_factory=dict)
+    held_out_spent: dict[str, float] = field(default_factory=dict)
+
+
+def _candidate(run_dir: Path, trial: FrozenTrial, held_out: dict[int, dict[str, float]]) -> Candidate:
+    path = run_dir / "search" / "trials" / f"trial-{trial.number:04d}.yaml"
+    return Candidate(
+        run=run_dir.name, trial=trial.number, name=trial.user_attrs.get("name", f"trial-{trial.number}"),
+        source=trial.user_attrs.get("source", "search"), metrics=dict(load_plan(path).provenance.get("metrics", {})),
+        held_out=held_out.get(trial.number, {}), feasible=is_feasible_trial(trial),
+        started=trial.datetime_start, completed=trial.datetime_complete, plan_path=path,
+    )
+
+
+def load_run_data(run_dir: str | Path) -> Run:
     run_dir = Path(run_dir)
     if not (run_dir / "experiment.yaml").exists():
         raise UserError(f"{run_dir} is not a ditplan run directory (no experiment.yaml); make one with `ditplan run`")
@@ -51,95 +93,268 @@ def load_run(run_dir: str | Path) -> tuple[ExperimentSpec, list[Candidate]]:
     names = optuna.get_all_study_names(storage)
     if spec.name not in names:
         raise UserError(f"{run_dir} has no finished search yet; run `ditplan run --experiment ...` first")
-    refined: dict[int, dict[str, float]] = {}
+    held_out: dict[int, dict[str, float]] = {}
+    run = Run(spec, [])
     if refined_study_name(spec.name) in names:
-        for t in optuna.load_study(study_name=refined_study_name(spec.name), storage=storage).get_trials(deepcopy=False):
-            refined[t.user_attrs["source_trial"]] = dict(t.user_attrs["metrics"])
+        refined = optuna.load_study(study_name=refined_study_name(spec.name), storage=storage)
+        for t in refined.get_trials(deepcopy=False):
+            held_out[t.user_attrs["source_trial"]] = dict(t.user_attrs["metrics"])
+        run.dense = dict(refined.user_attrs.get(DENSE, {}))
+        run.held_out = dict(refined.user_attrs.get("held_out", {}))
+        run.held_out_spent = dict(refined.user_attrs.get("spent", {}))
     study = optuna.load_study(study_name=spec.name, storage=storage)
-    candidates = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        path = run_dir / "search" / "trials" / f"trial-{t.number:04d}.yaml"
-        plan = load_plan(path)
-        seconds = float(plan.provenance.get("search_seconds", 0.0))
-        if t.datetime_start and t.datetime_complete and "source" not in t.user_attrs:
-            seconds = (t.datetime_complete - t.datetime_start).total_seconds()
-        candidates.append(Candidate(
-            run=run_dir.name, trial=t.number, name=t.user_attrs.get("name", f"trial-{t.number}"),
-            source=t.user_attrs.get("source", "search"), metrics=dict(plan.provenance.get("metrics", {})),
-            refined=refined.get(t.number, {}), seconds=seconds, plan_path=path,
-        ))
-    return spec, candidates
+    run.candidates = [_candidate(run_dir, t, held_out) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    return run
 
 
-def _front(cands: list[Candidate], objectives: list[str], directions: list[str]) -> list[Candidate]:
-    if not cands:
+def load_run(run_dir: str | Path) -> tuple[ExperimentSpec, list[Candidate]]:
+    run = load_run_data(run_dir)
+    return run.spec, run.candidates
+
+
+def _objectives(spec: ExperimentSpec) -> tuple[list[str], list[str]]:
+    return [o.metric for o in spec.search.objectives], [o.resolved_direction() for o in spec.search.objectives]
+
+
+def quality_metric(spec: ExperimentSpec) -> str:
+    """The held-out quality a report leads with: domain FID when the experiment has a feature
+    extractor, else its first objective."""
+    return "fid" if spec.evaluation.feature_extractor else spec.search.objectives[0].metric
+
+
+def _front(cands: list[Candidate], metrics: list[str], directions: list[str], held_out: bool = False) -> list[Candidate]:
+    """The Pareto front of the feasible ``cands`` on their search-seed (or held-out) ``metrics``."""
+    feasible = [c for c in cands if c.feasible]
+    if not feasible:
         return []
-    mask = pareto_mask(np.array([[c.metrics[o] for o in objectives] for c in cands]), directions)
-    return [c for c, keep in zip(cands, mask) if keep]
+    values = np.array([[c.value(m) if held_out else c.metrics[m] for m in metrics] for c in feasible])
+    mask = pareto_mask(values, directions)
+    return [c for c, keep in zip(feasible, mask) if keep]
+
+
+def _elapsed(cands: list[Candidate]) -> float:
+    """Wall time from the first start to the last completion (trials in parallel count once)."""
+    spans = [(c.started, c.completed) for c in cands if c.started and c.completed]
+    if not spans:
+        return 0.0
+    return (max(end for _, end in spans) - min(start for start, _ in spans)).total_seconds()
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one side spent, in transformer sample-forwards and elapsed seconds."""
+
+    side: str
+    plans: int
+    calibration_forwards: int
+    calibration_seconds: float
+    evaluation_forwards: int
+    evaluation_seconds: float
+
+    @property
+    def forwards(self) -> int:
+        return self.calibration_forwards + self.evaluation_forwards
+
+
+def _calibration_plan(c: Candidate) -> Plan:
+    """The plan file greedy wrote (``<run>/greedy/greedy-Dk.yaml``, with its calibration record); an
+    enqueued greedy trial's own file holds the plan as the search space expressed it."""
+    written = c.plan_path.parent.parent.parent / "greedy" / f"greedy-{c.name}.yaml"
+    return load_plan(written if written.exists() else c.plan_path)
+
+
+def _calibration(plan: Plan, spec: ExperimentSpec) -> int:
+    """Sample-forwards greedy spent calibrating ``plan`` (plans made before they were recorded:
+    transformer calls × the calibration batch's rows)."""
+    if "sample_forwards" in plan.provenance:
+        return int(plan.provenance["sample_forwards"])
+    rows = len(plan.provenance["calibration"]["seeds"]) * (2 if spec.sampler.settings().cfg else 1)
+    return int(plan.provenance["transformer_forwards"]) * rows
+
+
+def side_budget(spec: ExperimentSpec, side: str, cands: list[Candidate]) -> Budget:
+    """A side's search budget: greedy's calibration (one-off) plus the evaluation of every plan on the
+    search seeds, in the same unit for both sides whatever their batch sizes."""
+    mine = [c for c in cands if c.source == side]
+    plans = [_calibration_plan(c) for c in mine] if side == "greedy" else []
+    per_plan = sample_forwards(spec.search.samples, spec.sampler.settings())
+    return Budget(
+        side="greedy" if side == "greedy" else "learned", plans=len(mine),
+        calibration_forwards=sum(_calibration(p, spec) for p in plans),
+        calibration_seconds=sum(float(p.provenance.get("search_seconds", 0.0)) for p in plans),
+        evaluation_forwards=len(mine) * per_plan, evaluation_seconds=_elapsed(mine),
+    )
+
+
+def network_costs(spec: ExperimentSpec, cands: list[Candidate]) -> list[dict[str, object]]:
+    """One-off fine-tuning of every SparseDiT network a learned plan runs on, from its ``sparse_layout.yaml``."""
+    used = sorted({w for c in cands if c.source == "search" for w in [(load_plan(c.plan_path).sparse or {}).get("weights")] if w})
+    rows = []
+    for weights in used:
+        folder = Path(weights) if Path(weights).is_absolute() else model_folder(spec.model.source or "") / weights
+        tuning = yaml.safe_load((folder / LAYOUT_FILE).read_text()).get("fine_tuning", {})
+        steps, batch = int(tuning.get("steps_done", tuning.get("steps", 0))), int(tuning.get("batch_size", 0))
+        rows.append({"network": weights, "steps": steps, "batch": batch, "training_rows": steps * batch,
+                     "minutes": tuning.get("minutes"), "device": tuning.get("device", "?")})
+    return rows
+
+
+def _budget_lines(run: Run) -> list[str]:
+    spec, cands = run.spec, run.candidates
+    lines = ["## Budgets (transformer sample-forwards = rows × steps, CFG counted; wall time elapsed)", "",
+             "| side | plans | one-off: calibration (sample-forwards, s) | search-seed evaluations (sample-forwards) | "
+             "total sample-forwards | evaluation wall time (s, elapsed) |", "|---|---|---|---|---|---|"]
+    for side in ("greedy", "search"):
+        b = side_budget(spec, side, cands)
+        if b.plans:
+            lines.append(f"| {b.side} | {b.plans} | {b.calibration_forwards:,} ({b.calibration_seconds:.0f} s) | "
+                         f"{b.evaluation_forwards:,} | {b.forwards:,} | {b.evaluation_seconds:.0f} |")
+    spent = run.held_out_spent
+    if spent:
+        lines.append(f"| held-out evaluation (dense + every reported plan) | | | | {int(spent['sample_forwards']):,} | "
+                     f"{spent['seconds']:.0f} |")
+    networks = network_costs(spec, cands)
+    if networks:
+        lines += ["", "One-off fine-tuning of the SparseDiT networks learned plans run on (made once, shared by every "
+                  "search; training rows = steps × batch, each a forward and a backward pass):", "",
+                  "| network | steps | batch | training rows | minutes | device |", "|---|---|---|---|---|---|"]
+        lines += [f"| {n['network']} | {n['steps']:,} | {n['batch']} | {n['training_rows']:,} | {n['minutes']} | "
+                  f"{n['device']} |" for n in networks]
+    return lines
+
+
+def _fmt(value: float, digits: str = ".4g") -> str:
+    return "" if value != value else format(value, digits)
+
+
+def _latency(c_values: dict[str, float]) -> str:
+    if "latency_ratio" not in c_values:
+        return ""
+    return f"{c_values['latency_ratio']:.3f} ({c_values['latency_ratio_min']:.2f}–{c_values['latency_ratio_max']:.2f})"
+
+
+def _headline_lines(run: Run) -> list[str]:
+    """Held-out quality × latency of dense and of every measured plan, with the search-seed rel. L1 beside."""
+    quality = quality_metric(run.spec)
+    held_columns = list(dict.fromkeys([quality, *(m for m in ("kid", "kid_low", "class_agreement") if m in run.dense),
+                                       "rel_l1"]))
+    measured = sorted((c for c in run.candidates if c.held_out), key=lambda c: (c.source != "greedy", c.value("latency_ratio")))
+    samples, first = run.held_out.get("samples", 0), run.held_out.get("first_seed", "?")
+    lines = [f"## Held-out {quality} × latency ({samples} held-out samples, seeds {first}…; latency ratio to dense: "
+             "median over rounds interleaved with dense in one process, min–max band)", "",
+             "| plan | side | " + " | ".join(f"{m} (held-out)" for m in held_columns) + " | rel_l1 (search seeds) | "
+             "latency ratio (band) | FLOPs ratio |", "|---|---|" + "---|" * len(held_columns) + "---|---|---|"]
+    rows = [("dense", "", run.dense, {})] + [(c.name, "greedy" if c.source == "greedy" else "learned", c.held_out, c.metrics)
+                                             for c in measured]
+    for name, side, held, search in rows:
+        lines.append(f"| {name} | {side} | " + " | ".join(_fmt(held.get(m, float("nan"))) for m in held_columns)
+                     + f" | {_fmt(search.get('rel_l1', float('nan')))} | {_latency(held)} | "
+                     f"{_fmt(held.get('flops_ratio', float('nan')), '.3f')} |")
+    return lines + ["", _fid_sentence(run.spec, samples), "", _shift_sentence(measured)]
+
+
+def _fid_sentence(spec: ExperimentSpec, samples: int) -> str:
+    """How many samples the held-out FID rests on, and what that count allows."""
+    from ditplan.evaluators.distribution import FID_FEATURE_DIMS
+
+    extractor = spec.evaluation.feature_extractor
+    dims = FID_FEATURE_DIMS.get(extractor or "")
+    if dims is None:
+        return ""
+    enough = ("enough for a full-rank covariance" if samples > dims else
+              "too few for a full-rank covariance: FID is biased upward, so compare plans with dense's FID at the "
+              "same count, and read KID (unbiased at any count) beside it")
+    return (f"FID and KID use {samples} held-out samples against the reference on the {dims}-d features of "
+            f"{extractor}: {enough}. kid_low is KID on the extractor's low-level layer (strokes and texture).")
+
+
+def _shift_sentence(measured: list[Candidate]) -> str:
+    """What the held-out seeds change against the seeds that chose the plans (measured, both)."""
+    parts = []
+    for side, label in (("greedy", "greedy"), ("search", "learned")):
+        pairs = [(c.metrics["rel_l1"], c.held_out["rel_l1"]) for c in measured
+                 if c.source == side and "rel_l1" in c.metrics and "rel_l1" in c.held_out]
+        if pairs:
+            change = statistics.median(h / s - 1 for s, h in pairs)
+            parts.append(f"{label} plans' rel. L1 to dense changes by a median {change:+.1%} from the search seeds "
+                         f"to the held-out seeds ({len(pairs)} plans)")
+    return ("Held-out vs selection seeds: " + "; ".join(parts) + ".") if parts else ""
+
+
+def _dominance_lines(run: Run) -> list[str]:
+    """For every greedy plan, the best feasible learned plan at ≤ its held-out latency, and whether it dominates."""
+    quality = quality_metric(run.spec)
+    sign = 1.0 if METRIC_DIRECTIONS.get(quality, "minimize") == "minimize" else -1.0
+    learned = [c for c in run.candidates if c.source == "search" and c.feasible and c.held_out]
+    lines = [f"## Dominance on held-out seeds: for every greedy plan, the best learned plan at ≤ its latency", "",
+             f"| greedy | {quality} | latency | best learned at ≤ its latency | {quality} | latency | Δ {quality} | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for g in sorted((c for c in run.candidates if c.source == "greedy" and c.held_out), key=lambda c: c.name):
+        ok = [c for c in learned if c.value("latency_ratio") <= g.value("latency_ratio")]
+        head = f"| {g.name} | {_fmt(g.value(quality))} | {_fmt(g.value('latency_ratio'), '.3f')} |"
+        if not ok:
+            lines.append(head + " none | | | | no learned plan is as fast |")
+            continue
+        best = min(ok, key=lambda c: sign * c.value(quality))
+        delta = best.value(quality) - g.value(quality)
+        verdict = "dominated" if sign * delta <= 0 else "**no learned plan dominates**"
+        if best.held_out.get("latency_ratio_max", 0.0) >= g.held_out.get("latency_ratio_min", math.inf):
+            verdict += " (latency bands overlap: not faster beyond noise)"
+        lines.append(head + f" {best.name} | {_fmt(best.value(quality))} | {_fmt(best.value('latency_ratio'), '.3f')} | "
+                     f"{delta:+.4g} | {verdict} |")
+    return lines
+
+
+def _search_seed_lines(run: Run, groups: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The fronts on the search seeds (what chose the plans): hypervolume of the feasible trials."""
+    spec, cands = run.spec, run.candidates
+    objectives, directions = _objectives(spec)
+    ref = reference_point(spec)
+    lines = [f"## Search seeds (what chose the plans): {objectives[0]} × {objectives[1]}, feasible trials only, "
+             f"hypervolume reference {ref}", "", "| side | plans | infeasible | front | hypervolume |", "|---|---|---|---|---|"]
+    for side, label in (("greedy", "greedy"), ("search", "learned")):
+        mine = [c for c in cands if c.source == side]
+        if not mine:
+            continue
+        front = _front(mine, objectives, directions)
+        feasible = [c for c in mine if c.feasible]
+        hv = hypervolume(np.array([[c.metrics[o] for o in objectives] for c in feasible]), directions, ref) if feasible else 0.0
+        lines.append(f"| {label} | {len(mine)} | {len(mine) - len(feasible)} | {len(front)} | {hv:.4f} |")
+        on_front = {id(c) for c in front}
+        groups[f"{spec.name} {label}"] = [{"name": c.name, "on_front": id(c) in on_front,
+                                           **{o: c.metrics[o] for o in objectives}} for c in mine]
+    return lines
 
 
 def compare_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
-    """Fronts of greedy and learned plans of every run on one plot with one hypervolume reference, a
-    dominance table and what each side spent. Writes ``comparison.md``, ``.png`` and ``.html``."""
+    """Greedy vs learned plans of every run: held-out quality × latency (the headline), the dominance
+    table, the search-seed fronts beside, and the budgets. Writes ``comparison.md``, ``.png`` and ``.html``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [load_run(r) for r in run_dirs]
-    spec = runs[0][0]
-    objectives = [o.metric for o in spec.search.objectives]
-    directions = [o.resolved_direction() for o in spec.search.objectives]
-    for other, _ in runs[1:]:
-        if [o.metric for o in other.search.objectives] != objectives:
-            raise UserError(f"runs {spec.name} and {other.name} optimise different objectives; compare like with like")
-    ref = reference_point(spec)
+    runs = [load_run_data(r) for r in run_dirs]
+    objectives, _ = _objectives(runs[0].spec)
+    for other in runs[1:]:
+        if _objectives(other.spec)[0] != objectives:
+            raise UserError(f"runs {runs[0].spec.name} and {other.spec.name} optimise different objectives; compare like with like")
+    lines = [f"# Greedy vs learned plans ({', '.join(r.spec.name for r in runs)})", ""]
     groups: dict[str, list[dict[str, Any]]] = {}
-    lines = [f"# Greedy vs learned plans ({', '.join(s.name for s, _ in runs)})", "",
-             f"Objectives: {objectives[0]} ({directions[0]}) × {objectives[1]} ({directions[1]}); "
-             f"hypervolume reference point {ref}.", "",
-             "| run | side | plans | front | hypervolume | full evaluations | transformer forwards | wall time (s) |",
-             "|---|---|---|---|---|---|---|---|"]
-    settings = spec.sampler.settings()
-    for run_spec, cands in runs:
-        for side in ("greedy", "search"):
-            mine = [c for c in cands if c.source == side]
-            if not mine:
-                continue
-            front = _front(mine, objectives, directions)
-            hv = hypervolume(np.array([[c.metrics[o] for o in objectives] for c in mine]), directions, ref)
-            samples = run_spec.search.samples
-            batches = -(-samples // run_spec.sampler.batch_size)
-            if side == "greedy":
-                forwards = sum(int(load_plan(c.plan_path).provenance.get("transformer_forwards", 0)) for c in mine)
-                forwards += len(mine) * settings.num_steps * batches  # their evaluations
-            else:
-                forwards = len(mine) * settings.num_steps * batches
-            label = f"{run_spec.name} {'greedy' if side == 'greedy' else 'learned'}"
-            lines.append(f"| {run_spec.name} | {label.split()[-1]} | {len(mine)} | {len(front)} | {hv:.4f} | {len(mine)} | "
-                         f"{forwards} | {sum(c.seconds for c in mine):.0f} |")
-            front_ids = {id(c) for c in front}
-            groups[label] = [{"name": c.name, "on_front": id(c) in front_ids, **{o: c.metrics[o] for o in objectives}}
-                             for c in mine]
-    cost = next((m for m in ("latency_ratio", "flops_ratio") if any(m in c.refined or m in c.metrics for _, cs in runs for c in cs)), objectives[1])
-    quality = objectives[0]
-    lines += ["", f"For each greedy plan, the best learned plan at ≤ its {cost} (refined metrics where measured):", "",
-              f"| greedy | {quality} | {cost} | best learned | {quality} | {cost} | Δ {quality} |", "|---|---|---|---|---|---|---|"]
-    for _, cands in runs:
-        learned = [c for c in cands if c.source == "search"]
-        for g in sorted((c for c in cands if c.source == "greedy"), key=lambda c: c.name):
-            ok = [c for c in learned if c.value(cost) <= g.value(cost)]
-            if ok:
-                best = min(ok, key=lambda c: c.value(quality))
-                lines.append(f"| {g.name} | {g.value(quality):.4g} | {g.value(cost):.3g} | {best.name} | "
-                             f"{best.value(quality):.4g} | {best.value(cost):.3g} | {best.value(quality) - g.value(quality):+.4g} |")
-            else:
-                lines.append(f"| {g.name} | {g.value(quality):.4g} | {g.value(cost):.3g} | none at ≤ this cost | | | |")
+    for run in runs:
+        if len(runs) > 1:
+            lines += [f"# {run.spec.name}", ""]
+        if run.held_out:
+            lines += _headline_lines(run) + [""] + _dominance_lines(run) + [""]
+        else:
+            lines += ["No held-out evaluation in this run (search.refine is off): nothing below is measured on "
+                      "seeds the search did not see.", ""]
+        lines += _search_seed_lines(run, groups) + [""] + _budget_lines(run) + [""]
     png, html = front_png(groups, objectives), front_html(groups, objectives)
     png.savefig(out / "comparison.png", dpi=120)
     html.write_html(str(out / "comparison.html"))
-    lines += ["", "![fronts](comparison.png)", ""]
+    lines += ["![search-seed fronts](comparison.png)", ""]
     report = out / "comparison.md"
     report.write_text("\n".join(lines))
-    for (run_spec, _), run_dir in zip(runs, run_dirs):
-        _log_report(run_spec, Path(run_dir), [report, out / "comparison.png", out / "comparison.html"])
+    for run, run_dir in zip(runs, run_dirs):
+        _log_report(run.spec, Path(run_dir), [report, out / "comparison.png", out / "comparison.html"])
     return report
 
 
@@ -163,41 +378,57 @@ def _log_report(spec: ExperimentSpec, run_dir: Path, files: list[Path]) -> None:
 _RULE = re.compile(r"^(fastest|best):(\w+)(<=|>=)([0-9.eE+-]+)$|^knee$|^top:(\d+)$")
 
 
+def _measured(candidates: list[Candidate], metrics: tuple[str, ...], rule: str) -> list[Candidate]:
+    """The feasible candidates with held-out values of ``metrics``; the others are left out with a note."""
+    feasible = [c for c in candidates if c.feasible]
+    kept = [c for c in feasible if all(m in c.held_out for m in metrics)]
+    if len(kept) < len(feasible):
+        warnings.warn(f"{rule}: {len(feasible) - len(kept)} feasible plans were not measured on the held-out seeds "
+                      f"({', '.join(metrics)}) and are left out", stacklevel=3)
+    return kept
+
+
 def select_plans(spec: ExperimentSpec, candidates: list[Candidate], rule: str) -> list[Candidate]:
-    """Rules: ``fastest:METRIC<=X`` (lowest cost with quality metric within X), ``best:COST<=X``
-    (best quality within a cost), ``knee`` (front point closest to the ideal corner), ``top:K``
-    (K front plans of best quality)."""
+    """Rules, on held-out metrics of feasible plans: ``fastest:METRIC<=X`` (lowest latency with
+    METRIC within X), ``best:COST<=X`` (best quality within a cost), ``knee`` (held-out front point
+    closest to the ideal corner), ``top:K`` (K held-out front plans of best quality). Quality is the
+    experiment's :func:`quality_metric`; plans without the held-out values a rule reads are left out
+    with a warning, never ranked as NaN."""
     match = _RULE.match(rule.replace(" ", ""))
     if not match:
         raise UserError(f"unknown selection rule {rule!r}; use fastest:rel_l1<=0.05, best:latency_ratio<=0.8, knee or top:3")
-    objectives = [o.metric for o in spec.search.objectives]
-    directions = [o.resolved_direction() for o in spec.search.objectives]
-    quality, cost = objectives[0], objectives[1]
-    cost = "latency_ratio" if any("latency_ratio" in c.refined for c in candidates) else cost
-    front = _front(candidates, objectives, directions)
-    sign = 1.0 if directions[0] == "minimize" else -1.0
-    if rule == "knee":
-        values = np.array([[c.metrics[o] for o in objectives] for c in front])
+    quality, cost = quality_metric(spec), "latency_ratio"
+    if not any(c.held_out for c in candidates):
+        raise UserError("no plan of this run was measured on the held-out seeds; export rules read held-out "
+                        "metrics: run it with search.refine set")
+    sign = 1.0 if METRIC_DIRECTIONS.get(quality, "minimize") == "minimize" else -1.0
+    directions = [METRIC_DIRECTIONS.get(quality, "minimize"), "minimize"]
+    if rule == "knee" or match.group(5):
+        front = _front(_measured(candidates, (quality, cost), rule), [quality, cost], directions, held_out=True)
+        if match.group(5):
+            return sorted(front, key=lambda c: sign * c.value(quality))[: int(match.group(5))]
+        values = np.array([[c.value(quality), c.value(cost)] for c in front])
         lo, hi = values.min(0), values.max(0)
         scaled = (values - lo) / np.where(hi > lo, hi - lo, 1.0)
         scaled = np.where(np.array(directions) == "minimize", scaled, 1 - scaled)
         return [front[int(np.argmin(np.linalg.norm(scaled, axis=1)))]]
-    if match.group(5):
-        return sorted(front, key=lambda c: sign * c.value(quality))[: int(match.group(5))]
     kind, metric, op, bound = match.group(1), match.group(2), match.group(3), float(match.group(4))
-    within = [c for c in candidates if (c.value(metric) <= bound if op == "<=" else c.value(metric) >= bound)]
+    ranked_by = cost if kind == "fastest" else quality
+    pool = _measured(candidates, tuple(dict.fromkeys((metric, ranked_by))), rule)
+    within = [c for c in pool if (c.value(metric) <= bound if op == "<=" else c.value(metric) >= bound)]
     if not within:
-        raise UserError(f"no plan has {metric} {op} {bound}; loosen the bound (see the run's pareto_front.md)")
+        raise UserError(f"no plan has held-out {metric} {op} {bound}; loosen the bound (see the run's report/comparison.md)")
     if kind == "fastest":
         return [min(within, key=lambda c: c.value(cost))]
     return [min(within, key=lambda c: sign * c.value(quality))]
 
 
 def export_plans(run_dir: str | Path, rule: str, out: str | Path) -> list[Path]:
-    spec, candidates = load_run(run_dir)
+    run = load_run_data(run_dir)
     paths = []
-    for c in select_plans(spec, candidates, rule):
+    for c in select_plans(run.spec, run.candidates, rule):
         plan: Plan = load_plan(c.plan_path)
-        plan = plan.with_provenance(selected_by=rule, refined_metrics=c.refined or None, run=str(Path(run_dir).resolve()))
-        paths.append(plan.save(Path(out) / f"{spec.name}-{c.name}.yaml"))
+        plan = plan.with_provenance(selected_by=rule, held_out_metrics=c.held_out, held_out=run.held_out,
+                                    run=str(Path(run_dir).resolve()))
+        paths.append(plan.save(Path(out) / f"{run.spec.name}-{c.name}.yaml"))
     return paths

@@ -7,7 +7,7 @@ path and the bad value, e.g. ``quickstart.yaml: sampler.num_steps = -3: Input sh
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import yaml
@@ -76,14 +76,42 @@ class SamplerSpec(_Strict):
         return SamplerSettings(self.scheduler, self.num_steps, self.guidance_scale, self.batch_size)
 
 
+class SeedSet(NamedTuple):
+    """The samples of one seed set: a condition (class label or prompt) and a seed per sample."""
+
+    name: str
+    conditions: list[Any]
+    seeds: list[int]
+
+
+# Default offsets of the search and held-out seeds from ``workload.seed``: far enough apart that no
+# sample count an experiment can afford makes the three sets overlap (checked anyway).
+SEARCH_SEED_OFFSET = 10_000
+HELD_OUT_SEED_OFFSET = 20_000
+
+
 class WorkloadSpec(_Strict):
-    """The fixed conditions every plan is judged on: ``classes`` (DiT) or ``prompts`` (PixArt), each
-    drawn ``samples_per_condition`` times with seeds ``seed, seed + 1, …``."""
+    """The fixed conditions every plan is judged on: ``classes`` (DiT) or ``prompts`` (PixArt).
+
+    Three disjoint seed sets, each drawing its conditions in turn from the list (sample i gets
+    condition i mod len, seed ``first + i``):
+
+    - calibration, from ``seed``: greedy calibration and proxies (``greedy.calibration_samples``);
+    - search, from ``search_seed`` (default ``seed + 10000``): trial scores (``search.samples``);
+    - held-out, from ``held_out_seed`` (default ``seed + 20000``): every figure a report, an export rule
+      or the README states (``search.refine.samples``); for prompt workloads, ``held_out_prompts``
+      (default: the workload's prompts, on the held-out seeds).
+
+    ``samples_per_condition`` sizes the plain workload (``ditplan generate``, ``ditplan evaluate``'s
+    default count)."""
 
     classes: list[int] | None = None
     prompts: list[str] | None = None
     samples_per_condition: int = Field(1, gt=0)
     seed: int = 0
+    search_seed: int | None = None
+    held_out_seed: int | None = None
+    held_out_prompts: list[str] | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> WorkloadSpec:
@@ -91,14 +119,36 @@ class WorkloadSpec(_Strict):
             raise ValueError("give exactly one of workload.classes and workload.prompts")
         if not (self.classes or self.prompts):
             raise ValueError("the workload is empty; list at least one class or prompt")
+        if self.held_out_prompts is not None and (self.prompts is None or not self.held_out_prompts):
+            raise ValueError("workload.held_out_prompts needs a prompt workload and at least one prompt")
         return self
 
+    def _base(self) -> list[Any]:
+        return list(self.classes if self.classes is not None else self.prompts)  # type: ignore[arg-type]
+
     def conditions(self) -> list[Any]:
-        base = self.classes if self.classes is not None else self.prompts
-        return [c for _ in range(self.samples_per_condition) for c in base]  # type: ignore[union-attr]
+        return [c for _ in range(self.samples_per_condition) for c in self._base()]
 
     def seeds(self) -> list[int]:
         return [self.seed + i for i in range(len(self.conditions()))]
+
+    def all_prompts(self) -> list[str]:
+        """Every prompt any seed set draws (what a prompt encoder must cover); empty for class workloads."""
+        return list(dict.fromkeys([*(self.prompts or []), *(self.held_out_prompts or [])]))
+
+    def first_seeds(self) -> dict[str, int]:
+        """The first seed of each set: ``calibration``, ``search`` and ``held_out``."""
+        return {
+            "calibration": self.seed,
+            "search": self.seed + SEARCH_SEED_OFFSET if self.search_seed is None else self.search_seed,
+            "held_out": self.seed + HELD_OUT_SEED_OFFSET if self.held_out_seed is None else self.held_out_seed,
+        }
+
+    def seed_set(self, name: str, samples: int) -> SeedSet:
+        """The first ``samples`` samples of set ``name`` (``calibration``, ``search`` or ``held_out``)."""
+        base = self.held_out_prompts if name == "held_out" and self.held_out_prompts else self._base()
+        first = self.first_seeds()[name]
+        return SeedSet(name, [base[i % len(base)] for i in range(samples)], [first + i for i in range(samples)])
 
 
 class EvaluationSpec(_Strict):
@@ -165,6 +215,11 @@ class ConstraintSpec(_MetricSpec):
         return value - self.max if self.max is not None else self.min - value  # type: ignore[operator]
 
 
+def is_feasible(constraints: list[ConstraintSpec], metrics: dict[str, float]) -> bool:
+    """Every constraint holds for ``metrics`` (the search-seed metrics the study judged)."""
+    return all(c.violation(metrics[c.metric]) <= 0 for c in constraints)
+
+
 class SparseSpaceSpec(_Strict):
     """SparseDiT choices of a search. networks: fine-tuned networks (``ditplan finetune-sparse``) a plan
     may run on, as folders relative to the model's (``auto``: every one found under its ``sparse/``);
@@ -191,12 +246,18 @@ class SpaceSpec(_Strict):
 
 
 class RefineSpec(_Strict):
-    """Multi-fidelity: after the search, the Pareto front is re-evaluated on more samples with the
-    expensive metrics (e.g. domain FID, measured latency), sequentially on the driver so timings do
-    not contend; results go to a second study ``<name>-refined`` beside the first."""
+    """The held-out evaluation: after the search, the greedy plans and the feasible Pareto front are
+    measured again on the held-out seed set with the expensive metrics (domain FID, latency), on the
+    driver so that timings do not contend; results go to a second study ``<name>-refined``.
+
+    samples: held-out samples per plan. Domain FID fits a Gaussian to the extractor's features, so it
+    needs more samples than the features have dimensions for a full-rank covariance (the digit
+    extractor's are 128-d: the default 200); KID is unbiased at any count. latency_repeats: the
+    held-out samples are drawn in this many equal rounds; in each round dense and every plan take
+    turns in one process, so each plan's latency ratio is the median over rounds (band: min–max)."""
 
     metrics: list[str] = ["rel_l1", "latency_ratio"]
-    samples: int = Field(20, gt=0)
+    samples: int = Field(200, gt=0)
     latency_repeats: int = Field(3, gt=0)
 
     @field_validator("metrics")
@@ -204,15 +265,23 @@ class RefineSpec(_Strict):
     def _metrics_are_known(cls, value: list[str]) -> list[str]:
         return [_known_metric(m) for m in value]
 
+    @model_validator(mode="after")
+    def _rounds_fit(self) -> RefineSpec:
+        if self.samples < self.latency_repeats:
+            raise ValueError(f"refine.samples ({self.samples}) must be at least latency_repeats ({self.latency_repeats})")
+        return self
+
 
 class SearchSpec(_Strict):
     """sampler: tpe (default), nsga2, gp or random, seeded by ``seed``. trials: evaluated trials per
-    study (warm-start plans not counted). workers: Ray tasks in flight. samples: the first K workload
-    samples every trial is judged on. reference_point: hypervolume reference in objective units
+    study (warm-start plans not counted). workers: Ray tasks in flight. samples: the first K samples of
+    the search seed set, on which every trial is judged. reference_point: hypervolume reference in objective units
     (default: dense cost, and the worst quality seen). storage: an Optuna RDB URL for several drivers
     (default: a journal file in the run directory). tracking_uri: MLflow (default: SQLite in the run
-    directory). gpus_per_trial: Ray GPUs per trial (1 on a GPU cluster). refine: re-evaluate the
-    front with expensive metrics (multi-fidelity); none skips it."""
+    directory). gpus_per_trial: Ray GPUs per trial (1 on a GPU cluster). refine: the held-out
+    evaluation of the front and the greedy plans (none skips it: then nothing is measured on held-out
+    seeds and reports say so). Trials whose metrics break a constraint are kept and shown, but never
+    on a front, in a hypervolume, refined, tagged ``pareto`` or exported."""
 
     sampler: Literal["tpe", "nsga2", "gp", "random"] = "tpe"
     population_size: int = Field(50, ge=2)  # NSGA-II generation size
@@ -228,7 +297,7 @@ class SearchSpec(_Strict):
     tracking_uri: str | None = None
     gpus_per_trial: float = Field(0.0, ge=0)
     max_retries: int = Field(2, ge=0)
-    refine: RefineSpec | None = None
+    refine: RefineSpec | None = RefineSpec()
 
     @model_validator(mode="after")
     def _reference_fits(self) -> SearchSpec:
@@ -239,7 +308,7 @@ class SearchSpec(_Strict):
 
 class GreedySpec(_Strict):
     """DiTFastAttn's greedy search as run by ``ditplan run``: thresholds δ (D1 … D6 by default), the
-    first K workload samples as calibration batch, the WA-RS window (default tokens // 8)."""
+    first K samples of the calibration seed set as calibration batch, the WA-RS window (default tokens // 8)."""
 
     thresholds: list[float] = [0.025, 0.05, 0.075, 0.1, 0.125, 0.15]
     calibration_samples: int = Field(8, gt=0)
@@ -263,6 +332,28 @@ class ExperimentSpec(_Strict):
         if self.model.kind == "pixart" and self.workload.prompts is None:
             raise ValueError("a pixart model is prompt-conditioned: give workload.prompts")
         return self
+
+    @model_validator(mode="after")
+    def _seed_sets_disjoint(self) -> ExperimentSpec:
+        sizes = self._set_sizes()
+        spans = {name: range(first, first + sizes[name]) for name, first in self.workload.first_seeds().items()}
+        names = list(spans)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                if spans[a].start < spans[b].stop and spans[b].start < spans[a].stop:
+                    raise ValueError(
+                        f"the {a} seeds {spans[a].start}…{spans[a].stop - 1} overlap the {b} seeds "
+                        f"{spans[b].start}…{spans[b].stop - 1}; move workload.search_seed / workload.held_out_seed apart"
+                    )
+        return self
+
+    def _set_sizes(self) -> dict[str, int]:
+        refine = (self.search.refine or RefineSpec()).samples  # the held-out set exists without a refine stage too
+        return {"calibration": self.greedy.calibration_samples, "search": self.search.samples, "held_out": refine}
+
+    def seed_set(self, name: str) -> SeedSet:
+        """The ``calibration``, ``search`` or ``held_out`` set at the size this experiment uses."""
+        return self.workload.seed_set(name, self._set_sizes()[name])
 
     def run_dir(self) -> Path:
         return Path(self.output_dir.replace("${name}", self.name))

@@ -1,5 +1,6 @@
-"""``ditplan run``: dense reference → greedy D1 … D6 → learned search (warm-started from greedy) →
-multi-fidelity re-evaluation → comparison → export, in one resumable run directory."""
+"""``ditplan run``: dense reference → greedy D1 … D6 (calibration seeds) → learned search, warm-started
+from greedy (search seeds) → held-out evaluation of the front and the greedy plans (held-out seeds) →
+comparison → export, in one resumable run directory."""
 
 from __future__ import annotations
 
@@ -37,24 +38,24 @@ def run_experiment(
     adapter = worker_adapter(spec)
     settings = spec.sampler.settings()
 
-    console.rule("[bold]1/5 dense reference")
-    dense_reference(adapter, settings, spec.workload.conditions()[: spec.search.samples],
-                    spec.workload.seeds()[: spec.search.samples], spec.evaluation.cache_dir, show_progress)
+    console.rule("[bold]1/5 dense reference (search seeds)")
+    _, conditions, seeds = spec.seed_set("search")
+    dense_reference(adapter, settings, conditions, seeds, spec.evaluation.cache_dir, show_progress)
 
-    console.rule("[bold]2/5 greedy DiTFastAttn plans")
+    console.rule("[bold]2/5 greedy DiTFastAttn plans (calibration seeds)")
     plans = [load_plan(p) for p in write_greedy_plans(adapter, spec, run_dir / "greedy", skip_existing=True,
                                                        show_progress=show_progress)]
     for plan in plans:
         console.print(f"{plan.provenance['name']} (δ={plan.provenance['threshold']}): "
-                      f"{plan.provenance['transformer_forwards']} forwards, {plan.provenance['search_seconds']:.0f} s")
+                      f"{plan.provenance.get('sample_forwards', '?')} sample-forwards, {plan.provenance['search_seconds']:.0f} s")
 
-    console.rule("[bold]3/5 learned search (+ 4/5 multi-fidelity re-evaluation of the front)")
+    console.rule("[bold]3/5 learned search (search seeds) + 4/5 held-out evaluation of the front and greedy")
     search_dir = run_dir / "search"
     resume = (search_dir / "optuna.journal").exists()
     result = run_search(spec, search_dir, trials=trials, workers=workers, ray_address=ray_address, resume=resume,
                         warm_start=plans, show_progress=show_progress)
-    console.print(f"{result.completed} trials complete ({result.failed} failed), front of {len(result.front)}, "
-                  f"hypervolume {result.hypervolume:.4g}")
+    console.print(f"{result.completed} trials complete ({result.failed} failed), feasible front of {len(result.front)}, "
+                  f"hypervolume {result.hypervolume:.4g} (search seeds)")
 
     console.rule("[bold]5/5 comparison and export")
     report = compare_runs([run_dir], run_dir / "report")

@@ -62,3 +62,42 @@ def test_the_dense_reference_is_computed_once_then_read_from_the_cache(tiny_adap
     assert computed == batches * settings.num_steps  # one forward per step per batch
     assert len(forwards) == 2 * computed  # the second call sampled nothing; other seeds did
     assert torch.equal(first, second) and not torch.equal(first, other)
+
+
+def test_low_level_kid_sees_texture_that_leaves_the_digit_classes_alone():
+    digits = load_digits("held_out")[0]
+    samples, reference = digits[:200:2], digits[1:200:2]  # same classes, different digits
+    textured = (samples + 0.25 * torch.sign(torch.randn_like(samples, generator=torch.Generator().manual_seed(0)))).clamp(-1, 1)
+    clean = {m.name: m.value for m in distribution_metrics(samples, reference, metrics=("kid", "kid_low"))}
+    noisy = {m.name: m.value for m in distribution_metrics(textured, reference, metrics=("kid", "kid_low"))}
+    assert set(clean) == {"kid", "kid_low"}
+    assert noisy["kid_low"] > 10 * max(clean["kid_low"], 1e-3)
+
+
+def test_held_out_rounds_cover_the_set_in_order_in_near_equal_parts():
+    from ditplan.evaluators.held_out import rounds
+    from ditplan.spec import SeedSet
+
+    seed_set = SeedSet("held_out", list(range(10)), list(range(100, 110)))
+    parts = rounds(seed_set, 3)
+    assert [len(seeds) for _, seeds in parts] == [3, 4, 3]
+    assert [s for _, seeds in parts for s in seeds] == seed_set.seeds
+    assert [c for conditions, _ in parts for c in conditions] == seed_set.conditions
+
+
+def test_held_out_metrics_of_dense_itself_are_exact(tiny_adapter, tiny_spec, tmp_path):
+    from ditplan.evaluators.held_out import DENSE, held_out_metrics
+    from ditplan.models.sampling import plan_target
+    from ditplan.plan import Plan
+
+    spec = tiny_spec.model_copy(update={"search": tiny_spec.search.model_copy(
+        update={"refine": tiny_spec.search.refine.model_copy(update={"samples": 6, "latency_repeats": 3})})})
+    uniform = Plan.uniform(plan_target(tiny_adapter, spec.sampler.settings()))
+    result = held_out_metrics(tiny_adapter, spec, {"uniform": uniform})
+    assert result.seed_set.seeds == spec.seed_set("held_out").seeds
+    for name in (DENSE, "uniform"):
+        values = result.metrics[name]
+        assert values["rel_l1"] == 0.0 and values["flops_ratio"] == 1.0
+        assert values["latency_ratio_min"] <= values["latency_ratio"] <= values["latency_ratio_max"]
+    assert result.metrics[DENSE]["latency_ratio"] == 1.0
+    assert result.sample_forwards == 2 * (6 + 2) * 2 * spec.sampler.num_steps  # 2 runs × (6 + 2 warm-up) × CFG × steps

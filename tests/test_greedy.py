@@ -22,6 +22,8 @@ def test_forward_count_matches_what_the_algorithm_implies(tiny_adapter, tiny_spe
     assert all(m == "full" for m in result.plan.grid[0])  # step 0 always dense
     assert result.forwards == expected_forwards(result.plan, CANDIDATES)
     assert result.plan.provenance["transformer_forwards"] == result.forwards
+    rows = 2 * 2  # two calibration samples, both CFG halves
+    assert result.sample_forwards == result.forwards * rows == result.plan.provenance["sample_forwards"]
 
 
 def test_greedy_cli_writes_one_plan_per_threshold(tmp_path, tiny_adapter, tiny_spec):
@@ -31,3 +33,15 @@ def test_greedy_cli_writes_one_plan_per_threshold(tmp_path, tiny_adapter, tiny_s
     assert [p.provenance["threshold"] for p in plans] == [0.0, 0.5]
     assert plans[0].strategies() == {"full"}
     assert "search_seconds" in plans[1].provenance
+
+
+def test_greedy_calibrates_on_the_calibration_seed_set_only(tmp_path, tiny_adapter, tiny_spec):
+    from ditplan.search.greedy_cli import write_greedy_plans
+
+    (path,) = write_greedy_plans(tiny_adapter, tiny_spec, tmp_path, thresholds=[0.5], calibration_samples=3,
+                                 show_progress=False)
+    calibration = load_plan(path).provenance["calibration"]
+    _, conditions, seeds = tiny_spec.workload.seed_set("calibration", 3)
+    assert calibration == {"conditions": conditions, "seeds": seeds}
+    others = set(tiny_spec.seed_set("search").seeds) | set(tiny_spec.seed_set("held_out").seeds)
+    assert not set(calibration["seeds"]) & others

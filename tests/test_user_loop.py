@@ -5,7 +5,7 @@ from ditplan.cli import main
 from ditplan.errors import UserError
 from ditplan.evaluators.evaluate import evaluate_plan
 from ditplan.models.adapters import adapter_from_spec
-from ditplan.report import load_run
+from ditplan.report import load_run, load_run_data
 from ditplan.spec import load_spec
 from tests.conftest import DATA
 
@@ -45,9 +45,11 @@ def test_run_produces_greedy_plans_a_study_a_report_and_exported_plans(finished_
     spec, candidates = load_run(run_dir)
     assert {c.source for c in candidates} == {"greedy", "search"}
     assert sum(c.source == "search" for c in candidates) == 4
-    assert any(c.refined for c in candidates)  # the front was re-evaluated with latency
+    assert any(c.held_out for c in candidates)  # the front was measured on held-out seeds, with latency
     report = (run_dir / "report" / "comparison.md").read_text()
-    assert "| tiny-run | greedy | 2 |" in report and "| tiny-run | learned | 4 |" in report
+    assert "| greedy | 2 | 0 |" in report and "| learned | 4 | 0 |" in report  # plans, infeasible
+    assert "## Held-out rel_l1 × latency (4 held-out samples, seeds 20000…" in report
+    assert "| dense |  | 0 |  | 1.000 (1.00–1.00) | 1.000 |" in report
     assert (run_dir / "report" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert list((run_dir / "exported").glob("*.yaml"))
     assert (run_dir / "search" / "mlflow.db").exists()
@@ -71,16 +73,34 @@ def test_an_exported_plan_reproduces_its_recorded_quality_exactly(finished_run, 
     assert plan.provenance["selected_by"] == "fastest:rel_l1<=10"
     spec = load_spec(run_dir / "experiment.yaml")
     adapter = adapter_from_spec(spec.model)
-    results = evaluate_plan(spec, adapter, plan, samples=plan.provenance["evaluated_on"]["samples"])
+    assert plan.provenance["evaluated_on"] == {"set": "search", "first_seed": 10000, "samples": 4}
+    results = evaluate_plan(spec, adapter, plan, samples=4, seed_set="search")
     assert results["rel_l1"][0].value == plan.provenance["metrics"]["rel_l1"]
     assert results["flops_ratio"][0].value == pytest.approx(plan.provenance["metrics"]["flops_ratio"], rel=1e-12)
+    assert plan.provenance["held_out"] == {"first_seed": 20000, "samples": 4}
+    held_out = evaluate_plan(spec, adapter, plan)  # the held-out set by default
+    assert held_out["rel_l1"][0].value == pytest.approx(plan.provenance["held_out_metrics"]["rel_l1"], rel=1e-4)
+
+
+def test_each_stage_uses_its_own_seed_set(finished_run):
+    _, run_dir = finished_run
+    run = load_run_data(run_dir)
+    sets = {name: run.spec.seed_set(name) for name in ("calibration", "search", "held_out")}
+    for candidate in run.candidates:
+        plan = ditplan.load_plan(candidate.plan_path)
+        if candidate.source == "greedy":
+            made = ditplan.load_plan(run_dir / "greedy" / f"greedy-{candidate.name}.yaml")
+            assert made.provenance["calibration"]["seeds"] == sets["calibration"].seeds
+        assert plan.provenance["evaluated_on"]["first_seed"] == sets["search"].seeds[0]
+    assert run.held_out == {"first_seed": sets["held_out"].seeds[0], "samples": len(sets["held_out"].seeds)}
+    assert all(c.held_out for c in run.candidates if c.source == "greedy")
 
 
 def test_bad_selection_rules_and_bounds_are_user_errors(finished_run, tmp_path):
     _, run_dir = finished_run
     with pytest.raises(UserError, match="unknown selection rule"):
         ditplan.export(run_dir, "fastest", tmp_path)
-    with pytest.raises(UserError, match="no plan has rel_l1 <= -1.0"):
+    with pytest.raises(UserError, match="no plan has held-out rel_l1 <= -1.0"):
         ditplan.export(run_dir, "fastest:rel_l1<=-1", tmp_path)
 
 

@@ -21,6 +21,7 @@ METRIC_DIRECTIONS: dict[str, Direction] = {
     "latency_ratio": "minimize",
     "fid": "minimize",
     "kid": "minimize",
+    "kid_low": "minimize",
     "class_agreement": "maximize",
 }
 

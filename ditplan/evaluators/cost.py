@@ -152,3 +152,9 @@ def peak_memory_bytes(run: Callable[[], Any], device: torch.device) -> int:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     run()
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+
+
+def sample_forwards(samples: int, settings: SamplerSettings) -> int:
+    """The budget unit: transformer sample-forwards of sampling ``samples`` samples once — every row
+    (each CFG half counted) through the transformer at every step."""
+    return samples * (2 if settings.cfg else 1) * settings.num_steps

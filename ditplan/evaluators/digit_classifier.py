@@ -1,7 +1,10 @@
 """A small CNN digit classifier: judges class agreement of samples and supplies FID features.
 
 Trained by ditplan on the training split of the embedded digits; its 128-d penultimate activations
-play the role Inception's pool features play for ImageNet FID ("domain FID").
+play the role Inception's pool features play for ImageNet FID ("domain FID"). They are class
+features: trained to tell digits apart, they can stay put while strokes and texture change. The
+first block's activations (``low_features``: 32 edge/stroke detectors pooled over 4 × 4 cells of 8 × 8
+pixels, 512-d) see those strokes and textures, and where on the image they are.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from ditplan.progress import progress_bar
 
 CLASSIFIER_PATH = EMBEDDED_PATH / "digit_classifier" / "model.safetensors"
 FEATURE_DIM = 128
+LOW_CELLS = 4  # low-level features pooled to LOW_CELLS × LOW_CELLS cells
 
 
 def _conv(cin: int, cout: int) -> nn.Sequential:
@@ -39,6 +43,11 @@ class DigitClassifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
+
+    def low_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The first block's stroke and texture detectors, average-pooled: (N, 32 · 4 · 4) = (N, 512)."""
+        first = self.body[:3](x)  # (N, 32, 16, 16): two 3 × 3 convolutions and a 2 × 2 max-pool
+        return F.adaptive_avg_pool2d(first, LOW_CELLS).flatten(1)  # (N, 512)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))

@@ -25,8 +25,18 @@ from ditplan.models.digits import to_uint8_rgb
 DIGITS_EXTRACTOR = "digits"
 
 
+# Dimensions of the features FID fits a Gaussian to: fewer samples than this leave its covariance
+# rank-deficient (FID biased upward; KID is unbiased at any count).
+FID_FEATURE_DIMS = {DIGITS_EXTRACTOR: 128, "inception-v3-compat": 2048}
+
+# The extractor layer that ``kid_low`` reads: low-level features, before any class-specific layer
+# (Inception: its first pooled 64-channel block).
+LOW_LEVEL_LAYERS = {DIGITS_EXTRACTOR: "low", "inception-v3-compat": "64"}
+
+
 class DigitFeatureExtractor(FeatureExtractorBase):
-    """torch-fidelity extractor over ditplan's digit classifier: ``pool`` (128-d) and ``logits``."""
+    """torch-fidelity extractor over ditplan's digit classifier: ``pool`` (128-d class features),
+    ``logits`` and ``low`` (512-d first-block stroke and texture features)."""
 
     def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None, **_: Any):
         super().__init__(name, features_list)
@@ -34,7 +44,7 @@ class DigitFeatureExtractor(FeatureExtractorBase):
 
     @staticmethod
     def get_provided_features_list() -> tuple[str, ...]:
-        return ("pool", "logits")
+        return ("pool", "logits", "low")
 
     @staticmethod
     def get_default_feature_layer_for_metric(metric: str) -> str:
@@ -51,7 +61,7 @@ class DigitFeatureExtractor(FeatureExtractorBase):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         grey = x[:, :1].float() / 127.5 - 1.0  # uint8 (N, 3, H, W) → (N, 1, H, W) in [-1, 1]
         pool = self.classifier.features(grey)
-        features = {"pool": pool, "logits": self.classifier.head(pool)}
+        features = {"pool": pool, "logits": self.classifier.head(pool), "low": self.classifier.low_features(grey)}
         return tuple(features[name] for name in self.features_list)
 
 
@@ -87,8 +97,26 @@ def distribution_metrics(
     save_cpu_ram: bool = True,
 ) -> list[Metric]:
     """FID/KID/IS/precision/recall of ``samples`` against ``reference``: (N, C, H, W) in [-1, 1] like
-    the samples, or a folder of real images. ``save_cpu_ram`` (torch-fidelity's switch) loads without
+    the samples, or a folder of real images; ``kid_low`` in ``metrics`` adds KID on the extractor's
+    low-level layer (``LOW_LEVEL_LAYERS``). ``save_cpu_ram`` (torch-fidelity's switch) loads without
     worker processes: in-memory tensors gain nothing from them, and Ray workers must not fork."""
+    out = []
+    if "kid_low" in metrics:
+        if extractor not in LOW_LEVEL_LAYERS:
+            raise UserError(f"kid_low needs a low-level layer of {extractor!r}; known for {sorted(LOW_LEVEL_LAYERS)}")
+        low = _fidelity(samples, reference, extractor, weights_path, ("kid",), cache_dir, device, save_cpu_ram,
+                        feature_layer_kid=LOW_LEVEL_LAYERS[extractor])
+        out = [Metric("kid_low", m.value, m.direction) for m in low]
+    rest = tuple(m for m in metrics if m != "kid_low")
+    return _fidelity(samples, reference, extractor, weights_path, rest, cache_dir, device, save_cpu_ram) + out if rest else out
+
+
+def _fidelity(
+    samples: torch.Tensor, reference: torch.Tensor | str, extractor: str, weights_path: str | None,
+    metrics: tuple[str, ...], cache_dir: str | Path | None, device: str | torch.device, save_cpu_ram: bool,
+    **layers: str,
+) -> list[Metric]:
+    """One torch-fidelity call; ``layers``: ``feature_layer_kid=…`` and the like."""
     if extractor == "inception-v3-compat" and not (weights_path and Path(weights_path).exists()):
         raise UserError(
             f"Inception weights file {weights_path!r} not found; download pt_inception-2015-12-05 once on a "
@@ -119,6 +147,7 @@ def distribution_metrics(
         "samples_shuffle": False,
         "save_cpu_ram": save_cpu_ram,
         "verbose": False,
+        **layers,
     }
     if cache_dir is not None:
         kwargs.update(cache_root=str(cache_dir), cache=True, input2_cache_name=f"ref-{extractor}-{reference_id}")

@@ -34,12 +34,14 @@ def reference_images(spec: ExperimentSpec) -> torch.Tensor | str:
 
 
 def evaluate_plan(
-    spec: ExperimentSpec, adapter: ModelAdapter, plan: Plan | None, show_progress: bool = False, samples: int | None = None
+    spec: ExperimentSpec, adapter: ModelAdapter, plan: Plan | None, show_progress: bool = False, samples: int | None = None,
+    seed_set: str = "held_out",
 ) -> dict[str, tuple[Metric, Metric]]:
     """``{metric: (plan value, dense value)}``: fidelity, distribution quality (when configured) and cost,
-    on the workload's first ``samples`` samples (all by default)."""
+    on the first ``samples`` samples (default: the experiment's size of that set) of ``seed_set``
+    (``held_out`` by default: what a user reads; ``search`` or ``calibration`` to check a search)."""
     settings = spec.sampler.settings()
-    conditions, seeds = spec.workload.conditions()[:samples], spec.workload.seeds()[:samples]
+    _, conditions, seeds = spec.workload.seed_set(seed_set, samples) if samples else spec.seed_set(seed_set)
     device = next(adapter.transformer.parameters()).device
     dense = dense_reference(adapter, settings, conditions, seeds, spec.evaluation.cache_dir, show_progress)
 

@@ -83,17 +83,218 @@ def _complete(study: optuna.Study) -> list[FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
 
 
-def _front_rows(trials: list[FrozenTrial], objectives: list[str], directions: list[str]) -> list[dict[str, Any]]:
-    if not trials:
+def is_feasible_trial(trial: FrozenTrial) -> bool:
+    """Every constraint the trial was told holds (Optuna's rule: each value ≤ 0)."""
+    return all(v <= 0 for v in trial.constraints.values())
+
+
+def feasible_front(trials: list[FrozenTrial], directions: list[str]) -> list[FrozenTrial]:
+    """The Pareto front of the feasible ``trials``; infeasible ones are never on it."""
+    feasible = [t for t in trials if is_feasible_trial(t)]
+    if not feasible:
         return []
-    values = np.array([t.values for t in trials])
-    mask = pareto_mask(values, directions)
+    mask = pareto_mask(np.array([t.values for t in feasible]), directions)
+    return [t for t, keep in zip(feasible, mask) if keep]
+
+
+def feasible_hypervolume(trials: list[FrozenTrial], directions: list[str], reference: list[float]) -> float:
+    feasible = [t.values for t in trials if is_feasible_trial(t)]
+    return hypervolume(np.array(feasible), directions, reference) if feasible else 0.0
+
+
+def _front_rows(trials: list[FrozenTrial], objectives: list[str], directions: list[str]) -> list[dict[str, Any]]:
+    """Every trial, feasible or not, with whether it is on the (feasible) front."""
+    front = {t.number for t in feasible_front(trials, directions)}
     return [
         {"trial": t.number, "name": t.user_attrs.get("name", f"trial-{t.number}"),
-         "source": t.user_attrs.get("source", "search"), "on_front": bool(on),
+         "source": t.user_attrs.get("source", "search"), "feasible": is_feasible_trial(t), "on_front": t.number in front,
          **{o: v for o, v in zip(objectives, t.values)}}
-        for t, on in zip(trials, mask)
+        for t in trials
     ]
+
+
+def _front_table(rows: list[dict[str, Any]], objectives: list[str]) -> str:
+    return "\n".join(["| trial | name | " + " | ".join(objectives) + " | feasible | front |",
+                      "|---|---|" + "---|" * len(objectives) + "---|---|"] +
+                     [f"| {r['trial']} | {r['name']} | " + " | ".join(f"{r[o]:.4g}" for o in objectives) +
+                      f" | {'yes' if r['feasible'] else 'no'} | {'yes' if r['on_front'] else ''} |" for r in rows])
+
+
+def _start_ray(ray_address: str | None) -> bool:
+    """Connect to (or start) Ray; True when this call started it."""
+    if ray.is_initialized():
+        return False
+    env = {"PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH", "")] if p),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": {"env_vars": env}, "log_to_driver": False}
+    if ray_address:
+        ray.init(address=ray_address, **kwargs)
+    else:
+        ray.init(num_cpus=os.cpu_count(), **kwargs)
+    return True
+
+
+class _Search:
+    """One study's driver: its storage, space, dense reference on the search seeds and tracker."""
+
+    def __init__(self, spec: ExperimentSpec, run_dir: Path, resume: bool) -> None:
+        self.spec, self.search, self.run_dir = spec, spec.search, run_dir
+        self.objectives = [o.metric for o in self.search.objectives]
+        self.directions = [o.resolved_direction() for o in self.search.objectives]
+        self.needed = tuple(sorted(set(self.objectives) | {c.metric for c in self.search.constraints}))
+        self.storage = study_storage(spec, run_dir)
+        if spec.name in optuna.get_all_study_names(self.storage) and not resume:
+            raise UserError(f"study {spec.name!r} already exists in {run_dir}; pass --resume to continue it or use another output dir")
+        self.study = optuna.create_study(study_name=spec.name, storage=self.storage, directions=self.directions,
+                                         sampler=SAMPLERS[self.search.sampler](self.search), load_if_exists=True)
+        for stale in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            self.study.tell(stale.number, state=TrialState.FAIL)  # NOTE: left RUNNING by a killed driver
+        self.adapter = worker_adapter(spec)  # the driver's copy: dense reference, warm start
+        settings = spec.sampler.settings()
+        _, self.conditions, self.seeds = spec.seed_set("search")
+        self.dense = dense_reference(self.adapter, settings, self.conditions, self.seeds, spec.evaluation.cache_dir)
+        space = self.search.space
+        self.space = build_space(plan_target(self.adapter, settings), space.methods, space.layer_groups,
+                                 space.step_segments, space.params, sparse_choices(self.adapter, spec))
+        self.reference = reference_point(spec)
+        self.tracker = Tracker(
+            self.search.tracking_uri or default_tracking_uri(run_dir), "ditplan", spec.name,
+            {"experiment": spec.model_dump_json(), "sampler": self.search.sampler, "seed": self.search.seed,
+             "objectives": self.objectives, "reference_point": self.reference, **library_versions()}, [],
+            artifact_location=None if self.search.tracking_uri else run_dir / "mlartifacts")
+        self.plans_dir = run_dir / "trials"
+
+    def record(self, number: int, plan: Plan | None, values: dict[str, float] | None, state: str, params: dict) -> None:
+        """Plan file first (with its search-seed metrics), then MLflow; hypervolume of the feasible trials."""
+        path = None
+        if plan is not None and values is not None:
+            plan = plan.with_provenance(search=plan.provenance.get("search", f"optuna-{self.search.sampler}"),
+                                        study=self.spec.name, trial=number,
+                                        metrics={k: float(v) for k, v in values.items()},
+                                        evaluated_on={"set": "search", "first_seed": self.seeds[0],
+                                                      "samples": len(self.seeds)},
+                                        versions=library_versions())
+            path = plan.save(self.plans_dir / f"trial-{number:04d}.yaml")
+        self.tracker.log_trial(number, state, params, values or {}, path)
+        self.tracker.log_hypervolume(feasible_hypervolume(_complete(self.study), self.directions, self.reference), number)
+
+    def tell(self, trial: optuna.Trial, values: dict[str, float]) -> None:
+        for constraint in self.search.constraints:
+            trial.set_constraint(constraint.metric, constraint.violation(values[constraint.metric]))
+        self.study.tell(trial, [values[o] for o in self.objectives])
+
+    def warm_start(self, plans: Sequence[Plan]) -> None:
+        """Known plans (greedy D1 … D6) join the study. Plans the space can express are enqueued
+        (evaluated by the workers like any trial, and NSGA-II breeds from them); others enter as known
+        results evaluated here, on the same path."""
+        known = {t.user_attrs.get("name") for t in self.study.get_trials(deepcopy=False)}
+        for plan in plans:
+            name = str(plan.provenance.get("name", "warm-start"))
+            if name in known:
+                continue
+            attrs = {"name": name, "source": str(plan.provenance.get("search", "warm-start"))}
+            params = self.space.params_for(plan)
+            if params is not None:
+                self.study.enqueue_trial(params, user_attrs=attrs)
+                continue
+            values = plan_metrics(self.adapter, self.spec, plan, self.dense, self.conditions, self.seeds, self.needed)
+            trial = self.study.ask()
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+            self.tell(trial, values)
+            self.record(trial.number, plan, values, "COMPLETE", {"warm_start": name})
+
+    def count(self, states: tuple[TrialState, ...], warm: bool | None = None) -> int:
+        return sum(1 for t in self.study.get_trials(deepcopy=False, states=states)
+                   if warm is None or ("source" in t.user_attrs) == warm)
+
+    def run_trials(self, n_trials: int, n_workers: int, ray_address: str | None, plugins: Sequence[str],
+                   show_progress: bool) -> int:
+        """Ask, evaluate on Ray, tell, until ``n_trials`` learned trials (warm-start trials on top) are
+        finished; returns the number of failed learned trials."""
+        started_ray = _start_ray(ray_address)
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // n_workers)
+        task = ray.remote(_remote_evaluate).options(num_cpus=cpus, num_gpus=self.search.gpus_per_trial,
+                                                    max_retries=self.search.max_retries)
+        dense_ref = ray.put(self.dense)
+        finished_states = (TrialState.COMPLETE, TrialState.FAIL)
+        target = n_trials + self.count(finished_states + (TrialState.WAITING,), warm=True)
+        failed = self.count((TrialState.FAIL,), warm=False)
+        in_flight: dict[Any, tuple[optuna.Trial, Plan]] = {}
+        try:
+            with progress_bar(target, "search trials", completed=min(target, self.count(finished_states)),
+                              enabled=show_progress) as bar:
+                while True:
+                    finished = self.count(finished_states)
+                    while len(in_flight) < n_workers and finished + len(in_flight) < target:
+                        trial = self.study.ask()
+                        plan = self.space.suggest(trial)
+                        ref = task.remote(self.spec, plan, dense_ref, self.conditions, self.seeds, self.needed, cpus,
+                                          tuple(plugins))
+                        in_flight[ref] = (trial, plan)
+                    if not in_flight:
+                        break
+                    ready, _ = ray.wait(list(in_flight), num_returns=1)
+                    failed += self._collect(ready[0], *in_flight.pop(ready[0]))
+                    bar.update(1, failed=failed, front=len(self.study.best_trials), **self._best())
+        finally:
+            for trial, _ in in_flight.values():  # interrupted: nothing stays RUNNING
+                self.study.tell(trial, state=TrialState.FAIL)
+            if started_ray:
+                ray.shutdown()
+        return failed
+
+    def _collect(self, ref: Any, trial: optuna.Trial, plan: Plan) -> int:
+        """Tell the study one finished task; 1 when it failed."""
+        try:
+            values = ray.get(ref)
+        except ray.exceptions.RayError as err:  # the trial raised, or its worker died past retries
+            trial.set_user_attr("error", str(err).strip().splitlines()[-1][:500])
+            self.study.tell(trial, state=TrialState.FAIL)
+            self.record(trial.number, None, None, "FAIL", trial.params)
+            return 1
+        self.tell(trial, values)
+        self.record(trial.number, plan, values, "COMPLETE", trial.params)
+        return 0
+
+    def _best(self) -> dict[str, str]:
+        done = [t for t in _complete(self.study) if is_feasible_trial(t)]
+        if not done:
+            return {}
+        return {f"best_{o}": f"{(min if d == 'minimize' else max)(t.values[i] for t in done):.3g}"
+                for i, (o, d) in enumerate(zip(self.objectives, self.directions))}
+
+    def publish_front(self) -> list[FrozenTrial]:
+        """The feasible front: Markdown table (every trial, feasible or not), MLflow ``pareto`` tags, figures."""
+        done = _complete(self.study)
+        rows = _front_rows(done, self.objectives, self.directions)
+        front = [t for t in done if t.number in {r["trial"] for r in rows if r["on_front"]}]
+        if rows:
+            groups: dict[str, list[dict[str, Any]]] = {}
+            for row in rows:
+                groups.setdefault(row["source"], []).append(row)
+            table = _front_table(rows, self.objectives)
+            self.tracker.mark_front({t.number for t in front})
+            self.tracker.log_front(front_png(groups, self.objectives), front_html(groups, self.objectives), table, rows)
+            (self.run_dir / "pareto_front.md").write_text(table + "\n")
+        return front
+
+    def refine(self, front: list[FrozenTrial]) -> None:
+        """Held-out evaluation of the feasible front and the warm-start (greedy) plans."""
+        from ditplan.search.refine import refine_front
+
+        metrics = self.search.refine.metrics  # type: ignore[union-attr]
+        numbers = {t.number for t in front}
+        warm = [t for t in _complete(self.study) if "source" in t.user_attrs and t.number not in numbers]
+        refined = refine_front(self.spec, self.storage, self.spec.name, warm + front, self.plans_dir)  # greedy first
+        lines = ["| trial | name | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+        for t in refined.get_trials(deepcopy=False):
+            lines.append(f"| {t.user_attrs['source_trial']} | {t.user_attrs['name']} | "
+                         + " | ".join(f"{v:.4g}" for v in t.values) + " |")
+            for key, value in t.user_attrs["metrics"].items():
+                self.tracker.client.log_metric(self.tracker.parent_id, f"held_out.{t.user_attrs['name']}.{key}", float(value))
+        (self.run_dir / "refined_front.md").write_text("\n".join(lines) + "\n")
+        self.tracker.client.log_artifact(self.tracker.parent_id, str(self.run_dir / "refined_front.md"))
 
 
 def run_search(
@@ -107,163 +308,19 @@ def run_search(
     plugins: Sequence[str] = (),
     show_progress: bool = True,
 ) -> SearchResult:
-    """Run (or resume) the study of ``spec`` in ``run_dir`` until it holds ``trials`` finished trials."""
+    """Run (or resume) the study of ``spec`` in ``run_dir`` until it holds ``trials`` finished trials,
+    publish its feasible front and measure it (with the warm-start plans) on the held-out seeds."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _import_plugins(plugins)
-    search = spec.search
-    n_trials, n_workers = trials or search.trials, workers or search.workers
-    objectives = [o.metric for o in search.objectives]
-    directions = [o.resolved_direction() for o in search.objectives]
-    needed = tuple(sorted(set(objectives) | {c.metric for c in search.constraints}))
-    study_name = spec.name
-    storage = study_storage(spec, run_dir)
-    exists = study_name in optuna.get_all_study_names(storage)
-    if exists and not resume:
-        raise UserError(f"study {study_name!r} already exists in {run_dir}; pass --resume to continue it or use another output dir")
-    study = optuna.create_study(study_name=study_name, storage=storage, directions=directions,
-                                sampler=SAMPLERS[search.sampler](search), load_if_exists=True)
-    for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study.tell(stale.number, state=TrialState.FAIL)  # NOTE: left RUNNING by a killed driver
-
-    adapter = worker_adapter(spec)  # the driver's copy: dense reference, warm start
-    settings = spec.sampler.settings()
-    conditions = spec.workload.conditions()[: search.samples]
-    seeds = spec.workload.seeds()[: search.samples]
-    dense = dense_reference(adapter, settings, conditions, seeds, spec.evaluation.cache_dir)
-    space = build_space(plan_target(adapter, settings), search.space.methods, search.space.layer_groups,
-                        search.space.step_segments, search.space.params, sparse_choices(adapter, spec))
-    ref = reference_point(spec)
-    tracker = Tracker(search.tracking_uri or default_tracking_uri(run_dir), "ditplan", study_name,
-                      {"experiment": spec.model_dump_json(), "sampler": search.sampler, "seed": search.seed,
-                       "objectives": objectives, "reference_point": ref, **library_versions()}, [],
-                      artifact_location=None if search.tracking_uri else run_dir / "mlartifacts")
-    plans_dir = run_dir / "trials"
-
-    def record(trial_number: int, plan: Plan | None, values: dict[str, float] | None, state: str, params: dict) -> None:
-        path = None
-        if plan is not None and values is not None:
-            plan = plan.with_provenance(search=plan.provenance.get("search", f"optuna-{search.sampler}"),
-                                        study=study_name, trial=trial_number,
-                                        metrics={k: float(v) for k, v in values.items()},
-                                        evaluated_on={"samples": len(seeds)}, versions=library_versions())
-            path = plan.save(plans_dir / f"trial-{trial_number:04d}.yaml")
-        tracker.log_trial(trial_number, state, params, values or {}, path)
-        done = _complete(study)
-        if done:
-            tracker.log_hypervolume(hypervolume(np.array([t.values for t in done]), directions, ref), trial_number)
-
-    def tell(trial: optuna.Trial, values: dict[str, float]) -> None:
-        for constraint in search.constraints:
-            trial.set_constraint(constraint.metric, constraint.violation(values[constraint.metric]))
-        study.tell(trial, [values[o] for o in objectives])
-
-    # Warm start: known plans (greedy D1 … D6) join the study. Plans the space can express are
-    # enqueued (evaluated by the workers like any trial, and NSGA-II breeds from them); others enter
-    # as known results evaluated here, on the same path.
-    known = {t.user_attrs.get("name") for t in study.get_trials(deepcopy=False)}
-    for plan in warm_start:
-        name = str(plan.provenance.get("name", "warm-start"))
-        if name in known:
-            continue
-        attrs = {"name": name, "source": str(plan.provenance.get("search", "warm-start"))}
-        params = space.params_for(plan)
-        if params is not None:
-            study.enqueue_trial(params, user_attrs=attrs)
-            continue
-        values = plan_metrics(adapter, spec, plan, dense, conditions, seeds, needed)
-        trial = study.ask()
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
-        tell(trial, values)
-        record(trial.number, plan, values, "COMPLETE", {"warm_start": name})
-
-    started_ray = False
-    if not ray.is_initialized():
-        env = {"PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH", "")] if p),
-               "RAY_USAGE_STATS_ENABLED": "0"}
-        kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": {"env_vars": env}, "log_to_driver": False}
-        if ray_address:
-            ray.init(address=ray_address, **kwargs)
-        else:
-            ray.init(num_cpus=os.cpu_count(), **kwargs)
-        started_ray = True
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // n_workers)
-    task = ray.remote(_remote_evaluate).options(num_cpus=cpus, num_gpus=search.gpus_per_trial,
-                                                max_retries=search.max_retries)
-    dense_ref = ray.put(dense)
-
-    def count(states: tuple[TrialState, ...], warm: bool | None = None) -> int:
-        return sum(1 for t in study.get_trials(deepcopy=False, states=states)
-                   if warm is None or ("source" in t.user_attrs) == warm)
-
-    finished_states = (TrialState.COMPLETE, TrialState.FAIL)
-    # ``trials`` counts learned trials; warm-start trials (finished or waiting) come on top.
-    target = n_trials + count(finished_states + (TrialState.WAITING,), warm=True)
-    failed = count((TrialState.FAIL,), warm=False)
-    in_flight: dict[Any, tuple[optuna.Trial, Plan]] = {}
-    try:
-        with progress_bar(target, "search trials", completed=min(target, count(finished_states)),
-                          enabled=show_progress) as bar:
-            while True:
-                finished = count(finished_states)
-                while len(in_flight) < n_workers and finished + len(in_flight) < target:
-                    trial = study.ask()
-                    plan = space.suggest(trial)
-                    ref_obj = task.remote(spec, plan, dense_ref, conditions, seeds, needed, cpus, tuple(plugins))
-                    in_flight[ref_obj] = (trial, plan)
-                if not in_flight:
-                    break
-                ready, _ = ray.wait(list(in_flight), num_returns=1)
-                trial, plan = in_flight.pop(ready[0])
-                try:
-                    values = ray.get(ready[0])
-                except ray.exceptions.RayError as err:  # the trial raised, or its worker died past retries
-                    trial.set_user_attr("error", str(err).strip().splitlines()[-1][:500])
-                    study.tell(trial, state=TrialState.FAIL)
-                    failed += 1
-                    record(trial.number, None, None, "FAIL", trial.params)
-                else:
-                    tell(trial, values)
-                    record(trial.number, plan, values, "COMPLETE", trial.params)
-                done = _complete(study)
-                best = {o: (min if d == "minimize" else max)(t.values[i] for t in done)
-                        for i, (o, d) in enumerate(zip(objectives, directions))} if done else {}
-                bar.update(1, failed=failed, front=len(study.best_trials),
-                           **{f"best_{k}": f"{v:.3g}" for k, v in best.items()})
-    finally:
-        for trial, _ in in_flight.values():  # interrupted: nothing stays RUNNING
-            study.tell(trial, state=TrialState.FAIL)
-        if started_ray:
-            ray.shutdown()
-
-    done = _complete(study)
-    rows = _front_rows(done, objectives, directions)
-    front_numbers = {r["trial"] for r in rows if r["on_front"]}
-    hv = hypervolume(np.array([t.values for t in done]), directions, ref) if done else 0.0
-    if rows:
-        groups: dict[str, list[dict[str, Any]]] = {}
-        for row in rows:
-            groups.setdefault(row["source"], []).append(row)
-        table = "\n".join(["| trial | name | " + " | ".join(objectives) + " | front |",
-                           "|---|---|" + "---|" * len(objectives) + "---|"] +
-                          [f"| {r['trial']} | {r['name']} | " + " | ".join(f"{r[o]:.4g}" for o in objectives) +
-                           f" | {'yes' if r['on_front'] else ''} |" for r in rows])
-        tracker.mark_front(front_numbers)
-        tracker.log_front(front_png(groups, objectives), front_html(groups, objectives), table, rows)
-        (run_dir / "pareto_front.md").write_text(table + "\n")
-    front = [t for t in done if t.number in front_numbers]
-    if search.refine is not None and front:
-        from ditplan.search.refine import refine_front
-
-        warm = [t for t in done if "source" in t.user_attrs and t.number not in front_numbers]
-        refined = refine_front(spec, storage, study_name, front + warm, plans_dir, show_progress)
-        lines = ["| trial | name | " + " | ".join(search.refine.metrics) + " |", "|---|---|" + "---|" * len(search.refine.metrics)]
-        for t in refined.get_trials(deepcopy=False):
-            lines.append(f"| {t.user_attrs['source_trial']} | {t.user_attrs['name']} | " + " | ".join(f"{v:.4g}" for v in t.values) + " |")
-            for key, value in t.user_attrs["metrics"].items():
-                tracker.client.log_metric(tracker.parent_id, f"refined.{t.user_attrs['name']}.{key}", float(value))
-        (run_dir / "refined_front.md").write_text("\n".join(lines) + "\n")
-        tracker.client.log_artifact(tracker.parent_id, str(run_dir / "refined_front.md"))
-    tracker.finish()
-    return SearchResult(study_name, run_dir, objectives, directions, front, hv, len(done), failed)
+    driver = _Search(spec, run_dir, resume)
+    driver.warm_start(warm_start)
+    failed = driver.run_trials(trials or spec.search.trials, workers or spec.search.workers, ray_address, plugins,
+                               show_progress)
+    front = driver.publish_front()
+    if spec.search.refine is not None and front:
+        driver.refine(front)
+    driver.tracker.finish()
+    done = _complete(driver.study)
+    hv = feasible_hypervolume(done, driver.directions, driver.reference)
+    return SearchResult(spec.name, run_dir, driver.objectives, driver.directions, front, hv, len(done), failed)

@@ -38,6 +38,7 @@ def threshold_name(index: int) -> str:
 class GreedyResult:
     plan: Plan
     forwards: int
+    sample_forwards: int  # rows × forwards: every sample (each CFG half counted) through the transformer once
     seconds: float
 
 
@@ -59,8 +60,14 @@ def greedy_search(
     start_plan = Plan(target, tuple(map(tuple, grid)), params=params)
     runtime = apply_plan(adapter.transformer, start_plan, target)
     strategies = build_strategies(start_plan, extra=candidates)
-    forwards = [0]
-    counter = adapter.transformer.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    forwards = [0, 0]  # transformer calls, rows through them
+
+    def count(_: Any, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]  # (rows, C, H, W)
+        forwards[0] += 1
+        forwards[1] += hidden.shape[0]
+
+    counter = adapter.transformer.register_forward_pre_hook(count, with_kwargs=True)
 
     def forward(step: int, row: list[str], model_in: torch.Tensor, t: torch.Tensor, inputs: dict) -> torch.Tensor:
         grid[step] = list(row)
@@ -107,11 +114,12 @@ def greedy_search(
             "candidates": list(candidates),
             "calibration": {"conditions": list(conditions), "seeds": list(seeds)},
             "transformer_forwards": forwards[0],
+            "sample_forwards": forwards[1],
             "search_seconds": round(seconds, 2),
             "versions": library_versions(),
         },
     )
-    return GreedyResult(plan, forwards[0], seconds)
+    return GreedyResult(plan, forwards[0], forwards[1], seconds)
 
 
 def expected_forwards(plan: Plan, candidates: Sequence[str]) -> int:

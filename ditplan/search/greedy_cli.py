@@ -22,13 +22,14 @@ def write_greedy_plans(
     skip_existing: bool = False,
     show_progress: bool = True,
 ) -> list[Path]:
-    """Calibrate one plan per threshold (defaults from ``spec.greedy``) into ``out/greedy-Dk.yaml``;
+    """Calibrate one plan per threshold (defaults from ``spec.greedy``) on the calibration seed set
+    into ``out/greedy-Dk.yaml``;
     ``skip_existing`` keeps plan files already there (a resumed run)."""
     thresholds = list(thresholds if thresholds is not None else spec.greedy.thresholds)
     k = calibration_samples or spec.greedy.calibration_samples
     window = window_size if window_size is not None else spec.greedy.window_size
     settings = spec.sampler.settings()
-    conditions, seeds = spec.workload.conditions()[:k], spec.workload.seeds()[:k]
+    _, conditions, seeds = spec.workload.seed_set("calibration", k)
     paths = [Path(out) / f"greedy-{threshold_name(i)}.yaml" for i in range(len(thresholds))]
     todo = [(i, t) for i, t in enumerate(thresholds) if not (skip_existing and paths[i].exists())]
     with progress_bar(len(todo) * settings.num_steps, "greedy calibration", enabled=show_progress) as bar:
@@ -43,5 +44,5 @@ def run_greedy(
     calibration_samples: int | None = None, window_size: int | None = None,
 ) -> list[Path]:
     spec = load_spec(experiment)
-    adapter = adapter_from_spec(spec.model, spec.workload.prompts or ())
+    adapter = adapter_from_spec(spec.model, spec.workload.all_prompts())
     return write_greedy_plans(adapter, spec, out, thresholds, calibration_samples, window_size)

@@ -20,7 +20,7 @@ from ditplan.strategies.apply import sample_with_plan
 from ditplan.plan import Plan
 from ditplan.spec import ExperimentSpec
 
-DISTRIBUTION_METRICS = frozenset({"fid", "kid", "class_agreement"})
+DISTRIBUTION_METRICS = frozenset({"fid", "kid", "kid_low", "class_agreement"})
 
 _WORKER_ADAPTERS: dict[str, ModelAdapter] = {}
 _WORKER_DENSE_SECONDS: dict[str, float] = {}
@@ -30,7 +30,7 @@ def worker_adapter(spec: ExperimentSpec) -> ModelAdapter:
     """The experiment's model, loaded once per process (Ray workers keep it between trials)."""
     key = json.dumps(spec.model.model_dump(), sort_keys=True)
     if key not in _WORKER_ADAPTERS:
-        _WORKER_ADAPTERS[key] = adapter_from_spec(spec.model, spec.workload.prompts or ())
+        _WORKER_ADAPTERS[key] = adapter_from_spec(spec.model, spec.workload.all_prompts())
     return _WORKER_ADAPTERS[key]
 
 
@@ -73,7 +73,7 @@ def plan_metrics(
         extractor = spec.evaluation.feature_extractor or "digits"
         for m in distribution_metrics(samples, reference_images(spec), extractor=extractor,
                                       weights_path=spec.evaluation.feature_extractor_weights_path,
-                                      metrics=("fid", "kid")):
+                                      metrics=("fid", "kid", *(("kid_low",) if "kid_low" in metrics else ()))):
             values[m.name] = m.value
         if spec.workload.classes is not None:
             values["class_agreement"] = class_agreement(samples, torch.tensor(list(conditions)))
