@@ -32,7 +32,7 @@ from ditplan.evaluators.base import METRIC_DIRECTIONS
 from ditplan.evaluators.cost import sample_forwards
 from ditplan.evaluators.held_out import DENSE
 from ditplan.models.adapters import model_folder
-from ditplan.models.finetune_sparse import LAYOUT_FILE
+from ditplan.models.adapters import LAYOUT_FILE
 from ditplan.plan import Plan, load_plan
 from ditplan.search.driver import is_feasible_trial, reference_point, study_storage
 from ditplan.search.figures import front_html, front_png
@@ -286,7 +286,7 @@ def _dominance_lines(run: Run) -> list[str]:
     quality = quality_metric(run.spec)
     sign = 1.0 if METRIC_DIRECTIONS.get(quality, "minimize") == "minimize" else -1.0
     learned = [c for c in run.candidates if c.source == "search" and c.feasible and c.held_out]
-    lines = [f"## Dominance on held-out seeds: for every greedy plan, the best learned plan at ≤ its latency", "",
+    lines = ["## Dominance on held-out seeds: for every greedy plan, the best learned plan at ≤ its latency", "",
              f"| greedy | {quality} | latency | best learned at ≤ its latency | {quality} | latency | Δ {quality} | verdict |",
              "|---|---|---|---|---|---|---|---|"]
     for g in sorted((c for c in run.candidates if c.source == "greedy" and c.held_out), key=lambda c: c.name):

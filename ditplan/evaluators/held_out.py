@@ -24,7 +24,7 @@ import torch
 from ditplan.evaluators.cost import plan_flops, sample_forwards
 from ditplan.evaluators.fidelity import FidelityEvaluator
 from ditplan.models.adapters import ModelAdapter
-from ditplan.models.sampling import sample_with_plan
+from ditplan.strategies.apply import sample_with_plan
 from ditplan.plan import Plan
 from ditplan.spec import ExperimentSpec, SeedSet
 
