@@ -27,12 +27,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 import yaml
 
+from ditplan.atomic import atomic_write, atomic_write_text
 from ditplan.errors import UserError
 from ditplan.evaluators.base import METRIC_DIRECTIONS
 from ditplan.evaluators.cost import sample_forwards
 from ditplan.evaluators.held_out import DENSE
-from ditplan.models.adapters import model_folder
-from ditplan.models.adapters import LAYOUT_FILE
+from ditplan.models.adapters import LAYOUT_FILE, model_folder
 from ditplan.plan import Plan, load_plan
 from ditplan.search.driver import is_feasible_trial, reference_point, study_storage
 from ditplan.search.figures import front_html, front_png
@@ -348,11 +348,10 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
                       "seeds the search did not see.", ""]
         lines += _search_seed_lines(run, groups) + [""] + _budget_lines(run) + [""]
     png, html = front_png(groups, objectives), front_html(groups, objectives)
-    png.savefig(out / "comparison.png", dpi=120)
-    html.write_html(str(out / "comparison.html"))
+    atomic_write(out / "comparison.png", lambda tmp: png.savefig(tmp, dpi=120, format="png"))
+    atomic_write(out / "comparison.html", lambda tmp: html.write_html(str(tmp)))
     lines += ["![search-seed fronts](comparison.png)", ""]
-    report = out / "comparison.md"
-    report.write_text("\n".join(lines))
+    report = atomic_write_text(out / "comparison.md", "\n".join(lines))
     for run, run_dir in zip(runs, run_dirs):
         _log_report(run.spec, Path(run_dir), [report, out / "comparison.png", out / "comparison.html"])
     return report

@@ -21,6 +21,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from ditplan.atomic import atomic_write_text
 from ditplan.errors import UserError
 from ditplan.evaluators.base import METRIC_REFERENCE
 from ditplan.evaluators.reference import dense_reference
@@ -276,7 +277,7 @@ class _Search:
             table = _front_table(rows, self.objectives)
             self.tracker.mark_front({t.number for t in front})
             self.tracker.log_front(front_png(groups, self.objectives), front_html(groups, self.objectives), table, rows)
-            (self.run_dir / "pareto_front.md").write_text(table + "\n")
+            atomic_write_text(self.run_dir / "pareto_front.md", table + "\n")
         return front
 
     def refine(self, front: list[FrozenTrial]) -> None:
@@ -293,7 +294,7 @@ class _Search:
                          + " | ".join(f"{v:.4g}" for v in t.values) + " |")
             for key, value in t.user_attrs["metrics"].items():
                 self.tracker.client.log_metric(self.tracker.parent_id, f"held_out.{t.user_attrs['name']}.{key}", float(value))
-        (self.run_dir / "refined_front.md").write_text("\n".join(lines) + "\n")
+        atomic_write_text(self.run_dir / "refined_front.md", "\n".join(lines) + "\n")
         self.tracker.client.log_artifact(self.tracker.parent_id, str(self.run_dir / "refined_front.md"))
 
 
