@@ -26,13 +26,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from diffusers import DiTPipeline, DPMSolverMultistepScheduler
+from diffusers import DiTPipeline
 
 import ditplan
 from ditplan.evaluators.cost import interleaved_times
 from ditplan.models.adapters import load_adapter
 from ditplan.models.pipelines import IdentityDecoder, embedded_pipeline
-from ditplan.models.sampling import SamplerSettings
+from ditplan.models.sampling import SamplerSettings, make_scheduler
 from ditplan.plan import Plan, load_plan
 from ditplan.search.greedy import DEFAULT_THRESHOLDS, greedy_search, threshold_name
 from ditplan.strategies.apply import sample_with_plan
@@ -109,7 +109,7 @@ def latent_dit(args: argparse.Namespace) -> None:
     for name, plan in plans.items():
         # one pipeline per plan, on its own copy of the same weights
         pipe = planned(DiTPipeline(transformer=copy.deepcopy(adapter.transformer), vae=IdentityDecoder(),
-                                   scheduler=DPMSolverMultistepScheduler.from_config(adapter.scheduler_config)), plan)
+                                   scheduler=make_scheduler(adapter, SETTINGS.scheduler)), plan)
         configs[f"loop:{name}"] = loop_run(adapter, plan, labels, seeds)
         configs[f"pipe:{name}"] = pipeline_run(pipe, labels, seeds)
     compare(f"Random latent DiT, 12 × 384, 256 tokens, {args.samples} samples, {args.repeats} rounds", configs,

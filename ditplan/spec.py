@@ -215,11 +215,6 @@ class ConstraintSpec(_MetricSpec):
         return value - self.max if self.max is not None else self.min - value  # type: ignore[operator]
 
 
-def is_feasible(constraints: list[ConstraintSpec], metrics: dict[str, float]) -> bool:
-    """Every constraint holds for ``metrics`` (the search-seed metrics the study judged)."""
-    return all(c.violation(metrics[c.metric]) <= 0 for c in constraints)
-
-
 class SparseSpaceSpec(_Strict):
     """SparseDiT choices of a search. networks: fine-tuned networks (``ditplan finetune-sparse``) a plan
     may run on, as folders relative to the model's (``auto``: every one found under its ``sparse/``);

@@ -74,15 +74,15 @@ def _timed_rounds(
     return {name: torch.cat(parts) for name, parts in samples.items()}, seconds
 
 
-def _quality(spec: ExperimentSpec, images: torch.Tensor, dense: torch.Tensor, conditions: Sequence[Any]) -> dict[str, float]:
+def _quality(spec: ExperimentSpec, images: torch.Tensor, dense: torch.Tensor, conditions: Sequence[Any],
+             reference: torch.Tensor | str | None) -> dict[str, float]:
     values = {m.name: m.value for m in FidelityEvaluator().evaluate(images, dense)}
     if spec.evaluation.feature_extractor:
         from ditplan.evaluators.distribution import LOW_LEVEL_LAYERS, class_agreement, distribution_metrics
-        from ditplan.evaluators.evaluate import reference_images
 
         extractor = spec.evaluation.feature_extractor
         wanted = DISTRIBUTION if extractor in LOW_LEVEL_LAYERS else DISTRIBUTION[:2]
-        for m in distribution_metrics(images, reference_images(spec), extractor=extractor,
+        for m in distribution_metrics(images, reference, extractor=extractor,
                                       weights_path=spec.evaluation.feature_extractor_weights_path, metrics=wanted,
                                       cache_dir=Path(spec.evaluation.cache_dir) / "fidelity"):
             values[m.name] = m.value
@@ -104,8 +104,13 @@ def held_out_metrics(adapter: ModelAdapter, spec: ExperimentSpec, plans: Mapping
     n = len(seed_set.seeds)
     dense_flops = plan_flops(adapter, None, settings, n)
     metrics: dict[str, dict[str, float]] = {}
+    reference = None
+    if spec.evaluation.feature_extractor:
+        from ditplan.evaluators.evaluate import reference_images
+
+        reference = reference_images(spec)  # once for every plan
     for name, plan in runs.items():
-        values = _quality(spec, samples[name], samples[DENSE], seed_set.conditions)
+        values = _quality(spec, samples[name], samples[DENSE], seed_set.conditions, reference)
         flops = plan_flops(adapter, plan, settings, n)
         ratios = [mine / dense for mine, dense in zip(seconds[name], seconds[DENSE])]
         values.update(

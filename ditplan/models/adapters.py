@@ -292,20 +292,28 @@ def load_for_plan(adapter: ModelAdapter, plan: Plan) -> ModelAdapter:
 
 
 def load_sparse_network(adapter: ModelAdapter, weights: str) -> ModelAdapter:
-    """The fine-tuned SparseDiT network ``weights`` (a folder next to the base model's, or absolute) as an
-    adapter like ``adapter`` (same conditioning, schedule, VAE, device); loaded once per adapter."""
+    """The fine-tuned SparseDiT network ``weights`` (a folder inside the base model's) as an adapter like
+    ``adapter`` (same conditioning, schedule, VAE, device); loaded once per adapter."""
     networks = adapter.__dict__.setdefault("_sparse_networks", {})
     if weights not in networks:
-        folder = sparse_network_folder(model_folder(adapter.model_id), weights)
-        transformer = load_transformer(type(adapter.transformer), folder)
+        folder, transformer, merges = load_sparse_folder(type(adapter.transformer), model_folder(adapter.model_id), weights)
         tuned = copy.copy(adapter)
         tuned.__dict__.pop("weights_hash", None)
         tuned.__dict__.pop("_sparse_networks", None)
         tuned.transformer = transformer.eval().requires_grad_(False)
-        tuned.merges = load_merges(folder, transformer)
+        tuned.merges = merges
         tuned.model_id = str(folder)
         networks[weights] = tuned.to(next(adapter.transformer.parameters()).device)
     return networks[weights]
+
+
+def load_sparse_folder(transformer_cls: type[torch.nn.Module], base: Path, weights: str
+                       ) -> tuple[Path, torch.nn.Module, torch.nn.ModuleList | None]:
+    """The fine-tuned SparseDiT network ``weights`` inside the base model's folder ``base``: (its folder,
+    its transformer, its SDTM merges)."""
+    folder = sparse_network_folder(base, weights)
+    transformer = load_transformer(transformer_cls, folder)
+    return folder, transformer, load_merges(folder, transformer)
 
 
 def sparse_network_folder(base: Path, weights: str) -> Path:

@@ -12,12 +12,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from diffusers import DiTPipeline, DiTTransformer2DModel
+from diffusers import DiTPipeline
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.autoencoders.vae import DecoderOutput
 
-from ditplan.models.adapters import load_transformer, model_folder
-from ditplan.models.sampling import SAMPLERS
+from ditplan.models.adapters import load_adapter
+from ditplan.models.sampling import make_scheduler
 
 IMAGENET_NULL_CLASS = 1000  # what DiTPipeline passes as the unconditional label
 NULL_CLASS_HOOK = "ditplan_null_class"
@@ -61,12 +61,9 @@ def embedded_pipeline(scheduler: str = "dpmsolver++", source: str = "embedded") 
     """A stock ``DiTPipeline`` over a ditplan pixel-space digit DiT (default: the embedded one), with the
     sampler ``scheduler`` (a name in ``SAMPLERS``). Call it like any DiTPipeline, e.g.
     ``pipe(class_labels=[3, 7], num_inference_steps=20, guidance_scale=4.0, output_type="np")``."""
-    folder = model_folder(source)
-    transformer = load_transformer(DiTTransformer2DModel, folder)
-    scheduler_cls, overrides = SAMPLERS[scheduler]
-    noise_schedule = scheduler_cls.load_config(str(folder), subfolder="scheduler")
-    pipe = DiTPipeline(transformer=transformer, vae=IdentityDecoder(),
-                       scheduler=scheduler_cls.from_config({**noise_schedule, **overrides}))
+    adapter = load_adapter("dit", source)
+    transformer = adapter.transformer
+    pipe = DiTPipeline(transformer=transformer, vae=IdentityDecoder(), scheduler=make_scheduler(adapter, scheduler))
     null_class = transformer.config.num_embeds_ada_norm
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(NullClassHook(null_class), NULL_CLASS_HOOK)
     return pipe

@@ -319,7 +319,7 @@ def run_search(
     failed = driver.run_trials(trials or spec.search.trials, workers or spec.search.workers, ray_address, plugins,
                                show_progress)
     front = driver.publish_front()
-    if spec.search.refine is not None and front:
+    if spec.search.refine is not None:
         driver.refine(front)
     driver.tracker.finish()
     done = _complete(driver.study)

@@ -29,6 +29,10 @@ from ditplan.strategies.sdtm import SparseLayout, SparseRuntime
 
 _RUNTIME_ATTR = "_ditplan_runtime"
 STEP_HOOK = "ditplan_plan_step"
+UNKNOWN_STEP_OF_BLOCK = (
+    "a block of a transformer with a ditplan plan was called on its own, so the step is unknown; call the "
+    "transformer, or wrap the call in `with ditplan.denoising_step(i, num_steps):`"
+)
 BLOCK_HOOK = "ditplan_block_cache"
 
 
@@ -78,6 +82,7 @@ class CachePlanner:
         self.strategies = strategies
         self.open_ended = open_ended
         self._check_reads_are_written()
+        self._block_history = self._later_block_history()
 
     def strategy_at(self, step: int, layer: int) -> Strategy:
         return self.strategies[self.plan.method(step, layer)]
@@ -96,8 +101,17 @@ class CachePlanner:
 
     def block_history(self, step: int, layer: int) -> int:
         """How many computed residuals of block ``layer`` the block-level cells after ``step`` still use."""
-        later = (self.strategy_at(s, layer) for s in range(step + 1, self.plan.num_steps))
-        return max((s.history for s in later if isinstance(s, BlockStrategy)), default=0)
+        return self._block_history[step][layer]
+
+    def _later_block_history(self) -> list[list[int]]:
+        """``block_history`` of every (step, layer): the largest history of a later block-level cell."""
+        table = [[0] * self.plan.num_layers for _ in range(self.plan.num_steps)]
+        for step in range(self.plan.num_steps - 2, -1, -1):
+            for layer in range(self.plan.num_layers):
+                later = self.strategy_at(step + 1, layer)
+                own = later.history if isinstance(later, BlockStrategy) else 0
+                table[step][layer] = max(own, table[step + 1][layer])
+        return table
 
     def wants(self, step: int, layer: int) -> frozenset[str]:
         writes = self.strategy_at(step, layer).writes
@@ -171,6 +185,10 @@ class PlanRuntime:
         cache = self.caches[layer]
         for entry in [e for e in cache if self.planner.next_reader(step, layer, e) is None]:
             del cache[entry]
+        self.note_peak()
+
+    def note_peak(self) -> None:
+        """Called after the caches change: track their peak size."""
         self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes())
 
     def cache_bytes(self) -> int:
@@ -255,7 +273,10 @@ class BlockCacheHook(ModelHook):
 
     def new_forward(self, block: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         runtime, layer = self.runtime, self.layer
-        step = current_step().step  # published by the plan's step hook around the transformer call
+        context = current_step()  # published by the plan's step hook around the transformer call
+        if context is None:
+            raise PlanError(UNKNOWN_STEP_OF_BLOCK)
+        step = context.step
         strategy = runtime.planner.strategy_at(step, layer)
         residuals = runtime.block_residuals[layer]
         if isinstance(strategy, BlockStrategy):
@@ -266,9 +287,10 @@ class BlockCacheHook(ModelHook):
         out = self.fn_ref.original_forward(hidden_states, *args, **kwargs)  # (B, N, C)
         if not runtime.frozen:
             keep = runtime.planner.block_history(step, layer)
-            residuals.append((step, out - hidden_states))
-            del residuals[: max(0, len(residuals) - keep)]  # nothing is kept once no later cell reads it
-            runtime.peak_cache_bytes = max(runtime.peak_cache_bytes, runtime.cache_bytes())
+            if keep:  # the residual is only made while a later block-level cell reads it
+                residuals.append((step, out - hidden_states))
+            del residuals[: max(0, len(residuals) - keep)]
+            runtime.note_peak()
         return out
 
 
@@ -283,10 +305,7 @@ class PlanAttnProcessor:
         context = current_step()
         runtime = self.runtime
         if context is None:
-            raise PlanError(
-                "a block of a transformer with a ditplan plan was called on its own, so the step is unknown; call the "
-                "transformer, or wrap the call in `with ditplan.denoising_step(i, num_steps):`"
-            )
+            raise PlanError(UNKNOWN_STEP_OF_BLOCK)
         if args:
             raise TypeError("ditplan's attention processor takes keyword arguments only after hidden_states")
         step, layer = context.step, self.layer

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ditplan.models.adapters import load_merges, load_transformer, network_hash, sparse_network_folder
+from ditplan.models.adapters import load_sparse_folder, network_hash
 from ditplan.models.context import CFG_ORDERS, StepContext, new_run_id
 from ditplan.models.sampling import SAMPLERS, reset_stateful_hooks
 from ditplan.plan import Plan, PlanError, load_plan
@@ -70,12 +70,14 @@ class PipelineClock:
         self.cfg = False
         self.run: int | None = None  # the pipeline call under way
         self.last_step = -1
+        self.timesteps: list[float] | None = None  # the scheduler's, read at the call's first step
 
     def start(self, guidance_scale: float) -> None:
         """Called as the pipeline's ``__call__`` begins."""
         self.cfg = guidance_scale > 1.0
         self.run = new_run_id()
         self.last_step = -1
+        self.timesteps = None
 
     def stop(self) -> None:
         self.run = None
@@ -88,7 +90,9 @@ class PipelineClock:
         if timestep is None:
             raise PlanError("the transformer was called without a timestep, so the plan cannot tell the step")
         t = torch.as_tensor(timestep).flatten()[0].item()
-        timesteps = [float(v) for v in self.pipe.scheduler.timesteps]
+        if self.timesteps is None:  # the pipeline sets its schedule before the first transformer call
+            self.timesteps = [float(v) for v in self.pipe.scheduler.timesteps]
+        timesteps = self.timesteps
         expected = self.last_step + 1
         if expected < len(timesteps) and timesteps[expected] == t:
             step = expected
@@ -129,10 +133,14 @@ def check_pipeline_call(pipe: Any, plan: Plan, arguments: dict[str, Any]) -> Non
 def _planned_call(self: Any, *args: Any, **kwargs: Any) -> Any:
     """The ``__call__`` of a pipeline with a plan: check the call, run it as one sampling run."""
     original = getattr(self, _ORIGINAL_CLASS)
+    transformer = transformer_of(self)
+    runtime = get_runtime(transformer)
+    if runtime is None:  # the plan was removed from the transformer itself: the pipeline is stock again
+        remove_plan_from(self)
+        return original.__call__(self, *args, **kwargs)
     bound = inspect.signature(original.__call__).bind(self, *args, **kwargs)
     bound.apply_defaults()
-    transformer = transformer_of(self)
-    check_pipeline_call(self, get_runtime(transformer).plan, bound.arguments)
+    check_pipeline_call(self, runtime.plan, bound.arguments)
     clock = step_hook(transformer).clock
     clock.start(float(bound.arguments.get("guidance_scale", 1.0)))
     try:
@@ -164,10 +172,8 @@ def _network_for(transformer: torch.nn.Module, plan: Plan, model_folder: str | P
     if not base or not Path(base).is_dir():
         raise PlanError(f"plan runs on the fine-tuned SparseDiT network {weights!r}, found next to the base model's "
                         "weights, but this transformer was not loaded from a local folder; pass model_folder=")
-    folder = sparse_network_folder(Path(base), weights)
-    tuned = load_transformer(type(transformer), folder)
+    _, tuned, merges = load_sparse_folder(type(transformer), Path(base), weights)
     weight = next(transformer.parameters())
-    merges = load_merges(folder, tuned)
     return tuned.state_dict(), (merges.to(weight.device, weight.dtype) if merges is not None else None)
 
 
@@ -191,7 +197,8 @@ def apply_plan_to(model: Any, plan: Plan | str | Path, model_folder: str | Path 
             raise PlanError(f"ditplan runs plans in {sorted(PIPELINE_CFG_ORDERS)}, not {type(model).__name__}; apply the "
                             "plan to its transformer and tell the steps with ditplan.denoising_step")
     network = _network_for(transformer, plan, model_folder)
-    original = {k: v.detach().clone() for k, v in transformer.state_dict().items()} if network else None
+    # NOTE: kept on the CPU, so a swapped-in network does not double the weights' device memory
+    original = {k: v.detach().to("cpu", copy=True) for k, v in transformer.state_dict().items()} if network else None
     try:
         if network is not None:
             transformer.load_state_dict(network[0])
