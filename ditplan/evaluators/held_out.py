@@ -36,7 +36,8 @@ WARMUP_SAMPLES = 2
 @dataclass
 class HeldOutResult:
     """``metrics``: per plan name (and ``dense``) its held-out metrics, with ``latency_ratio`` the
-    median over rounds and ``latency_ratio_min`` / ``_max`` the band. ``seconds``: elapsed time of
+    median over rounds and ``latency_ratio_min`` / ``_max`` the band, ``latency_ms`` the median
+    milliseconds per sample (a sample's whole denoising loop in a batch of the round's size). ``seconds``: elapsed time of
     the whole evaluation; ``sample_forwards``: what it spent, in transformer sample-forwards."""
 
     seed_set: SeedSet
@@ -104,6 +105,7 @@ def held_out_metrics(adapter: ModelAdapter, spec: ExperimentSpec, plans: Mapping
     n = len(seed_set.seeds)
     dense_flops = plan_flops(adapter, None, settings, n)
     metrics: dict[str, dict[str, float]] = {}
+    round_sizes = [len(seeds) for _, seeds in rounds(seed_set, refine.latency_repeats)]
     reference = None
     if spec.evaluation.feature_extractor:
         from ditplan.evaluators.evaluate import reference_images
@@ -117,6 +119,7 @@ def held_out_metrics(adapter: ModelAdapter, spec: ExperimentSpec, plans: Mapping
             flops_ratio=flops.total / dense_flops.total,
             attention_flops_ratio=flops.attention / dense_flops.attention,
             latency_ratio=statistics.median(ratios), latency_ratio_min=min(ratios), latency_ratio_max=max(ratios),
+            latency_ms=1000 * statistics.median(s / k for s, k in zip(seconds[name], round_sizes)),  # per sample
         )
         metrics[name] = {k: float(v) for k, v in values.items() if math.isfinite(v)}
     spent = len(runs) * sample_forwards(n + WARMUP_SAMPLES, settings)

@@ -27,7 +27,7 @@ from diffusers import (
 from diffusers.models.attention_processor import Attention
 from safetensors.torch import load_file
 
-from ditplan.models.embedded import EMBEDDED_PATH
+from ditplan.models.embedded import EMBEDDED_MODELS
 from ditplan.plan import Plan, PlanError
 
 if TYPE_CHECKING:
@@ -100,6 +100,11 @@ class ModelAdapter(abc.ABC):
         return (self.latent_size // self.transformer.config.patch_size) ** 2
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the transformer computes in (``model.dtype``); latents and the scheduler stay float32."""
+        return next(self.transformer.parameters()).dtype
+
+    @property
     def hidden_dim(self) -> int:
         return self.transformer.config.num_attention_heads * self.transformer.config.attention_head_dim
 
@@ -122,21 +127,27 @@ class ModelAdapter(abc.ABC):
 
     # --- shared behaviour -----------------------------------------------------------------------
     def predict(self, latents: torch.Tensor, timestep: torch.Tensor, inputs: dict) -> torch.Tensor:
-        """The model prediction (ε or v) with any learned-variance channels dropped."""
-        out = self._call_transformer(latents, timestep.expand(latents.shape[0]), inputs)
-        return out[:, : self.latent_channels]  # (N, C, H, W)
+        """The model prediction (ε or v) with any learned-variance channels dropped, as float32: the
+        transformer computes in its own dtype, the sampler in float32."""
+        out = self._call_transformer(latents.to(self.dtype), timestep.expand(latents.shape[0]), inputs)
+        return out[:, : self.latent_channels].float()  # (N, C, H, W)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → images in [-1, 1]; pixel-space models return the latents unchanged."""
         if self.vae is None:
             return latents
-        return self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        vae_dtype = next(self.vae.parameters()).dtype
+        return self.vae.decode(latents.to(vae_dtype) / self.vae.config.scaling_factor).sample.float()
 
-    def to(self, device: torch.device | str) -> ModelAdapter:
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ModelAdapter:
+        """Move the transformer, VAE and merges to ``device`` (and cast them to ``dtype`` when given: the
+        weights hash is that of the weights as they compute, so a plan made in bfloat16 names bfloat16 weights)."""
         for module in (self.transformer, self.vae, self.merges):
             if module is not None:
-                module.to(device)
+                module.to(device, dtype)
+        if dtype is not None:
+            self.__dict__.pop("weights_hash", None)
         return self
 
 
@@ -176,7 +187,7 @@ class PixArtAdapter(ModelAdapter):
             )
 
         def stack(prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-            embeds = torch.stack([self.prompt_embeddings[p][0] for p in prompts]).to(device)
+            embeds = torch.stack([self.prompt_embeddings[p][0] for p in prompts]).to(device, self.dtype)
             mask = torch.stack([self.prompt_embeddings[p][1] for p in prompts]).to(device)
             return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
 
@@ -250,8 +261,8 @@ def load_adapter(
 
 
 def model_folder(source: str) -> Path:
-    """The local folder of a model source ("embedded" is the package's own)."""
-    return EMBEDDED_PATH if source == "embedded" else Path(source)
+    """The local folder of a model source (an embedded model's name is the package's own folder)."""
+    return EMBEDDED_MODELS[source].folder if source in EMBEDDED_MODELS else Path(source)
 
 
 MERGES_FILE = "sparse_merge.safetensors"
@@ -303,7 +314,7 @@ def load_sparse_network(adapter: ModelAdapter, weights: str) -> ModelAdapter:
         tuned.transformer = transformer.eval().requires_grad_(False)
         tuned.merges = merges
         tuned.model_id = str(folder)
-        networks[weights] = tuned.to(next(adapter.transformer.parameters()).device)
+        networks[weights] = tuned.to(next(adapter.transformer.parameters()).device, adapter.dtype)
     return networks[weights]
 
 
@@ -361,7 +372,7 @@ def adapter_from_spec(spec: ModelSpec, prompts: Sequence[str] = ()) -> ModelAdap
         else:
             kwargs["prompt_embeddings"] = PixArtAdapter.encode_prompts(spec.text_encoder, prompts)
     adapter = load_adapter(spec.kind, spec.source, spec.config, vae=spec.vae, seed=spec.seed, **kwargs)
-    return adapter.to(spec.torch_device())
+    return adapter.to(spec.torch_device(), spec.torch_dtype())
 
 
 def _linear(rows: int, fan_in: int, fan_out: int) -> int:

