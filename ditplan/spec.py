@@ -28,7 +28,8 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     """kind: ``dit`` (class labels) or ``pixart`` (prompts).
 
-    source: ``embedded`` (ditplan's digit DiT), a local folder in diffusers pipeline layout, or a hub id.
+    source: ``embedded`` (ditplan's 256-token digit DiT) or ``embedded-1024`` (its 1,024-token GPU-sized
+    sibling), a local folder in diffusers pipeline layout, or a hub id.
     config: instead of ``source``, a transformer config dict: random weights (tests, smoke runs).
     vae: a folder/hub id whose ``vae/`` decodes latents; none for pixel-space models.
     prompt_embeddings: PixArt without its T5 encoder: a safetensors file with ``<prompt>.embeds`` and
