@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,15 @@ def embedded_adapter():
     from ditplan.models.adapters import load_adapter
 
     return load_adapter("dit", "embedded")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance per test module (2 CPUs, no dashboard); workers can import tests.*."""
+    import ray
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.getcwd(), "RAY_USAGE_STATS_ENABLED": "0"}})
+    yield
+    ray.shutdown()

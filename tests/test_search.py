@@ -5,8 +5,6 @@ import sys
 import time
 
 import optuna
-import pytest
-import ray
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
@@ -16,16 +14,6 @@ from ditplan.spec import load_spec
 from tests.conftest import DATA
 
 EXPERIMENT = DATA / "tiny-search.yaml"
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray instance for these tests (2 CPUs, no dashboard); workers can import tests.*."""
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.getcwd(), "RAY_USAGE_STATS_ENABLED": "0"}})
-    yield
-    ray.shutdown()
 
 
 def _spec(tmp_path, **search):

@@ -58,6 +58,7 @@ SAMPLERS = {
     "random": lambda search, seed: optuna.samplers.RandomSampler(seed=seed),
 }
 METRICS = "metrics"  # user attribute: every search-seed metric of a complete trial (its plan file's provenance)
+DRIVER = "driver"  # user attribute: the driver (host-pid) that ran the trial
 GIVEN = "plan_given"  # user attribute of a warm-start trial whose plan the space cannot express: run whole
 
 
@@ -182,8 +183,9 @@ class _Search:
                             "or use another output dir")
         study = optuna.create_study(study_name=self.spec.name, storage=self.storage, directions=self.directions,
                                     load_if_exists=True)
-        driver = f"{socket.gethostname()}-{os.getpid()}" if is_shared(self.storage) else ""
-        seed = sampler_seed(self.search.seed, len(study.get_trials(deepcopy=False)), driver)
+        self.driver = f"{socket.gethostname()}-{os.getpid()}"
+        seed = sampler_seed(self.search.seed, len(study.get_trials(deepcopy=False)),
+                            self.driver if is_shared(self.storage) else "")
         study.sampler = SAMPLERS[self.search.sampler](self.search, seed)
         recover_interrupted(study, self.storage, self.search, at_start=True)
         return study
@@ -312,6 +314,7 @@ class _Search:
     def _start(self, pool: TaskPool, beats: Heartbeats, submit: Callable[[Plan], ray.ObjectRef]) -> None:
         trial = ask(self.study)
         beats.add(trial)
+        trial.set_user_attr(DRIVER, self.driver)
         plan = self._plan(trial.user_attrs, trial)
         if plan is None:
             beats.discard(trial)
