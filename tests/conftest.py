@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,9 @@ import torch
 from ditplan.spec import load_spec
 
 DATA = Path(__file__).parent / "data"
+RAY = str(Path(sys.executable).parent / "ray")
+# NOTE: loopback test cluster; Ray's token auth would need the token propagated to every node.
+ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 torch.set_num_threads(2)
 
 
@@ -41,3 +47,23 @@ def local_ray():
              runtime_env={"env_vars": {"PYTHONPATH": os.getcwd(), "RAY_USAGE_STATS_ENABLED": "0"}})
     yield
     ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def loopback_cluster():
+    """A Ray head (1 CPU, 2 logical GPUs) plus a second node (1 CPU) on loopback; yields its address."""
+    port = free_port()
+    head = [RAY, "start", "--head", f"--port={port}", "--num-cpus=1", "--num-gpus=2", "--include-dashboard=false"]
+    try:
+        subprocess.run(head, check=True, env=ENV, capture_output=True, timeout=120)
+        subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1"], check=True, env=ENV,
+                       capture_output=True, timeout=120)
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=ENV, capture_output=True, timeout=120)

@@ -395,9 +395,11 @@ def run_search(
     warm_start: Sequence[Plan] = (),
     plugins: Sequence[str] = (),
     show_progress: bool = True,
+    refine: bool = True,
 ) -> SearchResult:
     """Run (or resume) the study of ``spec`` in ``run_dir`` until it holds ``trials`` finished trials,
-    publish its feasible front and measure it (with the warm-start plans) on the held-out seeds."""
+    publish its feasible front and measure it (with the warm-start plans) on the held-out seeds
+    (``refine=False``: not here; a helper driver of a shared study leaves that to the main one)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _import_plugins(plugins)
@@ -408,7 +410,7 @@ def run_search(
                                show_progress)
     driver.repair(mlflow=False)  # plan files of the trials other drivers completed
     front = driver.publish_front()
-    if spec.search.refine is not None:
+    if refine and spec.search.refine is not None:  # NOTE: one driver of a shared study measures, not each
         driver.refine(front)
     driver.tracker.finish()
     done = _complete(driver.study)

@@ -14,6 +14,7 @@ against the budget; its re-run is. A trial whose evaluation failed has an ``erro
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -56,13 +57,26 @@ def study_storage(spec: ExperimentSpec, run_dir: Path) -> BaseStorage:
         run_dir.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
     try:
-        with _quiet_experimental():
-            return RDBStorage(search.storage, heartbeat_interval=search.heartbeat_interval_s,
-                              grace_period=search.grace_period_s, heartbeat_stale_trial_callback=_retry(search))
+        return _rdb_storage(search)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
         shown = sqlalchemy.engine.make_url(search.storage).render_as_string(hide_password=True)
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot open search.storage {shown!r}: {reason}") from None
+
+
+def _rdb_storage(search: SearchSpec, attempts: int = 5) -> RDBStorage:
+    for attempt in range(attempts):
+        try:
+            with _quiet_experimental():
+                return RDBStorage(search.storage, heartbeat_interval=search.heartbeat_interval_s,
+                                  grace_period=search.grace_period_s, heartbeat_stale_trial_callback=_retry(search))
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # NOTE: drivers started together on an empty database race to create Optuna's tables; the
+            # losers find them made on the next try
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
 
 
 def study_exists(storage: BaseStorage, name: str) -> bool:
