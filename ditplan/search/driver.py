@@ -1,8 +1,9 @@
 """The multi-objective plan search: Optuna ask/tell on the driver, trials evaluated as Ray tasks.
 
-Search state lives in Optuna storage (a journal file in the run directory by default), so a killed
-driver resumes by study name without losing a completed trial. Every trial is logged to MLflow by
-the driver only.
+Search state lives in Optuna storage (a journal file in the run directory by default, or an RDB that
+several drivers share: :mod:`ditplan.search.storage`), so a killed driver resumes by study name
+without losing a completed trial. A trial is recorded plan file first, then COMPLETE in the study,
+then in MLflow (by the driver that ran it); a resume repairs whatever a crash left between two steps.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ class _Search:
         self.needed = tuple(sorted(set(self.objectives) | {c.metric for c in self.search.constraints}))
         self.storage = study_storage(spec, run_dir)
         self.study = self._open_study(resume)
-        self.adapter = worker_adapter(spec)  # the driver's copy: dense reference, warm start
+        self.adapter = worker_adapter(spec)  # the driver's copy: dense reference, search space
         settings = spec.sampler.settings()
         _, self.conditions, self.seeds = spec.seed_set("search")
         self.dense = dense_reference(self.adapter, settings, self.conditions, self.seeds, spec.evaluation.cache_dir)
