@@ -98,6 +98,19 @@ def test_a_driver_killed_at_each_point_then_resumed_leaves_a_whole_run(local_ray
     assert export_plans(tmp_path, "top:2", tmp_path / "exported")
 
 
+def test_a_stopping_driver_cancels_its_tasks_and_queues_their_trials_again(local_ray, tmp_path, monkeypatch):
+    spec = _write_experiment(tmp_path, sampler="random", refine=None)
+    with crash_at(monkeypatch, _Search, "save_plan", False, on_call=1), pytest.raises(Crash):
+        run_search(spec, tmp_path / "run", trials=4, workers=2, show_progress=False)
+    trials = _trials(spec, tmp_path / "run")
+    states = sorted(t.state.name for t in trials)
+    assert states == ["FAIL", "RUNNING", "WAITING"]  # being recorded | in flight, cancelled | its re-run
+    (cancelled,) = [t for t in trials if t.state == TrialState.FAIL]
+    (queued,) = [t for t in trials if t.state == TrialState.WAITING]
+    assert is_interrupted(cancelled) and queued.system_attrs["failed_trial"] == cancelled.number
+    assert queued.params == cancelled.params
+
+
 def test_a_resumed_study_proposes_new_plans_and_a_fresh_one_is_reproducible(local_ray, tmp_path):
     spec = _write_experiment(tmp_path, sampler="random", refine=None)
     params = []
