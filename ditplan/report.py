@@ -408,7 +408,7 @@ def select_plans(spec: ExperimentSpec, candidates: list[Candidate], rule: str) -
     quality, cost = quality_metric(spec), "latency_ratio"
     if not any(c.held_out for c in candidates):
         raise UserError("no plan of this run was measured on the held-out seeds; export rules read held-out "
-                        "metrics: run it with search.refine set")
+                        "metrics: run it with search.refine set (or resume it, if it was interrupted before that stage)")
     sign = 1.0 if METRIC_DIRECTIONS.get(quality, "minimize") == "minimize" else -1.0
     directions = [METRIC_DIRECTIONS.get(quality, "minimize"), "minimize"]
     if rule == "knee" or match.group(5):

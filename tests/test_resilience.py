@@ -79,6 +79,8 @@ def test_a_driver_killed_at_each_point_then_resumed_leaves_a_whole_run(local_ray
         assert all((run_dir / "trials" / f"trial-{t.number:04d}.yaml").exists()
                    for t in trials if t.state == TrialState.COMPLETE), name
         compare_runs([tmp_path], tmp_path / "report")  # a crashed run still compares
+        with pytest.raises(UserError, match="resume it, if it was interrupted"):  # one line: nothing held-out yet
+            export_plans(tmp_path, "top:2", tmp_path / "exported")
     result = run_search(spec, run_dir, trials=TRIALS, workers=1, resume=True, show_progress=False)
 
     trials = _trials(spec, run_dir)

@@ -59,9 +59,16 @@ def study_storage(spec: ExperimentSpec, run_dir: Path) -> BaseStorage:
     try:
         return _rdb_storage(search)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
-        shown = sqlalchemy.engine.make_url(search.storage).render_as_string(hide_password=True)
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot open search.storage {shown!r}: {reason}") from None
+        raise UserError(f"cannot open search.storage {_shown(search.storage)!r}: {reason}") from None
+
+
+def _shown(url: str) -> str:
+    """The URL without its password."""
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return "(not a database URL)"
 
 
 def _rdb_storage(search: SearchSpec, attempts: int = 5) -> RDBStorage:
