@@ -274,7 +274,8 @@ class SearchSpec(_Strict):
     (default: dense cost, and the worst quality seen). storage: an Optuna RDB URL for several drivers
     (default: a journal file in the run directory). tracking_uri: MLflow (default: SQLite in the run
     directory). cpus_per_trial / gpus_per_trial: Ray resources of one trial (its torch threads = its
-    CPUs; gpus_per_trial 1 on a GPU cluster). trial_timeout_s: a trial still running after this fails
+    CPUs; gpus_per_trial 1 on a GPU cluster). trial_timeout_s: a trial not finished this long after
+    it was submitted (time queued in Ray included: keep workers within what the cluster holds) fails
     and its Ray task is cancelled. heartbeat_interval_s / grace_period_s (RDB storage): drivers record
     a heartbeat per running trial; one silent for the grace period (default twice the interval) was cut
     off by a dead driver and is queued to run again (up to max_retries times). refine: the held-out
