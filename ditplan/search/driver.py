@@ -253,7 +253,8 @@ class _Search:
             if name in known:
                 continue
             params = self.space.params_for(plan)
-            attrs = {"name": name, WARM: str(plan.provenance.get("search", "warm-start")), **({} if params else {GIVEN: True})}
+            attrs = {"name": name, WARM: str(plan.provenance.get("search", "warm-start")),
+                     **({GIVEN: True} if params is None else {})}
             self.study.enqueue_trial(params or {}, user_attrs=attrs)
 
     def tell(self, trial: optuna.Trial, values: dict[str, float]) -> None:
