@@ -61,9 +61,9 @@ def loopback_cluster():
     port = free_port()
     head = [RAY, "start", "--head", f"--port={port}", "--num-cpus=1", "--num-gpus=2", "--include-dashboard=false"]
     try:
-        subprocess.run(head, check=True, env=ENV, capture_output=True, timeout=120)
-        subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1"], check=True, env=ENV,
-                       capture_output=True, timeout=120)
+        for command in (head, [RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1"]):
+            started = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=120)
+            assert started.returncode == 0, f"{' '.join(command[1:])} failed: {started.stderr[-2000:]}"
         yield f"127.0.0.1:{port}"
     finally:
         subprocess.run([RAY, "stop", "--force"], env=ENV, capture_output=True, timeout=120)
