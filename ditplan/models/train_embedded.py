@@ -145,12 +145,9 @@ def export_embedded(run_dir: str | Path, dest: str | Path) -> Path:
     ema = EMAModel(model.parameters())
     ema.load_state_dict(state["ema"])
     ema.copy_to(model.parameters())
-    from ditplan.atomic import atomic_folder, atomic_write_text
-
-    with atomic_folder(dest / "transformer") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-    with atomic_folder(dest / "scheduler") as tmp:
-        new_embedded_scheduler().save_pretrained(tmp)
-    atomic_write_text(dest / "training.txt",
-                      f"trained_steps: {state['step']}\n" + "".join(f"{k}: {v}\n" for k, v in state["config"].items()))
+    model.save_pretrained(dest / "transformer", safe_serialization=True)
+    new_embedded_scheduler().save_pretrained(dest / "scheduler")
+    (dest / "training.txt").write_text(
+        f"trained_steps: {state['step']}\n" + "".join(f"{k}: {v}\n" for k, v in state["config"].items())
+    )
     return dest
