@@ -68,9 +68,18 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _run(args: argparse.Namespace) -> None:
     from ditplan.workflow import run_experiment
 
+    from ditplan.spec import load_spec
+
     run_dir = run_experiment(args.experiment, trials=args.trials, workers=args.workers, ray_address=args.ray_address)
-    print(f"run directory: {run_dir}; MLflow: mlflow ui --backend-store-uri "
-          f"sqlite:///{(run_dir / 'search' / 'mlflow.db').resolve()}")
+    print(f"run directory: {run_dir}; MLflow: {_mlflow_hint(load_spec(run_dir / 'experiment.yaml'), run_dir / 'search')}")
+
+
+def _mlflow_hint(spec, search_dir: Path) -> str:  # noqa: ANN001
+    from ditplan.search.tracking import default_tracking_uri
+
+    if spec.search.tracking_uri:
+        return spec.search.tracking_uri
+    return f"mlflow ui --backend-store-uri {default_tracking_uri(search_dir)}"
 
 
 @command("compare")
@@ -100,11 +109,10 @@ def _search(args: argparse.Namespace) -> None:
     run_dir = Path(args.out) if args.out else spec.run_dir() / "search"
     warm = [load_plan(p) for p in sorted(Path(args.warm_start).glob("*.yaml"))] if args.warm_start else []
     result = run_search(spec, run_dir, trials=args.trials, workers=args.workers, ray_address=args.ray_address,
-                        resume=args.resume, warm_start=warm, plugins=args.plugin or ())
+                        resume=args.resume, warm_start=warm, plugins=args.plugin or (), refine=not args.no_refine)
     print(f"study {result.study_name}: {result.completed} complete, {result.failed} failed trials; "
           f"front of {len(result.front)}; hypervolume {result.hypervolume:.4g}")
-    print(f"Pareto front: {run_dir / 'pareto_front.md'}; plans: {run_dir / 'trials'}; "
-          f"MLflow: mlflow ui --backend-store-uri sqlite:///{(run_dir / 'mlflow.db').resolve()}")
+    print(f"Pareto front: {run_dir / 'pareto_front.md'}; plans: {run_dir / 'trials'}; MLflow: {_mlflow_hint(spec, run_dir)}")
 
 
 @command("greedy")
@@ -228,9 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, help="finished search trials to reach (default: search.trials)")
     p.add_argument("--workers", type=int, help="trials evaluated at once (default: search.workers)")
     p.add_argument("--ray-address", help="an existing Ray cluster, e.g. 127.0.0.1:6379 (default: local Ray)")
-    p.add_argument("--resume", action="store_true", help="continue the study already in the output dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the study already in the storage (a second driver of an RDB study passes it too)")
     p.add_argument("--warm-start", help="folder of plan files (e.g. greedy D1 … D6) added as known trials")
     p.add_argument("--plugin", action="append", help="module to import (driver and workers) that registers strategies")
+    p.add_argument("--no-refine", action="store_true",
+                   help="skip the held-out evaluation (a helper driver of a shared study: the main driver does it)")
     p.add_argument("--out", help="run directory (default: output_dir/search)")
 
     p = sub.add_parser("greedy", help="DiTFastAttn's greedy search: one plan file per threshold (D1 … D6)")

@@ -74,8 +74,12 @@ class Run:
     held_out_spent: dict[str, float] = field(default_factory=dict)
 
 
+def _plan_path(run_dir: Path, number: int) -> Path:
+    return run_dir / "search" / "trials" / f"trial-{number:04d}.yaml"
+
+
 def _candidate(run_dir: Path, trial: FrozenTrial, held_out: dict[int, dict[str, float]]) -> Candidate:
-    path = run_dir / "search" / "trials" / f"trial-{trial.number:04d}.yaml"
+    path = _plan_path(run_dir, trial.number)
     return Candidate(
         run=run_dir.name, trial=trial.number, name=trial.user_attrs.get("name", f"trial-{trial.number}"),
         source=trial.user_attrs.get("source", "search"), metrics=dict(load_plan(path).provenance.get("metrics", {})),
@@ -103,7 +107,12 @@ def load_run_data(run_dir: str | Path) -> Run:
         run.held_out = dict(refined.user_attrs.get("held_out", {}))
         run.held_out_spent = dict(refined.user_attrs.get("spent", {}))
     study = optuna.load_study(study_name=spec.name, storage=storage)
-    run.candidates = [_candidate(run_dir, t, held_out) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    missing = [t.number for t in complete if not _plan_path(run_dir, t.number).exists()]
+    if missing:
+        warnings.warn(f"{run_dir}: {len(missing)} complete trials have no plan file here (trial {missing[0]}, …), left "
+                      "out; resume the run (or its search) to write them")
+    run.candidates = [_candidate(run_dir, t, held_out) for t in complete if t.number not in missing]
     return run
 
 
@@ -399,7 +408,7 @@ def select_plans(spec: ExperimentSpec, candidates: list[Candidate], rule: str) -
     quality, cost = quality_metric(spec), "latency_ratio"
     if not any(c.held_out for c in candidates):
         raise UserError("no plan of this run was measured on the held-out seeds; export rules read held-out "
-                        "metrics: run it with search.refine set")
+                        "metrics: run it with search.refine set (or resume it, if it was interrupted before that stage)")
     sign = 1.0 if METRIC_DIRECTIONS.get(quality, "minimize") == "minimize" else -1.0
     directions = [METRIC_DIRECTIONS.get(quality, "minimize"), "minimize"]
     if rule == "knee" or match.group(5):

@@ -280,7 +280,12 @@ class SearchSpec(_Strict):
     the search seed set, on which every trial is judged. reference_point: hypervolume reference in objective units
     (default: dense cost, and the worst quality seen). storage: an Optuna RDB URL for several drivers
     (default: a journal file in the run directory). tracking_uri: MLflow (default: SQLite in the run
-    directory). gpus_per_trial: Ray GPUs per trial (1 on a GPU cluster). refine: the held-out
+    directory). cpus_per_trial / gpus_per_trial: Ray resources of one trial (its torch threads = its
+    CPUs; gpus_per_trial 1 on a GPU cluster). trial_timeout_s: a trial not finished this long after
+    it was submitted (time queued in Ray included: keep workers within what the cluster holds) fails
+    and its Ray task is cancelled. heartbeat_interval_s / grace_period_s (RDB storage): drivers record
+    a heartbeat per running trial; one silent for the grace period (default twice the interval) was cut
+    off by a dead driver and is queued to run again (up to max_retries times). refine: the held-out
     evaluation of the front and the greedy plans (none skips it: then nothing is measured on held-out
     seeds and reports say so). Trials whose metrics break a constraint are kept and shown, but never
     on a front, in a hypervolume, refined, tagged ``pareto`` or exported."""
@@ -297,7 +302,11 @@ class SearchSpec(_Strict):
     reference_point: list[float] | None = None
     storage: str | None = None
     tracking_uri: str | None = None
+    cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0)
+    trial_timeout_s: float = Field(3600.0, gt=0)
+    heartbeat_interval_s: int = Field(30, gt=0)
+    grace_period_s: int | None = Field(None, gt=0)
     max_retries: int = Field(2, ge=0)
     refine: RefineSpec | None = RefineSpec()
 

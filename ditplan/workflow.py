@@ -9,12 +9,14 @@ from pathlib import Path
 
 from rich.console import Console
 
+from ditplan.atomic import atomic_write
 from ditplan.errors import UserError
 from ditplan.evaluators.reference import dense_reference
 from ditplan.plan import load_plan
 from ditplan.report import compare_runs, export_plans
 from ditplan.search.driver import run_search
 from ditplan.search.greedy_cli import write_greedy_plans
+from ditplan.search.storage import study_exists, study_storage
 from ditplan.search.trial_eval import worker_adapter
 from ditplan.spec import load_spec
 
@@ -33,7 +35,7 @@ def run_experiment(
     copy = run_dir / "experiment.yaml"
     if copy.exists() and load_spec(copy) != spec:
         raise UserError(f"{run_dir} holds a run of a different experiment file; set another output_dir or remove it")
-    shutil.copyfile(experiment, copy)
+    atomic_write(copy, lambda tmp: shutil.copyfile(experiment, tmp))
     spec = load_spec(copy)  # NOTE: relative paths now resolve from the run directory's copy, as later commands see them
     adapter = worker_adapter(spec)
     settings = spec.sampler.settings()
@@ -51,7 +53,7 @@ def run_experiment(
 
     console.rule("[bold]3/5 learned search (search seeds) + 4/5 held-out evaluation of the front and greedy")
     search_dir = run_dir / "search"
-    resume = (search_dir / "optuna.journal").exists()
+    resume = study_exists(study_storage(spec, search_dir), spec.name)  # a journal file or an RDB, whatever holds it
     result = run_search(spec, search_dir, trials=trials, workers=workers, ray_address=ray_address, resume=resume,
                         warm_start=plans, show_progress=show_progress)
     console.print(f"{result.completed} trials complete ({result.failed} failed), feasible front of {len(result.front)}, "

@@ -1,42 +1,15 @@
 """The cluster path of DESIGN.md, for real on loopback: a Ray head with 2 logical GPUs plus a second
 node, ``ditplan search --ray-address`` with one GPU per trial (the trials run on CPU)."""
 
-import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import optuna
-import pytest
 from optuna.trial import TrialState
 
 from ditplan.search.driver import study_storage
 from ditplan.spec import load_spec
-from tests.conftest import DATA
-
-RAY = str(Path(sys.executable).parent / "ray")
-# NOTE: loopback test cluster; Ray's token auth would need the token propagated to every node.
-ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture()
-def loopback_cluster():
-    port = _free_port()
-    head = [RAY, "start", "--head", f"--port={port}", "--num-cpus=1", "--num-gpus=2", "--include-dashboard=false"]
-    try:
-        subprocess.run(head, check=True, env=ENV, capture_output=True, timeout=120)
-        subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1"], check=True, env=ENV,
-                       capture_output=True, timeout=120)
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([RAY, "stop", "--force"], env=ENV, capture_output=True, timeout=120)
+from tests.conftest import DATA, ENV
 
 
 def test_a_search_runs_on_a_two_node_loopback_cluster_one_gpu_per_trial(loopback_cluster, tmp_path):

@@ -77,9 +77,8 @@ def constrained_run(tmp_path_factory):
         trial = driver.study.ask()
         trial.set_user_attr("name", name)
         values = {"rel_l1": rel_l1, "flops_ratio": flops, "mse": mse}
-        driver.tell(trial, values)
         grid = ((("full",) * target.num_layers,) + ((method,) * target.num_layers,) * (target.num_steps - 1))
-        driver.record(trial.number, Plan(target, grid, provenance={"name": name}), values, "COMPLETE", {})
+        driver.record_complete(trial, Plan(target, grid, provenance={"name": name}), values)
     front = driver.publish_front()
     driver.refine(front)
     driver.tracker.finish()

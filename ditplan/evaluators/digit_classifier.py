@@ -107,8 +107,9 @@ def train_digit_classifier(
             bar.update(1, loss=f"{loss.item():.3f}")
     model = model.cpu()
     held_acc = accuracy(model, held_images, held_labels)
-    Path(dest).parent.mkdir(parents=True, exist_ok=True)
-    save_file(model.state_dict(), str(dest))
+    from ditplan.atomic import atomic_write
+
+    atomic_write(dest, lambda tmp: save_file(model.state_dict(), str(tmp)))
     return held_acc
 
 

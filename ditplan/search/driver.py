@@ -1,15 +1,19 @@
 """The multi-objective plan search: Optuna ask/tell on the driver, trials evaluated as Ray tasks.
 
-Search state lives in Optuna storage (a journal file in the run directory by default), so a killed
-driver resumes by study name without losing a completed trial. Every trial is logged to MLflow by
-the driver only.
+Search state lives in Optuna storage (a journal file in the run directory by default, or an RDB that
+several drivers share: :mod:`ditplan.search.storage`), so a killed driver resumes by study name
+without losing a completed trial. A trial is recorded plan file first, then COMPLETE in the study,
+then in MLflow (by the driver that ran it); a resume repairs whatever a crash left between two steps.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Sequence
+import socket
+import time
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +21,6 @@ from typing import Any
 import numpy as np
 import optuna
 import ray
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from ditplan.atomic import atomic_write_text
@@ -30,17 +32,35 @@ from ditplan.plan import Plan, library_versions
 from ditplan.progress import progress_bar
 from ditplan.search.figures import front_html, front_png
 from ditplan.search.pareto import hypervolume, pareto_mask
+from ditplan.search.ray_tasks import TaskPool
 from ditplan.search.space import build_space, sparse_choices
+from ditplan.search.storage import (
+    ERROR,
+    WARM,
+    Heartbeats,
+    ask,
+    counts,
+    interrupt,
+    is_shared,
+    recover_interrupted,
+    sampler_seed,
+    study_exists,
+    study_storage,
+    tally,
+)
 from ditplan.search.tracking import Tracker, default_tracking_uri
-from ditplan.search.trial_eval import evaluate_in_worker, plan_metrics, worker_adapter
+from ditplan.search.trial_eval import evaluate_in_worker, worker_adapter
 from ditplan.spec import ExperimentSpec
 
 SAMPLERS = {
-    "tpe": lambda search: optuna.samplers.TPESampler(seed=search.seed, multivariate=True),
-    "nsga2": lambda search: optuna.samplers.NSGAIISampler(seed=search.seed, population_size=search.population_size),
-    "gp": lambda search: optuna.samplers.GPSampler(seed=search.seed),
-    "random": lambda search: optuna.samplers.RandomSampler(seed=search.seed),
+    "tpe": lambda search, seed: optuna.samplers.TPESampler(seed=seed, multivariate=True),
+    "nsga2": lambda search, seed: optuna.samplers.NSGAIISampler(seed=seed, population_size=search.population_size),
+    "gp": lambda search, seed: optuna.samplers.GPSampler(seed=seed),
+    "random": lambda search, seed: optuna.samplers.RandomSampler(seed=seed),
 }
+METRICS = "metrics"  # user attribute: every search-seed metric of a complete trial (its plan file's provenance)
+DRIVER = "driver"  # user attribute: the driver (host-pid) that ran the trial
+GIVEN = "plan_given"  # user attribute of a warm-start trial whose plan the space cannot express: run whole
 
 
 @dataclass
@@ -53,12 +73,6 @@ class SearchResult:
     hypervolume: float
     completed: int
     failed: int
-
-
-def study_storage(spec: ExperimentSpec, run_dir: Path) -> Any:
-    if spec.search.storage:
-        return spec.search.storage
-    return JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
 
 
 def reference_point(spec: ExperimentSpec) -> list[float]:
@@ -136,7 +150,7 @@ def _start_ray(ray_address: str | None) -> bool:
 
 
 class _Search:
-    """One study's driver: its storage, space, dense reference on the search seeds and tracker."""
+    """One driver of a study: its storage, space, dense reference on the search seeds and tracker."""
 
     def __init__(self, spec: ExperimentSpec, run_dir: Path, resume: bool) -> None:
         self.spec, self.search, self.run_dir = spec, spec.search, run_dir
@@ -144,13 +158,8 @@ class _Search:
         self.directions = [o.resolved_direction() for o in self.search.objectives]
         self.needed = tuple(sorted(set(self.objectives) | {c.metric for c in self.search.constraints}))
         self.storage = study_storage(spec, run_dir)
-        if spec.name in optuna.get_all_study_names(self.storage) and not resume:
-            raise UserError(f"study {spec.name!r} already exists in {run_dir}; pass --resume to continue it or use another output dir")
-        self.study = optuna.create_study(study_name=spec.name, storage=self.storage, directions=self.directions,
-                                         sampler=SAMPLERS[self.search.sampler](self.search), load_if_exists=True)
-        for stale in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            self.study.tell(stale.number, state=TrialState.FAIL)  # NOTE: left RUNNING by a killed driver
-        self.adapter = worker_adapter(spec)  # the driver's copy: dense reference, warm start
+        self.study = self._open_study(resume)
+        self.adapter = worker_adapter(spec)  # the driver's copy: dense reference, search space
         settings = spec.sampler.settings()
         _, self.conditions, self.seeds = spec.seed_set("search")
         self.dense = dense_reference(self.adapter, settings, self.conditions, self.seeds, spec.evaluation.cache_dir)
@@ -164,99 +173,179 @@ class _Search:
              "objectives": self.objectives, "reference_point": self.reference, **library_versions()}, [],
             artifact_location=None if self.search.tracking_uri else run_dir / "mlartifacts")
         self.plans_dir = run_dir / "trials"
+        self.warm_plans: dict[str, Plan] = {}
 
-    def record(self, number: int, plan: Plan | None, values: dict[str, float] | None, state: str, params: dict) -> None:
-        """Plan file first (with its search-seed metrics), then MLflow; hypervolume of the feasible trials."""
-        path = None
-        if plan is not None and values is not None:
-            plan = plan.with_provenance(search=plan.provenance.get("search", f"optuna-{self.search.sampler}"),
-                                        study=self.spec.name, trial=number,
-                                        metrics={k: float(v) for k, v in values.items()},
-                                        evaluated_on={"set": "search", "first_seed": self.seeds[0],
-                                                      "samples": len(self.seeds)},
-                                        versions=library_versions())
-            path = plan.save(self.plans_dir / f"trial-{number:04d}.yaml")
-        self.tracker.log_trial(number, state, params, values or {}, path)
-        self.tracker.log_hypervolume(feasible_hypervolume(_complete(self.study), self.directions, self.reference), number)
+    def _open_study(self, resume: bool) -> optuna.Study:
+        """Create or load the study; reseed its sampler from what the study already holds (and, when
+        several drivers share it, this driver's id) so no driver replays another's proposals; queue
+        again the trials a dead driver left behind."""
+        if study_exists(self.storage, self.spec.name) and not resume:
+            raise UserError(f"study {self.spec.name!r} already exists in {self.run_dir}; pass --resume to continue it "
+                            "or use another output dir")
+        study = optuna.create_study(study_name=self.spec.name, storage=self.storage, directions=self.directions,
+                                    load_if_exists=True)
+        self.driver = f"{socket.gethostname()}-{os.getpid()}"
+        seed = sampler_seed(self.search.seed, len(study.get_trials(deepcopy=False)),
+                            self.driver if is_shared(self.storage) else "")
+        study.sampler = SAMPLERS[self.search.sampler](self.search, seed)
+        recover_interrupted(study, self.storage, self.search, at_start=True)
+        return study
+
+    # --- plan files -------------------------------------------------------------------------------
+    def plan_path(self, number: int) -> Path:
+        return self.plans_dir / f"trial-{number:04d}.yaml"
+
+    def save_plan(self, number: int, plan: Plan, values: dict[str, float]) -> Path:
+        """The trial's plan file, with its search-seed metrics (written atomically)."""
+        plan = plan.with_provenance(search=plan.provenance.get("search", f"optuna-{self.search.sampler}"),
+                                    study=self.spec.name, trial=number,
+                                    metrics={k: float(v) for k, v in values.items()},
+                                    evaluated_on={"set": "search", "first_seed": self.seeds[0], "samples": len(self.seeds)},
+                                    versions=library_versions())
+        return plan.save(self.plan_path(number))
+
+    def _plan(self, attrs: dict[str, Any], trial: optuna.Trial | optuna.trial.FixedTrial) -> Plan | None:
+        """The plan a trial runs: a warm-start plan given whole (None when this driver was not given
+        it), or the space's plan for the trial's parameters."""
+        if attrs.get(GIVEN):
+            return self.warm_plans.get(attrs.get("name", ""))
+        return self.space.suggest(trial)
+
+    def repair(self, mlflow: bool) -> None:
+        """Make good what a crash (or another driver) left: a plan file for every COMPLETE trial, none
+        for a failed one and, with ``mlflow``, every finished trial in MLflow."""
+        trials = self.study.get_trials(deepcopy=False)
+        for trial in trials:
+            if trial.state == TrialState.COMPLETE and not self.plan_path(trial.number).exists():
+                self._rewrite_plan(trial)
+            elif trial.state == TrialState.FAIL:
+                self.plan_path(trial.number).unlink(missing_ok=True)  # scored, saved, never told: run again
+        if mlflow:
+            logged = self.tracker.logged_trials()
+            for trial in trials:
+                if counts(trial) and trial.number not in logged:
+                    done = trial.state == TrialState.COMPLETE
+                    self.tracker.log_trial(trial.number, trial.state.name, trial.params,
+                                           self._metrics(trial) if done else {},
+                                           self.plan_path(trial.number) if done else None)
+
+    def _metrics(self, trial: FrozenTrial) -> dict[str, float]:
+        return dict(trial.user_attrs.get(METRICS) or zip(self.objectives, trial.values))
+
+    def _rewrite_plan(self, trial: FrozenTrial) -> None:
+        try:
+            plan = self._plan(trial.user_attrs, optuna.trial.FixedTrial(trial.params, trial.number))
+        except ValueError:  # parameters this space does not have
+            plan = None
+        if plan is None:
+            warnings.warn(f"trial {trial.number} of study {self.spec.name!r} is complete but its plan cannot be "
+                          f"rebuilt here (warm-start plan {trial.user_attrs.get('name')!r} not given, or another space)")
+            return
+        self.save_plan(trial.number, plan, self._metrics(trial))
+
+    # --- trials -----------------------------------------------------------------------------------
+    def warm_start(self, plans: Sequence[Plan]) -> None:
+        """Known plans (greedy D1 … D6) join the study, queued to run first on the workers like any
+        trial: plans the space can express by their parameters (NSGA-II breeds from them), others whole."""
+        self.warm_plans = {str(p.provenance.get("name", "warm-start")): p for p in plans}
+        known = {t.user_attrs.get("name") for t in self.study.get_trials(deepcopy=False)}
+        for name, plan in self.warm_plans.items():
+            if name in known:
+                continue
+            params = self.space.params_for(plan)
+            attrs = {"name": name, WARM: str(plan.provenance.get("search", "warm-start")),
+                     **({GIVEN: True} if params is None else {})}
+            self.study.enqueue_trial(params or {}, user_attrs=attrs)
 
     def tell(self, trial: optuna.Trial, values: dict[str, float]) -> None:
         for constraint in self.search.constraints:
             trial.set_constraint(constraint.metric, constraint.violation(values[constraint.metric]))
         self.study.tell(trial, [values[o] for o in self.objectives])
 
-    def warm_start(self, plans: Sequence[Plan]) -> None:
-        """Known plans (greedy D1 … D6) join the study. Plans the space can express are enqueued
-        (evaluated by the workers like any trial, and NSGA-II breeds from them); others enter as known
-        results evaluated here, on the same path."""
-        known = {t.user_attrs.get("name") for t in self.study.get_trials(deepcopy=False)}
-        for plan in plans:
-            name = str(plan.provenance.get("name", "warm-start"))
-            if name in known:
-                continue
-            attrs = {"name": name, "source": str(plan.provenance.get("search", "warm-start"))}
-            params = self.space.params_for(plan)
-            if params is not None:
-                self.study.enqueue_trial(params, user_attrs=attrs)
-                continue
-            values = plan_metrics(self.adapter, self.spec, plan, self.dense, self.conditions, self.seeds, self.needed)
-            trial = self.study.ask()
-            for key, value in attrs.items():
-                trial.set_user_attr(key, value)
-            self.tell(trial, values)
-            self.record(trial.number, plan, values, "COMPLETE", {"warm_start": name})
-
-    def count(self, states: tuple[TrialState, ...], warm: bool | None = None) -> int:
-        return sum(1 for t in self.study.get_trials(deepcopy=False, states=states)
-                   if warm is None or ("source" in t.user_attrs) == warm)
-
     def run_trials(self, n_trials: int, n_workers: int, ray_address: str | None, plugins: Sequence[str],
                    show_progress: bool) -> int:
-        """Ask, evaluate on Ray, tell, until ``n_trials`` learned trials (warm-start trials on top) are
-        finished; returns the number of failed learned trials."""
+        """Ask, evaluate on Ray, tell, until the study holds ``n_trials`` finished learned trials (warm-start
+        trials on top), whichever drivers ran them; returns the number of failed learned trials.
+        Trials still in flight when the driver stops are cancelled and queued to run again."""
         started_ray = _start_ray(ray_address)
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // n_workers)
-        task = ray.remote(_remote_evaluate).options(num_cpus=cpus, num_gpus=self.search.gpus_per_trial,
-                                                    max_retries=self.search.max_retries)
+        threads = max(1, int(self.search.cpus_per_trial))
+        task = ray.remote(_remote_evaluate).options(num_cpus=self.search.cpus_per_trial,
+                                                    num_gpus=self.search.gpus_per_trial, max_retries=self.search.max_retries)
         dense_ref = ray.put(self.dense)
-        finished_states = (TrialState.COMPLETE, TrialState.FAIL)
-        target = n_trials + self.count(finished_states + (TrialState.WAITING,), warm=True)
-        failed = self.count((TrialState.FAIL,), warm=False)
-        in_flight: dict[Any, tuple[optuna.Trial, Plan]] = {}
+
+        def submit(plan: Plan) -> ray.ObjectRef:
+            return task.remote(self.spec, plan, dense_ref, self.conditions, self.seeds, self.needed, threads, tuple(plugins))
+
+        pool = TaskPool(self.search.trial_timeout_s)
+        start = tally(self.study.get_trials(deepcopy=False), n_trials)
         try:
-            with progress_bar(target, "search trials", completed=min(target, self.count(finished_states)),
-                              enabled=show_progress) as bar:
-                while True:
-                    finished = self.count(finished_states)
-                    while len(in_flight) < n_workers and finished + len(in_flight) < target:
-                        trial = self.study.ask()
-                        plan = self.space.suggest(trial)
-                        ref = task.remote(self.spec, plan, dense_ref, self.conditions, self.seeds, self.needed, cpus,
-                                          tuple(plugins))
-                        in_flight[ref] = (trial, plan)
-                    if not in_flight:
-                        break
-                    ready, _ = ray.wait(list(in_flight), num_returns=1)
-                    failed += self._collect(ready[0], *in_flight.pop(ready[0]))
-                    bar.update(1, failed=failed, front=len(self.study.best_trials), **self._best())
+            with Heartbeats(self.storage) as beats, progress_bar(start.target, "search trials", completed=start.finished,
+                                                                 enabled=show_progress) as bar:
+                self._loop(pool, beats, bar, n_trials, n_workers, submit)
         finally:
-            for trial, _ in in_flight.values():  # interrupted: nothing stays RUNNING
-                self.study.tell(trial, state=TrialState.FAIL)
+            for trial, _ in pool.cancel_all():
+                interrupt(self.study, trial, self.search)
             if started_ray:
                 ray.shutdown()
-        return failed
+        return sum(1 for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                   if counts(t) and WARM not in t.user_attrs)
 
-    def _collect(self, ref: Any, trial: optuna.Trial, plan: Plan) -> int:
-        """Tell the study one finished task; 1 when it failed."""
+    def _loop(self, pool: TaskPool, beats: Heartbeats, bar: Any, learned: int, workers: int,
+              submit: Callable[[Plan], ray.ObjectRef]) -> None:
+        poll = self.search.heartbeat_interval_s
+        while True:
+            recover_interrupted(self.study, self.storage, self.search, at_start=False)
+            state = tally(self.study.get_trials(deepcopy=False), learned)
+            for _ in range(min(workers - len(pool), state.free)):
+                self._start(pool, beats, submit)
+            if not pool:
+                if state.finished >= state.target:
+                    return
+                time.sleep(poll)  # the last trials run on other drivers
+                continue
+            for outcome in pool.wait(poll):
+                trial, plan = outcome.item
+                beats.discard(trial)
+                if outcome.error is None:
+                    self.record_complete(trial, plan, outcome.result)
+                else:
+                    self.record_fail(trial, outcome.error)
+                bar.update(1, failed=sum(t.state == TrialState.FAIL and counts(t) for t in self.study.get_trials(deepcopy=False)),
+                           front=len(self.study.best_trials), **self._best())
+
+    def _start(self, pool: TaskPool, beats: Heartbeats, submit: Callable[[Plan], ray.ObjectRef]) -> None:
+        trial = ask(self.study)
+        beats.add(trial)
+        trial.set_user_attr(DRIVER, self.driver)
+        plan = self._plan(trial.user_attrs, trial)
+        if plan is None:
+            beats.discard(trial)
+            self.record_fail(trial, f"warm-start plan {trial.user_attrs.get('name')!r} was not given to this driver")
+            return
+        pool.submit(submit(plan), (trial, plan))
+
+    def record_complete(self, trial: optuna.Trial, plan: Plan, values: dict[str, float]) -> None:
+        """Plan file first, then COMPLETE in the study, then MLflow: a crash between any two is repaired."""
         try:
-            values = ray.get(ref)
-        except ray.exceptions.RayError as err:  # the trial raised, or its worker died past retries
-            trial.set_user_attr("error", str(err).strip().splitlines()[-1][:500])
+            trial.set_user_attr(METRICS, {k: float(v) for k, v in values.items()})
+            path = self.save_plan(trial.number, plan, values)
+            self.tell(trial, values)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return  # found stale by another driver meanwhile, and queued again there
+        self.tracker.log_trial(trial.number, "COMPLETE", trial.params, values, path)
+        self._log_hypervolume(trial.number)
+
+    def record_fail(self, trial: optuna.Trial, error: str) -> None:
+        try:
+            trial.set_user_attr(ERROR, error)
             self.study.tell(trial, state=TrialState.FAIL)
-            self.record(trial.number, None, None, "FAIL", trial.params)
-            return 1
-        self.tell(trial, values)
-        self.record(trial.number, plan, values, "COMPLETE", trial.params)
-        return 0
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return
+        self.tracker.log_trial(trial.number, "FAIL", trial.params, {}, None)
+        self._log_hypervolume(trial.number)
+
+    def _log_hypervolume(self, step: int) -> None:
+        self.tracker.log_hypervolume(feasible_hypervolume(_complete(self.study), self.directions, self.reference), step)
 
     def _best(self) -> dict[str, str]:
         done = [t for t in _complete(self.study) if is_feasible_trial(t)]
@@ -308,18 +397,22 @@ def run_search(
     warm_start: Sequence[Plan] = (),
     plugins: Sequence[str] = (),
     show_progress: bool = True,
+    refine: bool = True,
 ) -> SearchResult:
     """Run (or resume) the study of ``spec`` in ``run_dir`` until it holds ``trials`` finished trials,
-    publish its feasible front and measure it (with the warm-start plans) on the held-out seeds."""
+    publish its feasible front and measure it (with the warm-start plans) on the held-out seeds
+    (``refine=False``: not here; a helper driver of a shared study leaves that to the main one)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _import_plugins(plugins)
     driver = _Search(spec, run_dir, resume)
     driver.warm_start(warm_start)
+    driver.repair(mlflow=True)
     failed = driver.run_trials(trials or spec.search.trials, workers or spec.search.workers, ray_address, plugins,
                                show_progress)
+    driver.repair(mlflow=False)  # plan files of the trials other drivers completed
     front = driver.publish_front()
-    if spec.search.refine is not None:
+    if refine and spec.search.refine is not None:  # NOTE: one driver of a shared study measures, not each
         driver.refine(front)
     driver.tracker.finish()
     done = _complete(driver.study)

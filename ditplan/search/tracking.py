@@ -37,18 +37,30 @@ class Tracker:
         else:
             location = artifact_location.resolve().as_uri() if artifact_location is not None else None
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{study}'")
-        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-        if parents:
-            self.parent_id = parents[0].info.run_id
-        else:
-            run = self.client.create_run(self.experiment_id, run_name=study, tags={STUDY_TAG: study})
-            self.parent_id = run.info.run_id
-            for key, value in params.items():
-                self.client.log_param(self.parent_id, key, str(value)[:6000])
-            for path in files:
-                self.client.log_artifact(self.parent_id, str(path))
         self.study = study
+        self.parent_id = self._parent_run(params, files)
+
+    def _parents(self) -> list[str]:
+        """The study's parent runs, oldest first."""
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{self.study}'")
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        return [r.info.run_id for r in sorted(parents, key=lambda r: (r.info.start_time, r.info.run_id))]
+
+    def _parent_run(self, params: Mapping[str, Any], files: Sequence[Path]) -> str:
+        """The study's parent run; made when there is none. Drivers that start together may each make
+        one: all then keep the oldest, and a driver whose run lost deletes it."""
+        found = self._parents()
+        if found:
+            return found[0]
+        run_id = self.client.create_run(self.experiment_id, run_name=self.study, tags={STUDY_TAG: self.study}).info.run_id
+        for key, value in params.items():
+            self.client.log_param(run_id, key, str(value)[:6000])
+        for path in files:
+            self.client.log_artifact(run_id, str(path))
+        oldest = self._parents()[0]
+        if oldest != run_id:
+            self.client.delete_run(run_id)
+        return oldest
 
     def logged_trials(self) -> set[int]:
         runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_id}'")
