@@ -4,19 +4,21 @@ comparison → export, in one resumable run directory."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from rich.console import Console
 
+from ditplan.atomic import atomic_write_text
 from ditplan.errors import UserError
+from ditplan.evaluators.evaluate import check_evaluation
+from ditplan.files import naming
 from ditplan.evaluators.reference import dense_reference
 from ditplan.plan import load_plan
 from ditplan.report import compare_runs, export_plans
 from ditplan.search.driver import run_search
 from ditplan.search.greedy_cli import write_greedy_plans
 from ditplan.search.trial_eval import worker_adapter
-from ditplan.spec import load_spec
+from ditplan.spec import load_spec, resolved_experiment_text
 
 DEFAULT_EXPORT_RULES = ("knee", "top:3")
 
@@ -25,17 +27,20 @@ def run_experiment(
     experiment: str | Path, trials: int | None = None, workers: int | None = None, ray_address: str | None = None,
     export_rules: tuple[str, ...] = DEFAULT_EXPORT_RULES, show_progress: bool = True,
 ) -> Path:
-    """Run every stage; stages already done in the run directory are skipped. Returns the run directory."""
+    """Run every stage; stages already done in the run directory are skipped. Returns the run directory.
+
+    The run directory keeps the experiment as ``experiment.yaml`` with its relative paths made absolute
+    (resolved once, against ``experiment``), so running again on either file resumes the run."""
     console = Console(quiet=not show_progress)
     spec = load_spec(experiment)
+    with naming(experiment):
+        check_evaluation(spec)
+        adapter = worker_adapter(spec)  # NOTE: loaded before anything is written: a bad model leaves no run directory
     run_dir = spec.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
     copy = run_dir / "experiment.yaml"
     if copy.exists() and load_spec(copy) != spec:
         raise UserError(f"{run_dir} holds a run of a different experiment file; set another output_dir or remove it")
-    shutil.copyfile(experiment, copy)
-    spec = load_spec(copy)  # NOTE: relative paths now resolve from the run directory's copy, as later commands see them
-    adapter = worker_adapter(spec)
+    atomic_write_text(copy, resolved_experiment_text(experiment))
     settings = spec.sampler.settings()
 
     console.rule("[bold]1/5 dense reference (search seeds)")

@@ -13,6 +13,7 @@ from ditplan.evaluators.base import Metric
 from ditplan.evaluators.cost import attention_time_share, interleaved_times, peak_memory_bytes, plan_flops
 from ditplan.evaluators.fidelity import FidelityEvaluator
 from ditplan.evaluators.reference import dense_reference
+from ditplan.files import check_folder, readable_file
 from ditplan.models.adapters import ModelAdapter
 from ditplan.strategies.apply import sample_with_plan
 from ditplan.plan import Plan
@@ -31,6 +32,25 @@ def reference_images(spec: ExperimentSpec) -> torch.Tensor | str:
     if reference is None or not Path(reference).is_dir():
         raise UserError(f"evaluation.reference {reference!r} is neither '{DIGITS_REFERENCE}' nor a folder of images")
     return reference
+
+
+def check_evaluation(spec: ExperimentSpec) -> None:
+    """Refuse, before any work, an evaluation section whose extractor, weights or reference do not exist."""
+    evaluation = spec.evaluation
+    if evaluation.feature_extractor:
+        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+        import ditplan.evaluators.distribution  # noqa: F401  (registers the digit extractor)
+
+        if evaluation.feature_extractor not in FEATURE_EXTRACTORS_REGISTRY:
+            raise UserError(f"evaluation.feature_extractor {evaluation.feature_extractor!r} is not registered; choose one "
+                            f"of {sorted(FEATURE_EXTRACTORS_REGISTRY)} or register yours with torch-fidelity")
+    if evaluation.feature_extractor_weights_path:
+        readable_file(evaluation.feature_extractor_weights_path, "evaluation.feature_extractor_weights_path file", 1 << 40)
+    if evaluation.reference and evaluation.reference != DIGITS_REFERENCE:
+        check_folder(evaluation.reference, "evaluation.reference folder")
+    if evaluation.clip_weights_path:
+        check_folder(evaluation.clip_weights_path, "evaluation.clip_weights_path folder")
 
 
 def evaluate_plan(

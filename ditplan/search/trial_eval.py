@@ -30,7 +30,7 @@ def worker_adapter(spec: ExperimentSpec) -> ModelAdapter:
     """The experiment's model, loaded once per process (Ray workers keep it between trials)."""
     key = json.dumps(spec.model.model_dump(), sort_keys=True)
     if key not in _WORKER_ADAPTERS:
-        _WORKER_ADAPTERS[key] = adapter_from_spec(spec.model, spec.workload.all_prompts())
+        _WORKER_ADAPTERS[key] = adapter_from_spec(spec.model, spec.workload.all_conditions())
     return _WORKER_ADAPTERS[key]
 
 
