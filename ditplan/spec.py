@@ -352,6 +352,18 @@ class ExperimentSpec(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _metrics_apply(self) -> ExperimentSpec:
+        search = self.search
+        named = [o.metric for o in search.objectives] + [c.metric for c in search.constraints]
+        named += search.refine.metrics if search.refine else []
+        domain = [m for m in named if m in ("fid", "kid", "kid_low", "class_agreement")]
+        if domain and not self.evaluation.feature_extractor:
+            raise ValueError(f"metric {domain[0]} needs evaluation.feature_extractor and evaluation.reference")
+        if "class_agreement" in domain and (self.evaluation.feature_extractor != "digits" or self.workload.classes is None):
+            raise ValueError("metric class_agreement needs the digits extractor and a class-conditional workload")
+        return self
+
+    @model_validator(mode="after")
     def _seed_sets_disjoint(self) -> ExperimentSpec:
         sizes = self._set_sizes()
         spans = {name: range(first, first + sizes[name]) for name, first in self.workload.first_seeds().items()}

@@ -65,6 +65,40 @@ def test_rerunning_resumes_without_redoing_finished_stages(finished_run):
     assert sum(c.source == "search" for c in candidates) == 4  # the study was already complete
 
 
+def test_running_the_copy_in_the_run_directory_resumes(finished_run, tmp_path):
+    _, run_dir = finished_run
+    moved = tmp_path / "elsewhere.yaml"
+    moved.write_text((run_dir / "experiment.yaml").read_text())
+    before = {p: p.stat().st_mtime_ns for p in (run_dir / "greedy").iterdir()}
+    for experiment in (run_dir / "experiment.yaml", moved):
+        assert ditplan.run(experiment, show_progress=False) == run_dir
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "greedy").iterdir()} == before
+    assert sum(c.source == "search" for c in load_run(run_dir)[1]) == 4
+
+
+def test_export_names_stay_inside_out(finished_run, tmp_path, monkeypatch):
+    import dataclasses
+
+    import ditplan.report as report
+
+    _, run_dir = finished_run
+    select = report.select_plans
+    monkeypatch.setattr(report, "select_plans", lambda *a: [dataclasses.replace(c, name="../../escaped") for c in select(*a)])
+    out = tmp_path / "a" / "b" / "out"
+    paths = ditplan.export(run_dir, "top:1", out)
+    assert [p.name for p in paths] == ["tiny-run-.._.._escaped.yaml"] and paths[0].parent == out
+    assert list(tmp_path.rglob("*.yaml")) == paths
+
+
+def test_safe_file_names_never_leave_their_folder():
+    from ditplan.report import safe_file_name
+
+    assert safe_file_name("../../x", ".yaml") == "_.._x.yaml"
+    assert safe_file_name("/etc/passwd", ".yaml") == "_etc_passwd.yaml"
+    assert safe_file_name("...", ".yaml") == "plan.yaml"
+    assert safe_file_name("run-D1", ".yaml") == "run-D1.yaml"
+
+
 def test_an_exported_plan_reproduces_its_recorded_quality_exactly(finished_run, tmp_path):
     _, run_dir = finished_run
     main(["export", str(run_dir), "--select", "fastest:rel_l1<=10", "--out", str(tmp_path)])
@@ -113,3 +147,14 @@ def test_compare_refuses_a_folder_that_is_not_a_run(tmp_path):
 def test_shipped_experiment_files_validate_offline(name):
     spec = load_spec(DATA.parent.parent / "experiments" / name)
     assert spec.search.objectives and spec.sampler.num_steps > 0
+
+
+def test_relative_paths_resolve_once_against_the_given_file(tmp_path):
+    from ditplan.spec import resolved_experiment_text
+
+    copy = tmp_path / "runs" / "tiny-pixart" / "experiment.yaml"
+    copy.parent.mkdir(parents=True)
+    copy.write_text(resolved_experiment_text(DATA / "tiny-pixart.yaml"))
+    spec = load_spec(copy)
+    assert spec == load_spec(DATA / "tiny-pixart.yaml")
+    assert spec.model.prompt_embeddings == str((DATA / "tiny-pixart-prompts.safetensors").absolute())
