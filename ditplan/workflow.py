@@ -52,7 +52,8 @@ def run_experiment(
                                                        show_progress=show_progress)]
     for plan in plans:
         console.print(f"{plan.provenance['name']} (δ={plan.provenance['threshold']}): "
-                      f"{plan.provenance.get('sample_forwards', '?')} sample-forwards, {plan.provenance['search_seconds']:.0f} s")
+                      f"{plan.provenance.get('sample_forwards', '?')} sample-forwards, {plan.provenance['search_seconds']:.0f} s, "
+                      f"peak memory {plan.provenance.get('peak_memory_mb', '?')} MiB")
 
     console.rule("[bold]3/5 learned search (search seeds) + 4/5 held-out evaluation of the front and greedy")
     search_dir = run_dir / "search"
