@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 
 import ditplan
@@ -158,3 +160,44 @@ def test_relative_paths_resolve_once_against_the_given_file(tmp_path):
     spec = load_spec(copy)
     assert spec == load_spec(DATA / "tiny-pixart.yaml")
     assert spec.model.prompt_embeddings == str((DATA / "tiny-pixart-prompts.safetensors").absolute())
+
+
+TINY_PIXART_RUN = """
+name: tiny-pixart-run
+model:
+  kind: pixart
+  config: {sample_size: 8, patch_size: 2, in_channels: 4, out_channels: 8, num_layers: 2,
+           num_attention_heads: 2, attention_head_dim: 8, cross_attention_dim: 16, caption_channels: 32,
+           norm_num_groups: 4}
+  prompt_embeddings: embeddings/prompts.safetensors
+  device: cpu
+sampler: {scheduler: ddim, num_steps: 3, guidance_scale: 4.5, batch_size: 4}
+workload: {prompts: ["a red circle", "a blue square"], samples_per_condition: 1, seed: 0}
+evaluation: {cache_dir: cache, latency_repeats: 1}
+greedy: {thresholds: [0.5], calibration_samples: 2}
+search: {trials: 2, workers: 1, samples: 2, space: {layer_groups: 1, step_segments: 1},
+         refine: {metrics: [rel_l1, latency_ratio], samples: 2, latency_repeats: 1}}
+output_dir: runs/tiny-pixart-run
+"""
+
+
+@pytest.mark.slow  # a whole run of the tiny PixArt (≈ 1 min)
+def test_the_tiny_pixart_runs_to_the_end_from_a_relative_prompt_embeddings_path(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    (project / "embeddings").mkdir(parents=True)
+    shutil.copy(DATA / "tiny-pixart-prompts.safetensors", project / "embeddings" / "prompts.safetensors")
+    (project / "pixart.yaml").write_text(TINY_PIXART_RUN)
+    monkeypatch.chdir(tmp_path)  # the run directory and cache land here; the embeddings are found next to the file
+    run_dir = ditplan.run(project / "pixart.yaml", show_progress=False)
+    assert list((run_dir / "exported").glob("*.yaml"))
+    assert ditplan.run(run_dir / "experiment.yaml", show_progress=False) == run_dir  # the copy resumes
+
+
+@pytest.mark.slow  # a whole run of the tiny DiT in bfloat16 (≈ 1 min)
+def test_a_bfloat16_run_of_the_tiny_dit_completes(tmp_path):
+    experiment = tmp_path / "tiny-bf16.yaml"
+    text = TINY_RUN.format(cache=tmp_path / "cache", out=tmp_path / "run").replace("device: cpu", "device: cpu\n  dtype: bfloat16")
+    experiment.write_text(text)
+    run_dir = ditplan.run(experiment, show_progress=False)
+    assert load_spec(run_dir / "experiment.yaml").model.dtype == "bfloat16"
+    assert list((run_dir / "exported").glob("*.yaml"))
