@@ -85,6 +85,8 @@ class ModelAdapter(abc.ABC):
         self.merges = merges.eval().requires_grad_(False) if merges is not None else None
 
     # --- shape of the model --------------------------------------------------------------------
+    text_tokens = 0  # tokens of the text a block cross-attends to (PixArt's prompt length; none for DiT)
+
     @property
     def num_layers(self) -> int:
         return len(self.transformer.transformer_blocks)
@@ -179,6 +181,11 @@ class PixArtAdapter(ModelAdapter):
     def __init__(self, *args: Any, prompt_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]], **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.prompt_embeddings = dict(prompt_embeddings)
+
+    @property
+    def text_tokens(self) -> int:
+        """Tokens of every prompt's embedding (L): the keys and values of each block's cross-attention."""
+        return next(iter(self.prompt_embeddings.values()))[0].shape[0]
 
     def conditioning(self, conditions: Sequence[Any], device: torch.device) -> Conditioning:
         missing = [p for p in [*conditions, ""] if p not in self.prompt_embeddings]
