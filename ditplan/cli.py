@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ditplan.errors import UserError
+from ditplan.files import naming
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {}
 
@@ -46,21 +47,23 @@ def _generate(args: argparse.Namespace) -> None:
 
 @command("evaluate")
 def _evaluate(args: argparse.Namespace) -> None:
-    from ditplan.evaluators.evaluate import evaluate_plan, format_table
+    from ditplan.evaluators.evaluate import check_evaluation, evaluate_plan, format_table
     from ditplan.models.adapters import adapter_from_spec
     from ditplan.plan import load_plan
     from ditplan.spec import load_spec
 
     spec = load_spec(args.experiment)
+    with naming(args.experiment):
+        check_evaluation(spec)
+        adapter = adapter_from_spec(spec.model, spec.workload.all_conditions())
     plan = load_plan(args.plan) if args.plan else None
     if args.repeats is not None:
         spec = spec.model_copy(update={"evaluation": spec.evaluation.model_copy(update={"latency_repeats": args.repeats})})
-    adapter = adapter_from_spec(spec.model, spec.workload.all_prompts())
     if plan is not None:
-        from ditplan.models.adapters import load_for_plan
-        from ditplan.models.sampling import plan_target
+        from ditplan.strategies.apply import check_plan
 
-        plan.check_fits(plan_target(load_for_plan(adapter, plan), spec.sampler.settings()))
+        with naming(args.plan):
+            check_plan(plan, adapter, spec.sampler.settings())
     print(format_table(evaluate_plan(spec, adapter, plan, show_progress=True, samples=args.samples)))
 
 
@@ -101,13 +104,26 @@ def _export(args: argparse.Namespace) -> None:
 
 @command("search")
 def _search(args: argparse.Namespace) -> None:
+    from ditplan.evaluators.evaluate import check_evaluation
+    from ditplan.files import check_folder
     from ditplan.plan import load_plan
     from ditplan.search.driver import run_search
+    from ditplan.search.trial_eval import worker_adapter
     from ditplan.spec import load_spec
+    from ditplan.strategies.apply import check_plan
 
     spec = load_spec(args.experiment)
+    with naming(args.experiment):
+        check_evaluation(spec)
+        adapter = worker_adapter(spec)  # NOTE: the model loads (or is refused) before the study writes anything
     run_dir = Path(args.out) if args.out else spec.run_dir() / "search"
-    warm = [load_plan(p) for p in sorted(Path(args.warm_start).glob("*.yaml"))] if args.warm_start else []
+    warm_start = check_folder(args.warm_start, "--warm-start folder") if args.warm_start else None
+    warm = [load_plan(p) for p in sorted(warm_start.glob("*.yaml"))] if warm_start else []
+    for path, plan in zip(sorted(warm_start.glob("*.yaml")) if warm_start else [], warm):
+        with naming(path):
+            check_plan(plan, adapter, spec.sampler.settings())
+    for plan in warm:
+        check_plan(plan)
     result = run_search(spec, run_dir, trials=args.trials, workers=args.workers, ray_address=args.ray_address,
                         resume=args.resume, warm_start=warm, plugins=args.plugin or (), refine=not args.no_refine)
     print(f"study {result.study_name}: {result.completed} complete, {result.failed} failed trials; "

@@ -18,6 +18,7 @@ import yaml
 
 from ditplan.atomic import atomic_write_text
 from ditplan.errors import UserError
+from ditplan.files import read_yaml
 
 SCHEMA_VERSION = 1
 
@@ -66,14 +67,47 @@ def encode_runs(row: Sequence[str]) -> str:
     return " ".join(f"{name}:{count}" for name, count in runs)
 
 
-def decode_runs(text: str) -> list[str]:
+def decode_runs(text: str, max_length: int | None = None) -> list[str]:
+    """The row a run-length line encodes; a row longer than ``max_length`` is refused before it is built."""
+    if not isinstance(text, str):
+        raise PlanError(f"plan grid line {text!r} is not a string of runs NAME:COUNT, e.g. 'full:20'")
     row: list[str] = []
-    for token in str(text).split():
+    for token in text.split():
         name, sep, count = token.rpartition(":")
         if not sep or not name or not count.isdigit() or int(count) < 1:
             raise PlanError(f"bad run {token!r} in plan grid; write runs as NAME:COUNT, e.g. 'full:20'")
+        if max_length is not None and len(row) + int(count) > max_length:
+            raise PlanError(f"plan grid line {text[:60]!r} is longer than the {max_length} steps its target says")
         row.extend([name] * int(count))
     return row
+
+
+_TARGET_TYPES = {"model": str, "weights_hash": str, "num_layers": int, "num_tokens": int, "scheduler": str,
+                 "num_steps": int, "guidance_scale": (int, float)}
+_TYPE_NAMES = {str: "string", int: "whole number"}
+_MAX_GRID = 10_000  # layers or steps of any plan
+
+
+def _target(data: Any) -> PlanTarget:
+    if not isinstance(data, dict) or set(data) != set(_TARGET_TYPES):
+        raise PlanError(f"plan target is malformed; it is a mapping of exactly {list(_TARGET_TYPES)}")
+    for key, kind in _TARGET_TYPES.items():
+        value = data[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise PlanError(f"plan target.{key} = {value!r} is not a {_TYPE_NAMES.get(kind, 'number')}")
+    for key in ("num_layers", "num_steps"):
+        if not 0 < data[key] <= _MAX_GRID:
+            raise PlanError(f"plan target.{key} = {data[key]} is outside 1…{_MAX_GRID}")
+    return PlanTarget(**data)
+
+
+def _mapping(data: dict, key: str, optional: bool = False) -> dict:
+    value = data.get(key)
+    if value is None:
+        return None if optional else {}  # type: ignore[return-value]
+    if not isinstance(value, dict):
+        raise PlanError(f"plan {key} = {str(value)[:60]!r} is not a mapping")
+    return value
 
 
 @dataclass(frozen=True)
@@ -146,19 +180,22 @@ class Plan:
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise PlanError(f"plan schema_version {version!r} is not supported; this ditplan reads {SCHEMA_VERSION}")
-        try:
-            target = PlanTarget(**data["target"])
-        except (KeyError, TypeError) as err:
-            raise PlanError(f"plan target is malformed ({err}); it needs {list(PlanTarget.__dataclass_fields__)}")
-        columns = [decode_runs(line) for line in data.get("grid") or []]
+        target = _target(data.get("target"))
+        lines = data.get("grid") or []
+        if not isinstance(lines, list):
+            raise PlanError("plan grid is a list of lines of runs, one per layer, e.g. ['full:20', 'ast:5 full:15']")
+        columns = [decode_runs(line, target.num_steps) for line in lines[: target.num_layers + 1]]
         if len(columns) != target.num_layers or any(len(c) != target.num_steps for c in columns):
             raise PlanError(
                 f"plan grid is {len(columns)} layers × {[len(c) for c in columns][:1] or [0]} steps, but its target "
                 f"says {target.num_layers} layers × {target.num_steps} steps"
             )
         grid = tuple(tuple(col[step] for col in columns) for step in range(target.num_steps))
-        return cls(target=target, grid=grid, params=data.get("params") or {}, provenance=data.get("provenance") or {},
-                   sparse=data.get("sparse") or None, cache=data.get("cache") or None)
+        params = _mapping(data, "params")
+        if not all(isinstance(v, dict) or v is None for v in params.values()):
+            raise PlanError("plan params maps a strategy name to its config mapping, e.g. {wars: {window_size: 4}}")
+        return cls(target=target, grid=grid, params=params, provenance=_mapping(data, "provenance"),
+                   sparse=_mapping(data, "sparse", optional=True) or None, cache=_mapping(data, "cache", optional=True) or None)
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (temporary file, then rename): no half-written plan is ever left."""
@@ -166,14 +203,12 @@ class Plan:
 
 
 def load_plan(path: str | Path) -> Plan:
-    path = Path(path)
-    if not path.exists():
-        raise PlanError(f"plan file {path} does not exist")
+    """The plan in ``path``; any problem with the file is a one-line :class:`PlanError` naming it."""
+    data = read_yaml(path, "plan file")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise PlanError(f"plan file {path} is not valid YAML: {err}") from None
-    return Plan.from_dict(data)
+        return Plan.from_dict(data)
+    except PlanError as err:
+        raise PlanError(f"{path}: {err}") from None
 
 
 def library_versions() -> dict[str, str]:

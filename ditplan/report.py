@@ -431,6 +431,13 @@ def select_plans(spec: ExperimentSpec, candidates: list[Candidate], rule: str) -
     return [min(within, key=lambda c: sign * c.value(quality))]
 
 
+def safe_file_name(stem: str, suffix: str) -> str:
+    """``stem + suffix`` as one file name that stays inside its folder: only letters, digits, ``.``, ``_``
+    and ``-`` (others become ``_``), no leading dot (``../../x`` becomes ``_.._x``)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip(".")
+    return f"{name[:200] or 'plan'}{suffix}"
+
+
 def export_plans(run_dir: str | Path, rule: str, out: str | Path) -> list[Path]:
     run = load_run_data(run_dir)
     paths = []
@@ -438,5 +445,5 @@ def export_plans(run_dir: str | Path, rule: str, out: str | Path) -> list[Path]:
         plan: Plan = load_plan(c.plan_path)
         plan = plan.with_provenance(selected_by=rule, held_out_metrics=c.held_out, held_out=run.held_out,
                                     run=str(Path(run_dir).resolve()))
-        paths.append(plan.save(Path(out) / f"{run.spec.name}-{c.name}.yaml"))
+        paths.append(plan.save(Path(out) / safe_file_name(f"{run.spec.name}-{c.name}", ".yaml")))
     return paths

@@ -6,14 +6,16 @@ path and the bad value, e.g. ``quickstart.yaml: sampler.num_steps = -3: Input sh
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ditplan.errors import UserError
+from ditplan.files import read_yaml
 from ditplan.models.sampling import SAMPLERS, SamplerSettings
 
 
@@ -22,7 +24,15 @@ class SpecError(UserError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# Upper bounds that keep a typo from asking for terabytes or centuries; far above any real experiment.
+MAX_SEED = 2**62  # seeds plus the set offsets and counts stay below 2**63 (torch.Generator's range)
+MAX_SAMPLES = 100_000  # samples in one seed set
+MAX_STEPS = 10_000
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+Count = Annotated[int, Field(gt=0, le=MAX_SAMPLES)]
 
 
 class ModelSpec(_Strict):
@@ -47,7 +57,7 @@ class ModelSpec(_Strict):
     text_encoder: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -68,9 +78,9 @@ class ModelSpec(_Strict):
 
 class SamplerSpec(_Strict):
     scheduler: str = "dpmsolver++"
-    num_steps: int = Field(20, gt=0)
-    guidance_scale: float = Field(4.0, ge=0)
-    batch_size: int = Field(50, gt=0)
+    num_steps: int = Field(20, gt=0, le=MAX_STEPS)
+    guidance_scale: float = Field(4.0, ge=0, le=1e4)
+    batch_size: Count = 50
 
     @field_validator("scheduler")
     @classmethod
@@ -112,12 +122,12 @@ class WorkloadSpec(_Strict):
     ``samples_per_condition`` sizes the plain workload (``ditplan generate``, ``ditplan evaluate``'s
     default count)."""
 
-    classes: list[int] | None = None
+    classes: list[Annotated[int, Field(ge=0, le=2**31)]] | None = None
     prompts: list[str] | None = None
-    samples_per_condition: int = Field(1, gt=0)
-    seed: int = 0
-    search_seed: int | None = None
-    held_out_seed: int | None = None
+    samples_per_condition: Count = 1
+    seed: Seed = 0
+    search_seed: Seed | None = None
+    held_out_seed: Seed | None = None
     held_out_prompts: list[str] | None = None
 
     @model_validator(mode="after")
@@ -128,6 +138,9 @@ class WorkloadSpec(_Strict):
             raise ValueError("the workload is empty; list at least one class or prompt")
         if self.held_out_prompts is not None and (self.prompts is None or not self.held_out_prompts):
             raise ValueError("workload.held_out_prompts needs a prompt workload and at least one prompt")
+        if len(self._base()) * self.samples_per_condition > MAX_SAMPLES:
+            raise ValueError(f"the workload has {len(self._base())} conditions × {self.samples_per_condition} samples; "
+                             f"at most {MAX_SAMPLES:,} samples in all")
         return self
 
     def _base(self) -> list[Any]:
@@ -138,6 +151,10 @@ class WorkloadSpec(_Strict):
 
     def seeds(self) -> list[int]:
         return [self.seed + i for i in range(len(self.conditions()))]
+
+    def all_conditions(self) -> list[Any]:
+        """Every class label or prompt any seed set draws (what the model must know)."""
+        return list(dict.fromkeys(self.classes)) if self.classes is not None else self.all_prompts()
 
     def all_prompts(self) -> list[str]:
         """Every prompt any seed set draws (what a prompt encoder must cover); empty for class workloads."""
@@ -170,7 +187,7 @@ class EvaluationSpec(_Strict):
     feature_extractor_weights_path: str | None = None
     reference: str | None = None
     clip_weights_path: str | None = None
-    latency_repeats: int = Field(5, gt=0)
+    latency_repeats: int = Field(5, gt=0, le=1000)
     cache_dir: str = ".cache/ditplan"
 
     @model_validator(mode="after")
@@ -259,8 +276,8 @@ class RefineSpec(_Strict):
     turns in one process, so each plan's latency ratio is the median over rounds (band: min–max)."""
 
     metrics: list[str] = ["rel_l1", "latency_ratio"]
-    samples: int = Field(200, gt=0)
-    latency_repeats: int = Field(3, gt=0)
+    samples: Count = 200
+    latency_repeats: int = Field(3, gt=0, le=1000)
 
     @field_validator("metrics")
     @classmethod
@@ -291,23 +308,23 @@ class SearchSpec(_Strict):
     on a front, in a hypervolume, refined, tagged ``pareto`` or exported."""
 
     sampler: Literal["tpe", "nsga2", "gp", "random"] = "tpe"
-    population_size: int = Field(50, ge=2)  # NSGA-II generation size
-    trials: int = Field(30, gt=0)
-    workers: int = Field(2, gt=0)
-    seed: int = 0
-    samples: int = Field(10, gt=0)
+    population_size: int = Field(50, ge=2, le=MAX_SAMPLES)  # NSGA-II generation size
+    trials: int = Field(30, gt=0, le=1_000_000)
+    workers: int = Field(2, gt=0, le=4096)
+    seed: Seed = 0
+    samples: Count = 10
     objectives: list[ObjectiveSpec] = [ObjectiveSpec(metric="rel_l1"), ObjectiveSpec(metric="flops_ratio")]
     constraints: list[ConstraintSpec] = []
     space: SpaceSpec = SpaceSpec()
     reference_point: list[float] | None = None
     storage: str | None = None
     tracking_uri: str | None = None
-    cpus_per_trial: float = Field(1.0, gt=0)
-    gpus_per_trial: float = Field(0.0, ge=0)
+    cpus_per_trial: float = Field(1.0, gt=0, le=1024)
+    gpus_per_trial: float = Field(0.0, ge=0, le=1024)
     trial_timeout_s: float = Field(3600.0, gt=0)
     heartbeat_interval_s: int = Field(30, gt=0)
     grace_period_s: int | None = Field(None, gt=0)
-    max_retries: int = Field(2, ge=0)
+    max_retries: int = Field(2, ge=0, le=100)
     refine: RefineSpec | None = RefineSpec()
 
     @model_validator(mode="after")
@@ -322,8 +339,8 @@ class GreedySpec(_Strict):
     first K samples of the calibration seed set as calibration batch, the WA-RS window (default tokens // 8)."""
 
     thresholds: list[float] = [0.025, 0.05, 0.075, 0.1, 0.125, 0.15]
-    calibration_samples: int = Field(8, gt=0)
-    window_size: int | None = None
+    calibration_samples: Count = 8
+    window_size: int | None = Field(None, gt=0, le=2**20)
 
 
 class ExperimentSpec(_Strict):
@@ -342,6 +359,18 @@ class ExperimentSpec(_Strict):
             raise ValueError("a dit model is class-conditional: give workload.classes")
         if self.model.kind == "pixart" and self.workload.prompts is None:
             raise ValueError("a pixart model is prompt-conditioned: give workload.prompts")
+        return self
+
+    @model_validator(mode="after")
+    def _metrics_apply(self) -> ExperimentSpec:
+        search = self.search
+        named = [o.metric for o in search.objectives] + [c.metric for c in search.constraints]
+        named += search.refine.metrics if search.refine else []
+        domain = [m for m in named if m in ("fid", "kid", "kid_low", "class_agreement")]
+        if domain and not self.evaluation.feature_extractor:
+            raise ValueError(f"metric {domain[0]} needs evaluation.feature_extractor and evaluation.reference")
+        if "class_agreement" in domain and (self.evaluation.feature_extractor != "digits" or self.workload.classes is None):
+            raise ValueError("metric class_agreement needs the digits extractor and a class-conditional workload")
         return self
 
     @model_validator(mode="after")
@@ -381,26 +410,39 @@ def _format_error(path: Path, err: ValidationError) -> str:
 
 
 def load_spec(path: str | Path) -> ExperimentSpec:
+    """The experiment in ``path``; relative paths in it resolved against the file's folder."""
     path = Path(path)
-    if not path.exists():
-        raise SpecError(f"experiment file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise SpecError(f"{path} is not valid YAML: {err}".replace("\n", " ")) from None
+    data = read_yaml(path, "experiment file")
     if not isinstance(data, dict):
         raise SpecError(f"{path}: an experiment file is a YAML mapping with name, model, sampler and workload")
-    data = _resolve_paths(data, path.parent)
+    data = resolve_paths(data, path.parent)
     try:
         return ExperimentSpec.model_validate(data)
     except ValidationError as err:
         raise SpecError(_format_error(path, err)) from None
+    except RecursionError:
+        raise SpecError(f"{path}: nests too deeply to be an experiment file") from None
 
 
-def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Relative file paths in the model section are relative to the experiment file."""
-    model = dict(data.get("model") or {})
-    for key in ("prompt_embeddings",):
-        if isinstance(model.get(key), str) and not Path(model[key]).is_absolute():
-            model[key] = str(base / model[key])
-    return {**data, "model": model} if "model" in data else data
+RELATIVE_PATHS = (("model", "prompt_embeddings"),)  # file paths read relative to the experiment file
+
+
+def resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """A copy of the experiment ``data`` whose relative file paths (:data:`RELATIVE_PATHS`) are made
+    absolute against ``base``, the experiment file's folder; ``data`` itself is left as it is."""
+    out = dict(data)
+    for section, key in RELATIVE_PATHS:
+        part = out.get(section)
+        if isinstance(part, dict) and isinstance(part.get(key), str) and not Path(part[key]).is_absolute():
+            out[section] = {**part, key: os.path.abspath(base / part[key])}
+    return out
+
+
+def resolved_experiment_text(path: str | Path) -> str:
+    """The experiment file ``path`` as YAML with its relative paths made absolute: what ``ditplan run``
+    keeps in the run directory, so that the copy reads the same files from anywhere."""
+    path = Path(path)
+    data = read_yaml(path, "experiment file")
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: an experiment file is a YAML mapping with name, model, sampler and workload")
+    return yaml.safe_dump(resolve_paths(data, path.parent), sort_keys=False, allow_unicode=True)

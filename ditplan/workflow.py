@@ -4,13 +4,14 @@ comparison → export, in one resumable run directory."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from rich.console import Console
 
-from ditplan.atomic import atomic_write
+from ditplan.atomic import atomic_write_text
 from ditplan.errors import UserError
+from ditplan.evaluators.evaluate import check_evaluation
+from ditplan.files import naming
 from ditplan.evaluators.reference import dense_reference
 from ditplan.plan import load_plan
 from ditplan.report import compare_runs, export_plans
@@ -18,7 +19,7 @@ from ditplan.search.driver import run_search
 from ditplan.search.greedy_cli import write_greedy_plans
 from ditplan.search.storage import study_exists, study_storage
 from ditplan.search.trial_eval import worker_adapter
-from ditplan.spec import load_spec
+from ditplan.spec import load_spec, resolved_experiment_text
 
 DEFAULT_EXPORT_RULES = ("knee", "top:3")
 
@@ -27,17 +28,20 @@ def run_experiment(
     experiment: str | Path, trials: int | None = None, workers: int | None = None, ray_address: str | None = None,
     export_rules: tuple[str, ...] = DEFAULT_EXPORT_RULES, show_progress: bool = True,
 ) -> Path:
-    """Run every stage; stages already done in the run directory are skipped. Returns the run directory."""
+    """Run every stage; stages already done in the run directory are skipped. Returns the run directory.
+
+    The run directory keeps the experiment as ``experiment.yaml`` with its relative paths made absolute
+    (resolved once, against ``experiment``), so running again on either file resumes the run."""
     console = Console(quiet=not show_progress)
     spec = load_spec(experiment)
+    with naming(experiment):
+        check_evaluation(spec)
+        adapter = worker_adapter(spec)  # NOTE: loaded before anything is written: a bad model leaves no run directory
     run_dir = spec.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
     copy = run_dir / "experiment.yaml"
     if copy.exists() and load_spec(copy) != spec:
         raise UserError(f"{run_dir} holds a run of a different experiment file; set another output_dir or remove it")
-    atomic_write(copy, lambda tmp: shutil.copyfile(experiment, tmp))
-    spec = load_spec(copy)  # NOTE: relative paths now resolve from the run directory's copy, as later commands see them
-    adapter = worker_adapter(spec)
+    atomic_write_text(copy, resolved_experiment_text(experiment))
     settings = spec.sampler.settings()
 
     console.rule("[bold]1/5 dense reference (search seeds)")
@@ -49,7 +53,8 @@ def run_experiment(
                                                        show_progress=show_progress)]
     for plan in plans:
         console.print(f"{plan.provenance['name']} (δ={plan.provenance['threshold']}): "
-                      f"{plan.provenance.get('sample_forwards', '?')} sample-forwards, {plan.provenance['search_seconds']:.0f} s")
+                      f"{plan.provenance.get('sample_forwards', '?')} sample-forwards, {plan.provenance['search_seconds']:.0f} s, "
+                      f"peak memory {plan.provenance.get('peak_memory_mb', '?')} MiB")
 
     console.rule("[bold]3/5 learned search (search seeds) + 4/5 held-out evaluation of the front and greedy")
     search_dir = run_dir / "search"

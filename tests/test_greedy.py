@@ -24,6 +24,7 @@ def test_forward_count_matches_what_the_algorithm_implies(tiny_adapter, tiny_spe
     assert result.plan.provenance["transformer_forwards"] == result.forwards
     rows = 2 * 2  # two calibration samples, both CFG halves
     assert result.sample_forwards == result.forwards * rows == result.plan.provenance["sample_forwards"]
+    assert result.plan.provenance["peak_memory_mb"] == round(result.peak_memory_bytes / 2**20, 1) >= 0
 
 
 def test_greedy_cli_writes_one_plan_per_threshold(tmp_path, tiny_adapter, tiny_spec):

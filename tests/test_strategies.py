@@ -136,6 +136,8 @@ def test_dense_flops_match_torch_flop_counter(experiment):
     text_tokens = inputs["encoder_hidden_states"].shape[1] if "encoder_hidden_states" in inputs else 0
     one_step = type(settings)(settings.scheduler, 1, settings.guidance_scale, settings.batch_size)
     assert plan_flops(adapter, None, one_step, batch=3, text_tokens=text_tokens).total == counter.get_total_flops()
+    assert adapter.text_tokens == text_tokens  # what every report counts by default: PixArt's text on both sides
+    assert plan_flops(adapter, None, one_step, batch=3).total == counter.get_total_flops()
 
 
 def test_plan_flops_count_windows_residual_passes_and_sharing(tiny_adapter, tiny_spec):

@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 
 import ditplan
@@ -65,6 +67,40 @@ def test_rerunning_resumes_without_redoing_finished_stages(finished_run):
     assert sum(c.source == "search" for c in candidates) == 4  # the study was already complete
 
 
+def test_running_the_copy_in_the_run_directory_resumes(finished_run, tmp_path):
+    _, run_dir = finished_run
+    moved = tmp_path / "elsewhere.yaml"
+    moved.write_text((run_dir / "experiment.yaml").read_text())
+    before = {p: p.stat().st_mtime_ns for p in (run_dir / "greedy").iterdir()}
+    for experiment in (run_dir / "experiment.yaml", moved):
+        assert ditplan.run(experiment, show_progress=False) == run_dir
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "greedy").iterdir()} == before
+    assert sum(c.source == "search" for c in load_run(run_dir)[1]) == 4
+
+
+def test_export_names_stay_inside_out(finished_run, tmp_path, monkeypatch):
+    import dataclasses
+
+    import ditplan.report as report
+
+    _, run_dir = finished_run
+    select = report.select_plans
+    monkeypatch.setattr(report, "select_plans", lambda *a: [dataclasses.replace(c, name="../../escaped") for c in select(*a)])
+    out = tmp_path / "a" / "b" / "out"
+    paths = ditplan.export(run_dir, "top:1", out)
+    assert [p.name for p in paths] == ["tiny-run-.._.._escaped.yaml"] and paths[0].parent == out
+    assert list(tmp_path.rglob("*.yaml")) == paths
+
+
+def test_safe_file_names_never_leave_their_folder():
+    from ditplan.report import safe_file_name
+
+    assert safe_file_name("../../x", ".yaml") == "_.._x.yaml"
+    assert safe_file_name("/etc/passwd", ".yaml") == "_etc_passwd.yaml"
+    assert safe_file_name("...", ".yaml") == "plan.yaml"
+    assert safe_file_name("run-D1", ".yaml") == "run-D1.yaml"
+
+
 def test_an_exported_plan_reproduces_its_recorded_quality_exactly(finished_run, tmp_path):
     _, run_dir = finished_run
     main(["export", str(run_dir), "--select", "fastest:rel_l1<=10", "--out", str(tmp_path)])
@@ -113,3 +149,55 @@ def test_compare_refuses_a_folder_that_is_not_a_run(tmp_path):
 def test_shipped_experiment_files_validate_offline(name):
     spec = load_spec(DATA.parent.parent / "experiments" / name)
     assert spec.search.objectives and spec.sampler.num_steps > 0
+
+
+def test_relative_paths_resolve_once_against_the_given_file(tmp_path):
+    from ditplan.spec import resolved_experiment_text
+
+    copy = tmp_path / "runs" / "tiny-pixart" / "experiment.yaml"
+    copy.parent.mkdir(parents=True)
+    copy.write_text(resolved_experiment_text(DATA / "tiny-pixart.yaml"))
+    spec = load_spec(copy)
+    assert spec == load_spec(DATA / "tiny-pixart.yaml")
+    assert spec.model.prompt_embeddings == str((DATA / "tiny-pixart-prompts.safetensors").absolute())
+
+
+TINY_PIXART_RUN = """
+name: tiny-pixart-run
+model:
+  kind: pixart
+  config: {sample_size: 8, patch_size: 2, in_channels: 4, out_channels: 8, num_layers: 2,
+           num_attention_heads: 2, attention_head_dim: 8, cross_attention_dim: 16, caption_channels: 32,
+           norm_num_groups: 4}
+  prompt_embeddings: embeddings/prompts.safetensors
+  device: cpu
+sampler: {scheduler: ddim, num_steps: 3, guidance_scale: 4.5, batch_size: 4}
+workload: {prompts: ["a red circle", "a blue square"], samples_per_condition: 1, seed: 0}
+evaluation: {cache_dir: cache, latency_repeats: 1}
+greedy: {thresholds: [0.5], calibration_samples: 2}
+search: {trials: 2, workers: 1, samples: 2, space: {layer_groups: 1, step_segments: 1},
+         refine: {metrics: [rel_l1, latency_ratio], samples: 2, latency_repeats: 1}}
+output_dir: runs/tiny-pixart-run
+"""
+
+
+@pytest.mark.slow  # a whole run of the tiny PixArt (≈ 1 min)
+def test_the_tiny_pixart_runs_to_the_end_from_a_relative_prompt_embeddings_path(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    (project / "embeddings").mkdir(parents=True)
+    shutil.copy(DATA / "tiny-pixart-prompts.safetensors", project / "embeddings" / "prompts.safetensors")
+    (project / "pixart.yaml").write_text(TINY_PIXART_RUN)
+    monkeypatch.chdir(tmp_path)  # the run directory and cache land here; the embeddings are found next to the file
+    run_dir = ditplan.run(project / "pixart.yaml", show_progress=False)
+    assert list((run_dir / "exported").glob("*.yaml"))
+    assert ditplan.run(run_dir / "experiment.yaml", show_progress=False) == run_dir  # the copy resumes
+
+
+@pytest.mark.slow  # a whole run of the tiny DiT in bfloat16 (≈ 1 min)
+def test_a_bfloat16_run_of_the_tiny_dit_completes(tmp_path):
+    experiment = tmp_path / "tiny-bf16.yaml"
+    text = TINY_RUN.format(cache=tmp_path / "cache", out=tmp_path / "run").replace("device: cpu", "device: cpu\n  dtype: bfloat16")
+    experiment.write_text(text)
+    run_dir = ditplan.run(experiment, show_progress=False)
+    assert load_spec(run_dir / "experiment.yaml").model.dtype == "bfloat16"
+    assert list((run_dir / "exported").glob("*.yaml"))

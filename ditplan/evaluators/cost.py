@@ -26,9 +26,13 @@ class Flops:
     total: float
 
 
-def plan_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSettings, batch: int = 1, text_tokens: int = 0) -> Flops:
+def plan_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSettings, batch: int = 1,
+               text_tokens: int | None = None) -> Flops:
     """Analytic FLOPs of ``settings.num_steps`` transformer forwards of ``batch`` samples (×2 with CFG)
-    under ``plan`` (dense when None). Counts matrix products, as ``torch.utils.flop_counter`` does."""
+    under ``plan`` (dense when None). Counts matrix products, as ``torch.utils.flop_counter`` does;
+    ``text_tokens`` (default: the adapter's, PixArt's prompt length) cost their cross-attention K/V and
+    caption projections on both sides of every ratio."""
+    text_tokens = adapter.text_tokens if text_tokens is None else text_tokens
     if plan is not None and plan.cache:
         raise PlanError("the FLOPs of a plan carrying one of diffusers' caches are what ran: count a run with the "
                         "runtime's ExecutionCounter and use executed_flops")
@@ -58,10 +62,12 @@ def plan_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSettin
     return Flops(attention=attention, total=attention + other)
 
 
-def executed_flops(adapter: ModelAdapter, counts: dict[str, int], calls: int, rows: int, text_tokens: int = 0) -> float:
+def executed_flops(adapter: ModelAdapter, counts: dict[str, int], calls: int, rows: int,
+                   text_tokens: int | None = None) -> float:
     """Whole-transformer FLOPs of what ran, from the counts of an ``ExecutionCounter`` (block parts
     executed over ``calls`` transformer calls of ``rows`` rows each): for plans carrying one of
     diffusers' caches, which decide at run time what computes."""
+    text_tokens = adapter.text_tokens if text_tokens is None else text_tokens
     per_block, once = other_flops(adapter, text_tokens)
     cross = cross_attention_block_flops(adapter, text_tokens)
     shape = AttentionShape(batch=1, tokens=adapter.num_tokens, dim=adapter.hidden_dim,

@@ -11,8 +11,10 @@ import torch
 from ditplan.errors import UserError
 from ditplan.evaluators.base import Metric
 from ditplan.evaluators.cost import attention_time_share, interleaved_times, peak_memory_bytes, plan_flops
+from ditplan.evaluators.domain import applicable_metrics, domain_metrics
 from ditplan.evaluators.fidelity import FidelityEvaluator
 from ditplan.evaluators.reference import dense_reference
+from ditplan.files import check_folder, readable_file
 from ditplan.models.adapters import ModelAdapter
 from ditplan.strategies.apply import sample_with_plan
 from ditplan.plan import Plan
@@ -31,6 +33,25 @@ def reference_images(spec: ExperimentSpec) -> torch.Tensor | str:
     if reference is None or not Path(reference).is_dir():
         raise UserError(f"evaluation.reference {reference!r} is neither '{DIGITS_REFERENCE}' nor a folder of images")
     return reference
+
+
+def check_evaluation(spec: ExperimentSpec) -> None:
+    """Refuse, before any work, an evaluation section whose extractor, weights or reference do not exist."""
+    evaluation = spec.evaluation
+    if evaluation.feature_extractor:
+        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+        import ditplan.evaluators.distribution  # noqa: F401  (registers the digit extractor)
+
+        if evaluation.feature_extractor not in FEATURE_EXTRACTORS_REGISTRY:
+            raise UserError(f"evaluation.feature_extractor {evaluation.feature_extractor!r} is not registered; choose one "
+                            f"of {sorted(FEATURE_EXTRACTORS_REGISTRY)} or register yours with torch-fidelity")
+    if evaluation.feature_extractor_weights_path:
+        readable_file(evaluation.feature_extractor_weights_path, "evaluation.feature_extractor_weights_path file", 1 << 40)
+    if evaluation.reference and evaluation.reference != DIGITS_REFERENCE:
+        check_folder(evaluation.reference, "evaluation.reference folder")
+    if evaluation.clip_weights_path:
+        check_folder(evaluation.clip_weights_path, "evaluation.clip_weights_path folder")
 
 
 def evaluate_plan(
@@ -59,22 +80,12 @@ def evaluate_plan(
     for mine, ref in zip(FidelityEvaluator().evaluate(images, dense), FidelityEvaluator().evaluate(dense, dense)):
         out[mine.name] = (mine, ref)
     if spec.evaluation.feature_extractor:
-        from ditplan.evaluators.distribution import class_agreement, distribution_metrics
-
+        num_classes = getattr(adapter, "num_classes", None)
+        wanted = [*applicable_metrics(spec, num_classes), "isc", "prc"]
         reference = reference_images(spec)
-        kwargs = dict(
-            reference=reference, extractor=spec.evaluation.feature_extractor,
-            weights_path=spec.evaluation.feature_extractor_weights_path,
-            cache_dir=Path(spec.evaluation.cache_dir) / "fidelity", device=device,
-        )
-        for mine, ref in zip(distribution_metrics(images, **kwargs), distribution_metrics(dense, **kwargs)):
+        mine_and_dense = (domain_metrics(spec, x, conditions, num_classes, wanted, reference) for x in (images, dense))
+        for mine, ref in zip(*mine_and_dense):
             out[mine.name] = (mine, ref)
-        if spec.evaluation.feature_extractor == "digits" and spec.workload.classes is not None:
-            labels = torch.tensor(conditions)
-            out["class_agreement"] = (
-                Metric("class_agreement", class_agreement(images, labels), "maximize"),
-                Metric("class_agreement", class_agreement(dense, labels), "maximize"),
-            )
     if spec.workload.prompts is not None:
         if spec.evaluation.clip_weights_path:
             from ditplan.evaluators.clip_score import ClipScorer

@@ -16,12 +16,12 @@ import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ditplan.evaluators.cost import plan_flops, sample_forwards
+from ditplan.evaluators.domain import domain_metrics
 from ditplan.evaluators.fidelity import FidelityEvaluator
 from ditplan.models.adapters import ModelAdapter
 from ditplan.strategies.apply import sample_with_plan
@@ -29,7 +29,6 @@ from ditplan.plan import Plan
 from ditplan.spec import ExperimentSpec, SeedSet
 
 DENSE = "dense"
-DISTRIBUTION = ("fid", "kid", "kid_low")
 WARMUP_SAMPLES = 2
 
 
@@ -76,19 +75,9 @@ def _timed_rounds(
 
 
 def _quality(spec: ExperimentSpec, images: torch.Tensor, dense: torch.Tensor, conditions: Sequence[Any],
-             reference: torch.Tensor | str | None) -> dict[str, float]:
+             reference: torch.Tensor | str | None, num_classes: int | None) -> dict[str, float]:
     values = {m.name: m.value for m in FidelityEvaluator().evaluate(images, dense)}
-    if spec.evaluation.feature_extractor:
-        from ditplan.evaluators.distribution import LOW_LEVEL_LAYERS, class_agreement, distribution_metrics
-
-        extractor = spec.evaluation.feature_extractor
-        wanted = DISTRIBUTION if extractor in LOW_LEVEL_LAYERS else DISTRIBUTION[:2]
-        for m in distribution_metrics(images, reference, extractor=extractor,
-                                      weights_path=spec.evaluation.feature_extractor_weights_path, metrics=wanted,
-                                      cache_dir=Path(spec.evaluation.cache_dir) / "fidelity"):
-            values[m.name] = m.value
-        if extractor == "digits" and spec.workload.classes is not None:
-            values["class_agreement"] = class_agreement(images, torch.tensor(list(conditions)))
+    values.update({m.name: m.value for m in domain_metrics(spec, images, conditions, num_classes, reference=reference)})
     return values
 
 
@@ -112,7 +101,8 @@ def held_out_metrics(adapter: ModelAdapter, spec: ExperimentSpec, plans: Mapping
 
         reference = reference_images(spec)  # once for every plan
     for name, plan in runs.items():
-        values = _quality(spec, samples[name], samples[DENSE], seed_set.conditions, reference)
+        values = _quality(spec, samples[name], samples[DENSE], seed_set.conditions, reference,
+                          getattr(adapter, "num_classes", None))
         flops = plan_flops(adapter, plan, settings, n)
         ratios = [mine / dense for mine, dense in zip(seconds[name], seconds[DENSE])]
         values.update(

@@ -27,6 +27,8 @@ from diffusers import (
 from diffusers.models.attention_processor import Attention
 from safetensors.torch import load_file
 
+from ditplan.errors import UserError
+from ditplan.files import check_folder, read_tensors
 from ditplan.models.embedded import EMBEDDED_MODELS
 from ditplan.plan import Plan, PlanError
 
@@ -83,6 +85,8 @@ class ModelAdapter(abc.ABC):
         self.merges = merges.eval().requires_grad_(False) if merges is not None else None
 
     # --- shape of the model --------------------------------------------------------------------
+    text_tokens = 0  # tokens of the text a block cross-attends to (PixArt's prompt length; none for DiT)
+
     @property
     def num_layers(self) -> int:
         return len(self.transformer.transformer_blocks)
@@ -178,6 +182,11 @@ class PixArtAdapter(ModelAdapter):
         super().__init__(*args, **kwargs)
         self.prompt_embeddings = dict(prompt_embeddings)
 
+    @property
+    def text_tokens(self) -> int:
+        """Tokens of every prompt's embedding (L): the keys and values of each block's cross-attention."""
+        return next(iter(self.prompt_embeddings.values()))[0].shape[0]
+
     def conditioning(self, conditions: Sequence[Any], device: torch.device) -> Conditioning:
         missing = [p for p in [*conditions, ""] if p not in self.prompt_embeddings]
         if missing:
@@ -243,26 +252,85 @@ def load_adapter(
     ``transformer/``, schedule under ``scheduler/``); or ``config`` builds random weights (seeded)."""
     adapter_cls, transformer_cls = ADAPTERS[kind]
     if config is not None:
-        torch.manual_seed(seed)
-        transformer = transformer_cls(**config)
+        transformer = random_transformer(transformer_cls, config, seed)
         model_id = f"random-{kind}"
         base_schedule: dict[str, Any] = DDPMScheduler().config
     elif source is not None:
+        if source not in EMBEDDED_MODELS and _looks_local(source):
+            check_folder(source, "model.source folder")
         path = str(model_folder(source))
         transformer = load_transformer(transformer_cls, Path(path))
-        base_schedule = DDPMScheduler.load_config(path, subfolder="scheduler")
+        base_schedule = _from_pretrained(DDPMScheduler.load_config, path, "scheduler", "model.source")
         model_id = source
         adapter_kwargs.setdefault("merges", load_merges(Path(path), transformer))
     else:
         raise ValueError("a model needs a source (a folder, a hub id or 'embedded') or a config dict; give one")
     schedule = {**base_schedule, **(scheduler_config or {})}
-    vae_model = AutoencoderKL.from_pretrained(vae, subfolder="vae", low_cpu_mem_usage=False) if vae else None
+    vae_model = _from_pretrained(AutoencoderKL.from_pretrained, vae, "vae", "model.vae", low_cpu_mem_usage=False) if vae else None
     return adapter_cls(transformer, schedule, model_id, vae=vae_model, **adapter_kwargs)
 
 
 def model_folder(source: str) -> Path:
     """The local folder of a model source (an embedded model's name is the package's own folder)."""
     return EMBEDDED_MODELS[source].folder if source in EMBEDDED_MODELS else Path(source)
+
+
+MAX_RANDOM_PARAMETERS = 20_000_000_000  # beyond any DiT or PixArt: a typo, not a model
+MAX_TOKENS = 1 << 16  # PixArt 4K at patch 2 has 65,536 tokens
+
+
+def random_transformer(transformer_cls: type[torch.nn.Module], config: dict[str, Any], seed: int) -> torch.nn.Module:
+    """A transformer with random (seeded) weights built from ``config`` (``model.config``), once the config
+    is known to name the class's own arguments and to fit in memory."""
+    import inspect
+
+    known = set(inspect.signature(transformer_cls.__init__).parameters) - {"self"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise UserError(f"model.config: {transformer_cls.__name__} has no argument {unknown[0]!r}; "
+                        f"it takes {', '.join(sorted(known))}")
+    for key, value in config.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise UserError(f"model.config.{key} = {value}: sizes and counts must be positive")
+    defaults = {k: p.default for k, p in inspect.signature(transformer_cls.__init__).parameters.items()}
+    get = {**defaults, **config}.get
+    try:
+        width = int(get("num_attention_heads")) * int(get("attention_head_dim"))
+        parameters = int(get("num_layers")) * 18 * width**2
+        tokens = (int(get("sample_size")) // int(get("patch_size"))) ** 2
+    except (TypeError, ValueError):
+        raise UserError("model.config: num_attention_heads, attention_head_dim, num_layers, sample_size and "
+                        "patch_size must be whole numbers") from None
+    if parameters > MAX_RANDOM_PARAMETERS or tokens > MAX_TOKENS:
+        raise UserError(f"model.config describes a transformer of about {parameters:.3g} parameters and {tokens:,} "
+                        f"tokens; at most {MAX_RANDOM_PARAMETERS:.3g} and {MAX_TOKENS:,}")
+    torch.manual_seed(seed)
+    try:
+        return transformer_cls(**config)
+    except (TypeError, ValueError, RuntimeError, AttributeError, ZeroDivisionError) as err:
+        raise UserError(f"model.config does not build a {transformer_cls.__name__}: {' '.join(str(err).split())}") from None
+
+
+def _looks_local(source: str) -> bool:
+    """Whether a model source is meant as a local folder: it exists, or it is written as a path (a hub id
+    is ``owner/name``)."""
+    return Path(source).exists() or source.startswith((".", "/", "~")) or source.count("/") != 1
+
+
+def _from_pretrained(load: Any, source: str, subfolder: str, field: str, **kwargs: Any) -> Any:
+    """``load(source, subfolder=...)``; a folder that is missing or incomplete, or a hub id that cannot be
+    fetched, is a one-line :class:`UserError` naming ``field``."""
+    if _looks_local(source) and source not in EMBEDDED_MODELS:
+        folder = check_folder(source, f"{field} folder")
+        if not (folder / subfolder).is_dir():
+            raise UserError(f"{field} folder {folder} has no {subfolder}/ subfolder; give a model folder in diffusers "
+                            "pipeline layout (save_pretrained)")
+    try:
+        return load(source, subfolder=subfolder, **kwargs)
+    except (OSError, ValueError) as err:
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise UserError(f"{field} {source!r}: cannot load its {subfolder}/ (not a complete local folder, and not on a "
+                        f"reachable hub): {first.strip()}") from None
 
 
 MERGES_FILE = "sparse_merge.safetensors"
@@ -343,7 +411,8 @@ def sparse_network_folder(base: Path, weights: str) -> Path:
 def load_transformer(transformer_cls: type[torch.nn.Module], folder: Path) -> torch.nn.Module:
     """The transformer of a model folder in diffusers layout (``<folder>/transformer``)."""
     # NOTE: low_cpu_mem_usage needs accelerate (not a dependency); without it diffusers warns each load
-    return transformer_cls.from_pretrained(str(folder), subfolder="transformer", low_cpu_mem_usage=False)
+    return _from_pretrained(transformer_cls.from_pretrained, str(folder), "transformer", "model.source",
+                            low_cpu_mem_usage=False)
 
 
 def sparse_networks(base_folder: Path) -> dict[str, dict]:
@@ -354,24 +423,41 @@ def sparse_networks(base_folder: Path) -> dict[str, dict]:
     return out
 
 
-def read_prompt_embeddings(path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """A safetensors file with ``<prompt>.embeds`` (L, D) and ``<prompt>.mask`` (L,) per prompt."""
-    if not Path(path).exists():
-        raise FileNotFoundError(f"prompt embeddings file {path} does not exist")
-    tensors = load_file(path)
-    prompts = {key.rsplit(".", 1)[0] for key in tensors}
-    return {p: (tensors[f"{p}.embeds"], tensors[f"{p}.mask"]) for p in prompts}
+def read_prompt_embeddings(path: str, prompts: Sequence[str] = ()) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A safetensors file with ``<prompt>.embeds`` (L, D) and ``<prompt>.mask`` (L,) per prompt; it must
+    hold ``prompts`` and the empty prompt."""
+    what = "prompt embeddings file"
+    tensors = read_tensors(path, what)
+    out = {}
+    for prompt in {key.rsplit(".", 1)[0] for key in tensors}:
+        embeds, mask = tensors.get(f"{prompt}.embeds"), tensors.get(f"{prompt}.mask")
+        if embeds is None or mask is None or embeds.ndim != 2 or mask.shape != embeds.shape[:1]:
+            raise UserError(f"{what} {path}: prompt {prompt!r} needs {prompt}.embeds (L, D) and {prompt}.mask (L,)")
+        out[prompt] = (embeds, mask)
+    if len({e.shape for e, _ in out.values()}) > 1:
+        raise UserError(f"{what} {path}: the prompts' embeddings differ in shape; pad them to one length")
+    missing = [p for p in [*prompts, ""] if p not in out]
+    if missing:
+        raise UserError(f"{what} {path} has no embedding for the prompt {missing[0]!r}; it needs every prompt of the "
+                        "workload and the empty prompt ''")
+    return out
 
 
-def adapter_from_spec(spec: ModelSpec, prompts: Sequence[str] = ()) -> ModelAdapter:
-    """Load the model an experiment file describes, on its device."""
+def adapter_from_spec(spec: ModelSpec, conditions: Sequence[Any] = ()) -> ModelAdapter:
+    """Load the model an experiment file describes, on its device; ``conditions`` (every class label or
+    prompt the workload draws) are checked against it."""
     kwargs: dict[str, Any] = {}
     if spec.kind == "pixart":
+        prompts = [str(c) for c in conditions]
         if spec.prompt_embeddings:
-            kwargs["prompt_embeddings"] = read_prompt_embeddings(spec.prompt_embeddings)
+            kwargs["prompt_embeddings"] = read_prompt_embeddings(spec.prompt_embeddings, prompts)
         else:
             kwargs["prompt_embeddings"] = PixArtAdapter.encode_prompts(spec.text_encoder, prompts)
     adapter = load_adapter(spec.kind, spec.source, spec.config, vae=spec.vae, seed=spec.seed, **kwargs)
+    if spec.kind == "dit":
+        bad = [c for c in conditions if not 0 <= int(c) < adapter.num_classes]
+        if bad:
+            raise UserError(f"workload.classes has {bad[0]}, but the model knows classes 0…{adapter.num_classes - 1}")
     return adapter.to(spec.torch_device(), spec.torch_dtype())
 
 

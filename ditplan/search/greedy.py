@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ditplan.evaluators.cost import peak_memory_bytes
 from ditplan.evaluators.fidelity import relative_l1
 from ditplan.models.adapters import ModelAdapter
 from ditplan.models.sampling import SamplerSettings, combine_guidance, plan_target, sample_batch
@@ -40,6 +41,7 @@ class GreedyResult:
     forwards: int
     sample_forwards: int  # rows × forwards: every sample (each CFG half counted) through the transformer once
     seconds: float
+    peak_memory_bytes: int = 0  # CUDA: max allocated during calibration; CPU: growth of the peak RSS
 
 
 def greedy_search(
@@ -98,7 +100,8 @@ def greedy_search(
 
     started = time.perf_counter()
     try:
-        sample_batch(adapter, conditions, seeds, settings, predict=calibrate)
+        device = next(adapter.transformer.parameters()).device
+        peak = peak_memory_bytes(lambda: sample_batch(adapter, conditions, seeds, settings, predict=calibrate), device)
     finally:
         counter.remove()
         remove_plan(adapter.transformer)
@@ -116,10 +119,11 @@ def greedy_search(
             "transformer_forwards": forwards[0],
             "sample_forwards": forwards[1],
             "search_seconds": round(seconds, 2),
+            "peak_memory_mb": round(peak / 2**20, 1),
             "versions": library_versions(),
         },
     )
-    return GreedyResult(plan, forwards[0], forwards[1], seconds)
+    return GreedyResult(plan, forwards[0], forwards[1], seconds, peak)
 
 
 def expected_forwards(plan: Plan, candidates: Sequence[str]) -> int:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ditplan.models.adapters import ModelAdapter, adapter_from_spec
+from ditplan.files import naming
 from ditplan.progress import progress_bar
 from ditplan.search.greedy import greedy_search, threshold_name
 from ditplan.spec import ExperimentSpec, load_spec
@@ -44,5 +45,6 @@ def run_greedy(
     calibration_samples: int | None = None, window_size: int | None = None,
 ) -> list[Path]:
     spec = load_spec(experiment)
-    adapter = adapter_from_spec(spec.model, spec.workload.all_prompts())
+    with naming(experiment):
+        adapter = adapter_from_spec(spec.model, spec.workload.all_conditions())
     return write_greedy_plans(adapter, spec, out, thresholds, calibration_samples, window_size)

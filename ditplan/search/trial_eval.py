@@ -14,13 +14,13 @@ import torch
 
 from ditplan.evaluators.base import METRIC_DIRECTIONS
 from ditplan.evaluators.cost import plan_flops
+from ditplan.evaluators.domain import DOMAIN_METRICS, domain_metrics
 from ditplan.evaluators.fidelity import FidelityEvaluator
 from ditplan.models.adapters import ModelAdapter, adapter_from_spec
 from ditplan.strategies.apply import sample_with_plan
 from ditplan.plan import Plan
 from ditplan.spec import ExperimentSpec
 
-DISTRIBUTION_METRICS = frozenset({"fid", "kid", "kid_low", "class_agreement"})
 
 _WORKER_ADAPTERS: dict[str, ModelAdapter] = {}
 _WORKER_DENSE_SECONDS: dict[str, float] = {}
@@ -30,7 +30,7 @@ def worker_adapter(spec: ExperimentSpec) -> ModelAdapter:
     """The experiment's model, loaded once per process (Ray workers keep it between trials)."""
     key = json.dumps(spec.model.model_dump(), sort_keys=True)
     if key not in _WORKER_ADAPTERS:
-        _WORKER_ADAPTERS[key] = adapter_from_spec(spec.model, spec.workload.all_prompts())
+        _WORKER_ADAPTERS[key] = adapter_from_spec(spec.model, spec.workload.all_conditions())
     return _WORKER_ADAPTERS[key]
 
 
@@ -66,17 +66,9 @@ def plan_metrics(
             )
         seconds = statistics.median(_timed_sample(adapter, plan, spec, conditions, seeds)[1] for _ in range(max(1, latency_repeats)))
         values["latency_ratio"] = seconds / _WORKER_DENSE_SECONDS[key]
-    if DISTRIBUTION_METRICS & set(metrics):
-        from ditplan.evaluators.distribution import class_agreement, distribution_metrics
-        from ditplan.evaluators.evaluate import reference_images
-
-        extractor = spec.evaluation.feature_extractor or "digits"
-        for m in distribution_metrics(samples, reference_images(spec), extractor=extractor,
-                                      weights_path=spec.evaluation.feature_extractor_weights_path,
-                                      metrics=("fid", "kid", *(("kid_low",) if "kid_low" in metrics else ()))):
+    if DOMAIN_METRICS & set(metrics):
+        for m in domain_metrics(spec, samples, conditions, getattr(adapter, "num_classes", None), metrics):
             values[m.name] = m.value
-        if spec.workload.classes is not None:
-            values["class_agreement"] = class_agreement(samples, torch.tensor(list(conditions)))
     missing = [m for m in metrics if m not in values]
     if missing:
         raise ValueError(f"metric {missing[0]!r} is not computed by search trials; choose from {sorted(METRIC_DIRECTIONS)}")

@@ -392,6 +392,15 @@ def apply_plan(
     return runtime
 
 
+def check_plan(plan: Plan, adapter: ModelAdapter, settings: SamplerSettings) -> None:
+    """Refuse, before any sampling, a plan that does not fit ``adapter`` and ``settings`` or whose
+    strategies, sparse layout or cache are misconfigured (one-line :class:`PlanError`)."""
+    plan.check_fits(plan_target(load_for_plan(adapter, plan), settings))
+    sparse_layout(plan)
+    CachePlanner(plan, build_strategies(plan, extra=tuple(plan.params)))  # the strategies and their cache planning
+    DiffusersCache.from_plan(plan)
+
+
 def block_cached_layers(plan: Plan) -> list[int]:
     """The layers whose plan row holds block-level cells (they get a :class:`BlockCacheHook`)."""
     return [layer for layer in range(plan.num_layers)
