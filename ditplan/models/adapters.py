@@ -149,7 +149,8 @@ class ModelAdapter(abc.ABC):
         weights hash is that of the weights as they compute, so a plan made in bfloat16 names bfloat16 weights)."""
         for module in (self.transformer, self.vae, self.merges):
             if module is not None:
-                module.to(device, dtype)
+                same = dtype is None or next(module.parameters()).dtype == dtype
+                module.to(device) if same else module.to(device, dtype)  # NOTE: diffusers warns at every cast
         if dtype is not None:
             self.__dict__.pop("weights_hash", None)
         return self
@@ -246,10 +247,12 @@ def load_adapter(
     scheduler_config: dict[str, Any] | None = None,
     vae: str | None = None,
     seed: int = 0,
+    dtype: torch.dtype | None = None,
     **adapter_kwargs: Any,
 ) -> ModelAdapter:
     """Load a model: ``source`` is ``"embedded"``, a local pipeline folder or a hub id (weights under
-    ``transformer/``, schedule under ``scheduler/``); or ``config`` builds random weights (seeded)."""
+    ``transformer/``, schedule under ``scheduler/``); or ``config`` builds random weights (seeded).
+    ``dtype``: loaded in it (diffusers' ``torch_dtype``); default as stored, float32 for random weights."""
     adapter_cls, transformer_cls = ADAPTERS[kind]
     if config is not None:
         transformer = random_transformer(transformer_cls, config, seed)
@@ -259,14 +262,15 @@ def load_adapter(
         if source not in EMBEDDED_MODELS and _looks_local(source):
             check_folder(source, "model.source folder")
         path = str(model_folder(source))
-        transformer = load_transformer(transformer_cls, Path(path))
+        transformer = load_transformer(transformer_cls, Path(path), dtype)
         base_schedule = _from_pretrained(DDPMScheduler.load_config, path, "scheduler", "model.source")
         model_id = source
         adapter_kwargs.setdefault("merges", load_merges(Path(path), transformer))
     else:
         raise ValueError("a model needs a source (a folder, a hub id or 'embedded') or a config dict; give one")
     schedule = {**base_schedule, **(scheduler_config or {})}
-    vae_model = _from_pretrained(AutoencoderKL.from_pretrained, vae, "vae", "model.vae", low_cpu_mem_usage=False) if vae else None
+    vae_model = _from_pretrained(AutoencoderKL.from_pretrained, vae, "vae", "model.vae", low_cpu_mem_usage=False,
+                                 **_torch_dtype(dtype)) if vae else None
     return adapter_cls(transformer, schedule, model_id, vae=vae_model, **adapter_kwargs)
 
 
@@ -375,7 +379,8 @@ def load_sparse_network(adapter: ModelAdapter, weights: str) -> ModelAdapter:
     ``adapter`` (same conditioning, schedule, VAE, device); loaded once per adapter."""
     networks = adapter.__dict__.setdefault("_sparse_networks", {})
     if weights not in networks:
-        folder, transformer, merges = load_sparse_folder(type(adapter.transformer), model_folder(adapter.model_id), weights)
+        folder, transformer, merges = load_sparse_folder(type(adapter.transformer), model_folder(adapter.model_id), weights,
+                                                         adapter.dtype)
         tuned = copy.copy(adapter)
         tuned.__dict__.pop("weights_hash", None)
         tuned.__dict__.pop("_sparse_networks", None)
@@ -386,12 +391,12 @@ def load_sparse_network(adapter: ModelAdapter, weights: str) -> ModelAdapter:
     return networks[weights]
 
 
-def load_sparse_folder(transformer_cls: type[torch.nn.Module], base: Path, weights: str
-                       ) -> tuple[Path, torch.nn.Module, torch.nn.ModuleList | None]:
+def load_sparse_folder(transformer_cls: type[torch.nn.Module], base: Path, weights: str,
+                       dtype: torch.dtype | None = None) -> tuple[Path, torch.nn.Module, torch.nn.ModuleList | None]:
     """The fine-tuned SparseDiT network ``weights`` inside the base model's folder ``base``: (its folder,
-    its transformer, its SDTM merges)."""
+    its transformer in ``dtype``, its SDTM merges)."""
     folder = sparse_network_folder(base, weights)
-    transformer = load_transformer(transformer_cls, folder)
+    transformer = load_transformer(transformer_cls, folder, dtype)
     return folder, transformer, load_merges(folder, transformer)
 
 
@@ -408,11 +413,17 @@ def sparse_network_folder(base: Path, weights: str) -> Path:
     return folder
 
 
-def load_transformer(transformer_cls: type[torch.nn.Module], folder: Path) -> torch.nn.Module:
-    """The transformer of a model folder in diffusers layout (``<folder>/transformer``)."""
+def load_transformer(transformer_cls: type[torch.nn.Module], folder: Path, dtype: torch.dtype | None = None
+                     ) -> torch.nn.Module:
+    """The transformer of a model folder in diffusers layout (``<folder>/transformer``), in ``dtype``."""
     # NOTE: low_cpu_mem_usage needs accelerate (not a dependency); without it diffusers warns each load
     return _from_pretrained(transformer_cls.from_pretrained, str(folder), "transformer", "model.source",
-                            low_cpu_mem_usage=False)
+                            low_cpu_mem_usage=False, **_torch_dtype(dtype))
+
+
+def _torch_dtype(dtype: torch.dtype | None) -> dict[str, torch.dtype]:
+    """``from_pretrained``'s dtype argument: none keeps diffusers' default (float32)."""
+    return {} if dtype is None else {"torch_dtype": dtype}
 
 
 def sparse_networks(base_folder: Path) -> dict[str, dict]:
@@ -453,12 +464,14 @@ def adapter_from_spec(spec: ModelSpec, conditions: Sequence[Any] = ()) -> ModelA
             kwargs["prompt_embeddings"] = read_prompt_embeddings(spec.prompt_embeddings, prompts)
         else:
             kwargs["prompt_embeddings"] = PixArtAdapter.encode_prompts(spec.text_encoder, prompts)
-    adapter = load_adapter(spec.kind, spec.source, spec.config, vae=spec.vae, seed=spec.seed, **kwargs)
+    dtype = spec.torch_dtype()
+    adapter = load_adapter(spec.kind, spec.source, spec.config, vae=spec.vae, seed=spec.seed,
+                           dtype=None if spec.config is not None else dtype, **kwargs)
     if spec.kind == "dit":
         bad = [c for c in conditions if not 0 <= int(c) < adapter.num_classes]
         if bad:
             raise UserError(f"workload.classes has {bad[0]}, but the model knows classes 0…{adapter.num_classes - 1}")
-    return adapter.to(spec.torch_device(), spec.torch_dtype())
+    return adapter.to(spec.torch_device(), dtype)
 
 
 def _linear(rows: int, fan_in: int, fan_out: int) -> int:
