@@ -35,6 +35,7 @@ from ditplan.evaluators.held_out import DENSE
 from ditplan.models.adapters import LAYOUT_FILE, model_folder
 from ditplan.plan import Plan, load_plan
 from ditplan.search.driver import is_feasible_trial, reference_point, study_storage
+from ditplan.search.storage import JOURNAL_FILE
 from ditplan.search.figures import front_html, front_png
 from ditplan.search.pareto import hypervolume, pareto_mask
 from ditplan.search.refine import refined_study_name
@@ -93,7 +94,9 @@ def load_run_data(run_dir: str | Path) -> Run:
     if not (run_dir / "experiment.yaml").exists():
         raise UserError(f"{run_dir} is not a ditplan run directory (no experiment.yaml); make one with `ditplan run`")
     spec = load_spec(run_dir / "experiment.yaml")
-    storage = study_storage(spec, run_dir / "search")
+    if not spec.search.storage and not (run_dir / "search" / JOURNAL_FILE).exists():
+        raise UserError(f"{run_dir} has no finished search yet; run `ditplan run --experiment ...` first")
+    storage = study_storage(spec, run_dir / "search")  # NOTE: opening a journal creates it: checked above
     names = optuna.get_all_study_names(storage)
     if spec.name not in names:
         raise UserError(f"{run_dir} has no finished search yet; run `ditplan run --experiment ...` first")

@@ -50,12 +50,15 @@ def _retry(search: SearchSpec) -> RetryHeartbeatStaleTrialCallback:
         return RetryHeartbeatStaleTrialCallback(max_retry=search.max_retries)
 
 
+JOURNAL_FILE = "optuna.journal"
+
+
 def study_storage(spec: ExperimentSpec, run_dir: Path) -> BaseStorage:
     """The study's storage: ``search.storage`` (an RDB URL, heartbeats on) or the run directory's journal."""
     search = spec.search
     if not search.storage:
         run_dir.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
+        return JournalStorage(JournalFileBackend(str(run_dir / JOURNAL_FILE)))
     try:
         return _rdb_storage(search)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
