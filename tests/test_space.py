@@ -6,8 +6,10 @@ import optuna
 import pytest
 
 from ditplan.plan import Plan, PlanTarget
-from ditplan.search.space import NO_NETWORK, SparseChoices, SparseNetwork, build_space
+from ditplan.errors import UserError
+from ditplan.search.space import NO_CACHE, NO_NETWORK, SparseChoices, SparseNetwork, build_space, cache_choices
 from ditplan.strategies.apply import build_strategies, sparse_layout
+from ditplan.strategies.diffusers_cache import CACHE_METHODS
 from ditplan.strategies.sdtm import SparseLayout
 
 TARGET = PlanTarget("m", "base", num_layers=6, num_tokens=256, scheduler="ddim", num_steps=10, guidance_scale=4.0)
@@ -68,3 +70,35 @@ def test_plans_outside_the_sparse_choices_are_not_expressible():
     assert space.params_for(Plan(NETWORK.target, (row,) * 10, sparse=layout.to_dict())) is None  # curve not offered
     with pytest.raises(ValueError, match="unknown pruning curve 'wavy'"):
         build_space(TARGET, ["full"], 1, 1, sparse=SparseChoices((), (0,), ("wavy",)))
+
+
+def test_a_diffusers_cache_choice_draws_cache_plans_with_dense_cells_and_maps_them_back():
+    cache = cache_choices("first_block", {"threshold": [0.05, 0.2]})
+    space = build_space(TARGET, ["full", "ast", "reuse", "forecast"], 2, 3,
+                        sparse=SparseChoices((NETWORK,), (0, 1), ("paper",)), cache=cache)
+    seen = set()
+    for plan, params in draw(space, trials=40):
+        assert space.params_for(plan) == params
+        if params["cache"] == NO_CACHE:
+            assert plan.cache is None and not any(k.startswith("cache.") for k in params)
+            seen |= plan.strategies()
+            continue
+        assert params == {"cache": "first_block", "cache.first_block.threshold": plan.cache["config"]["threshold"]}
+        assert plan.cache["config"]["threshold"] in (0.05, 0.2)
+        assert plan == Plan.uniform(TARGET, cache=plan.cache)  # every cell full, no sparse part
+        seen.add("cache")
+    assert {"cache", "reuse", "forecast", "pool"} <= seen
+    other = Plan.uniform(TARGET, cache={"method": "first_block", "config": {"threshold": 0.1}})  # not a choice
+    assert space.params_for(other) is None
+    assert build_space(TARGET, ["full"], 1, 1).params_for(other) is None  # no cache choice at all
+
+
+def test_a_cache_choice_keeps_the_methods_own_values_and_refuses_unknown_fields():
+    assert cache_choices("taylorseer").space == CACHE_METHODS["taylorseer"].space
+    narrowed = cache_choices("taylorseer", {"cache_interval": [2], "disable_cache_after_step": [15]})
+    assert narrowed.space == {**CACHE_METHODS["taylorseer"].space, "cache_interval": [2],
+                              "disable_cache_after_step": [15]}
+    with pytest.raises(UserError, match="unknown; use one of"):
+        cache_choices("mag")
+    with pytest.raises(UserError, match="'first_block' has no field 'interval'"):
+        cache_choices("first_block", {"interval": [2]})
