@@ -102,3 +102,19 @@ def test_a_cache_choice_keeps_the_methods_own_values_and_refuses_unknown_fields(
         cache_choices("mag")
     with pytest.raises(UserError, match="'first_block' has no field 'interval'"):
         cache_choices("first_block", {"interval": [2]})
+
+
+def test_an_experiment_file_makes_a_diffusers_cache_a_search_choice(tiny_adapter, tiny_spec):
+    from ditplan.search.space import CacheChoices, experiment_space
+    from ditplan.spec import SpaceSpec
+
+    def with_space(**space):
+        return tiny_spec.model_copy(update={"search": tiny_spec.search.model_copy(update={"space": SpaceSpec(**space)})})
+
+    space = experiment_space(tiny_adapter, with_space(methods=["full", "reuse", "forecast"],
+                                                      cache={"method": "taylorseer", "params": {"cache_interval": [2, 3]}}))
+    assert space.methods == ("full", "reuse", "forecast") and space.params == {"forecast": {"order": [1, 2]}}
+    assert space.cache == CacheChoices("taylorseer", {**CACHE_METHODS["taylorseer"].space, "cache_interval": [2, 3]})
+    assert experiment_space(tiny_adapter, with_space()).cache is None
+    with pytest.raises(UserError, match="'taylorseer' has no field 'threshold'"):
+        experiment_space(tiny_adapter, with_space(cache={"method": "taylorseer", "params": {"threshold": [0.1]}}))
