@@ -7,7 +7,9 @@ import pytest
 
 from ditplan.plan import Plan, PlanTarget
 from ditplan.errors import UserError
-from ditplan.search.space import NO_CACHE, NO_NETWORK, SparseChoices, SparseNetwork, build_space, cache_choices
+from ditplan.search.space import (
+    NO_CACHE, NO_NETWORK, CacheChoices, SparseChoices, SparseNetwork, build_space, cache_choices,
+)
 from ditplan.strategies.apply import build_strategies, sparse_layout
 from ditplan.strategies.diffusers_cache import CACHE_METHODS
 from ditplan.strategies.sdtm import SparseLayout
@@ -105,7 +107,7 @@ def test_a_cache_choice_keeps_the_methods_own_values_and_refuses_unknown_fields(
 
 
 def test_an_experiment_file_makes_a_diffusers_cache_a_search_choice(tiny_adapter, tiny_spec):
-    from ditplan.search.space import CacheChoices, experiment_space
+    from ditplan.search.space import experiment_space
     from ditplan.spec import SpaceSpec
 
     def with_space(**space):
@@ -118,3 +120,16 @@ def test_an_experiment_file_makes_a_diffusers_cache_a_search_choice(tiny_adapter
     assert experiment_space(tiny_adapter, with_space()).cache is None
     with pytest.raises(UserError, match="'taylorseer' has no field 'threshold'"):
         experiment_space(tiny_adapter, with_space(cache={"method": "taylorseer", "params": {"threshold": [0.1]}}))
+
+
+def test_the_joint_quickstart_space_joins_attention_block_caching_sparsedit_and_a_diffusers_cache(embedded_adapter):
+    from pathlib import Path
+
+    from ditplan.search.space import experiment_space
+    from ditplan.spec import load_spec
+
+    spec = load_spec(Path(__file__).parents[1] / "experiments" / "quickstart-joint.yaml")
+    space = experiment_space(embedded_adapter, spec)
+    assert {"ast", "wars", "asc", "reuse", "forecast"} <= set(space.methods)
+    assert space.sparse is not None and len(space.sparse.networks) == 3
+    assert space.cache == CacheChoices("first_block", {"threshold": [0.05, 0.1, 0.15, 0.2, 0.3]})
