@@ -328,6 +328,24 @@ class GreedySpec(_Strict):
     window_size: int | None = None
 
 
+class BaselineSpec(_Strict):
+    """A preset users run today, measured on the held-out seeds beside greedy and learned plans (``ditplan
+    run``; ``ditplan compare`` shows it with the best learned plan at ≤ its latency). Exactly one of:
+    cache: one of diffusers' caches, ``{method: first_block, config: {}}`` (config: its fields, default
+    the documented defaults); sparse: a SparseDiT setting, ``{network: sparse/p1-s1_5, curve: {name:
+    paper, r_min: 0.5, r_max: 0.875}}`` (the network's folder relative to the model's)."""
+
+    name: str
+    cache: dict[str, Any] | None = None
+    sparse: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> BaselineSpec:
+        if (self.cache is None) == (self.sparse is None):
+            raise ValueError(f"baseline {self.name!r} needs exactly one of cache and sparse")
+        return self
+
+
 class ExperimentSpec(_Strict):
     name: str
     model: ModelSpec
@@ -336,6 +354,7 @@ class ExperimentSpec(_Strict):
     evaluation: EvaluationSpec = EvaluationSpec()
     search: SearchSpec = SearchSpec()
     greedy: GreedySpec = GreedySpec()
+    baselines: list[BaselineSpec] = []
     output_dir: str = "runs/${name}"
 
     @model_validator(mode="after")

@@ -13,6 +13,7 @@ from ditplan.errors import UserError
 from ditplan.evaluators.reference import dense_reference
 from ditplan.plan import load_plan
 from ditplan.report import compare_runs, export_plans
+from ditplan.search.baselines import measure_baselines
 from ditplan.search.driver import run_search
 from ditplan.search.greedy_cli import write_greedy_plans
 from ditplan.search.trial_eval import worker_adapter
@@ -56,6 +57,10 @@ def run_experiment(
                         warm_start=plans, show_progress=show_progress)
     console.print(f"{result.completed} trials complete ({result.failed} failed), feasible front of {len(result.front)}, "
                   f"hypervolume {result.hypervolume:.4g} (search seeds)")
+
+    if spec.baselines:
+        console.rule("[bold]baselines (held-out seeds, interleaved with dense)")
+        measure_baselines(adapter, spec, run_dir)
 
     console.rule("[bold]5/5 comparison and export")
     report = compare_runs([run_dir], run_dir / "report")
