@@ -23,6 +23,7 @@ seeds, same rounds); rel. L1 is to that dense, FLOPs are counted from the block 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")  # NOTE: cache-dit logs every enable/disable to stdout
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu_table import family_plans  # noqa: E402
 
