@@ -34,6 +34,7 @@ from ditplan.evaluators.cost import sample_forwards
 from ditplan.evaluators.held_out import DENSE
 from ditplan.models.adapters import LAYOUT_FILE, model_folder
 from ditplan.plan import Plan, load_plan
+from ditplan.search.baselines import load_baselines
 from ditplan.search.driver import is_feasible_trial, reference_point, study_storage
 from ditplan.search.storage import JOURNAL_FILE
 from ditplan.search.figures import front_html, front_png
@@ -66,13 +67,14 @@ class Candidate:
 @dataclass
 class Run:
     """A loaded run directory: its experiment, candidates and held-out evaluation (dense's metrics,
-    the seed set and what it spent)."""
+    the seed set and what it spent), and the held-out metrics of its baselines (by name)."""
 
     spec: ExperimentSpec
     candidates: list[Candidate]
     dense: dict[str, float] = field(default_factory=dict)
     held_out: dict[str, int] = field(default_factory=dict)
     held_out_spent: dict[str, float] = field(default_factory=dict)
+    baselines: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def _plan_path(run_dir: Path, number: int) -> Path:
@@ -116,6 +118,7 @@ def load_run_data(run_dir: str | Path) -> Run:
         warnings.warn(f"{run_dir}: {len(missing)} complete trials have no plan file here (trial {missing[0]}, …), left "
                       "out; resume the run (or its search) to write them")
     run.candidates = [_candidate(run_dir, t, held_out) for t in complete if t.number not in missing]
+    run.baselines = {name: values for name, values in load_baselines(run_dir).items() if name != DENSE}
     return run
 
 
@@ -258,6 +261,7 @@ def _headline_lines(run: Run) -> list[str]:
              "latency ratio (band) | FLOPs ratio |", "|---|---|" + "---|" * len(held_columns) + "---|---|---|"]
     rows = [("dense", "", run.dense, {})] + [(c.name, "greedy" if c.source == "greedy" else "learned", c.held_out, c.metrics)
                                              for c in measured]
+    rows += [(name, "baseline", values, {}) for name, values in run.baselines.items()]
     for name, side, held, search in rows:
         lines.append(f"| {name} | {side} | " + " | ".join(_fmt(held.get(m, float("nan"))) for m in held_columns)
                      + f" | {_fmt(search.get('rel_l1', float('nan')))} | {_latency(held)} | "
@@ -294,23 +298,29 @@ def _shift_sentence(measured: list[Candidate]) -> str:
 
 
 def _dominance_lines(run: Run) -> list[str]:
-    """For every greedy plan, the best feasible learned plan at ≤ its held-out latency, and whether it dominates."""
+    """For every greedy plan and every baseline, the best feasible learned plan at ≤ its held-out
+    latency, and whether it dominates. Baselines are measured in their own interleaved rounds
+    (``ditplan.search.baselines``): their latency ratios are to the dense run beside them."""
     quality = quality_metric(run.spec)
     sign = 1.0 if METRIC_DIRECTIONS.get(quality, "minimize") == "minimize" else -1.0
     learned = [c for c in run.candidates if c.source == "search" and c.feasible and c.held_out]
-    lines = ["## Dominance on held-out seeds: for every greedy plan, the best learned plan at ≤ its latency", "",
-             f"| greedy | {quality} | latency | best learned at ≤ its latency | {quality} | latency | Δ {quality} | verdict |",
+    title = "every greedy plan and baseline" if run.baselines else "every greedy plan"
+    lines = [f"## Dominance on held-out seeds: for {title}, the best learned plan at ≤ its latency", "",
+             f"| {'greedy / baseline' if run.baselines else 'greedy'} | {quality} | latency | best learned at ≤ its "
+             f"latency | {quality} | latency | Δ {quality} | verdict |",
              "|---|---|---|---|---|---|---|---|"]
-    for g in sorted((c for c in run.candidates if c.source == "greedy" and c.held_out), key=lambda c: c.name):
-        ok = [c for c in learned if c.value("latency_ratio") <= g.value("latency_ratio")]
-        head = f"| {g.name} | {_fmt(g.value(quality))} | {_fmt(g.value('latency_ratio'), '.3f')} |"
+    greedy = sorted((c for c in run.candidates if c.source == "greedy" and c.held_out), key=lambda c: c.name)
+    for name, values in [(g.name, g.held_out) for g in greedy] + list(run.baselines.items()):
+        latency = values.get("latency_ratio", math.nan)
+        ok = [c for c in learned if c.value("latency_ratio") <= latency]
+        head = f"| {name} | {_fmt(values.get(quality, math.nan))} | {_fmt(latency, '.3f')} |"
         if not ok:
             lines.append(head + " none | | | | no learned plan is as fast |")
             continue
         best = min(ok, key=lambda c: sign * c.value(quality))
-        delta = best.value(quality) - g.value(quality)
+        delta = best.value(quality) - values.get(quality, math.nan)
         verdict = "dominated" if sign * delta <= 0 else "**no learned plan dominates**"
-        if best.held_out.get("latency_ratio_max", 0.0) >= g.held_out.get("latency_ratio_min", math.inf):
+        if best.held_out.get("latency_ratio_max", 0.0) >= values.get("latency_ratio_min", math.inf):
             verdict += " (latency bands overlap: not faster beyond noise)"
         lines.append(head + f" {best.name} | {_fmt(best.value(quality))} | {_fmt(best.value('latency_ratio'), '.3f')} | "
                      f"{delta:+.4g} | {verdict} |")

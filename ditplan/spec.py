@@ -251,17 +251,29 @@ class SparseSpaceSpec(_Strict):
     curves: list[str] = ["constant", "paper", "linear", "cosine", "step"]
 
 
+class CacheSpaceSpec(_Strict):
+    """One of diffusers' caches as a search choice: a trial either runs it (every grid cell ``full``,
+    no SparseDiT part: the cache decides at run time what computes) or draws the grid and sparse parts
+    as usual. method: ``first_block`` or ``taylorseer``; params: narrower choices for its config fields,
+    e.g. ``{threshold: [0.05, 0.1]}`` (default: the method's own search values)."""
+
+    method: str
+    params: dict[str, list[Any]] = {}
+
+
 class SpaceSpec(_Strict):
-    """methods: strategies a (layer group × step segment) cell may take. layer_groups / step_segments:
-    a count of even pieces or explicit cut points (1 per layer / per step = the full grid).
-    params: narrower choices for strategy parameters, e.g. ``{wars: {window_size: [16, 32]}}``.
-    sparse: SparseDiT choices joined to the attention choices (none: attention strategies only)."""
+    """methods: strategies a (layer group × step segment) cell may take, attention strategies and block
+    caching (``reuse``, ``forecast``) alike. layer_groups / step_segments: a count of even pieces or
+    explicit cut points (1 per layer / per step = the full grid). params: narrower choices for strategy
+    parameters, e.g. ``{wars: {window_size: [16, 32]}}``. sparse: SparseDiT choices joined to the cell
+    choices (none: cells only). cache: one of diffusers' caches as a further choice (none: not drawn)."""
 
     methods: list[str] = ["full", "ast", "wars", "asc", "wars+asc"]
     layer_groups: int | list[int] = 3
     step_segments: int | list[int] = 4
     params: dict[str, dict[str, list[Any]]] = {}
     sparse: SparseSpaceSpec | None = None
+    cache: CacheSpaceSpec | None = None
 
 
 class RefineSpec(_Strict):
@@ -343,6 +355,24 @@ class GreedySpec(_Strict):
     window_size: int | None = Field(None, gt=0, le=2**20)
 
 
+class BaselineSpec(_Strict):
+    """A preset users run today, measured on the held-out seeds beside greedy and learned plans (``ditplan
+    run``; ``ditplan compare`` shows it with the best learned plan at ≤ its latency). Exactly one of:
+    cache: one of diffusers' caches, ``{method: first_block, config: {}}`` (config: its fields, default
+    the documented defaults); sparse: a SparseDiT setting, ``{network: sparse/p1-s1_5, curve: {name:
+    paper, r_min: 0.5, r_max: 0.875}}`` (the network's folder relative to the model's)."""
+
+    name: str
+    cache: dict[str, Any] | None = None
+    sparse: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> BaselineSpec:
+        if (self.cache is None) == (self.sparse is None):
+            raise ValueError(f"baseline {self.name!r} needs exactly one of cache and sparse")
+        return self
+
+
 class ExperimentSpec(_Strict):
     name: str
     model: ModelSpec
@@ -351,6 +381,7 @@ class ExperimentSpec(_Strict):
     evaluation: EvaluationSpec = EvaluationSpec()
     search: SearchSpec = SearchSpec()
     greedy: GreedySpec = GreedySpec()
+    baselines: list[BaselineSpec] = []
     output_dir: str = "runs/${name}"
 
     @model_validator(mode="after")

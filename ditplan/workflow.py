@@ -15,6 +15,7 @@ from ditplan.files import naming
 from ditplan.evaluators.reference import dense_reference
 from ditplan.plan import load_plan
 from ditplan.report import compare_runs, export_plans
+from ditplan.search.baselines import measure_baselines
 from ditplan.search.driver import run_search
 from ditplan.search.greedy_cli import write_greedy_plans
 from ditplan.search.storage import study_exists, study_storage
@@ -63,6 +64,10 @@ def run_experiment(
                         warm_start=plans, show_progress=show_progress)
     console.print(f"{result.completed} trials complete ({result.failed} failed), feasible front of {len(result.front)}, "
                   f"hypervolume {result.hypervolume:.4g} (search seeds)")
+
+    if spec.baselines:
+        console.rule("[bold]baselines (held-out seeds, interleaved with dense)")
+        measure_baselines(adapter, spec, run_dir)
 
     console.rule("[bold]5/5 comparison and export")
     report = compare_runs([run_dir], run_dir / "report")

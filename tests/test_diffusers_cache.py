@@ -74,3 +74,25 @@ def test_a_cache_plan_is_checked_before_anything_is_installed(tiny_adapter, tiny
     assert load_plan(good.save(tmp_path / "plan.yaml")) == good
     with pytest.raises(PlanError, match="executed_flops"):
         plan_flops(tiny_adapter, good, settings)
+
+
+def test_trials_and_the_held_out_evaluation_take_a_cache_plans_flops_from_what_ran(tiny_adapter, tiny_spec):
+    from ditplan.evaluators.held_out import held_out_metrics
+    from ditplan.search.trial_eval import plan_metrics
+
+    spec = tiny_spec.model_copy(update={"search": tiny_spec.search.model_copy(
+        update={"refine": tiny_spec.search.refine.model_copy(update={"samples": 6, "latency_repeats": 3})})})
+    settings = spec.sampler.settings()  # 4 steps, CFG; the tiny DiT has 2 blocks
+    never, always = (cache_plan(tiny_adapter, settings, "first_block", threshold=t) for t in (0.0, 1e9))
+    # skipping everything it can: both blocks at step 0, then only the first block (per sample: 4 rows)
+    skipped = executed_flops(tiny_adapter, {"block": 5, "self_attention": 5, "cross_attention": 0}, 4, rows=4)
+    dense_one = plan_flops(tiny_adapter, None, settings, batch=2).total
+    held_out = held_out_metrics(tiny_adapter, spec, {"never": never, "always": always}).metrics
+    assert held_out["never"]["flops_ratio"] == 1.0 and held_out["never"]["attention_flops_ratio"] == 1.0
+    assert held_out["never"]["rel_l1"] == 0.0
+    assert held_out["always"]["flops_ratio"] == skipped / dense_one  # 3 rounds of 2 samples each
+    assert held_out["always"]["attention_flops_ratio"] == 5 / 8
+    conditions, seeds = [1, 2], [0, 1]
+    dense = sample(tiny_adapter, conditions, seeds, settings)
+    trial = plan_metrics(tiny_adapter, spec, always, dense, conditions, seeds, ["rel_l1", "flops_ratio"])
+    assert trial["flops_ratio"] == skipped / dense_one and trial["rel_l1"] > 0

@@ -6,8 +6,12 @@ import optuna
 import pytest
 
 from ditplan.plan import Plan, PlanTarget
-from ditplan.search.space import NO_NETWORK, SparseChoices, SparseNetwork, build_space
+from ditplan.errors import UserError
+from ditplan.search.space import (
+    NO_CACHE, NO_NETWORK, CacheChoices, SparseChoices, SparseNetwork, build_space, cache_choices,
+)
 from ditplan.strategies.apply import build_strategies, sparse_layout
+from ditplan.strategies.diffusers_cache import CACHE_METHODS
 from ditplan.strategies.sdtm import SparseLayout
 
 TARGET = PlanTarget("m", "base", num_layers=6, num_tokens=256, scheduler="ddim", num_steps=10, guidance_scale=4.0)
@@ -68,3 +72,64 @@ def test_plans_outside_the_sparse_choices_are_not_expressible():
     assert space.params_for(Plan(NETWORK.target, (row,) * 10, sparse=layout.to_dict())) is None  # curve not offered
     with pytest.raises(ValueError, match="unknown pruning curve 'wavy'"):
         build_space(TARGET, ["full"], 1, 1, sparse=SparseChoices((), (0,), ("wavy",)))
+
+
+def test_a_diffusers_cache_choice_draws_cache_plans_with_dense_cells_and_maps_them_back():
+    cache = cache_choices("first_block", {"threshold": [0.05, 0.2]})
+    space = build_space(TARGET, ["full", "ast", "reuse", "forecast"], 2, 3,
+                        sparse=SparseChoices((NETWORK,), (0, 1), ("paper",)), cache=cache)
+    seen = set()
+    for plan, params in draw(space, trials=40):
+        assert space.params_for(plan) == params
+        if params["cache"] == NO_CACHE:
+            assert plan.cache is None and not any(k.startswith("cache.") for k in params)
+            seen |= plan.strategies()
+            continue
+        assert params == {"cache": "first_block", "cache.first_block.threshold": plan.cache["config"]["threshold"]}
+        assert plan.cache["config"]["threshold"] in (0.05, 0.2)
+        assert plan == Plan.uniform(TARGET, cache=plan.cache)  # every cell full, no sparse part
+        seen.add("cache")
+    assert {"cache", "reuse", "forecast", "pool"} <= seen
+    other = Plan.uniform(TARGET, cache={"method": "first_block", "config": {"threshold": 0.1}})  # not a choice
+    assert space.params_for(other) is None
+    assert build_space(TARGET, ["full"], 1, 1).params_for(other) is None  # no cache choice at all
+
+
+def test_a_cache_choice_keeps_the_methods_own_values_and_refuses_unknown_fields():
+    assert cache_choices("taylorseer").space == CACHE_METHODS["taylorseer"].space
+    narrowed = cache_choices("taylorseer", {"cache_interval": [2], "disable_cache_after_step": [15]})
+    assert narrowed.space == {**CACHE_METHODS["taylorseer"].space, "cache_interval": [2],
+                              "disable_cache_after_step": [15]}
+    with pytest.raises(UserError, match="unknown; use one of"):
+        cache_choices("mag")
+    with pytest.raises(UserError, match="'first_block' has no field 'interval'"):
+        cache_choices("first_block", {"interval": [2]})
+
+
+def test_an_experiment_file_makes_a_diffusers_cache_a_search_choice(tiny_adapter, tiny_spec):
+    from ditplan.search.space import experiment_space
+    from ditplan.spec import SpaceSpec
+
+    def with_space(**space):
+        return tiny_spec.model_copy(update={"search": tiny_spec.search.model_copy(update={"space": SpaceSpec(**space)})})
+
+    space = experiment_space(tiny_adapter, with_space(methods=["full", "reuse", "forecast"],
+                                                      cache={"method": "taylorseer", "params": {"cache_interval": [2, 3]}}))
+    assert space.methods == ("full", "reuse", "forecast") and space.params == {"forecast": {"order": [1, 2]}}
+    assert space.cache == CacheChoices("taylorseer", {**CACHE_METHODS["taylorseer"].space, "cache_interval": [2, 3]})
+    assert experiment_space(tiny_adapter, with_space()).cache is None
+    with pytest.raises(UserError, match="'taylorseer' has no field 'threshold'"):
+        experiment_space(tiny_adapter, with_space(cache={"method": "taylorseer", "params": {"threshold": [0.1]}}))
+
+
+def test_the_joint_quickstart_space_joins_attention_block_caching_sparsedit_and_a_diffusers_cache(embedded_adapter):
+    from pathlib import Path
+
+    from ditplan.search.space import experiment_space
+    from ditplan.spec import load_spec
+
+    spec = load_spec(Path(__file__).parents[1] / "experiments" / "quickstart-joint.yaml")
+    space = experiment_space(embedded_adapter, spec)
+    assert {"ast", "wars", "asc", "reuse", "forecast"} <= set(space.methods)
+    assert space.sparse is not None and len(space.sparse.networks) == 3
+    assert space.cache == CacheChoices("first_block", {"threshold": [0.05, 0.1, 0.15, 0.2, 0.3]})

@@ -14,7 +14,7 @@ import torch
 from ditplan.models.adapters import ModelAdapter, cross_attention_block_flops, other_flops, sdtm_overhead_flops
 from ditplan.models.sampling import SamplerSettings, plan_target
 from ditplan.plan import Plan, PlanError
-from ditplan.strategies.apply import CachePlanner, build_strategies, sparse_layout
+from ditplan.strategies.apply import CachePlanner, PlanRun, build_strategies, sparse_layout
 from ditplan.strategies.base import AttentionShape, cross_attention_flops, dense_attention_flops
 
 
@@ -75,6 +75,18 @@ def executed_flops(adapter: ModelAdapter, counts: dict[str, int], calls: int, ro
     per_row = (calls * once + counts["block"] * (per_block - cross) + counts["cross_attention"] * cross
                + counts["self_attention"] * dense_attention_flops(shape))
     return float(rows * per_row)
+
+
+def run_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSettings, run: PlanRun, batch: int) -> Flops:
+    """FLOPs of one sampling run of ``batch`` samples under ``plan``: analytic, or for a plan carrying
+    one of diffusers' caches, from what ran (its self-attention part: the self-attentions that ran)."""
+    if run.executed is None:
+        return plan_flops(adapter, plan, settings, batch)
+    rows = batch * (2 if settings.cfg else 1)
+    shape = AttentionShape(batch=rows, tokens=adapter.num_tokens, dim=adapter.hidden_dim,
+                           heads=adapter.transformer.config.num_attention_heads)
+    return Flops(attention=run.executed.counts["self_attention"] * dense_attention_flops(shape),
+                 total=executed_flops(adapter, run.executed.counts, run.executed.calls, rows))
 
 
 @dataclass(frozen=True)

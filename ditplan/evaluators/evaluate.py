@@ -10,13 +10,13 @@ import torch
 
 from ditplan.errors import UserError
 from ditplan.evaluators.base import Metric
-from ditplan.evaluators.cost import attention_time_share, interleaved_times, peak_memory_bytes, plan_flops
+from ditplan.evaluators.cost import attention_time_share, interleaved_times, peak_memory_bytes, plan_flops, run_flops
 from ditplan.evaluators.domain import applicable_metrics, domain_metrics
 from ditplan.evaluators.fidelity import FidelityEvaluator
 from ditplan.evaluators.reference import dense_reference
 from ditplan.files import check_folder, readable_file
 from ditplan.models.adapters import ModelAdapter
-from ditplan.strategies.apply import sample_with_plan
+from ditplan.strategies.apply import PlanRun, run_plan
 from ditplan.plan import Plan
 from ditplan.spec import ExperimentSpec
 
@@ -67,11 +67,12 @@ def evaluate_plan(
     dense = dense_reference(adapter, settings, conditions, seeds, spec.evaluation.cache_dir, show_progress)
 
     def run(with_plan: Plan | None) -> torch.Tensor:
-        images, peak[with_plan is not None] = sample_with_plan(adapter, with_plan, conditions, seeds, settings)
-        return images
+        runs[with_plan is not None] = result = run_plan(adapter, with_plan, conditions, seeds, settings)
+        return result.samples
 
-    peak = {False: 0, True: 0}
+    runs: dict[bool, PlanRun] = {}
     images = run(plan)  # also the warm-up
+    plan_run = runs[plan is not None]  # what ran (FLOPs of a plan carrying one of diffusers' caches), cache sizes
     named = interleaved_times({"plan": lambda: run(plan), "dense": lambda: run(None)}, device,
                               spec.evaluation.latency_repeats)
     times = {True: named["plan"], False: named["dense"]}
@@ -97,14 +98,14 @@ def evaluate_plan(
                 "clip_score skipped: set evaluation.clip_weights_path to a local CLIP folder to compute it",
                 stacklevel=2,
             )
-    flops, dense_flops = plan_flops(adapter, plan, settings, len(seeds)), plan_flops(adapter, None, settings, len(seeds))
+    flops, dense_flops = run_flops(adapter, plan, settings, plan_run, len(seeds)), plan_flops(adapter, None, settings, len(seeds))
     latency = {k: statistics.median(v) for k, v in times.items()}
     pairs = {
         "latency_s": (latency[True], latency[False], "minimize"),
         "latency_ratio": (latency[True] / latency[False], 1.0, "minimize"),
         "attention_flops_ratio": (flops.attention / dense_flops.attention, 1.0, "minimize"),
         "flops_ratio": (flops.total / dense_flops.total, 1.0, "minimize"),
-        "cache_peak_mb": (peak[True] / 2**20, 0.0, "minimize"),
+        "cache_peak_mb": (plan_run.peak_cache_bytes / 2**20, 0.0, "minimize"),
     }
     for name, (mine_value, ref_value, direction) in pairs.items():
         out[name] = (Metric(name, mine_value, direction), Metric(name, ref_value, direction))

@@ -4,7 +4,8 @@ The held-out samples are drawn in ``refine.latency_repeats`` equal rounds. In ea
 every plan sample that round's seeds in turn, in one process, timed: each round gives every plan a
 latency ratio to the dense run next to it (drift on a noisy machine hits both alike), and the rounds
 together give every plan its held-out samples — quality and latency come from the same runs, so the
-latency costs no extra sampling. Quality: fidelity to dense on the same seeds, analytic FLOPs and,
+latency costs no extra sampling. Quality: fidelity to dense on the same seeds, FLOPs (analytic; for
+a plan carrying one of diffusers' caches, counted from what ran in its rounds) and,
 when the experiment names a feature extractor, domain FID/KID against the real reference, KID on the
 extractor's low-level layer (``kid_low``) and class agreement.
 """
@@ -20,11 +21,11 @@ from typing import Any
 
 import torch
 
-from ditplan.evaluators.cost import plan_flops, sample_forwards
+from ditplan.evaluators.cost import Flops, run_flops, sample_forwards
 from ditplan.evaluators.domain import domain_metrics
 from ditplan.evaluators.fidelity import FidelityEvaluator
 from ditplan.models.adapters import ModelAdapter
-from ditplan.strategies.apply import sample_with_plan
+from ditplan.strategies.apply import run_plan
 from ditplan.plan import Plan
 from ditplan.spec import ExperimentSpec, SeedSet
 
@@ -54,24 +55,28 @@ def rounds(seed_set: SeedSet, count: int) -> list[tuple[list[Any], list[int]]]:
 
 def _timed_rounds(
     adapter: ModelAdapter, spec: ExperimentSpec, plans: Mapping[str, Plan | None], seed_set: SeedSet, count: int,
-) -> tuple[dict[str, torch.Tensor], dict[str, list[float]]]:
-    """Samples of every plan on the whole set and seconds per round, plans taking turns in each round."""
+) -> tuple[dict[str, torch.Tensor], dict[str, list[float]], dict[str, Flops]]:
+    """Samples of every plan on the whole set, seconds per round and FLOPs of all rounds, plans taking
+    turns in each round."""
     settings = spec.sampler.settings()
     warm = (seed_set.conditions[:WARMUP_SAMPLES], seed_set.seeds[:WARMUP_SAMPLES])
     for plan in plans.values():  # loads fine-tuned networks, first-call allocations
-        sample_with_plan(adapter, plan, *warm, settings)
+        run_plan(adapter, plan, *warm, settings)
     samples: dict[str, list[torch.Tensor]] = {name: [] for name in plans}
     seconds: dict[str, list[float]] = {name: [] for name in plans}
+    flops = dict.fromkeys(plans, Flops(0.0, 0.0))
     device = next(adapter.transformer.parameters()).device
     for conditions, seeds in rounds(seed_set, count):
         for name, plan in plans.items():
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            images, _ = sample_with_plan(adapter, plan, conditions, seeds, settings)  # synchronises: .cpu()
+            run = run_plan(adapter, plan, conditions, seeds, settings)  # synchronises: .cpu()
             seconds[name].append(time.perf_counter() - start)
-            samples[name].append(images)
-    return {name: torch.cat(parts) for name, parts in samples.items()}, seconds
+            samples[name].append(run.samples)
+            spent = run_flops(adapter, plan, settings, run, len(seeds))
+            flops[name] = Flops(flops[name].attention + spent.attention, flops[name].total + spent.total)
+    return {name: torch.cat(parts) for name, parts in samples.items()}, seconds, flops
 
 
 def _quality(spec: ExperimentSpec, images: torch.Tensor, dense: torch.Tensor, conditions: Sequence[Any],
@@ -90,9 +95,9 @@ def held_out_metrics(adapter: ModelAdapter, spec: ExperimentSpec, plans: Mapping
     seed_set = spec.seed_set("held_out")
     runs: dict[str, Plan | None] = {DENSE: None, **plans}
     started = time.perf_counter()
-    samples, seconds = _timed_rounds(adapter, spec, runs, seed_set, refine.latency_repeats)
+    samples, seconds, flops_by_plan = _timed_rounds(adapter, spec, runs, seed_set, refine.latency_repeats)
     n = len(seed_set.seeds)
-    dense_flops = plan_flops(adapter, None, settings, n)
+    dense_flops = flops_by_plan[DENSE]
     metrics: dict[str, dict[str, float]] = {}
     round_sizes = [len(seeds) for _, seeds in rounds(seed_set, refine.latency_repeats)]
     reference = None
@@ -103,7 +108,7 @@ def held_out_metrics(adapter: ModelAdapter, spec: ExperimentSpec, plans: Mapping
     for name, plan in runs.items():
         values = _quality(spec, samples[name], samples[DENSE], seed_set.conditions, reference,
                           getattr(adapter, "num_classes", None))
-        flops = plan_flops(adapter, plan, settings, n)
+        flops = flops_by_plan[name]
         ratios = [mine / dense for mine, dense in zip(seconds[name], seconds[DENSE])]
         values.update(
             flops_ratio=flops.total / dense_flops.total,

@@ -27,13 +27,12 @@ from ditplan.atomic import atomic_write_text
 from ditplan.errors import UserError
 from ditplan.evaluators.base import METRIC_REFERENCE
 from ditplan.evaluators.reference import dense_reference
-from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, library_versions
 from ditplan.progress import progress_bar
 from ditplan.search.figures import front_html, front_png
 from ditplan.search.pareto import hypervolume, pareto_mask
 from ditplan.search.ray_tasks import TaskPool
-from ditplan.search.space import build_space, sparse_choices
+from ditplan.search.space import experiment_space
 from ditplan.search.storage import (
     ERROR,
     WARM,
@@ -163,9 +162,7 @@ class _Search:
         settings = spec.sampler.settings()
         _, self.conditions, self.seeds = spec.seed_set("search")
         self.dense = dense_reference(self.adapter, settings, self.conditions, self.seeds, spec.evaluation.cache_dir)
-        space = self.search.space
-        self.space = build_space(plan_target(self.adapter, settings), space.methods, space.layer_groups,
-                                 space.step_segments, space.params, sparse_choices(self.adapter, spec))
+        self.space = experiment_space(self.adapter, spec)
         self.reference = reference_point(spec)
         self.tracker = Tracker(
             self.search.tracking_uri or default_tracking_uri(run_dir), "ditplan", spec.name,

@@ -10,6 +10,11 @@ SparseDiT joins as global choices (:class:`SparseChoices`): which fine-tuned net
 Poolingformer layers and SDTM modules) or none, then a pruning-curve family and its rates inside the
 rate range that network was trained for; without a network, a number of Poolingformer bottom layers
 (usable without fine-tuning). Blocks a layout fixes are not drawn in the grid.
+
+Block caching (``reuse``, ``forecast``) are cell methods like the attention strategies. One of
+diffusers' caches joins as a global choice (:class:`CacheChoices`): a trial first draws whether it
+runs the cache (then with its drawn config, every cell ``full`` and no sparse part, as such plans
+must be) or draws the grid and the sparse part.
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ from ditplan.plan import Plan, PlanTarget
 from ditplan.spec import ExperimentSpec
 from ditplan.strategies.base import get_strategy_class
 from ditplan.strategies.curves import CURVES, RATE_CHOICES
+from ditplan.strategies.diffusers_cache import CACHE_METHODS
 from ditplan.strategies.sdtm import SparseLayout
 
 NO_NETWORK = "none"
+NO_CACHE = "none"
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,17 @@ class SparseChoices:
     curves: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class CacheChoices:
+    """One of diffusers' caches (``method``, a key of ``CACHE_METHODS``) and ``{field: [choices]}``."""
+
+    method: str
+    space: Mapping[str, Sequence[Any]]
+
+    def param_name(self, field: str) -> str:
+        return f"cache.{self.method}.{field}"
+
+
 def _bounds(cuts: Sequence[int], end: int, start: int) -> list[tuple[int, int]]:
     edges = sorted({start, *(c for c in cuts if start < c < end), end})
     return list(zip(edges[:-1], edges[1:]))
@@ -81,6 +99,7 @@ class PlanSpace:
     step_cuts: tuple[int, ...]
     params: Mapping[str, Mapping[str, Sequence[Any]]]
     sparse: SparseChoices | None = None
+    cache: CacheChoices | None = None
 
     @property
     def layer_groups(self) -> list[tuple[int, int]]:
@@ -98,11 +117,19 @@ class PlanSpace:
         (a cell that mixes methods, a method or parameter value outside the choices)."""
         params: dict[str, Any] = {}
         fixed: dict[int, str] = {}
+        if self.cache is not None:
+            cache = self._cache_params_for(plan)
+            if cache is None or plan.cache:
+                return cache
+            params.update(cache)
+        elif plan.cache:
+            return None
         if self.sparse is not None:
             sparse = self._sparse_params_for(plan)
             if sparse is None:
                 return None
-            params, fixed = sparse
+            params.update(sparse[0])
+            fixed = sparse[1]
         elif plan.sparse:
             return None
         if any(m != fixed.get(layer, "full") for layer, m in enumerate(plan.grid[0])):
@@ -128,6 +155,10 @@ class PlanSpace:
 
     def suggest(self, trial: optuna.Trial) -> Plan:
         """Called once per trial on the driver: draws every cell and parameter, returns the plan."""
+        if self.cache is not None:
+            cache = self._suggest_cache(trial)
+            if cache is not None:
+                return Plan.uniform(self.target, cache=cache)
         target, layout, fixed = self.target, None, {}
         if self.sparse is not None:
             target, layout, fixed = self._suggest_sparse(trial)
@@ -147,6 +178,28 @@ class PlanSpace:
             if name in used:
                 params[name] = {p: trial.suggest_categorical(_param_name(name, p), list(c)) for p, c in choices.items()}
         return Plan(target, tuple(map(tuple, grid)), params=params, sparse=layout.to_dict() if layout else None)
+
+    # --- diffusers' caches --------------------------------------------------------------------------
+    def _suggest_cache(self, trial: optuna.Trial) -> dict[str, Any] | None:
+        """The plan's ``cache`` part, or None when the trial runs without the cache."""
+        choices = self.cache
+        assert choices is not None
+        if trial.suggest_categorical("cache", [NO_CACHE, choices.method]) == NO_CACHE:
+            return None
+        config = {f: trial.suggest_categorical(choices.param_name(f), list(c)) for f, c in choices.space.items()}
+        return {"method": choices.method, "config": config}
+
+    def _cache_params_for(self, plan: Plan) -> dict[str, Any] | None:
+        choices = self.cache
+        assert choices is not None
+        if not plan.cache:
+            return {"cache": NO_CACHE}
+        config = dict(plan.cache.get("config") or {})
+        if plan.cache.get("method") != choices.method or set(config) != set(choices.space):
+            return None
+        if any(config[f] not in options for f, options in choices.space.items()):
+            return None
+        return {"cache": choices.method, **{choices.param_name(f): config[f] for f in choices.space}}
 
     # --- SparseDiT --------------------------------------------------------------------------------
     def _network(self, weights: str) -> SparseNetwork:
@@ -208,6 +261,7 @@ def build_space(
     step_segments: int | Sequence[int],
     param_choices: Mapping[str, Mapping[str, Sequence[Any]]] | None = None,
     sparse: SparseChoices | None = None,
+    cache: CacheChoices | None = None,
 ) -> PlanSpace:
     """``layer_groups`` / ``step_segments``: a count (even pieces) or explicit cut points."""
     for name in methods:
@@ -229,7 +283,37 @@ def build_space(
         unknown = [c for c in sparse.curves if c not in CURVES]
         if unknown:
             raise ValueError(f"unknown pruning curve {unknown[0]!r} in the search space; curves: {sorted(CURVES)}")
-    return PlanSpace(target, tuple(methods), tuple(layer_cuts), tuple(step_cuts), params, sparse)
+    return PlanSpace(target, tuple(methods), tuple(layer_cuts), tuple(step_cuts), params, sparse, cache)
+
+
+def cache_choices(method: str, params: Mapping[str, Sequence[Any]] | None = None) -> CacheChoices:
+    """Diffusers' cache ``method`` as a search choice: its own search values, narrowed or extended
+    field by field by ``params``; unknown methods, fields and values are refused by name."""
+    known = CACHE_METHODS.get(method)
+    if known is None:
+        raise UserError(f"search.space.cache.method {method!r} is unknown; use one of {sorted(CACHE_METHODS)}")
+    space = {k: list(v) for k, v in known.space.items()}
+    for field, values in (params or {}).items():
+        if field not in known.fields:
+            raise UserError(f"search.space.cache.params: {method!r} has no field {field!r}; its fields are "
+                            f"{list(known.fields)}")
+        if not values:
+            raise UserError(f"search.space.cache.params.{field} lists no values; give at least one")
+        for value in values:
+            try:
+                known.config_class(**{**known.defaults, field: value})
+            except (TypeError, ValueError) as err:
+                raise UserError(f"search.space.cache.params.{field}: {value!r} is not valid for {method!r} ({err})") from None
+        space[field] = list(values)
+    return CacheChoices(method, space)
+
+
+def experiment_space(adapter: ModelAdapter, spec: ExperimentSpec) -> PlanSpace:
+    """The search space an experiment file describes, for its model and sampler."""
+    space = spec.search.space
+    cache = cache_choices(space.cache.method, space.cache.params) if space.cache is not None else None
+    return build_space(plan_target(adapter, spec.sampler.settings()), space.methods, space.layer_groups,
+                       space.step_segments, space.params, sparse_choices(adapter, spec), cache)
 
 
 def sparse_choices(adapter: ModelAdapter, spec: ExperimentSpec) -> SparseChoices | None:

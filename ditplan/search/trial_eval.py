@@ -13,11 +13,11 @@ from typing import Any
 import torch
 
 from ditplan.evaluators.base import METRIC_DIRECTIONS
-from ditplan.evaluators.cost import plan_flops
+from ditplan.evaluators.cost import plan_flops, run_flops
 from ditplan.evaluators.domain import DOMAIN_METRICS, domain_metrics
 from ditplan.evaluators.fidelity import FidelityEvaluator
 from ditplan.models.adapters import ModelAdapter, adapter_from_spec
-from ditplan.strategies.apply import sample_with_plan
+from ditplan.strategies.apply import PlanRun, run_plan
 from ditplan.plan import Plan
 from ditplan.spec import ExperimentSpec
 
@@ -34,10 +34,10 @@ def worker_adapter(spec: ExperimentSpec) -> ModelAdapter:
     return _WORKER_ADAPTERS[key]
 
 
-def _timed_sample(adapter: ModelAdapter, plan: Plan | None, spec: ExperimentSpec, conditions: Sequence[Any], seeds: Sequence[int]) -> tuple[torch.Tensor, float]:
+def _timed_sample(adapter: ModelAdapter, plan: Plan | None, spec: ExperimentSpec, conditions: Sequence[Any], seeds: Sequence[int]) -> tuple[PlanRun, float]:
     start = time.perf_counter()
-    samples, _ = sample_with_plan(adapter, plan, conditions, seeds, spec.sampler.settings())
-    return samples, time.perf_counter() - start
+    run = run_plan(adapter, plan, conditions, seeds, spec.sampler.settings())
+    return run, time.perf_counter() - start
 
 
 def plan_metrics(
@@ -52,9 +52,10 @@ def plan_metrics(
 ) -> dict[str, float]:
     """The requested metrics of ``plan`` on ``(conditions, seeds)`` against ``dense`` (same seeds)."""
     settings = spec.sampler.settings()
-    samples, _ = _timed_sample(adapter, plan, spec, conditions, seeds)  # also the warm-up
+    run, _ = _timed_sample(adapter, plan, spec, conditions, seeds)  # also the warm-up
+    samples = run.samples
     values: dict[str, float] = {m.name: m.value for m in FidelityEvaluator().evaluate(samples, dense)}
-    flops, dense_flops = plan_flops(adapter, plan, settings, len(seeds)), plan_flops(adapter, None, settings, len(seeds))
+    flops, dense_flops = run_flops(adapter, plan, settings, run, len(seeds)), plan_flops(adapter, None, settings, len(seeds))
     values["flops_ratio"] = flops.total / dense_flops.total
     values["attention_flops_ratio"] = flops.attention / dense_flops.attention
     if "latency_ratio" in metrics:

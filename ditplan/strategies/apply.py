@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -434,6 +435,49 @@ def remove_plan(transformer: torch.nn.Module) -> None:
     delattr(transformer, _RUNTIME_ATTR)
 
 
+@dataclass(frozen=True)
+class Executed:
+    """What ran in one sampling run of a plan whose cache decides at run time (one of diffusers'):
+    the block parts counted by :class:`ExecutionCounter` over ``calls`` transformer calls."""
+
+    counts: dict[str, int]
+    calls: int
+
+
+@dataclass(frozen=True)
+class PlanRun:
+    """One sampling run under a plan: the samples, the peak bytes the plan's caches held, and what
+    ran where that is decided at run time (else None: the plan's cost is analytic)."""
+
+    samples: torch.Tensor
+    peak_cache_bytes: int
+    executed: Executed | None = None
+
+
+def run_plan(
+    adapter: ModelAdapter,
+    plan: Plan | None,
+    conditions: Sequence[Any],
+    seeds: Sequence[int],
+    settings: SamplerSettings,
+    show_progress: bool = False,
+) -> PlanRun:
+    """Sample under ``plan`` (dense when None), checked against this model and sampler, and remove
+    it again. A plan made for a fine-tuned SparseDiT network runs on that network, loaded from next
+    to ``adapter``'s weights."""
+    if plan is None:
+        return PlanRun(sample(adapter, conditions, seeds, settings, show_progress), 0)
+    adapter = load_for_plan(adapter, plan)
+    runtime = apply_plan(adapter.transformer, plan, plan_target(adapter, settings), adapter.merges)
+    try:
+        samples = sample(adapter, conditions, seeds, settings, show_progress)
+        counter = runtime.executed
+        executed = Executed(dict(counter.counts), counter.calls) if counter is not None else None
+        return PlanRun(samples, runtime.peak_cache_bytes, executed)
+    finally:
+        remove_plan(adapter.transformer)
+
+
 def sample_with_plan(
     adapter: ModelAdapter,
     plan: Plan | None,
@@ -442,14 +486,6 @@ def sample_with_plan(
     settings: SamplerSettings,
     show_progress: bool = False,
 ) -> tuple[torch.Tensor, int]:
-    """Sample under ``plan`` (dense when None), checked against this model and sampler, and remove
-    it again; returns the samples and the peak bytes the plan's caches held. A plan made for a
-    fine-tuned SparseDiT network runs on that network, loaded from next to ``adapter``'s weights."""
-    if plan is None:
-        return sample(adapter, conditions, seeds, settings, show_progress), 0
-    adapter = load_for_plan(adapter, plan)
-    runtime = apply_plan(adapter.transformer, plan, plan_target(adapter, settings), adapter.merges)
-    try:
-        return sample(adapter, conditions, seeds, settings, show_progress), runtime.peak_cache_bytes
-    finally:
-        remove_plan(adapter.transformer)
+    """:func:`run_plan`'s samples and the peak bytes the plan's caches held."""
+    run = run_plan(adapter, plan, conditions, seeds, settings, show_progress)
+    return run.samples, run.peak_cache_bytes
