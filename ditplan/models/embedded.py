@@ -36,7 +36,6 @@ class EmbeddedModel:
     num_layers: int
     num_attention_heads: int
     attention_head_dim: int
-    summary: str
     storage_dtype: torch.dtype = torch.float32
 
     def transformer_config(self) -> dict[str, Any]:
@@ -55,11 +54,10 @@ class EmbeddedModel:
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     # 6 layers × 128 wide, 4 heads of 32; 32×32 pixels in 2×2 patches → 256 tokens; ≈ 2.1 M parameters.
     # Sized so that sampling stays cheap on 2 CPU cores (plan searches sample thousands of times).
-    "embedded": EmbeddedModel(PACKAGE_FOLDER / "embedded", 32, 6, 4, 32, "6 layers × 128, 256 tokens, CPU-sized"),
+    "embedded": EmbeddedModel(PACKAGE_FOLDER / "embedded", 32, 6, 4, 32),
     # 8 layers × 256 wide, 4 heads of 64; 64×64 pixels in 2×2 patches → 1,024 tokens; ≈ 10.7 M parameters,
     # stored in float16. Trained on a GPU: the size where window attention and token sparsity pay.
-    "embedded-1024": EmbeddedModel(PACKAGE_FOLDER / "embedded_1024", 64, 8, 4, 64,
-                                   "8 layers × 256, 1,024 tokens, GPU-sized", storage_dtype=torch.float16),
+    "embedded-1024": EmbeddedModel(PACKAGE_FOLDER / "embedded_1024", 64, 8, 4, 64, storage_dtype=torch.float16),
 }
 EMBEDDED_PATH = EMBEDDED_MODELS["embedded"].folder
 
