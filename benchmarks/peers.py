@@ -130,12 +130,36 @@ def cache_dit_metrics(adapter: ModelAdapter, spec: ExperimentSpec) -> dict[str, 
     reference = reference_images(spec)
     out = {}
     for name in configs:
-        values = _quality(spec, torch.cat(samples[name]), dense, seed_set.conditions, reference)
+        values = _quality(spec, torch.cat(samples[name]), dense, seed_set.conditions, reference,
+                          getattr(adapter, "num_classes", None))
         ratios = [mine / base for mine, base in zip(seconds[name], seconds[PIPELINE_DENSE])]
         values.update(flops_ratio=flops[name] / flops[PIPELINE_DENSE], latency_ratio=statistics.median(ratios),
                       latency_ratio_min=min(ratios), latency_ratio_max=max(ratios))
         out[name] = values
     return out
+
+
+def print_row(name: str, side: str, v: dict[str, float]) -> None:
+    nan = float("nan")
+    print(f"| {name} | {side} | {v['latency_ratio']:.3f} ({v['latency_ratio_min']:.2f}–{v['latency_ratio_max']:.2f}) "
+          f"| {v.get('fid', nan):.3f} | {v.get('kid', nan):.4f} | {v.get('kid_low', nan):.4f} | {v['rel_l1']:.4f} "
+          f"| {v['flops_ratio']:.3f} |", flush=True)
+
+
+def cache_dit_rows(adapter: ModelAdapter, spec: ExperimentSpec) -> list[tuple[str, str, dict[str, float]]]:
+    """cache-dit's rows, printed as they come (or a line saying it is not installed)."""
+    try:
+        import cache_dit
+    except ImportError:
+        print("cache-dit is not installed (pip install 'ditplan[peers]'): no cache-dit rows")
+        return []
+    started = time.perf_counter()
+    rows = [(name, f"cache-dit {cache_dit.__version__}", values) for name, values in cache_dit_metrics(adapter, spec).items()]
+    for row in rows:
+        print_row(*row)
+    print(f"(cache-dit rows: a second interleaved loop on a stock DiTPipeline, ratios and rel. L1 to the pipeline's own "
+          f"dense run; {time.perf_counter() - started:.0f} s)")
+    return rows
 
 
 def main() -> None:
@@ -157,34 +181,56 @@ def main() -> None:
         plan = load_plan(path)
         plans[Path(path).stem] = (plan.provenance.get("search", "plan file"), plan)
     result = held_out_metrics(adapter, spec, {name: plan for name, (_, plan) in plans.items()})
-    rows = [(DENSE, "", result.metrics[DENSE])] + [(n, side, result.metrics[n]) for n, (side, _) in plans.items()]
-    cache_dit_note = ""
-    if not args.no_cache_dit:
-        try:
-            import cache_dit
-        except ImportError:
-            cache_dit_note = "cache-dit is not installed (pip install 'ditplan[peers]'): no cache-dit rows"
-        else:
-            started = time.perf_counter()
-            measured = cache_dit_metrics(adapter, spec)
-            rows += [(name, f"cache-dit {cache_dit.__version__}", values) for name, values in measured.items()]
-            cache_dit_note = (f"cache-dit rows: a second interleaved loop on a stock DiTPipeline, ratios and rel. L1 "
-                              f"to the pipeline's own dense run; {time.perf_counter() - started:.0f} s")
     print(f"# python benchmarks/peers.py --experiment {args.experiment}"
           f"{f' --samples {args.samples}' if args.samples else ''} --plans {' '.join(args.plans)}")
     print(f"{spec.name} on cpu ({torch.get_num_threads()} threads), {spec.model.dtype}: {len(result.seed_set.seeds)} "
           f"held-out samples (seeds {result.seed_set.seeds[0]}…), {spec.search.refine.latency_repeats} rounds "
           f"interleaved with dense, {spec.sampler.num_steps} {spec.sampler.scheduler} steps, CFG "
           f"{spec.sampler.guidance_scale}; plans: {result.seconds:.0f} s")
-    if cache_dit_note:
-        print(cache_dit_note)
     print("| row | side | latency ratio (band) | FID | KID | kid_low | rel. L1 to dense | FLOPs ratio |")
     print("|---|---|---|---|---|---|---|---|")
-    nan = float("nan")
-    for name, side, v in rows:
-        print(f"| {name} | {side} | {v['latency_ratio']:.3f} ({v['latency_ratio_min']:.2f}–{v['latency_ratio_max']:.2f}) "
-              f"| {v.get('fid', nan):.3f} | {v.get('kid', nan):.4f} | {v.get('kid_low', nan):.4f} | {v['rel_l1']:.4f} "
-              f"| {v['flops_ratio']:.3f} |", flush=True)
+    rows = [(DENSE, "", result.metrics[DENSE])] + [(n, side, result.metrics[n]) for n, (side, _) in plans.items()]
+    for row in rows:
+        print_row(*row)
+    if not args.no_cache_dit:
+        rows += cache_dit_rows(adapter, spec)
+    learned = {n for n, (side, _) in plans.items() if side.startswith("optuna")}
+    training_free = {n for n in learned if not (plans[n][1].sparse or {}).get("weights")}
+    print_goals(rows, learned, training_free)
+
+
+def print_goals(rows: list[tuple[str, str, dict[str, float]]], learned: set[str], training_free: set[str]) -> None:
+    """The issue's two goals, read off the rows: the fastest training-free learned plan within +10 % of
+    dense's FID, and for every peer row the fastest learned plan at ≤ its latency ratio and ≤ its FID."""
+    dense_fid = rows[0][2]["fid"]
+    by_name = {name: values for name, _, values in rows}
+
+    def fastest(names: set[str], latency: float, fid: float) -> str | None:
+        ok = [n for n in names if by_name[n]["latency_ratio"] <= latency and by_name[n]["fid"] <= fid]
+        return min(ok, key=lambda n: by_name[n]["latency_ratio"], default=None)
+
+    print(f"\n## Goals (medians; a latency difference inside the rows' bands decides nothing)\n"
+          f"training-free learned plans: {len(training_free)} of {len(learned)} learned rows")
+    best = fastest(training_free, float("inf"), 1.10 * dense_fid)
+    if best is None:
+        print(f"- training-free learned plan ≥ 2× within +10 % FID (≤ {1.10 * dense_fid:.3f}): NO plan within +10 % FID")
+    else:
+        v = by_name[best]
+        verdict = "met" if v["latency_ratio"] <= 0.5 else "NOT met"
+        print(f"- training-free learned plan ≥ 2× within +10 % FID (≤ {1.10 * dense_fid:.3f}): {verdict}: {best} "
+              f"{1 / v['latency_ratio']:.2f}× (latency {v['latency_ratio']:.3f}, band {v['latency_ratio_min']:.2f}–"
+              f"{v['latency_ratio_max']:.2f}) at FID {v['fid']:.3f}")
+    print("| peer row | its latency | its FID | fastest learned at ≤ latency and ≤ FID | latency | FID |")
+    print("|---|---|---|---|---|---|")
+    for name, side, v in rows[1:]:
+        if name in learned or name == PIPELINE_DENSE:
+            continue
+        match = fastest(learned, v["latency_ratio"], v["fid"])
+        theirs = f"| {name} | {v['latency_ratio']:.3f} | {v['fid']:.3f} "
+        if match is None:
+            print(theirs + "| **none** | | |")
+        else:
+            print(theirs + f"| {match} | {by_name[match]['latency_ratio']:.3f} | {by_name[match]['fid']:.3f} |")
 
 
 if __name__ == "__main__":
