@@ -126,7 +126,8 @@ def _search(args: argparse.Namespace) -> None:
         check_plan(plan)
     result = run_search(spec, run_dir, trials=args.trials, workers=args.workers, ray_address=args.ray_address,
                         resume=args.resume, warm_start=warm, plugins=args.plugin or (), refine=not args.no_refine)
-    print(f"study {result.study_name}: {result.completed} complete, {result.failed} failed trials; "
+    print(f"study {result.study_name}: {result.completed} complete ({result.repeats} repeats of an earlier trial's "
+          f"parameters, not evaluated again), {result.failed} failed trials; "
           f"front of {len(result.front)}; hypervolume {result.hypervolume:.4g}")
     print(f"Pareto front: {run_dir / 'pareto_front.md'}; plans: {run_dir / 'trials'}; MLflow: {_mlflow_hint(spec, run_dir)}")
 

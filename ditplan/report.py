@@ -35,7 +35,7 @@ from ditplan.evaluators.held_out import DENSE
 from ditplan.models.adapters import LAYOUT_FILE, model_folder
 from ditplan.plan import Plan, load_plan
 from ditplan.search.baselines import load_baselines
-from ditplan.search.driver import is_feasible_trial, reference_point, study_storage
+from ditplan.search.driver import REPEAT, is_feasible_trial, reference_point, study_storage
 from ditplan.search.storage import JOURNAL_FILE
 from ditplan.search.figures import front_html, front_png
 from ditplan.search.pareto import hypervolume, pareto_mask
@@ -117,7 +117,7 @@ def load_run_data(run_dir: str | Path) -> Run:
     if missing:
         warnings.warn(f"{run_dir}: {len(missing)} complete trials have no plan file here (trial {missing[0]}, …), left "
                       "out; resume the run (or its search) to write them")
-    run.candidates = [_candidate(run_dir, t, held_out) for t in complete if t.number not in missing]
+    run.candidates = [_candidate(run_dir, t, held_out) for t in complete if t.number not in missing and REPEAT not in t.user_attrs]
     run.baselines = {name: values for name, values in load_baselines(run_dir).items() if name != DENSE}
     return run
 

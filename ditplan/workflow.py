@@ -62,7 +62,7 @@ def run_experiment(
     resume = study_exists(study_storage(spec, search_dir), spec.name)  # a journal file or an RDB, whatever holds it
     result = run_search(spec, search_dir, trials=trials, workers=workers, ray_address=ray_address, resume=resume,
                         warm_start=plans, show_progress=show_progress)
-    console.print(f"{result.completed} trials complete ({result.failed} failed), feasible front of {len(result.front)}, "
+    console.print(f"{result.completed} trials complete ({result.repeats} repeats, {result.failed} failed), feasible front of {len(result.front)}, "
                   f"hypervolume {result.hypervolume:.4g} (search seeds)")
 
     if spec.baselines:

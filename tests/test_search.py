@@ -134,3 +134,20 @@ def test_a_search_with_sparsedit_choices_runs_plans_on_the_fine_tuned_network(lo
     tuned = [p for p in plans if (p.sparse or {}).get("weights") == "sparse/p1-s1_4"]
     assert tuned and all(p.target.weights_hash != teacher.weights_hash for p in tuned)
     assert all(p.provenance["metrics"]["flops_ratio"] < 1 for p in tuned)
+
+
+def test_a_trial_that_repeats_earlier_parameters_takes_their_values_without_evaluation(local_ray, tmp_path):
+    space = {"methods": ["full", "ast"], "layer_groups": 1, "step_segments": 1}  # two plans in all
+    spec = _spec(tmp_path, space=load_spec(EXPERIMENT).search.space.model_copy(update=space), refine=None)
+    result = run_search(spec, tmp_path / "run", trials=6, workers=1, show_progress=False)
+    complete = _study(spec, tmp_path / "run").get_trials(states=(TrialState.COMPLETE,))
+    first = {}
+    for trial in complete:
+        first.setdefault(tuple(sorted(trial.params.items())), trial)
+    repeats = [t for t in complete if "repeat_of" in t.user_attrs]
+    assert len(complete) == 6 == result.completed and len(first) <= 2
+    assert result.repeats == len(repeats) == 6 - len(first)  # one worker: every plan evaluated once
+    for trial in repeats:
+        original = first[tuple(sorted(trial.params.items()))]
+        assert trial.user_attrs["repeat_of"] == original.number and trial.values == original.values
+    assert len(result.front) <= len(first)  # each plan once on the front

@@ -60,6 +60,7 @@ SAMPLERS = {
 METRICS = "metrics"  # user attribute: every search-seed metric of a complete trial (its plan file's provenance)
 DRIVER = "driver"  # user attribute: the driver (host-pid) that ran the trial
 GIVEN = "plan_given"  # user attribute of a warm-start trial whose plan the space cannot express: run whole
+REPEAT = "repeat_of"  # user attribute: the earlier trial with the same parameters whose values this one took
 
 
 @dataclass
@@ -72,6 +73,7 @@ class SearchResult:
     hypervolume: float
     completed: int
     failed: int
+    repeats: int = 0  # of the completed: trials that took an earlier trial's values (same parameters), no evaluation
 
 
 def reference_point(spec: ExperimentSpec) -> list[float]:
@@ -94,7 +96,8 @@ def _remote_evaluate(spec, plan, dense, conditions, seeds, metrics, threads, plu
 
 
 def _complete(study: optuna.Study) -> list[FrozenTrial]:
-    return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    """Complete trials, each plan once: a repeat (same parameters as an earlier trial) is left out."""
+    return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and REPEAT not in t.user_attrs]
 
 
 def is_feasible_trial(trial: FrozenTrial) -> bool:
@@ -294,7 +297,7 @@ class _Search:
             recover_interrupted(self.study, self.storage, self.search, at_start=False)
             state = tally(self.study.get_trials(deepcopy=False), learned)
             for _ in range(min(workers - len(pool), state.free)):
-                self._start(pool, beats, submit)
+                self._start(pool, beats, submit, bar)
             if not pool:
                 if state.finished >= state.target:
                     return
@@ -307,10 +310,16 @@ class _Search:
                     self.record_complete(trial, plan, outcome.result)
                 else:
                     self.record_fail(trial, outcome.error)
-                bar.update(1, failed=sum(t.state == TrialState.FAIL and counts(t) for t in self.study.get_trials(deepcopy=False)),
-                           front=len(self.study.best_trials), **self._best())
+                self._progress(bar)
 
-    def _start(self, pool: TaskPool, beats: Heartbeats, submit: Callable[[Plan], ray.ObjectRef]) -> None:
+    def _progress(self, bar: Any) -> None:
+        bar.update(1, failed=sum(t.state == TrialState.FAIL and counts(t) for t in self.study.get_trials(deepcopy=False)),
+                   front=len(self.study.best_trials), **self._best())
+
+    def _start(self, pool: TaskPool, beats: Heartbeats, submit: Callable[[Plan], ray.ObjectRef], bar: Any) -> None:
+        """Ask for a trial and submit its plan; a trial whose parameters an earlier complete trial had
+        takes that trial's values at once (the same plan, the same search seeds: the same values) and
+        spends no forwards — samplers over categorical spaces propose repeats often."""
         trial = ask(self.study)
         beats.add(trial)
         trial.set_user_attr(DRIVER, self.driver)
@@ -319,7 +328,20 @@ class _Search:
             beats.discard(trial)
             self.record_fail(trial, f"warm-start plan {trial.user_attrs.get('name')!r} was not given to this driver")
             return
-        pool.submit(submit(plan), (trial, plan))
+        earlier = self._earlier_with_params(trial.params)
+        if earlier is None:
+            pool.submit(submit(plan), (trial, plan))
+            return
+        beats.discard(trial)
+        trial.set_user_attr(REPEAT, earlier.number)
+        self.record_complete(trial, plan, earlier.user_attrs[METRICS])
+        self._progress(bar)
+
+    def _earlier_with_params(self, params: dict[str, Any]) -> FrozenTrial | None:
+        if not params:  # a warm-start plan the space cannot express
+            return None
+        return next((t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                     if t.params == params and METRICS in t.user_attrs), None)
 
     def record_complete(self, trial: optuna.Trial, plan: Plan, values: dict[str, float]) -> None:
         """Plan file first, then COMPLETE in the study, then MLflow: a crash between any two is repaired."""
@@ -414,4 +436,6 @@ def run_search(
     driver.tracker.finish()
     done = _complete(driver.study)
     hv = feasible_hypervolume(done, driver.directions, driver.reference)
-    return SearchResult(spec.name, run_dir, driver.objectives, driver.directions, front, hv, len(done), failed)
+    repeats = sum(REPEAT in t.user_attrs for t in driver.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    return SearchResult(spec.name, run_dir, driver.objectives, driver.directions, front, hv, len(done) + repeats, failed,
+                        repeats)
