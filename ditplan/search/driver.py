@@ -317,7 +317,7 @@ class _Search:
                    front=len(self.study.best_trials), **self._best())
 
     def _start(self, pool: TaskPool, beats: Heartbeats, submit: Callable[[Plan], ray.ObjectRef], bar: Any) -> None:
-        """Ask for a trial and submit its plan; a trial whose parameters an earlier complete trial had
+        """Ask for a trial and submit its plan; a learned trial whose parameters an earlier complete trial had
         takes that trial's values at once (the same plan, the same search seeds: the same values) and
         spends no forwards — samplers over categorical spaces propose repeats often."""
         trial = ask(self.study)
@@ -328,8 +328,8 @@ class _Search:
             beats.discard(trial)
             self.record_fail(trial, f"warm-start plan {trial.user_attrs.get('name')!r} was not given to this driver")
             return
-        earlier = self._earlier_with_params(trial.params)
-        if earlier is None:
+        earlier = None if WARM in trial.user_attrs else self._earlier_with_params(trial.params)
+        if earlier is None:  # NOTE: warm-start plans (greedy D1 … D6) always run: each is reported by name
             pool.submit(submit(plan), (trial, plan))
             return
         beats.discard(trial)
