@@ -39,7 +39,7 @@ from gpu_table import family_plans  # noqa: E402
 
 from ditplan.evaluators.cost import executed_flops  # noqa: E402
 from ditplan.evaluators.evaluate import reference_images  # noqa: E402
-from ditplan.evaluators.held_out import DENSE, _quality, held_out_metrics, rounds  # noqa: E402
+from ditplan.evaluators.held_out import DENSE, _quality, held_out_metrics, rounds, turn_order  # noqa: E402
 from ditplan.models.adapters import ModelAdapter, adapter_from_spec  # noqa: E402
 from ditplan.models.sampling import plan_target  # noqa: E402
 from ditplan.plan import Plan, load_plan  # noqa: E402
@@ -118,9 +118,11 @@ def cache_dit_metrics(adapter: ModelAdapter, spec: ExperimentSpec) -> dict[str, 
     samples = {name: [] for name in configs}
     seconds = {name: [] for name in configs}
     flops = dict.fromkeys(configs, 0.0)
-    for conditions, seeds in rounds(seed_set, spec.search.refine.latency_repeats):
+    count = spec.search.refine.latency_repeats
+    for index, (conditions, seeds) in enumerate(rounds(seed_set, count)):
         rows = len(seeds) * (2 if settings.cfg else 1)  # DiTPipeline batches [cond; uncond]: one call a step
-        for name, config in configs.items():
+        for name in turn_order(list(configs), index, count):
+            config = configs[name]
             images, spent, counts = run(config, conditions, seeds)
             samples[name].append(images)
             seconds[name].append(spent)

@@ -193,3 +193,34 @@ def test_plans_that_run_the_same_tokens_are_measured_once(tmp_path):
         trials.append(create_trial(values=[0.0], user_attrs={"name": name}))
         trials[-1].number = number
     assert list(distinct_plans(trials, tmp_path)) == ["constant", "linear-2"]  # constant ≡ linear 0.5 → 0.5
+
+
+def test_no_plan_runs_first_in_every_round(tiny_adapter, tiny_spec, monkeypatch):
+    """A fixed order favoured whoever followed dense; rotated turns put every plan at other places."""
+    import torch
+
+    from ditplan.evaluators import held_out
+    from ditplan.evaluators.cost import Flops
+    from ditplan.spec import SeedSet
+
+    order = []
+
+    class Run:
+        def __init__(self, seeds):
+            self.samples = torch.zeros(len(seeds), 1, 2, 2)
+
+    def fake_run_plan(adapter, plan, conditions, seeds, settings):
+        order.append(plan)
+        return Run(seeds)
+
+    monkeypatch.setattr(held_out, "run_plan", fake_run_plan)
+    monkeypatch.setattr(held_out, "run_flops", lambda *args: Flops(1.0, 1.0))
+    plans = {name: name for name in ("dense", "a", "b", "c", "d", "e")}
+    seed_set = SeedSet("held_out", [1] * 12, list(range(12)))
+    samples, seconds, _ = held_out._timed_rounds(tiny_adapter, tiny_spec, plans, seed_set, 4)
+    timed = order[len(plans):]  # after the warm-up
+    per_round = [timed[i * len(plans):(i + 1) * len(plans)] for i in range(4)]
+    assert all(sorted(r) == sorted(plans) for r in per_round)
+    assert [r.index("dense") for r in per_round] == [0, 5, 3, 2]  # shifts of 0, 1, 3, 4 places: 6 × i // 4
+    assert len({r[0] for r in per_round}) == 4
+    assert all(len(v) == 4 for v in seconds.values()) and all(s.shape[0] == 12 for s in samples.values())
