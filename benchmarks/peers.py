@@ -37,9 +37,9 @@ os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")  # NOTE: cache-dit logs 
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu_table import family_plans  # noqa: E402
 
-from ditplan.evaluators.cost import executed_flops  # noqa: E402
+from ditplan.evaluators.cost import executed_flops, turn_order  # noqa: E402
 from ditplan.evaluators.evaluate import reference_images  # noqa: E402
-from ditplan.evaluators.held_out import DENSE, _quality, held_out_metrics, rounds, turn_order  # noqa: E402
+from ditplan.evaluators.held_out import DENSE, _quality, held_out_metrics, rounds  # noqa: E402
 from ditplan.models.adapters import ModelAdapter, adapter_from_spec  # noqa: E402
 from ditplan.models.sampling import plan_target  # noqa: E402
 from ditplan.plan import Plan, load_plan  # noqa: E402

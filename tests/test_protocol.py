@@ -224,3 +224,15 @@ def test_no_plan_runs_first_in_every_round(tiny_adapter, tiny_spec, monkeypatch)
     assert [r.index("dense") for r in per_round] == [0, 5, 3, 2]  # shifts of 0, 1, 3, 4 places: 6 × i // 4
     assert len({r[0] for r in per_round}) == 4
     assert all(len(v) == 4 for v in seconds.values()) and all(s.shape[0] == 12 for s in samples.values())
+
+
+def test_interleaved_times_rotate_the_turns():
+    import torch
+
+    from ditplan.evaluators.cost import interleaved_times
+
+    order = []
+    runs = {name: (lambda name=name: order.append(name)) for name in ("dense", "plan")}
+    times = interleaved_times(runs, torch.device("cpu"), 4)
+    assert order == ["dense", "plan", "plan", "dense", "dense", "plan", "plan", "dense"]
+    assert all(len(t) == 4 for t in times.values())

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ditplan.evaluators.cost import Flops, run_flops, sample_forwards
+from ditplan.evaluators.cost import Flops, run_flops, sample_forwards, turn_order
 from ditplan.evaluators.domain import domain_metrics
 from ditplan.evaluators.fidelity import FidelityEvaluator
 from ditplan.models.adapters import ModelAdapter
@@ -51,15 +51,6 @@ def rounds(seed_set: SeedSet, count: int) -> list[tuple[list[Any], list[int]]]:
     n = len(seed_set.seeds)
     cuts = [round(i * n / count) for i in range(count + 1)]
     return [(seed_set.conditions[a:b], seed_set.seeds[a:b]) for a, b in zip(cuts, cuts[1:]) if b > a]
-
-
-def turn_order(names: Sequence[str], index: int, count: int) -> list[str]:
-    """The order in which ``names`` take turns in round ``index`` of ``count``: rotated by a
-    ``1 / count`` share each round, so that no plan (dense included) always runs first. NOTE: with dense
-    first in every round, diffusers' FirstBlockCache at a threshold that skips nothing (every block
-    computed, plus its check) measured 0.956 of dense (band 0.95–0.99) on the 2-core CPU machine."""
-    shift = index * len(names) // count
-    return [*names[shift:], *names[:shift]]
 
 
 def _timed_rounds(
