@@ -165,6 +165,7 @@ class Budget:
     calibration_seconds: float
     evaluation_forwards: int
     evaluation_seconds: float
+    calibration_peak_mb: float | None = None  # the largest peak memory of one calibration (None: not recorded)
 
     @property
     def forwards(self) -> int:
@@ -198,6 +199,8 @@ def side_budget(spec: ExperimentSpec, side: str, cands: list[Candidate]) -> Budg
         calibration_forwards=sum(_calibration(p, spec) for p in plans),
         calibration_seconds=sum(float(p.provenance.get("search_seconds", 0.0)) for p in plans),
         evaluation_forwards=len(mine) * per_plan, evaluation_seconds=_elapsed(mine),
+        calibration_peak_mb=max((float(p.provenance["peak_memory_mb"]) for p in plans if "peak_memory_mb" in p.provenance),
+                                default=None),
     )
 
 
@@ -217,12 +220,13 @@ def network_costs(spec: ExperimentSpec, cands: list[Candidate]) -> list[dict[str
 def _budget_lines(run: Run) -> list[str]:
     spec, cands = run.spec, run.candidates
     lines = ["## Budgets (transformer sample-forwards = rows × steps, CFG counted; wall time elapsed)", "",
-             "| side | plans | one-off: calibration (sample-forwards, s) | search-seed evaluations (sample-forwards) | "
-             "total sample-forwards | evaluation wall time (s, elapsed) |", "|---|---|---|---|---|---|"]
+             "| side | plans | one-off: calibration (sample-forwards, s, largest peak memory) | "
+             "search-seed evaluations (sample-forwards) | total sample-forwards | evaluation wall time (s, elapsed) |", "|---|---|---|---|---|---|"]
     for side in ("greedy", "search"):
         b = side_budget(spec, side, cands)
         if b.plans:
-            lines.append(f"| {b.side} | {b.plans} | {b.calibration_forwards:,} ({b.calibration_seconds:.0f} s) | "
+            peak = f", peak {b.calibration_peak_mb:g} MiB" if b.calibration_peak_mb is not None else ""
+            lines.append(f"| {b.side} | {b.plans} | {b.calibration_forwards:,} ({b.calibration_seconds:.0f} s{peak}) | "
                          f"{b.evaluation_forwards:,} | {b.forwards:,} | {b.evaluation_seconds:.0f} |")
     spent = run.held_out_spent
     if spent:

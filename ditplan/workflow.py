@@ -4,6 +4,7 @@ comparison → export, in one resumable run directory."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -14,6 +15,7 @@ from ditplan.evaluators.evaluate import check_evaluation
 from ditplan.files import naming
 from ditplan.evaluators.reference import dense_reference
 from ditplan.plan import load_plan
+from ditplan.plugins import import_plugins
 from ditplan.report import compare_runs, export_plans
 from ditplan.search.baselines import measure_baselines
 from ditplan.search.driver import run_search
@@ -27,13 +29,16 @@ DEFAULT_EXPORT_RULES = ("knee", "top:3")
 
 def run_experiment(
     experiment: str | Path, trials: int | None = None, workers: int | None = None, ray_address: str | None = None,
-    export_rules: tuple[str, ...] = DEFAULT_EXPORT_RULES, show_progress: bool = True,
+    export_rules: tuple[str, ...] = DEFAULT_EXPORT_RULES, show_progress: bool = True, plugins: Sequence[str] = (),
 ) -> Path:
     """Run every stage; stages already done in the run directory are skipped. Returns the run directory.
 
     The run directory keeps the experiment as ``experiment.yaml`` with its relative paths made absolute
-    (resolved once, against ``experiment``), so running again on either file resumes the run."""
+    (resolved once, against ``experiment``), so running again on either file resumes the run.
+    ``plugins``: modules imported here and in every search worker that register strategies or feature
+    extractors the experiment names."""
     console = Console(quiet=not show_progress)
+    import_plugins(plugins)
     spec = load_spec(experiment)
     with naming(experiment):
         check_evaluation(spec)
@@ -61,7 +66,7 @@ def run_experiment(
     search_dir = run_dir / "search"
     resume = study_exists(study_storage(spec, search_dir), spec.name)  # a journal file or an RDB, whatever holds it
     result = run_search(spec, search_dir, trials=trials, workers=workers, ray_address=ray_address, resume=resume,
-                        warm_start=plans, show_progress=show_progress)
+                        warm_start=plans, plugins=plugins, show_progress=show_progress)
     console.print(f"{result.completed} trials complete ({result.failed} failed), feasible front of {len(result.front)}, "
                   f"hypervolume {result.hypervolume:.4g} (search seeds)")
 

@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -236,20 +237,23 @@ def latent_project(root: Path) -> Path:
 
 @pytest.mark.slow  # a whole run of the tiny latent DiT, FID in the held-out stage (≈ 1 min)
 def test_the_tiny_latent_dit_runs_to_the_end_with_a_registered_extractor_and_fid(tmp_path, monkeypatch):
-    import tests.plugins.tiny_extractor  # noqa: F401  (registers "tiny-colour" in torch-fidelity, as a user's plugin would)
-
     experiment = latent_project(tmp_path / "project")
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")  # the model and reference folders are found next to the file, not here
-    run_dir = ditplan.run(experiment, show_progress=False)
-    assert run_dir.resolve() == (tmp_path / "work" / "runs" / "tiny-latent-run").resolve()
+    # the plugin registers "tiny-colour" in torch-fidelity, as a user's own extractor module would
+    main(["run", "--experiment", str(experiment), "--plugin", "tests.plugins.tiny_extractor"])
+    run_dir = tmp_path / "work" / "runs" / "tiny-latent-run"
     run = load_run_data(run_dir)
     measured = [c for c in run.candidates if c.held_out]
     assert {c.source for c in measured} >= {"greedy"} and all(c.value("fid") >= 0 for c in measured)
     assert run.dense["fid"] >= 0 and "class_agreement" not in run.dense  # not digits: no digit classifier
-    assert "## Held-out fid × latency" in (run_dir / "report" / "comparison.md").read_text()
+    report = (run_dir / "report" / "comparison.md").read_text()
+    assert "## Held-out fid × latency" in report and "FLOPs ratio (executed) | ideal |" in report
+    assert re.search(r"\| greedy \| 1 \| [\d,]+ \(\d+ s, peak [\d.]+ MiB\) \|", report)  # calibration's peak memory
     exported = list((run_dir / "exported").glob("*.yaml"))
-    assert exported and all("fid" in ditplan.load_plan(p).provenance["held_out_metrics"] for p in exported)
+    provenances = [ditplan.load_plan(p).provenance for p in exported]
+    assert provenances and all({"fid", "ideal_flops_ratio"} <= set(p["held_out_metrics"]) for p in provenances)
+    assert all(p["flops_count"] == "executed" for p in provenances)  # which count flops_ratio is
     assert list((tmp_path / "work" / "cache" / "fidelity").rglob("*ref-tiny-colour-*"))  # reference statistics cached
 
 
@@ -277,6 +281,14 @@ def test_hub_ids_and_embedded_names_stay_names_and_paths_resolve(tmp_path, sourc
     assert out["model"] == {"source": expected, "vae": expected}
     assert out["evaluation"] == {"reference": "digits-held-out"}
     assert data["model"] == {"source": source, "vae": source}  # the caller's dict is left as it was
+
+
+def test_a_plugin_that_cannot_be_imported_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--experiment", str(tmp_path / "none.yaml"), "--plugin", "no_such_plugin_module"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.startswith("error: --plugin no_such_plugin_module: cannot import it")
+    assert len(err.splitlines()) == 1 and not list(tmp_path.iterdir())
 
 
 def test_a_mistyped_relative_model_folder_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
