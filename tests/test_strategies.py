@@ -3,7 +3,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ditplan.evaluators.cost import plan_flops
+from ditplan.evaluators.cost import ideal_flops_ratio, plan_flops
 from ditplan.models.adapters import adapter_from_spec
 from ditplan.models.context import StepContext, step_context
 from ditplan.models.sampling import guided_prediction, plan_target, sample
@@ -161,6 +161,19 @@ def test_plan_flops_count_windows_residual_passes_and_sharing(tiny_adapter, tiny
     assert plan_flops(tiny_adapter, None, settings, batch=1, window_count=count).attention == 8 * dense
     if count == "executed":
         assert plan_flops(tiny_adapter, plan, settings, batch=1).attention == expected  # the default count
+
+
+@pytest.mark.parametrize("window_shape", ["band", "blocks"])
+def test_the_ideal_flops_ratio_counts_the_ideal_window(tiny_adapter, tiny_spec, window_shape):
+    settings = tiny_spec.sampler.settings()
+    window = {"window_size": 3, "window_shape": window_shape}
+    plan = grid_plan(plan_target(tiny_adapter, settings), [["full", "wars", "wars", "full"], ["full"] * 4], {"wars": window})
+    dense = plan_flops(tiny_adapter, None, settings).total
+    executed = plan_flops(tiny_adapter, plan, settings).total / dense
+    ideal = ideal_flops_ratio(tiny_adapter, plan, settings, executed)
+    assert ideal == plan_flops(tiny_adapter, plan, settings, window_count="ideal").total / dense
+    assert (ideal < executed) if window_shape == "band" else (ideal == executed)
+    assert ideal_flops_ratio(tiny_adapter, None, settings, 1.0) == 1.0
 
 
 def test_poolingformer_equals_attention_with_a_uniform_softmax(tiny_adapter, tiny_spec):
