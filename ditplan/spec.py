@@ -47,6 +47,7 @@ class ModelSpec(_Strict):
     device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
     dtype: what the transformer (and VAE) compute in: ``float32`` (default), ``float16`` or ``bfloat16``
     (GPUs); latents and the scheduler stay float32. Dense references are cached per dtype.
+    Local folders and files are relative to the experiment file (see :func:`resolve_paths`).
     """
 
     kind: Literal["dit", "pixart"] = "dit"
@@ -181,7 +182,9 @@ class EvaluationSpec(_Strict):
     skips distribution metrics. reference: ``digits-held-out`` or a folder of real images.
     clip_weights_path: a local CLIP folder for the CLIP score of prompt workloads (skipped without).
     latency_repeats: timed runs (after a warm-up) whose median is reported.
-    cache_dir: where dense references and reference statistics are cached by content hash."""
+    cache_dir: where dense references and reference statistics are cached by content hash.
+    reference, feature_extractor_weights_path and clip_weights_path are relative to the experiment
+    file; cache_dir (written) to the working directory."""
 
     feature_extractor: str | None = None
     feature_extractor_weights_path: str | None = None

@@ -240,6 +240,8 @@ def test_the_tiny_latent_dit_runs_to_the_end_with_a_registered_extractor_and_fid
     experiment = latent_project(tmp_path / "project")
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")  # the model and reference folders are found next to the file, not here
+    root = str(Path(__file__).parent.parent)  # search workers import the plugin as the driver does
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     # the plugin registers "tiny-colour" in torch-fidelity, as a user's own extractor module would
     main(["run", "--experiment", str(experiment), "--plugin", "tests.plugins.tiny_extractor"])
     run_dir = tmp_path / "work" / "runs" / "tiny-latent-run"
