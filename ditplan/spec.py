@@ -465,8 +465,8 @@ FILE_PATHS = (("model", "prompt_embeddings"), ("evaluation", "feature_extractor_
               ("evaluation", "clip_weights_path"))
 # Fields that name a local folder, a hub id (``owner/name``) or an embedded model's name.
 MODEL_SOURCES = (("model", "source"), ("model", "vae"), ("model", "text_encoder"))
-# ``evaluation.reference``: a folder of real images, or a built-in reference set by name.
-BUILT_IN_REFERENCES = ("digits-held-out",)
+# ``evaluation.reference``: a folder of real images, or this built-in reference set by name.
+DIGITS_REFERENCE = "digits-held-out"
 
 
 def _could_be_a_hub_id(value: str) -> bool:
@@ -497,7 +497,7 @@ def resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     for section, key, by_name in fields:
         part = out.get(section)
         value = part.get(key) if isinstance(part, dict) else None
-        if not isinstance(value, str) or not value or value in BUILT_IN_REFERENCES:
+        if not isinstance(value, str) or not value or (key == "reference" and value == DIGITS_REFERENCE):
             continue
         out[section] = {**part, key: _resolved(value, base, by_name)}
     return out

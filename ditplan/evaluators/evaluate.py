@@ -25,9 +25,8 @@ from ditplan.files import check_folder, readable_file
 from ditplan.models.adapters import ModelAdapter
 from ditplan.strategies.apply import PlanRun, run_plan
 from ditplan.plan import Plan
-from ditplan.spec import ExperimentSpec
+from ditplan.spec import DIGITS_REFERENCE, ExperimentSpec
 
-DIGITS_REFERENCE = "digits-held-out"
 
 
 def reference_images(spec: ExperimentSpec) -> torch.Tensor | str:
