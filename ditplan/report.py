@@ -221,7 +221,8 @@ def _budget_lines(run: Run) -> list[str]:
     spec, cands = run.spec, run.candidates
     lines = ["## Budgets (transformer sample-forwards = rows × steps, CFG counted; wall time elapsed)", "",
              "| side | plans | one-off: calibration (sample-forwards, s, largest peak memory) | "
-             "search-seed evaluations (sample-forwards) | total sample-forwards | evaluation wall time (s, elapsed) |", "|---|---|---|---|---|---|"]
+             "search-seed evaluations (sample-forwards) | total sample-forwards | evaluation wall time (s, elapsed) |",
+             "|---|---|---|---|---|---|"]
     for side in ("greedy", "search"):
         b = side_budget(spec, side, cands)
         if b.plans:

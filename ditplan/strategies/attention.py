@@ -161,7 +161,9 @@ class WindowLayout:
         """(query, key) pairs of the window (N² when dense). ``count``: ``executed`` — what the kernel
         computes: the masked band runs each block of ``band_block`` queries (the last one padded) over its
         whole span of ``band_block + 2w`` keys, masked entries included; ``ideal`` — the band's own pairs,
-        N(2w + 1) − w(w + 1). Blocks and tiles run unmasked, so both counts are the keys they see."""
+        N(2w + 1) − w(w + 1). Blocks and tiles run unmasked, so both counts are the keys they see.
+        NOTE: on CUDA the band runs through ``flex_attention``, which skips whole tiles outside the band;
+        ``executed`` counts the masked SDPA kernel (CPU, and ``implementation="banded"``)."""
         if count not in WINDOW_COUNTS:
             raise ValueError(f"unknown pair count {count!r}; use one of {list(WINDOW_COUNTS)}")
         if self.covers_all():
