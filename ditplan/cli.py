@@ -138,7 +138,8 @@ def _search(args: argparse.Namespace) -> None:
 
 @command("greedy")
 def _greedy(args: argparse.Namespace) -> None:
-    from ditplan.search.greedy_cli import run_greedy
+    from ditplan.plan import load_plan
+    from ditplan.search.greedy_cli import greedy_summary, run_greedy
 
     try:
         thresholds = [float(x) for x in args.thresholds.split(",")]
@@ -147,7 +148,7 @@ def _greedy(args: argparse.Namespace) -> None:
     if any(t < 0 for t in thresholds):
         raise UserError(f"--thresholds {args.thresholds!r}: thresholds must be ≥ 0")
     for path in run_greedy(args.experiment, args.out, thresholds, args.calibration_samples, args.window_size):
-        print(f"wrote {path}")
+        print(f"wrote {path}: {greedy_summary(load_plan(path))}")
 
 
 @command("train-embedded")

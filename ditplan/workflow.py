@@ -19,7 +19,7 @@ from ditplan.plugins import import_plugins
 from ditplan.report import compare_runs, export_plans
 from ditplan.search.baselines import measure_baselines
 from ditplan.search.driver import run_search
-from ditplan.search.greedy_cli import write_greedy_plans
+from ditplan.search.greedy_cli import greedy_summary, write_greedy_plans
 from ditplan.search.storage import study_exists, study_storage
 from ditplan.search.trial_eval import worker_adapter
 from ditplan.spec import load_spec, resolved_experiment_text
@@ -58,9 +58,7 @@ def run_experiment(
     plans = [load_plan(p) for p in write_greedy_plans(adapter, spec, run_dir / "greedy", skip_existing=True,
                                                        show_progress=show_progress)]
     for plan in plans:
-        console.print(f"{plan.provenance['name']} (δ={plan.provenance['threshold']}): "
-                      f"{plan.provenance.get('sample_forwards', '?')} sample-forwards, {plan.provenance['search_seconds']:.0f} s, "
-                      f"peak memory {plan.provenance.get('peak_memory_mb', '?')} MiB")
+        console.print(greedy_summary(plan))
 
     console.rule("[bold]3/5 learned search (search seeds) + 4/5 held-out evaluation of the front and greedy")
     search_dir = run_dir / "search"

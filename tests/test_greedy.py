@@ -34,10 +34,13 @@ def test_forward_count_matches_what_the_algorithm_implies(tiny_adapter, tiny_spe
     assert result.plan.provenance["peak_memory_mb"] == round(result.peak_memory_bytes / 2**20, 1) >= 0
 
 
-def test_greedy_cli_writes_one_plan_per_threshold(tmp_path, tiny_adapter, tiny_spec):
+def test_greedy_cli_writes_one_plan_per_threshold(tmp_path, tiny_adapter, tiny_spec, capsys):
     main(["greedy", "--experiment", str(DATA / "tiny-dit.yaml"), "--thresholds", "0,0.5",
           "--calibration-samples", "2", "--out", str(tmp_path)])
     plans = [load_plan(tmp_path / f"greedy-D{i}.yaml") for i in (1, 2)]
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("wrote ")]  # after the bar
+    assert [line.split(": ")[0] for line in printed] == [f"wrote {tmp_path / f'greedy-D{i}.yaml'}" for i in (1, 2)]
+    assert all(f"peak memory {p.provenance['peak_memory_mb']} MiB" in line for p, line in zip(plans, printed))
     assert [p.provenance["threshold"] for p in plans] == [0.0, 0.5]
     assert plans[0].strategies() == {"full"}
     assert "search_seconds" in plans[1].provenance
