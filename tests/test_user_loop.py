@@ -215,7 +215,7 @@ workload: {classes: [1, 2, 3], samples_per_condition: 1, seed: 0}
 evaluation: {feature_extractor: tiny-colour, reference: real-images, cache_dir: cache, latency_repeats: 1}
 greedy: {thresholds: [0.5], calibration_samples: 2}
 search: {trials: 2, workers: 1, samples: 2, space: {layer_groups: 1, step_segments: 1},
-         refine: {metrics: [fid, rel_l1, latency_ratio], samples: 6, latency_repeats: 1}}
+         refine: {metrics: [fid, rel_l1, latency_ratio], samples: 8, latency_repeats: 1}}  # 8 > 6 feature dims
 output_dir: runs/tiny-latent-run
 """
 
