@@ -9,8 +9,10 @@ from pathlib import Path
 
 from ditplan.errors import UserError
 from ditplan.files import naming
+from ditplan.plugins import import_plugins
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {}
+PLUGIN_HELP = "module to import (driver and search workers) that registers strategies or feature extractors; repeatable"
 
 
 def command(name: str) -> Callable[[Callable[[argparse.Namespace], None]], Callable[[argparse.Namespace], None]]:
@@ -52,6 +54,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from ditplan.plan import load_plan
     from ditplan.spec import load_spec
 
+    import_plugins(args.plugin or ())
     spec = load_spec(args.experiment)
     with naming(args.experiment):
         check_evaluation(spec)
@@ -73,7 +76,8 @@ def _run(args: argparse.Namespace) -> None:
 
     from ditplan.spec import load_spec
 
-    run_dir = run_experiment(args.experiment, trials=args.trials, workers=args.workers, ray_address=args.ray_address)
+    run_dir = run_experiment(args.experiment, trials=args.trials, workers=args.workers, ray_address=args.ray_address,
+                             plugins=args.plugin or ())
     print(f"run directory: {run_dir}; MLflow: {_mlflow_hint(load_spec(run_dir / 'experiment.yaml'), run_dir / 'search')}")
 
 
@@ -112,6 +116,7 @@ def _search(args: argparse.Namespace) -> None:
     from ditplan.spec import load_spec
     from ditplan.strategies.apply import check_plan
 
+    import_plugins(args.plugin or ())  # strategies and feature extractors the experiment may name
     spec = load_spec(args.experiment)
     with naming(args.experiment):
         check_evaluation(spec)
@@ -134,7 +139,8 @@ def _search(args: argparse.Namespace) -> None:
 
 @command("greedy")
 def _greedy(args: argparse.Namespace) -> None:
-    from ditplan.search.greedy_cli import run_greedy
+    from ditplan.plan import load_plan
+    from ditplan.search.greedy_cli import greedy_summary, run_greedy
 
     try:
         thresholds = [float(x) for x in args.thresholds.split(",")]
@@ -143,7 +149,7 @@ def _greedy(args: argparse.Namespace) -> None:
     if any(t < 0 for t in thresholds):
         raise UserError(f"--thresholds {args.thresholds!r}: thresholds must be ≥ 0")
     for path in run_greedy(args.experiment, args.out, thresholds, args.calibration_samples, args.window_size):
-        print(f"wrote {path}")
+        print(f"wrote {path}: {greedy_summary(load_plan(path))}")
 
 
 @command("train-embedded")
@@ -232,12 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", help="plan YAML file (default: dense vs dense)")
     p.add_argument("--repeats", type=int, help="timed runs per config (default: evaluation.latency_repeats)")
     p.add_argument("--samples", type=int, help="the first K held-out samples (default: search.refine.samples)")
+    p.add_argument("--plugin", action="append", help=PLUGIN_HELP)
 
     p = sub.add_parser("run", help="the whole loop: greedy, learned search, re-evaluation, comparison, export")
     p.add_argument("--experiment", required=True)
     p.add_argument("--trials", type=int, help="learned trials (default: search.trials)")
     p.add_argument("--workers", type=int)
     p.add_argument("--ray-address")
+    p.add_argument("--plugin", action="append", help=PLUGIN_HELP)
 
     p = sub.add_parser("compare", help="greedy vs learned fronts of one or more run directories")
     p.add_argument("run_dirs", nargs="+")
@@ -256,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the study already in the storage (a second driver of an RDB study passes it too)")
     p.add_argument("--warm-start", help="folder of plan files (e.g. greedy D1 … D6) added as known trials")
-    p.add_argument("--plugin", action="append", help="module to import (driver and workers) that registers strategies")
+    p.add_argument("--plugin", action="append", help=PLUGIN_HELP)
     p.add_argument("--no-refine", action="store_true",
                    help="skip the held-out evaluation (a helper driver of a shared study: the main driver does it)")
     p.add_argument("--out", help="run directory (default: output_dir/search)")

@@ -30,7 +30,7 @@ import yaml
 from ditplan.atomic import atomic_write, atomic_write_text
 from ditplan.errors import UserError
 from ditplan.evaluators.base import METRIC_DIRECTIONS
-from ditplan.evaluators.cost import sample_forwards
+from ditplan.evaluators.cost import FLOPS_COUNT, sample_forwards
 from ditplan.evaluators.held_out import DENSE
 from ditplan.models.adapters import LAYOUT_FILE, model_folder
 from ditplan.plan import Plan, load_plan
@@ -165,6 +165,7 @@ class Budget:
     calibration_seconds: float
     evaluation_forwards: int
     evaluation_seconds: float
+    calibration_peak_mb: float | None = None  # the largest peak memory of one calibration (None: not recorded)
 
     @property
     def forwards(self) -> int:
@@ -198,6 +199,8 @@ def side_budget(spec: ExperimentSpec, side: str, cands: list[Candidate]) -> Budg
         calibration_forwards=sum(_calibration(p, spec) for p in plans),
         calibration_seconds=sum(float(p.provenance.get("search_seconds", 0.0)) for p in plans),
         evaluation_forwards=len(mine) * per_plan, evaluation_seconds=_elapsed(mine),
+        calibration_peak_mb=max((float(p.provenance["peak_memory_mb"]) for p in plans if "peak_memory_mb" in p.provenance),
+                                default=None),
     )
 
 
@@ -217,12 +220,14 @@ def network_costs(spec: ExperimentSpec, cands: list[Candidate]) -> list[dict[str
 def _budget_lines(run: Run) -> list[str]:
     spec, cands = run.spec, run.candidates
     lines = ["## Budgets (transformer sample-forwards = rows × steps, CFG counted; wall time elapsed)", "",
-             "| side | plans | one-off: calibration (sample-forwards, s) | search-seed evaluations (sample-forwards) | "
-             "total sample-forwards | evaluation wall time (s, elapsed) |", "|---|---|---|---|---|---|"]
+             "| side | plans | one-off: calibration (sample-forwards, s, largest peak memory) | "
+             "search-seed evaluations (sample-forwards) | total sample-forwards | evaluation wall time (s, elapsed) |",
+             "|---|---|---|---|---|---|"]
     for side in ("greedy", "search"):
         b = side_budget(spec, side, cands)
         if b.plans:
-            lines.append(f"| {b.side} | {b.plans} | {b.calibration_forwards:,} ({b.calibration_seconds:.0f} s) | "
+            peak = f", peak {b.calibration_peak_mb:g} MiB" if b.calibration_peak_mb is not None else ""
+            lines.append(f"| {b.side} | {b.plans} | {b.calibration_forwards:,} ({b.calibration_seconds:.0f} s{peak}) | "
                          f"{b.evaluation_forwards:,} | {b.forwards:,} | {b.evaluation_seconds:.0f} |")
     spent = run.held_out_spent
     if spent:
@@ -258,15 +263,21 @@ def _headline_lines(run: Run) -> list[str]:
     lines = [f"## Held-out {quality} × latency ({samples} held-out samples, seeds {first}…; latency ratio to dense: "
              "median over rounds interleaved with dense in one process, min–max band)", "",
              "| plan | side | " + " | ".join(f"{m} (held-out)" for m in held_columns) + " | rel_l1 (search seeds) | "
-             "latency ratio (band) | FLOPs ratio |", "|---|---|" + "---|" * len(held_columns) + "---|---|---|"]
+             "latency ratio (band) | FLOPs ratio (executed) | ideal |", "|---|---|" + "---|" * len(held_columns) + "---|---|---|---|"]
     rows = [("dense", "", run.dense, {})] + [(c.name, "greedy" if c.source == "greedy" else "learned", c.held_out, c.metrics)
                                              for c in measured]
     rows += [(name, "baseline", values, {}) for name, values in run.baselines.items()]
     for name, side, held, search in rows:
         lines.append(f"| {name} | {side} | " + " | ".join(_fmt(held.get(m, float("nan"))) for m in held_columns)
                      + f" | {_fmt(search.get('rel_l1', float('nan')))} | {_latency(held)} | "
-                     f"{_fmt(held.get('flops_ratio', float('nan')), '.3f')} |")
-    return lines + ["", _fid_sentence(run.spec, samples), "", _shift_sentence(measured)]
+                     f"{_fmt(held.get('flops_ratio', float('nan')), '.3f')} | "
+                     f"{_fmt(held.get('ideal_flops_ratio', float('nan')), '.3f')} |")
+    return lines + ["", FLOPS_SENTENCE, "", _fid_sentence(run.spec, samples), "", _shift_sentence(measured)]
+
+
+FLOPS_SENTENCE = ("FLOPs ratio (here, in objectives and in plan files: `flops_ratio`) counts window attention as its "
+                  "kernel executes it (the masked `band` window computes its query blocks' whole key spans); `ideal` "
+                  "(`ideal_flops_ratio`) counts the ideal band. For `blocks` and `tiles` windows the two are equal.")
 
 
 def _fid_sentence(spec: ExperimentSpec, samples: int) -> str:
@@ -457,6 +468,6 @@ def export_plans(run_dir: str | Path, rule: str, out: str | Path) -> list[Path]:
     for c in select_plans(run.spec, run.candidates, rule):
         plan: Plan = load_plan(c.plan_path)
         plan = plan.with_provenance(selected_by=rule, held_out_metrics=c.held_out, held_out=run.held_out,
-                                    run=str(Path(run_dir).resolve()))
+                                    flops_count=FLOPS_COUNT, run=str(Path(run_dir).resolve()))
         paths.append(plan.save(Path(out) / safe_file_name(f"{run.spec.name}-{c.name}", ".yaml")))
     return paths

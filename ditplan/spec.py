@@ -47,6 +47,7 @@ class ModelSpec(_Strict):
     device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
     dtype: what the transformer (and VAE) compute in: ``float32`` (default), ``float16`` or ``bfloat16``
     (GPUs); latents and the scheduler stay float32. Dense references are cached per dtype.
+    Local folders and files are relative to the experiment file (see :func:`resolve_paths`).
     """
 
     kind: Literal["dit", "pixart"] = "dit"
@@ -181,7 +182,9 @@ class EvaluationSpec(_Strict):
     skips distribution metrics. reference: ``digits-held-out`` or a folder of real images.
     clip_weights_path: a local CLIP folder for the CLIP score of prompt workloads (skipped without).
     latency_repeats: timed runs (after a warm-up) whose median is reported.
-    cache_dir: where dense references and reference statistics are cached by content hash."""
+    cache_dir: where dense references and reference statistics are cached by content hash.
+    reference, feature_extractor_weights_path and clip_weights_path are relative to the experiment
+    file; cache_dir (written) to the working directory."""
 
     feature_extractor: str | None = None
     feature_extractor_weights_path: str | None = None
@@ -455,17 +458,48 @@ def load_spec(path: str | Path) -> ExperimentSpec:
         raise SpecError(f"{path}: nests too deeply to be an experiment file") from None
 
 
-RELATIVE_PATHS = (("model", "prompt_embeddings"),)  # file paths read relative to the experiment file
+# Paths an experiment names, read relative to the experiment file's folder (not the working directory):
+# files and folders it reads. ``output_dir`` and ``evaluation.cache_dir`` are where ditplan writes and
+# stay relative to the working directory, like any output path on a command line.
+FILE_PATHS = (("model", "prompt_embeddings"), ("evaluation", "feature_extractor_weights_path"),
+              ("evaluation", "clip_weights_path"))
+# Fields that name a local folder, a hub id (``owner/name``) or an embedded model's name.
+MODEL_SOURCES = (("model", "source"), ("model", "vae"), ("model", "text_encoder"))
+# ``evaluation.reference``: a folder of real images, or this built-in reference set by name.
+DIGITS_REFERENCE = "digits-held-out"
+
+
+def _could_be_a_hub_id(value: str) -> bool:
+    """``owner/name`` (one slash, not written as a path) or a bare name: what a hub or ditplan resolves by name."""
+    return not value.startswith((".", "~")) and value.count("/") <= 1
+
+
+def _resolved(value: str, base: Path, by_name: bool) -> str:
+    """``value`` as an absolute path against ``base`` (``~`` expanded) when it is a path; with ``by_name``
+    a value that could be a hub id or an embedded model's name stays as it is unless ``base`` holds a
+    folder of that name. A mistyped local folder written as a path (``./modles/x``, ``runs/a/b``) is
+    resolved like any path, so loading it names the missing folder instead of asking a hub."""
+    path = Path(os.path.expanduser(value))
+    if path.is_absolute():
+        return str(path)
+    if by_name and _could_be_a_hub_id(value) and not (base / path).exists():
+        return value
+    return os.path.abspath(base / path)
 
 
 def resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
-    """A copy of the experiment ``data`` whose relative file paths (:data:`RELATIVE_PATHS`) are made
-    absolute against ``base``, the experiment file's folder; ``data`` itself is left as it is."""
+    """A copy of the experiment ``data`` whose relative paths (:data:`FILE_PATHS`, local folders of
+    :data:`MODEL_SOURCES`, a reference folder) are made absolute against ``base``, the experiment file's
+    folder; hub ids and built-in names stay as they are; ``data`` itself is left as it is."""
     out = dict(data)
-    for section, key in RELATIVE_PATHS:
+    fields = [(section, key, False) for section, key in FILE_PATHS] + [(s, k, True) for s, k in MODEL_SOURCES]
+    fields.append(("evaluation", "reference", False))
+    for section, key, by_name in fields:
         part = out.get(section)
-        if isinstance(part, dict) and isinstance(part.get(key), str) and not Path(part[key]).is_absolute():
-            out[section] = {**part, key: os.path.abspath(base / part[key])}
+        value = part.get(key) if isinstance(part, dict) else None
+        if not isinstance(value, str) or not value or (key == "reference" and value == DIGITS_REFERENCE):
+            continue
+        out[section] = {**part, key: _resolved(value, base, by_name)}
     return out
 
 

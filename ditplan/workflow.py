@@ -4,6 +4,7 @@ comparison → export, in one resumable run directory."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -14,10 +15,11 @@ from ditplan.evaluators.evaluate import check_evaluation
 from ditplan.files import naming
 from ditplan.evaluators.reference import dense_reference
 from ditplan.plan import load_plan
+from ditplan.plugins import import_plugins
 from ditplan.report import compare_runs, export_plans
 from ditplan.search.baselines import measure_baselines
 from ditplan.search.driver import run_search
-from ditplan.search.greedy_cli import write_greedy_plans
+from ditplan.search.greedy_cli import greedy_summary, write_greedy_plans
 from ditplan.search.storage import study_exists, study_storage
 from ditplan.search.trial_eval import worker_adapter
 from ditplan.spec import load_spec, resolved_experiment_text
@@ -27,13 +29,16 @@ DEFAULT_EXPORT_RULES = ("knee", "top:3")
 
 def run_experiment(
     experiment: str | Path, trials: int | None = None, workers: int | None = None, ray_address: str | None = None,
-    export_rules: tuple[str, ...] = DEFAULT_EXPORT_RULES, show_progress: bool = True,
+    export_rules: tuple[str, ...] = DEFAULT_EXPORT_RULES, show_progress: bool = True, plugins: Sequence[str] = (),
 ) -> Path:
     """Run every stage; stages already done in the run directory are skipped. Returns the run directory.
 
     The run directory keeps the experiment as ``experiment.yaml`` with its relative paths made absolute
-    (resolved once, against ``experiment``), so running again on either file resumes the run."""
+    (resolved once, against ``experiment``), so running again on either file resumes the run.
+    ``plugins``: modules imported here and in every search worker that register strategies or feature
+    extractors the experiment names."""
     console = Console(quiet=not show_progress)
+    import_plugins(plugins)
     spec = load_spec(experiment)
     with naming(experiment):
         check_evaluation(spec)
@@ -53,15 +58,13 @@ def run_experiment(
     plans = [load_plan(p) for p in write_greedy_plans(adapter, spec, run_dir / "greedy", skip_existing=True,
                                                        show_progress=show_progress)]
     for plan in plans:
-        console.print(f"{plan.provenance['name']} (δ={plan.provenance['threshold']}): "
-                      f"{plan.provenance.get('sample_forwards', '?')} sample-forwards, {plan.provenance['search_seconds']:.0f} s, "
-                      f"peak memory {plan.provenance.get('peak_memory_mb', '?')} MiB")
+        console.print(greedy_summary(plan))
 
     console.rule("[bold]3/5 learned search (search seeds) + 4/5 held-out evaluation of the front and greedy")
     search_dir = run_dir / "search"
     resume = study_exists(study_storage(spec, search_dir), spec.name)  # a journal file or an RDB, whatever holds it
     result = run_search(spec, search_dir, trials=trials, workers=workers, ray_address=ray_address, resume=resume,
-                        warm_start=plans, show_progress=show_progress)
+                        warm_start=plans, plugins=plugins, show_progress=show_progress)
     console.print(f"{result.completed} trials complete ({result.repeats} repeats, {result.failed} failed), feasible front of {len(result.front)}, "
                   f"hypervolume {result.hypervolume:.4g} (search seeds)")
 

@@ -30,6 +30,34 @@ def tiny_adapter(tiny_spec):
     return adapter_from_spec(tiny_spec.model)
 
 
+def tiny_vae():
+    """A tiny random VAE (3-channel images, 4 latent channels, 2× downsampling)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(1)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
+                         norm_num_groups=4, sample_size=16)
+
+
+def save_tiny_dit_pipeline(folder: Path) -> Path:
+    """A latent DiT pipeline (16 tokens, 1000 classes as DiTPipeline assumes, the tiny VAE) saved like a hub
+    model into ``folder``."""
+    from diffusers import DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2,
+                                        num_attention_heads=2, attention_head_dim=8, num_embeds_ada_norm=1000)
+    DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=DPMSolverMultistepScheduler()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dit_folder(tmp_path_factory) -> Path:
+    """The tiny latent DiT pipeline folder (see :func:`save_tiny_dit_pipeline`)."""
+    return save_tiny_dit_pipeline(tmp_path_factory.mktemp("pipelines") / "tiny-dit")
+
+
 @pytest.fixture(scope="session")
 def embedded_adapter():
     from ditplan.models.adapters import load_adapter

@@ -52,3 +52,21 @@ def test_reference_statistics_are_computed_once_and_cached_by_content(tmp_path):
     again = {m.name: m.value for m in domain_metrics(spec, images, labels, 10, ["fid", "class_agreement"])}
     assert again == first and sorted(p.name for p in (tmp_path / "cache" / "fidelity").iterdir()) == cached
     assert first["class_agreement"] > 0.9  # real digits: the classifier agrees with their labels
+
+
+def test_a_reference_folder_is_cached_by_its_files_not_its_name(tmp_path):
+    import os
+    import shutil
+
+    from ditplan.evaluators.distribution import folder_hash
+
+    real = tmp_path / "real"
+    real.mkdir()
+    for i in range(3):
+        (real / f"{i}.png").write_bytes(bytes([i]) * 10)
+    shutil.copytree(real, tmp_path / "moved")  # same files (copy2 keeps their times) under another name
+    assert folder_hash(real) == folder_hash(tmp_path / "moved")
+    before = folder_hash(real)
+    (real / "1.png").write_bytes(b"another image")
+    os.utime(real / "1.png", ns=(1, 1))
+    assert folder_hash(real) != before

@@ -15,10 +15,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     DiTPipeline,
-    DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
     PixArtAlphaPipeline,
     PixArtSigmaPipeline,
@@ -37,31 +35,13 @@ from ditplan.strategies.apply import get_runtime, sample_with_plan, step_hook
 from ditplan.strategies.finetune_sparse import layout_plan
 from ditplan.strategies.sdtm import SparseLayout
 from ditplan.strategies.curves import Constant
-from tests.conftest import DATA
+from tests.conftest import DATA, tiny_vae
 
 README = Path(__file__).parent.parent / "README.md"
 DIT = SamplerSettings(scheduler="dpmsolver++", num_steps=4, guidance_scale=3.0, batch_size=8)
 PIXART = SamplerSettings(scheduler="ddim", num_steps=3, guidance_scale=4.5, batch_size=8)
 # every attention strategy, in both layers, after a dense first step
 MIXED = [["full", "full"], ["ast", "asc"], ["wars", "wars+asc"], ["asc", "wars"]]
-
-
-def tiny_vae() -> AutoencoderKL:
-    torch.manual_seed(1)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
-                         norm_num_groups=4, sample_size=16)
-
-
-@pytest.fixture(scope="module")
-def dit_folder(tmp_path_factory) -> Path:
-    """A latent DiT pipeline (16 tokens, 1000 classes as DiTPipeline assumes) saved like a hub model."""
-    torch.manual_seed(0)
-    transformer = DiTTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2,
-                                        num_attention_heads=2, attention_head_dim=8, num_embeds_ada_norm=1000)
-    folder = tmp_path_factory.mktemp("pipelines") / "tiny-dit"
-    DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=DPMSolverMultistepScheduler()).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module", params=[PixArtAlphaPipeline, PixArtSigmaPipeline], ids=lambda cls: cls.__name__)

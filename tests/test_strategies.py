@@ -3,7 +3,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ditplan.evaluators.cost import plan_flops
+from ditplan.evaluators.cost import ideal_flops_ratio, plan_flops
 from ditplan.models.adapters import adapter_from_spec
 from ditplan.models.context import StepContext, step_context
 from ditplan.models.sampling import guided_prediction, plan_target, sample
@@ -140,22 +140,40 @@ def test_dense_flops_match_torch_flop_counter(experiment):
     assert plan_flops(adapter, None, one_step, batch=3).total == counter.get_total_flops()
 
 
-def test_plan_flops_count_windows_residual_passes_and_sharing(tiny_adapter, tiny_spec):
+@pytest.mark.parametrize("count", ["executed", "ideal"])
+def test_plan_flops_count_windows_residual_passes_and_sharing(tiny_adapter, tiny_spec, count):
     settings = tiny_spec.sampler.settings()
     target = plan_target(tiny_adapter, settings)
     n, c, rows = tiny_adapter.num_tokens, tiny_adapter.hidden_dim, 2  # batch 1 with CFG
     linear, dense_core = 2 * n * c * c, 4 * n * n * c
     dense = rows * (4 * linear + dense_core)
     w = 3
-    window_core = 4 * window_keys(n, w) * c
+    # the masked band kernel runs 2 blocks of 8 queries over spans of 8 + 2w keys; the ideal band has fewer
+    pairs = {"executed": 2 * 8 * (8 + 2 * w), "ideal": window_keys(n, w)}[count]
+    window_core = 4 * pairs * c
     plan = grid_plan(target, [["full", "wars", "ast", "asc"], ["full", "wars+asc", "full", "full"]],
                      {"wars": {"window_size": w, "window_shape": "band"}, "wars+asc": {"window_size": w, "window_shape": "band"}})
     expected = (
         (dense + rows * window_core) + rows * (4 * linear + window_core) + 0 + dense / 2  # layer 0
         + (dense + rows * window_core) + (3 * linear + window_core + rows * linear) + dense + dense  # layer 1
     )
-    assert plan_flops(tiny_adapter, plan, settings, batch=1).attention == expected
-    assert plan_flops(tiny_adapter, None, settings, batch=1).attention == 8 * dense
+    assert plan_flops(tiny_adapter, plan, settings, batch=1, window_count=count).attention == expected
+    assert plan_flops(tiny_adapter, None, settings, batch=1, window_count=count).attention == 8 * dense
+    if count == "executed":
+        assert plan_flops(tiny_adapter, plan, settings, batch=1).attention == expected  # the default count
+
+
+@pytest.mark.parametrize("window_shape", ["band", "blocks"])
+def test_the_ideal_flops_ratio_counts_the_ideal_window(tiny_adapter, tiny_spec, window_shape):
+    settings = tiny_spec.sampler.settings()
+    window = {"window_size": 3, "window_shape": window_shape}
+    plan = grid_plan(plan_target(tiny_adapter, settings), [["full", "wars", "wars", "full"], ["full"] * 4], {"wars": window})
+    dense = plan_flops(tiny_adapter, None, settings).total
+    executed = plan_flops(tiny_adapter, plan, settings).total / dense
+    ideal = ideal_flops_ratio(tiny_adapter, plan, settings, executed)
+    assert ideal == plan_flops(tiny_adapter, plan, settings, window_count="ideal").total / dense
+    assert (ideal < executed) if window_shape == "band" else (ideal == executed)
+    assert ideal_flops_ratio(tiny_adapter, None, settings, 1.0) == 1.0
 
 
 def test_poolingformer_equals_attention_with_a_uniform_softmax(tiny_adapter, tiny_spec):

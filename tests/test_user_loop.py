@@ -1,5 +1,9 @@
+import os
+import re
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 import ditplan
@@ -9,7 +13,7 @@ from ditplan.evaluators.evaluate import evaluate_plan
 from ditplan.models.adapters import adapter_from_spec
 from ditplan.report import load_run, load_run_data
 from ditplan.spec import load_spec
-from tests.conftest import DATA
+from tests.conftest import DATA, save_tiny_dit_pipeline
 
 TINY_RUN = """
 name: tiny-run
@@ -201,3 +205,102 @@ def test_a_bfloat16_run_of_the_tiny_dit_completes(tmp_path):
     run_dir = ditplan.run(experiment, show_progress=False)
     assert load_spec(run_dir / "experiment.yaml").model.dtype == "bfloat16"
     assert list((run_dir / "exported").glob("*.yaml"))
+
+
+LATENT_RUN = """
+name: tiny-latent-run
+model: {kind: dit, source: models/tiny-dit, vae: models/tiny-dit, device: cpu}
+sampler: {scheduler: dpmsolver++, num_steps: 3, guidance_scale: 3.0, batch_size: 4}
+workload: {classes: [1, 2, 3], samples_per_condition: 1, seed: 0}
+evaluation: {feature_extractor: tiny-colour, reference: real-images, cache_dir: cache, latency_repeats: 1}
+greedy: {thresholds: [0.5], calibration_samples: 2}
+search: {trials: 2, workers: 1, samples: 2, space: {layer_groups: 1, step_segments: 1},
+         refine: {metrics: [fid, rel_l1, latency_ratio], samples: 8, latency_repeats: 1}}  # 8 > 6 feature dims
+output_dir: runs/tiny-latent-run
+"""
+
+
+def latent_project(root: Path) -> Path:
+    """A user's project folder: the tiny latent DiT pipeline (tiny VAE, 3-channel 16 × 16 images) under
+    ``models/``, 8 real 16 × 16 RGB images under ``real-images/`` and the experiment file naming both by
+    relative paths and the registered ``tiny-colour`` extractor. Returns the experiment file."""
+    from PIL import Image
+
+    save_tiny_dit_pipeline(root / "models" / "tiny-dit")
+    (root / "real-images").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "real-images" / f"{i}.png")
+    (root / "latent.yaml").write_text(LATENT_RUN)
+    return root / "latent.yaml"
+
+
+# a whole run of the tiny latent DiT, FID in the held-out stage: 15 s on 2 cores, so in the fast set
+def test_the_tiny_latent_dit_runs_to_the_end_with_a_registered_extractor_and_fid(tmp_path, monkeypatch):
+    experiment = latent_project(tmp_path / "project")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")  # the model and reference folders are found next to the file, not here
+    root = str(Path(__file__).parent.parent)  # search workers import the plugin as the driver does
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    # the plugin registers "tiny-colour" in torch-fidelity, as a user's own extractor module would
+    main(["run", "--experiment", str(experiment), "--plugin", "tests.plugins.tiny_extractor"])
+    run_dir = tmp_path / "work" / "runs" / "tiny-latent-run"
+    run = load_run_data(run_dir)
+    measured = [c for c in run.candidates if c.held_out]
+    assert {c.source for c in measured} >= {"greedy"} and all(c.value("fid") >= 0 for c in measured)
+    assert run.dense["fid"] >= 0 and "class_agreement" not in run.dense  # not digits: no digit classifier
+    report = (run_dir / "report" / "comparison.md").read_text()
+    assert "## Held-out fid × latency" in report and "FLOPs ratio (executed) | ideal |" in report
+    assert re.search(r"\| greedy \| 1 \| [\d,]+ \(\d+ s, peak [\d.]+ MiB\) \|", report)  # calibration's peak memory
+    exported = list((run_dir / "exported").glob("*.yaml"))
+    provenances = [ditplan.load_plan(p).provenance for p in exported]
+    assert provenances and all({"fid", "ideal_flops_ratio"} <= set(p["held_out_metrics"]) for p in provenances)
+    assert all(p["flops_count"] == "executed" for p in provenances)  # which count flops_ratio is
+    assert list((tmp_path / "work" / "cache" / "fidelity").rglob("*ref-tiny-colour-*"))  # reference statistics cached
+
+
+def test_model_and_reference_folders_resolve_against_the_experiment_file(tmp_path, monkeypatch):
+    experiment = latent_project(tmp_path / "project")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    spec = load_spec(experiment)
+    folder = str(tmp_path / "project" / "models" / "tiny-dit")
+    assert (spec.model.source, spec.model.vae) == (folder, folder)
+    assert spec.evaluation.reference == str(tmp_path / "project" / "real-images")
+    assert spec.evaluation.cache_dir == "cache" and spec.output_dir == "runs/tiny-latent-run"  # outputs: the cwd
+    adapter = adapter_from_spec(spec.model, spec.workload.all_conditions())
+    assert adapter.vae is not None and adapter.num_tokens == 16
+
+
+@pytest.mark.parametrize("source, kept", [("facebook/DiT-XL-2-512", True), ("embedded", True),
+                                          ("./modles/my-dit", False), ("models/a/b", False), ("~/dit", False)])
+def test_hub_ids_and_embedded_names_stay_names_and_paths_resolve(tmp_path, source, kept):
+    from ditplan.spec import resolve_paths
+
+    data = {"model": {"source": source, "vae": source}, "evaluation": {"reference": "digits-held-out"}}
+    out = resolve_paths(data, tmp_path)
+    expected = source if kept else os.path.abspath(tmp_path / os.path.expanduser(source))
+    assert out["model"] == {"source": expected, "vae": expected}
+    assert out["evaluation"] == {"reference": "digits-held-out"}
+    assert data["model"] == {"source": source, "vae": source}  # the caller's dict is left as it was
+
+
+def test_a_plugin_that_cannot_be_imported_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--experiment", str(tmp_path / "none.yaml"), "--plugin", "no_such_plugin_module"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.startswith("error: --plugin no_such_plugin_module: cannot import it")
+    assert len(err.splitlines()) == 1 and not list(tmp_path.iterdir())
+
+
+def test_a_mistyped_relative_model_folder_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    experiment = tmp_path / "project" / "exp.yaml"
+    experiment.parent.mkdir()
+    experiment.write_text(LATENT_RUN.replace("source: models/tiny-dit", "source: ./models/tiny-dti"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--experiment", str(experiment), "--out", "out"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert f"model.source folder {tmp_path / 'project' / 'models' / 'tiny-dti'} does not exist" in err
+    assert not (tmp_path / "out").exists()

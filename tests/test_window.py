@@ -1,5 +1,7 @@
 """Window attention: band, dense 1-D blocks and 2-D tiles — exact keys, exact FLOPs, one window per residual."""
 
+from dataclasses import replace
+
 import optuna
 import pytest
 import torch
@@ -73,7 +75,7 @@ def test_the_band_matches_its_masked_reference_and_count():
     band = (i[:, None] - i[None, :]).abs() <= 5
     reference = F.scaled_dot_product_attention(q, k, v, attn_mask=band)
     torch.testing.assert_close(window_attention(q, k, v, layout), reference, rtol=1e-5, atol=1e-6)
-    assert layout.pairs() == int(band.sum())
+    assert layout.pairs("ideal") == int(band.sum())
 
 
 @pytest.mark.parametrize("shape, tokens, block, halo", [("blocks", 48, 16, 16), ("tiles", 36, 2, 2), ("blocks", 60, 12, 24)])
@@ -115,11 +117,30 @@ def test_wars_flops_equal_the_flop_counter_on_a_layer(tiny_adapter, name, params
                          {"residual": torch.zeros_like(x)}, frozenset(), lambda _: None)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         strategy.attention(call)
-    expected = strategy.attention_flops(AttentionShape(batch=4, tokens=n, dim=c, heads=attn.heads), True, frozenset())
+    shape = AttentionShape(batch=4, tokens=n, dim=c, heads=attn.heads)
+    assert counter.get_total_flops() == strategy.attention_flops(shape, True, frozenset())  # executed: the default
+    ideal = strategy.attention_flops(replace(shape, window_count="ideal"), True, frozenset())
     if params.get("window_shape") == "band":  # the masked band computes its blocks' whole spans
-        assert counter.get_total_flops() > expected
+        assert ideal < counter.get_total_flops()
     else:
-        assert counter.get_total_flops() == expected
+        assert ideal == counter.get_total_flops()
+
+
+@pytest.mark.parametrize("tokens, window", [(64, 10), (60, 7), (37, 5), (16, 3), (256, 32), (100, 1)])
+def test_the_band_kernel_executes_its_counted_pairs_and_the_ideal_count_is_the_band(tokens, window):
+    layout = window_layout("band", tokens, window)
+    q, k, v = (torch.randn(2, 3, tokens, 8) for _ in range(3))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        window_attention(q, k, v, layout, "banded")
+    assert counter.get_total_flops() == 2 * 3 * 2 * 2 * layout.pairs("executed") * 8
+    i = torch.arange(tokens)
+    assert layout.pairs("ideal") == int(((i[:, None] - i[None, :]).abs() <= window).sum()) < layout.pairs("executed")
+
+
+@pytest.mark.parametrize("shape, tokens, window, block", [c for c in CASES if c[1] in (64, 60)])
+def test_blocks_and_tiles_execute_exactly_their_window(shape, tokens, window, block):
+    layout = window_layout(shape, tokens, window, block)
+    assert layout.pairs("ideal") == layout.pairs("executed") == int(layout.key_mask().sum())
 
 
 def test_one_residual_read_through_two_windows_is_refused(tiny_adapter, tiny_spec):

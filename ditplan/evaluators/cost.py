@@ -26,19 +26,28 @@ class Flops:
     total: float
 
 
+# NOTE: ``flops_ratio`` (objectives, reports, plan files) counts window attention as the pairs its kernel
+# executes: that is what a plan costs when it runs (and what latency follows), and what FlopCounterMode
+# measures on the kernel. The masked band computes its query blocks' whole key spans, more than its ideal
+# band; ``ideal_flops_ratio`` counts the ideal band (DiTFastAttn's own count). Blocks and tiles: equal.
+FLOPS_COUNT = "executed"
+
+
 def plan_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSettings, batch: int = 1,
-               text_tokens: int | None = None) -> Flops:
+               text_tokens: int | None = None, window_count: str = FLOPS_COUNT) -> Flops:
     """Analytic FLOPs of ``settings.num_steps`` transformer forwards of ``batch`` samples (×2 with CFG)
     under ``plan`` (dense when None). Counts matrix products, as ``torch.utils.flop_counter`` does;
     ``text_tokens`` (default: the adapter's, PixArt's prompt length) cost their cross-attention K/V and
-    caption projections on both sides of every ratio."""
+    caption projections on both sides of every ratio. ``window_count``: window attention counted as the
+    pairs its kernel executes (``executed``) or as the ideal window (``ideal``)."""
     text_tokens = adapter.text_tokens if text_tokens is None else text_tokens
     if plan is not None and plan.cache:
         raise PlanError("the FLOPs of a plan carrying one of diffusers' caches are what ran: count a run with the "
                         "runtime's ExecutionCounter and use executed_flops")
     rows = batch * (2 if settings.cfg else 1)
     n, layers = adapter.num_tokens, adapter.num_layers
-    shape = AttentionShape(batch=rows, tokens=n, dim=adapter.hidden_dim, heads=adapter.transformer.config.num_attention_heads)
+    shape = AttentionShape(batch=rows, tokens=n, dim=adapter.hidden_dim, heads=adapter.transformer.config.num_attention_heads,
+                           window_count=window_count)
     once = other_flops(adapter, text_tokens)[1]
     plan = plan if plan is not None else Plan.uniform(plan_target(adapter, settings))
     planner = CachePlanner(plan, build_strategies(plan))
@@ -87,6 +96,14 @@ def run_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSetting
                            heads=adapter.transformer.config.num_attention_heads)
     return Flops(attention=run.executed.counts["self_attention"] * dense_attention_flops(shape),
                  total=executed_flops(adapter, run.executed.counts, run.executed.calls, rows))
+
+
+def ideal_flops_ratio(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSettings, flops_ratio: float) -> float:
+    """The FLOPs ratio of ``plan`` to dense with window attention counted as its ideal window; a plan
+    carrying one of diffusers' caches runs no window, so it is ``flops_ratio`` (what ran) itself."""
+    if plan is None or plan.cache:
+        return flops_ratio
+    return plan_flops(adapter, plan, settings, window_count="ideal").total / plan_flops(adapter, None, settings).total
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,17 @@ def content_hash(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().cpu().numpy().tobytes()).hexdigest()[:16]
 
 
+def folder_hash(folder: str | Path) -> str:
+    """A hash of a reference folder's files — names, sizes and modification times — so that cached
+    statistics follow the images in it, not the folder's name (reading every image to hash it would cost
+    as much as the statistics)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def distribution_metrics(
     samples: torch.Tensor,
     reference: torch.Tensor | str,
@@ -126,7 +137,7 @@ def _fidelity(
         raise UserError(f"unknown feature extractor {extractor!r}; registered: {sorted(FEATURE_EXTRACTORS_REGISTRY)}")
     if isinstance(reference, str):
         reference_input: Any = reference
-        reference_id = hashlib.sha256(str(Path(reference).resolve()).encode()).hexdigest()[:16]
+        reference_id = folder_hash(reference)
         size = len(samples)
     else:
         reference_input = _Images(to_uint8_rgb(reference))

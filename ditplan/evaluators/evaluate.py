@@ -10,7 +10,14 @@ import torch
 
 from ditplan.errors import UserError
 from ditplan.evaluators.base import Metric
-from ditplan.evaluators.cost import attention_time_share, interleaved_times, peak_memory_bytes, plan_flops, run_flops
+from ditplan.evaluators.cost import (
+    attention_time_share,
+    ideal_flops_ratio,
+    interleaved_times,
+    peak_memory_bytes,
+    plan_flops,
+    run_flops,
+)
 from ditplan.evaluators.domain import applicable_metrics, domain_metrics
 from ditplan.evaluators.fidelity import FidelityEvaluator
 from ditplan.evaluators.reference import dense_reference
@@ -18,9 +25,8 @@ from ditplan.files import check_folder, readable_file
 from ditplan.models.adapters import ModelAdapter
 from ditplan.strategies.apply import PlanRun, run_plan
 from ditplan.plan import Plan
-from ditplan.spec import ExperimentSpec
+from ditplan.spec import DIGITS_REFERENCE, ExperimentSpec
 
-DIGITS_REFERENCE = "digits-held-out"
 
 
 def reference_images(spec: ExperimentSpec) -> torch.Tensor | str:
@@ -105,6 +111,7 @@ def evaluate_plan(
         "latency_ratio": (latency[True] / latency[False], 1.0, "minimize"),
         "attention_flops_ratio": (flops.attention / dense_flops.attention, 1.0, "minimize"),
         "flops_ratio": (flops.total / dense_flops.total, 1.0, "minimize"),
+        "ideal_flops_ratio": (ideal_flops_ratio(adapter, plan, settings, flops.total / dense_flops.total), 1.0, "minimize"),
         "cache_peak_mb": (plan_run.peak_cache_bytes / 2**20, 0.0, "minimize"),
     }
     for name, (mine_value, ref_value, direction) in pairs.items():

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ditplan.evaluators.cost import Flops, run_flops, sample_forwards, turn_order
+from ditplan.evaluators.cost import Flops, ideal_flops_ratio, run_flops, sample_forwards, turn_order
 from ditplan.evaluators.domain import domain_metrics
 from ditplan.evaluators.fidelity import FidelityEvaluator
 from ditplan.models.adapters import ModelAdapter
@@ -113,6 +113,7 @@ def held_out_metrics(adapter: ModelAdapter, spec: ExperimentSpec, plans: Mapping
         ratios = [mine / dense for mine, dense in zip(seconds[name], seconds[DENSE])]
         values.update(
             flops_ratio=flops.total / dense_flops.total,
+            ideal_flops_ratio=ideal_flops_ratio(adapter, plan, settings, flops.total / dense_flops.total),
             attention_flops_ratio=flops.attention / dense_flops.attention,
             latency_ratio=statistics.median(ratios), latency_ratio_min=min(ratios), latency_ratio_max=max(ratios),
             latency_ms=1000 * statistics.median(s / k for s, k in zip(seconds[name], round_sizes)),  # per sample

@@ -26,6 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ditplan.atomic import atomic_write_text
 from ditplan.errors import UserError
 from ditplan.evaluators.base import METRIC_REFERENCE
+from ditplan.evaluators.cost import FLOPS_COUNT
 from ditplan.evaluators.reference import dense_reference
 from ditplan.plan import Plan, library_versions
 from ditplan.progress import progress_bar
@@ -201,7 +202,7 @@ class _Search:
                                     study=self.spec.name, trial=number,
                                     metrics={k: float(v) for k, v in values.items()},
                                     evaluated_on={"set": "search", "first_seed": self.seeds[0], "samples": len(self.seeds)},
-                                    versions=library_versions())
+                                    flops_count=FLOPS_COUNT, versions=library_versions())
         return plan.save(self.plan_path(number))
 
     def _plan(self, attrs: dict[str, Any], trial: optuna.Trial | optuna.trial.FixedTrial) -> Plan | None:

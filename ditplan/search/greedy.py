@@ -53,7 +53,9 @@ def greedy_search(
     window_size: int | None = None,
     bar: Bar | None = None,
 ) -> GreedyResult:
-    """One greedy run at threshold δ on the calibration batch ``(conditions, seeds)``."""
+    """One greedy run at threshold δ on the calibration batch ``(conditions, seeds)``, run through the
+    transformer in micro-batches of at most ``settings.batch_size`` samples (the plan does not depend on
+    the size: each decision's loss is taken over the whole batch)."""
     target = plan_target(adapter, settings)
     window = {"window_size": window_size} if window_size is not None else {}
     candidates = tuple(c for c in CANDIDATES if settings.cfg or c not in CFG_SHARING)
@@ -62,20 +64,28 @@ def greedy_search(
     start_plan = Plan(target, tuple(map(tuple, grid)), params=params)
     runtime = apply_plan(adapter.transformer, start_plan, target)
     strategies = build_strategies(start_plan, extra=candidates)
-    forwards = [0, 0]  # transformer calls, rows through them
+    forwards = [0, 0]  # transformer forwards of the whole batch (micro-batches together), rows through them
 
-    def count(_: Any, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]  # (rows, C, H, W)
-        forwards[0] += 1
-        forwards[1] += hidden.shape[0]
-
-    counter = adapter.transformer.register_forward_pre_hook(count, with_kwargs=True)
+    # Micro-batches of at most settings.batch_size samples, each with its own caches: every transformer
+    # forward runs them in turn, so a calibration batch of any size fits what one sampling batch needs.
+    chunks = [(a, min(a + settings.batch_size, len(seeds))) for a in range(0, len(seeds), settings.batch_size)]
+    chunk_caches = [[{} for _ in runtime.caches] for _ in chunks]
 
     def forward(step: int, row: list[str], model_in: torch.Tensor, t: torch.Tensor, inputs: dict) -> torch.Tensor:
         grid[step] = list(row)
         runtime.planner = CachePlanner(Plan(target, tuple(map(tuple, grid)), params=params), strategies, open_ended=True)
-        batch = torch.cat([model_in, model_in]) if settings.cfg else model_in
-        return adapter.predict(batch, t, inputs)  # (2N or N, C, H, W): the raw transformer output
+        forwards[0] += 1
+        forwards[1] += len(model_in) * (2 if settings.cfg else 1)
+        outs = []
+        for (a, b), caches in zip(chunks, chunk_caches):
+            runtime.caches = caches
+            x = model_in[a:b]
+            batch = torch.cat([x, x]) if settings.cfg else x
+            outs.append(adapter.predict(batch, t, _chunk_inputs(inputs, a, b, len(model_in), settings.cfg)))
+        if not settings.cfg:
+            return torch.cat(outs)  # (N, C, H, W): the raw transformer output
+        halves = [out.chunk(2) for out in outs]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves])  # (2N, C, H, W): [cond; uncond]
 
     def calibrate(step: int, model_in: torch.Tensor, t: torch.Tensor, inputs: dict) -> torch.Tensor:
         row = ["full"] * adapter.num_layers
@@ -103,7 +113,6 @@ def greedy_search(
         device = next(adapter.transformer.parameters()).device
         peak = peak_memory_bytes(lambda: sample_batch(adapter, conditions, seeds, settings, predict=calibrate), device)
     finally:
-        counter.remove()
         remove_plan(adapter.transformer)
     seconds = time.perf_counter() - started
     used = {name for row in grid for name in row}
@@ -124,6 +133,13 @@ def greedy_search(
         },
     )
     return GreedyResult(plan, forwards[0], forwards[1], seconds, peak)
+
+
+def _chunk_inputs(inputs: dict, a: int, b: int, n: int, cfg: bool) -> dict:
+    """The transformer inputs of samples ``a:b`` of ``n``: with CFG the rows of both halves, ``[cond; uncond]``."""
+    if not cfg:
+        return {k: v[a:b] for k, v in inputs.items()}
+    return {k: torch.cat([v[a:b], v[n + a : n + b]]) for k, v in inputs.items()}
 
 
 def expected_forwards(plan: Plan, candidates: Sequence[str]) -> int:

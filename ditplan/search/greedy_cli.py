@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ditplan.models.adapters import ModelAdapter, adapter_from_spec
 from ditplan.files import naming
+from ditplan.plan import Plan
 from ditplan.progress import progress_bar
 from ditplan.search.greedy import greedy_search, threshold_name
 from ditplan.spec import ExperimentSpec, load_spec
@@ -38,6 +39,13 @@ def write_greedy_plans(
             result = greedy_search(adapter, settings, conditions, seeds, threshold, window, bar=bar)
             result.plan.with_provenance(name=threshold_name(index), experiment=spec.name).save(paths[index])
     return paths
+
+
+def greedy_summary(plan: Plan) -> str:
+    """One line on what calibrating a greedy plan cost: sample-forwards, seconds and peak memory."""
+    p = plan.provenance
+    return (f"{p['name']} (δ={p['threshold']}): {p.get('sample_forwards', '?')} sample-forwards, "
+            f"{p['search_seconds']:.0f} s, peak memory {p.get('peak_memory_mb', '?')} MiB")
 
 
 def run_greedy(

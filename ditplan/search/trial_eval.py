@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ditplan.evaluators.base import METRIC_DIRECTIONS
-from ditplan.evaluators.cost import plan_flops, run_flops
+from ditplan.evaluators.cost import ideal_flops_ratio, plan_flops, run_flops
 from ditplan.evaluators.domain import DOMAIN_METRICS, domain_metrics
 from ditplan.evaluators.fidelity import FidelityEvaluator
 from ditplan.models.adapters import ModelAdapter, adapter_from_spec
@@ -57,6 +57,7 @@ def plan_metrics(
     values: dict[str, float] = {m.name: m.value for m in FidelityEvaluator().evaluate(samples, dense)}
     flops, dense_flops = run_flops(adapter, plan, settings, run, len(seeds)), plan_flops(adapter, None, settings, len(seeds))
     values["flops_ratio"] = flops.total / dense_flops.total
+    values["ideal_flops_ratio"] = ideal_flops_ratio(adapter, plan, settings, values["flops_ratio"])
     values["attention_flops_ratio"] = flops.attention / dense_flops.attention
     if "latency_ratio" in metrics:
         key = f"{adapter.weights_hash}-{len(seeds)}"

@@ -52,6 +52,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 
 
 WINDOW_SHAPES = ("band", "blocks", "tiles")
+# How window FLOPs are counted: the pairs the kernel executes (the cost model's default) or the ideal window.
+WINDOW_COUNTS = ("executed", "ideal")
 
 
 def window_keys(tokens: int, window: int) -> int:
@@ -150,12 +152,27 @@ class WindowLayout:
             return self.window >= self.tokens - 1
         return self.span >= self.side
 
-    def pairs(self) -> int:
-        """(query, key) pairs the kernel computes: the cost model's count (N² when dense)."""
+    @property
+    def band_block(self) -> int:
+        """Queries per block of the masked band kernel (:func:`_banded_window_attention`)."""
+        return max(8, self.window // 2)
+
+    def pairs(self, count: str = "executed") -> int:
+        """(query, key) pairs of the window (N² when dense). ``count``: ``executed`` — what the kernel
+        computes: the masked band runs each block of ``band_block`` queries (the last one padded) over its
+        whole span of ``band_block + 2w`` keys, masked entries included; ``ideal`` — the band's own pairs,
+        N(2w + 1) − w(w + 1). Blocks and tiles run unmasked, so both counts are the keys they see.
+        NOTE: on CUDA the band runs through ``flex_attention``, which skips whole tiles outside the band;
+        ``executed`` counts the masked SDPA kernel (CPU, and ``implementation="banded"``)."""
+        if count not in WINDOW_COUNTS:
+            raise ValueError(f"unknown pair count {count!r}; use one of {list(WINDOW_COUNTS)}")
         if self.covers_all():
             return self.tokens * self.tokens
         if self.shape == "band":
-            return window_keys(self.tokens, self.window)
+            if count == "ideal":
+                return window_keys(self.tokens, self.window)
+            block = self.band_block
+            return -(-self.tokens // block) * block * (block + 2 * self.window)
         return self.tokens * (self.span if self.shape == "blocks" else self.span * self.span)
 
     def groups(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,7 +284,7 @@ def window_attention(
     if layout.shape == "band":
         if (implementation or ("flex" if q.is_cuda else "banded")) == "flex":
             return _flex_window_attention(q, k, v, layout.window)
-        return _banded_window_attention(q, k, v, layout.window, block=max(8, layout.window // 2))
+        return _banded_window_attention(q, k, v, layout.window, block=layout.band_block)
     if layout.shape == "blocks" and implementation in (None, "strided"):
         return _strided_block_attention(q, k, v, layout)
     return _gathered_attention(q, k, v, layout)

@@ -26,12 +26,15 @@ class NoConfig:
 
 @dataclass(frozen=True)
 class AttentionShape:
-    """The sizes the cost model needs: batch (incl. CFG doubling), tokens, width, heads."""
+    """The sizes the cost model needs: batch (incl. CFG doubling), tokens, width, heads; ``window_count``:
+    which (query, key) pairs a window counts, ``executed`` (what its kernel computes) or ``ideal``
+    (see :meth:`ditplan.strategies.attention.WindowLayout.pairs`)."""
 
     batch: int
     tokens: int
     dim: int
     heads: int
+    window_count: str = "executed"
 
 
 class AttentionCall:

@@ -108,14 +108,14 @@ class WindowResidual(Strategy):
     def attention_flops(self, shape: AttentionShape, cfg: bool, writes: frozenset[str]) -> float:
         rows = shape.batch // 2 if (self.share_cfg and cfg) else shape.batch  # rows the window pass sees
         linear = 2 * shape.tokens * shape.dim * shape.dim
-        core = 2 * 2 * self.layout.pairs() * shape.dim
+        core = 2 * 2 * self.layout.pairs(shape.window_count) * shape.dim
         return float(rows * (3 * linear + core) + shape.batch * linear)  # q, k, v + core on rows; out on all
 
     def production_flops(self, entry: str, shape: AttentionShape) -> float:
         """The extra window pass a dense step spends to make this strategy's residual."""
         if entry != "residual":
             return 0.0
-        return float(shape.batch * 2 * 2 * self.layout.pairs() * shape.dim)
+        return float(shape.batch * 2 * 2 * self.layout.pairs(shape.window_count) * shape.dim)
 
 
 @register
