@@ -10,12 +10,14 @@ side; dense's own held-out metrics and what the evaluation spent are that study'
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
 from optuna.trial import FrozenTrial
 
+from ditplan.errors import UserError
 from ditplan.evaluators.base import METRIC_DIRECTIONS
 from ditplan.evaluators.held_out import DENSE, held_out_metrics
 from ditplan.plan import Plan, load_plan
@@ -76,6 +78,10 @@ def refine_front(
     held_out = {"first_seed": result.seed_set.seeds[0], "samples": len(result.seed_set.seeds)}
     for name, (trial, _) in todo.items():
         values = result.metrics[name]
+        bad = [m for m in refine.metrics if not math.isfinite(values.get(m, math.nan))]
+        if bad:
+            raise UserError(f"held-out {bad[0]} of {name} is not a number on {held_out['samples']} samples; raise "
+                            "search.refine.samples (FID needs more samples than the extractor's feature dimensions)")
         study.add_trial(optuna.trial.create_trial(
             values=[values[m] for m in refine.metrics],
             user_attrs={"source_trial": trial.number, "name": name, "metrics": values, "held_out": held_out},
