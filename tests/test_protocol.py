@@ -236,3 +236,25 @@ def test_interleaved_times_rotate_the_turns():
     times = interleaved_times(runs, torch.device("cpu"), 4)
     assert order == ["dense", "plan", "dense", "plan", "plan", "dense", "plan", "dense"]  # each first in 2 of 4
     assert all(len(t) == 4 for t in times.values())
+
+
+def test_a_held_out_metric_that_is_not_a_number_is_one_line(tmp_path, monkeypatch):
+    from ditplan.evaluators.held_out import HeldOutResult
+    from ditplan.search import refine
+    from ditplan.spec import SeedSet
+
+    data = yaml.safe_load((DATA / "tiny-search.yaml").read_text())
+    data["search"]["refine"] = {"metrics": ["rel_l1", "latency_ratio"], "samples": 4, "latency_repeats": 2}
+    data["evaluation"] = {"cache_dir": str(tmp_path / "cache")}
+    (tmp_path / "experiment.yaml").write_text(yaml.safe_dump(data))
+    spec = load_spec(tmp_path / "experiment.yaml")
+    driver = _Search(spec, tmp_path, resume=False)
+    target = plan_target(driver.adapter, spec.sampler.settings())
+    trial = driver.study.ask()
+    driver.record_complete(trial, Plan(target, (("full",) * target.num_layers,) * target.num_steps),
+                           {"rel_l1": 0.1, "flops_ratio": 0.5})
+    nan = {"rel_l1": float("nan"), "latency_ratio": 0.5}
+    monkeypatch.setattr(refine, "held_out_metrics", lambda adapter, spec, plans: HeldOutResult(
+        SeedSet("held_out", [1] * 4, [0, 1, 2, 3]), {"dense": nan, **dict.fromkeys(plans, nan)}, 1.0, 10))
+    with pytest.raises(UserError, match="held-out rel_l1 of trial-0 is not a number on 4 samples; raise search.refine"):
+        refine.refine_front(spec, driver.storage, spec.name, driver.study.get_trials(), tmp_path / "trials")
