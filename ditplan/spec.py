@@ -303,6 +303,18 @@ class RefineSpec(_Strict):
         return self
 
 
+class ProposalSpec(_Strict):
+    """Trials proposed before the sampler's own, enqueued with their parameters so the sampler learns
+    from them. from: ``proxy`` — per-(step, layer, strategy) sensitivities measured once on the
+    calibration batch (greedy's loop at δ = 0: each cell alone against dense), then the plans of least
+    FLOPs for a sweep of summed-sensitivity budgets (:mod:`ditplan.search.proxy`). count: how many of
+    those plans, spread from the most faithful to the fastest; they count as learned trials."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    source: Literal["proxy"] = Field("proxy", alias="from")
+    count: int = Field(10, gt=0, le=100_000)
+
+
 class SearchSpec(_Strict):
     """sampler: tpe (default), nsga2, gp or random, seeded by ``seed``. trials: evaluated trials per
     study (warm-start plans not counted). workers: Ray tasks in flight. samples: the first K samples of
@@ -317,7 +329,11 @@ class SearchSpec(_Strict):
     off by a dead driver and is queued to run again (up to max_retries times). refine: the held-out
     evaluation of the front and the greedy plans (none skips it: then nothing is measured on held-out
     seeds and reports say so). Trials whose metrics break a constraint are kept and shown, but never
-    on a front, in a hypervolume, refined, tagged ``pareto`` or exported."""
+    on a front, in a hypervolume, refined, tagged ``pareto`` or exported. proposals: trials proposed from
+    the calibration batch's proxy sensitivities, run first (none: the sampler starts cold). warm_start:
+    ``greedy`` — ``ditplan run`` enqueues greedy's D1 … D6 before the learned trials (with their
+    parameters where the space expresses them: the full grid does; otherwise whole, and no sampler
+    learns from them), ``none`` — it does not."""
 
     sampler: Literal["tpe", "nsga2", "gp", "random"] = "tpe"
     population_size: int = Field(50, ge=2, le=MAX_SAMPLES)  # NSGA-II generation size
@@ -338,6 +354,8 @@ class SearchSpec(_Strict):
     grace_period_s: int | None = Field(None, gt=0)
     max_retries: int = Field(2, ge=0, le=100)
     refine: RefineSpec | None = RefineSpec()
+    proposals: ProposalSpec | None = None
+    warm_start: Literal["greedy", "none"] = "greedy"
 
     @model_validator(mode="after")
     def _reference_fits(self) -> SearchSpec:

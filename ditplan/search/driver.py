@@ -31,6 +31,7 @@ from ditplan.plan import Plan, library_versions
 from ditplan.progress import progress_bar
 from ditplan.search.figures import front_html, front_png
 from ditplan.search.pareto import hypervolume, pareto_mask
+from ditplan.search.proxy import PROXY_FILE, cached_proxy, cell_flops, measure_proxy, propose
 from ditplan.search.ray_tasks import TaskPool
 from ditplan.search.space import experiment_space
 from ditplan.search.storage import (
@@ -60,6 +61,7 @@ SAMPLERS = {
 METRICS = "metrics"  # user attribute: every search-seed metric of a complete trial (its plan file's provenance)
 DRIVER = "driver"  # user attribute: the driver (host-pid) that ran the trial
 GIVEN = "plan_given"  # user attribute of a warm-start trial whose plan the space cannot express: run whole
+PROPOSAL = "proposal"  # user attribute of a trial proposed from the proxy (a learned trial, enqueued first)
 
 
 @dataclass
@@ -254,6 +256,27 @@ class _Search:
                      **({GIVEN: True} if params is None else {})}
             self.study.enqueue_trial(params or {}, user_attrs=attrs)
 
+    def propose(self) -> None:
+        """``search.proposals``: the proxy (measured once on the calibration batch, kept in the run
+        directory with its cost) proposes plans that join the study as enqueued learned trials with
+        their parameters, ahead of the sampler's own; a resumed study keeps them and adds none twice."""
+        proposals = self.search.proposals
+        if proposals is None:
+            return
+        settings = self.spec.sampler.settings()
+        _, conditions, seeds = self.spec.seed_set("calibration")
+        proxy, measured = cached_proxy(self.run_dir / PROXY_FILE, lambda: measure_proxy(
+            self.adapter, settings, conditions, seeds, self.spec.greedy.window_size))
+        if measured:
+            self.tracker.client.log_metric(self.tracker.parent_id, "proxy_sample_forwards", proxy.sample_forwards)
+        known = {t.user_attrs.get("name") for t in self.study.get_trials(deepcopy=False)}
+        plans = propose(self.space, proxy, cell_flops(self.adapter, settings, proxy), proposals.count)
+        for index, plan in enumerate(plans):
+            name = f"proposal-{index}"
+            params = self.space.params_for(plan)
+            if name not in known and params is not None:
+                self.study.enqueue_trial(params, user_attrs={"name": name, PROPOSAL: proposals.source})
+
     def tell(self, trial: optuna.Trial, values: dict[str, float]) -> None:
         for constraint in self.search.constraints:
             trial.set_constraint(constraint.metric, constraint.violation(values[constraint.metric]))
@@ -404,6 +427,7 @@ def run_search(
     _import_plugins(plugins)
     driver = _Search(spec, run_dir, resume)
     driver.warm_start(warm_start)
+    driver.propose()
     driver.repair(mlflow=True)
     failed = driver.run_trials(trials or spec.search.trials, workers or spec.search.workers, ray_address, plugins,
                                show_progress)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,6 +42,9 @@ class GreedyResult:
     sample_forwards: int  # rows × forwards: every sample (each CFG half counted) through the transformer once
     seconds: float
     peak_memory_bytes: int = 0  # CUDA: max allocated during calibration; CPU: growth of the peak RSS
+    # every loss the run measured: (step, layer, candidate) → L(O, O') of that trial forward. At δ = 0
+    # nothing passes, so the trajectory stays dense and this is each cell alone against dense (the proxy)
+    losses: dict[tuple[int, int, str], float] = field(default_factory=dict)
 
 
 def greedy_search(
@@ -63,6 +66,7 @@ def greedy_search(
     runtime = apply_plan(adapter.transformer, start_plan, target)
     strategies = build_strategies(start_plan, extra=candidates)
     forwards = [0, 0]  # transformer calls, rows through them
+    losses: dict[tuple[int, int, str], float] = {}
 
     def count(_: Any, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]  # (rows, C, H, W)
@@ -87,7 +91,8 @@ def greedy_search(
                     bound = (layer + 1) / adapter.num_layers * threshold
                     for candidate in candidates:
                         row[layer] = candidate
-                        if relative_l1(dense, forward(step, row, model_in, t, inputs)) < bound:
+                        losses[step, layer, candidate] = relative_l1(dense, forward(step, row, model_in, t, inputs))
+                        if losses[step, layer, candidate] < bound:
                             break
                     else:
                         row[layer] = "full"
@@ -123,7 +128,7 @@ def greedy_search(
             "versions": library_versions(),
         },
     )
-    return GreedyResult(plan, forwards[0], forwards[1], seconds, peak)
+    return GreedyResult(plan, forwards[0], forwards[1], seconds, peak, losses)
 
 
 def expected_forwards(plan: Plan, candidates: Sequence[str]) -> int:

@@ -147,8 +147,9 @@ class PlanSpace:
         for name, choices in self.params.items():
             if name not in used:
                 continue
+            resolved = get_strategy_class(name).resolved_params(plan.params.get(name), self.target.num_tokens)
             for key, options in choices.items():
-                value = plan.params.get(name, {}).get(key)
+                value = resolved.get(key)
                 if value is None or value not in options or params.setdefault(_param_name(name, key), value) != value:
                     return None
         return params
