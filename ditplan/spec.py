@@ -308,11 +308,14 @@ class ProposalSpec(_Strict):
     from them. from: ``proxy`` — per-(step, layer, strategy) sensitivities measured once on the
     calibration batch (greedy's loop at δ = 0: each cell alone against dense), then the plans of least
     FLOPs for a sweep of summed-sensitivity budgets (:mod:`ditplan.search.proxy`). count: how many of
-    those plans, spread from the most faithful to the fastest; they count as learned trials."""
+    those plans, spread from the most faithful to the fastest; they count as learned trials. samples:
+    the first K samples of the calibration batch the proxy is measured on (default: greedy's
+    ``calibration_samples``; fewer cost proportionally less)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     source: Literal["proxy"] = Field("proxy", alias="from")
     count: int = Field(10, gt=0, le=100_000)
+    samples: Count | None = None
 
 
 class SearchSpec(_Strict):
@@ -331,9 +334,10 @@ class SearchSpec(_Strict):
     seeds and reports say so). Trials whose metrics break a constraint are kept and shown, but never
     on a front, in a hypervolume, refined, tagged ``pareto`` or exported. proposals: trials proposed from
     the calibration batch's proxy sensitivities, run first (none: the sampler starts cold). warm_start:
-    ``greedy`` — ``ditplan run`` enqueues greedy's D1 … D6 before the learned trials (with their
-    parameters where the space expresses them: the full grid does; otherwise whole, and no sampler
-    learns from them), ``none`` — it does not."""
+    ``greedy`` — ``ditplan run`` enqueues greedy's D1 … D6 before the learned trials, with their
+    parameters where the space expresses them (the full grid does), otherwise run whole and recorded
+    with the parameters of their projection onto the space, so the sampler learns from them either
+    way; ``none`` — it does not (greedy still runs, as a comparison side)."""
 
     sampler: Literal["tpe", "nsga2", "gp", "random"] = "tpe"
     population_size: int = Field(50, ge=2, le=MAX_SAMPLES)  # NSGA-II generation size
@@ -434,6 +438,14 @@ class ExperimentSpec(_Strict):
                         f"the {a} seeds {spans[a].start}…{spans[a].stop - 1} overlap the {b} seeds "
                         f"{spans[b].start}…{spans[b].stop - 1}; move workload.search_seed / workload.held_out_seed apart"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _proxy_fits_calibration(self) -> ExperimentSpec:
+        proposals = self.search.proposals
+        if proposals is not None and (proposals.samples or 0) > self.greedy.calibration_samples:
+            raise ValueError(f"search.proposals.samples ({proposals.samples}) is more than the calibration batch "
+                             f"(greedy.calibration_samples = {self.greedy.calibration_samples}); lower it or raise that")
         return self
 
     def _set_sizes(self) -> dict[str, int]:

@@ -7,7 +7,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from ditplan.plan import Plan, PlanTarget
+from ditplan.plan import Plan, PlanTarget, load_plan
 from ditplan.search.driver import run_search, study_storage
 from ditplan.search.greedy import CANDIDATES, greedy_search
 from ditplan.search.proxy import PROXY_FILE, Proxy, cell_flops, measure_proxy, propose
@@ -110,21 +110,38 @@ def test_greedy_plans_and_proposals_enter_the_study_with_parameters_the_sampler_
     greedy = dataclasses.replace(found, grid=tuple(map(tuple, grid)), params={"wars": {}}).with_provenance(name="D1")
     params = space.params_for(greedy)
     assert params is not None  # the full grid expresses greedy's plan, its default window included
+    odd = dataclasses.replace(greedy, params={"wars": {"window_size": 3}}).with_provenance(name="D2")
+    assert space.params_for(odd) is None  # a window the space does not offer: run whole, learned from projected
+    projected = space.project(odd)
+    assert projected == {**params, "wars.window_size": 1}  # the first window offered; every cell as it was
+    warm = [greedy, odd]
     run = tmp_path / "run"
-    run_search(spec, run, trials=3, workers=1, warm_start=[greedy], show_progress=False)
+    run_search(spec, run, trials=3, workers=1, warm_start=warm, show_progress=False)
 
     for resumed in (False, True):
         study = _study(spec, run)
         done = study.get_trials(states=(TrialState.COMPLETE,))
         by_name = {t.user_attrs.get("name"): t for t in done}
         assert by_name["D1"].params == params and "plan_given" not in by_name["D1"].user_attrs
+        assert by_name["D2"].params == projected and by_name["D2"].user_attrs["projected"]
+        assert load_plan(run / "trials" / f"trial-{by_name['D2'].number:04d}.yaml").params == {"wars": {"window_size": 3}}
         proxy = Proxy.from_json((run / PROXY_FILE).read_text())
         proposed = propose(space, proxy, cell_flops(adapter, spec.sampler.settings(), proxy), 2)
         assert [by_name[f"proposal-{i}"].params for i in range(2)] == [space.params_for(p) for p in proposed]
         # every complete trial carries every cell: multivariate TPE's joint space is the whole grid
         assert set(optuna.search_space.intersection_search_space(done)) == {p for p in params if "/" in p}
-        assert len(done) == (1 + 3 if not resumed else 1 + 4)
+        assert len(done) == (2 + 3 if not resumed else 2 + 4)
         if not resumed:
-            run_search(spec, run, trials=4, workers=1, resume=True, warm_start=[greedy], show_progress=False)
+            run_search(spec, run, trials=4, workers=1, resume=True, warm_start=warm, show_progress=False)
     names = [t.user_attrs.get("name") for t in done]
-    assert names.count("D1") == 1 and names.count("proposal-0") == 1  # a resume adds neither twice
+    assert names.count("D1") == names.count("D2") == names.count("proposal-0") == 1  # a resume adds none twice
+
+
+def test_a_grouped_space_projects_a_plan_it_cannot_express_onto_each_cells_most_used_method():
+    space = build_space(TARGET, ["full", "ast", "asc"], 1, 1)
+    grid = (("full", "full"), ("ast", "asc"), ("ast", "full"))
+    params = space.project(Plan(TARGET, grid))
+    assert params == {"L0-1/S1-2": "ast"}  # ast 2 cells, asc 1, full 1
+    assert space.project(Plan(TARGET, (("full", "full"), ("asc", "ast"), ("asc", "ast")))) == {"L0-1/S1-2": "ast"}  # tie: the space's order
+    plan = space.suggest(optuna.trial.FixedTrial(params))
+    assert space.params_for(plan) == params

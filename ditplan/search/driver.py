@@ -61,6 +61,7 @@ SAMPLERS = {
 METRICS = "metrics"  # user attribute: every search-seed metric of a complete trial (its plan file's provenance)
 DRIVER = "driver"  # user attribute: the driver (host-pid) that ran the trial
 GIVEN = "plan_given"  # user attribute of a warm-start trial whose plan the space cannot express: run whole
+PROJECTED = "projected"  # user attribute of such a trial whose parameters are its plan projected onto the space
 PROPOSAL = "proposal"  # user attribute of a trial proposed from the proxy (a learned trial, enqueued first)
 
 
@@ -207,6 +208,8 @@ class _Search:
         """The plan a trial runs: a warm-start plan given whole (None when this driver was not given
         it), or the space's plan for the trial's parameters."""
         if attrs.get(GIVEN):
+            if attrs.get(PROJECTED):
+                self.space.suggest(trial)  # records the projected parameters: the sampler learns from them
             return self.warm_plans.get(attrs.get("name", ""))
         return self.space.suggest(trial)
 
@@ -245,16 +248,19 @@ class _Search:
     # --- trials -----------------------------------------------------------------------------------
     def warm_start(self, plans: Sequence[Plan]) -> None:
         """Known plans (greedy D1 … D6) join the study, queued to run first on the workers like any
-        trial: plans the space can express by their parameters (NSGA-II breeds from them), others whole."""
+        trial: plans the space can express by their parameters (the samplers learn from them, NSGA-II
+        breeds from them); others run whole, recorded with the parameters of their projection onto the
+        space (:meth:`PlanSpace.project`) so that the samplers learn from them too."""
         self.warm_plans = {str(p.provenance.get("name", "warm-start")): p for p in plans}
         known = {t.user_attrs.get("name") for t in self.study.get_trials(deepcopy=False)}
         for name, plan in self.warm_plans.items():
             if name in known:
                 continue
             params = self.space.params_for(plan)
+            projected = self.space.project(plan) if params is None else None
             attrs = {"name": name, WARM: str(plan.provenance.get("search", "warm-start")),
-                     **({GIVEN: True} if params is None else {})}
-            self.study.enqueue_trial(params or {}, user_attrs=attrs)
+                     **({GIVEN: True} if params is None else {}), **({PROJECTED: True} if projected else {})}
+            self.study.enqueue_trial(params or projected or {}, user_attrs=attrs)
 
     def propose(self) -> None:
         """``search.proposals``: the proxy (measured once on the calibration batch, kept in the run
@@ -265,8 +271,9 @@ class _Search:
             return
         settings = self.spec.sampler.settings()
         _, conditions, seeds = self.spec.seed_set("calibration")
+        k = proposals.samples or len(seeds)
         proxy, measured = cached_proxy(self.run_dir / PROXY_FILE, lambda: measure_proxy(
-            self.adapter, settings, conditions, seeds, self.spec.greedy.window_size))
+            self.adapter, settings, conditions[:k], seeds[:k], self.spec.greedy.window_size))
         if measured:
             self.tracker.client.log_metric(self.tracker.parent_id, "proxy_sample_forwards", proxy.sample_forwards)
         known = {t.user_attrs.get("name") for t in self.study.get_trials(deepcopy=False)}

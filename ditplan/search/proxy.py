@@ -36,7 +36,7 @@ from ditplan.strategies.base import get_strategy_class
 
 WINDOWED = ("wars", "wars+asc")  # the candidates whose window the proxy measured them with
 PROXY_FILE = "proxy.json"  # in a search's run directory: the proxy it measured (and what that cost)
-LAMBDA_SWEEP = np.geomspace(1e-3, 1e3, 241)  # × (dense FLOPs of one cell): from "fastest" to "dense"
+LAMBDA_SWEEP = np.geomspace(1e-4, 1e6, 401)  # × (dense FLOPs of one cell): from "fastest" to "dense"
 
 
 @dataclass(frozen=True)
