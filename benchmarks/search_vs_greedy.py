@@ -54,7 +54,7 @@ DIRECTIONS = ["minimize", "minimize"]
 
 def configure(spec, args):  # noqa: ANN001, ANN201
     """The experiment with the command line's learned-side choices."""
-    search = {"refine": None}
+    search = {}
     if args.sampler:
         search["sampler"] = args.sampler
     if args.population:
@@ -182,7 +182,7 @@ def main() -> None:
             shutil.copy(proxy_path, run_dir / PROXY_FILE)
         seeded = spec.model_copy(update={"search": spec.search.model_copy(update={"seed": seed})})
         start = time.perf_counter()
-        result = run_search(seeded, run_dir, trials=trials, workers=2, show_progress=False,
+        result = run_search(seeded, run_dir, trials=trials, workers=2, show_progress=False, refine=False,
                             warm_start=list(greedy.values()) if args.warm_start else ())
         seconds = time.perf_counter() - start
         front = {f"trial-{t.number}": load_plan(run_dir / "trials" / f"trial-{t.number:04d}.yaml") for t in result.front}
@@ -200,14 +200,13 @@ def main() -> None:
               f"min {min(ratios):.2f}, max {max(ratios):.2f}")
 
     if args.latency:  # --- held-out quality × latency, interleaved with dense -----------------------------
-        refine_spec = load_spec(args.experiment)
-        measured = held_out_metrics(adapter, refine_spec, {**greedy, **front})
+        measured = held_out_metrics(adapter, spec, {**greedy, **front})
         metrics = measured.metrics
         pts = {n: (metrics[n]["rel_l1"], metrics[n]["latency_ratio"]) for n in {**greedy, **front}}
         lat_ref = [METRIC_REFERENCE["rel_l1"], METRIC_REFERENCE["latency_ratio"]]
         hv_g = hypervolume(np.array([pts[n] for n in greedy]), DIRECTIONS, lat_ref)
         hv_l = hypervolume(np.array([pts[n] for n in front]), DIRECTIONS, lat_ref)
-        print(f"\nheld-out quality × latency ({len(measured.seed_set.seeds)} samples, {refine_spec.search.refine.latency_repeats} "
+        print(f"\nheld-out quality × latency ({len(measured.seed_set.seeds)} samples, {spec.search.refine.latency_repeats} "
               f"rounds interleaved with dense, median ratio): hypervolume greedy {hv_g:.4f}, learned {hv_l:.4f} "
               f"({hv_l / hv_g if hv_g else float('nan'):.2f}×); covered (≤ rel. L1, ≤ latency): "
               + ", ".join(f"{n} {v}" for n, v in covered({n: pts[n] for n in greedy}, [pts[n] for n in front]).items()))
