@@ -96,7 +96,7 @@ class HeldOut:
 
     def __call__(self, plan: Plan) -> tuple[float, float]:
         data = plan.to_dict()
-        key = json.dumps({k: data[k] for k in ("params", "sparse", "grid", "target")}, sort_keys=True)
+        key = json.dumps({**{k: data[k] for k in ("params", "sparse", "grid", "target")}, "seeds": self.seeds}, sort_keys=True)
         if key not in self.known:
             values = plan_metrics(self.adapter, self.spec, plan, self.dense, self.conditions, self.seeds, QUALITY_COST)
             self.known[key] = [values[m] for m in QUALITY_COST]
@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("--experiment", default="benchmarks/search-vs-greedy.yaml")
     parser.add_argument("--greedy-dir", default="runs/bench-greedy", help="reuse greedy plans found here")
     parser.add_argument("--out", default="runs/bench-search")
+    parser.add_argument("--held-out-cache", default="runs/bench-held-out.json", help="held-out metrics of plans seen before")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="search seeds: one study each")
     parser.add_argument("--sampler", help="override search.sampler (tpe, nsga2, gp, random)")
     parser.add_argument("--population", type=int, help="override search.population_size (NSGA-II)")
@@ -141,7 +142,7 @@ def main() -> None:
     per_eval = sample_forwards(spec.search.samples, settings)
     calibration = sum(int(p.provenance["sample_forwards"]) for p in greedy.values())
     budget = calibration + len(greedy) * per_eval
-    held = HeldOut(adapter, spec, out / "held-out-metrics.json")
+    held = HeldOut(adapter, spec, Path(args.held_out_cache))
     g_points = {name: held(plan) for name, plan in greedy.items()}
     hv_greedy = hypervolume(np.array(list(g_points.values())), DIRECTIONS, reference)
     print(f"greedy D1–D6: calibration {calibration:,} sample-forwards "
@@ -156,7 +157,7 @@ def main() -> None:
     if spec.search.proposals is not None:
         _, conditions, seeds = spec.seed_set("calibration")
         k = spec.search.proposals.samples or len(seeds)
-        proxy_path = out / f"proxy-{k}.json"
+        proxy_path = Path(args.greedy_dir) / f"proxy-{k}.json"  # calibration seeds, like greedy's: measured once
         proxy, _ = cached_proxy(proxy_path, lambda: measure_proxy(
             adapter, settings, conditions[:k], seeds[:k], spec.greedy.window_size))
         proxy_cost = proxy.sample_forwards
