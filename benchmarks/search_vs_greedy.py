@@ -1,43 +1,116 @@
-"""Greedy DiTFastAttn plans (D1–D6) vs a learned multi-objective search on the embedded model.
+"""Greedy DiTFastAttn plans (D1–D6) vs a learned multi-objective search on the embedded model, at equal
+budget, judged on held-out seeds.
 
-Greedy calibrates on the experiment's calibration seeds; both sides are scored on the same path
-(``plan_metrics``: the search seed set vs dense); the domain-FID check uses the held-out seeds. The
-learned search gets as many full evaluations as greedy's 6 plans plus its calibration converted to
-evaluation-equivalents (both in transformer sample-forwards: rows × steps, CFG counted). Prints the
-hypervolume of both fronts (rel. L1 vs FLOPs ratio, one reference point), then re-measures both
-fronts' latency (median of repeats, one plan at a time) and, for every Dk, the best learned plan at
-≤ its latency. Then the 2× goal: learned front plans from the fastest up, the first whose domain FID
-(``--fid-samples`` samples vs the held-out digits) is within +10 % of dense's, with a grid of its
-samples below dense's. Last, search throughput
-with 1 and 2 Ray workers.
+Protocol (the experiment's three seed sets): greedy calibrates on the calibration seeds; the learned
+search scores its trials on the search seeds and picks its (search-seed) Pareto front; both sides'
+plans are then measured on the held-out seeds (relative L1 to dense on the same seeds × analytic FLOPs
+ratio: deterministic, so valid on a loaded machine), and each side's hypervolume is taken there.
 
-    python benchmarks/search_vs_greedy.py [--greedy-dir runs/bench-greedy] [--out runs/bench-search]
-    python benchmarks/search_vs_greedy.py --experiment benchmarks/search-vs-greedy-sparse.yaml  # + SparseDiT
+Budget, in transformer sample-forwards (rows × steps, CFG counted): greedy = its calibration of D1–D6
++ one search-seed evaluation per plan. The learned side gets exactly that, and pays from it for
+everything it uses: the proxy's calibration forwards (``--proposals``), greedy's calibration and
+evaluations when it warm-starts from greedy (``--warm-start``), and its trials; the number of trials
+is what is left, rounded down. Several ``--seeds`` repeat the search (the proxy and the greedy plans are
+deterministic and measured once; every repeat is charged for them).
+
+    python benchmarks/search_vs_greedy.py --full-grid --proposals 10 --seeds 0 1 2
+    python benchmarks/search_vs_greedy.py --seeds 0 1 2                      # cold TPE, grouped space
+    python benchmarks/search_vs_greedy.py --full-grid --proposals 10 --latency  # + held-out quality × latency
+
+``--latency`` (needs a quiet machine) measures greedy's plans and the last repeat's front on the held-out
+seeds in rounds interleaved with dense (:func:`ditplan.evaluators.held_out.held_out_metrics`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.utils import save_image
 
+from ditplan.atomic import atomic_write_text
+from ditplan.evaluators.base import METRIC_REFERENCE
 from ditplan.evaluators.cost import sample_forwards
-from ditplan.evaluators.distribution import distribution_metrics
+from ditplan.evaluators.held_out import held_out_metrics
 from ditplan.evaluators.reference import dense_reference
-from ditplan.models.digits import load_digits
 from ditplan.models.sampling import plan_target
-from ditplan.strategies.apply import sample_with_plan
-from ditplan.plan import load_plan
-from ditplan.search.driver import reference_point, run_search
+from ditplan.plan import Plan, load_plan
+from ditplan.search.driver import run_search
 from ditplan.search.greedy import DEFAULT_THRESHOLDS, greedy_search, threshold_name
-from ditplan.search.pareto import hypervolume, pareto_mask
+from ditplan.search.pareto import hypervolume
+from ditplan.search.proxy import PROXY_FILE, cached_proxy, measure_proxy
 from ditplan.search.trial_eval import plan_metrics, worker_adapter
-from ditplan.spec import load_spec
+from ditplan.spec import ProposalSpec, load_spec
+
+QUALITY_COST = ("rel_l1", "flops_ratio")
+DIRECTIONS = ["minimize", "minimize"]
+
+
+def configure(spec, args):  # noqa: ANN001, ANN201
+    """The experiment with the command line's learned-side choices."""
+    search = {}
+    if args.sampler:
+        search["sampler"] = args.sampler
+    if args.population:
+        search["population_size"] = args.population
+    if args.full_grid:  # counts are clamped: one layer / one step per cell
+        search["space"] = spec.search.space.model_copy(update={"layer_groups": 10**6, "step_segments": 10**6})
+    if args.proposals is not None:
+        search["proposals"] = ProposalSpec(count=args.proposals, samples=args.proxy_samples) if args.proposals else None
+    return spec.model_copy(update={"search": spec.search.model_copy(update=search)})
+
+
+def greedy_plans(adapter, spec, folder: Path) -> dict[str, Plan]:  # noqa: ANN001
+    """D1–D6 calibrated on the calibration seeds (reused from ``folder`` when made for this model and batch)."""
+    settings = spec.sampler.settings()
+    target = plan_target(adapter, settings)
+    _, conditions, seeds = spec.seed_set("calibration")
+    plans = {}
+    for index, delta in enumerate(DEFAULT_THRESHOLDS):
+        name = threshold_name(index)
+        path = folder / f"greedy-{name}.yaml"
+        found = load_plan(path) if path.exists() else None
+        if found and found.target == target and "sample_forwards" in found.provenance \
+                and found.provenance["calibration"]["seeds"] == seeds and found.provenance["threshold"] == delta:
+            plans[name] = found
+        else:
+            plans[name] = greedy_search(adapter, settings, conditions, seeds, delta).plan.with_provenance(name=name)
+            plans[name].save(path)
+    return plans
+
+
+class HeldOut:
+    """Held-out rel. L1 × FLOPs of plans, measured once per distinct plan (kept in a JSON file)."""
+
+    def __init__(self, adapter, spec, path: Path) -> None:  # noqa: ANN001
+        self.adapter, self.spec, self.path = adapter, spec, path
+        _, self.conditions, self.seeds = spec.seed_set("held_out")
+        self.dense = dense_reference(adapter, spec.sampler.settings(), self.conditions, self.seeds, spec.evaluation.cache_dir)
+        self.known = json.loads(path.read_text()) if path.exists() else {}
+
+    def __call__(self, plan: Plan) -> tuple[float, float]:
+        data = plan.to_dict()
+        key = json.dumps({**{k: data[k] for k in ("params", "sparse", "grid", "target")}, "seeds": self.seeds}, sort_keys=True)
+        if key not in self.known:
+            values = plan_metrics(self.adapter, self.spec, plan, self.dense, self.conditions, self.seeds, QUALITY_COST)
+            self.known[key] = [values[m] for m in QUALITY_COST]
+            atomic_write_text(self.path, json.dumps(self.known))
+        return tuple(self.known[key])
+
+
+def covered(greedy_points: dict[str, tuple[float, float]], learned: list[tuple[float, float]]) -> dict[str, str]:
+    """For every Dk: ``dominated`` / ``matched`` (a learned plan at ≤ its rel. L1 and ≤ its FLOPs) or ``no``."""
+    verdict = {}
+    for name, (l1, flops) in greedy_points.items():
+        at_most = [(a, b) for a, b in learned if a <= l1 and b <= flops]
+        verdict[name] = "no" if not at_most else ("dominated" if any(a < l1 or b < flops for a, b in at_most) else "matched")
+    return verdict
 
 
 def main() -> None:
@@ -45,137 +118,103 @@ def main() -> None:
     parser.add_argument("--experiment", default="benchmarks/search-vs-greedy.yaml")
     parser.add_argument("--greedy-dir", default="runs/bench-greedy", help="reuse greedy plans found here")
     parser.add_argument("--out", default="runs/bench-search")
-    parser.add_argument("--latency-repeats", type=int, default=3)
-    parser.add_argument("--throughput-trials", type=int, default=8)
-    parser.add_argument("--fid-samples", type=int, default=200, help="samples per domain-FID check of the 2× goal")
+    parser.add_argument("--held-out-cache", default="runs/bench-held-out.json", help="held-out metrics of plans seen before")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="search seeds: one study each")
     parser.add_argument("--sampler", help="override search.sampler (tpe, nsga2, gp, random)")
     parser.add_argument("--population", type=int, help="override search.population_size (NSGA-II)")
     parser.add_argument("--full-grid", action="store_true", help="one cell per (step, layer) instead of the file's groups")
-    parser.add_argument("--warm-start", action="store_true",
-                        help="enqueue the greedy plans and add the calibration-equivalent trials on top of them")
+    parser.add_argument("--proposals", type=int, help="override search.proposals.count (0: none)")
+    parser.add_argument("--proxy-samples", type=int, help="calibration samples the proxy is measured on")
+    parser.add_argument("--warm-start", action="store_true", help="greedy's D1–D6 join the study (charged to the learned side)")
+    parser.add_argument("--latency", action="store_true", help="held-out quality × latency of greedy and the last front")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    spec = load_spec(args.experiment)
-    search = {"refine": None}
-    if args.sampler:
-        search["sampler"] = args.sampler
-    if args.population:
-        search["population_size"] = args.population
-    if args.full_grid:
-        search["space"] = spec.search.space.model_copy(
-            update={"layer_groups": 10**6, "step_segments": 10**6})  # counts are clamped: one layer/step per cell
-    spec = spec.model_copy(update={"search": spec.search.model_copy(update=search)})
+    spec = configure(load_spec(args.experiment), args)
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
     adapter = worker_adapter(spec)
     settings = spec.sampler.settings()
-    target = plan_target(adapter, settings)
+    reference = [METRIC_REFERENCE[m] for m in QUALITY_COST]
+    print(f"# python benchmarks/search_vs_greedy.py {' '.join(sys.argv[1:])}", flush=True)
 
-    # --- greedy D1–D6 (calibrated on the calibration seeds) -------------------------------------------
-    greedy = {}
-    _, calibration_conditions, calibration_seeds = spec.seed_set("calibration")
-    for index, delta in enumerate(DEFAULT_THRESHOLDS):
-        name = threshold_name(index)
-        path = Path(args.greedy_dir) / f"greedy-{name}.yaml"
-        found = load_plan(path) if path.exists() else None
-        if found and found.target == target and "sample_forwards" in found.provenance \
-                and found.provenance["calibration"]["seeds"] == calibration_seeds:
-            greedy[name] = found
-        else:
-            result = greedy_search(adapter, settings, calibration_conditions, calibration_seeds, delta)
-            greedy[name] = result.plan.with_provenance(name=name)
-            greedy[name].save(path)
-    calibration = sum(p.provenance["sample_forwards"] for p in greedy.values())
-    seconds = sum(p.provenance["search_seconds"] for p in greedy.values())
-    equivalent = calibration / sample_forwards(spec.search.samples, settings)
-    budget = round(equivalent) if args.warm_start else 6 + round(equivalent)
-    print(f"greedy D1–D6: {calibration} transformer sample-forwards ({seconds:.0f} s) "
-          f"≈ {equivalent:.0f} full evaluations of {spec.search.samples} samples; + 6 plan evaluations "
-          f"→ learned budget {budget} trials" + (" on top of the 6 enqueued greedy plans" if args.warm_start else "")
-          + f"; sampler {spec.search.sampler}, {'full grid' if args.full_grid else 'grouped'} space", flush=True)
+    # --- greedy D1–D6 and its budget --------------------------------------------------------------------
+    greedy = greedy_plans(adapter, spec, Path(args.greedy_dir))
+    per_eval = sample_forwards(spec.search.samples, settings)
+    calibration = sum(int(p.provenance["sample_forwards"]) for p in greedy.values())
+    budget = calibration + len(greedy) * per_eval
+    held = HeldOut(adapter, spec, Path(args.held_out_cache))
+    g_points = {name: held(plan) for name, plan in greedy.items()}
+    hv_greedy = hypervolume(np.array(list(g_points.values())), DIRECTIONS, reference)
+    print(f"greedy D1–D6: calibration {calibration:,} sample-forwards "
+          f"({sum(p.provenance['search_seconds'] for p in greedy.values()):.0f} s) + {len(greedy)} evaluations × "
+          f"{per_eval:,} = {budget:,} sample-forwards; held-out ({len(held.seeds)} samples) hypervolume "
+          f"(rel. L1 × FLOPs ratio, reference {reference}) {hv_greedy:.4f}")
+    for name, (l1, flops) in g_points.items():
+        print(f"  {name}: held-out rel. L1 {l1:.4f}, FLOPs {flops:.3f}")
 
-    # --- learned search, same budget ------------------------------------------------------------------
-    start = time.perf_counter()
-    result = run_search(spec, out / "learned", trials=budget, workers=2, show_progress=False,
-                        warm_start=list(greedy.values()) if args.warm_start else ())
-    learned_seconds = time.perf_counter() - start
-    objectives, directions = result.objectives, result.directions
-    ref = reference_point(spec)
-    _, conditions, seeds = spec.seed_set("search")
-    dense = dense_reference(adapter, settings, conditions, seeds, spec.evaluation.cache_dir)
-    needed = tuple(objectives)
-    greedy_values = {n: plan_metrics(adapter, spec, p, dense, conditions, seeds, needed) for n, p in greedy.items()}
-    g = np.array([[v[o] for o in objectives] for v in greedy_values.values()])
-    hv_greedy = hypervolume(g, directions, ref)
-    import optuna
+    # --- the learned side's fixed costs, then its trials ------------------------------------------------
+    proxy_cost, proxy_path = 0, None
+    if spec.search.proposals is not None:
+        _, conditions, seeds = spec.seed_set("calibration")
+        k = spec.search.proposals.samples or len(seeds)
+        proxy_path = Path(args.greedy_dir) / f"proxy-{k}.json"  # calibration seeds, like greedy's: measured once
+        proxy, _ = cached_proxy(proxy_path, lambda: measure_proxy(
+            adapter, settings, conditions[:k], seeds[:k], spec.greedy.window_size))
+        proxy_cost = proxy.sample_forwards
+        print(f"proxy: {proxy_cost:,} sample-forwards on {k} calibration samples ({proxy.seconds:.0f} s)")
+    warm_cost = budget if args.warm_start else 0  # greedy's calibration + its six plans evaluated in the study
+    trials = (budget - proxy_cost - warm_cost) // per_eval
+    if trials < 1:
+        print(f"learned side: no trial left after its fixed costs ({proxy_cost + warm_cost:,} of {budget:,})")
+        return
+    spent = proxy_cost + warm_cost + trials * per_eval
+    space = "full grid" if args.full_grid else f"{spec.search.space.layer_groups} × {spec.search.space.step_segments}"
+    print(f"learned side: sampler {spec.search.sampler}, {space}, proposals "
+          f"{spec.search.proposals.count if spec.search.proposals else 'none'}, warm start {'greedy' if args.warm_start else 'none'}: "
+          f"proxy {proxy_cost:,} + warm start {warm_cost:,} + {trials} trials × {per_eval:,} = {spent:,} sample-forwards "
+          f"(greedy {budget:,})", flush=True)
 
-    from ditplan.search.driver import study_storage
-
-    study = optuna.load_study(study_name=spec.name, storage=study_storage(spec, out / "learned"))
-    own = np.array([t.values for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-                    if "source" not in t.user_attrs])
-    hv_own = hypervolume(own, directions, ref)
-    print(f"\nlearned: {result.completed} complete trials ({result.failed} failed) in {learned_seconds:.0f} s; "
-          f"front {len(result.front)}")
-    print(f"hypervolume ({objectives[0]} × {objectives[1]}, reference {ref}): greedy {hv_greedy:.4f}; "
-          f"learned trials alone {hv_own:.4f} (ratio {hv_own / hv_greedy:.2f}); whole study "
-          f"{result.hypervolume:.4f} (ratio {result.hypervolume / hv_greedy:.2f})")
-
-    # --- latency of both fronts, one plan at a time ---------------------------------------------------
-    lat_metrics = ("rel_l1", "latency_ratio", "flops_ratio")
-    greedy_front = [n for n, keep in zip(greedy, pareto_mask(g, directions)) if keep]
-    measured = {}
-    for name in greedy:
-        measured[name] = plan_metrics(adapter, spec, greedy[name], dense, conditions, seeds, lat_metrics, args.latency_repeats)
-    learned_plans = {f"trial-{t.number}": load_plan(out / "learned" / "trials" / f"trial-{t.number:04d}.yaml")
-                     for t in result.front if "source" not in t.user_attrs}  # enqueued greedy plans are not learned
-    for name, plan in learned_plans.items():
-        measured[name] = plan_metrics(adapter, spec, plan, dense, conditions, seeds, lat_metrics, args.latency_repeats)
-    print(f"\ngreedy front: {greedy_front}. Latency: median of {args.latency_repeats} after a warm-up, ratio to dense "
-          "measured in the same process.")
-    print("\n| greedy | rel. L1 | FLOPs | latency | best learned at ≤ its latency | rel. L1 | FLOPs | latency | Δ rel. L1 |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name in greedy:
-        gm = measured[name]
-        candidates = [(m["rel_l1"], n) for n, m in measured.items() if n in learned_plans and m["latency_ratio"] <= gm["latency_ratio"]]
-        if candidates:
-            _, best = min(candidates)
-            lm = measured[best]
-            print(f"| {name} | {gm['rel_l1']:.4f} | {gm['flops_ratio']:.2f} | {gm['latency_ratio']:.2f} | {best} | "
-                  f"{lm['rel_l1']:.4f} | {lm['flops_ratio']:.2f} | {lm['latency_ratio']:.2f} | {lm['rel_l1'] - gm['rel_l1']:+.4f} |")
-        else:
-            print(f"| {name} | {gm['rel_l1']:.4f} | {gm['flops_ratio']:.2f} | {gm['latency_ratio']:.2f} | none | | | | |")
-
-    # --- the 2× goal: the fastest learned plan within +10 % domain FID of dense -------------------------
-    _, fid_labels, fid_seeds = spec.workload.seed_set("held_out", args.fid_samples)
-    held_out = load_digits("held_out")[0]
-
-    def domain_fid(plan):
-        samples = sample_with_plan(adapter, plan, fid_labels, fid_seeds, settings)[0]
-        fid = next(m.value for m in distribution_metrics(samples, held_out, metrics=("fid",)) if m.name == "fid")
-        return fid, samples
-
-    dense_fid, dense_samples = domain_fid(None)
-    print(f"\ndomain FID on {args.fid_samples} samples: dense {dense_fid:.2f}; learned front from the fastest:")
-    for name in sorted(learned_plans, key=lambda n: measured[n]["latency_ratio"]):
-        fid, samples = domain_fid(learned_plans[name])
-        latency = measured[name]["latency_ratio"]
-        print(f"  {name}: latency {latency:.2f} ({1 / latency:.2f}× faster), FID {fid:.2f} ({fid / dense_fid - 1:+.1%})")
-        if fid <= 1.1 * dense_fid:
-            print(f"  → fastest within +10 % FID: {name}, {1 / latency:.2f}× faster than dense "
-                  f"({'meets' if latency <= 0.5 else 'misses'} the 2× goal)")
-            grid = out / "fastest-within-fid.png"  # 3 rows of dense over 3 rows of the plan, same seeds
-            save_image((torch.cat([dense_samples[:30], samples[:30]]) + 1) / 2, grid, nrow=10)
-            print(f"  samples, dense above {name} (same seeds): {grid}")
-            break
-
-    # --- throughput with 1 and 2 workers --------------------------------------------------------------
-    for workers in (1, 2):
+    ratios = []
+    for seed in args.seeds:
+        run_dir = out / f"seed-{seed}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if proxy_path is not None:  # measured once above, charged to every repeat
+            run_dir.mkdir(parents=True)
+            shutil.copy(proxy_path, run_dir / PROXY_FILE)
+        seeded = spec.model_copy(update={"search": spec.search.model_copy(update={"seed": seed})})
         start = time.perf_counter()
-        run_search(spec, out / f"throughput-{workers}", trials=args.throughput_trials, workers=workers, show_progress=False)
-        elapsed = time.perf_counter() - start
-        print(f"throughput with {workers} Ray worker(s): {args.throughput_trials} trials in {elapsed:.0f} s "
-              f"→ {3600 * args.throughput_trials / elapsed:.0f} trials/hour (driver start-up included)")
+        result = run_search(seeded, run_dir, trials=trials, workers=2, show_progress=False, refine=False,
+                            warm_start=list(greedy.values()) if args.warm_start else ())
+        seconds = time.perf_counter() - start
+        front = {f"trial-{t.number}": load_plan(run_dir / "trials" / f"trial-{t.number:04d}.yaml") for t in result.front}
+        points = {name: held(plan) for name, plan in front.items()}
+        hv = hypervolume(np.array(list(points.values())), DIRECTIONS, reference)
+        ratios.append(hv / hv_greedy)
+        verdict = covered(g_points, list(points.values()))
+        print(f"seed {seed}: {result.completed} trials ({result.failed} failed) in {seconds:.0f} s; search-seed front "
+              f"{len(front)}; held-out hypervolume {hv:.4f} = {hv / hv_greedy:.2f}× greedy; "
+              + ", ".join(f"{n} {v}" for n, v in verdict.items()), flush=True)
+        for name, (l1, flops) in sorted(points.items(), key=lambda kv: kv[1][1]):
+            print(f"  {name}: held-out rel. L1 {l1:.4f}, FLOPs {flops:.3f}")
+    if len(ratios) > 1:
+        print(f"hypervolume ratio over {len(ratios)} seeds: median {statistics.median(ratios):.2f}, "
+              f"min {min(ratios):.2f}, max {max(ratios):.2f}")
+
+    if args.latency:  # --- held-out quality × latency, interleaved with dense -----------------------------
+        measured = held_out_metrics(adapter, spec, {**greedy, **front})
+        metrics = measured.metrics
+        pts = {n: (metrics[n]["rel_l1"], metrics[n]["latency_ratio"]) for n in {**greedy, **front}}
+        lat_ref = [METRIC_REFERENCE["rel_l1"], METRIC_REFERENCE["latency_ratio"]]
+        hv_g = hypervolume(np.array([pts[n] for n in greedy]), DIRECTIONS, lat_ref)
+        hv_l = hypervolume(np.array([pts[n] for n in front]), DIRECTIONS, lat_ref)
+        print(f"\nheld-out quality × latency ({len(measured.seed_set.seeds)} samples, {spec.search.refine.latency_repeats} "
+              f"rounds interleaved with dense, median ratio): hypervolume greedy {hv_g:.4f}, learned {hv_l:.4f} "
+              f"({hv_l / hv_g if hv_g else float('nan'):.2f}×); covered (≤ rel. L1, ≤ latency): "
+              + ", ".join(f"{n} {v}" for n, v in covered({n: pts[n] for n in greedy}, [pts[n] for n in front]).items()))
+        for name in [*greedy, *front]:
+            m = metrics[name]
+            print(f"  {name}: rel. L1 {m['rel_l1']:.4f}, latency {m['latency_ratio']:.2f} "
+                  f"({m['latency_ratio_min']:.2f}–{m['latency_ratio_max']:.2f}), FLOPs {m['flops_ratio']:.3f}")
 
 
 if __name__ == "__main__":

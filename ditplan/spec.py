@@ -306,6 +306,21 @@ class RefineSpec(_Strict):
         return self
 
 
+class ProposalSpec(_Strict):
+    """Trials proposed before the sampler's own, enqueued with their parameters so the sampler learns
+    from them. from: ``proxy`` — per-(step, layer, strategy) sensitivities measured once on the
+    calibration batch (greedy's loop at δ = 0: each cell alone against dense), then the plans of least
+    FLOPs for a sweep of summed-sensitivity budgets (:mod:`ditplan.search.proxy`). count: how many of
+    those plans, spread from the most faithful to the fastest; they count as learned trials. samples:
+    the first K samples of the calibration batch the proxy is measured on (default: greedy's
+    ``calibration_samples``; fewer cost proportionally less)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    source: Literal["proxy"] = Field("proxy", alias="from")
+    count: int = Field(10, gt=0, le=100_000)
+    samples: Count | None = None
+
+
 class SearchSpec(_Strict):
     """sampler: tpe (default), nsga2, gp or random, seeded by ``seed``. trials: evaluated trials per
     study (warm-start plans not counted). workers: Ray tasks in flight. samples: the first K samples of
@@ -320,7 +335,12 @@ class SearchSpec(_Strict):
     off by a dead driver and is queued to run again (up to max_retries times). refine: the held-out
     evaluation of the front and the greedy plans (none skips it: then nothing is measured on held-out
     seeds and reports say so). Trials whose metrics break a constraint are kept and shown, but never
-    on a front, in a hypervolume, refined, tagged ``pareto`` or exported."""
+    on a front, in a hypervolume, refined, tagged ``pareto`` or exported. proposals: trials proposed from
+    the calibration batch's proxy sensitivities, run first (none: the sampler starts cold). warm_start:
+    ``greedy`` — ``ditplan run`` enqueues greedy's D1 … D6 before the learned trials, with their
+    parameters where the space expresses them (the full grid does), otherwise run whole and recorded
+    with the parameters of their projection onto the space, so the sampler learns from them either
+    way; ``none`` — it does not (greedy still runs, as a comparison side)."""
 
     sampler: Literal["tpe", "nsga2", "gp", "random"] = "tpe"
     population_size: int = Field(50, ge=2, le=MAX_SAMPLES)  # NSGA-II generation size
@@ -341,6 +361,8 @@ class SearchSpec(_Strict):
     grace_period_s: int | None = Field(None, gt=0)
     max_retries: int = Field(2, ge=0, le=100)
     refine: RefineSpec | None = RefineSpec()
+    proposals: ProposalSpec | None = None
+    warm_start: Literal["greedy", "none"] = "greedy"
 
     @model_validator(mode="after")
     def _reference_fits(self) -> SearchSpec:
@@ -419,6 +441,14 @@ class ExperimentSpec(_Strict):
                         f"the {a} seeds {spans[a].start}…{spans[a].stop - 1} overlap the {b} seeds "
                         f"{spans[b].start}…{spans[b].stop - 1}; move workload.search_seed / workload.held_out_seed apart"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _proxy_fits_calibration(self) -> ExperimentSpec:
+        proposals = self.search.proposals
+        if proposals is not None and (proposals.samples or 0) > self.greedy.calibration_samples:
+            raise ValueError(f"search.proposals.samples ({proposals.samples}) is more than the calibration batch "
+                             f"(greedy.calibration_samples = {self.greedy.calibration_samples}); lower it or raise that")
         return self
 
     def _set_sizes(self) -> dict[str, int]:

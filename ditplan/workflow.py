@@ -64,7 +64,8 @@ def run_experiment(
     search_dir = run_dir / "search"
     resume = study_exists(study_storage(spec, search_dir), spec.name)  # a journal file or an RDB, whatever holds it
     result = run_search(spec, search_dir, trials=trials, workers=workers, ray_address=ray_address, resume=resume,
-                        warm_start=plans, plugins=plugins, show_progress=show_progress)
+                        warm_start=plans if spec.search.warm_start == "greedy" else (), plugins=plugins,
+                        show_progress=show_progress)
     console.print(f"{result.completed} trials complete ({result.repeats} repeats, {result.failed} failed), feasible front of {len(result.front)}, "
                   f"hypervolume {result.hypervolume:.4g} (search seeds)")
 

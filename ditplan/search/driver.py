@@ -32,6 +32,7 @@ from ditplan.plan import Plan, library_versions
 from ditplan.progress import progress_bar
 from ditplan.search.figures import front_html, front_png
 from ditplan.search.pareto import hypervolume, pareto_mask
+from ditplan.search.proxy import PROXY_FILE, cached_proxy, cell_flops, measure_proxy, propose
 from ditplan.search.ray_tasks import TaskPool
 from ditplan.search.space import experiment_space
 from ditplan.search.storage import (
@@ -62,6 +63,8 @@ METRICS = "metrics"  # user attribute: every search-seed metric of a complete tr
 DRIVER = "driver"  # user attribute: the driver (host-pid) that ran the trial
 GIVEN = "plan_given"  # user attribute of a warm-start trial whose plan the space cannot express: run whole
 REPEAT = "repeat_of"  # user attribute: the earlier trial with the same parameters whose values this one took
+PROJECTED = "projected"  # user attribute of such a trial whose parameters are its plan projected onto the space
+PROPOSAL = "proposal"  # user attribute of a trial proposed from the proxy (a learned trial, enqueued first)
 
 
 @dataclass
@@ -209,6 +212,8 @@ class _Search:
         """The plan a trial runs: a warm-start plan given whole (None when this driver was not given
         it), or the space's plan for the trial's parameters."""
         if attrs.get(GIVEN):
+            if attrs.get(PROJECTED):
+                self.space.suggest(trial)  # records the projected parameters: the sampler learns from them
             return self.warm_plans.get(attrs.get("name", ""))
         return self.space.suggest(trial)
 
@@ -247,16 +252,41 @@ class _Search:
     # --- trials -----------------------------------------------------------------------------------
     def warm_start(self, plans: Sequence[Plan]) -> None:
         """Known plans (greedy D1 … D6) join the study, queued to run first on the workers like any
-        trial: plans the space can express by their parameters (NSGA-II breeds from them), others whole."""
+        trial: plans the space can express by their parameters (the samplers learn from them, NSGA-II
+        breeds from them); others run whole, recorded with the parameters of their projection onto the
+        space (:meth:`PlanSpace.project`) so that the samplers learn from them too."""
         self.warm_plans = {str(p.provenance.get("name", "warm-start")): p for p in plans}
         known = {t.user_attrs.get("name") for t in self.study.get_trials(deepcopy=False)}
         for name, plan in self.warm_plans.items():
             if name in known:
                 continue
             params = self.space.params_for(plan)
+            projected = self.space.project(plan) if params is None else None
             attrs = {"name": name, WARM: str(plan.provenance.get("search", "warm-start")),
-                     **({GIVEN: True} if params is None else {})}
-            self.study.enqueue_trial(params or {}, user_attrs=attrs)
+                     **({GIVEN: True} if params is None else {}), **({PROJECTED: True} if projected else {})}
+            self.study.enqueue_trial(params or projected or {}, user_attrs=attrs)
+
+    def propose(self) -> None:
+        """``search.proposals``: the proxy (measured once on the calibration batch, kept in the run
+        directory with its cost) proposes plans that join the study as enqueued learned trials with
+        their parameters, ahead of the sampler's own; a resumed study keeps them and adds none twice."""
+        proposals = self.search.proposals
+        if proposals is None:
+            return
+        settings = self.spec.sampler.settings()
+        _, conditions, seeds = self.spec.seed_set("calibration")
+        k = proposals.samples or len(seeds)
+        proxy, measured = cached_proxy(self.run_dir / PROXY_FILE, lambda: measure_proxy(
+            self.adapter, settings, conditions[:k], seeds[:k], self.spec.greedy.window_size))
+        if measured:
+            self.tracker.client.log_metric(self.tracker.parent_id, "proxy_sample_forwards", proxy.sample_forwards)
+        known = {t.user_attrs.get("name") for t in self.study.get_trials(deepcopy=False)}
+        plans = propose(self.space, proxy, cell_flops(self.adapter, settings, proxy), proposals.count)
+        for index, plan in enumerate(plans):
+            name = f"proposal-{index}"
+            params = self.space.params_for(plan)
+            if name not in known and params is not None:
+                self.study.enqueue_trial(params, user_attrs={"name": name, PROPOSAL: proposals.source})
 
     def tell(self, trial: optuna.Trial, values: dict[str, float]) -> None:
         for constraint in self.search.constraints:
@@ -427,6 +457,7 @@ def run_search(
     _import_plugins(plugins)
     driver = _Search(spec, run_dir, resume)
     driver.warm_start(warm_start)
+    driver.propose()
     driver.repair(mlflow=True)
     failed = driver.run_trials(trials or spec.search.trials, workers or spec.search.workers, ray_address, plugins,
                                show_progress)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,6 +42,9 @@ class GreedyResult:
     sample_forwards: int  # rows × forwards: every sample (each CFG half counted) through the transformer once
     seconds: float
     peak_memory_bytes: int = 0  # CUDA: max allocated during calibration; CPU: growth of the peak RSS
+    # every loss the run measured: (step, layer, candidate) → L(O, O') of that trial forward. At δ = 0
+    # nothing passes, so the trajectory stays dense and this is each cell alone against dense (the proxy)
+    losses: dict[tuple[int, int, str], float] = field(default_factory=dict)
 
 
 def greedy_search(
@@ -65,6 +68,7 @@ def greedy_search(
     runtime = apply_plan(adapter.transformer, start_plan, target)
     strategies = build_strategies(start_plan, extra=candidates)
     forwards = [0, 0]  # transformer forwards of the whole batch (micro-batches together), rows through them
+    losses: dict[tuple[int, int, str], float] = {}
 
     # Micro-batches of at most settings.batch_size samples, each with its own caches: every transformer
     # forward runs them in turn, so a calibration batch of any size fits what one sampling batch needs.
@@ -97,7 +101,8 @@ def greedy_search(
                     bound = (layer + 1) / adapter.num_layers * threshold
                     for candidate in candidates:
                         row[layer] = candidate
-                        if relative_l1(dense, forward(step, row, model_in, t, inputs)) < bound:
+                        losses[step, layer, candidate] = relative_l1(dense, forward(step, row, model_in, t, inputs))
+                        if losses[step, layer, candidate] < bound:
                             break
                     else:
                         row[layer] = "full"
@@ -132,7 +137,7 @@ def greedy_search(
             "versions": library_versions(),
         },
     )
-    return GreedyResult(plan, forwards[0], forwards[1], seconds, peak)
+    return GreedyResult(plan, forwards[0], forwards[1], seconds, peak, losses)
 
 
 def _chunk_inputs(inputs: dict, a: int, b: int, n: int, cfg: bool) -> dict:

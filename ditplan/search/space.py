@@ -147,10 +147,38 @@ class PlanSpace:
         for name, choices in self.params.items():
             if name not in used:
                 continue
+            resolved = get_strategy_class(name).resolved_params(plan.params.get(name), self.target.num_tokens)
             for key, options in choices.items():
-                value = plan.params.get(name, {}).get(key)
+                value = resolved.get(key)
                 if value is None or value not in options or params.setdefault(_param_name(name, key), value) != value:
                     return None
+        return params
+
+    def project(self, plan: Plan) -> dict[str, Any] | None:
+        """The parameters of a plan of this space near ``plan`` (one it cannot express): each cell takes
+        the method most of its (step, layer) cells use (ties: the space's order), strategy parameters the
+        plan's where offered, else the first choice. None for plans with a SparseDiT or cache part."""
+        if plan.sparse or plan.cache:
+            return None
+        params: dict[str, Any] = {"cache": NO_CACHE} if self.cache is not None else {}
+        if self.sparse is not None:
+            sparse = self._sparse_params_for(plan)
+            if sparse is None:
+                return None
+            params.update(sparse[0])
+        used = set()
+        for layers in self.layer_groups:
+            for steps in self.step_segments:
+                cells = [plan.grid[s][l] for s in range(*steps) for l in range(*layers)]
+                method = max(self.methods, key=cells.count)  # first of the most used
+                params[self.cell_name(layers, steps)] = method
+                used.add(method)
+        for name, choices in self.params.items():
+            if name not in used:
+                continue
+            resolved = get_strategy_class(name).resolved_params(plan.params.get(name), self.target.num_tokens)
+            for key, options in choices.items():
+                params.setdefault(_param_name(name, key), resolved.get(key) if resolved.get(key) in options else options[0])
         return params
 
     def suggest(self, trial: optuna.Trial) -> Plan:

@@ -133,6 +133,13 @@ class Strategy(abc.ABC):
         """The parameters a search may tune for a model of ``num_tokens``, as ``{param: [choices]}``."""
         return {}
 
+    @classmethod
+    def resolved_params(cls, params: Mapping[str, Any] | None, num_tokens: int) -> dict[str, Any]:
+        """Every config field of a plan's ``params[name]`` with the value it runs with (defaults filled in,
+        for a model of ``num_tokens``): what a search space compares with its choices."""
+        return {**{f.name: getattr(cls.config_class(), f.name) for f in dataclasses.fields(cls.config_class)},
+                **dict(params or {})}
+
 
 BLOCK_ENTRY = "block"  # a block's residual (output − input), cached for the block strategies of later steps
 

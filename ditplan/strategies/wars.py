@@ -29,6 +29,11 @@ from ditplan.strategies.base import AttentionCall, AttentionShape, Strategy, reg
 from ditplan.strategies.sharing import conditional_half_only
 
 
+def default_window(num_tokens: int) -> int:
+    """DiTFastAttn's window: N // 8 tokens."""
+    return max(1, num_tokens // 8)
+
+
 @dataclass(frozen=True)
 class WindowConfig:
     """window_size: half-width w of the band (span 2w + 1); blocks and tiles see about as many keys
@@ -70,7 +75,7 @@ class WindowResidual(Strategy):
         if self.config.block_size is not None and self.config.window_shape == "band":
             raise ValueError(f"{self.name} block_size {self.config.block_size} needs window_shape 'blocks' or 'tiles'; "
                              "drop block_size for the band")
-        window = w if w is not None else max(1, num_tokens // 8)
+        window = w if w is not None else default_window(num_tokens)
         try:
             self.layout = window_layout(self.config.window_shape, num_tokens, window, self.config.block_size)
         except ValueError as err:
@@ -84,6 +89,14 @@ class WindowResidual(Strategy):
             "window_size": sorted({max(1, num_tokens // d) for d in (16, 8, 4)}),
             "window_shape": [s for s in WINDOW_SHAPES if square or s != "tiles"],
         }
+
+    @classmethod
+    def resolved_params(cls, params: dict | None, num_tokens: int) -> dict:
+        """The default window (None) is N // 8 tokens."""
+        resolved = super().resolved_params(params, num_tokens)
+        if resolved["window_size"] is None:
+            resolved["window_size"] = default_window(num_tokens)
+        return resolved
 
     def cache_format(self, entry: str) -> WindowLayout | None:
         """A residual is made for one window: its layout."""

@@ -1,0 +1,148 @@
+"""Proxy sensitivities of the (step, layer, strategy) cells, and plans proposed from them.
+
+The proxy is greedy's own loop (:func:`ditplan.search.greedy.greedy_search`) at δ = 0 on the
+calibration batch: every candidate is rejected, so the trajectory stays dense and the run measures
+each (step ≥ 1, layer, candidate) cell alone against dense — ``steps × layers × candidates`` trial
+forwards, about a quarter of what greedy's six thresholds spend together. The table it records is
+the proxy: ``loss[(step, layer, method)]``, greedy's relative L1 of the transformer output.
+
+Proposals treat the losses as additive and solve "least FLOPs with Σ loss ≤ B" for a sweep of B by
+its Lagrangian: for each λ every cell of the space (a layer group × step segment; one (step, layer)
+in the full grid) independently takes ``argmin_m Σ_cells flops(m) + λ · loss(m)``. That is exact on
+the convex hull of the additive problem and needs no solver. FLOPs per cell are the whole plan's
+analytic FLOPs with that one cell changed, minus dense's (so a dense step's extra window pass for a
+WA-RS residual is charged to the cell that reads it); runs of consecutive reuse cells share that
+pass, so the sum slightly overstates their cost. Each plan is then judged for real as a trial.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ditplan.atomic import atomic_write_text
+from ditplan.evaluators.cost import plan_flops
+from ditplan.models.adapters import ModelAdapter
+from ditplan.models.sampling import SamplerSettings, plan_target
+from ditplan.plan import Plan
+from ditplan.search.greedy import greedy_search
+from ditplan.search.space import PlanSpace
+from ditplan.strategies.base import get_strategy_class
+
+WINDOWED = ("wars", "wars+asc")  # the candidates whose window the proxy measured them with
+PROXY_FILE = "proxy.json"  # in a search's run directory: the proxy it measured (and what that cost)
+LAMBDA_SWEEP = np.geomspace(1e-4, 1e6, 401)  # × (dense FLOPs of one cell): from "fastest" to "dense"
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """losses: ``{(step, layer, method): relative L1 of that cell alone vs dense}`` on the calibration
+    batch; params: the strategy parameters the cells ran with; sample_forwards / seconds: what
+    measuring it cost (the budget unit of :func:`ditplan.evaluators.cost.sample_forwards`)."""
+
+    losses: Mapping[tuple[int, int, str], float]
+    params: Mapping[str, Mapping[str, Any]]
+    sample_forwards: int
+    seconds: float
+
+    def to_json(self) -> str:
+        return json.dumps({"losses": [[s, l, m, v] for (s, l, m), v in sorted(self.losses.items())],
+                           "params": self.params, "sample_forwards": self.sample_forwards, "seconds": self.seconds})
+
+    @classmethod
+    def from_json(cls, text: str) -> Proxy:
+        data = json.loads(text)
+        return cls({(int(s), int(l), str(m)): float(v) for s, l, m, v in data["losses"]}, data["params"],
+                   int(data["sample_forwards"]), float(data["seconds"]))
+
+
+def measure_proxy(adapter: ModelAdapter, settings: SamplerSettings, conditions: Sequence[Any], seeds: Sequence[int],
+                  window_size: int | None = None) -> Proxy:
+    """The proxy on the calibration batch ``(conditions, seeds)``: greedy's run at δ = 0, its losses."""
+    result = greedy_search(adapter, settings, conditions, seeds, 0.0, window_size)
+    window = {"window_size": window_size} if window_size is not None else {}
+    return Proxy(dict(result.losses), {m: dict(window) for m in WINDOWED}, result.sample_forwards, result.seconds)
+
+
+def cached_proxy(path: Path, measure: Any) -> tuple[Proxy, bool]:
+    """The proxy stored at ``path``, or ``measure()``'s, stored there atomically; True when measured now."""
+    if path.exists():
+        return Proxy.from_json(path.read_text()), False
+    proxy = measure()
+    atomic_write_text(path, proxy.to_json())
+    return proxy, True
+
+
+def cell_flops(adapter: ModelAdapter, settings: SamplerSettings, proxy: Proxy) -> dict[tuple[int, int, str], float]:
+    """FLOPs of every measured cell: the whole plan's with only that cell changed, minus dense's (per sample)."""
+    target = plan_target(adapter, settings)
+    dense = plan_flops(adapter, None, settings).total
+    grid = [["full"] * target.num_layers for _ in range(target.num_steps)]
+    flops = {}
+    for step, layer, method in proxy.losses:
+        grid[step][layer] = method
+        plan = Plan(target, tuple(map(tuple, grid)), params={k: v for k, v in proxy.params.items() if k == method})
+        flops[step, layer, method] = plan_flops(adapter, plan, settings).total - dense
+        grid[step][layer] = "full"
+    return flops
+
+
+def _usable_methods(space: PlanSpace, proxy: Proxy) -> list[str]:
+    """The space's methods the proxy measured (and ``full``), with parameters the space can draw."""
+    measured = {m for _, _, m in proxy.losses}
+    usable = []
+    for method in space.methods:
+        if method != "full" and method not in measured:
+            continue
+        choices = space.params.get(method, {})
+        if method in proxy.params and choices:
+            resolved = get_strategy_class(method).resolved_params(proxy.params[method], space.target.num_tokens)
+            if any(resolved.get(k) not in options for k, options in choices.items()):
+                continue
+        usable.append(method)
+    return usable
+
+
+def propose(space: PlanSpace, proxy: Proxy, flops: Mapping[tuple[int, int, str], float], count: int) -> list[Plan]:
+    """Up to ``count`` plans of the space (every cell of a layer group × step segment one method; no
+    SparseDiT or cache part), the Lagrangian optima for a sweep of λ, spread evenly from the most
+    faithful to the fastest (by predicted Σ loss). Deterministic."""
+    methods = _usable_methods(space, proxy)
+    cells = [(layers, steps) for layers in space.layer_groups for steps in space.step_segments]
+    # (cells, methods): summed predicted cost and loss of giving a whole space cell one method
+    cost = np.zeros((len(cells), len(methods)))
+    loss = np.zeros((len(cells), len(methods)))
+    for i, (layers, steps) in enumerate(cells):
+        for j, method in enumerate(methods):
+            if method == "full":
+                continue
+            members = [(s, l) for s in range(*steps) for l in range(*layers)]
+            cost[i, j] = sum(flops[s, l, method] for s, l in members)
+            loss[i, j] = sum(proxy.losses[s, l, method] for s, l in members)
+    scale = max(float(np.abs(cost).max()), 1e-12) / max(float(loss.max()), 1e-12)  # λ in cost per unit of loss
+    choices: dict[tuple[int, ...], float] = {}
+    for lam in LAMBDA_SWEEP * scale:
+        pick = tuple(int(j) for j in np.argmin(cost + lam * loss, axis=1))
+        choices[pick] = float(sum(loss[i, j] for i, j in enumerate(pick)))
+    ordered = sorted(choices, key=lambda p: choices[p])  # most faithful first
+    keep = sorted({int(round(x)) for x in np.linspace(0, len(ordered) - 1, min(count, len(ordered)))})
+    return [_plan(space, cells, [methods[j] for j in ordered[k]], proxy) for k in keep]
+
+
+def _plan(space: PlanSpace, cells: Sequence[tuple[tuple[int, int], tuple[int, int]]], picked: Sequence[str],
+          proxy: Proxy) -> Plan:
+    target = space.target
+    grid = [["full"] * target.num_layers for _ in range(target.num_steps)]
+    for ((l0, l1), (s0, s1)), method in zip(cells, picked):
+        for step in range(s0, s1):
+            for layer in range(l0, l1):
+                grid[step][layer] = method
+    used = {m for row in grid for m in row}
+    params = {m: dict(p) for m, p in proxy.params.items() if m in used}
+    return Plan(target, tuple(map(tuple, grid)), params=params, provenance={"search": "proxy-proposal"})
+

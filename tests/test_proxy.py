@@ -1,0 +1,147 @@
+"""The proxy (greedy's losses at δ = 0), the plans it proposes, and warm-start plans the sampler learns from."""
+
+import dataclasses
+import itertools
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from ditplan.plan import Plan, PlanTarget, load_plan
+from ditplan.search.driver import run_search, study_storage
+from ditplan.search.greedy import CANDIDATES, greedy_search
+from ditplan.search.proxy import PROXY_FILE, Proxy, cell_flops, measure_proxy, propose
+from ditplan.search.space import build_space, experiment_space
+from ditplan.search.trial_eval import worker_adapter
+from ditplan.spec import load_spec
+from tests.conftest import DATA
+
+TARGET = PlanTarget("m", "base", num_layers=2, num_tokens=16, scheduler="ddim", num_steps=3, guidance_scale=4.0)
+
+
+def _batch(spec):
+    return spec.workload.conditions()[:2], spec.workload.seeds()[:2]
+
+
+def test_the_proxy_is_the_losses_greedy_measures_for_the_same_cells(tiny_adapter, tiny_spec):
+    settings = tiny_spec.sampler.settings()
+    proxy = measure_proxy(tiny_adapter, settings, *_batch(tiny_spec))
+    steps, layers = settings.num_steps, tiny_adapter.num_layers
+    assert set(proxy.losses) == {(s, l, m) for s in range(1, steps) for l in range(layers) for m in CANDIDATES}
+    assert all(np.isfinite(v) and v >= 0 for v in proxy.losses.values()) and max(proxy.losses.values()) > 0
+
+    at_zero = greedy_search(tiny_adapter, settings, *_batch(tiny_spec), 0.0)
+    assert at_zero.losses == proxy.losses  # every cell, exactly
+    assert proxy.sample_forwards == at_zero.sample_forwards
+    loose = greedy_search(tiny_adapter, settings, *_batch(tiny_spec), 5.0)  # compresses: its trajectory differs later
+    assert loose.plan.strategies() != {"full"}
+    first = {k: v for k, v in loose.losses.items() if k[:2] == (1, 0)}  # step 1, layer 0: still all-dense context
+    assert first and all(proxy.losses[k] == v for k, v in first.items())
+    assert Proxy.from_json(proxy.to_json()) == proxy
+
+
+def _synthetic(seed=0):
+    """A proxy and cell FLOPs on TARGET for methods ast (cheap, lossy) and asc (dearer, less lossy)."""
+    rng = np.random.default_rng(seed)
+    cells = [(s, l) for s in (1, 2) for l in (0, 1)]
+    losses = {(s, l, m): float(rng.uniform(0.01, 0.2) * (2 if m == "ast" else 1)) for s, l in cells for m in ("ast", "asc")}
+    flops = {(s, l, m): float(-rng.uniform(1, 2) * (3 if m == "ast" else 1)) for s, l in cells for m in ("ast", "asc")}
+    return Proxy(losses, {}, 0, 0.0), flops
+
+
+def _predicted(plan, proxy, flops):
+    cells = [(s, l, plan.grid[s][l]) for s in range(1, plan.num_steps) for l in range(plan.num_layers)]
+    return (sum(proxy.losses.get(c, 0.0) for c in cells), sum(flops.get(c, 0.0) for c in cells))
+
+
+def test_proposals_are_the_least_flops_plans_for_their_summed_loss():
+    proxy, flops = _synthetic()
+    space = build_space(TARGET, ["full", "ast", "asc"], TARGET.num_layers, TARGET.num_steps)  # the full grid
+    plans = propose(space, proxy, flops, count=100)
+    every = []  # brute force: every plan of the space, by (Σ loss, Σ FLOPs)
+    for pick in itertools.product(["full", "ast", "asc"], repeat=4):
+        grid = [["full", "full"], list(pick[:2]), list(pick[2:])]
+        every.append(_predicted(Plan(TARGET, tuple(map(tuple, grid))), proxy, flops))
+    points = [_predicted(p, proxy, flops) for p in plans]
+    assert points == sorted(points)  # most faithful first
+    assert points[0] == (0.0, 0.0) and points[-1][1] == min(f for _, f in every)  # dense … fastest
+    for loss, cost in points:  # no plan of the space is cheaper at ≤ the same summed loss
+        assert not any(l <= loss + 1e-12 and c < cost - 1e-12 for l, c in every)
+    assert all(space.params_for(p) is not None for p in plans)
+    three = propose(space, proxy, flops, count=3)
+    assert len(three) == 3 and three[0] == plans[0] and three[-1] == plans[-1]
+
+
+def test_in_a_grouped_space_proposals_give_each_group_one_method_by_the_groups_summed_proxy():
+    proxy, flops = _synthetic(1)
+    space = build_space(TARGET, ["full", "ast", "asc"], 1, 1)  # one cell: every (step ≥ 1, layer)
+    plans = propose(space, proxy, flops, count=10)
+    assert [p.grid[1][0] for p in plans][0] == "full" and plans[-1].grid[1][0] == "ast"
+    for plan in plans:
+        assert len({plan.grid[s][l] for s in (1, 2) for l in (0, 1)}) == 1
+        assert space.params_for(plan) is not None
+
+
+def _spec(tmp_path, **search):
+    spec = load_spec(DATA / "tiny-search.yaml")
+    space = spec.search.space.model_copy(update={"layer_groups": 2, "step_segments": 3})  # the full grid
+    evaluation = spec.evaluation.model_copy(update={"cache_dir": str(tmp_path / "cache")})
+    workload = spec.workload.model_copy(update={"samples_per_condition": 1})
+    search = spec.search.model_copy(update={"space": space, "refine": None, "workers": 1, **search})
+    greedy = spec.greedy.model_copy(update={"calibration_samples": 2})
+    return spec.model_copy(update={"evaluation": evaluation, "search": search, "workload": workload, "greedy": greedy})
+
+
+def _study(spec, run_dir):
+    return optuna.load_study(study_name=spec.name, storage=study_storage(spec, run_dir))
+
+
+def test_greedy_plans_and_proposals_enter_the_study_with_parameters_the_sampler_sees_and_a_resume_keeps_them(
+        local_ray, tmp_path):
+    from ditplan.spec import ProposalSpec
+
+    spec = _spec(tmp_path, proposals=ProposalSpec(count=2))
+    adapter = worker_adapter(spec)
+    space = experiment_space(adapter, spec)
+    found = greedy_search(adapter, spec.sampler.settings(), *_batch(spec), 5.0).plan
+    assert found.strategies() == {"full", "ast"}
+    grid = [list(row) for row in found.grid]
+    grid[2][1] = "wars"  # as greedy writes WA-RS: the default window, no window parameters
+    greedy = dataclasses.replace(found, grid=tuple(map(tuple, grid)), params={"wars": {}}).with_provenance(name="D1")
+    params = space.params_for(greedy)
+    assert params is not None  # the full grid expresses greedy's plan, its default window included
+    odd = dataclasses.replace(greedy, params={"wars": {"window_size": 3}}).with_provenance(name="D2")
+    assert space.params_for(odd) is None  # a window the space does not offer: run whole, learned from projected
+    projected = space.project(odd)
+    assert projected == {**params, "wars.window_size": 1}  # the first window offered; every cell as it was
+    warm = [greedy, odd]
+    run = tmp_path / "run"
+    run_search(spec, run, trials=3, workers=1, warm_start=warm, show_progress=False)
+
+    for resumed in (False, True):
+        study = _study(spec, run)
+        done = study.get_trials(states=(TrialState.COMPLETE,))
+        by_name = {t.user_attrs.get("name"): t for t in done}
+        assert by_name["D1"].params == params and "plan_given" not in by_name["D1"].user_attrs
+        assert by_name["D2"].params == projected and by_name["D2"].user_attrs["projected"]
+        assert load_plan(run / "trials" / f"trial-{by_name['D2'].number:04d}.yaml").params == {"wars": {"window_size": 3}}
+        proxy = Proxy.from_json((run / PROXY_FILE).read_text())
+        proposed = propose(space, proxy, cell_flops(adapter, spec.sampler.settings(), proxy), 2)
+        assert [by_name[f"proposal-{i}"].params for i in range(2)] == [space.params_for(p) for p in proposed]
+        # every complete trial carries every cell: multivariate TPE's joint space is the whole grid
+        assert set(optuna.search_space.intersection_search_space(done)) == {p for p in params if "/" in p}
+        assert len(done) == (2 + 3 if not resumed else 2 + 4)
+        if not resumed:
+            run_search(spec, run, trials=4, workers=1, resume=True, warm_start=warm, show_progress=False)
+    names = [t.user_attrs.get("name") for t in done]
+    assert names.count("D1") == names.count("D2") == names.count("proposal-0") == 1  # a resume adds none twice
+
+
+def test_a_grouped_space_projects_a_plan_it_cannot_express_onto_each_cells_most_used_method():
+    space = build_space(TARGET, ["full", "ast", "asc"], 1, 1)
+    grid = (("full", "full"), ("ast", "asc"), ("ast", "full"))
+    params = space.project(Plan(TARGET, grid))
+    assert params == {"L0-1/S1-2": "ast"}  # ast 2 cells, asc 1, full 1
+    assert space.project(Plan(TARGET, (("full", "full"), ("asc", "ast"), ("asc", "ast")))) == {"L0-1/S1-2": "ast"}  # tie: the space's order
+    plan = space.suggest(optuna.trial.FixedTrial(params))
+    assert space.params_for(plan) == params
