@@ -467,11 +467,16 @@ def adapter_from_spec(spec: ModelSpec, conditions: Sequence[Any] = ()) -> ModelA
     dtype = spec.torch_dtype()
     adapter = load_adapter(spec.kind, spec.source, spec.config, vae=spec.vae, seed=spec.seed,
                            dtype=None if spec.config is not None else dtype, **kwargs)
-    if spec.kind == "dit":
+    check_classes(adapter, conditions)
+    return adapter.to(spec.torch_device(), dtype)
+
+
+def check_classes(adapter: ModelAdapter, conditions: Sequence[Any]) -> None:
+    """A class-conditional model refuses class labels it does not know (one line)."""
+    if isinstance(adapter, DiTAdapter):
         bad = [c for c in conditions if not 0 <= int(c) < adapter.num_classes]
         if bad:
             raise UserError(f"workload.classes has {bad[0]}, but the model knows classes 0…{adapter.num_classes - 1}")
-    return adapter.to(spec.torch_device(), dtype)
 
 
 def _linear(rows: int, fan_in: int, fan_out: int) -> int:

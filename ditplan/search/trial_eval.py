@@ -16,7 +16,7 @@ from ditplan.evaluators.base import METRIC_DIRECTIONS
 from ditplan.evaluators.cost import ideal_flops_ratio, plan_flops, run_flops
 from ditplan.evaluators.domain import DOMAIN_METRICS, domain_metrics
 from ditplan.evaluators.fidelity import FidelityEvaluator
-from ditplan.models.adapters import ModelAdapter, adapter_from_spec
+from ditplan.models.adapters import ModelAdapter, adapter_from_spec, check_classes
 from ditplan.strategies.apply import PlanRun, run_plan
 from ditplan.plan import Plan
 from ditplan.spec import ExperimentSpec
@@ -31,6 +31,7 @@ def worker_adapter(spec: ExperimentSpec) -> ModelAdapter:
     key = json.dumps(spec.model.model_dump(), sort_keys=True)
     if key not in _WORKER_ADAPTERS:
         _WORKER_ADAPTERS[key] = adapter_from_spec(spec.model, spec.workload.all_conditions())
+    check_classes(_WORKER_ADAPTERS[key], spec.workload.all_conditions())  # NOTE: another workload may share the model
     return _WORKER_ADAPTERS[key]
 
 
