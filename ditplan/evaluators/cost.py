@@ -190,14 +190,14 @@ def attention_time_share(adapter: ModelAdapter, run: Callable[[], Any]) -> float
 
 
 def peak_memory_bytes(run: Callable[[], Any], device: torch.device) -> int:
-    """CUDA: max allocated during ``run``. CPU: growth of the process's peak RSS (0 if it did not grow)."""
+    """CUDA: max allocated during ``run``. CPU: the process's peak RSS after it (model, data and all:
+    what the machine must hold; its growth alone reads 0 whenever an earlier stage peaked higher)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         run()
         return torch.cuda.max_memory_allocated(device)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     run()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # NOTE: KiB on Linux
 
 
 def sample_forwards(samples: int, settings: SamplerSettings) -> int:

@@ -121,7 +121,7 @@ def evaluate_plan(
         Metric("attention_time_share", share_plan, "minimize"),
         Metric("attention_time_share", attention_time_share(adapter, lambda: run(None)), "minimize"),
     )
-    # CUDA: max allocated during a run; CPU: growth of the process's peak RSS (0 once earlier runs reached it)
+    # CUDA: max allocated during a run; CPU: the process's peak RSS so far (not per run: see plan cache memory)
     out["peak_memory_mb"] = (
         Metric("peak_memory_mb", peak_memory_bytes(lambda: run(plan), device) / 2**20, "minimize"),
         Metric("peak_memory_mb", peak_memory_bytes(lambda: run(None), device) / 2**20, "minimize"),

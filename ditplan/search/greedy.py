@@ -41,7 +41,7 @@ class GreedyResult:
     forwards: int
     sample_forwards: int  # rows × forwards: every sample (each CFG half counted) through the transformer once
     seconds: float
-    peak_memory_bytes: int = 0  # CUDA: max allocated during calibration; CPU: growth of the peak RSS
+    peak_memory_bytes: int = 0  # CUDA: max allocated during calibration; CPU: the process's peak RSS
     # every loss the run measured: (step, layer, candidate) → L(O, O') of that trial forward. At δ = 0
     # nothing passes, so the trajectory stays dense and this is each cell alone against dense (the proxy)
     losses: dict[tuple[int, int, str], float] = field(default_factory=dict)
