@@ -75,7 +75,7 @@ def run_experiment(
 
     console.rule("[bold]5/5 comparison and export")
     report = compare_runs([run_dir], run_dir / "report")
-    exported = [p for rule in export_rules for p in export_plans(run_dir, rule, run_dir / "exported")]
+    exported = dict.fromkeys(p for rule in export_rules for p in export_plans(run_dir, rule, run_dir / "exported"))  # a plan two rules select: once
     if show_progress:
         print(report.read_text())  # NOTE: plain print: rich would wrap the table and eat [markup]
     console.print(f"report: {report}; exported plans: {', '.join(str(p) for p in exported)}", soft_wrap=True)
