@@ -345,7 +345,7 @@ class _Search:
 
     def _progress(self, bar: Any) -> None:
         bar.update(1, failed=sum(t.state == TrialState.FAIL and counts(t) for t in self.study.get_trials(deepcopy=False)),
-                   front=len(self.study.best_trials), **self._best())
+                   front=len(feasible_front(_complete(self.study), self.directions)), **self._best())
 
     def _start(self, pool: TaskPool, beats: Heartbeats, submit: Callable[[Plan], ray.ObjectRef], bar: Any) -> None:
         """Ask for a trial and submit its plan; a learned trial whose parameters an earlier complete trial had
