@@ -62,7 +62,7 @@ def configure(spec, args):  # noqa: ANN001, ANN201
     if args.full_grid:  # counts are clamped: one layer / one step per cell
         search["space"] = spec.search.space.model_copy(update={"layer_groups": 10**6, "step_segments": 10**6})
     if args.proposals is not None:
-        search["proposals"] = ProposalSpec(count=args.proposals, samples=args.proxy_samples) if args.proposals else None
+        search["proposals"] = ProposalSpec(count=args.proposals, samples=args.proxy_samples, spread=args.spread) if args.proposals else None
     return spec.model_copy(update={"search": spec.search.model_copy(update=search)})
 
 
@@ -125,6 +125,8 @@ def main() -> None:
     parser.add_argument("--full-grid", action="store_true", help="one cell per (step, layer) instead of the file's groups")
     parser.add_argument("--proposals", type=int, help="override search.proposals.count (0: none)")
     parser.add_argument("--proxy-samples", type=int, help="calibration samples the proxy is measured on")
+    parser.add_argument("--spread", choices=["flops", "hull"], default="flops",
+                        help="proposals evenly spaced in predicted FLOPs, or along the list of the proxy's optima")
     parser.add_argument("--warm-start", action="store_true", help="greedy's D1–D6 join the study (charged to the learned side)")
     parser.add_argument("--latency", action="store_true", help="held-out quality × latency of greedy and the last front")
     args = parser.parse_args()

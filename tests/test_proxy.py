@@ -72,6 +72,25 @@ def test_proposals_are_the_least_flops_plans_for_their_summed_loss():
     assert len(three) == 3 and three[0] == plans[0] and three[-1] == plans[-1]
 
 
+def test_proposals_spread_evenly_over_predicted_flops_where_the_optima_bunch_near_dense():
+    target = dataclasses.replace(TARGET, num_layers=4, num_steps=9)
+    cells = [(s, l) for s in range(1, 9) for l in range(4)]
+    # 30 cells that save little for almost no loss (the optima bunch near dense), then 2 that save much
+    losses = {(s, l, "ast"): 1e-4 * (i + 1) if i < 30 else (1.0, 4.0)[i - 30] for i, (s, l) in enumerate(cells)}
+    flops = {(s, l, "ast"): -0.1 if i < 30 else -10.0 for i, (s, l) in enumerate(cells)}
+    proxy = Proxy(losses, {}, 0, 0.0)
+    space = build_space(target, ["full", "ast"], target.num_layers, target.num_steps)
+    every = [_predicted(p, proxy, flops)[1] for p in propose(space, proxy, flops, count=1000)]
+    widest = max(a - b for a, b in zip(every, every[1:]))  # the largest cost gap between neighbouring optima
+    for count in (3, 4):
+        for spread, evenly in (("flops", True), ("hull", False)):
+            costs = [_predicted(p, proxy, flops)[1] for p in propose(space, proxy, flops, count, spread)]
+            assert len(costs) == count and costs[0] == 0.0 and costs[-1] == every[-1]  # dense … fastest
+            near = all(abs(c - t) <= widest / 2 for c, t in zip(costs, np.linspace(0.0, every[-1], count)))
+            assert near == evenly  # hull: the middle proposals sit among the near-dense optima
+    assert len(propose(space, proxy, flops, count=6)) == 6  # more than the gaps allow: still distinct plans
+
+
 def test_in_a_grouped_space_proposals_give_each_group_one_method_by_the_groups_summed_proxy():
     proxy, flops = _synthetic(1)
     space = build_space(TARGET, ["full", "ast", "asc"], 1, 1)  # one cell: every (step ≥ 1, layer)

@@ -37,6 +37,7 @@ from ditplan.strategies.base import get_strategy_class
 WINDOWED = ("wars", "wars+asc")  # the candidates whose window the proxy measured them with
 PROXY_FILE = "proxy.json"  # in a search's run directory: the proxy it measured (and what that cost)
 LAMBDA_SWEEP = np.geomspace(1e-4, 1e6, 401)  # × (dense FLOPs of one cell): from "fastest" to "dense"
+PROPOSAL_SPREADS = ("flops", "hull")  # how proposals are picked along the hull: see propose()
 
 
 @dataclass(frozen=True)
@@ -108,10 +109,16 @@ def _usable_methods(space: PlanSpace, proxy: Proxy) -> list[str]:
     return usable
 
 
-def propose(space: PlanSpace, proxy: Proxy, flops: Mapping[tuple[int, int, str], float], count: int) -> list[Plan]:
+def propose(space: PlanSpace, proxy: Proxy, flops: Mapping[tuple[int, int, str], float], count: int,
+            spread: str = "flops") -> list[Plan]:
     """Up to ``count`` plans of the space (every cell of a layer group × step segment one method; no
-    SparseDiT or cache part), the Lagrangian optima for a sweep of λ, spread evenly from the most
-    faithful to the fastest (by predicted Σ loss). Deterministic."""
+    SparseDiT or cache part): Lagrangian optima for a sweep of λ, from the most faithful (dense) to the
+    fastest, most faithful first. ``spread``: ``flops`` — the optima nearest to ``count`` evenly spaced
+    predicted FLOPs between the two ends (a front's hypervolume is an integral over cost, so gaps in cost
+    are what it loses); ``hull`` — evenly spaced in the list of distinct optima ordered by predicted loss
+    (bunched where the hull has many near-dense optima). Deterministic."""
+    if spread not in PROPOSAL_SPREADS:
+        raise ValueError(f"unknown proposal spread {spread!r}; use one of {list(PROPOSAL_SPREADS)}")
     methods = _usable_methods(space, proxy)
     cells = [(layers, steps) for layers in space.layer_groups for steps in space.step_segments]
     # (cells, methods): summed predicted cost and loss of giving a whole space cell one method
@@ -125,13 +132,26 @@ def propose(space: PlanSpace, proxy: Proxy, flops: Mapping[tuple[int, int, str],
             cost[i, j] = sum(flops[s, l, method] for s, l in members)
             loss[i, j] = sum(proxy.losses[s, l, method] for s, l in members)
     scale = max(float(np.abs(cost).max()), 1e-12) / max(float(loss.max()), 1e-12)  # λ in cost per unit of loss
-    choices: dict[tuple[int, ...], float] = {}
+    choices: dict[tuple[int, ...], tuple[float, float]] = {}  # pick → (predicted Σ loss, predicted Σ FLOPs)
     for lam in LAMBDA_SWEEP * scale:
-        pick = tuple(int(j) for j in np.argmin(cost + lam * loss, axis=1))
-        choices[pick] = float(sum(loss[i, j] for i, j in enumerate(pick)))
+        pick = np.argmin(cost + lam * loss, axis=1)
+        rows = np.arange(len(cells))
+        choices[tuple(int(j) for j in pick)] = (float(loss[rows, pick].sum()), float(cost[rows, pick].sum()))
     ordered = sorted(choices, key=lambda p: choices[p])  # most faithful first
-    keep = sorted({int(round(x)) for x in np.linspace(0, len(ordered) - 1, min(count, len(ordered)))})
-    return [_plan(space, cells, [methods[j] for j in ordered[k]], proxy) for k in keep]
+    return [_plan(space, cells, [methods[j] for j in ordered[k]], proxy) for k in _spread(
+        [choices[p][1] for p in ordered], count, spread)]
+
+
+def _spread(costs: Sequence[float], count: int, spread: str) -> list[int]:
+    """Indices of ``count`` (at most all) of the hull's optima, ascending; ``costs`` descend along it."""
+    if spread == "hull":
+        return sorted({int(round(x)) for x in np.linspace(0, len(costs) - 1, min(count, len(costs)))})
+    free, keep = set(range(len(costs))), []
+    for target in np.linspace(costs[0], costs[-1], min(count, len(costs))):
+        nearest = min(free, key=lambda k: (abs(costs[k] - target), k))
+        free.discard(nearest)
+        keep.append(nearest)
+    return sorted(keep)
 
 
 def _plan(space: PlanSpace, cells: Sequence[tuple[tuple[int, int], tuple[int, int]]], picked: Sequence[str],
