@@ -44,7 +44,7 @@ from ditplan.plan import Plan, load_plan
 from ditplan.search.driver import run_search
 from ditplan.search.greedy import DEFAULT_THRESHOLDS, greedy_search, threshold_name
 from ditplan.search.pareto import hypervolume
-from ditplan.search.proxy import PROXY_FILE, cached_proxy, measure_proxy
+from ditplan.search.proxy import PROPOSAL_SPREADS, PROXY_FILE, cached_proxy, measure_proxy
 from ditplan.search.trial_eval import plan_metrics, worker_adapter
 from ditplan.spec import ProposalSpec, load_spec
 
@@ -125,8 +125,8 @@ def main() -> None:
     parser.add_argument("--full-grid", action="store_true", help="one cell per (step, layer) instead of the file's groups")
     parser.add_argument("--proposals", type=int, help="override search.proposals.count (0: none)")
     parser.add_argument("--proxy-samples", type=int, help="calibration samples the proxy is measured on")
-    parser.add_argument("--spread", choices=["flops", "hull"], default="flops",
-                        help="proposals evenly spaced in predicted FLOPs, or along the list of the proxy's optima")
+    parser.add_argument("--spread", choices=PROPOSAL_SPREADS, default=ProposalSpec().spread,
+                        help="how proposals are picked (ditplan.search.proxy.propose)")
     parser.add_argument("--warm-start", action="store_true", help="greedy's D1–D6 join the study (charged to the learned side)")
     parser.add_argument("--latency", action="store_true", help="held-out quality × latency of greedy and the last front")
     args = parser.parse_args()

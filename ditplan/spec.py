@@ -311,16 +311,17 @@ class ProposalSpec(_Strict):
     from them. from: ``proxy`` — per-(step, layer, strategy) sensitivities measured once on the
     calibration batch (greedy's loop at δ = 0: each cell alone against dense), then the plans of least
     FLOPs for a sweep of summed-sensitivity budgets (:mod:`ditplan.search.proxy`). count: how many of
-    those plans, from the most faithful to the fastest; they count as learned trials. spread: ``flops``
-    (default) — the plans nearest to evenly spaced predicted FLOPs; ``hull`` — evenly spaced in the list
-    of distinct plans (bunched near dense, where most of them are). samples:
+    those plans, from the most faithful to the fastest; they count as learned trials. spread: how they
+    are picked (:func:`ditplan.search.proxy.propose`): ``knapsack`` (default) — the least summed
+    sensitivity at evenly spaced predicted FLOPs; ``flops`` — the Lagrangian optima nearest to those FLOPs;
+    ``hull`` — evenly spaced in the list of Lagrangian optima (bunched near dense). samples:
     the first K samples of the calibration batch the proxy is measured on (default: greedy's
     ``calibration_samples``; fewer cost proportionally less)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     source: Literal["proxy"] = Field("proxy", alias="from")
     count: int = Field(10, gt=0, le=100_000)
-    spread: Literal["flops", "hull"] = "flops"
+    spread: Literal["knapsack", "flops", "hull"] = "knapsack"
     samples: Count | None = None
 
 

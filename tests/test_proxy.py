@@ -72,6 +72,21 @@ def test_proposals_are_the_least_flops_plans_for_their_summed_loss():
     assert len(three) == 3 and three[0] == plans[0] and three[-1] == plans[-1]
 
 
+def test_knapsack_proposals_are_the_whole_front_of_the_summed_proxy_the_lagrangian_only_its_convex_hull():
+    proxy, flops = _synthetic()
+    space = build_space(TARGET, ["full", "ast", "asc"], TARGET.num_layers, TARGET.num_steps)  # the full grid
+    every = set()  # brute force: every plan of the space, by (Σ loss, Σ FLOPs)
+    for pick in itertools.product(["full", "ast", "asc"], repeat=4):
+        grid = [["full", "full"], list(pick[:2]), list(pick[2:])]
+        every.add(_predicted(Plan(TARGET, tuple(map(tuple, grid))), proxy, flops))
+    front = {p for p in every if not any(o[0] <= p[0] and o[1] <= p[1] and o != p for o in every)}
+    knapsack = [_predicted(p, proxy, flops) for p in propose(space, proxy, flops, 4001, "knapsack")]
+    assert knapsack == sorted(knapsack) and set(knapsack) == front  # every unit of savings a target
+    hull = {_predicted(p, proxy, flops) for p in propose(space, proxy, flops, 4001, "flops")}
+    assert hull < front  # the Lagrangian misses the front's points off its convex hull
+    assert len(propose(space, proxy, flops, 3, "knapsack")) == 3
+
+
 def test_proposals_spread_evenly_over_predicted_flops_where_the_optima_bunch_near_dense():
     target = dataclasses.replace(TARGET, num_layers=4, num_steps=9)
     cells = [(s, l) for s in range(1, 9) for l in range(4)]
@@ -80,15 +95,16 @@ def test_proposals_spread_evenly_over_predicted_flops_where_the_optima_bunch_nea
     flops = {(s, l, "ast"): -0.1 if i < 30 else -10.0 for i, (s, l) in enumerate(cells)}
     proxy = Proxy(losses, {}, 0, 0.0)
     space = build_space(target, ["full", "ast"], target.num_layers, target.num_steps)
-    every = [_predicted(p, proxy, flops)[1] for p in propose(space, proxy, flops, count=1000)]
-    widest = max(a - b for a, b in zip(every, every[1:]))  # the largest cost gap between neighbouring optima
+    every = [_predicted(p, proxy, flops)[1] for p in propose(space, proxy, flops, 1000, "flops")]  # the hull
+    widest = max(a - b for a, b in zip(every, every[1:]))  # the largest cost gap between neighbouring vertices
     for count in (3, 4):
-        for spread, evenly in (("flops", True), ("hull", False)):
+        for spread, evenly in (("knapsack", True), ("flops", True), ("hull", False)):
             costs = [_predicted(p, proxy, flops)[1] for p in propose(space, proxy, flops, count, spread)]
             assert len(costs) == count and costs[0] == 0.0 and costs[-1] == every[-1]  # dense … fastest
             near = all(abs(c - t) <= widest / 2 for c, t in zip(costs, np.linspace(0.0, every[-1], count)))
             assert near == evenly  # hull: the middle proposals sit among the near-dense optima
-    assert len(propose(space, proxy, flops, count=6)) == 6  # more than the gaps allow: still distinct plans
+    assert len(propose(space, proxy, flops, 6, "flops")) == 6  # more than the gaps allow: still distinct plans
+    assert len(propose(space, proxy, flops, 6, "knapsack")) == 4  # targets that share their least-loss plan
 
 
 def test_in_a_grouped_space_proposals_give_each_group_one_method_by_the_groups_summed_proxy():

@@ -6,10 +6,12 @@ each (step ≥ 1, layer, candidate) cell alone against dense — ``steps × laye
 forwards, about a quarter of what greedy's six thresholds spend together. The table it records is
 the proxy: ``loss[(step, layer, method)]``, greedy's relative L1 of the transformer output.
 
-Proposals treat the losses as additive and solve "least FLOPs with Σ loss ≤ B" for a sweep of B by
-its Lagrangian: for each λ every cell of the space (a layer group × step segment; one (step, layer)
-in the full grid) independently takes ``argmin_m Σ_cells flops(m) + λ · loss(m)``. That is exact on
-the convex hull of the additive problem and needs no solver. FLOPs per cell are the whole plan's
+Proposals treat the losses as additive over the cells of the space (a layer group × step segment;
+one (step, layer) in the full grid). The default solves "least Σ loss with Σ FLOPs ≤ C" exactly, as a
+multiple-choice knapsack by dynamic programming over a grid of FLOPs, for evenly spaced C from dense
+to the fastest. The alternatives solve it by its Lagrangian: for each λ every cell independently takes
+``argmin_m flops(m) + λ · loss(m)`` — exact only on the convex hull of the additive problem, which
+leaves gaps in cost where the hull has few vertices. FLOPs per cell are the whole plan's
 analytic FLOPs with that one cell changed, minus dense's (so a dense step's extra window pass for a
 WA-RS residual is charged to the cell that reads it); runs of consecutive reuse cells share that
 pass, so the sum slightly overstates their cost. Each plan is then judged for real as a trial.
@@ -37,7 +39,7 @@ from ditplan.strategies.base import get_strategy_class
 WINDOWED = ("wars", "wars+asc")  # the candidates whose window the proxy measured them with
 PROXY_FILE = "proxy.json"  # in a search's run directory: the proxy it measured (and what that cost)
 LAMBDA_SWEEP = np.geomspace(1e-4, 1e6, 401)  # × (dense FLOPs of one cell): from "fastest" to "dense"
-PROPOSAL_SPREADS = ("flops", "hull")  # how proposals are picked along the hull: see propose()
+PROPOSAL_SPREADS = ("knapsack", "flops", "hull")  # how proposals are picked along the hull: see propose()
 
 
 @dataclass(frozen=True)
@@ -110,13 +112,15 @@ def _usable_methods(space: PlanSpace, proxy: Proxy) -> list[str]:
 
 
 def propose(space: PlanSpace, proxy: Proxy, flops: Mapping[tuple[int, int, str], float], count: int,
-            spread: str = "flops") -> list[Plan]:
+            spread: str = "knapsack") -> list[Plan]:
     """Up to ``count`` plans of the space (every cell of a layer group × step segment one method; no
-    SparseDiT or cache part): Lagrangian optima for a sweep of λ, from the most faithful (dense) to the
-    fastest, most faithful first. ``spread``: ``flops`` — the optima nearest to ``count`` evenly spaced
-    predicted FLOPs between the two ends (a front's hypervolume is an integral over cost, so gaps in cost
-    are what it loses); ``hull`` — evenly spaced in the list of distinct optima ordered by predicted loss
-    (bunched where the hull has many near-dense optima). Deterministic."""
+    SparseDiT or cache part), from the most faithful (dense) to the fastest, most faithful first.
+    ``spread``: ``knapsack`` — for ``count`` evenly spaced predicted FLOPs, the plan of least summed
+    loss at most that dear (a multiple-choice knapsack, solved exactly on a grid of 4,000 FLOPs steps);
+    ``flops`` — the Lagrangian optima (the knapsack's convex hull) nearest to those FLOPs; ``hull`` —
+    Lagrangian optima evenly spaced in their list ordered by predicted loss (bunched where the hull has
+    many near-dense optima). A front's hypervolume is an integral over cost: gaps in cost are what it
+    loses, and the hull leaves gaps the knapsack fills. Deterministic."""
     if spread not in PROPOSAL_SPREADS:
         raise ValueError(f"unknown proposal spread {spread!r}; use one of {list(PROPOSAL_SPREADS)}")
     methods = _usable_methods(space, proxy)
@@ -131,27 +135,62 @@ def propose(space: PlanSpace, proxy: Proxy, flops: Mapping[tuple[int, int, str],
             members = [(s, l) for s in range(*steps) for l in range(*layers)]
             cost[i, j] = sum(flops[s, l, method] for s, l in members)
             loss[i, j] = sum(proxy.losses[s, l, method] for s, l in members)
+    if spread == "knapsack":
+        picks = _knapsack(cost, loss, count)
+    else:
+        optima = sorted(_lagrangian_optima(cost, loss), key=lambda p: _predicted(cost, loss, p))  # costs descend
+        if spread == "hull":
+            keep = {int(round(x)) for x in np.linspace(0, len(optima) - 1, min(count, len(optima)))}
+        else:
+            keep = _nearest(np.array([_predicted(cost, loss, p)[1] for p in optima]), count)
+        picks = [optima[k] for k in keep]
+    picks.sort(key=lambda p: _predicted(cost, loss, p))  # most faithful first
+    return [_plan(space, cells, [methods[j] for j in pick], proxy) for pick in picks]
+
+
+def _predicted(cost: np.ndarray, loss: np.ndarray, pick: Sequence[int]) -> tuple[float, float]:
+    rows = np.arange(len(pick))
+    return float(loss[rows, pick].sum()), float(cost[rows, pick].sum())
+
+
+def _lagrangian_optima(cost: np.ndarray, loss: np.ndarray) -> list[tuple[int, ...]]:
+    """Each cell independently takes argmin cost + λ·loss, for a sweep of λ: the distinct optima."""
     scale = max(float(np.abs(cost).max()), 1e-12) / max(float(loss.max()), 1e-12)  # λ in cost per unit of loss
-    choices: dict[tuple[int, ...], tuple[float, float]] = {}  # pick → (predicted Σ loss, predicted Σ FLOPs)
-    for lam in LAMBDA_SWEEP * scale:
-        pick = np.argmin(cost + lam * loss, axis=1)
-        rows = np.arange(len(cells))
-        choices[tuple(int(j) for j in pick)] = (float(loss[rows, pick].sum()), float(cost[rows, pick].sum()))
-    ordered = sorted(choices, key=lambda p: choices[p])  # most faithful first
-    return [_plan(space, cells, [methods[j] for j in ordered[k]], proxy) for k in _spread(
-        [choices[p][1] for p in ordered], count, spread)]
+    return list({tuple(int(j) for j in np.argmin(cost + lam * loss, axis=1)) for lam in LAMBDA_SWEEP * scale})
 
 
-def _spread(costs: Sequence[float], count: int, spread: str) -> list[int]:
-    """Indices of ``count`` (at most all) of the hull's optima, ascending; ``costs`` descend along it."""
-    if spread == "hull":
-        return sorted({int(round(x)) for x in np.linspace(0, len(costs) - 1, min(count, len(costs)))})
-    free, keep = set(range(len(costs))), []
+def _knapsack(cost: np.ndarray, loss: np.ndarray, count: int, steps: int = 4000) -> list[tuple[int, ...]]:
+    """For ``count`` evenly spaced savings targets from none to the most, the least summed loss with
+    savings ≥ the target, by dynamic programming over the cells (−cost on a grid of ``steps`` units; a
+    choice that costs more than dense saves nothing): the distinct plans (fewer where targets share one)."""
+    savings = np.where(cost < 0, -cost, 0.0)
+    quantum = max(float(savings.max(axis=1).sum()), 1e-12) / steps
+    units = np.rint(savings / quantum).astype(int)
+    best = np.full(steps + 1, np.inf)
+    best[0] = 0.0  # best[k]: least loss of the cells so far with savings ≥ k units
+    chosen = np.zeros((len(cost), steps + 1), dtype=np.int64)
+    reach = np.arange(steps + 1)
+    for i in range(len(cost)):
+        totals = np.stack([best[np.maximum(reach - units[i, j], 0)] + loss[i, j] for j in range(cost.shape[1])])
+        chosen[i] = np.argmin(totals, axis=0)
+        best = totals[chosen[i], reach]
+    k = np.rint(np.linspace(0, reach[np.isfinite(best)].max(), count)).astype(int)
+    picks = np.zeros((count, len(cost)), dtype=np.int64)
+    for i in reversed(range(len(cost))):  # walk every target back through the cells at once
+        picks[:, i] = chosen[i, k]
+        k = np.maximum(k - units[i, picks[:, i]], 0)
+    return [tuple(int(j) for j in row) for row in np.unique(picks, axis=0)]
+
+
+def _nearest(costs: np.ndarray, count: int) -> set[int]:
+    """Indices of the plans nearest to ``count`` evenly spaced costs between the first and the last,
+    each taken once."""
+    free, keep = set(range(len(costs))), set()
     for target in np.linspace(costs[0], costs[-1], min(count, len(costs))):
         nearest = min(free, key=lambda k: (abs(costs[k] - target), k))
         free.discard(nearest)
-        keep.append(nearest)
-    return sorted(keep)
+        keep.add(nearest)
+    return keep
 
 
 def _plan(space: PlanSpace, cells: Sequence[tuple[tuple[int, int], tuple[int, int]]], picked: Sequence[str],
