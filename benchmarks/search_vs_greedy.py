@@ -44,9 +44,9 @@ from ditplan.plan import Plan, load_plan
 from ditplan.search.driver import run_search
 from ditplan.search.greedy import DEFAULT_THRESHOLDS, greedy_search, threshold_name
 from ditplan.search.pareto import hypervolume
-from ditplan.search.proxy import PROPOSAL_SPREADS, PROXY_FILE, cached_proxy, measure_proxy
+from ditplan.search.proxy import PROXY_FILE, cached_proxy, measure_proxy
 from ditplan.search.trial_eval import plan_metrics, worker_adapter
-from ditplan.spec import ProposalSpec, load_spec
+from ditplan.spec import PROPOSAL_SPREADS, ProposalSpec, load_spec
 
 QUALITY_COST = ("rel_l1", "flops_ratio")
 DIRECTIONS = ["minimize", "minimize"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple, get_args
 
 import torch
 import yaml
@@ -306,11 +306,15 @@ class RefineSpec(_Strict):
         return self
 
 
+ProposalSpread = Literal["knapsack", "flops", "hull"]
+PROPOSAL_SPREADS = get_args(ProposalSpread)  # how proposals are picked: ditplan.search.proxy.propose
+
+
 class ProposalSpec(_Strict):
     """Trials proposed before the sampler's own, enqueued with their parameters so the sampler learns
     from them. from: ``proxy`` — per-(step, layer, strategy) sensitivities measured once on the
-    calibration batch (greedy's loop at δ = 0: each cell alone against dense), then the plans of least
-    FLOPs for a sweep of summed-sensitivity budgets (:mod:`ditplan.search.proxy`). count: how many of
+    calibration batch (greedy's loop at δ = 0: each cell alone against dense), then plans that trade
+    summed sensitivity against FLOPs (:mod:`ditplan.search.proxy`). count: how many of
     those plans, from the most faithful to the fastest; they count as learned trials. spread: how they
     are picked (:func:`ditplan.search.proxy.propose`): ``knapsack`` (default) — the least summed
     sensitivity at evenly spaced predicted FLOPs; ``flops`` — the Lagrangian optima nearest to those FLOPs;
@@ -321,7 +325,7 @@ class ProposalSpec(_Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     source: Literal["proxy"] = Field("proxy", alias="from")
     count: int = Field(10, gt=0, le=100_000)
-    spread: Literal["knapsack", "flops", "hull"] = "knapsack"
+    spread: ProposalSpread = "knapsack"
     samples: Count | None = None
 
 

@@ -34,12 +34,12 @@ from ditplan.models.sampling import SamplerSettings, plan_target
 from ditplan.plan import Plan
 from ditplan.search.greedy import greedy_search
 from ditplan.search.space import PlanSpace
+from ditplan.spec import PROPOSAL_SPREADS
 from ditplan.strategies.base import get_strategy_class
 
 WINDOWED = ("wars", "wars+asc")  # the candidates whose window the proxy measured them with
 PROXY_FILE = "proxy.json"  # in a search's run directory: the proxy it measured (and what that cost)
 LAMBDA_SWEEP = np.geomspace(1e-4, 1e6, 401)  # × (dense FLOPs of one cell): from "fastest" to "dense"
-PROPOSAL_SPREADS = ("knapsack", "flops", "hull")  # how proposals are picked along the hull: see propose()
 
 
 @dataclass(frozen=True)
