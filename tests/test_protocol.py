@@ -13,7 +13,7 @@ from ditplan.errors import UserError
 from ditplan.evaluators.cost import sample_forwards
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, load_plan
-from ditplan.report import Candidate, compare_runs, export_plans, load_run_data, select_plans, side_budget
+from ditplan.report import Candidate, _shift_sentence, compare_runs, export_plans, load_run_data, select_plans, side_budget
 from ditplan.search.driver import _Search, feasible_hypervolume
 from ditplan.search.pareto import hypervolume, pareto_mask
 from ditplan.search.tracking import default_tracking_uri
@@ -142,6 +142,12 @@ def test_fastest_with_unrefined_trials_returns_the_truly_fastest_qualifying_plan
         (chosen,) = select_plans(spec, candidates, "fastest:rel_l1<=0.05")
     assert chosen.name == "fast"
     assert math.isnan(candidates[0].value("latency_ratio"))
+
+
+def test_a_learned_plan_that_is_dense_on_the_search_seeds_leaves_the_shift_sentence_to_the_others():
+    measured = [_candidate("dense-proposal", {"rel_l1": 0.0}, {"rel_l1": 0.0}),  # the first proxy proposal
+                _candidate("a", {"rel_l1": 0.10}, {"rel_l1": 0.11}), _candidate("b", {"rel_l1": 0.20}, {"rel_l1": 0.30})]
+    assert "a median +30.0% from the search seeds to the held-out seeds (2 plans not dense" in _shift_sentence(measured)
 
 
 def test_export_rules_refuse_a_run_without_held_out_metrics():
