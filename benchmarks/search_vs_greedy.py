@@ -62,7 +62,8 @@ def configure(spec, args):  # noqa: ANN001, ANN201
     if args.full_grid:  # counts are clamped: one layer / one step per cell
         search["space"] = spec.search.space.model_copy(update={"layer_groups": 10**6, "step_segments": 10**6})
     if args.proposals is not None:
-        search["proposals"] = ProposalSpec(count=args.proposals, samples=args.proxy_samples, spread=args.spread) if args.proposals else None
+        search["proposals"] = ProposalSpec(count=args.proposals, samples=args.proxy_samples, spread=args.spread,
+                                           gain_probes=args.gain_probes) if args.proposals else None
     return spec.model_copy(update={"search": spec.search.model_copy(update=search)})
 
 
@@ -127,6 +128,8 @@ def main() -> None:
     parser.add_argument("--proxy-samples", type=int, help="calibration samples the proxy is measured on")
     parser.add_argument("--spread", choices=PROPOSAL_SPREADS, default=ProposalSpec().spread,
                         help="how proposals are picked (ditplan.search.proxy.propose)")
+    parser.add_argument("--gain-probes", type=int, default=ProposalSpec().gain_probes,
+                        help="steps at which the proxy measures its gains (0: summed raw losses)")
     parser.add_argument("--warm-start", action="store_true", help="greedy's D1–D6 join the study (charged to the learned side)")
     parser.add_argument("--latency", action="store_true", help="held-out quality × latency of greedy and the last front")
     args = parser.parse_args()
@@ -159,11 +162,13 @@ def main() -> None:
     if spec.search.proposals is not None:
         _, conditions, seeds = spec.seed_set("calibration")
         k = spec.search.proposals.samples or len(seeds)
-        proxy_path = Path(args.greedy_dir) / f"proxy-{k}.json"  # calibration seeds, like greedy's: measured once
+        probes = spec.search.proposals.gain_probes
+        proxy_path = Path(args.greedy_dir) / f"proxy-{k}-gains-{probes}.json"  # calibration seeds, like greedy's: measured once
         proxy, _ = cached_proxy(proxy_path, lambda: measure_proxy(
-            adapter, settings, conditions[:k], seeds[:k], spec.greedy.window_size))
+            adapter, settings, conditions[:k], seeds[:k], spec.greedy.window_size, probes))
         proxy_cost = proxy.sample_forwards
-        print(f"proxy: {proxy_cost:,} sample-forwards on {k} calibration samples ({proxy.seconds:.0f} s)")
+        print(f"proxy: {proxy_cost:,} sample-forwards on {k} calibration samples, gains at {probes} steps "
+              f"({proxy.seconds:.0f} s)")
     warm_cost = budget if args.warm_start else 0  # greedy's calibration + its six plans evaluated in the study
     trials = (budget - proxy_cost - warm_cost) // per_eval
     if trials < 1:

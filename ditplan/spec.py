@@ -320,13 +320,17 @@ class ProposalSpec(_Strict):
     sensitivity at evenly spaced predicted FLOPs; ``flops`` — the Lagrangian optima nearest to those FLOPs;
     ``hull`` — evenly spaced in the list of Lagrangian optima (bunched near dense). samples:
     the first K samples of the calibration batch the proxy is measured on (default: greedy's
-    ``calibration_samples``; fewer cost proportionally less)."""
+    ``calibration_samples``; fewer cost proportionally less). gain_probes: steps at which the proxy
+    measures how much a cell's loss costs the final samples (:func:`ditplan.search.proxy.measure_gains`;
+    each probe runs every strategy at that step, from there to the end); proposals then weigh the cells
+    by it. 0: summed raw losses."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     source: Literal["proxy"] = Field("proxy", alias="from")
     count: int = Field(10, gt=0, le=100_000)
     spread: ProposalSpread = "knapsack"
     samples: Count | None = None
+    gain_probes: int = Field(7, ge=0, le=1000)
 
 
 class SearchSpec(_Strict):

@@ -7,10 +7,13 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, PlanTarget, load_plan
 from ditplan.search.driver import run_search, study_storage
 from ditplan.search.greedy import CANDIDATES, greedy_search
-from ditplan.search.proxy import PROXY_FILE, Proxy, cell_flops, measure_proxy, propose
+from ditplan.evaluators.fidelity import relative_l1
+from ditplan.search.proxy import PROXY_FILE, Proxy, cell_flops, measure_gains, measure_proxy, probe_steps, propose
+from ditplan.strategies.apply import run_plan
 from ditplan.search.space import build_space, experiment_space
 from ditplan.search.trial_eval import worker_adapter
 from ditplan.spec import load_spec
@@ -38,6 +41,33 @@ def test_the_proxy_is_the_losses_greedy_measures_for_the_same_cells(tiny_adapter
     first = {k: v for k, v in loose.losses.items() if k[:2] == (1, 0)}  # step 1, layer 0: still all-dense context
     assert first and all(proxy.losses[k] == v for k, v in first.items())
     assert Proxy.from_json(proxy.to_json()) == proxy
+
+
+def test_a_gain_is_the_final_samples_loss_of_its_probe_over_the_probed_cells_losses(tiny_adapter, tiny_spec):
+    settings = dataclasses.replace(tiny_spec.sampler.settings(), num_steps=6, batch_size=2)  # two micro-batches
+    conditions, seeds = tiny_spec.workload.conditions()[:3], tiny_spec.workload.seeds()[:3]
+    proxy = measure_proxy(tiny_adapter, settings, conditions, seeds)
+    weighed = measure_gains(tiny_adapter, settings, conditions, seeds, proxy, probes=3)
+    steps = probe_steps(settings.num_steps, 3)
+    assert steps == [1, 3, 5] and weighed.losses == proxy.losses
+    dense = run_plan(tiny_adapter, None, conditions, seeds, settings).samples
+    target = plan_target(tiny_adapter, settings)
+    for s in steps:
+        for m in CANDIDATES:  # each probe from scratch: every layer at step s runs m
+            grid = [["full"] * 2 for _ in range(6)]
+            grid[s] = [m] * 2
+            final = relative_l1(run_plan(tiny_adapter, Plan(target, tuple(map(tuple, grid))), conditions, seeds,
+                                         settings).samples, dense)
+            summed = sum(proxy.losses[s, layer, m] for layer in range(2))
+            assert np.isclose(weighed.gains[s, m], final / summed, rtol=1e-5, atol=0)
+    for m in CANDIDATES:  # between probes: linear
+        assert np.isclose(weighed.gains[2, m], (weighed.gains[1, m] + weighed.gains[3, m]) / 2)
+    assert {s for s, _ in weighed.gains} == set(range(1, 6))
+    rows = 2 * len(seeds)  # CFG: both halves
+    # a dense run, then per probe step s and method: steps s − 1 … 5 (step 1: the whole run)
+    assert weighed.sample_forwards - proxy.sample_forwards == rows * (6 + len(CANDIDATES) * (6 + 4 + 2))
+    assert weighed.weighted[3, 1, "ast"] == proxy.losses[3, 1, "ast"] * weighed.gains[3, "ast"]
+    assert Proxy.from_json(weighed.to_json()) == weighed
 
 
 def _synthetic(seed=0):
@@ -70,6 +100,16 @@ def test_proposals_are_the_least_flops_plans_for_their_summed_loss():
     assert all(space.params_for(p) is not None for p in plans)
     three = propose(space, proxy, flops, count=3)
     assert len(three) == 3 and three[0] == plans[0] and three[-1] == plans[-1]
+
+
+def test_proposals_weigh_every_cell_by_its_gain():
+    proxy, flops = _synthetic()
+    weighed = dataclasses.replace(proxy, gains={(s, m): 0.05 if s == 1 else 1.0 for s in (1, 2) for m in ("ast", "asc")})
+    space = build_space(TARGET, ["full", "ast", "asc"], TARGET.num_layers, TARGET.num_steps)
+    plans = propose(space, weighed, flops, count=100)
+    assert plans == propose(space, Proxy(weighed.weighted, {}, 0, 0.0), flops, count=100)
+    assert plans != propose(space, proxy, flops, count=100)
+    assert set(plans[1].grid[1]) != {"full"} and set(plans[1].grid[2]) == {"full"}  # step 1 is nearly free
 
 
 def test_knapsack_proposals_are_the_whole_front_of_the_summed_proxy_the_lagrangian_only_its_convex_hull():

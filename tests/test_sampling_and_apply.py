@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ditplan.cli import main
-from ditplan.models.sampling import plan_target, sample
+from ditplan.models.sampling import Snapshot, plan_target, sample, sample_batch
 from ditplan.plan import Plan, PlanError, PlanTarget
 from ditplan.strategies import apply_plan, remove_plan
 from tests.conftest import DATA
@@ -30,6 +30,30 @@ def test_all_full_plan_is_bit_identical_to_no_plan(tiny_adapter, tiny_spec):
     finally:
         remove_plan(tiny_adapter.transformer)
     assert torch.equal(planned, dense)
+
+
+def test_a_run_resumed_from_a_snapshot_equals_the_whole_run_dense_and_under_a_plan(tiny_adapter, tiny_spec):
+    import copy
+
+    settings = tiny_spec.sampler.settings()  # DPM-Solver++ 2M: the scheduler keeps the previous prediction
+    batch = tiny_spec.workload.conditions()[:3], tiny_spec.workload.seeds()[:3]
+    kept = {}
+
+    def keep(i, latents, scheduler):
+        kept[i + 1] = Snapshot(i + 1, latents.clone(), copy.deepcopy(scheduler))
+
+    whole = sample_batch(tiny_adapter, *batch, settings, on_step=keep)
+    for step in (1, 2):
+        assert torch.equal(sample_batch(tiny_adapter, *batch, settings, start=kept[step]), whole)
+    target = plan_target(tiny_adapter, settings)
+    grid = [["full", "full"], ["full", "full"], ["ast", "asc"], ["full", "full"]]  # step 2 reads step 1's caches
+    apply_plan(tiny_adapter.transformer, Plan(target, tuple(map(tuple, grid))), target)
+    try:
+        planned = sample_batch(tiny_adapter, *batch, settings)
+        resumed = sample_batch(tiny_adapter, *batch, settings, start=kept[1])  # from the dense step 1 on
+    finally:
+        remove_plan(tiny_adapter.transformer)
+    assert not torch.equal(planned, whole) and torch.equal(resumed, planned)
 
 
 def test_remove_plan_restores_the_original_processors_and_weights(tiny_adapter, tiny_spec):

@@ -7,6 +7,7 @@ stateful hooks (an applied plan's caches) after each run, also a failed one. It 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,8 +48,8 @@ def make_scheduler(adapter: ModelAdapter, name: str) -> SchedulerMixin:
     return scheduler_cls.from_config({**adapter.scheduler_config, **overrides})
 
 
-# Called after every step with (step index, latents).
-StepCallback = Callable[[int, torch.Tensor], None]
+# Called after every step with (step index, latents after it, the live scheduler: copy what you keep).
+StepCallback = Callable[[int, torch.Tensor, SchedulerMixin], None]
 # (step index, scaled latents, timestep, transformer inputs) → guided prediction; greedy calibration
 # replaces the default (one guided forward) with its own trial forwards.
 PredictFn = Callable[[int, torch.Tensor, torch.Tensor, dict], torch.Tensor]
@@ -76,6 +77,16 @@ def combine_guidance(both: torch.Tensor, settings: SamplerSettings) -> torch.Ten
     return uncond + settings.guidance_scale * (cond - uncond)
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """A trajectory just before step ``step``: its latents and a copy of its scheduler's state (a
+    multistep solver keeps earlier predictions). :func:`sample_batch` can go on from it (``start``)."""
+
+    step: int
+    latents: torch.Tensor
+    scheduler: SchedulerMixin
+
+
 @torch.no_grad()
 def sample_batch(
     adapter: ModelAdapter,
@@ -84,16 +95,22 @@ def sample_batch(
     settings: SamplerSettings,
     on_step: StepCallback | None = None,
     predict: PredictFn | None = None,
+    start: Snapshot | None = None,
 ) -> torch.Tensor:
-    """Sample one batch; returns the final latents (N, C, H, W) (not decoded)."""
+    """Sample one batch; returns the final latents (N, C, H, W) (not decoded). ``start``: go on from a
+    snapshot of a run of the same batch and settings (taken in ``on_step``) instead of from the noise."""
     device = next(adapter.transformer.parameters()).device
-    scheduler = make_scheduler(adapter, settings.scheduler)
-    scheduler.set_timesteps(settings.num_steps, device=device)
+    if start is None:
+        scheduler = make_scheduler(adapter, settings.scheduler)
+        scheduler.set_timesteps(settings.num_steps, device=device)
+        latents = initial_noise(adapter, seeds, device) * scheduler.init_noise_sigma
+    else:
+        scheduler, latents = copy.deepcopy(start.scheduler), start.latents.clone()
     inputs = adapter.conditioning(conditions, device).for_batch(settings.cfg)
-    latents = initial_noise(adapter, seeds, device) * scheduler.init_noise_sigma
     run = new_run_id()
+    first = start.step if start is not None else 0
     try:
-        for i, t in enumerate(scheduler.timesteps):
+        for i, t in enumerate(scheduler.timesteps[first:], start=first):
             with step_context(StepContext(step=i, num_steps=settings.num_steps, cfg=settings.cfg, run=run)):
                 model_in = scheduler.scale_model_input(latents, t)
                 if predict is None:
@@ -102,7 +119,7 @@ def sample_batch(
                     prediction = predict(i, model_in, t, inputs)
             latents = scheduler.step(prediction, t, latents).prev_sample
             if on_step is not None:
-                on_step(i, latents)
+                on_step(i, latents, scheduler)
     finally:
         # NOTE: state kept by hooks (an applied plan's caches) must not outlive the run, failed or not.
         reset_stateful_hooks(adapter.transformer)

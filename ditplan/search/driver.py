@@ -277,7 +277,7 @@ class _Search:
         _, conditions, seeds = self.spec.seed_set("calibration")
         k = proposals.samples or len(seeds)
         proxy, measured = cached_proxy(self.run_dir / PROXY_FILE, lambda: measure_proxy(
-            self.adapter, settings, conditions[:k], seeds[:k], self.spec.greedy.window_size))
+            self.adapter, settings, conditions[:k], seeds[:k], self.spec.greedy.window_size, proposals.gain_probes))
         if measured:
             self.tracker.client.log_metric(self.tracker.parent_id, "proxy_sample_forwards", proxy.sample_forwards)
         known = {t.user_attrs.get("name") for t in self.study.get_trials(deepcopy=False)}

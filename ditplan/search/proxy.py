@@ -4,7 +4,12 @@ The proxy is greedy's own loop (:func:`ditplan.search.greedy.greedy_search`) at 
 calibration batch: every candidate is rejected, so the trajectory stays dense and the run measures
 each (step ≥ 1, layer, candidate) cell alone against dense — ``steps × layers × candidates`` trial
 forwards, about a quarter of what greedy's six thresholds spend together. The table it records is
-the proxy: ``loss[(step, layer, method)]``, greedy's relative L1 of the transformer output.
+the proxy: ``loss[(step, layer, method)]``, greedy's relative L1 of the transformer output. That
+loss is taken at its step; what it costs the final samples is not the same at every step and for
+every strategy (the embedded model: 0.006–0.015 per unit at step 1, 0.07–0.22 at the last steps, ASC's
+about twice AST's late), so summed raw losses mis-rank the cells. So the
+proxy also measures gains (:func:`measure_gains`: a few probe runs, each one step's layers all on one
+strategy, forked from a dense run just before it), and proposals weigh every cell's loss by its gain.
 
 Proposals treat the losses as additive over the cells of the space (a layer group × step segment;
 one (step, layer) in the full grid). The default solves "least Σ loss with Σ FLOPs ≤ C" exactly, as a
@@ -20,21 +25,26 @@ pass, so the sum slightly overstates their cost. Each plan is then judged for re
 from __future__ import annotations
 
 import json
+import copy
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ditplan.atomic import atomic_write_text
 from ditplan.evaluators.cost import plan_flops
+from ditplan.evaluators.fidelity import relative_l1
 from ditplan.models.adapters import ModelAdapter
-from ditplan.models.sampling import SamplerSettings, plan_target
+from ditplan.models.sampling import SamplerSettings, Snapshot, plan_target, sample_batch
 from ditplan.plan import Plan
 from ditplan.search.greedy import greedy_search
 from ditplan.search.space import PlanSpace
 from ditplan.spec import PROPOSAL_SPREADS
+from ditplan.strategies.apply import apply_plan, remove_plan
 from ditplan.strategies.base import get_strategy_class
 
 WINDOWED = ("wars", "wars+asc")  # the candidates whose window the proxy measured them with
@@ -46,30 +56,96 @@ LAMBDA_SWEEP = np.geomspace(1e-4, 1e6, 401)  # × (dense FLOPs of one cell): fro
 class Proxy:
     """losses: ``{(step, layer, method): relative L1 of that cell alone vs dense}`` on the calibration
     batch; params: the strategy parameters the cells ran with; sample_forwards / seconds: what
-    measuring it cost (the budget unit of :func:`ditplan.evaluators.cost.sample_forwards`)."""
+    measuring it cost (the budget unit of :func:`ditplan.evaluators.cost.sample_forwards`); gains:
+    ``{(step, method): final-sample loss per unit of cell loss}`` (:func:`measure_gains`), empty when
+    not measured. Proposals weigh every cell's loss by its gain (:attr:`weighted`)."""
 
     losses: Mapping[tuple[int, int, str], float]
     params: Mapping[str, Mapping[str, Any]]
     sample_forwards: int
     seconds: float
+    gains: Mapping[tuple[int, str], float] = field(default_factory=dict)
+
+    @property
+    def weighted(self) -> dict[tuple[int, int, str], float]:
+        """The losses in final-sample units (× the cell's gain); the losses themselves without gains."""
+        if not self.gains:
+            return dict(self.losses)
+        return {(s, l, m): v * self.gains[s, m] for (s, l, m), v in self.losses.items()}
 
     def to_json(self) -> str:
         return json.dumps({"losses": [[s, l, m, v] for (s, l, m), v in sorted(self.losses.items())],
-                           "params": self.params, "sample_forwards": self.sample_forwards, "seconds": self.seconds})
+                           "params": self.params, "sample_forwards": self.sample_forwards, "seconds": self.seconds,
+                           "gains": [[s, m, v] for (s, m), v in sorted(self.gains.items())]})
 
     @classmethod
     def from_json(cls, text: str) -> Proxy:
         data = json.loads(text)
         return cls({(int(s), int(l), str(m)): float(v) for s, l, m, v in data["losses"]}, data["params"],
-                   int(data["sample_forwards"]), float(data["seconds"]))
+                   int(data["sample_forwards"]), float(data["seconds"]),
+                   {(int(s), str(m)): float(v) for s, m, v in data["gains"]})
 
 
 def measure_proxy(adapter: ModelAdapter, settings: SamplerSettings, conditions: Sequence[Any], seeds: Sequence[int],
-                  window_size: int | None = None) -> Proxy:
-    """The proxy on the calibration batch ``(conditions, seeds)``: greedy's run at δ = 0, its losses."""
+                  window_size: int | None = None, gain_probes: int = 0) -> Proxy:
+    """The proxy on the calibration batch ``(conditions, seeds)``: greedy's run at δ = 0, its losses,
+    and with ``gain_probes`` their gains (:func:`measure_gains`)."""
     result = greedy_search(adapter, settings, conditions, seeds, 0.0, window_size)
     window = {"window_size": window_size} if window_size is not None else {}
-    return Proxy(dict(result.losses), {m: dict(window) for m in WINDOWED}, result.sample_forwards, result.seconds)
+    proxy = Proxy(dict(result.losses), {m: dict(window) for m in WINDOWED}, result.sample_forwards, result.seconds)
+    return measure_gains(adapter, settings, conditions, seeds, proxy, gain_probes) if gain_probes else proxy
+
+
+def probe_steps(num_steps: int, probes: int) -> list[int]:
+    """``probes`` evenly spaced steps from 1 to the last (step 0 is dense in every plan)."""
+    return sorted({int(round(x)) for x in np.linspace(1, num_steps - 1, min(probes, num_steps - 1))})
+
+
+def measure_gains(adapter: ModelAdapter, settings: SamplerSettings, conditions: Sequence[Any], seeds: Sequence[int],
+                  proxy: Proxy, probes: int) -> Proxy:
+    """``proxy`` with the gains of its cells: how much a cell's loss (the transformer output's, at its
+    step) costs the final samples. For ``probes`` evenly spaced steps s and every measured method m,
+    every layer at s runs m (the rest dense): gain(s, m) is the final samples' relative L1 to dense
+    over the summed losses of those cells; steps between probes interpolate linearly. The gains differ
+    by an order of magnitude from the first steps to the last, which summed raw losses ignore. Each
+    probe goes on from a snapshot of the dense run just before step s − 1 (the dense step that makes
+    the caches s reads), so it costs the steps s − 1 … end only."""
+    target = plan_target(adapter, settings)
+    steps, methods = probe_steps(settings.num_steps, probes), sorted({m for _, _, m in proxy.losses})
+    dense, finals = [], {(s, m): [] for s in steps for m in methods}
+    forwards = 0
+    started = time.perf_counter()
+    for a in range(0, len(seeds), settings.batch_size):  # micro-batches of at most batch_size samples
+        batch = (conditions[a : a + settings.batch_size], seeds[a : a + settings.batch_size])
+        rows = len(batch[1]) * (2 if settings.cfg else 1)
+        kept: dict[int, Snapshot] = {}
+
+        def keep(i: int, latents: torch.Tensor, scheduler: Any) -> None:
+            if i + 2 in steps:  # before step i + 1 = s − 1
+                kept[i + 2] = Snapshot(i + 1, latents.clone(), copy.deepcopy(scheduler))
+
+        dense.append(adapter.decode(sample_batch(adapter, *batch, settings, on_step=keep)))
+        forwards += settings.num_steps * rows
+        for s in steps:
+            for m in methods:
+                grid = [["full"] * target.num_layers for _ in range(target.num_steps)]
+                grid[s] = [m] * target.num_layers
+                plan = Plan(target, tuple(map(tuple, grid)), params={k: v for k, v in proxy.params.items() if k == m})
+                apply_plan(adapter.transformer, plan, target, adapter.merges)
+                try:
+                    finals[s, m].append(adapter.decode(sample_batch(adapter, *batch, settings, start=kept.get(s))))
+                finally:
+                    remove_plan(adapter.transformer)
+                forwards += (settings.num_steps - (s - 1 if s in kept else 0)) * rows
+    reference = torch.cat(dense)
+    measured = {}
+    for (s, m), outs in finals.items():
+        summed = sum(v for (step, _, method), v in proxy.losses.items() if step == s and method == m)
+        measured[s, m] = relative_l1(torch.cat(outs), reference) / summed if summed > 0 else 0.0
+    gains = {(s, m): float(np.interp(s, steps, [measured[p, m] for p in steps]))
+             for s in range(1, settings.num_steps) for m in methods}
+    return replace(proxy, gains=gains, sample_forwards=proxy.sample_forwards + forwards,
+                   seconds=proxy.seconds + time.perf_counter() - started)
 
 
 def cached_proxy(path: Path, measure: Any) -> tuple[Proxy, bool]:
@@ -124,6 +200,7 @@ def propose(space: PlanSpace, proxy: Proxy, flops: Mapping[tuple[int, int, str],
     if spread not in PROPOSAL_SPREADS:
         raise ValueError(f"unknown proposal spread {spread!r}; use one of {list(PROPOSAL_SPREADS)}")
     methods = _usable_methods(space, proxy)
+    losses = proxy.weighted
     cells = [(layers, steps) for layers in space.layer_groups for steps in space.step_segments]
     # (cells, methods): summed predicted cost and loss of giving a whole space cell one method
     cost = np.zeros((len(cells), len(methods)))
@@ -134,7 +211,7 @@ def propose(space: PlanSpace, proxy: Proxy, flops: Mapping[tuple[int, int, str],
                 continue
             members = [(s, l) for s in range(*steps) for l in range(*layers)]
             cost[i, j] = sum(flops[s, l, method] for s, l in members)
-            loss[i, j] = sum(proxy.losses[s, l, method] for s, l in members)
+            loss[i, j] = sum(losses[s, l, method] for s, l in members)
     if spread == "knapsack":
         picks = _knapsack(cost, loss, count)
     else:
