@@ -106,15 +106,30 @@ def measure_gains(adapter: ModelAdapter, settings: SamplerSettings, conditions: 
     """``proxy`` with the gains of its cells: how much a cell's loss (the transformer output's, at its
     step) costs the final samples. For ``probes`` evenly spaced steps s and every measured method m,
     every layer at s runs m (the rest dense): gain(s, m) is the final samples' relative L1 to dense
-    over the summed losses of those cells; steps between probes interpolate linearly. The gains differ
-    by an order of magnitude from the first steps to the last, which summed raw losses ignore. Each
-    probe goes on from a snapshot of the dense run just before step s − 1 (the dense step that makes
-    the caches s reads), so it costs the steps s − 1 … end only."""
-    target = plan_target(adapter, settings)
+    over the summed losses of those cells; steps between probes interpolate linearly."""
     steps, methods = probe_steps(settings.num_steps, probes), sorted({m for _, _, m in proxy.losses})
+    started = time.perf_counter()
+    dense, finals, forwards = _probe_samples(adapter, settings, conditions, seeds, proxy.params, steps, methods)
+    summed: dict[tuple[int, str], float] = {}
+    for (s, _, m), v in proxy.losses.items():
+        summed[s, m] = summed.get((s, m), 0.0) + v
+    measured = {(s, m): relative_l1(out, dense) / summed[s, m] if summed.get((s, m), 0.0) > 0 else 0.0
+                for (s, m), out in finals.items()}
+    gains = {(s, m): float(np.interp(s, steps, [measured[p, m] for p in steps]))
+             for s in range(1, settings.num_steps) for m in methods}
+    return replace(proxy, gains=gains, sample_forwards=proxy.sample_forwards + forwards,
+                   seconds=proxy.seconds + time.perf_counter() - started)
+
+
+def _probe_samples(adapter: ModelAdapter, settings: SamplerSettings, conditions: Sequence[Any], seeds: Sequence[int],
+                   params: Mapping[str, Mapping[str, Any]], steps: Sequence[int], methods: Sequence[str],
+                   ) -> tuple[torch.Tensor, dict[tuple[int, str], torch.Tensor], int]:
+    """The dense samples, each probe's (every layer at step s on method m) and the sample-forwards spent.
+    Each probe goes on from a snapshot of the dense run just before step s − 1 (the dense step that
+    makes the caches s reads), so it costs the steps s − 1 … end only."""
+    target = plan_target(adapter, settings)
     dense, finals = [], {(s, m): [] for s in steps for m in methods}
     forwards = 0
-    started = time.perf_counter()
     for a in range(0, len(seeds), settings.batch_size):  # micro-batches of at most batch_size samples
         batch = (conditions[a : a + settings.batch_size], seeds[a : a + settings.batch_size])
         rows = len(batch[1]) * (2 if settings.cfg else 1)
@@ -130,22 +145,14 @@ def measure_gains(adapter: ModelAdapter, settings: SamplerSettings, conditions: 
             for m in methods:
                 grid = [["full"] * target.num_layers for _ in range(target.num_steps)]
                 grid[s] = [m] * target.num_layers
-                plan = Plan(target, tuple(map(tuple, grid)), params={k: v for k, v in proxy.params.items() if k == m})
+                plan = Plan(target, tuple(map(tuple, grid)), params={k: v for k, v in params.items() if k == m})
                 apply_plan(adapter.transformer, plan, target, adapter.merges)
                 try:
                     finals[s, m].append(adapter.decode(sample_batch(adapter, *batch, settings, start=kept.get(s))))
                 finally:
                     remove_plan(adapter.transformer)
                 forwards += (settings.num_steps - (s - 1 if s in kept else 0)) * rows
-    reference = torch.cat(dense)
-    measured = {}
-    for (s, m), outs in finals.items():
-        summed = sum(v for (step, _, method), v in proxy.losses.items() if step == s and method == m)
-        measured[s, m] = relative_l1(torch.cat(outs), reference) / summed if summed > 0 else 0.0
-    gains = {(s, m): float(np.interp(s, steps, [measured[p, m] for p in steps]))
-             for s in range(1, settings.num_steps) for m in methods}
-    return replace(proxy, gains=gains, sample_forwards=proxy.sample_forwards + forwards,
-                   seconds=proxy.seconds + time.perf_counter() - started)
+    return torch.cat(dense), {key: torch.cat(outs) for key, outs in finals.items()}, forwards
 
 
 def cached_proxy(path: Path, measure: Any) -> tuple[Proxy, bool]:
