@@ -44,7 +44,7 @@ from ditplan.plan import Plan, load_plan
 from ditplan.search.driver import run_search
 from ditplan.search.greedy import DEFAULT_THRESHOLDS, greedy_search, threshold_name
 from ditplan.search.pareto import hypervolume
-from ditplan.search.proxy import PROXY_FILE, cached_proxy, measure_proxy
+from ditplan.search.proxy import PROXY_FILE, experiment_proxy
 from ditplan.search.trial_eval import plan_metrics, worker_adapter
 from ditplan.spec import PROPOSAL_SPREADS, ProposalSpec, load_spec
 
@@ -59,6 +59,8 @@ def configure(spec, args):  # noqa: ANN001, ANN201
         search["sampler"] = args.sampler
     if args.population:
         search["population_size"] = args.population
+    if args.search_samples:
+        search["samples"] = args.search_samples
     if args.full_grid:  # counts are clamped: one layer / one step per cell
         search["space"] = spec.search.space.model_copy(update={"layer_groups": 10**6, "step_segments": 10**6})
     if args.proposals is not None:
@@ -125,6 +127,8 @@ def main() -> None:
     parser.add_argument("--population", type=int, help="override search.population_size (NSGA-II)")
     parser.add_argument("--full-grid", action="store_true", help="one cell per (step, layer) instead of the file's groups")
     parser.add_argument("--proposals", type=int, help="override search.proposals.count (0: none)")
+    parser.add_argument("--search-samples", type=int,
+                        help="search samples per learned trial (fidelity; greedy's evaluations stay at the file's)")
     parser.add_argument("--proxy-samples", type=int, help="calibration samples the proxy is measured on")
     parser.add_argument("--spread", choices=PROPOSAL_SPREADS, default=ProposalSpec().spread,
                         help="how proposals are picked (ditplan.search.proxy.propose)")
@@ -134,7 +138,8 @@ def main() -> None:
     parser.add_argument("--latency", action="store_true", help="held-out quality × latency of greedy and the last front")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    spec = configure(load_spec(args.experiment), args)
+    experiment = load_spec(args.experiment)
+    spec = configure(experiment, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     adapter = worker_adapter(spec)
@@ -144,15 +149,16 @@ def main() -> None:
 
     # --- greedy D1–D6 and its budget --------------------------------------------------------------------
     greedy = greedy_plans(adapter, spec, Path(args.greedy_dir))
-    per_eval = sample_forwards(spec.search.samples, settings)
+    greedy_eval = sample_forwards(experiment.search.samples, settings)  # the file's trial fidelity
+    per_eval = sample_forwards(spec.search.samples, settings)  # the learned side's
     calibration = sum(int(p.provenance["sample_forwards"]) for p in greedy.values())
-    budget = calibration + len(greedy) * per_eval
+    budget = calibration + len(greedy) * greedy_eval
     held = HeldOut(adapter, spec, Path(args.held_out_cache))
     g_points = {name: held(plan) for name, plan in greedy.items()}
     hv_greedy = hypervolume(np.array(list(g_points.values())), DIRECTIONS, reference)
     print(f"greedy D1–D6: calibration {calibration:,} sample-forwards "
           f"({sum(p.provenance['search_seconds'] for p in greedy.values()):.0f} s) + {len(greedy)} evaluations × "
-          f"{per_eval:,} = {budget:,} sample-forwards; held-out ({len(held.seeds)} samples) hypervolume "
+          f"{greedy_eval:,} = {budget:,} sample-forwards; held-out ({len(held.seeds)} samples) hypervolume "
           f"(rel. L1 × FLOPs ratio, reference {reference}) {hv_greedy:.4f}")
     for name, (l1, flops) in g_points.items():
         print(f"  {name}: held-out rel. L1 {l1:.4f}, FLOPs {flops:.3f}")
@@ -160,12 +166,10 @@ def main() -> None:
     # --- the learned side's fixed costs, then its trials ------------------------------------------------
     proxy_cost, proxy_path = 0, None
     if spec.search.proposals is not None:
-        _, conditions, seeds = spec.seed_set("calibration")
-        k = spec.search.proposals.samples or len(seeds)
+        k = spec.search.proposals.samples or spec.greedy.calibration_samples
         probes = spec.search.proposals.gain_probes
         proxy_path = Path(args.greedy_dir) / f"proxy-{k}-gains-{probes}.json"  # calibration seeds, like greedy's: measured once
-        proxy, _ = cached_proxy(proxy_path, lambda: measure_proxy(
-            adapter, settings, conditions[:k], seeds[:k], spec.greedy.window_size, probes))
+        proxy, _ = experiment_proxy(adapter, spec, proxy_path)
         proxy_cost = proxy.sample_forwards
         print(f"proxy: {proxy_cost:,} sample-forwards on {k} calibration samples, gains at {probes} steps "
               f"({proxy.seconds:.0f} s)")

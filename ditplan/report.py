@@ -39,7 +39,7 @@ from ditplan.search.driver import REPEAT, is_feasible_trial, reference_point, st
 from ditplan.search.storage import JOURNAL_FILE
 from ditplan.search.figures import front_html, front_png
 from ditplan.search.pareto import hypervolume, pareto_mask
-from ditplan.search.proxy import PROXY_FILE, Proxy
+from ditplan.search.proxy import PROXY_FILE, read_proxy
 from ditplan.search.refine import refined_study_name
 from ditplan.spec import ExperimentSpec, load_spec
 
@@ -196,7 +196,7 @@ def side_budget(spec: ExperimentSpec, side: str, cands: list[Candidate]) -> Budg
     plans = [_calibration_plan(c) for c in mine] if side == "greedy" else []
     per_plan = sample_forwards(spec.search.samples, spec.sampler.settings())
     proxies = {c.plan_path.parent.parent / PROXY_FILE for c in mine} if side != "greedy" else set()
-    proxies = [Proxy.from_json(path.read_text()) for path in proxies if path.exists()]  # the learned side's calibration
+    proxies = [read_proxy(path)[0] for path in proxies if path.exists()]  # the learned side's calibration
     return Budget(
         side="greedy" if side == "greedy" else "learned", plans=len(mine),
         calibration_forwards=sum(_calibration(p, spec) for p in plans) + sum(x.sample_forwards for x in proxies),

@@ -5,6 +5,7 @@ import itertools
 
 import numpy as np
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from ditplan.models.sampling import plan_target
@@ -12,7 +13,8 @@ from ditplan.plan import Plan, PlanTarget, load_plan
 from ditplan.search.driver import run_search, study_storage
 from ditplan.search.greedy import CANDIDATES, greedy_search
 from ditplan.evaluators.fidelity import relative_l1
-from ditplan.search.proxy import PROXY_FILE, Proxy, cell_flops, measure_gains, measure_proxy, probe_steps, propose
+from ditplan.errors import UserError
+from ditplan.search.proxy import PROXY_FILE, Proxy, cached_proxy, cell_flops, measure_gains, measure_proxy, probe_steps, propose
 from ditplan.strategies.apply import run_plan
 from ditplan.search.space import build_space, experiment_space
 from ditplan.search.trial_eval import worker_adapter
@@ -41,6 +43,33 @@ def test_the_proxy_is_the_losses_greedy_measures_for_the_same_cells(tiny_adapter
     first = {k: v for k, v in loose.losses.items() if k[:2] == (1, 0)}  # step 1, layer 0: still all-dense context
     assert first and all(proxy.losses[k] == v for k, v in first.items())
     assert Proxy.from_json(proxy.to_json()) == proxy
+
+
+def test_a_stored_proxy_is_reused_only_when_measured_with_the_same_settings(tmp_path):
+    path, stored = tmp_path / PROXY_FILE, Proxy({(1, 0, "ast"): 0.5}, {}, 10, 1.0, {(1, "ast"): 2.0})
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return stored
+
+    settings = {"seeds": (0, 1), "gain_probes": 7}
+    assert cached_proxy(path, measure, settings) == (stored, True)
+    assert cached_proxy(path, measure, {"seeds": [0, 1], "gain_probes": 7}) == (stored, False)  # JSON-equal: reused
+    assert calls == [1]
+    text = path.read_text()
+    with pytest.raises(UserError, match=r"proxy.json was measured with other settings than this search's \(gain_probes 7 there, 0 now\); delete"):
+        cached_proxy(path, measure, {"seeds": [0, 1], "gain_probes": 0})
+    path.write_text(stored.to_json())  # a file from before the settings were stored (and before gains: no key at all)
+    with pytest.raises(UserError, match="written by an older ditplan"):
+        cached_proxy(path, measure, settings)
+    path.write_text(text.replace('"gains"', '"gainz"'))
+    with pytest.raises(UserError, match=r"not a proxy file ditplan can read \(KeyError: 'gains'\); delete it"):
+        cached_proxy(path, measure, settings)
+    path.write_text("{not json")
+    with pytest.raises(UserError, match="not a proxy file ditplan can read"):
+        cached_proxy(path, measure, settings)
+    assert calls == [1] and path.read_text() == "{not json"  # nothing measured, nothing overwritten
 
 
 def test_a_gain_is_the_final_samples_loss_of_its_probe_over_the_probed_cells_losses(tiny_adapter, tiny_spec):
@@ -210,6 +239,10 @@ def test_greedy_plans_and_proposals_enter_the_study_with_parameters_the_sampler_
             run_search(spec, run, trials=4, workers=1, resume=True, warm_start=warm, show_progress=False)
     names = [t.user_attrs.get("name") for t in done]
     assert names.count("D1") == names.count("D2") == names.count("proposal-0") == 1  # a resume adds none twice
+    other = spec.search.model_copy(update={"proposals": ProposalSpec(count=2, gain_probes=1)})
+    with pytest.raises(UserError, match=r"proxy.json was measured with other settings than this search's \(gain_probes 7 there, 1 now\); delete"):
+        run_search(spec.model_copy(update={"search": other}), run, trials=5, workers=1, resume=True, show_progress=False)
+    assert len(_study(spec, run).get_trials(states=(TrialState.COMPLETE,))) == 2 + 4
 
 
 def test_a_grouped_space_projects_a_plan_it_cannot_express_onto_each_cells_most_used_method():

@@ -32,7 +32,7 @@ from ditplan.plan import Plan, library_versions
 from ditplan.progress import progress_bar
 from ditplan.search.figures import front_html, front_png
 from ditplan.search.pareto import hypervolume, pareto_mask
-from ditplan.search.proxy import PROXY_FILE, cached_proxy, cell_flops, measure_proxy, propose
+from ditplan.search.proxy import PROXY_FILE, cell_flops, experiment_proxy, propose
 from ditplan.search.ray_tasks import TaskPool
 from ditplan.search.space import experiment_space
 from ditplan.search.storage import (
@@ -274,10 +274,7 @@ class _Search:
         if proposals is None:
             return
         settings = self.spec.sampler.settings()
-        _, conditions, seeds = self.spec.seed_set("calibration")
-        k = proposals.samples or len(seeds)
-        proxy, measured = cached_proxy(self.run_dir / PROXY_FILE, lambda: measure_proxy(
-            self.adapter, settings, conditions[:k], seeds[:k], self.spec.greedy.window_size, proposals.gain_probes))
+        proxy, measured = experiment_proxy(self.adapter, self.spec, self.run_dir / PROXY_FILE)
         if measured:
             self.tracker.client.log_metric(self.tracker.parent_id, "proxy_sample_forwards", proxy.sample_forwards)
         known = {t.user_attrs.get("name") for t in self.study.get_trials(deepcopy=False)}

@@ -24,10 +24,11 @@ pass, so the sum slightly overstates their cost. Each plan is then judged for re
 
 from __future__ import annotations
 
-import json
 import copy
+import dataclasses
+import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 
 from ditplan.atomic import atomic_write_text
+from ditplan.errors import UserError
 from ditplan.evaluators.cost import plan_flops
 from ditplan.evaluators.fidelity import relative_l1
 from ditplan.models.adapters import ModelAdapter
@@ -43,7 +45,7 @@ from ditplan.models.sampling import SamplerSettings, Snapshot, plan_target, samp
 from ditplan.plan import Plan
 from ditplan.search.greedy import greedy_search
 from ditplan.search.space import PlanSpace
-from ditplan.spec import PROPOSAL_SPREADS
+from ditplan.spec import PROPOSAL_SPREADS, ExperimentSpec
 from ditplan.strategies.apply import apply_plan, remove_plan
 from ditplan.strategies.base import get_strategy_class
 
@@ -73,10 +75,12 @@ class Proxy:
             return dict(self.losses)
         return {(s, l, m): v * self.gains[s, m] for (s, l, m), v in self.losses.items()}
 
-    def to_json(self) -> str:
+    def to_json(self, measured_with: Mapping[str, Any] | None = None) -> str:
+        """JSON of the proxy, with what it was measured with (see :func:`cached_proxy`) when given."""
         return json.dumps({"losses": [[s, l, m, v] for (s, l, m), v in sorted(self.losses.items())],
                            "params": self.params, "sample_forwards": self.sample_forwards, "seconds": self.seconds,
-                           "gains": [[s, m, v] for (s, m), v in sorted(self.gains.items())]})
+                           "gains": [[s, m, v] for (s, m), v in sorted(self.gains.items())],
+                           **({"measured_with": measured_with} if measured_with is not None else {})})
 
     @classmethod
     def from_json(cls, text: str) -> Proxy:
@@ -94,6 +98,20 @@ def measure_proxy(adapter: ModelAdapter, settings: SamplerSettings, conditions: 
     window = {"window_size": window_size} if window_size is not None else {}
     proxy = Proxy(dict(result.losses), {m: dict(window) for m in WINDOWED}, result.sample_forwards, result.seconds)
     return measure_gains(adapter, settings, conditions, seeds, proxy, gain_probes) if gain_probes else proxy
+
+
+def experiment_proxy(adapter: ModelAdapter, spec: ExperimentSpec, path: Path) -> tuple[Proxy, bool]:
+    """The proxy ``spec.search.proposals`` asks for, on the first K samples of the calibration batch,
+    kept at ``path`` (:func:`cached_proxy`, keyed by the model, sampler, batch, window and gain probes)."""
+    proposals = spec.search.proposals
+    settings = spec.sampler.settings()
+    _, conditions, seeds = spec.seed_set("calibration")
+    k = proposals.samples or len(seeds)
+    window = spec.greedy.window_size
+    measured_with = {"target": dataclasses.asdict(plan_target(adapter, settings)), "conditions": conditions[:k],
+                     "seeds": seeds[:k], "window_size": window, "gain_probes": proposals.gain_probes}
+    return cached_proxy(path, lambda: measure_proxy(adapter, settings, conditions[:k], seeds[:k], window,
+                                                    proposals.gain_probes), measured_with)
 
 
 def probe_steps(num_steps: int, probes: int) -> list[int]:
@@ -155,12 +173,36 @@ def _probe_samples(adapter: ModelAdapter, settings: SamplerSettings, conditions:
     return torch.cat(dense), {key: torch.cat(outs) for key, outs in finals.items()}, forwards
 
 
-def cached_proxy(path: Path, measure: Any) -> tuple[Proxy, bool]:
-    """The proxy stored at ``path``, or ``measure()``'s, stored there atomically; True when measured now."""
+def read_proxy(path: Path) -> tuple[Proxy, Any]:
+    """The proxy in ``path`` and what it was measured with (None from a ditplan before that was stored);
+    an unreadable file is a :class:`UserError` naming it."""
+    try:
+        text = path.read_text()
+        return Proxy.from_json(text), json.loads(text).get("measured_with")
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise UserError(f"{path} is not a proxy file ditplan can read ({type(err).__name__}: {err}); "
+                        "delete it to measure the proxy again") from None
+
+
+def cached_proxy(path: Path, measure: Callable[[], Proxy], measured_with: Mapping[str, Any]) -> tuple[Proxy, bool]:
+    """The proxy stored at ``path``, or ``measure()``'s, stored there atomically; True when measured now.
+    ``measured_with`` (JSON values: calibration seeds, window, gain probes) is stored beside it; a stored
+    proxy measured with other settings, written by a ditplan without them, or unreadable, is a
+    :class:`UserError` that names the file and the fix (a resumed search must not mix proxies)."""
+    wanted = json.loads(json.dumps(measured_with))
     if path.exists():
-        return Proxy.from_json(path.read_text()), False
+        proxy, found = read_proxy(path)
+        if found is None:
+            raise UserError(f"{path} was written by an older ditplan (it does not say what it was measured with); "
+                            "delete it to measure the proxy again")
+        if found != wanted:
+            changed = "; ".join(f"{k} {found.get(k)!r} there, {wanted.get(k)!r} now"
+                                for k in sorted({*found, *wanted}) if found.get(k) != wanted.get(k))
+            raise UserError(f"{path} was measured with other settings than this search's ({changed}); "
+                            "delete the file to measure it again, or restore the experiment's settings")
+        return proxy, False
     proxy = measure()
-    atomic_write_text(path, proxy.to_json())
+    atomic_write_text(path, proxy.to_json(wanted))
     return proxy, True
 
 
