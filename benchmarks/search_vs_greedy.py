@@ -10,9 +10,12 @@ Budget, in transformer sample-forwards (rows × steps, CFG counted): greedy = it
 + one search-seed evaluation per plan. The learned side gets exactly that, and pays from it for
 everything it uses: the proxy's calibration forwards (``--proposals``), greedy's calibration and
 evaluations when it warm-starts from greedy (``--warm-start``), and its trials; the number of trials
-is what is left, rounded down. Several ``--seeds`` repeat the search (the proxy and the greedy plans are
-deterministic and measured once; every repeat is charged for them).
+is what is left, rounded down (``--search-samples``: each learned trial scored on fewer search samples,
+so more trials fit; greedy's evaluations stay charged at the experiment's). Several ``--seeds`` repeat
+the search (the proxy and the greedy plans are deterministic and measured once; every repeat is charged
+for them).
 
+    python benchmarks/search_vs_greedy.py --full-grid --proposals 46 --search-samples 5 --seeds 0 1 2
     python benchmarks/search_vs_greedy.py --full-grid --proposals 10 --seeds 0 1 2
     python benchmarks/search_vs_greedy.py --seeds 0 1 2                      # cold TPE, grouped space
     python benchmarks/search_vs_greedy.py --full-grid --proposals 10 --latency  # + held-out quality × latency
