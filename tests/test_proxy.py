@@ -66,6 +66,9 @@ def test_a_stored_proxy_is_reused_only_when_measured_with_the_same_settings(tmp_
     path.write_text(text.replace('"gains"', '"gainz"'))
     with pytest.raises(UserError, match=r"not a proxy file ditplan can read \(KeyError: 'gains'\); delete it"):
         cached_proxy(path, measure, settings)
+    path.write_text(stored.to_json([1]))  # type: ignore[arg-type]  (a hand-edited file)
+    with pytest.raises(UserError, match=r"not a proxy file ditplan can read \(ValueError: measured_with is \[1\], not a mapping\)"):
+        cached_proxy(path, measure, settings)
     path.write_text("{not json")
     with pytest.raises(UserError, match="not a proxy file ditplan can read"):
         cached_proxy(path, measure, settings)

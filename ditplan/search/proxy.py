@@ -25,11 +25,10 @@ pass, so the sum slightly overstates their cost. Each plan is then judged for re
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +107,7 @@ def experiment_proxy(adapter: ModelAdapter, spec: ExperimentSpec, path: Path) ->
     _, conditions, seeds = spec.seed_set("calibration")
     k = proposals.samples or len(seeds)
     window = spec.greedy.window_size
-    measured_with = {"target": dataclasses.asdict(plan_target(adapter, settings)), "conditions": conditions[:k],
+    measured_with = {"target": asdict(plan_target(adapter, settings)), "conditions": conditions[:k],
                      "seeds": seeds[:k], "window_size": window, "gain_probes": proposals.gain_probes}
     return cached_proxy(path, lambda: measure_proxy(adapter, settings, conditions[:k], seeds[:k], window,
                                                     proposals.gain_probes), measured_with)
@@ -178,7 +177,10 @@ def read_proxy(path: Path) -> tuple[Proxy, Any]:
     an unreadable file is a :class:`UserError` naming it."""
     try:
         text = path.read_text()
-        return Proxy.from_json(text), json.loads(text).get("measured_with")
+        proxy, found = Proxy.from_json(text), json.loads(text).get("measured_with")
+        if found is not None and not isinstance(found, dict):
+            raise ValueError(f"measured_with is {found!r}, not a mapping")
+        return proxy, found
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise UserError(f"{path} is not a proxy file ditplan can read ({type(err).__name__}: {err}); "
                         "delete it to measure the proxy again") from None
