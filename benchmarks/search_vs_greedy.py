@@ -169,7 +169,7 @@ def main() -> None:
     # --- the learned side's fixed costs, then its trials ------------------------------------------------
     proxy_cost, proxy_path = 0, None
     if spec.search.proposals is not None:
-        k = spec.search.proposals.samples or spec.greedy.calibration_samples
+        k = len(spec.proxy_batch().seeds)
         probes = spec.search.proposals.gain_probes
         proxy_path = Path(args.greedy_dir) / f"proxy-{k}-gains-{probes}.json"  # calibration seeds, like greedy's: measured once
         proxy, _ = experiment_proxy(adapter, spec, proxy_path)

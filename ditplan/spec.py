@@ -471,6 +471,13 @@ class ExperimentSpec(_Strict):
         """The ``calibration``, ``search`` or ``held_out`` set at the size this experiment uses."""
         return self.workload.seed_set(name, self._set_sizes()[name])
 
+    def proxy_batch(self) -> SeedSet:
+        """The calibration samples the proxy is measured on: the first ``search.proposals.samples`` (all
+        of them by default)."""
+        name, conditions, seeds = self.seed_set("calibration")
+        k = (self.search.proposals.samples if self.search.proposals else None) or len(seeds)
+        return SeedSet(name, conditions[:k], seeds[:k])
+
     def run_dir(self) -> Path:
         return Path(self.output_dir.replace("${name}", self.name))
 

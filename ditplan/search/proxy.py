@@ -104,12 +104,11 @@ def experiment_proxy(adapter: ModelAdapter, spec: ExperimentSpec, path: Path) ->
     kept at ``path`` (:func:`cached_proxy`, keyed by the model, sampler, batch, window and gain probes)."""
     proposals = spec.search.proposals
     settings = spec.sampler.settings()
-    _, conditions, seeds = spec.seed_set("calibration")
-    k = proposals.samples or len(seeds)
+    _, conditions, seeds = spec.proxy_batch()
     window = spec.greedy.window_size
-    measured_with = {"target": asdict(plan_target(adapter, settings)), "conditions": conditions[:k],
-                     "seeds": seeds[:k], "window_size": window, "gain_probes": proposals.gain_probes}
-    return cached_proxy(path, lambda: measure_proxy(adapter, settings, conditions[:k], seeds[:k], window,
+    measured_with = {"target": asdict(plan_target(adapter, settings)), "conditions": conditions,
+                     "seeds": seeds, "window_size": window, "gain_probes": proposals.gain_probes}
+    return cached_proxy(path, lambda: measure_proxy(adapter, settings, conditions, seeds, window,
                                                     proposals.gain_probes), measured_with)
 
 
