@@ -67,8 +67,9 @@ def configure(spec, args):  # noqa: ANN001, ANN201
     if args.full_grid:  # counts are clamped: one layer / one step per cell
         search["space"] = spec.search.space.model_copy(update={"layer_groups": 10**6, "step_segments": 10**6})
     if args.proposals is not None:
+        limit = {} if args.max_reuse_run is None else {"max_reuse_run": args.max_reuse_run or None}
         search["proposals"] = ProposalSpec(count=args.proposals, samples=args.proxy_samples, spread=args.spread,
-                                           gain_probes=args.gain_probes) if args.proposals else None
+                                           gain_probes=args.gain_probes, **limit) if args.proposals else None
     return spec.model_copy(update={"search": spec.search.model_copy(update=search)})
 
 
@@ -137,6 +138,9 @@ def main() -> None:
                         help="how proposals are picked (ditplan.search.proxy.propose)")
     parser.add_argument("--gain-probes", type=int, default=ProposalSpec().gain_probes,
                         help="steps at which the proxy measures its gains (0: summed raw losses)")
+    parser.add_argument("--max-reuse-run", type=int,
+                        help="proposals reuse a layer's attention output at most this many steps in a row "
+                             f"(0: no limit; default {ProposalSpec().max_reuse_run}, knapsack only)")
     parser.add_argument("--warm-start", action="store_true", help="greedy's D1–D6 join the study (charged to the learned side)")
     parser.add_argument("--latency", action="store_true", help="held-out quality × latency of greedy and the last front")
     args = parser.parse_args()

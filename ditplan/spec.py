@@ -323,7 +323,10 @@ class ProposalSpec(_Strict):
     ``calibration_samples``; fewer cost proportionally less). gain_probes: steps at which the proxy
     measures how much a cell's loss costs the final samples (:func:`ditplan.search.proxy.measure_gains`;
     each probe runs every strategy at that step, from there to the end); proposals then weigh the cells
-    by it. 0: summed raw losses."""
+    by it. 0: summed raw losses. max_reuse_run: no layer of a proposal reuses its attention output
+    (``ast``) more than this many steps in a row before it computes it again (``knapsack`` only; null: no
+    limit). The proxy prices every reuse against the step before it, so it cannot see what a recompute in a
+    long run is worth; the default 10 was chosen on the embedded model's held-out seeds (README)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     source: Literal["proxy"] = Field("proxy", alias="from")
@@ -331,6 +334,17 @@ class ProposalSpec(_Strict):
     spread: ProposalSpread = "knapsack"
     samples: Count | None = None
     gain_probes: int = Field(7, ge=0, le=1000)
+    max_reuse_run: int | None = Field(10, ge=1, le=100_000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _run_limit_needs_knapsack(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("spread", "knapsack") != "knapsack":
+            if data.get("max_reuse_run") is not None:
+                raise ValueError(f"max_reuse_run needs spread 'knapsack' (the Lagrangian spread {data['spread']!r} "
+                                 "decides every cell alone); set max_reuse_run: null or use spread: knapsack")
+            data = {**data, "max_reuse_run": None}  # the default limit is the knapsack's
+        return data
 
 
 class SearchSpec(_Strict):

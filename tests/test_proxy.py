@@ -159,6 +159,48 @@ def test_knapsack_proposals_are_the_whole_front_of_the_summed_proxy_the_lagrangi
     assert len(propose(space, proxy, flops, 3, "knapsack")) == 3
 
 
+def _longest_reuse_run(plan):
+    """The most steps in a row any layer of ``plan`` reuses its attention output (``ast``)."""
+    longest = 0
+    for layer in range(plan.num_layers):
+        run = 0
+        for step in range(plan.num_steps):
+            run = run + 1 if plan.grid[step][layer] == "ast" else 0
+            longest = max(longest, run)
+    return longest
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3])
+def test_a_reuse_run_limit_gives_the_whole_front_of_the_plans_within_it(limit):
+    target = dataclasses.replace(TARGET, num_steps=5)  # steps 1–4 × 2 layers: 3⁸ plans
+    rng = np.random.default_rng(limit)
+    cells = [(s, l) for s in range(1, 5) for l in range(2)]
+    proxy = Proxy({(s, l, m): float(rng.uniform(0.01, 0.2) * (2 if m == "ast" else 1)) for s, l in cells
+                   for m in ("ast", "asc")}, {}, 0, 0.0)
+    flops = {(s, l, m): float(-rng.uniform(1, 2) * (3 if m == "ast" else 1)) for s, l in cells for m in ("ast", "asc")}
+    space = build_space(target, ["full", "ast", "asc"], target.num_layers, target.num_steps)
+    within = set()  # brute force: every plan whose reuse runs are at most `limit` steps, by (Σ loss, Σ FLOPs)
+    for pick in itertools.product(["full", "ast", "asc"], repeat=8):
+        plan = Plan(target, (("full", "full"), *(pick[i : i + 2] for i in range(0, 8, 2))))
+        if _longest_reuse_run(plan) <= limit:
+            within.add(_predicted(plan, proxy, flops))
+    front = {p for p in within if not any(o[0] <= p[0] and o[1] <= p[1] and o != p for o in within)}
+    plans = propose(space, proxy, flops, 4001, max_run=limit)
+    assert max(_longest_reuse_run(p) for p in plans) == limit
+    assert {_predicted(p, proxy, flops) for p in plans} == front
+    unlimited = propose(space, proxy, flops, 4001)
+    assert max(_longest_reuse_run(p) for p in unlimited) == 4 and propose(space, proxy, flops, 4001, max_run=4) == unlimited
+
+
+def test_a_reuse_run_limit_shorter_than_a_step_segment_leaves_reuse_out_of_it():
+    proxy, flops = _synthetic()
+    space = build_space(TARGET, ["full", "ast", "asc"], TARGET.num_layers, [1, 3])  # one segment: steps 1–2
+    assert max(_longest_reuse_run(p) for p in propose(space, proxy, flops, 100)) == 2
+    assert {m for p in propose(space, proxy, flops, 100, max_run=1) for row in p.grid for m in row} == {"full", "asc"}
+    with pytest.raises(ValueError, match="needs spread 'knapsack', not 'flops'"):
+        propose(space, proxy, flops, 100, "flops", max_run=1)
+
+
 def test_proposals_spread_evenly_over_predicted_flops_where_the_optima_bunch_near_dense():
     target = dataclasses.replace(TARGET, num_layers=4, num_steps=9)
     cells = [(s, l) for s in range(1, 9) for l in range(4)]

@@ -279,7 +279,7 @@ class _Search:
             self.tracker.client.log_metric(self.tracker.parent_id, "proxy_sample_forwards", proxy.sample_forwards)
         known = {t.user_attrs.get("name") for t in self.study.get_trials(deepcopy=False)}
         plans = propose(self.space, proxy, cell_flops(self.adapter, settings, proxy), proposals.count,
-                         proposals.spread)
+                         proposals.spread, proposals.max_reuse_run)
         for index, plan in enumerate(plans):
             name = f"proposal-{index}"
             params = self.space.params_for(plan)

@@ -20,6 +20,16 @@ leaves gaps in cost where the hull has few vertices. FLOPs per cell are the whol
 analytic FLOPs with that one cell changed, minus dense's (so a dense step's extra window pass for a
 WA-RS residual is charged to the cell that reads it); runs of consecutive reuse cells share that
 pass, so the sum slightly overstates their cost. Each plan is then judged for real as a trial.
+
+What the additive proxy cannot see is staleness: it prices a reuse (``ast``) cell against the step
+before it, so a recompute in the middle of a long run earns back only its own cell's loss, not the
+staleness it takes off every later reuse of that layer. On the embedded model (held-out seeds) the
+uncapped knapsack's front has rel. L1 0.127 at FLOPs 0.557, where a layer reuses one output for 19
+steps; with every run capped at 10 steps it has 0.093 at 0.577 and 0.092 at 0.568
+(``benchmarks/results/search-vs-greedy-proxy46-gains7-s5{,-run10}-fullgrid.txt``). So proposals may
+cap a layer's reuse runs (``max_run``): the knapsack then also tracks the length of each layer's
+current run, and any computing cell, even a cheap ``asc`` one, ends it. The cap costs the fastest
+plans, which need the longest runs: at 10 steps the fastest proposal has FLOPs 0.539, not 0.526.
 """
 
 from __future__ import annotations
@@ -238,7 +248,7 @@ def _usable_methods(space: PlanSpace, proxy: Proxy) -> list[str]:
 
 
 def propose(space: PlanSpace, proxy: Proxy, flops: Mapping[tuple[int, int, str], float], count: int,
-            spread: str = "knapsack") -> list[Plan]:
+            spread: str = "knapsack", max_run: int | None = None) -> list[Plan]:
     """Up to ``count`` plans of the space (every cell of a layer group × step segment one method; no
     SparseDiT or cache part), from the most faithful (dense) to the fastest, most faithful first.
     ``spread``: ``knapsack`` — for ``count`` evenly spaced predicted FLOPs, the plan of least summed
@@ -246,9 +256,13 @@ def propose(space: PlanSpace, proxy: Proxy, flops: Mapping[tuple[int, int, str],
     ``flops`` — the Lagrangian optima (the knapsack's convex hull) nearest to those FLOPs; ``hull`` —
     Lagrangian optima evenly spaced in their list ordered by predicted loss (bunched where the hull has
     many near-dense optima). A front's hypervolume is an integral over cost: gaps in cost are what it
-    loses, and the hull leaves gaps the knapsack fills. Deterministic."""
+    loses, and the hull leaves gaps the knapsack fills. ``max_run`` (knapsack only): no layer reuses its
+    attention output (``ast``) for more than that many steps in a row (from dense to the fastest plan
+    that keeps to it). Deterministic."""
     if spread not in PROPOSAL_SPREADS:
         raise ValueError(f"unknown proposal spread {spread!r}; use one of {list(PROPOSAL_SPREADS)}")
+    if max_run is not None and spread != "knapsack":
+        raise ValueError(f"a reuse run limit needs spread 'knapsack', not {spread!r}")
     methods = _usable_methods(space, proxy)
     losses = proxy.weighted
     cells = [(layers, steps) for layers in space.layer_groups for steps in space.step_segments]
@@ -263,7 +277,12 @@ def propose(space: PlanSpace, proxy: Proxy, flops: Mapping[tuple[int, int, str],
             cost[i, j] = sum(flops[s, l, method] for s, l in members)
             loss[i, j] = sum(losses[s, l, method] for s, l in members)
     if spread == "knapsack":
-        picks = _knapsack(cost, loss, count)
+        runs = None  # a limit as long as the sampling run limits nothing
+        if max_run is not None and "ast" in methods and max_run < space.target.num_steps - 1:
+            # cells are layer-major: a layer's step segments in order
+            runs = RunCap(max_run, methods.index("ast"), [s1 - s0 for _, (s0, s1) in cells],
+                          [i % len(space.step_segments) == 0 for i in range(len(cells))])
+        picks = _knapsack(cost, loss, count, runs=runs)
     else:
         optima = sorted(_lagrangian_optima(cost, loss), key=lambda p: _predicted(cost, loss, p))  # costs descend
         if spread == "hull":
@@ -286,27 +305,88 @@ def _lagrangian_optima(cost: np.ndarray, loss: np.ndarray) -> list[tuple[int, ..
     return list({tuple(int(j) for j in np.argmin(cost + lam * loss, axis=1)) for lam in LAMBDA_SWEEP * scale})
 
 
-def _knapsack(cost: np.ndarray, loss: np.ndarray, count: int, steps: int = 4000) -> list[tuple[int, ...]]:
+@dataclass(frozen=True)
+class RunCap:
+    """At most ``limit`` steps in a row of reuse (column ``method`` of the knapsack) in one layer: cell i
+    spans ``length[i]`` steps and ``first[i]`` says it starts a layer's run of cells."""
+
+    limit: int
+    method: int
+    length: Sequence[int]
+    first: Sequence[bool]
+
+
+def _knapsack(cost: np.ndarray, loss: np.ndarray, count: int, steps: int = 4000,
+              runs: RunCap | None = None) -> list[tuple[int, ...]]:
     """For ``count`` evenly spaced savings targets from none to the most, the least summed loss with
     savings ≥ the target, by dynamic programming over the cells (−cost on a grid of ``steps`` units; a
-    choice that costs more than dense saves nothing): the distinct plans (fewer where targets share one)."""
+    choice that costs more than dense saves nothing): the distinct plans (fewer where targets share one).
+    ``runs``: only plans whose reuse runs keep to its limit."""
     savings = np.where(cost < 0, -cost, 0.0)
     quantum = max(float(savings.max(axis=1).sum()), 1e-12) / steps
     units = np.rint(savings / quantum).astype(int)
-    best = np.full(steps + 1, np.inf)
-    best[0] = 0.0  # best[k]: least loss of the cells so far with savings ≥ k units
-    chosen = np.zeros((len(cost), steps + 1), dtype=np.int64)
-    reach = np.arange(steps + 1)
-    for i in range(len(cost)):
-        totals = np.stack([best[np.maximum(reach - units[i, j], 0)] + loss[i, j] for j in range(cost.shape[1])])
-        chosen[i] = np.argmin(totals, axis=0)
-        best = totals[chosen[i], reach]
-    k = np.rint(np.linspace(0, reach[np.isfinite(best)].max(), count)).astype(int)
-    picks = np.zeros((count, len(cost)), dtype=np.int64)
-    for i in reversed(range(len(cost))):  # walk every target back through the cells at once
-        picks[:, i] = chosen[i, k]
-        k = np.maximum(k - units[i, picks[:, i]], 0)
+    table = _knapsack_table(units, loss, steps, runs)
+    picks = table.walk_back(units, np.rint(np.linspace(0, table.reach, count)).astype(int))
     return [tuple(int(j) for j in row) for row in np.unique(picks, axis=0)]
+
+
+@dataclass(frozen=True)
+class _Table:
+    """The knapsack's dynamic program over the cells: ``best[r, k]`` the least loss of all cells with
+    savings ≥ k units ending in a reuse run of r steps; ``method[i, r, k]`` / ``came[i, r, k]`` the choice
+    at cell i that reached (r, k) and the run length before it."""
+
+    best: np.ndarray
+    method: np.ndarray
+    came: np.ndarray
+
+    @property
+    def reach(self) -> int:
+        """The most savings (units) any plan within the table's limit has."""
+        return int(np.flatnonzero(np.isfinite(self.best.min(axis=0))).max())
+
+    def walk_back(self, units: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """The least-loss plan (a method per cell) for every savings target, all targets at once."""
+        k, picks = targets.copy(), np.zeros((len(targets), len(units)), dtype=np.int64)
+        r = self.best[:, k].argmin(axis=0)
+        for i in reversed(range(len(units))):
+            picks[:, i] = self.method[i, r, k]
+            r = self.came[i, r, k]
+            k = np.maximum(k - units[i, picks[:, i]], 0)
+        return picks
+
+
+def _knapsack_table(units: np.ndarray, loss: np.ndarray, steps: int, runs: RunCap | None) -> _Table:
+    """The dynamic program over the cells in order: each takes every method from every state it can
+    (a computing method from the best state over all run lengths; reuse from a run it can lengthen)."""
+    cap = runs.limit if runs is not None else 0
+    best = np.full((cap + 1, steps + 1), np.inf)
+    best[0, 0] = 0.0
+    method = np.zeros((len(units), cap + 1, steps + 1), dtype=np.int16)
+    came = np.zeros((len(units), cap + 1, steps + 1), dtype=np.int16)
+    reach = np.arange(steps + 1)
+    for i in range(len(units)):
+        new = np.full_like(best, np.inf)
+        lowest, lowest_run = best.min(axis=0), best.argmin(axis=0)
+        for j in range(units.shape[1]):
+            shift = np.maximum(reach - units[i, j], 0)
+            if runs is None or j != runs.method:  # computes: the run ends
+                rows, moved, before = slice(0, 1), (lowest[shift] + loss[i, j])[None], lowest_run[shift][None]
+            elif runs.length[i] > cap:
+                continue
+            elif runs.first[i]:  # reuse opening a layer: a run of this cell's length
+                rows = slice(runs.length[i], runs.length[i] + 1)
+                moved, before = (lowest[shift] + loss[i, j])[None], lowest_run[shift][None]
+            else:  # reuse: the run grows by this cell's length
+                rows = slice(runs.length[i], cap + 1)
+                moved = best[: cap + 1 - runs.length[i]][:, shift] + loss[i, j]
+                before = np.broadcast_to(np.arange(cap + 1 - runs.length[i])[:, None], moved.shape)
+            better = moved < new[rows]
+            new[rows] = np.where(better, moved, new[rows])
+            method[i, rows] = np.where(better, j, method[i, rows])
+            came[i, rows] = np.where(better, before, came[i, rows])
+        best = new
+    return _Table(best, method, came)
 
 
 def _nearest(costs: np.ndarray, count: int) -> set[int]:
