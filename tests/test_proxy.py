@@ -249,7 +249,8 @@ def test_greedy_plans_and_proposals_enter_the_study_with_parameters_the_sampler_
         local_ray, tmp_path):
     from ditplan.spec import ProposalSpec
 
-    spec = _spec(tmp_path, proposals=ProposalSpec(count=2))
+    assert ProposalSpec().max_reuse_run == 10 and ProposalSpec(spread="flops").max_reuse_run is None
+    spec = _spec(tmp_path, proposals=ProposalSpec(count=2, max_reuse_run=1))
     adapter = worker_adapter(spec)
     space = experiment_space(adapter, spec)
     found = greedy_search(adapter, spec.sampler.settings(), *_batch(spec), 5.0).plan
@@ -275,7 +276,8 @@ def test_greedy_plans_and_proposals_enter_the_study_with_parameters_the_sampler_
         assert by_name["D2"].params == projected and by_name["D2"].user_attrs["projected"]
         assert load_plan(run / "trials" / f"trial-{by_name['D2'].number:04d}.yaml").params == {"wars": {"window_size": 3}}
         proxy = Proxy.from_json((run / PROXY_FILE).read_text())
-        proposed = propose(space, proxy, cell_flops(adapter, spec.sampler.settings(), proxy), 2)
+        proposed = propose(space, proxy, cell_flops(adapter, spec.sampler.settings(), proxy), 2, max_run=1)
+        assert max(_longest_reuse_run(p) for p in proposed) == 1  # the experiment's limit reached the knapsack
         assert [by_name[f"proposal-{i}"].params for i in range(2)] == [space.params_for(p) for p in proposed]
         # every complete trial carries every cell: multivariate TPE's joint space is the whole grid
         assert set(optuna.search_space.intersection_search_space(done)) == {p for p in params if "/" in p}
@@ -284,7 +286,7 @@ def test_greedy_plans_and_proposals_enter_the_study_with_parameters_the_sampler_
             run_search(spec, run, trials=4, workers=1, resume=True, warm_start=warm, show_progress=False)
     names = [t.user_attrs.get("name") for t in done]
     assert names.count("D1") == names.count("D2") == names.count("proposal-0") == 1  # a resume adds none twice
-    other = spec.search.model_copy(update={"proposals": ProposalSpec(count=2, gain_probes=1)})
+    other = spec.search.model_copy(update={"proposals": ProposalSpec(count=2, gain_probes=1, max_reuse_run=1)})
     with pytest.raises(UserError, match=r"proxy.json was measured with other settings than this search's \(gain_probes 7 there, 1 now\); delete"):
         run_search(spec.model_copy(update={"search": other}), run, trials=5, workers=1, resume=True, show_progress=False)
     assert len(_study(spec, run).get_trials(states=(TrialState.COMPLETE,))) == 2 + 4
