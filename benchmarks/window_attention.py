@@ -63,26 +63,43 @@ def timed_ratios(runs: dict[str, Callable[[], object]], device: torch.device, re
     return interleaved_times(runs, device, repeats)
 
 
-def core_table(device: torch.device, dtype: torch.dtype, repeats: int, batch: int, heads: int, head_dim: int) -> None:
+def core_table(device: torch.device, dtype: torch.dtype, repeats: int, batch: int, heads: int, head_dim: int,
+               calls: int = 1) -> None:
     print(f"\nwindow attention core vs dense: batch {batch}, {heads} heads × {head_dim}, {device}, {dtype}, "
-          f"{repeats} interleaved rounds, torch threads {torch.get_num_threads()}")
+          f"{repeats} interleaved rounds of {calls} call(s) per config, torch threads {torch.get_num_threads()}")
     print("| tokens | window | layout | implementation | FLOPs ratio | latency ratio, median (min–max) | latency / FLOPs |")
     print("|---|---|---|---|---|---|---|")
     band = "flex" if device.type == "cuda" else "banded"
-    # (shape, window = N / divisor, implementation)
-    variants = [("band", 8, band), ("blocks", 8, "strided"), ("blocks", 8, "gather"), ("tiles", 8, "gather"),
-                ("band", 16, band), ("blocks", 16, "strided"), ("band", 4, band), ("blocks", 4, "strided")]
+    # (shape, window = N / divisor, implementation, block: None derived, "wide" :func:`wide_block`,
+    # "diagonal" 2w: no halo, the largest query blocks a ±w run allows — what the kernel's query split allows)
+    variants = [("band", 8, band, None), ("blocks", 8, "strided", None), ("blocks", 8, "strided", "wide"),
+                ("blocks", 8, "strided", "diagonal"),
+                ("blocks", 8, "gather", None), ("tiles", 8, "gather", None), ("band", 16, band, None),
+                ("blocks", 16, "strided", None), ("blocks", 16, "strided", "wide"), ("band", 4, band, None),
+                ("blocks", 4, "strided", None), ("blocks", 4, "strided", "wide")]
     for tokens in TOKENS:
         q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype) for _ in range(3))
-        layouts = {f"{s}/{d}/{impl}": (window_layout(s, tokens, tokens // d), impl) for s, d, impl in variants}
-        runs = {"dense": lambda: dense_attention(q, k, v)}
-        runs |= {name: (lambda l=l, i=i: window_attention(q, k, v, l, i)) for name, (l, i) in layouts.items()}
+        layouts = {}  # one row per distinct (layout, implementation)
+        for shape, divisor, impl, block in variants:
+            window = tokens // divisor
+            size = {None: None, "wide": wide_block(window), "diagonal": 2 * window}[block]
+            layout = window_layout(shape, tokens, window, size)
+            layouts[f"{describe(layout)}/{impl}"] = (layout, impl)
+        runs = {"dense": lambda: [dense_attention(q, k, v) for _ in range(calls)]}
+        runs |= {name: (lambda l=l, i=i: [window_attention(q, k, v, l, i) for _ in range(calls)])
+                 for name, (l, i) in layouts.items()}
         times = timed_ratios(runs, device, repeats)
         for name, (layout, impl) in layouts.items():
             flops = layout.pairs() / tokens**2
             cells, median = ratio_cells(times, name)
             print(f"| {tokens} | ±{layout.window} | {describe(layout)} | {impl} | {flops:.3f} | {cells} | "
                   f"{median / flops:.2f} |", flush=True)
+
+
+def wide_block(window: int) -> int:
+    """Blocks of three quarters of a ±``window`` run (a multiple of 16; the halo an eighth of it each side),
+    which need not divide N: larger query blocks than the default's half, for the fused kernels."""
+    return max(1, (3 * (2 * window + 1) // 4) // 16 * 16)
 
 
 def describe(layout) -> str:
@@ -169,13 +186,18 @@ def quality_table() -> None:
     dense = plan_flops(adapter, None, settings, batch=len(labels))
     for window in (n // 16, n // 8, n // 4):
         # each shape at the same window size sees about 2w + 1 keys per query: (nearly) equal FLOPs
+        seen = set()
         for params in ({"window_shape": "band"}, {"window_shape": "blocks"}, {"window_shape": "tiles"},
-                       {"window_shape": "blocks", "block_size": window_layout("blocks", n, window).block // 2}):
+                       {"window_shape": "blocks", "block_size": window_layout("blocks", n, window).block // 2},
+                       {"window_shape": "blocks", "block_size": wide_block(window)}):
             params = {"window_size": window, **params}
+            name = describe(window_layout(params["window_shape"], n, window, params.get("block_size")))
+            if name in seen:
+                continue
+            seen.add(name)
             plan = Plan(target, grid, params={"wars": params})
             samples = sample_with_plan(adapter, plan, labels, seeds, settings)[0]
             flops = plan_flops(adapter, plan, settings, batch=len(labels))
-            name = describe(window_layout(params["window_shape"], n, window, params.get("block_size")))
             print(f"| ±{window} | {name} | {flops.attention / dense.attention:.1%} | {flops.total / dense.total:.1%} | "
                   f"{relative_l1(samples, dense_samples):.4f} | {psnr(samples, dense_samples):.1f} |", flush=True)
 
@@ -219,6 +241,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calls", type=int, default=10,
+                        help="attention core: calls per config per round (one call at 256 tokens takes ~1 ms)")
     parser.add_argument("--parts", default="core,transformer", help="comma-separated: core, transformer, quality")
     parser.add_argument("--dit-xl", action="store_true", help="also the DiT-XL-sized module table")
     args = parser.parse_args()
@@ -226,7 +250,7 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     parts = set(args.parts.split(","))
     if "core" in parts:
-        core_table(device, dtype, args.repeats, batch=2, heads=4, head_dim=32)
+        core_table(device, dtype, args.repeats, batch=2, heads=4, head_dim=32, calls=args.calls)
     if "transformer" in parts:
         transformer_table(device, dtype, max(5, args.repeats // 2))
     if "quality" in parts:

@@ -54,6 +54,9 @@ CASES = [  # shape, tokens, window, block (None: derived); halos of 0, < 1 block
     ("blocks", 48, 3, 16), ("blocks", 64, 6, 8), ("tiles", 64, 6, None), ("tiles", 256, 32, None),
     ("tiles", 256, 60, 2), ("tiles", 144, 30, 3), ("tiles", 64, 12, 4),
 ]
+# 1-D blocks whose size does not divide N (a shorter last block): strided only
+RAGGED = [("blocks", 64, 10, 6), ("blocks", 64, 20, 24), ("blocks", 100, 8, 12), ("blocks", 1024, 128, 192),
+          ("blocks", 60, 20, 50), ("blocks", 64, 10, 3)]
 
 
 @pytest.mark.parametrize("shape, tokens, window, block", CASES)
@@ -66,6 +69,22 @@ def test_each_block_attends_over_exactly_the_keys_the_cost_model_counts(shape, t
     q, k, v = (torch.randn(2, 3, tokens, 8) for _ in range(3))
     reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(window_attention(q, k, v, layout, implementation), reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, tokens, window, block", RAGGED)
+def test_blocks_that_do_not_divide_the_tokens_attend_over_exactly_their_keys(shape, tokens, window, block):
+    layout = window_layout(shape, tokens, window, block)
+    mask = reference_mask(shape, tokens, layout.block, layout.halo)
+    assert torch.equal(layout.key_mask(), mask)
+    assert layout.pairs() == int(mask.sum()) < tokens * tokens
+    q, k, v = (torch.randn(2, 3, tokens, 8) for _ in range(3))
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(window_attention(q, k, v, layout), reference, rtol=1e-5, atol=1e-6)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        window_attention(q, k, v, layout)
+    assert counter.get_total_flops() == 2 * 3 * 2 * 2 * layout.pairs() * 8
+    with pytest.raises(ValueError, match=f"block size dividing the token count, not {block} of {tokens}"):
+        window_attention(q, k, v, layout, "gather")
 
 
 def test_the_band_matches_its_masked_reference_and_count():
@@ -203,9 +222,9 @@ def test_a_search_draws_one_window_for_wars_and_wars_asc():
 
 @pytest.mark.parametrize("params, message", [
     ({"window_shape": "disc"}, "unknown window shape 'disc'; use one of"),
-    ({"window_shape": "blocks", "block_size": 6}, "blocks block_size 6 does not divide the token count 16"),
+    ({"window_shape": "blocks", "block_size": 17}, "blocks block_size 17 is not between 1 and the token count 16"),
     ({"window_shape": "tiles", "block_size": 3}, "tiles block_size 3 does not divide the grid side 4"),
-    ({"window_shape": "blocks", "block_size": 0}, "blocks block_size 0 does not divide the token count 16"),
+    ({"window_shape": "blocks", "block_size": 0}, "blocks block_size 0 is not between 1 and the token count 16"),
     ({"window_shape": "band", "block_size": 4}, "block_size 4 needs window_shape 'blocks' or 'tiles'"),
 ])
 def test_bad_window_parameters_are_refused_by_name(tiny_adapter, tiny_spec, params, message):

@@ -175,12 +175,20 @@ class WindowLayout:
             return -(-self.tokens // block) * block * (block + 2 * self.window)
         return self.tokens * (self.span if self.shape == "blocks" else self.span * self.span)
 
+    def starts(self) -> torch.Tensor:
+        """Blocks and tiles: the first key of each block's run along the axis (the runs shifted inwards at
+        the ends); 1-D blocks may leave a shorter last block when ``block`` does not divide N."""
+        count = -(-self.side // self.block)
+        return (torch.arange(count) * self.block - self.halo).clamp(0, self.side - self.span)
+
     def groups(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Blocks and tiles: (query index (G, Q), key index (G, S)) — group g's queries see exactly its keys."""
-        count = self.side // self.block
-        starts = (torch.arange(count) * self.block - self.halo).clamp(0, self.side - self.span)
-        keys = starts[:, None] + torch.arange(self.span)  # (count, span) key positions along the axis
-        queries = torch.arange(self.side).view(count, self.block)  # (count, block)
+        """Blocks and tiles of equal size: (query index (G, Q), key index (G, S)) — group g's queries see
+        exactly its keys. Raises ``ValueError`` for blocks whose size does not divide N."""
+        if self.side % self.block:
+            raise ValueError(f"gathered blocks need a block size dividing the token count, not {self.block} of "
+                             f"{self.side}; use implementation 'strided'")
+        keys = self.starts()[:, None] + torch.arange(self.span)  # (count, span) key positions along the axis
+        queries = torch.arange(self.side).view(-1, self.block)  # (count, block)
         if self.shape == "blocks":
             return queries, keys
 
@@ -194,9 +202,12 @@ class WindowLayout:
         """(N, N) bool: query i sees key j — the reference the kernels are tested against."""
         if self.covers_all():
             return torch.ones(self.tokens, self.tokens, dtype=torch.bool)
+        i = torch.arange(self.tokens)
         if self.shape == "band":
-            i = torch.arange(self.tokens)
             return (i[:, None] - i[None, :]).abs() <= self.window
+        if self.shape == "blocks":
+            first = self.starts()[i // self.block][:, None]
+            return (i[None, :] >= first) & (i[None, :] < first + self.span)
         queries, keys = self.groups()
         mask = torch.zeros(self.tokens, self.tokens, dtype=torch.bool)
         mask[queries[:, :, None], keys[:, None, :]] = True
@@ -206,8 +217,9 @@ class WindowLayout:
 def window_layout(shape: str, tokens: int, window: int, block: int | None = None) -> WindowLayout:
     """The layout of a ``shape`` window over ``tokens`` that sees about 2·``window`` + 1 keys per query.
 
-    blocks / tiles: ``block`` is the block size (tile side); by default the largest divisor of N (of √N)
-    that leaves a halo of at least half a block on each side — large blocks keep the fused kernels
+    blocks / tiles: ``block`` is the block size (tile side): for blocks any size up to N (a shorter last
+    block when it does not divide N), for tiles a divisor of √N; by default the largest divisor of N (of
+    √N) that leaves a halo of at least half a block on each side — large blocks keep the fused kernels
     efficient. The halo then fills the key count: a blocks run of 2w + 1 keys, a tile of ⌊√(2w + 1)⌋²
     keys. Raises ``ValueError`` naming a bad value.
     """
@@ -223,30 +235,35 @@ def window_layout(shape: str, tokens: int, window: int, block: int | None = None
     span = 2 * window + 1 if shape == "blocks" else math.isqrt(2 * window + 1)  # keys per query along an axis
     if block is None:
         block = max(d for d in range(1, side + 1) if side % d == 0 and 2 * d <= max(span, 2))
-    elif block < 1 or side % block:
-        unit = "the token count" if shape == "blocks" else "the grid side"
-        raise ValueError(f"{shape} block_size {block} does not divide {unit} {side}; use a divisor of {side}")
+    elif shape == "blocks" and not 1 <= block <= side:
+        raise ValueError(f"blocks block_size {block} is not between 1 and the token count {side}; use one that is")
+    elif shape == "tiles" and (block < 1 or side % block):
+        raise ValueError(f"tiles block_size {block} does not divide the grid side {side}; use a divisor of {side}")
     return WindowLayout(shape, tokens, window=window, block=block, halo=max(0, (span - block) // 2))
 
 
 def _strided_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
-    """1-D blocks through strided views of K/V (no copies of the key runs): the inner blocks in one SDPA
-    call, and the e = ⌈halo / block⌉ blocks at each end (which share the first/last run) in one call each."""
+    """1-D blocks through strided views of K/V (no copies of the key runs), in at most three SDPA calls:
+    the first blocks, whose runs are shifted to the start, as one query range over the first run; the
+    inner blocks (block i's run starts at i·b − halo) as one batch of blocks; the rest, whose runs are
+    shifted to the end (a shorter last block among them), as one query range over the last run."""
     batch, heads, tokens, head_dim = q.shape
-    b, span, count = layout.block, layout.span, tokens // layout.block
-    edge = -(-layout.halo // b)  # blocks at each end whose run is shifted inwards
+    b, span, halo = layout.block, layout.span, layout.halo
+    first = -(-halo // b)  # blocks before this one start their run at key 0
+    inner = max(0, (tokens - halo) // b - first)  # blocks i ≥ first with (i + 1)·b + halo ≤ N: unshifted runs
+    head, tail = first * b, (first + inner) * b  # query ranges [0, head) and [tail, N) share the end runs
     q, k, v = (t.reshape(batch * heads, tokens, head_dim) for t in (q, k, v))  # (BH, N, D)
-    first = edge * b - layout.halo  # start of inner block e's run; inner runs follow every b tokens
-    ks = k[:, first:].unfold(1, span, b)[:, : count - 2 * edge].transpose(-1, -2)  # (BH, count − 2e, span, D)
-    vs = v[:, first:].unfold(1, span, b)[:, : count - 2 * edge].transpose(-1, -2)
-    inner = q[:, edge * b : (count - edge) * b].reshape(batch * heads, count - 2 * edge, b, head_dim)
-    parts = [F.scaled_dot_product_attention(inner, ks, vs).flatten(1, 2)]  # (BH, (count − 2e)·b, D)
-    if edge:
-        ends = ((q[:, None, : edge * b], k[:, None, :span], v[:, None, :span]),
-                (q[:, None, (count - edge) * b :], k[:, None, tokens - span :], v[:, None, tokens - span :]))
-        head, tail = (F.scaled_dot_product_attention(*end).flatten(1, 2) for end in ends)  # (BH, e·b, D)
-        parts = [head, *parts, tail]
-    return torch.cat(parts, dim=1).view(batch, heads, tokens, head_dim)
+    parts = []
+    if head:
+        parts.append(F.scaled_dot_product_attention(q[:, None, :head], k[:, None, :span], v[:, None, :span]))
+    if inner:
+        ks = k[:, head - halo :].unfold(1, span, b)[:, :inner].transpose(-1, -2)  # (BH, inner, span, D)
+        vs = v[:, head - halo :].unfold(1, span, b)[:, :inner].transpose(-1, -2)
+        parts.append(F.scaled_dot_product_attention(q[:, head:tail].reshape(-1, inner, b, head_dim), ks, vs))
+    if tail < tokens:
+        end = slice(tokens - span, tokens)
+        parts.append(F.scaled_dot_product_attention(q[:, None, tail:], k[:, None, end], v[:, None, end]))
+    return torch.cat([part.flatten(1, 2) for part in parts], dim=1).view(batch, heads, tokens, head_dim)
 
 
 @lru_cache(maxsize=32)

@@ -46,9 +46,10 @@ class WindowConfig:
     with square tiles of the token grid (needs a square grid); ``band`` — the exact sliding band, which
     needs a mask: 1.7–2.4× slower than blocks of the same size on CPU at 1,024–4,096 tokens.
 
-    block_size: block size (tile side) for ``blocks`` / ``tiles``, a divisor of N (of √N for tiles);
-    None picks the largest that leaves a halo of half a block each side. Larger blocks run more
-    efficiently; smaller ones give each query a more centred window."""
+    block_size: block size (tile side) for ``blocks`` / ``tiles``: for blocks any size up to N (the last
+    block shorter when it does not divide N), for tiles a divisor of √N; None picks the largest divisor
+    that leaves a halo of half a block each side. Larger blocks run more efficiently; smaller ones give
+    each query a more centred window."""
 
     window_size: int | None = None
     window_shape: str = "blocks"
