@@ -45,9 +45,9 @@ from ditplan.evaluators.reference import dense_reference
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, load_plan
 from ditplan.search.driver import run_search
-from ditplan.search.greedy import DEFAULT_THRESHOLDS, greedy_search, threshold_name
+from ditplan.search.greedy import CANDIDATES, DEFAULT_THRESHOLDS, greedy_search, threshold_name
 from ditplan.search.pareto import hypervolume
-from ditplan.search.proxy import PROXY_FILE, experiment_proxy
+from ditplan.search.proxy import PROXY_FILE, experiment_proxy, proxy_candidates
 from ditplan.search.trial_eval import plan_metrics, worker_adapter
 from ditplan.spec import PROPOSAL_SPREADS, ProposalSpec, load_spec
 
@@ -175,11 +175,13 @@ def main() -> None:
     if spec.search.proposals is not None:
         k = len(spec.proxy_batch().seeds)
         probes = spec.search.proposals.gain_probes
-        proxy_path = Path(args.greedy_dir) / f"proxy-{k}-gains-{probes}.json"  # calibration seeds, like greedy's: measured once
+        extra = proxy_candidates(spec.search.space.methods)[len(CANDIDATES):]  # block caching, when the space has it
+        # calibration seeds, like greedy's: measured once
+        proxy_path = Path(args.greedy_dir) / f"proxy-{k}-gains-{probes}{''.join('-' + m for m in extra)}.json"
         proxy, _ = experiment_proxy(adapter, spec, proxy_path)
         proxy_cost = proxy.sample_forwards
-        print(f"proxy: {proxy_cost:,} sample-forwards on {k} calibration samples, gains at {probes} steps "
-              f"({proxy.seconds:.0f} s)")
+        print(f"proxy: {proxy_cost:,} sample-forwards on {k} calibration samples, gains at {probes} steps, "
+              f"candidates {', '.join(CANDIDATES + extra)} ({proxy.seconds:.0f} s)")
     warm_cost = budget if args.warm_start else 0  # greedy's calibration + its six plans evaluated in the study
     trials = (budget - proxy_cost - warm_cost) // per_eval
     if trials < 1:

@@ -14,8 +14,18 @@ from ditplan.search.driver import run_search, study_storage
 from ditplan.search.greedy import CANDIDATES, greedy_search
 from ditplan.evaluators.fidelity import relative_l1
 from ditplan.errors import UserError
-from ditplan.search.proxy import PROXY_FILE, Proxy, cached_proxy, cell_flops, measure_gains, measure_proxy, probe_steps, propose
-from ditplan.strategies.apply import run_plan
+from ditplan.search.proxy import (
+    PROXY_FILE,
+    Proxy,
+    cached_proxy,
+    cell_flops,
+    measure_gains,
+    measure_proxy,
+    probe_steps,
+    propose,
+    proxy_candidates,
+)
+from ditplan.strategies.apply import run_plan, sample_with_plan
 from ditplan.search.space import build_space, experiment_space
 from ditplan.search.trial_eval import worker_adapter
 from ditplan.spec import load_spec
@@ -43,6 +53,35 @@ def test_the_proxy_is_the_losses_greedy_measures_for_the_same_cells(tiny_adapter
     first = {k: v for k, v in loose.losses.items() if k[:2] == (1, 0)}  # step 1, layer 0: still all-dense context
     assert first and all(proxy.losses[k] == v for k, v in first.items())
     assert Proxy.from_json(proxy.to_json()) == proxy
+
+
+def test_a_space_with_block_caching_adds_its_methods_to_the_cells_the_proxy_measures(tiny_adapter, tiny_spec,
+                                                                                     monkeypatch):
+    """Each reuse / forecast cell's loss is that cell alone against dense: the transformer output at its
+    step with only that layer skipped, on the dense trajectory, against the dense output there."""
+    settings = tiny_spec.sampler.settings()
+    candidates = proxy_candidates(["full", "ast", "wars", "asc", "wars+asc", "reuse", "forecast"])
+    assert candidates == (*CANDIDATES, "reuse", "forecast") and proxy_candidates(["full", "ast"]) == CANDIDATES
+    proxy = measure_proxy(tiny_adapter, settings, *_batch(tiny_spec), candidates=candidates)
+    steps, layers = settings.num_steps, tiny_adapter.num_layers
+    assert set(proxy.losses) == {(s, l, m) for s in range(1, steps) for l in range(layers) for m in candidates}
+    outputs = []
+    predict = tiny_adapter.predict
+    monkeypatch.setattr(tiny_adapter, "predict", lambda x, *a: outputs.append(predict(x, *a)) or outputs[-1])
+    target = plan_target(tiny_adapter, settings)
+
+    def output_at(step, cell=None):  # the transformer output at `step` of a plan dense but for `cell`
+        grid = [["full"] * layers for _ in range(steps)]
+        if cell is not None:
+            grid[step][cell[0]] = cell[1]
+        outputs.clear()
+        sample_with_plan(tiny_adapter, Plan(target, tuple(map(tuple, grid))), *_batch(tiny_spec), settings)
+        assert len(outputs) == steps
+        return outputs[step]
+
+    for step, layer, method in ((1, 0, "reuse"), (steps - 1, layers - 1, "forecast"), (2, 1, "reuse")):
+        expected = relative_l1(output_at(step), output_at(step, (layer, method)))
+        assert expected > 0 and proxy.losses[step, layer, method] == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
 def test_a_stored_proxy_is_reused_only_when_measured_with_the_same_settings(tmp_path):
@@ -160,27 +199,29 @@ def test_knapsack_proposals_are_the_whole_front_of_the_summed_proxy_the_lagrangi
 
 
 def _longest_reuse_run(plan):
-    """The most steps in a row any layer of ``plan`` reuses its attention output (``ast``)."""
+    """The most steps in a row any layer of ``plan`` reuses its attention or block output (ast, reuse, forecast)."""
     longest = 0
     for layer in range(plan.num_layers):
         run = 0
         for step in range(plan.num_steps):
-            run = run + 1 if plan.grid[step][layer] == "ast" else 0
+            run = run + 1 if plan.grid[step][layer] in ("ast", "reuse", "forecast") else 0
             longest = max(longest, run)
     return longest
 
 
-@pytest.mark.parametrize("limit", [1, 2, 3])
-def test_a_reuse_run_limit_gives_the_whole_front_of_the_plans_within_it(limit):
-    target = dataclasses.replace(TARGET, num_steps=5)  # steps 1–4 × 2 layers: 3⁸ plans
+@pytest.mark.parametrize("limit, methods", [(1, ("ast", "asc")), (2, ("ast", "asc")), (3, ("ast", "asc")),
+                                            (2, ("ast", "reuse", "asc"))])
+def test_a_reuse_run_limit_gives_the_whole_front_of_the_plans_within_it(limit, methods):
+    """With block reuse beside ast, a layer's run of either (mixed) is one run."""
+    target = dataclasses.replace(TARGET, num_steps=5)  # steps 1–4 × 2 layers: 3⁸ (4⁸) plans
     rng = np.random.default_rng(limit)
     cells = [(s, l) for s in range(1, 5) for l in range(2)]
-    proxy = Proxy({(s, l, m): float(rng.uniform(0.01, 0.2) * (2 if m == "ast" else 1)) for s, l in cells
-                   for m in ("ast", "asc")}, {}, 0, 0.0)
-    flops = {(s, l, m): float(-rng.uniform(1, 2) * (3 if m == "ast" else 1)) for s, l in cells for m in ("ast", "asc")}
-    space = build_space(target, ["full", "ast", "asc"], target.num_layers, target.num_steps)
+    proxy = Proxy({(s, l, m): float(rng.uniform(0.01, 0.2) * (1 if m == "asc" else 2)) for s, l in cells
+                   for m in methods}, {}, 0, 0.0)
+    flops = {(s, l, m): float(-rng.uniform(1, 2) * (1 if m == "asc" else 3)) for s, l in cells for m in methods}
+    space = build_space(target, ["full", *methods], target.num_layers, target.num_steps)
     within = set()  # brute force: every plan whose reuse runs are at most `limit` steps, by (Σ loss, Σ FLOPs)
-    for pick in itertools.product(["full", "ast", "asc"], repeat=8):
+    for pick in itertools.product(["full", *methods], repeat=8):
         plan = Plan(target, (("full", "full"), *(pick[i : i + 2] for i in range(0, 8, 2))))
         if _longest_reuse_run(plan) <= limit:
             within.add(_predicted(plan, proxy, flops))

@@ -25,6 +25,7 @@ from ditplan.models.sampling import SamplerSettings, combine_guidance, plan_targ
 from ditplan.plan import Plan, library_versions
 from ditplan.progress import Bar
 from ditplan.strategies.apply import CachePlanner, apply_plan, build_strategies, remove_plan
+from ditplan.strategies.base import BlockStrategy
 
 CANDIDATES: tuple[str, ...] = ("ast", "wars+asc", "wars", "asc")
 CFG_SHARING = frozenset({"wars+asc", "asc"})
@@ -55,18 +56,21 @@ def greedy_search(
     threshold: float,
     window_size: int | None = None,
     bar: Bar | None = None,
+    candidates: Sequence[str] = CANDIDATES,
 ) -> GreedyResult:
     """One greedy run at threshold δ on the calibration batch ``(conditions, seeds)``, run through the
     transformer in micro-batches of at most ``settings.batch_size`` samples (the plan does not depend on
-    the size: each decision's loss is taken over the whole batch)."""
+    the size: each decision's loss is taken over the whole batch). ``candidates``: the methods tried per
+    layer, in that order (DiTFastAttn's by default; the proxy adds block caching)."""
     target = plan_target(adapter, settings)
     window = {"window_size": window_size} if window_size is not None else {}
-    candidates = tuple(c for c in CANDIDATES if settings.cfg or c not in CFG_SHARING)
+    candidates = tuple(c for c in candidates if settings.cfg or c not in CFG_SHARING)
     grid = [["full"] * adapter.num_layers for _ in range(settings.num_steps)]
     params = {"wars": dict(window), "wars+asc": dict(window)}
     start_plan = Plan(target, tuple(map(tuple, grid)), params=params)
-    runtime = apply_plan(adapter.transformer, start_plan, target)
     strategies = build_strategies(start_plan, extra=candidates)
+    block_level = any(isinstance(s, BlockStrategy) for s in strategies.values())
+    runtime = apply_plan(adapter.transformer, start_plan, target, block_layers=range(adapter.num_layers) if block_level else ())
     forwards = [0, 0]  # transformer forwards of the whole batch (micro-batches together), rows through them
     losses: dict[tuple[int, int, str], float] = {}
 

@@ -21,9 +21,12 @@ analytic FLOPs with that one cell changed, minus dense's (so a dense step's extr
 WA-RS residual is charged to the cell that reads it); runs of consecutive reuse cells share that
 pass, so the sum slightly overstates their cost. Each plan is then judged for real as a trial.
 
-What the additive proxy cannot see is staleness: it prices a reuse (``ast``) cell against the step
-before it, so a recompute in the middle of a long run earns back only its own cell's loss, not the
-staleness it takes off every later reuse of that layer. On the embedded model (held-out seeds) the
+A space with block caching (``reuse``, ``forecast``) adds those methods to the candidates the loop
+measures (:func:`proxy_candidates`), so proposals can skip whole blocks.
+
+What the additive proxy cannot see is staleness: it prices a reuse (``ast``, ``reuse``,
+``forecast``) cell against the step before it, so a recompute in the middle of a long run earns back
+only its own cell's loss, not the staleness it takes off every later reuse of that layer. On the embedded model (held-out seeds) the
 uncapped knapsack's front has rel. L1 0.127 at FLOPs 0.557, where a layer reuses one output for 19
 steps; with every run capped at 10 steps it has 0.093 at 0.577 and 0.092 at 0.568
 (``benchmarks/results/search-vs-greedy-proxy46-gains7-s5{,-run10}-fullgrid.txt``). So proposals may
@@ -52,13 +55,15 @@ from ditplan.evaluators.fidelity import relative_l1
 from ditplan.models.adapters import ModelAdapter
 from ditplan.models.sampling import SamplerSettings, Snapshot, plan_target, sample_batch
 from ditplan.plan import Plan
-from ditplan.search.greedy import greedy_search
+from ditplan.search.greedy import CANDIDATES, greedy_search
 from ditplan.search.space import PlanSpace
 from ditplan.spec import PROPOSAL_SPREADS, ExperimentSpec
 from ditplan.strategies.apply import apply_plan, remove_plan
-from ditplan.strategies.base import get_strategy_class
+from ditplan.strategies.base import BlockStrategy, get_strategy_class
 
 WINDOWED = ("wars", "wars+asc")  # the candidates whose window the proxy measured them with
+# methods that compute nothing new at their step: a layer's run of them grows stale (``max_run``)
+REUSING = frozenset({"ast", "reuse", "forecast"})
 PROXY_FILE = "proxy.json"  # in a search's run directory: the proxy it measured (and what that cost)
 LAMBDA_SWEEP = np.geomspace(1e-4, 1e6, 401)  # × (dense FLOPs of one cell): from "fastest" to "dense"
 
@@ -100,26 +105,39 @@ class Proxy:
 
 
 def measure_proxy(adapter: ModelAdapter, settings: SamplerSettings, conditions: Sequence[Any], seeds: Sequence[int],
-                  window_size: int | None = None, gain_probes: int = 0) -> Proxy:
-    """The proxy on the calibration batch ``(conditions, seeds)``: greedy's run at δ = 0, its losses,
-    and with ``gain_probes`` their gains (:func:`measure_gains`)."""
-    result = greedy_search(adapter, settings, conditions, seeds, 0.0, window_size)
+                  window_size: int | None = None, gain_probes: int = 0,
+                  candidates: Sequence[str] = CANDIDATES) -> Proxy:
+    """The proxy on the calibration batch ``(conditions, seeds)``: greedy's run at δ = 0 over
+    ``candidates`` (greedy's own by default), its losses, and with ``gain_probes`` their gains
+    (:func:`measure_gains`)."""
+    result = greedy_search(adapter, settings, conditions, seeds, 0.0, window_size, candidates=candidates)
     window = {"window_size": window_size} if window_size is not None else {}
     proxy = Proxy(dict(result.losses), {m: dict(window) for m in WINDOWED}, result.sample_forwards, result.seconds)
     return measure_gains(adapter, settings, conditions, seeds, proxy, gain_probes) if gain_probes else proxy
 
 
+def proxy_candidates(methods: Sequence[str]) -> tuple[str, ...]:
+    """What the proxy measures for a space of ``methods``: greedy's candidates, then the space's block
+    caching methods (``reuse``, ``forecast``: a whole block skipped, which greedy never tries)."""
+    return CANDIDATES + tuple(m for m in methods if m not in CANDIDATES and m != "full"
+                              and issubclass(get_strategy_class(m), BlockStrategy))
+
+
 def experiment_proxy(adapter: ModelAdapter, spec: ExperimentSpec, path: Path) -> tuple[Proxy, bool]:
-    """The proxy ``spec.search.proposals`` asks for, on the first K samples of the calibration batch,
-    kept at ``path`` (:func:`cached_proxy`, keyed by the model, sampler, batch, window and gain probes)."""
+    """The proxy ``spec.search.proposals`` asks for, on the first K samples of the calibration batch, over
+    :func:`proxy_candidates` of the space, kept at ``path`` (:func:`cached_proxy`, keyed by the model,
+    sampler, batch, window, gain probes and — when the space adds block caching — the candidates)."""
     proposals = spec.search.proposals
     settings = spec.sampler.settings()
     _, conditions, seeds = spec.proxy_batch()
     window = spec.greedy.window_size
+    candidates = proxy_candidates(spec.search.space.methods)
     measured_with = {"target": asdict(plan_target(adapter, settings)), "conditions": conditions,
                      "seeds": seeds, "window_size": window, "gain_probes": proposals.gain_probes}
+    if candidates != CANDIDATES:  # proxies of greedy's candidates alone stay keyed as before
+        measured_with["candidates"] = list(candidates)
     return cached_proxy(path, lambda: measure_proxy(adapter, settings, conditions, seeds, window,
-                                                    proposals.gain_probes), measured_with)
+                                                    proposals.gain_probes, candidates), measured_with)
 
 
 def probe_steps(num_steps: int, probes: int) -> list[int]:
@@ -257,8 +275,8 @@ def propose(space: PlanSpace, proxy: Proxy, flops: Mapping[tuple[int, int, str],
     Lagrangian optima evenly spaced in their list ordered by predicted loss (bunched where the hull has
     many near-dense optima). A front's hypervolume is an integral over cost: gaps in cost are what it
     loses, and the hull leaves gaps the knapsack fills. ``max_run`` (knapsack only): no layer reuses its
-    attention output (``ast``) for more than that many steps in a row (from dense to the fastest plan
-    that keeps to it). Deterministic."""
+    attention or block output (:data:`REUSING`) for more than that many steps in a row (from dense to
+    the fastest plan that keeps to it). Deterministic."""
     if spread not in PROPOSAL_SPREADS:
         raise ValueError(f"unknown proposal spread {spread!r}; use one of {list(PROPOSAL_SPREADS)}")
     if max_run is not None and spread != "knapsack":
@@ -278,9 +296,10 @@ def propose(space: PlanSpace, proxy: Proxy, flops: Mapping[tuple[int, int, str],
             loss[i, j] = sum(losses[s, l, method] for s, l in members)
     if spread == "knapsack":
         runs = None  # a limit as long as the sampling run limits nothing
-        if max_run is not None and "ast" in methods and max_run < space.target.num_steps - 1:
+        reusing = frozenset(j for j, m in enumerate(methods) if m in REUSING)
+        if max_run is not None and reusing and max_run < space.target.num_steps - 1:
             # cells are layer-major: a layer's step segments in order
-            runs = RunCap(max_run, methods.index("ast"), [s1 - s0 for _, (s0, s1) in cells],
+            runs = RunCap(max_run, reusing, [s1 - s0 for _, (s0, s1) in cells],
                           [i % len(space.step_segments) == 0 for i in range(len(cells))])
         picks = _knapsack(cost, loss, count, runs=runs)
     else:
@@ -307,11 +326,11 @@ def _lagrangian_optima(cost: np.ndarray, loss: np.ndarray) -> list[tuple[int, ..
 
 @dataclass(frozen=True)
 class RunCap:
-    """At most ``limit`` steps in a row of reuse (column ``method`` of the knapsack) in one layer: cell i
+    """At most ``limit`` steps in a row of reuse (the knapsack's columns ``methods``) in one layer: cell i
     spans ``length[i]`` steps and ``first[i]`` says it starts a layer's run of cells."""
 
     limit: int
-    method: int
+    methods: frozenset[int]
     length: Sequence[int]
     first: Sequence[bool]
 
@@ -370,7 +389,7 @@ def _knapsack_table(units: np.ndarray, loss: np.ndarray, steps: int, runs: RunCa
         lowest, lowest_run = best.min(axis=0), best.argmin(axis=0)
         for j in range(units.shape[1]):
             shift = np.maximum(reach - units[i, j], 0)
-            if runs is None or j != runs.method:  # computes: the run ends
+            if runs is None or j not in runs.methods:  # computes: the run ends
                 rows, moved, before = slice(0, 1), (lowest[shift] + loss[i, j])[None], lowest_run[shift][None]
             elif runs.length[i] > cap:
                 continue

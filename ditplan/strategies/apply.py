@@ -11,7 +11,7 @@ The original processor objects are kept and put back by :func:`remove_plan`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -105,7 +105,11 @@ class CachePlanner:
         return self._block_history[step][layer]
 
     def _later_block_history(self) -> list[list[int]]:
-        """``block_history`` of every (step, layer): the largest history of a later block-level cell."""
+        """``block_history`` of every (step, layer): the largest history of a later block-level cell
+        (open-ended: of every known block strategy)."""
+        if self.open_ended:
+            most = max((s.history for s in self.strategies.values() if isinstance(s, BlockStrategy)), default=0)
+            return [[most] * self.plan.num_layers for _ in range(self.plan.num_steps)]
         table = [[0] * self.plan.num_layers for _ in range(self.plan.num_steps)]
         for step in range(self.plan.num_steps - 2, -1, -1):
             for layer in range(self.plan.num_layers):
@@ -169,6 +173,7 @@ class PlanRuntime:
         self.original_weights: dict[str, torch.Tensor] | None = None
         self.diffusers_cache: DiffusersCache | None = None  # one of diffusers' caches the plan carries
         self.executed: ExecutionCounter | None = None  # what ran, when that is decided at run time
+        self.block_layers: list[int] = []  # the blocks with a BlockCacheHook
 
     @property
     def plan(self) -> Plan:
@@ -346,12 +351,14 @@ def apply_plan(
     plan: Plan,
     target: PlanTarget | None = None,
     merges: torch.nn.ModuleList | None = None,
+    block_layers: Iterable[int] = (),
 ) -> PlanRuntime:
     """Install ``plan`` on ``transformer`` (a diffusers DiT/PixArt transformer).
 
     ``target`` (what the model and sampler are) is checked against the plan first; a plan with another
     layer count is always refused. ``merges``: the SDTM merge weights of a fine-tuned SparseDiT network
-    (identity merges when None). Example::
+    (identity merges when None). ``block_layers``: blocks to hook for block-level cells besides those the
+    plan's rows have (greedy calibration, whose later rows are not decided yet). Example::
 
         plan = load_plan("plan.yaml")
         apply_plan(adapter.transformer, plan, target)
@@ -382,7 +389,8 @@ def apply_plan(
         attn.set_processor(PlanAttnProcessor(runtime, index))
     if sparse is not None:
         sparse.install(transformer.transformer_blocks)
-    for layer in block_cached_layers(plan):
+    runtime.block_layers = sorted({*block_cached_layers(plan), *block_layers})
+    for layer in runtime.block_layers:
         HookRegistry.check_if_exists_or_initialize(transformer.transformer_blocks[layer]).register_hook(
             BlockCacheHook(runtime, layer), BLOCK_HOOK)
     if runtime.diffusers_cache is not None:
@@ -423,7 +431,7 @@ def remove_plan(transformer: torch.nn.Module) -> None:
         attn.set_processor(original)
     if runtime.sparse is not None:
         runtime.sparse.remove(transformer.transformer_blocks)
-    for layer in block_cached_layers(runtime.plan):
+    for layer in runtime.block_layers:
         remove_hook(transformer.transformer_blocks[layer], BLOCK_HOOK)
     if runtime.diffusers_cache is not None:
         runtime.diffusers_cache.remove(transformer)
