@@ -19,6 +19,7 @@ from ditplan.search.proxy import (
     Proxy,
     cached_proxy,
     cell_flops,
+    experiment_proxy,
     measure_gains,
     measure_proxy,
     probe_steps,
@@ -28,7 +29,7 @@ from ditplan.search.proxy import (
 from ditplan.strategies.apply import run_plan, sample_with_plan
 from ditplan.search.space import build_space, experiment_space
 from ditplan.search.trial_eval import worker_adapter
-from ditplan.spec import load_spec
+from ditplan.spec import ProposalSpec, load_spec
 from tests.conftest import DATA
 
 TARGET = PlanTarget("m", "base", num_layers=2, num_tokens=16, scheduler="ddim", num_steps=3, guidance_scale=4.0)
@@ -82,6 +83,24 @@ def test_a_space_with_block_caching_adds_its_methods_to_the_cells_the_proxy_meas
     for step, layer, method in ((1, 0, "reuse"), (steps - 1, layers - 1, "forecast"), (2, 1, "reuse")):
         expected = relative_l1(output_at(step), output_at(step, (layer, method)))
         assert expected > 0 and proxy.losses[step, layer, method] == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_an_experiments_proxy_is_keyed_by_its_block_caching_candidates(tmp_path):
+    spec = load_spec(DATA / "tiny-search.yaml")
+    proposals = ProposalSpec(count=2, gain_probes=1)
+    spec = spec.model_copy(update={"search": spec.search.model_copy(update={"proposals": proposals})})
+    adapter = worker_adapter(spec)
+    path = tmp_path / PROXY_FILE
+    plain, measured = experiment_proxy(adapter, spec, path)
+    assert measured and {m for _, _, m in plain.losses} == set(CANDIDATES)
+    space = spec.search.space.model_copy(update={"methods": [*spec.search.space.methods, "reuse"]})
+    cached = spec.model_copy(update={"search": spec.search.model_copy(update={"space": space})})
+    with pytest.raises(UserError, match=r"candidates None there, \['ast', 'wars\+asc', 'wars', 'asc', 'reuse'\] now"):
+        experiment_proxy(adapter, cached, path)  # a stored proxy of greedy's candidates is not the block space's
+    proxy, measured = experiment_proxy(adapter, cached, tmp_path / "block.json")
+    assert measured and {m for _, _, m in proxy.losses} == {*CANDIDATES, "reuse"}
+    assert {k: v for k, v in proxy.losses.items() if k[2] != "reuse"} == plain.losses
+    assert experiment_proxy(adapter, cached, tmp_path / "block.json") == (proxy, False)
 
 
 def test_a_stored_proxy_is_reused_only_when_measured_with_the_same_settings(tmp_path):
@@ -288,8 +307,6 @@ def _study(spec, run_dir):
 
 def test_greedy_plans_and_proposals_enter_the_study_with_parameters_the_sampler_sees_and_a_resume_keeps_them(
         local_ray, tmp_path):
-    from ditplan.spec import ProposalSpec
-
     assert ProposalSpec().max_reuse_run == 10 and ProposalSpec(spread="flops").max_reuse_run is None
     spec = _spec(tmp_path, proposals=ProposalSpec(count=2, max_reuse_run=1))
     adapter = worker_adapter(spec)
