@@ -323,9 +323,9 @@ class ProposalSpec(_Strict):
     ``calibration_samples``; fewer cost proportionally less). gain_probes: steps at which the proxy
     measures how much a cell's loss costs the final samples (:func:`ditplan.search.proxy.measure_gains`;
     each probe runs every strategy at that step, from there to the end); proposals then weigh the cells
-    by it. 0: summed raw losses. max_reuse_run: no layer of a proposal reuses its attention output
-    (``ast``) more than this many steps in a row before it computes it again (``knapsack`` only; null: no
-    limit). The proxy prices every reuse against the step before it, so it cannot see what a recompute in a
+    by it. 0: summed raw losses. max_reuse_run: no layer of a proposal reuses an earlier step's attention
+    or block output (``ast``, ``reuse``, ``forecast``) more than this many steps in a row before it computes
+    again (``knapsack`` only; null: no limit). The proxy prices every reuse against the step before it, so it cannot see what a recompute in a
     long run is worth; the default 10 was chosen on the embedded model's held-out seeds (README)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -58,9 +58,11 @@ def test_greedy_calibrates_on_the_calibration_seed_set_only(tmp_path, tiny_adapt
     assert not set(calibration["seeds"]) & others
 
 
-@pytest.mark.parametrize("experiment", ["tiny-dit.yaml", "tiny-pixart.yaml"])
-def test_calibration_runs_in_micro_batches_of_batch_size_and_chooses_the_same_plan(experiment, monkeypatch):
-    """5 calibration samples in micro-batches of 2 (2 + 2 + 1) give the plan and the losses of one batch of 5."""
+@pytest.mark.parametrize("experiment, candidates", [("tiny-dit.yaml", CANDIDATES), ("tiny-pixart.yaml", CANDIDATES),
+                                                     ("tiny-dit.yaml", ("reuse", "forecast", *CANDIDATES))])
+def test_calibration_runs_in_micro_batches_of_batch_size_and_chooses_the_same_plan(experiment, candidates, monkeypatch):
+    """5 calibration samples in micro-batches of 2 (2 + 2 + 1) give the plan and the losses of one batch of 5
+    (block caching too: each micro-batch keeps its own block residuals)."""
     import ditplan.search.greedy as greedy
 
     spec = load_spec(DATA / experiment)
@@ -76,7 +78,7 @@ def test_calibration_runs_in_micro_batches_of_batch_size_and_chooses_the_same_pl
         losses.clear()
         rows.clear()
         settings = replace(spec.sampler.settings(), batch_size=batch_size)
-        return greedy_search(adapter, settings, conditions, seeds, 0.05), list(losses), list(rows)
+        return greedy_search(adapter, settings, conditions, seeds, 0.05, candidates=candidates), list(losses), list(rows)
 
     whole, whole_losses, whole_rows = calibrate(5)
     chunked, chunked_losses, chunked_rows = calibrate(2)
@@ -84,7 +86,7 @@ def test_calibration_runs_in_micro_batches_of_batch_size_and_chooses_the_same_pl
     assert sum(chunked_rows) == sum(whole_rows) == chunked.sample_forwards == whole.sample_forwards
     assert chunked.plan.grid == whole.plan.grid and chunked.plan.params == whole.plan.params
     assert len({m for row in whole.plan.grid for m in row}) > 1  # the threshold mixes full and compressed cells
-    assert chunked.forwards == whole.forwards == expected_forwards(whole.plan, CANDIDATES)
+    assert chunked.forwards == whole.forwards == expected_forwards(whole.plan, candidates)
     # NOTE: equal in exact arithmetic; float32 matrix products of 4 and of 10 rows round differently (≈ 1e-7)
     assert chunked_losses == pytest.approx(whole_losses, rel=1e-4, abs=1e-6)
     assert chunked.plan.provenance["peak_memory_mb"] == round(chunked.peak_memory_bytes / 2**20, 1)

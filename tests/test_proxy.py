@@ -133,29 +133,33 @@ def test_a_stored_proxy_is_reused_only_when_measured_with_the_same_settings(tmp_
     assert calls == [1] and path.read_text() == "{not json"  # nothing measured, nothing overwritten
 
 
-def test_a_gain_is_the_final_samples_loss_of_its_probe_over_the_probed_cells_losses(tiny_adapter, tiny_spec):
+@pytest.mark.parametrize("candidates, back", [(CANDIDATES, 1), ((*CANDIDATES, "reuse", "forecast"), 2)])
+def test_a_gain_is_the_final_samples_loss_of_its_probe_over_the_probed_cells_losses(tiny_adapter, tiny_spec,
+                                                                                   candidates, back):
+    """``back``: the steps a probe must replay before its own (a forecast of order 1 reads two residuals)."""
     settings = dataclasses.replace(tiny_spec.sampler.settings(), num_steps=6, batch_size=2)  # two micro-batches
     conditions, seeds = tiny_spec.workload.conditions()[:3], tiny_spec.workload.seeds()[:3]
-    proxy = measure_proxy(tiny_adapter, settings, conditions, seeds)
+    proxy = measure_proxy(tiny_adapter, settings, conditions, seeds, candidates=candidates)
     weighed = measure_gains(tiny_adapter, settings, conditions, seeds, proxy, probes=3)
     steps = probe_steps(settings.num_steps, 3)
     assert steps == [1, 3, 5] and weighed.losses == proxy.losses
     dense = run_plan(tiny_adapter, None, conditions, seeds, settings).samples
     target = plan_target(tiny_adapter, settings)
     for s in steps:
-        for m in CANDIDATES:  # each probe from scratch: every layer at step s runs m
+        for m in candidates:  # each probe from scratch: every layer at step s runs m
             grid = [["full"] * 2 for _ in range(6)]
             grid[s] = [m] * 2
             final = relative_l1(run_plan(tiny_adapter, Plan(target, tuple(map(tuple, grid))), conditions, seeds,
                                          settings).samples, dense)
             summed = sum(proxy.losses[s, layer, m] for layer in range(2))
             assert np.isclose(weighed.gains[s, m], final / summed, rtol=1e-5, atol=0)
-    for m in CANDIDATES:  # between probes: linear
+    for m in candidates:  # between probes: linear
         assert np.isclose(weighed.gains[2, m], (weighed.gains[1, m] + weighed.gains[3, m]) / 2)
     assert {s for s, _ in weighed.gains} == set(range(1, 6))
     rows = 2 * len(seeds)  # CFG: both halves
-    # a dense run, then per probe step s and method: steps s − 1 … 5 (step 1: the whole run)
-    assert weighed.sample_forwards - proxy.sample_forwards == rows * (6 + len(CANDIDATES) * (6 + 4 + 2))
+    # a dense run, then per probe step s and method: steps s − back … 5 (the whole run when s − back < 1)
+    replayed = sum(6 if s - back < 1 else 6 - (s - back) for s in steps)
+    assert weighed.sample_forwards - proxy.sample_forwards == rows * (6 + len(candidates) * replayed)
     assert weighed.weighted[3, 1, "ast"] == proxy.losses[3, 1, "ast"] * weighed.gains[3, "ast"]
     assert Proxy.from_json(weighed.to_json()) == weighed
 
@@ -250,6 +254,21 @@ def test_a_reuse_run_limit_gives_the_whole_front_of_the_plans_within_it(limit, m
     assert {_predicted(p, proxy, flops) for p in plans} == front
     unlimited = propose(space, proxy, flops, 4001)
     assert max(_longest_reuse_run(p) for p in unlimited) == 4 and propose(space, proxy, flops, 4001, max_run=4) == unlimited
+
+
+def test_proposals_leave_out_a_method_the_proxy_measured_with_parameters_the_space_cannot_draw():
+    """The proxy measures forecast at its default order 1; a space drawing only order 2 cannot express those
+    cells, so proposals do without forecast (every proposal is a point of the space)."""
+    rng = np.random.default_rng(0)
+    cells = [(s, l) for s in (1, 2) for l in (0, 1)]
+    proxy = Proxy({(s, l, m): float(rng.uniform(0.01, 0.2)) for s, l in cells for m in ("ast", "forecast")}, {}, 0, 0.0)
+    flops = {(s, l, m): float(-rng.uniform(1, 2)) for s, l in cells for m in ("ast", "forecast")}
+    for orders, used in (([1, 2], {"full", "ast", "forecast"}), ([2], {"full", "ast"})):
+        space = build_space(TARGET, ["full", "ast", "forecast"], TARGET.num_layers, TARGET.num_steps,
+                            {"forecast": {"order": orders}})
+        plans = propose(space, proxy, flops, 100)
+        assert {m for p in plans for row in p.grid for m in row} == used
+        assert all(space.params_for(p) is not None for p in plans)
 
 
 def test_a_reuse_run_limit_shorter_than_a_step_segment_leaves_reuse_out_of_it():

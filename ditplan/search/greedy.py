@@ -70,14 +70,16 @@ def greedy_search(
     start_plan = Plan(target, tuple(map(tuple, grid)), params=params)
     strategies = build_strategies(start_plan, extra=candidates)
     block_level = any(isinstance(s, BlockStrategy) for s in strategies.values())
-    runtime = apply_plan(adapter.transformer, start_plan, target, block_layers=range(adapter.num_layers) if block_level else ())
+    hooked = range(adapter.num_layers) if block_level else ()  # any block may take a block-level candidate
+    runtime = apply_plan(adapter.transformer, start_plan, target, block_layers=hooked)
     forwards = [0, 0]  # transformer forwards of the whole batch (micro-batches together), rows through them
     losses: dict[tuple[int, int, str], float] = {}
 
-    # Micro-batches of at most settings.batch_size samples, each with its own caches: every transformer
-    # forward runs them in turn, so a calibration batch of any size fits what one sampling batch needs.
+    # Micro-batches of at most settings.batch_size samples, each with its own caches (attention entries and
+    # block residuals): every transformer forward runs them in turn, so a calibration batch of any size fits
+    # what one sampling batch needs.
     chunks = [(a, min(a + settings.batch_size, len(seeds))) for a in range(0, len(seeds), settings.batch_size)]
-    chunk_caches = [[{} for _ in runtime.caches] for _ in chunks]
+    chunk_caches = [([{} for _ in runtime.caches], [[] for _ in runtime.block_residuals]) for _ in chunks]
 
     def forward(step: int, row: list[str], model_in: torch.Tensor, t: torch.Tensor, inputs: dict) -> torch.Tensor:
         grid[step] = list(row)
@@ -85,8 +87,8 @@ def greedy_search(
         forwards[0] += 1
         forwards[1] += len(model_in) * (2 if settings.cfg else 1)
         outs = []
-        for (a, b), caches in zip(chunks, chunk_caches):
-            runtime.caches = caches
+        for (a, b), (caches, residuals) in zip(chunks, chunk_caches):
+            runtime.caches, runtime.block_residuals = caches, residuals
             x = model_in[a:b]
             batch = torch.cat([x, x]) if settings.cfg else x
             outs.append(adapter.predict(batch, t, _chunk_inputs(inputs, a, b, len(model_in), settings.cfg)))

@@ -26,9 +26,10 @@ measures (:func:`proxy_candidates`), so proposals can skip whole blocks.
 
 What the additive proxy cannot see is staleness: it prices a reuse (``ast``, ``reuse``,
 ``forecast``) cell against the step before it, so a recompute in the middle of a long run earns back
-only its own cell's loss, not the staleness it takes off every later reuse of that layer. On the embedded model (held-out seeds) the
-uncapped knapsack's front has rel. L1 0.127 at FLOPs 0.557, where a layer reuses one output for 19
-steps; with every run capped at 10 steps it has 0.093 at 0.577 and 0.092 at 0.568
+only its own cell's loss, not the staleness it takes off every later reuse of that layer. On the
+embedded model (held-out seeds) the uncapped knapsack's front has rel. L1 0.127 at FLOPs 0.557, where a
+layer reuses one output for 19 steps; with every run capped at 10 steps it has 0.093 at 0.577 and 0.092
+at 0.568
 (``benchmarks/results/search-vs-greedy-proxy46-gains7-s5{,-run10}-fullgrid.txt``). So proposals may
 cap a layer's reuse runs (``max_run``): the knapsack then also tracks the length of each layer's
 current run, and any computing cell, even a cheap ``asc`` one, ends it. The cap costs the fastest
@@ -169,19 +170,21 @@ def _probe_samples(adapter: ModelAdapter, settings: SamplerSettings, conditions:
                    params: Mapping[str, Mapping[str, Any]], steps: Sequence[int], methods: Sequence[str],
                    ) -> tuple[torch.Tensor, dict[tuple[int, str], torch.Tensor], int]:
     """The dense samples, each probe's (every layer at step s on method m) and the sample-forwards spent.
-    Each probe goes on from a snapshot of the dense run just before step s − 1 (the dense step that
-    makes the caches s reads), so it costs the steps s − 1 … end only."""
+    Each probe goes on from a snapshot of the dense run just before step s − h, where h is the most
+    computed steps a probed method reads back (1: the dense step that makes the caches s reads; a
+    ``forecast`` of order k reads k + 1), so it costs the steps s − h … end only."""
     target = plan_target(adapter, settings)
     dense, finals = [], {(s, m): [] for s in steps for m in methods}
     forwards = 0
+    back = max(_steps_read(m, params) for m in methods)
     for a in range(0, len(seeds), settings.batch_size):  # micro-batches of at most batch_size samples
         batch = (conditions[a : a + settings.batch_size], seeds[a : a + settings.batch_size])
         rows = len(batch[1]) * (2 if settings.cfg else 1)
         kept: dict[int, Snapshot] = {}
 
         def keep(i: int, latents: torch.Tensor, scheduler: Any) -> None:
-            if i + 2 in steps:  # before step i + 1 = s − 1
-                kept[i + 2] = Snapshot(i + 1, latents.clone(), copy.deepcopy(scheduler))
+            if i + 1 + back in steps:  # before step i + 1 = s − back
+                kept[i + 1 + back] = Snapshot(i + 1, latents.clone(), copy.deepcopy(scheduler))
 
         dense.append(adapter.decode(sample_batch(adapter, *batch, settings, on_step=keep)))
         forwards += settings.num_steps * rows
@@ -195,8 +198,14 @@ def _probe_samples(adapter: ModelAdapter, settings: SamplerSettings, conditions:
                     finals[s, m].append(adapter.decode(sample_batch(adapter, *batch, settings, start=kept.get(s))))
                 finally:
                     remove_plan(adapter.transformer)
-                forwards += (settings.num_steps - (s - 1 if s in kept else 0)) * rows
+                forwards += (settings.num_steps - (s - back if s in kept else 0)) * rows
     return torch.cat(dense), {key: torch.cat(outs) for key, outs in finals.items()}, forwards
+
+
+def _steps_read(method: str, params: Mapping[str, Mapping[str, Any]]) -> int:
+    """How many computed steps before its own a cell of ``method`` reads (a block strategy's history)."""
+    strategy = get_strategy_class(method).from_params(params.get(method))
+    return strategy.history if isinstance(strategy, BlockStrategy) else 1
 
 
 def read_proxy(path: Path) -> tuple[Proxy, Any]:
@@ -257,8 +266,8 @@ def _usable_methods(space: PlanSpace, proxy: Proxy) -> list[str]:
         if method != "full" and method not in measured:
             continue
         choices = space.params.get(method, {})
-        if method in proxy.params and choices:
-            resolved = get_strategy_class(method).resolved_params(proxy.params[method], space.target.num_tokens)
+        if choices:
+            resolved = get_strategy_class(method).resolved_params(proxy.params.get(method), space.target.num_tokens)
             if any(resolved.get(k) not in options for k, options in choices.items()):
                 continue
         usable.append(method)

@@ -124,8 +124,9 @@ def _flex_block_mask(tokens: int, window: int, device: torch.device):
 class WindowLayout:
     """Which keys each query of a window sees (see the module docstring for the shapes).
 
-    band: query i sees keys |i − j| ≤ ``window``. blocks: ``tokens / block`` query blocks; each sees the
-    keys of its own block widened by ``halo`` tokens on each side — ``block + 2·halo`` consecutive keys,
+    band: query i sees keys |i − j| ≤ ``window``. blocks: ⌈tokens / block⌉ query blocks (the last one
+    shorter when ``block`` does not divide N); each sees the keys of its own block widened by ``halo`` tokens
+    on each side — ``block + 2·halo`` consecutive keys,
     the run shifted inwards at the ends so that every block sees as many (a halo of r blocks is "its own
     and its r neighbouring blocks"). tiles: the same on the √N × √N grid, ``block`` × ``block`` tiles
     seeing ``(block + 2·halo)²`` keys. A layout whose window covers every token is dense attention.
