@@ -11,12 +11,14 @@ Budget, in transformer sample-forwards (rows × steps, CFG counted): greedy = it
 everything it uses: the proxy's calibration forwards (``--proposals``), greedy's calibration and
 evaluations when it warm-starts from greedy (``--warm-start``), and its trials; the number of trials
 is what is left, rounded down (``--search-samples``: each learned trial scored on fewer search samples,
-so more trials fit; greedy's evaluations stay charged at the experiment's). Several ``--seeds`` repeat
-the search (the proxy and the greedy plans are deterministic and measured once; every repeat is charged
+so more trials fit; greedy's evaluations stay charged at the experiment's; ``--screen-samples K --promote P``:
+every trial first on K search samples, then the P best again on the trials' full fidelity, charged
+too, and the front chosen from those P). Several ``--seeds`` repeat the search (the proxy and the greedy plans are deterministic and measured once; every repeat is charged
 for them).
 
     python benchmarks/search_vs_greedy.py --full-grid --proposals 46 --search-samples 5 --seeds 0 1 2
     python benchmarks/search_vs_greedy.py --full-grid --proposals 10 --seeds 0 1 2
+    python benchmarks/search_vs_greedy.py --full-grid --proposals 58 --search-samples 5 --screen-samples 2 --promote 25
     python benchmarks/search_vs_greedy.py --seeds 0 1 2                      # cold TPE, grouped space
     python benchmarks/search_vs_greedy.py --full-grid --proposals 10 --latency  # + held-out quality × latency
 
@@ -49,7 +51,7 @@ from ditplan.search.greedy import CANDIDATES, DEFAULT_THRESHOLDS, greedy_search,
 from ditplan.search.pareto import hypervolume
 from ditplan.search.proxy import PROXY_FILE, experiment_proxy, proxy_candidates
 from ditplan.search.trial_eval import plan_metrics, worker_adapter
-from ditplan.spec import PROPOSAL_SPREADS, ProposalSpec, load_spec
+from ditplan.spec import PROPOSAL_SPREADS, ProposalSpec, ScreeningSpec, load_spec
 
 QUALITY_COST = ("rel_l1", "flops_ratio")
 DIRECTIONS = ["minimize", "minimize"]
@@ -64,6 +66,8 @@ def configure(spec, args):  # noqa: ANN001, ANN201
         search["population_size"] = args.population
     if args.search_samples:
         search["samples"] = args.search_samples
+    if args.screen_samples:
+        search["screening"] = ScreeningSpec(samples=args.screen_samples, promote=args.promote)
     if args.full_grid:  # counts are clamped: one layer / one step per cell
         search["space"] = spec.search.space.model_copy(update={"layer_groups": 10**6, "step_segments": 10**6})
     if args.proposals is not None:
@@ -133,6 +137,9 @@ def main() -> None:
     parser.add_argument("--proposals", type=int, help="override search.proposals.count (0: none)")
     parser.add_argument("--search-samples", type=int,
                         help="search samples per learned trial (fidelity; greedy's evaluations stay at the file's)")
+    parser.add_argument("--screen-samples", type=int,
+                        help="search.screening: every learned trial first on this many search samples (with --promote)")
+    parser.add_argument("--promote", type=int, default=20, help="screened trials scored again on --search-samples")
     parser.add_argument("--proxy-samples", type=int, help="calibration samples the proxy is measured on")
     parser.add_argument("--spread", choices=PROPOSAL_SPREADS, default=ProposalSpec().spread,
                         help="how proposals are picked (ditplan.search.proxy.propose)")
@@ -157,7 +164,8 @@ def main() -> None:
     # --- greedy D1–D6 and its budget --------------------------------------------------------------------
     greedy = greedy_plans(adapter, spec, Path(args.greedy_dir))
     greedy_eval = sample_forwards(experiment.search.samples, settings)  # the file's trial fidelity
-    per_eval = sample_forwards(spec.search.samples, settings)  # the learned side's
+    per_eval = sample_forwards(spec.search.trial_samples(), settings)  # the learned side's, per trial
+    promoted = spec.search.screening.promote * sample_forwards(spec.search.samples, settings) if spec.search.screening else 0
     calibration = sum(int(p.provenance["sample_forwards"]) for p in greedy.values())
     budget = calibration + len(greedy) * greedy_eval
     held = HeldOut(adapter, spec, Path(args.held_out_cache))
@@ -183,16 +191,17 @@ def main() -> None:
         print(f"proxy: {proxy_cost:,} sample-forwards on {k} calibration samples, gains at {probes} steps, "
               f"candidates {', '.join(CANDIDATES + extra)} ({proxy.seconds:.0f} s)")
     warm_cost = budget if args.warm_start else 0  # greedy's calibration + its six plans evaluated in the study
-    trials = (budget - proxy_cost - warm_cost) // per_eval
+    trials = (budget - proxy_cost - warm_cost - promoted) // per_eval
     if trials < 1:
-        print(f"learned side: no trial left after its fixed costs ({proxy_cost + warm_cost:,} of {budget:,})")
+        print(f"learned side: no trial left after its fixed costs ({proxy_cost + warm_cost + promoted:,} of {budget:,})")
         return
-    spent = proxy_cost + warm_cost + trials * per_eval
+    spent = proxy_cost + warm_cost + trials * per_eval + promoted
     space = "full grid" if args.full_grid else f"{spec.search.space.layer_groups} × {spec.search.space.step_segments}"
     print(f"learned side: sampler {spec.search.sampler}, {space}, proposals "
           f"{spec.search.proposals.count if spec.search.proposals else 'none'}, warm start {'greedy' if args.warm_start else 'none'}: "
-          f"proxy {proxy_cost:,} + warm start {warm_cost:,} + {trials} trials × {per_eval:,} = {spent:,} sample-forwards "
-          f"(greedy {budget:,})", flush=True)
+          f"proxy {proxy_cost:,} + warm start {warm_cost:,} + {trials} trials × {per_eval:,} "
+          + (f"+ {spec.search.screening.promote} promoted × {promoted // spec.search.screening.promote:,} "
+             if spec.search.screening else "") + f"= {spent:,} sample-forwards (greedy {budget:,})", flush=True)
 
     ratios = []
     for seed in args.seeds:
@@ -201,9 +210,10 @@ def main() -> None:
         if proxy_path is not None:  # measured once above, charged to every repeat
             run_dir.mkdir(parents=True)
             shutil.copy(proxy_path, run_dir / PROXY_FILE)
-        seeded = spec.model_copy(update={"search": spec.search.model_copy(update={"seed": seed})})
+        # held-out figures are this script's own (below): the study does not refine
+        seeded = spec.model_copy(update={"search": spec.search.model_copy(update={"seed": seed, "refine": None})})
         start = time.perf_counter()
-        result = run_search(seeded, run_dir, trials=trials, workers=2, show_progress=False, refine=False,
+        result = run_search(seeded, run_dir, trials=trials, workers=2, show_progress=False,
                             warm_start=list(greedy.values()) if args.warm_start else ())
         seconds = time.perf_counter() - start
         front = {f"trial-{t.number}": load_plan(run_dir / "trials" / f"trial-{t.number:04d}.yaml") for t in result.front}
@@ -211,7 +221,8 @@ def main() -> None:
         hv = hypervolume(np.array(list(points.values())), DIRECTIONS, reference)
         ratios.append(hv / hv_greedy)
         verdict = covered(g_points, list(points.values()))
-        print(f"seed {seed}: {result.completed} trials ({result.failed} failed) in {seconds:.0f} s; search-seed front "
+        print(f"seed {seed}: {result.completed} trials ({result.failed} failed, {result.promoted} promoted) in "
+              f"{seconds:.0f} s; search-seed front "
               f"{len(front)}; held-out hypervolume {hv:.4f} = {hv / hv_greedy:.2f}× greedy; "
               + ", ".join(f"{n} {v}" for n, v in verdict.items()), flush=True)
         for name, (l1, flops) in sorted(points.items(), key=lambda kv: kv[1][1]):

@@ -132,7 +132,8 @@ def _search(args: argparse.Namespace) -> None:
     result = run_search(spec, run_dir, trials=args.trials, workers=args.workers, ray_address=args.ray_address,
                         resume=args.resume, warm_start=warm, plugins=args.plugin or (), refine=not args.no_refine)
     print(f"study {result.study_name}: {result.completed} complete ({result.repeats} repeats of an earlier trial's "
-          f"parameters, not evaluated again), {result.failed} failed trials; "
+          f"parameters, not evaluated again), {result.failed} failed trials"
+          + (f", {result.promoted} scored again on every search sample" if result.promoted else "") + "; "
           f"front of {len(result.front)}; hypervolume {result.hypervolume:.4g}")
     print(f"Pareto front: {run_dir / 'pareto_front.md'}; plans: {run_dir / 'trials'}; MLflow: {_mlflow_hint(spec, run_dir)}")
 
@@ -266,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warm-start", help="folder of plan files (e.g. greedy D1 … D6) added as known trials")
     p.add_argument("--plugin", action="append", help=PLUGIN_HELP)
     p.add_argument("--no-refine", action="store_true",
-                   help="skip the held-out evaluation (a helper driver of a shared study: the main driver does it)")
+                   help="run trials only: no held-out evaluation and no promotion of screened trials (search.screening) "
+                        "(a helper driver of a shared study: the main driver does both)")
     p.add_argument("--out", help="run directory (default: output_dir/search)")
 
     p = sub.add_parser("greedy", help="DiTFastAttn's greedy search: one plan file per threshold (D1 … D6)")

@@ -59,6 +59,7 @@ class Candidate:
     started: datetime | None
     completed: datetime | None
     plan_path: Path
+    samples: int | None = None  # the search samples ``metrics`` are on (None: the experiment's search.samples)
 
     def value(self, metric: str) -> float:
         """The held-out value of ``metric`` (NaN when not measured on held-out seeds)."""
@@ -84,11 +85,13 @@ def _plan_path(run_dir: Path, number: int) -> Path:
 
 def _candidate(run_dir: Path, trial: FrozenTrial, held_out: dict[int, dict[str, float]]) -> Candidate:
     path = _plan_path(run_dir, trial.number)
+    provenance = load_plan(path).provenance
     return Candidate(
         run=run_dir.name, trial=trial.number, name=trial.user_attrs.get("name", f"trial-{trial.number}"),
-        source=trial.user_attrs.get("source", "search"), metrics=dict(load_plan(path).provenance.get("metrics", {})),
+        source=trial.user_attrs.get("source", "search"), metrics=dict(provenance.get("metrics", {})),
         held_out=held_out.get(trial.number, {}), feasible=is_feasible_trial(trial),
         started=trial.datetime_start, completed=trial.datetime_complete, plan_path=path,
+        samples=provenance.get("evaluated_on", {}).get("samples"),
     )
 
 
@@ -194,7 +197,6 @@ def side_budget(spec: ExperimentSpec, side: str, cands: list[Candidate]) -> Budg
     search seeds, in the same unit for both sides whatever their batch sizes."""
     mine = [c for c in cands if c.source == side]
     plans = [_calibration_plan(c) for c in mine] if side == "greedy" else []
-    per_plan = sample_forwards(spec.search.samples, spec.sampler.settings())
     proxies = {c.plan_path.parent.parent / PROXY_FILE for c in mine} if side != "greedy" else set()
     proxies = [read_proxy(path)[0] for path in proxies if path.exists()]  # the learned side's calibration
     return Budget(
@@ -202,7 +204,8 @@ def side_budget(spec: ExperimentSpec, side: str, cands: list[Candidate]) -> Budg
         calibration_forwards=sum(_calibration(p, spec) for p in plans) + sum(x.sample_forwards for x in proxies),
         calibration_seconds=sum(float(p.provenance.get("search_seconds", 0.0)) for p in plans)
         + sum(x.seconds for x in proxies),
-        evaluation_forwards=len(mine) * per_plan, evaluation_seconds=_elapsed(mine),
+        evaluation_forwards=sum(sample_forwards(c.samples or spec.search.samples, spec.sampler.settings()) for c in mine),
+        evaluation_seconds=_elapsed(mine),
         calibration_peak_mb=max((float(p.provenance["peak_memory_mb"]) for p in plans if "peak_memory_mb" in p.provenance),
                                 default=None),
     )
@@ -344,24 +347,33 @@ def _dominance_lines(run: Run) -> list[str]:
 
 
 def _search_seed_lines(run: Run, groups: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """The fronts on the search seeds (what chose the plans): hypervolume of the feasible trials."""
+    """The fronts on the search seeds (what chose the plans): hypervolume of the feasible trials, one row per
+    side and fidelity (with ``search.screening``: the screened trials, then the promoted ones)."""
     spec, cands = run.spec, run.candidates
-    objectives, directions = _objectives(spec)
-    ref = reference_point(spec)
+    objectives, _ = _objectives(spec)
     lines = [f"## Search seeds (what chose the plans): {objectives[0]} × {objectives[1]}, feasible trials only, "
-             f"hypervolume reference {ref}", "", "| side | plans | infeasible | front | hypervolume |", "|---|---|---|---|---|"]
-    for side, label in (("greedy", "greedy"), ("search", "learned")):
-        mine = [c for c in cands if c.source == side]
-        if not mine:
-            continue
-        front = _front(mine, objectives, directions)
-        feasible = [c for c in mine if c.feasible]
-        hv = hypervolume(np.array([[c.metrics[o] for o in objectives] for c in feasible]), directions, ref) if feasible else 0.0
-        lines.append(f"| {label} | {len(mine)} | {len(mine) - len(feasible)} | {len(front)} | {hv:.4f} |")
-        on_front = {id(c) for c in front}
-        groups[f"{spec.name} {label}"] = [{"name": c.name, "on_front": id(c) in on_front,
-                                           **{o: c.metrics[o] for o in objectives}} for c in mine]
+             f"hypervolume reference {reference_point(spec)}", "", "| side | plans | infeasible | front | hypervolume |",
+             "|---|---|---|---|---|"]
+    for side, name in (("greedy", "greedy"), ("search", "learned")):
+        fidelities = sorted({c.samples or spec.search.samples for c in cands if c.source == side})
+        for samples in fidelities:
+            label = name if len(fidelities) == 1 else f"{name}, {samples} search samples"
+            mine = [c for c in cands if c.source == side and (c.samples or spec.search.samples) == samples]
+            lines.append(_search_seed_row(spec, label, mine, groups))
     return lines
+
+
+def _search_seed_row(spec: ExperimentSpec, label: str, mine: list[Candidate], groups: dict[str, list[dict[str, Any]]]) -> str:
+    """One side's row at one fidelity; its points join ``groups`` (the figure)."""
+    objectives, directions = _objectives(spec)
+    front = _front(mine, objectives, directions)
+    feasible = [c for c in mine if c.feasible]
+    values = np.array([[c.metrics[o] for o in objectives] for c in feasible])
+    hv = hypervolume(values, directions, reference_point(spec)) if feasible else 0.0
+    on_front = {id(c) for c in front}
+    groups[f"{spec.name} {label}"] = [{"name": c.name, "on_front": id(c) in on_front,
+                                       **{o: c.metrics[o] for o in objectives}} for c in mine]
+    return f"| {label} | {len(mine)} | {len(mine) - len(feasible)} | {len(front)} | {hv:.4f} |"
 
 
 def compare_runs(run_dirs: list[str | Path], out: str | Path) -> Path:

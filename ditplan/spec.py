@@ -347,6 +347,19 @@ class ProposalSpec(_Strict):
         return data
 
 
+class ScreeningSpec(_Strict):
+    """Two fidelities: every trial is first scored on the first ``samples`` search samples (fewer than
+    ``search.samples``, so more trials fit a budget); then the ``promote`` best of them — whole
+    non-dominated ranks of the feasible ones, the rank that does not fit whole thinned evenly along the
+    first objective — are scored again on all ``search.samples`` and join the study as trials of their
+    own (the sampler sees them; a resumed study keeps them and promotes none twice). The front, its
+    hypervolume, the held-out evaluation and exports come from the promoted trials only: plans are
+    chosen at full fidelity, never on a mix of the two."""
+
+    samples: Count
+    promote: int = Field(gt=0, le=1_000_000)
+
+
 class SearchSpec(_Strict):
     """sampler: tpe (default), nsga2, gp or random, seeded by ``seed``. trials: evaluated trials per
     study (warm-start plans not counted). workers: Ray tasks in flight. samples: the first K samples of
@@ -366,7 +379,8 @@ class SearchSpec(_Strict):
     ``greedy`` — ``ditplan run`` enqueues greedy's D1 … D6 before the learned trials, with their
     parameters where the space expresses them (the full grid does), otherwise run whole and recorded
     with the parameters of their projection onto the space, so the sampler learns from them either
-    way; ``none`` — it does not (greedy still runs, as a comparison side)."""
+    way; ``none`` — it does not (greedy still runs, as a comparison side). screening: score trials on
+    fewer samples first and the best again on all (:class:`ScreeningSpec`; none: every trial on all)."""
 
     sampler: Literal["tpe", "nsga2", "gp", "random"] = "tpe"
     population_size: int = Field(50, ge=2, le=MAX_SAMPLES)  # NSGA-II generation size
@@ -389,12 +403,24 @@ class SearchSpec(_Strict):
     refine: RefineSpec | None = RefineSpec()
     proposals: ProposalSpec | None = None
     warm_start: Literal["greedy", "none"] = "greedy"
+    screening: ScreeningSpec | None = None
 
     @model_validator(mode="after")
     def _reference_fits(self) -> SearchSpec:
         if self.reference_point is not None and len(self.reference_point) != len(self.objectives):
             raise ValueError(f"reference_point has {len(self.reference_point)} values for {len(self.objectives)} objectives")
         return self
+
+    @model_validator(mode="after")
+    def _screening_is_cheaper(self) -> SearchSpec:
+        if self.screening is not None and self.screening.samples >= self.samples:
+            raise ValueError(f"search.screening.samples ({self.screening.samples}) must be fewer than search.samples "
+                             f"({self.samples}), the fidelity promoted trials are scored at; lower it or drop screening")
+        return self
+
+    def trial_samples(self) -> int:
+        """The search samples a trial is first scored on (all of them without screening)."""
+        return self.screening.samples if self.screening else self.samples
 
 
 class GreedySpec(_Strict):

@@ -66,7 +66,8 @@ def run_experiment(
     result = run_search(spec, search_dir, trials=trials, workers=workers, ray_address=ray_address, resume=resume,
                         warm_start=plans if spec.search.warm_start == "greedy" else (), plugins=plugins,
                         show_progress=show_progress)
-    console.print(f"{result.completed} trials complete ({result.repeats} repeats, {result.failed} failed), feasible front of {len(result.front)}, "
+    promoted = f", {result.promoted} scored again on every search sample" if result.promoted else ""
+    console.print(f"{result.completed} trials complete ({result.repeats} repeats, {result.failed} failed){promoted}, feasible front of {len(result.front)}, "
                   f"hypervolume {result.hypervolume:.4g} (search seeds)")
 
     if spec.baselines:

@@ -13,7 +13,8 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,15 +29,16 @@ from ditplan.errors import UserError
 from ditplan.evaluators.base import METRIC_REFERENCE
 from ditplan.evaluators.cost import FLOPS_COUNT
 from ditplan.evaluators.reference import dense_reference
-from ditplan.plan import Plan, library_versions
+from ditplan.plan import Plan, library_versions, load_plan
 from ditplan.progress import progress_bar
 from ditplan.search.figures import front_html, front_png
-from ditplan.search.pareto import hypervolume, pareto_mask
+from ditplan.search.pareto import best_by_rank, hypervolume, pareto_mask
 from ditplan.search.proxy import PROXY_FILE, cell_flops, experiment_proxy, propose
 from ditplan.search.ray_tasks import TaskPool
 from ditplan.search.space import experiment_space
 from ditplan.search.storage import (
     ERROR,
+    PROMOTED,
     WARM,
     Heartbeats,
     ask,
@@ -51,7 +53,7 @@ from ditplan.search.storage import (
 )
 from ditplan.search.tracking import Tracker, default_tracking_uri
 from ditplan.search.trial_eval import evaluate_in_worker, worker_adapter
-from ditplan.spec import ExperimentSpec
+from ditplan.spec import ExperimentSpec, SearchSpec
 
 SAMPLERS = {
     "tpe": lambda search, seed: optuna.samplers.TPESampler(seed=seed, multivariate=True),
@@ -78,6 +80,7 @@ class SearchResult:
     completed: int
     failed: int
     repeats: int = 0  # of the completed: trials that took an earlier trial's values (same parameters), no evaluation
+    promoted: int = 0  # with search.screening: trials scored again on every search sample (not in ``completed``)
 
 
 def reference_point(spec: ExperimentSpec) -> list[float]:
@@ -102,6 +105,13 @@ def _remote_evaluate(spec, plan, dense, conditions, seeds, metrics, threads, plu
 def _complete(study: optuna.Study) -> list[FrozenTrial]:
     """Complete trials, each plan once: a repeat (same parameters as an earlier trial) is left out."""
     return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and REPEAT not in t.user_attrs]
+
+
+def _scored(study: optuna.Study, search: SearchSpec, promoted: bool) -> list[FrozenTrial]:
+    """The complete trials of one fidelity: with ``search.screening``, the promoted ones (scored on every
+    search sample: what fronts are chosen from) or the screened ones; without it, all of them."""
+    done = _complete(study)
+    return done if search.screening is None else [t for t in done if (PROMOTED in t.user_attrs) == promoted]
 
 
 def is_feasible_trial(trial: FrozenTrial) -> bool:
@@ -141,10 +151,12 @@ def _front_table(rows: list[dict[str, Any]], objectives: list[str]) -> str:
                       f" | {'yes' if r['feasible'] else 'no'} | {'yes' if r['on_front'] else ''} |" for r in rows])
 
 
-def _start_ray(ray_address: str | None) -> bool:
-    """Connect to (or start) Ray; True when this call started it."""
+@contextmanager
+def _ray(ray_address: str | None) -> Iterator[None]:
+    """Connect to (or start) Ray for the block; shut down after it only what this call started."""
     if ray.is_initialized():
-        return False
+        yield
+        return
     env = {"PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH", "")] if p),
            "RAY_USAGE_STATS_ENABLED": "0"}
     kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": {"env_vars": env}, "log_to_driver": False}
@@ -152,7 +164,10 @@ def _start_ray(ray_address: str | None) -> bool:
         ray.init(address=ray_address, **kwargs)
     else:
         ray.init(num_cpus=os.cpu_count(), **kwargs)
-    return True
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 class _Search:
@@ -169,6 +184,9 @@ class _Search:
         settings = spec.sampler.settings()
         _, self.conditions, self.seeds = spec.seed_set("search")
         self.dense = dense_reference(self.adapter, settings, self.conditions, self.seeds, spec.evaluation.cache_dir)
+        first = self.search.trial_samples()  # what a trial is scored on first: all the search samples without screening
+        self.first_dense = self.dense if first == len(self.seeds) else dense_reference(
+            self.adapter, settings, self.conditions[:first], self.seeds[:first], spec.evaluation.cache_dir)
         self.space = experiment_space(self.adapter, spec)
         self.reference = reference_point(spec)
         self.tracker = Tracker(
@@ -199,12 +217,12 @@ class _Search:
     def plan_path(self, number: int) -> Path:
         return self.plans_dir / f"trial-{number:04d}.yaml"
 
-    def save_plan(self, number: int, plan: Plan, values: dict[str, float]) -> Path:
-        """The trial's plan file, with its search-seed metrics (written atomically)."""
+    def save_plan(self, number: int, plan: Plan, values: dict[str, float], samples: int) -> Path:
+        """The trial's plan file, with its metrics on the first ``samples`` search seeds (written atomically)."""
         plan = plan.with_provenance(search=plan.provenance.get("search", f"optuna-{self.search.sampler}"),
                                     study=self.spec.name, trial=number,
                                     metrics={k: float(v) for k, v in values.items()},
-                                    evaluated_on={"set": "search", "first_seed": self.seeds[0], "samples": len(self.seeds)},
+                                    evaluated_on={"set": "search", "first_seed": self.seeds[0], "samples": samples},
                                     flops_count=FLOPS_COUNT, versions=library_versions())
         return plan.save(self.plan_path(number))
 
@@ -238,6 +256,10 @@ class _Search:
     def _metrics(self, trial: FrozenTrial) -> dict[str, float]:
         return dict(trial.user_attrs.get(METRICS) or zip(self.objectives, trial.values))
 
+    def _samples(self, trial: FrozenTrial | optuna.Trial) -> int:
+        """The search samples ``trial`` was scored on."""
+        return len(self.seeds) if PROMOTED in trial.user_attrs else self.search.trial_samples()
+
     def _rewrite_plan(self, trial: FrozenTrial) -> None:
         try:
             plan = self._plan(trial.user_attrs, optuna.trial.FixedTrial(trial.params, trial.number))
@@ -247,7 +269,7 @@ class _Search:
             warnings.warn(f"trial {trial.number} of study {self.spec.name!r} is complete but its plan cannot be "
                           f"rebuilt here (warm-start plan {trial.user_attrs.get('name')!r} not given, or another space)")
             return
-        self.save_plan(trial.number, plan, self._metrics(trial))
+        self.save_plan(trial.number, plan, self._metrics(trial), self._samples(trial))
 
     # --- trials -----------------------------------------------------------------------------------
     def warm_start(self, plans: Sequence[Plan]) -> None:
@@ -291,36 +313,58 @@ class _Search:
             trial.set_constraint(constraint.metric, constraint.violation(values[constraint.metric]))
         self.study.tell(trial, [values[o] for o in self.objectives])
 
+    def _submitter(self, plugins: Sequence[str]) -> Callable[[optuna.Trial, Plan], ray.ObjectRef]:
+        """Submits a trial's plan as a Ray task (Ray is up), scored on the search samples that trial is
+        scored on (:meth:`_samples`)."""
+        threads = max(1, int(self.search.cpus_per_trial))
+        task = ray.remote(_remote_evaluate).options(num_cpus=self.search.cpus_per_trial,
+                                                    num_gpus=self.search.gpus_per_trial, max_retries=self.search.max_retries)
+        dense = {len(self.seeds): ray.put(self.dense), len(self.first_dense): ray.put(self.first_dense)}
+
+        def submit(trial: optuna.Trial, plan: Plan) -> ray.ObjectRef:
+            n = self._samples(trial)
+            return task.remote(self.spec, plan, dense[n], self.conditions[:n], self.seeds[:n], self.needed, threads,
+                               tuple(plugins))
+        return submit
+
     def run_trials(self, n_trials: int, n_workers: int, ray_address: str | None, plugins: Sequence[str],
                    show_progress: bool) -> int:
         """Ask, evaluate on Ray, tell, until the study holds ``n_trials`` finished learned trials (warm-start
         trials on top), whichever drivers ran them; returns the number of failed learned trials.
         Trials still in flight when the driver stops are cancelled and queued to run again."""
-        started_ray = _start_ray(ray_address)
-        threads = max(1, int(self.search.cpus_per_trial))
-        task = ray.remote(_remote_evaluate).options(num_cpus=self.search.cpus_per_trial,
-                                                    num_gpus=self.search.gpus_per_trial, max_retries=self.search.max_retries)
-        dense_ref = ray.put(self.dense)
-
-        def submit(plan: Plan) -> ray.ObjectRef:
-            return task.remote(self.spec, plan, dense_ref, self.conditions, self.seeds, self.needed, threads, tuple(plugins))
-
-        pool = TaskPool(self.search.trial_timeout_s)
         start = tally(self.study.get_trials(deepcopy=False), n_trials)
-        try:
-            with Heartbeats(self.storage) as beats, progress_bar(start.target, "search trials", completed=start.finished,
-                                                                 enabled=show_progress) as bar:
-                self._loop(pool, beats, bar, n_trials, n_workers, submit)
-        finally:
-            for trial, _ in pool.cancel_all():
-                interrupt(self.study, trial, self.search)
-            if started_ray:
-                ray.shutdown()
+        with _ray(ray_address):
+            pool = TaskPool(self.search.trial_timeout_s)
+            try:
+                with Heartbeats(self.storage) as beats, progress_bar(start.target, "search trials", completed=start.finished,
+                                                                     enabled=show_progress) as bar:
+                    self._loop(pool, beats, bar, n_trials, n_workers, self._submitter(plugins))
+            finally:
+                for trial, _ in pool.cancel_all():
+                    interrupt(self.study, trial, self.search)
         return sum(1 for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
                    if counts(t) and WARM not in t.user_attrs)
 
+    def promote(self) -> bool:
+        """``search.screening``: the best screened trials (:func:`~ditplan.search.pareto.best_by_rank` of the
+        feasible ones) join the study again, queued to be scored on every search sample by the trial loop
+        (heartbeats, retries and resume as for any trial), each a trial of its own with the parameters of
+        the first; one promoted before (a resumed study) is not queued twice. True when any is queued."""
+        screening = self.search.screening
+        if screening is None:
+            return False
+        screened = [t for t in self._screened() if is_feasible_trial(t)]
+        claimed = {t.user_attrs[PROMOTED] for t in self.study.get_trials(deepcopy=False) if PROMOTED in t.user_attrs}
+        best = [screened[i] for i in best_by_rank(np.array([t.values for t in screened]), self.directions,
+                                                   screening.promote)] if screened else []
+        todo = [t for t in best if t.number not in claimed]
+        for trial in todo:
+            kept = {k: v for k, v in trial.user_attrs.items() if k in ("name", WARM, GIVEN, PROJECTED, PROPOSAL)}
+            self.study.enqueue_trial(trial.params, user_attrs={**kept, PROMOTED: trial.number})
+        return bool(todo)
+
     def _loop(self, pool: TaskPool, beats: Heartbeats, bar: Any, learned: int, workers: int,
-              submit: Callable[[Plan], ray.ObjectRef]) -> None:
+              submit: Callable[[optuna.Trial, Plan], ray.ObjectRef]) -> None:
         poll = self.search.heartbeat_interval_s
         while True:
             recover_interrupted(self.study, self.storage, self.search, at_start=False)
@@ -343,9 +387,14 @@ class _Search:
 
     def _progress(self, bar: Any) -> None:
         bar.update(1, failed=sum(t.state == TrialState.FAIL and counts(t) for t in self.study.get_trials(deepcopy=False)),
-                   front=len(feasible_front(_complete(self.study), self.directions)), **self._best())
+                   front=len(feasible_front(self._screened(), self.directions)), **self._best())
 
-    def _start(self, pool: TaskPool, beats: Heartbeats, submit: Callable[[Plan], ray.ObjectRef], bar: Any) -> None:
+    def _screened(self) -> list[FrozenTrial]:
+        """The complete trials as first scored (every one, without screening)."""
+        return _scored(self.study, self.search, promoted=False)
+
+    def _start(self, pool: TaskPool, beats: Heartbeats, submit: Callable[[optuna.Trial, Plan], ray.ObjectRef],
+               bar: Any) -> None:
         """Ask for a trial and submit its plan; a learned trial whose parameters an earlier complete trial had
         takes that trial's values at once (the same plan, the same search seeds: the same values) and
         spends no forwards — samplers over categorical spaces propose repeats often."""
@@ -357,9 +406,10 @@ class _Search:
             beats.discard(trial)
             self.record_fail(trial, f"warm-start plan {trial.user_attrs.get('name')!r} was not given to this driver")
             return
-        earlier = None if WARM in trial.user_attrs else self._earlier_with_params(trial.params)
-        if earlier is None:  # NOTE: warm-start plans (greedy D1 … D6) always run: each is reported by name
-            pool.submit(submit(plan), (trial, plan))
+        earlier = None if WARM in trial.user_attrs or PROMOTED in trial.user_attrs else self._earlier_with_params(trial.params)
+        if earlier is None:  # NOTE: warm-start plans (greedy D1 … D6) always run: each is reported by name; a promoted
+            # trial has the parameters of its screened trial and is scored on more samples
+            pool.submit(submit(trial, plan), (trial, plan))
             return
         beats.discard(trial)
         trial.set_user_attr(REPEAT, earlier.number)
@@ -370,18 +420,18 @@ class _Search:
         if not params:  # a warm-start plan the space cannot express
             return None
         return next((t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                     if t.params == params and METRICS in t.user_attrs), None)
+                     if t.params == params and METRICS in t.user_attrs and PROMOTED not in t.user_attrs), None)
 
     def record_complete(self, trial: optuna.Trial, plan: Plan, values: dict[str, float]) -> None:
         """Plan file first, then COMPLETE in the study, then MLflow: a crash between any two is repaired."""
         try:
             trial.set_user_attr(METRICS, {k: float(v) for k, v in values.items()})
-            path = self.save_plan(trial.number, plan, values)
+            path = self.save_plan(trial.number, plan, values, self._samples(trial))
             self.tell(trial, values)
         except optuna.exceptions.UpdateFinishedTrialError:
             return  # found stale by another driver meanwhile, and queued again there
         self.tracker.log_trial(trial.number, "COMPLETE", trial.params, values, path)
-        self._log_hypervolume(trial.number)
+        self._log_hypervolume(trial)
 
     def record_fail(self, trial: optuna.Trial, error: str) -> None:
         try:
@@ -390,21 +440,24 @@ class _Search:
         except optuna.exceptions.UpdateFinishedTrialError:
             return
         self.tracker.log_trial(trial.number, "FAIL", trial.params, {}, None)
-        self._log_hypervolume(trial.number)
+        self._log_hypervolume(trial)
 
-    def _log_hypervolume(self, step: int) -> None:
-        self.tracker.log_hypervolume(feasible_hypervolume(_complete(self.study), self.directions, self.reference), step)
+    def _log_hypervolume(self, trial: optuna.Trial) -> None:
+        """The hypervolume of the trials at ``trial``'s fidelity, at its number."""
+        done = _scored(self.study, self.search, promoted=PROMOTED in trial.user_attrs)
+        self.tracker.log_hypervolume(feasible_hypervolume(done, self.directions, self.reference), trial.number)
 
     def _best(self) -> dict[str, str]:
-        done = [t for t in _complete(self.study) if is_feasible_trial(t)]
+        done = [t for t in self._screened() if is_feasible_trial(t)]
         if not done:
             return {}
         return {f"best_{o}": f"{(min if d == 'minimize' else max)(t.values[i] for t in done):.3g}"
                 for i, (o, d) in enumerate(zip(self.objectives, self.directions))}
 
     def publish_front(self) -> list[FrozenTrial]:
-        """The feasible front: Markdown table (every trial, feasible or not), MLflow ``pareto`` tags, figures."""
-        done = _complete(self.study)
+        """The feasible front (with screening: of the promoted trials): Markdown table (every trial of that
+        fidelity, feasible or not), MLflow ``pareto`` tags, figures."""
+        done = _scored(self.study, self.search, promoted=True)
         rows = _front_rows(done, self.objectives, self.directions)
         front = [t for t in done if t.number in {r["trial"] for r in rows if r["on_front"]}]
         if rows:
@@ -423,7 +476,7 @@ class _Search:
 
         metrics = self.search.refine.metrics  # type: ignore[union-attr]
         numbers = {t.number for t in front}
-        warm = [t for t in _complete(self.study) if "source" in t.user_attrs and t.number not in numbers]
+        warm = [t for t in self._screened() if "source" in t.user_attrs and t.number not in numbers]
         refined = refine_front(self.spec, self.storage, self.spec.name, warm + front, self.plans_dir)  # greedy first
         lines = ["| trial | name | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
         for t in refined.get_trials(deepcopy=False):
@@ -448,8 +501,10 @@ def run_search(
     refine: bool = True,
 ) -> SearchResult:
     """Run (or resume) the study of ``spec`` in ``run_dir`` until it holds ``trials`` finished trials,
-    publish its feasible front and measure it (with the warm-start plans) on the held-out seeds
-    (``refine=False``: not here; a helper driver of a shared study leaves that to the main one)."""
+    score the best again on every search sample (``search.screening``), publish its feasible front and
+    measure it (with the warm-start plans) on the held-out seeds (``search.refine``). ``refine=False``: a
+    helper driver of a shared study; it runs trials and leaves the promotion and the held-out evaluation
+    to the main driver."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _import_plugins(plugins)
@@ -457,15 +512,22 @@ def run_search(
     driver.warm_start(warm_start)
     driver.propose()
     driver.repair(mlflow=True)
-    failed = driver.run_trials(trials or spec.search.trials, workers or spec.search.workers, ray_address, plugins,
-                               show_progress)
+    trials, workers = trials or spec.search.trials, workers or spec.search.workers
+    failed = driver.run_trials(trials, workers, ray_address, plugins, show_progress)
     driver.repair(mlflow=False)  # plan files of the trials other drivers completed
+    if refine and driver.promote():  # NOTE: one driver of a shared study promotes and measures, not each
+        failed = driver.run_trials(trials, workers, ray_address, plugins, show_progress)
     front = driver.publish_front()
-    if refine and spec.search.refine is not None:  # NOTE: one driver of a shared study measures, not each
+    if refine and spec.search.refine is not None:
         driver.refine(front)
     driver.tracker.finish()
-    done = _complete(driver.study)
-    hv = feasible_hypervolume(done, driver.directions, driver.reference)
-    repeats = sum(REPEAT in t.user_attrs for t in driver.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    return SearchResult(spec.name, run_dir, driver.objectives, driver.directions, front, hv, len(done) + repeats, failed,
-                        repeats)
+    return _result(driver, front, failed)
+
+
+def _result(driver: _Search, front: list[FrozenTrial], failed: int) -> SearchResult:
+    trials = driver.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    repeats = sum(REPEAT in t.user_attrs for t in trials)
+    hv = feasible_hypervolume(_scored(driver.study, driver.search, promoted=True), driver.directions, driver.reference)
+    return SearchResult(driver.spec.name, driver.run_dir, driver.objectives, driver.directions, front, hv,
+                        sum(PROMOTED not in t.user_attrs for t in trials), failed, repeats,
+                        sum(PROMOTED in t.user_attrs for t in trials))

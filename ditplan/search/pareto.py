@@ -35,3 +35,20 @@ def hypervolume(values: np.ndarray, directions: Sequence[Direction], reference: 
     if len(inside) == 0:
         return 0.0
     return float(compute_hypervolume(inside, ref))
+
+
+def best_by_rank(values: np.ndarray, directions: Sequence[Direction], count: int) -> list[int]:
+    """Indices of ``count`` rows of ``values`` (n, k): whole non-dominated ranks (the front, then the front
+    of the rest, …) while they fit; of the rank that does not fit whole, rows evenly spaced along the first
+    objective, both ends included."""
+    left = np.arange(len(values))
+    chosen: list[int] = []
+    while len(chosen) < count and len(left):
+        mask = pareto_mask(values[left], directions)
+        rank, left = left[mask], left[~mask]
+        room = count - len(chosen)
+        if len(rank) > room:
+            rank = rank[np.argsort(as_losses(values[rank], directions)[:, 0], kind="stable")]
+            rank = rank[np.round(np.linspace(0, len(rank) - 1, room)).astype(int)]  # distinct: spacing > 1
+        chosen += [int(i) for i in rank]
+    return chosen

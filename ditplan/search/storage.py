@@ -33,6 +33,7 @@ from ditplan.spec import ExperimentSpec, SearchSpec
 
 ERROR = "error"  # user attribute of a trial whose evaluation failed
 WARM = "source"  # user attribute of a warm-start trial (greedy D1 … D6)
+PROMOTED = "promoted_from"  # user attribute of a screened trial scored again on every search sample: its number
 
 
 @contextmanager
@@ -142,7 +143,7 @@ def counts(trial: FrozenTrial) -> bool:
 @dataclass(frozen=True)
 class Tally:
     """Where a study stands, over all its drivers: ``finished`` trials that spend budget, ``running``
-    ones, and the ``target``: the learned trials asked for plus every warm-start trial."""
+    ones, and the ``target``: the learned trials asked for plus every warm-start and promoted trial."""
 
     finished: int
     running: int
@@ -156,9 +157,9 @@ class Tally:
 
 def tally(trials: Sequence[FrozenTrial], learned: int) -> Tally:
     running = sum(t.state == TrialState.RUNNING for t in trials)
-    warm = sum(WARM in t.user_attrs for t in trials
-               if counts(t) or t.state in (TrialState.RUNNING, TrialState.WAITING))
-    return Tally(sum(counts(t) for t in trials), running, learned + warm)
+    extra = sum(WARM in t.user_attrs or PROMOTED in t.user_attrs for t in trials  # run on top of the learned trials
+                if counts(t) or t.state in (TrialState.RUNNING, TrialState.WAITING))
+    return Tally(sum(counts(t) for t in trials), running, learned + extra)
 
 
 class Heartbeats:

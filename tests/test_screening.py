@@ -1,0 +1,114 @@
+"""search.screening: trials scored on few search samples first, the best of them again on all."""
+
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from ditplan.errors import UserError
+from ditplan.evaluators.cost import sample_forwards
+from ditplan.evaluators.reference import dense_reference
+from ditplan.plan import load_plan
+from ditplan.report import Candidate, side_budget
+from ditplan.search.driver import PROPOSAL, run_search, study_storage
+from ditplan.search.pareto import best_by_rank
+from ditplan.search.storage import PROMOTED
+from ditplan.search.trial_eval import plan_metrics, worker_adapter
+from ditplan.spec import ScreeningSpec, load_spec
+from tests.conftest import DATA
+
+EXPERIMENT = DATA / "tiny-search.yaml"
+MINIMIZE = ["minimize", "minimize"]
+
+
+def test_best_by_rank_takes_whole_ranks_then_spreads_the_last_along_the_first_objective():
+    values = np.array([
+        [0.1, 0.9], [0.5, 0.5], [0.9, 0.1],                # rank 1
+        [0.2, 0.95], [0.55, 0.7], [0.6, 0.6], [0.95, 0.3],  # rank 2 (each dominated by a rank-1 point)
+        [0.99, 0.99],                                      # rank 3
+    ])
+    assert best_by_rank(values, MINIMIZE, 3) == [0, 1, 2]
+    assert best_by_rank(values, MINIMIZE, 5) == [0, 1, 2, 3, 6]  # both ends of rank 2
+    assert best_by_rank(values, MINIMIZE, 6) == [0, 1, 2, 3, 5, 6]  # rank 2 at positions 0, 1.5 → 2, 3
+    assert best_by_rank(values, MINIMIZE, 8) == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert best_by_rank(values, MINIMIZE, 20) == list(range(8))
+    assert best_by_rank(values, MINIMIZE, 1) == [0]
+    flipped = values * [1, -1]  # the second objective maximised: the same order
+    assert best_by_rank(flipped, ["minimize", "maximize"], 5) == [0, 1, 2, 3, 6]
+
+
+def test_screening_needs_fewer_samples_than_the_search(tmp_path):
+    text = EXPERIMENT.read_text().replace("  samples: 4\n", "  samples: 4\n  screening: {samples: 4, promote: 2}\n")
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=r"search.screening.samples \(4\) must be fewer than search.samples \(4\)"):
+        load_spec(path)
+
+
+def _screened_spec(tmp_path):
+    spec = load_spec(EXPERIMENT)
+    search = spec.search.model_copy(update={"screening": ScreeningSpec(samples=2, promote=3), "refine": None})
+    return spec.model_copy(update={"search": search,
+                                   "evaluation": spec.evaluation.model_copy(update={"cache_dir": str(tmp_path / "cache")})})
+
+
+def test_the_best_screened_trials_are_scored_again_on_every_search_sample_and_only_they_make_the_front(local_ray, tmp_path):
+    spec, run_dir = _screened_spec(tmp_path), tmp_path / "run"
+    result = run_search(spec, run_dir, trials=6, workers=2, show_progress=False)
+    study = optuna.load_study(study_name=spec.name, storage=study_storage(spec, run_dir))
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    screened = [t for t in complete if PROMOTED not in t.user_attrs]
+    promoted = [t for t in complete if PROMOTED in t.user_attrs]
+    assert len(screened) == 6 == result.completed and len(promoted) == 3 == result.promoted
+    distinct = [t for t in screened if "repeat_of" not in t.user_attrs]
+    chosen = [distinct[i] for i in best_by_rank(np.array([t.values for t in distinct]), MINIMIZE, 3)]
+    assert {t.user_attrs[PROMOTED] for t in promoted} == {t.number for t in chosen}
+
+    adapter = worker_adapter(spec)
+    settings = spec.sampler.settings()
+    _, conditions, seeds = spec.seed_set("search")
+    by_number = {t.number: t for t in screened}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the Ray workers (cpus_per_trial 1)
+    try:
+        for trial in promoted:
+            source = by_number[trial.user_attrs[PROMOTED]]
+            assert trial.params == source.params and trial.distributions == source.distributions  # the sampler sees them
+            plan = load_plan(run_dir / "trials" / f"trial-{trial.number:04d}.yaml")
+            first = load_plan(run_dir / "trials" / f"trial-{source.number:04d}.yaml")
+            assert plan.provenance["evaluated_on"]["samples"] == 4 and first.provenance["evaluated_on"]["samples"] == 2
+            for n, values in ((4, trial.values), (2, source.values)):  # each scored on its own samples, against dense's
+                dense = dense_reference(adapter, settings, conditions[:n], seeds[:n], spec.evaluation.cache_dir)
+                direct = plan_metrics(adapter, spec, plan, dense, conditions[:n], seeds[:n], ["rel_l1", "flops_ratio"])
+                assert values == [direct["rel_l1"], direct["flops_ratio"]]
+    finally:
+        torch.set_num_threads(threads)
+    assert {t.number for t in result.front} <= {t.number for t in promoted}  # fronts are chosen at full fidelity
+    assert result.front
+
+    again = run_search(spec, run_dir, trials=6, workers=2, resume=True, show_progress=False)  # nothing left to do
+    assert len(optuna.load_study(study_name=spec.name, storage=study_storage(spec, run_dir)).get_trials()) == 9
+    assert (again.completed, again.promoted) == (6, 3)
+
+
+def test_a_resumed_study_with_more_trials_promotes_only_what_it_has_not(local_ray, tmp_path):
+    spec, run_dir = _screened_spec(tmp_path), tmp_path / "run"
+    run_search(spec, run_dir, trials=4, workers=2, show_progress=False)
+    result = run_search(spec, run_dir, trials=8, workers=2, resume=True, show_progress=False)
+    trials = optuna.load_study(study_name=spec.name, storage=study_storage(spec, run_dir)).get_trials()
+    sources = [t.user_attrs[PROMOTED] for t in trials if PROMOTED in t.user_attrs]
+    assert result.completed == 8 and len(sources) == len(set(sources)) == result.promoted
+    assert 3 <= result.promoted <= 6  # the first three, and at most three new best of the eight
+
+
+def test_the_budget_charges_every_evaluation_at_its_own_fidelity(tmp_path):
+    spec = _screened_spec(tmp_path)
+    settings = spec.sampler.settings()
+    cands = [Candidate("r", n, f"t{n}", "search", {}, {}, True, None, None, tmp_path / "trials" / "x.yaml", samples=s)
+             for n, s in enumerate([2, 2, 2, 4])]
+    budget = side_budget(spec, "search", cands)
+    assert budget.evaluation_forwards == 3 * sample_forwards(2, settings) + sample_forwards(4, settings)
+    assert budget.plans == 4
