@@ -326,7 +326,9 @@ class ProposalSpec(_Strict):
     by it. 0: summed raw losses. max_reuse_run: no layer of a proposal reuses an earlier step's attention
     or block output (``ast``, ``reuse``, ``forecast``) more than this many steps in a row before it computes
     again (``knapsack`` only; null: no limit). The proxy prices every reuse against the step before it, so it cannot see what a recompute in a
-    long run is worth; the default 10 was chosen on the embedded model's held-out seeds (README)."""
+    long run is worth; the default 10 was chosen on the embedded model's held-out seeds (README). A
+    ``rel_l1`` max constraint of the search bounds the proposals too when gains are measured: they run
+    from dense to the fastest plan whose predicted rel. L1 (its cells' summed weighted losses) is within it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     source: Literal["proxy"] = Field("proxy", alias="from")

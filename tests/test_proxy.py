@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, PlanTarget, load_plan
-from ditplan.search.driver import run_search, study_storage
+from ditplan.search.driver import proposal_max_loss, run_search, study_storage
 from ditplan.search.greedy import CANDIDATES, greedy_search
 from ditplan.evaluators.fidelity import relative_l1
 from ditplan.errors import UserError
@@ -219,6 +219,33 @@ def test_knapsack_proposals_are_the_whole_front_of_the_summed_proxy_the_lagrangi
     hull = {_predicted(p, proxy, flops) for p in propose(space, proxy, flops, 4001, "flops")}
     assert hull < front  # the Lagrangian misses the front's points off its convex hull
     assert len(propose(space, proxy, flops, 3, "knapsack")) == 3
+
+
+@pytest.mark.parametrize("max_loss", [0.0, 0.05, 0.12, 10.0])
+def test_a_loss_bound_gives_the_whole_front_of_the_plans_within_it_and_none_beyond(max_loss):
+    proxy, flops = _synthetic()
+    space = build_space(TARGET, ["full", "ast", "asc"], TARGET.num_layers, TARGET.num_steps)  # the full grid
+    within = set()  # brute force: every plan of the space with Σ loss ≤ the bound, by (Σ loss, Σ FLOPs)
+    for pick in itertools.product(["full", "ast", "asc"], repeat=4):
+        point = _predicted(Plan(TARGET, (("full", "full"), pick[:2], pick[2:])), proxy, flops)
+        if point[0] <= max_loss:
+            within.add(point)
+    front = {p for p in within if not any(o[0] <= p[0] and o[1] <= p[1] and o != p for o in within)}
+    assert {_predicted(p, proxy, flops) for p in propose(space, proxy, flops, 4001, max_loss=max_loss)} == front
+    hull = {_predicted(p, proxy, flops) for p in propose(space, proxy, flops, 4001, "flops", max_loss=max_loss)}
+    assert hull <= front and max(loss for loss, _ in hull) <= max_loss
+
+
+def test_proposals_are_bounded_by_the_searchs_rel_l1_constraint_only_when_their_losses_predict_it():
+    search = load_spec(DATA / "tiny-search.yaml").search  # constraint rel_l1 ≤ 5.0
+    assert proposal_max_loss(search) is None  # no proposals
+    with_gains = search.model_copy(update={"proposals": ProposalSpec(count=3)})
+    assert proposal_max_loss(with_gains) == 5.0
+    raw = search.model_copy(update={"proposals": ProposalSpec(count=3, gain_probes=0)})  # losses of the transformer output
+    assert proposal_max_loss(raw) is None
+    flops_only = with_gains.model_copy(update={"constraints": [c.model_copy(update={"metric": "flops_ratio"})
+                                                              for c in search.constraints]})
+    assert proposal_max_loss(flops_only) is None
 
 
 def _longest_reuse_run(plan):

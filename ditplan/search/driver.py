@@ -92,6 +92,15 @@ def reference_point(spec: ExperimentSpec) -> list[float]:
     return [METRIC_REFERENCE[o.metric] for o in spec.search.objectives]
 
 
+def proposal_max_loss(search: SearchSpec) -> float | None:
+    """The most summed proxy loss a proposal may have: the search's ``rel_l1`` bound when the proxy weighs its
+    cells by their gains (then a plan's summed loss predicts its final samples' rel. L1), else none."""
+    if search.proposals is None or not search.proposals.gain_probes:
+        return None
+    bounds = [c.max for c in search.constraints if c.metric == "rel_l1" and c.max is not None]
+    return min(bounds) if bounds else None
+
+
 def _import_plugins(plugins: Sequence[str]) -> None:
     for module in plugins:
         importlib.import_module(module)
@@ -301,7 +310,7 @@ class _Search:
             self.tracker.client.log_metric(self.tracker.parent_id, "proxy_sample_forwards", proxy.sample_forwards)
         known = {t.user_attrs.get("name") for t in self.study.get_trials(deepcopy=False)}
         plans = propose(self.space, proxy, cell_flops(self.adapter, settings, proxy), proposals.count,
-                         proposals.spread, proposals.max_reuse_run)
+                         proposals.spread, proposals.max_reuse_run, proposal_max_loss(self.search))
         for index, plan in enumerate(plans):
             name = f"proposal-{index}"
             params = self.space.params_for(plan)
@@ -327,21 +336,19 @@ class _Search:
                                tuple(plugins))
         return submit
 
-    def run_trials(self, n_trials: int, n_workers: int, ray_address: str | None, plugins: Sequence[str],
-                   show_progress: bool) -> int:
-        """Ask, evaluate on Ray, tell, until the study holds ``n_trials`` finished learned trials (warm-start
-        trials on top), whichever drivers ran them; returns the number of failed learned trials.
-        Trials still in flight when the driver stops are cancelled and queued to run again."""
+    def run_trials(self, n_trials: int, n_workers: int, plugins: Sequence[str], show_progress: bool) -> int:
+        """Ask, evaluate on Ray (connected), tell, until the study holds ``n_trials`` finished learned trials
+        (warm-start and promoted trials on top), whichever drivers ran them; returns the number of failed
+        learned trials. Trials still in flight when the driver stops are cancelled and queued to run again."""
         start = tally(self.study.get_trials(deepcopy=False), n_trials)
-        with _ray(ray_address):
-            pool = TaskPool(self.search.trial_timeout_s)
-            try:
-                with Heartbeats(self.storage) as beats, progress_bar(start.target, "search trials", completed=start.finished,
-                                                                     enabled=show_progress) as bar:
-                    self._loop(pool, beats, bar, n_trials, n_workers, self._submitter(plugins))
-            finally:
-                for trial, _ in pool.cancel_all():
-                    interrupt(self.study, trial, self.search)
+        pool = TaskPool(self.search.trial_timeout_s)
+        try:
+            with Heartbeats(self.storage) as beats, progress_bar(start.target, "search trials", completed=start.finished,
+                                                                 enabled=show_progress) as bar:
+                self._loop(pool, beats, bar, n_trials, n_workers, self._submitter(plugins))
+        finally:
+            for trial, _ in pool.cancel_all():
+                interrupt(self.study, trial, self.search)
         return sum(1 for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
                    if counts(t) and WARM not in t.user_attrs)
 
@@ -513,10 +520,11 @@ def run_search(
     driver.propose()
     driver.repair(mlflow=True)
     trials, workers = trials or spec.search.trials, workers or spec.search.workers
-    failed = driver.run_trials(trials, workers, ray_address, plugins, show_progress)
-    driver.repair(mlflow=False)  # plan files of the trials other drivers completed
-    if refine and driver.promote():  # NOTE: one driver of a shared study promotes and measures, not each
-        failed = driver.run_trials(trials, workers, ray_address, plugins, show_progress)
+    with _ray(ray_address):
+        failed = driver.run_trials(trials, workers, plugins, show_progress)
+        driver.repair(mlflow=False)  # plan files of the trials other drivers completed
+        if refine and driver.promote():  # NOTE: one driver of a shared study promotes and measures, not each
+            failed = driver.run_trials(trials, workers, plugins, show_progress)
     front = driver.publish_front()
     if refine and spec.search.refine is not None:
         driver.refine(front)

@@ -275,7 +275,7 @@ def _usable_methods(space: PlanSpace, proxy: Proxy) -> list[str]:
 
 
 def propose(space: PlanSpace, proxy: Proxy, flops: Mapping[tuple[int, int, str], float], count: int,
-            spread: str = "knapsack", max_run: int | None = None) -> list[Plan]:
+            spread: str = "knapsack", max_run: int | None = None, max_loss: float | None = None) -> list[Plan]:
     """Up to ``count`` plans of the space (every cell of a layer group × step segment one method; no
     SparseDiT or cache part), from the most faithful (dense) to the fastest, most faithful first.
     ``spread``: ``knapsack`` — for ``count`` evenly spaced predicted FLOPs, the plan of least summed
@@ -285,7 +285,8 @@ def propose(space: PlanSpace, proxy: Proxy, flops: Mapping[tuple[int, int, str],
     many near-dense optima). A front's hypervolume is an integral over cost: gaps in cost are what it
     loses, and the hull leaves gaps the knapsack fills. ``max_run`` (knapsack only): no layer reuses its
     attention or block output (:data:`REUSING`) for more than that many steps in a row (from dense to
-    the fastest plan that keeps to it). Deterministic."""
+    the fastest plan that keeps to it). ``max_loss``: from dense to the fastest plan whose summed
+    (weighted) loss is at most that, none beyond. Deterministic."""
     if spread not in PROPOSAL_SPREADS:
         raise ValueError(f"unknown proposal spread {spread!r}; use one of {list(PROPOSAL_SPREADS)}")
     if max_run is not None and spread != "knapsack":
@@ -310,9 +311,10 @@ def propose(space: PlanSpace, proxy: Proxy, flops: Mapping[tuple[int, int, str],
             # cells are layer-major: a layer's step segments in order
             runs = RunCap(max_run, reusing, [s1 - s0 for _, (s0, s1) in cells],
                           [i % len(space.step_segments) == 0 for i in range(len(cells))])
-        picks = _knapsack(cost, loss, count, runs=runs)
+        picks = _knapsack(cost, loss, count, runs=runs, max_loss=max_loss)
     else:
-        optima = sorted(_lagrangian_optima(cost, loss), key=lambda p: _predicted(cost, loss, p))  # costs descend
+        optima = sorted((p for p in _lagrangian_optima(cost, loss) if max_loss is None or _predicted(cost, loss, p)[0] <= max_loss),
+                        key=lambda p: _predicted(cost, loss, p))  # costs descend
         if spread == "hull":
             keep = {int(round(x)) for x in np.linspace(0, len(optima) - 1, min(count, len(optima)))}
         else:
@@ -345,16 +347,17 @@ class RunCap:
 
 
 def _knapsack(cost: np.ndarray, loss: np.ndarray, count: int, steps: int = 4000,
-              runs: RunCap | None = None) -> list[tuple[int, ...]]:
+              runs: RunCap | None = None, max_loss: float | None = None) -> list[tuple[int, ...]]:
     """For ``count`` evenly spaced savings targets from none to the most, the least summed loss with
     savings ≥ the target, by dynamic programming over the cells (−cost on a grid of ``steps`` units; a
     choice that costs more than dense saves nothing): the distinct plans (fewer where targets share one).
-    ``runs``: only plans whose reuse runs keep to its limit."""
+    ``runs``: only plans whose reuse runs keep to its limit; ``max_loss``: the most savings is that of the
+    fastest plan within this summed loss."""
     savings = np.where(cost < 0, -cost, 0.0)
     quantum = max(float(savings.max(axis=1).sum()), 1e-12) / steps
     units = np.rint(savings / quantum).astype(int)
     table = _knapsack_table(units, loss, steps, runs)
-    picks = table.walk_back(units, np.rint(np.linspace(0, table.reach, count)).astype(int))
+    picks = table.walk_back(units, np.rint(np.linspace(0, table.reach(max_loss), count)).astype(int))
     return [tuple(int(j) for j in row) for row in np.unique(picks, axis=0)]
 
 
@@ -368,10 +371,10 @@ class _Table:
     method: np.ndarray
     came: np.ndarray
 
-    @property
-    def reach(self) -> int:
-        """The most savings (units) any plan within the table's limit has."""
-        return int(np.flatnonzero(np.isfinite(self.best.min(axis=0))).max())
+    def reach(self, max_loss: float | None = None) -> int:
+        """The most savings (units) any plan within the table's run limit (and of summed loss ≤ ``max_loss``) has."""
+        least = self.best.min(axis=0)  # non-decreasing in savings; 0 at none
+        return int(np.flatnonzero(np.isfinite(least) if max_loss is None else least <= max_loss).max())
 
     def walk_back(self, units: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """The least-loss plan (a method per cell) for every savings target, all targets at once."""
