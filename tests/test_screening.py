@@ -112,3 +112,33 @@ def test_the_budget_charges_every_evaluation_at_its_own_fidelity(tmp_path):
     budget = side_budget(spec, "search", cands)
     assert budget.evaluation_forwards == 3 * sample_forwards(2, settings) + sample_forwards(4, settings)
     assert budget.plans == 4
+
+
+def test_promotion_takes_each_distinct_plan_once_and_only_feasible_screened_trials(tmp_path):
+    """Two trials whose parameters differ but whose plans are the same (e.g. pruning curves of two families
+    that give the same tokens) are one plan: promoting both would score it twice."""
+    from ditplan.search.driver import _Search
+    from ditplan.search.space import experiment_space
+
+    spec = _screened_spec(tmp_path)
+    search = spec.search.model_copy(update={"screening": ScreeningSpec(samples=2, promote=2)})
+    driver = _Search(spec.model_copy(update={"search": search}), tmp_path / "run", resume=False)
+    space = experiment_space(driver.adapter, spec)
+    names = [space.cell_name(layers, steps) for layers in space.layer_groups for steps in space.step_segments]
+    distributions = {name: optuna.distributions.CategoricalDistribution(list(space.methods)) for name in names}
+    plans = {}
+    for number, (cell, method, values, rel_l1) in enumerate([(0, "ast", [0.1, 0.5], 0.1), (0, "asc", [0.1, 0.5], 0.1),
+                                                              (1, "ast", [0.2, 0.6], 0.2), (2, "ast", [0.01, 0.4], 9.0)]):
+        params = {name: "full" for name in names} | {names[cell]: method}
+        driver.study.add_trial(optuna.trial.create_trial(
+            params=params, distributions=distributions, values=values,
+            constraints={"rel_l1": rel_l1 - 5.0}, user_attrs={"name": f"t{number}"}))
+        plans[number] = space.suggest(optuna.trial.FixedTrial(params))
+    plans[1] = plans[0]  # trial 1's plan file holds trial 0's plan: the same plan under other parameters
+    for number, plan in plans.items():
+        driver.save_plan(number, plan, {}, 2)
+    assert driver.promote()
+    waiting = driver.study.get_trials(states=(TrialState.WAITING,))
+    assert [t.user_attrs[PROMOTED] for t in waiting] == [0, 2]  # t1 is t0's plan; t3 breaks the constraint
+    assert [t.user_attrs["name"] for t in waiting] == ["t0", "t2"]
+    assert not driver.promote()  # claimed: nothing queued twice

@@ -35,6 +35,7 @@ from ditplan.search.figures import front_html, front_png
 from ditplan.search.pareto import best_by_rank, hypervolume, pareto_mask
 from ditplan.search.proxy import PROXY_FILE, cell_flops, experiment_proxy, propose
 from ditplan.search.ray_tasks import TaskPool
+from ditplan.search.refine import distinct_plans, refine_front
 from ditplan.search.space import experiment_space
 from ditplan.search.storage import (
     ERROR,
@@ -354,13 +355,14 @@ class _Search:
 
     def promote(self) -> bool:
         """``search.screening``: the best screened trials (:func:`~ditplan.search.pareto.best_by_rank` of the
-        feasible ones) join the study again, queued to be scored on every search sample by the trial loop
+        feasible ones, each distinct plan once) join the study again, queued to be scored on every search sample by the trial loop
         (heartbeats, retries and resume as for any trial), each a trial of its own with the parameters of
         the first; one promoted before (a resumed study) is not queued twice. True when any is queued."""
         screening = self.search.screening
         if screening is None:
             return False
-        screened = [t for t in self._screened() if is_feasible_trial(t)]
+        feasible = [t for t in self._screened() if is_feasible_trial(t)]
+        screened = [t for t, _ in distinct_plans(feasible, self.plans_dir).values()]  # other parameters, the same plan: once
         claimed = {t.user_attrs[PROMOTED] for t in self.study.get_trials(deepcopy=False) if PROMOTED in t.user_attrs}
         best = [screened[i] for i in best_by_rank(np.array([t.values for t in screened]), self.directions,
                                                    screening.promote)] if screened else []
@@ -479,8 +481,6 @@ class _Search:
 
     def refine(self, front: list[FrozenTrial]) -> None:
         """Held-out evaluation of the feasible front and the warm-start (greedy) plans."""
-        from ditplan.search.refine import refine_front
-
         metrics = self.search.refine.metrics  # type: ignore[union-attr]
         numbers = {t.number for t in front}
         warm = [t for t in self._screened() if "source" in t.user_attrs and t.number not in numbers]
