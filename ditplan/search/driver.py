@@ -29,7 +29,7 @@ from ditplan.errors import UserError
 from ditplan.evaluators.base import METRIC_REFERENCE
 from ditplan.evaluators.cost import FLOPS_COUNT
 from ditplan.evaluators.reference import dense_reference
-from ditplan.plan import Plan, library_versions, load_plan
+from ditplan.plan import Plan, library_versions
 from ditplan.progress import progress_bar
 from ditplan.search.figures import front_html, front_png
 from ditplan.search.pareto import best_by_rank, hypervolume, pareto_mask
@@ -355,9 +355,10 @@ class _Search:
 
     def promote(self) -> bool:
         """``search.screening``: the best screened trials (:func:`~ditplan.search.pareto.best_by_rank` of the
-        feasible ones, each distinct plan once) join the study again, queued to be scored on every search sample by the trial loop
-        (heartbeats, retries and resume as for any trial), each a trial of its own with the parameters of
-        the first; one promoted before (a resumed study) is not queued twice. True when any is queued."""
+        feasible ones, each distinct plan once) join the study again, queued to be scored on every search
+        sample by the trial loop (heartbeats, retries and resume as for any trial), each a trial of its own
+        with the parameters of the first; one promoted before (a resumed study) is not queued twice. True
+        when any is queued."""
         screening = self.search.screening
         if screening is None:
             return False
