@@ -153,6 +153,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     experiment = load_spec(args.experiment)
+    if args.screen_samples and args.screen_samples >= (args.search_samples or experiment.search.samples):
+        parser.error(f"--screen-samples {args.screen_samples} must be fewer than the trials' search samples "
+                     f"({args.search_samples or experiment.search.samples}), which the promoted trials are scored on")
     spec = configure(experiment, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

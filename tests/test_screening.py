@@ -15,7 +15,7 @@ from ditplan.plan import load_plan
 from ditplan.report import Candidate, side_budget
 from ditplan.search.driver import PROPOSAL, run_search, study_storage
 from ditplan.search.pareto import best_by_rank
-from ditplan.search.storage import PROMOTED
+from ditplan.search.storage import ERROR, PROMOTED, WARM, tally
 from ditplan.search.trial_eval import plan_metrics, worker_adapter
 from ditplan.spec import ScreeningSpec, load_spec
 from tests.conftest import DATA
@@ -94,9 +94,13 @@ def test_the_best_screened_trials_are_scored_again_on_every_search_sample_and_on
     assert (again.completed, again.promoted) == (6, 3)
 
 
-def test_a_resumed_study_with_more_trials_promotes_only_what_it_has_not(local_ray, tmp_path):
+def test_a_helper_driver_promotes_nothing_and_a_resumed_study_promotes_only_what_it_has_not(local_ray, tmp_path):
     spec, run_dir = _screened_spec(tmp_path), tmp_path / "run"
-    run_search(spec, run_dir, trials=4, workers=2, show_progress=False)
+    with pytest.warns(UserWarning, match="promotes nothing"):
+        helper = run_search(spec, run_dir, trials=4, workers=2, show_progress=False, refine=False)
+    assert (helper.completed, helper.promoted, helper.front) == (4, 0, [])
+    main = run_search(spec, run_dir, trials=4, workers=2, resume=True, show_progress=False)
+    assert (main.completed, main.promoted) == (4, 3) and main.front
     result = run_search(spec, run_dir, trials=8, workers=2, resume=True, show_progress=False)
     trials = optuna.load_study(study_name=spec.name, storage=study_storage(spec, run_dir)).get_trials()
     sources = [t.user_attrs[PROMOTED] for t in trials if PROMOTED in t.user_attrs]
@@ -127,18 +131,44 @@ def test_promotion_takes_each_distinct_plan_once_and_only_feasible_screened_tria
     names = [space.cell_name(layers, steps) for layers in space.layer_groups for steps in space.step_segments]
     distributions = {name: optuna.distributions.CategoricalDistribution(list(space.methods)) for name in names}
     plans = {}
-    for number, (cell, method, values, rel_l1) in enumerate([(0, "ast", [0.1, 0.5], 0.1), (0, "asc", [0.1, 0.5], 0.1),
-                                                              (1, "ast", [0.2, 0.6], 0.2), (2, "ast", [0.01, 0.4], 9.0)]):
+    rows = [(0, "ast", [0.1, 0.5], 0.1, {}), (0, "asc", [0.1, 0.5], 0.1, {}), (1, "ast", [0.2, 0.6], 0.2, {}),
+            (2, "ast", [0.01, 0.4], 9.0, {}), (2, "asc", [0.01, 0.3], 0.1, {WARM: "greedy"})]
+    for number, (cell, method, values, rel_l1, attrs) in enumerate(rows):
         params = {name: "full" for name in names} | {names[cell]: method}
         driver.study.add_trial(optuna.trial.create_trial(
             params=params, distributions=distributions, values=values,
-            constraints={"rel_l1": rel_l1 - 5.0}, user_attrs={"name": f"t{number}"}))
+            constraints={"rel_l1": rel_l1 - 5.0}, user_attrs={"name": f"t{number}", **attrs}))
         plans[number] = space.suggest(optuna.trial.FixedTrial(params))
     plans[1] = plans[0]  # trial 1's plan file holds trial 0's plan: the same plan under other parameters
     for number, plan in plans.items():
         driver.save_plan(number, plan, {}, 2)
     assert driver.promote()
     waiting = driver.study.get_trials(states=(TrialState.WAITING,))
-    assert [t.user_attrs[PROMOTED] for t in waiting] == [0, 2]  # t1 is t0's plan; t3 breaks the constraint
+    # t1 is t0's plan; t3 breaks the constraint; t4 is a warm-start (greedy) plan, greedy's side, though the best
+    assert [t.user_attrs[PROMOTED] for t in waiting] == [0, 2]
     assert [t.user_attrs["name"] for t in waiting] == ["t0", "t2"]
     assert not driver.promote()  # claimed: nothing queued twice
+    lost = driver.study.ask()  # t0's promoted trial, then interrupted past its retries: t0 is promoted again
+    driver.study.tell(lost, state=TrialState.FAIL)
+    assert driver.promote()
+    assert [t.user_attrs[PROMOTED] for t in driver.study.get_trials(states=(TrialState.WAITING,))] == [2, 0]
+
+
+def _trial(state, **attrs):
+    values = [0.1, 0.5] if state == TrialState.COMPLETE else None
+    return optuna.trial.create_trial(state=state, values=values, user_attrs=attrs)
+
+
+def test_the_tally_runs_every_queued_promoted_trial_even_when_more_learned_trials_finished_than_asked():
+    """Two drivers starting the last learned trial at once leave one learned trial too many: it must not take
+    the place of a promoted trial still queued."""
+    done, waiting = TrialState.COMPLETE, TrialState.WAITING
+    trials = [_trial(done) for _ in range(7)] + [_trial(done, **{PROMOTED: 0}), _trial(waiting, **{PROMOTED: 1}),
+                                                 _trial(waiting, **{PROMOTED: 2})]
+    state = tally(trials, learned=6)
+    assert (state.finished, state.running, state.target, state.free, state.done) == (8, 0, 9, 2, False)
+    finished = trials[:8] + [_trial(done, **{PROMOTED: 1}), _trial(done, **{PROMOTED: 2})]
+    assert tally(finished, learned=6).done
+    assert tally(finished[:5], learned=6).free == 1  # learned trials still missing
+    failed = finished + [_trial(TrialState.FAIL, **{ERROR: "boom"}), _trial(TrialState.FAIL)]  # spent / interrupted
+    assert tally(failed, learned=6).finished == 11 and tally(failed, learned=6).done

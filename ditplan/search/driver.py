@@ -354,22 +354,25 @@ class _Search:
                    if counts(t) and WARM not in t.user_attrs)
 
     def promote(self) -> bool:
-        """``search.screening``: the best screened trials (:func:`~ditplan.search.pareto.best_by_rank` of the
-        feasible ones, each distinct plan once) join the study again, queued to be scored on every search
-        sample by the trial loop (heartbeats, retries and resume as for any trial), each a trial of its own
-        with the parameters of the first; one promoted before (a resumed study) is not queued twice. True
-        when any is queued."""
+        """``search.screening``: the best screened learned trials (:func:`~ditplan.search.pareto.best_by_rank`
+        of the feasible ones, each distinct plan once) join the study again, queued to be scored on every
+        search sample by the trial loop (heartbeats, retries and resume as for any trial), each a trial of its
+        own with the parameters of the first. One promoted before (a resumed study) is not queued twice unless
+        its promoted trial was lost (interrupted past its retries). Warm-start plans are not promoted: they
+        are greedy's side, measured on the held-out seeds as such. True when any is queued."""
         screening = self.search.screening
         if screening is None:
             return False
-        feasible = [t for t in self._screened() if is_feasible_trial(t)]
+        feasible = [t for t in self._screened() if is_feasible_trial(t) and WARM not in t.user_attrs
+                    and self.plan_path(t.number).exists()]
         screened = [t for t, _ in distinct_plans(feasible, self.plans_dir).values()]  # other parameters, the same plan: once
-        claimed = {t.user_attrs[PROMOTED] for t in self.study.get_trials(deepcopy=False) if PROMOTED in t.user_attrs}
+        claimed = {t.user_attrs[PROMOTED] for t in self.study.get_trials(deepcopy=False) if PROMOTED in t.user_attrs
+                   and (counts(t) or t.state in (TrialState.RUNNING, TrialState.WAITING))}
         best = [screened[i] for i in best_by_rank(np.array([t.values for t in screened]), self.directions,
                                                    screening.promote)] if screened else []
         todo = [t for t in best if t.number not in claimed]
         for trial in todo:
-            kept = {k: v for k, v in trial.user_attrs.items() if k in ("name", WARM, GIVEN, PROJECTED, PROPOSAL)}
+            kept = {k: v for k, v in trial.user_attrs.items() if k in ("name", PROPOSAL)}
             self.study.enqueue_trial(trial.params, user_attrs={**kept, PROMOTED: trial.number})
         return bool(todo)
 
@@ -382,7 +385,7 @@ class _Search:
             for _ in range(min(workers - len(pool), state.free)):
                 self._start(pool, beats, submit, bar)
             if not pool:
-                if state.finished >= state.target:
+                if state.done:
                     return
                 time.sleep(poll)  # the last trials run on other drivers
                 continue
@@ -453,9 +456,12 @@ class _Search:
         self._log_hypervolume(trial)
 
     def _log_hypervolume(self, trial: optuna.Trial) -> None:
-        """The hypervolume of the trials at ``trial``'s fidelity, at its number."""
+        """The hypervolume of the trials at ``trial``'s fidelity, at its number (with screening, the screened
+        trials' as ``hypervolume_screened``)."""
+        final = self.search.screening is None or PROMOTED in trial.user_attrs
         done = _scored(self.study, self.search, promoted=PROMOTED in trial.user_attrs)
-        self.tracker.log_hypervolume(feasible_hypervolume(done, self.directions, self.reference), trial.number)
+        self.tracker.log_hypervolume(feasible_hypervolume(done, self.directions, self.reference), trial.number,
+                                     "hypervolume" if final else "hypervolume_screened")
 
     def _best(self) -> dict[str, str]:
         done = [t for t in self._screened() if is_feasible_trial(t)]
@@ -526,6 +532,10 @@ def run_search(
         driver.repair(mlflow=False)  # plan files of the trials other drivers completed
         if refine and driver.promote():  # NOTE: one driver of a shared study promotes and measures, not each
             failed = driver.run_trials(trials, workers, plugins, show_progress)
+            driver.repair(mlflow=False)  # ... and of the promoted trials a helper driver ran
+    if not refine and spec.search.screening is not None:
+        warnings.warn("search.screening: this driver promotes nothing (--no-refine); its front is empty until the "
+                      "main driver, run without --no-refine, scores the best screened trials on every search sample")
     front = driver.publish_front()
     if refine and spec.search.refine is not None:
         driver.refine(front)

@@ -142,24 +142,35 @@ def counts(trial: FrozenTrial) -> bool:
 
 @dataclass(frozen=True)
 class Tally:
-    """Where a study stands, over all its drivers: ``finished`` trials that spend budget, ``running``
-    ones, and the ``target``: the learned trials asked for plus every warm-start and promoted trial."""
+    """Where a study stands, over all its drivers: ``finished`` trials that spend budget, ``running`` ones,
+    the ``target`` (the learned trials asked for plus every warm-start and promoted trial queued, running
+    or finished) and how many are ``free`` to start: the learned trials still missing and every queued
+    warm-start or promoted trial (learned trials beyond the count, as two drivers starting the last one
+    at once leave, take no queued trial's place)."""
 
     finished: int
     running: int
     target: int
+    free: int
 
     @property
-    def free(self) -> int:
-        """Trials still to start, by any driver."""
-        return self.target - self.finished - self.running
+    def done(self) -> bool:
+        """Nothing left to start and nothing running, on any driver."""
+        return self.free == 0 and self.running == 0
+
+
+def _on_top(trial: FrozenTrial) -> bool:
+    """A trial run on top of the learned ones: a warm-start plan, or a screened trial scored again."""
+    return WARM in trial.user_attrs or PROMOTED in trial.user_attrs
 
 
 def tally(trials: Sequence[FrozenTrial], learned: int) -> Tally:
-    running = sum(t.state == TrialState.RUNNING for t in trials)
-    extra = sum(WARM in t.user_attrs or PROMOTED in t.user_attrs for t in trials  # run on top of the learned trials
-                if counts(t) or t.state in (TrialState.RUNNING, TrialState.WAITING))
-    return Tally(sum(counts(t) for t in trials), running, learned + extra)
+    started = [counts(t) or t.state == TrialState.RUNNING for t in trials]
+    queued = [t.state == TrialState.WAITING for t in trials]
+    on_top = sum(_on_top(t) and (s or q) for t, s, q in zip(trials, started, queued))
+    missing = max(0, learned - sum(s and not _on_top(t) for t, s in zip(trials, started)))
+    return Tally(sum(counts(t) for t in trials), sum(t.state == TrialState.RUNNING for t in trials), learned + on_top,
+                 missing + sum(q and _on_top(t) for t, q in zip(trials, queued)))
 
 
 class Heartbeats:

@@ -79,8 +79,8 @@ class Tracker:
         self.client.set_terminated(run_id, "FINISHED" if state == "COMPLETE" else "FAILED")
         return run_id
 
-    def log_hypervolume(self, value: float, step: int) -> None:
-        self.client.log_metric(self.parent_id, "hypervolume", value, step=step)
+    def log_hypervolume(self, value: float, step: int, key: str = "hypervolume") -> None:
+        self.client.log_metric(self.parent_id, key, value, step=step)
 
     def mark_front(self, numbers: set[int]) -> None:
         runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_id}'")
