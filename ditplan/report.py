@@ -61,6 +61,10 @@ class Candidate:
     plan_path: Path
     samples: int | None = None  # the search samples ``metrics`` are on (None: the experiment's search.samples)
 
+    def search_samples(self, spec: ExperimentSpec) -> int:
+        """The search samples ``metrics`` are on: its own fidelity, or the experiment's."""
+        return self.samples or spec.search.samples
+
     def value(self, metric: str) -> float:
         """The held-out value of ``metric`` (NaN when not measured on held-out seeds)."""
         return self.held_out.get(metric, float("nan"))
@@ -197,6 +201,7 @@ def side_budget(spec: ExperimentSpec, side: str, cands: list[Candidate]) -> Budg
     search seeds, in the same unit for both sides whatever their batch sizes."""
     mine = [c for c in cands if c.source == side]
     plans = [_calibration_plan(c) for c in mine] if side == "greedy" else []
+    settings = spec.sampler.settings()
     proxies = {c.plan_path.parent.parent / PROXY_FILE for c in mine} if side != "greedy" else set()
     proxies = [read_proxy(path)[0] for path in proxies if path.exists()]  # the learned side's calibration
     return Budget(
@@ -204,7 +209,7 @@ def side_budget(spec: ExperimentSpec, side: str, cands: list[Candidate]) -> Budg
         calibration_forwards=sum(_calibration(p, spec) for p in plans) + sum(x.sample_forwards for x in proxies),
         calibration_seconds=sum(float(p.provenance.get("search_seconds", 0.0)) for p in plans)
         + sum(x.seconds for x in proxies),
-        evaluation_forwards=sum(sample_forwards(c.samples or spec.search.samples, spec.sampler.settings()) for c in mine),
+        evaluation_forwards=sum(sample_forwards(c.search_samples(spec), settings) for c in mine),
         evaluation_seconds=_elapsed(mine),
         calibration_peak_mb=max((float(p.provenance["peak_memory_mb"]) for p in plans if "peak_memory_mb" in p.provenance),
                                 default=None),
@@ -355,10 +360,10 @@ def _search_seed_lines(run: Run, groups: dict[str, list[dict[str, Any]]]) -> lis
              f"hypervolume reference {reference_point(spec)}", "", "| side | plans | infeasible | front | hypervolume |",
              "|---|---|---|---|---|"]
     for side, name in (("greedy", "greedy"), ("search", "learned")):
-        fidelities = sorted({c.samples or spec.search.samples for c in cands if c.source == side})
+        fidelities = sorted({c.search_samples(spec) for c in cands if c.source == side})
         for samples in fidelities:
             label = name if len(fidelities) == 1 else f"{name}, {samples} search samples"
-            mine = [c for c in cands if c.source == side and (c.samples or spec.search.samples) == samples]
+            mine = [c for c in cands if c.source == side and c.search_samples(spec) == samples]
             lines.append(_search_seed_row(spec, label, mine, groups))
     return lines
 
