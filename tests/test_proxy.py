@@ -394,6 +394,12 @@ def test_greedy_plans_and_proposals_enter_the_study_with_parameters_the_sampler_
     with pytest.raises(UserError, match=r"proxy.json was measured with other settings than this search's \(gain_probes 7 there, 1 now\); delete"):
         run_search(spec.model_copy(update={"search": other}), run, trials=5, workers=1, resume=True, show_progress=False)
     assert len(_study(spec, run).get_trials(states=(TrialState.COMPLETE,))) == 2 + 4
+    # a sampler trial with D2's projected parameters runs the projection: D2's values are its whole plan's
+    _study(spec, run).enqueue_trial(projected)
+    run_search(spec, run, trials=5, workers=1, resume=True, warm_start=warm, show_progress=False)
+    last = _study(spec, run).get_trials(states=(TrialState.COMPLETE,))[-1]
+    assert last.params == projected and "repeat_of" not in last.user_attrs
+    assert last.values != by_name["D2"].values
 
 
 def test_a_grouped_space_projects_a_plan_it_cannot_express_onto_each_cells_most_used_method():

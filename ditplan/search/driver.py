@@ -430,10 +430,13 @@ class _Search:
         self._progress(bar)
 
     def _earlier_with_params(self, params: dict[str, Any]) -> FrozenTrial | None:
+        """An earlier complete trial whose values are those of the plan ``params`` give: not a promoted
+        one (scored on more samples), nor a warm-start plan run whole (its parameters are a projection)."""
         if not params:  # a warm-start plan the space cannot express
             return None
         return next((t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                     if t.params == params and METRICS in t.user_attrs and PROMOTED not in t.user_attrs), None)
+                     if t.params == params and METRICS in t.user_attrs
+                     and PROMOTED not in t.user_attrs and GIVEN not in t.user_attrs), None)
 
     def record_complete(self, trial: optuna.Trial, plan: Plan, values: dict[str, float]) -> None:
         """Plan file first, then COMPLETE in the study, then MLflow: a crash between any two is repaired."""
