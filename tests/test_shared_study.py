@@ -17,8 +17,9 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 import ditplan
+from ditplan.plan import load_plan
 from ditplan.search.driver import run_search
-from ditplan.search.storage import is_interrupted, study_storage
+from ditplan.search.storage import PROMOTED, is_interrupted, study_storage
 from ditplan.search.tracking import STUDY_TAG, TRIAL_TAG, default_tracking_uri
 from ditplan.spec import load_spec
 from tests.conftest import DATA, ENV, free_port
@@ -54,10 +55,12 @@ def _experiment(root, **search):
     return path
 
 
-def _driver(experiment, out, trials, ray_address, *extra):
+def _driver(experiment, out, trials, ray_address, *extra, helper=True):
+    """``ditplan search`` in a process of its own; a helper (``--no-refine``) leaves promotion and the
+    held-out evaluation to the main driver."""
     command = [sys.executable, "-m", "ditplan.cli", "search", "--experiment", str(experiment), "--trials", str(trials),
-               "--workers", "1", "--ray-address", ray_address, "--out", str(out), "--resume", "--no-refine",
-               "--plugin", "tests.plugins.slow_trials", *extra]
+               "--workers", "1", "--ray-address", ray_address, "--out", str(out), "--resume",
+               *(["--no-refine"] if helper else []), "--plugin", "tests.plugins.slow_trials", *extra]
     return subprocess.Popen(command, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
 
@@ -81,6 +84,32 @@ def test_two_drivers_share_one_postgresql_study(database, loopback_cluster, tmp_
     for name in ("a", "b"):  # each run directory holds every trial's plan file, whichever driver ran it
         assert sorted(p.name for p in (tmp_path / name / "trials").glob("*.yaml")) == [
             f"trial-{t.number:04d}.yaml" for t in trials]
+
+
+def test_with_screening_the_main_driver_promotes_once_and_the_promoted_trials_run_on_every_search_sample(
+        database, loopback_cluster, tmp_path):
+    experiment = _experiment(tmp_path, storage=database, refine=None, screening={"samples": 2, "promote": 3}, **SHARED)
+    drivers = {"main": _driver(experiment, tmp_path / "main", 8, loopback_cluster, helper=False),
+               "helper": _driver(experiment, tmp_path / "helper", 8, loopback_cluster)}
+    stderr = {}
+    for name, driver in drivers.items():
+        _, stderr[name] = driver.communicate(timeout=300)
+        assert driver.returncode == 0, stderr[name][-2000:]
+    assert "promotes nothing" in stderr["helper"] and "promotes nothing" not in stderr["main"]
+    trials = _trials(experiment, tmp_path / "main")
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    promoted = [t for t in trials if PROMOTED in t.user_attrs]
+    screened = {t.number: t for t in trials if PROMOTED not in t.user_attrs}
+    assert len(screened) == 8 and len(promoted) == 3  # promoted once, by the main driver only
+    assert len({t.user_attrs[PROMOTED] for t in promoted}) == 3
+    assert len({t.user_attrs["driver"] for t in screened.values()}) == 2  # both drivers ran screened trials
+    for trial in promoted:
+        assert trial.params == screened[trial.user_attrs[PROMOTED]].params
+        plan = load_plan(tmp_path / "main" / "trials" / f"trial-{trial.number:04d}.yaml")
+        assert plan.provenance["evaluated_on"]["samples"] == 4  # every search sample
+    for trial in screened.values():
+        plan = load_plan(tmp_path / "main" / "trials" / f"trial-{trial.number:04d}.yaml")
+        assert plan.provenance["evaluated_on"]["samples"] == 2
 
 
 @pytest.mark.slow  # ≈ 60 s: two driver start-ups and a grace period
