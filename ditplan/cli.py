@@ -12,6 +12,8 @@ from ditplan.files import naming
 from ditplan.plugins import import_plugins
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {}
+RAY_ADDRESS_HELP = ("an existing Ray cluster, e.g. 127.0.0.1:6379 (default: RAY_ADDRESS if set, else a local Ray "
+                    "instance of this run's own)")
 PLUGIN_HELP = "module to import (driver and search workers) that registers strategies or feature extractors; repeatable"
 
 
@@ -245,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", required=True)
     p.add_argument("--trials", type=int, help="learned trials (default: search.trials)")
     p.add_argument("--workers", type=int)
-    p.add_argument("--ray-address")
+    p.add_argument("--ray-address", help=RAY_ADDRESS_HELP)
     p.add_argument("--plugin", action="append", help=PLUGIN_HELP)
 
     p = sub.add_parser("compare", help="greedy vs learned fronts of one or more run directories")
@@ -261,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", required=True)
     p.add_argument("--trials", type=int, help="finished search trials to reach (default: search.trials)")
     p.add_argument("--workers", type=int, help="trials evaluated at once (default: search.workers)")
-    p.add_argument("--ray-address", help="an existing Ray cluster, e.g. 127.0.0.1:6379 (default: local Ray)")
+    p.add_argument("--ray-address", help=RAY_ADDRESS_HELP)
     p.add_argument("--resume", action="store_true",
                    help="continue the study already in the storage (a second driver of an RDB study passes it too)")
     p.add_argument("--warm-start", help="folder of plan files (e.g. greedy D1 … D6) added as known trials")

@@ -112,6 +112,18 @@ def test_with_screening_the_main_driver_promotes_once_and_the_promoted_trials_ru
         assert plan.provenance["evaluated_on"]["samples"] == 2
 
 
+@pytest.mark.slow  # ≈ 60 s: a Ray cluster and a driver start-up
+def test_without_an_address_a_driver_starts_ray_of_its_own_beside_a_cluster_running_on_the_machine(
+        loopback_cluster, tmp_path):
+    experiment = _experiment(tmp_path, sampler="random")
+    env = {k: v for k, v in ENV.items() if k != "RAY_ADDRESS"}
+    command = [sys.executable, "-m", "ditplan.cli", "search", "--experiment", str(experiment), "--trials", "2",
+               "--workers", "1", "--out", str(tmp_path / "run"), "--no-refine"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]  # not "num_cpus ... must not be provided" from the found cluster
+    assert [t.state for t in _trials(experiment, tmp_path / "run")] == [TrialState.COMPLETE] * 2
+
+
 @pytest.mark.slow  # ≈ 60 s: two driver start-ups and a grace period
 def test_a_killed_drivers_trials_are_found_by_heartbeat_and_run_again(database, loopback_cluster, tmp_path):
     experiment = _experiment(tmp_path, storage=database, **{**SHARED, "grace_period_s": 5})

@@ -163,17 +163,20 @@ def _front_table(rows: list[dict[str, Any]], objectives: list[str]) -> str:
 
 @contextmanager
 def _ray(ray_address: str | None) -> Iterator[None]:
-    """Connect to (or start) Ray for the block; shut down after it only what this call started."""
+    """Connect to Ray for the block (``ray_address``, else ``RAY_ADDRESS``) or start a local instance of
+    its own — never one found on the machine (a ``ray start`` cluster of someone else's); shut down after
+    the block only what this call connected to."""
     if ray.is_initialized():
         yield
         return
     env = {"PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH", "")] if p),
            "RAY_USAGE_STATS_ENABLED": "0"}
     kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": {"env_vars": env}, "log_to_driver": False}
-    if ray_address:
-        ray.init(address=ray_address, **kwargs)
+    address = ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=os.cpu_count(), **kwargs)
+        ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)
     try:
         yield
     finally:
