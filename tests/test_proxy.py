@@ -368,6 +368,7 @@ def test_greedy_plans_and_proposals_enter_the_study_with_parameters_the_sampler_
     assert space.params_for(odd) is None  # a window the space does not offer: run whole, learned from projected
     projected = space.project(odd)
     assert projected == {**params, "wars.window_size": 1}  # the first window offered; every cell as it was
+    assert projected != params  # so a trial with the projected parameters is not D1's plan either
     warm = [greedy, odd]
     run = tmp_path / "run"
     run_search(spec, run, trials=3, workers=1, warm_start=warm, show_progress=False)
