@@ -138,7 +138,10 @@ def test_a_search_with_sparsedit_choices_runs_plans_on_the_fine_tuned_network(lo
 
 def test_a_trial_that_repeats_earlier_parameters_takes_their_values_without_evaluation(local_ray, tmp_path):
     space = {"methods": ["full", "ast"], "layer_groups": 1, "step_segments": 1}  # two plans in all
-    spec = _spec(tmp_path, space=load_spec(EXPERIMENT).search.space.model_copy(update=space), refine=None)
+    # a repeat leaves the one worker free: the next trial starts at once, not after a heartbeat interval
+    # (an hour here: pytest's 600 s timeout fails a driver that waits)
+    spec = _spec(tmp_path, space=load_spec(EXPERIMENT).search.space.model_copy(update=space), refine=None,
+                 heartbeat_interval_s=3600)
     result = run_search(spec, tmp_path / "run", trials=6, workers=1, show_progress=False)
     complete = _study(spec, tmp_path / "run").get_trials(states=(TrialState.COMPLETE,))
     first = {}

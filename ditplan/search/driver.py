@@ -385,8 +385,9 @@ class _Search:
         while True:
             recover_interrupted(self.study, self.storage, self.search, at_start=False)
             state = tally(self.study.get_trials(deepcopy=False), learned)
-            for _ in range(min(workers - len(pool), state.free)):
+            while len(pool) < workers and state.free:  # a repeat completes at once: its slot takes the next trial
                 self._start(pool, beats, submit, bar)
+                state = tally(self.study.get_trials(deepcopy=False), learned)
             if not pool:
                 if state.done:
                     return
