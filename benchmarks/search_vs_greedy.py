@@ -13,8 +13,7 @@ evaluations when it warm-starts from greedy (``--warm-start``), and its trials; 
 is what is left, rounded down (``--search-samples``: each learned trial scored on fewer search samples,
 so more trials fit; greedy's evaluations stay charged at the experiment's; ``--screen-samples K --promote P``:
 every trial first on K search samples, then the P best again on the trials' full fidelity, charged
-too, and the front chosen from those P; ``--checks N``: the proposals' rel. L1 bound checked by N sampling
-runs of the proxy's batch, charged too). Several ``--seeds`` repeat the search (the proxy and the greedy plans are deterministic and measured once; every repeat is charged
+too, and the front chosen from those P). Several ``--seeds`` repeat the search (the proxy and the greedy plans are deterministic and measured once; every repeat is charged
 for them).
 
     python benchmarks/search_vs_greedy.py --full-grid --proposals 46 --search-samples 5 --seeds 0 1 2
@@ -50,8 +49,7 @@ from ditplan.plan import Plan, load_plan
 from ditplan.search.driver import run_search
 from ditplan.search.greedy import CANDIDATES, DEFAULT_THRESHOLDS, greedy_search, threshold_name
 from ditplan.search.pareto import hypervolume
-from ditplan.search.proxy import CHECKS_FILE, PROXY_FILE, cell_flops, experiment_bound, experiment_proxy, proxy_candidates
-from ditplan.search.space import experiment_space
+from ditplan.search.proxy import PROXY_FILE, experiment_proxy, proxy_candidates
 from ditplan.search.trial_eval import plan_metrics, worker_adapter
 from ditplan.spec import PROPOSAL_SPREADS, ProposalSpec, ScreeningSpec, load_spec
 
@@ -75,8 +73,7 @@ def configure(spec, args):  # noqa: ANN001, ANN201
     if args.proposals is not None:
         limit = {} if args.max_reuse_run is None else {"max_reuse_run": args.max_reuse_run or None}
         search["proposals"] = ProposalSpec(count=args.proposals, samples=args.proxy_samples, spread=args.spread,
-                                           gain_probes=args.gain_probes, checks=args.checks, **limit) \
-            if args.proposals else None
+                                           gain_probes=args.gain_probes, **limit) if args.proposals else None
     return spec.model_copy(update={"search": spec.search.model_copy(update=search)})
 
 
@@ -151,8 +148,6 @@ def main() -> None:
     parser.add_argument("--max-reuse-run", type=int,
                         help="proposals reuse a layer's attention output at most this many steps in a row "
                              f"(0: no limit; default {ProposalSpec().max_reuse_run}, knapsack only)")
-    parser.add_argument("--checks", type=int, default=0,
-                        help="sampling runs of the proxy's batch that check the proposals' rel. L1 bound (charged)")
     parser.add_argument("--warm-start", action="store_true", help="greedy's D1–D6 join the study (charged to the learned side)")
     parser.add_argument("--latency", action="store_true", help="held-out quality × latency of greedy and the last front")
     args = parser.parse_args()
@@ -187,7 +182,7 @@ def main() -> None:
         print(f"  {name}: held-out rel. L1 {l1:.4f}, FLOPs {flops:.3f}")
 
     # --- the learned side's fixed costs, then its trials ------------------------------------------------
-    proxy_cost, proxy_path, checks_path = 0, None, None
+    proxy_cost, proxy_path = 0, None
     if spec.search.proposals is not None:
         k = len(spec.proxy_batch().seeds)
         probes = spec.search.proposals.gain_probes
@@ -198,18 +193,6 @@ def main() -> None:
         proxy_cost = proxy.sample_forwards
         print(f"proxy: {proxy_cost:,} sample-forwards on {k} calibration samples, gains at {probes} steps, "
               f"candidates {', '.join(CANDIDATES + extra)} ({proxy.seconds:.0f} s)")
-        checks_path = out / CHECKS_FILE  # measured once per run of this script, charged to every repeat
-        checks_path.unlink(missing_ok=True)
-        checked = experiment_bound(adapter, spec, experiment_space(adapter, spec), proxy,
-                                   cell_flops(adapter, settings, proxy), checks_path)
-        if checked is not None:
-            bound = checked[0]
-            proxy_cost += bound.sample_forwards
-            print(f"proposal checks: {bound.sample_forwards:,} sample-forwards ({bound.seconds:.0f} s); bound "
-                  f"{spec.search.proposal_max_loss():.4f} -> {bound.bound:.4f}; (predicted bound, measured rel. L1): "
-                  + ", ".join(f"({b:.4f}, {v:.4f})" for b, v in bound.checks))
-        else:
-            checks_path = None
     warm_cost = budget if args.warm_start else 0  # greedy's calibration + its six plans evaluated in the study
     trials = (budget - proxy_cost - warm_cost - promoted) // per_eval
     if trials < 1:
@@ -219,7 +202,7 @@ def main() -> None:
     space = "full grid" if args.full_grid else f"{spec.search.space.layer_groups} × {spec.search.space.step_segments}"
     print(f"learned side: sampler {spec.search.sampler}, {space}, proposals "
           f"{spec.search.proposals.count if spec.search.proposals else 'none'}, warm start {'greedy' if args.warm_start else 'none'}: "
-          f"proxy{' and checks' if checks_path is not None else ''} {proxy_cost:,} + warm start {warm_cost:,} + {trials} trials × {per_eval:,} "
+          f"proxy {proxy_cost:,} + warm start {warm_cost:,} + {trials} trials × {per_eval:,} "
           + (f"+ {spec.search.screening.promote} promoted × {promoted // spec.search.screening.promote:,} "
              if spec.search.screening else "") + f"= {spent:,} sample-forwards (greedy {budget:,})", flush=True)
 
@@ -230,8 +213,6 @@ def main() -> None:
         if proxy_path is not None:  # measured once above, charged to every repeat
             run_dir.mkdir(parents=True)
             shutil.copy(proxy_path, run_dir / PROXY_FILE)
-            if checks_path is not None:
-                shutil.copy(checks_path, run_dir / CHECKS_FILE)
         # held-out figures are this script's own (below): the study does not refine
         seeded = spec.model_copy(update={"search": spec.search.model_copy(update={"seed": seed, "refine": None})})
         start = time.perf_counter()

@@ -39,7 +39,7 @@ from ditplan.search.driver import REPEAT, is_feasible_trial, reference_point, st
 from ditplan.search.storage import JOURNAL_FILE
 from ditplan.search.figures import front_html, front_png
 from ditplan.search.pareto import hypervolume, pareto_mask
-from ditplan.search.proxy import CHECKS_FILE, PROXY_FILE, read_bound, read_proxy
+from ditplan.search.proxy import PROXY_FILE, read_proxy
 from ditplan.search.refine import refined_study_name
 from ditplan.spec import ExperimentSpec, load_spec
 
@@ -202,15 +202,13 @@ def side_budget(spec: ExperimentSpec, side: str, cands: list[Candidate]) -> Budg
     mine = [c for c in cands if c.source == side]
     plans = [_calibration_plan(c) for c in mine] if side == "greedy" else []
     settings = spec.sampler.settings()
-    run_dirs = {c.plan_path.parent.parent for c in mine} if side != "greedy" else set()
-    # the learned side's calibration: the proxy, and the sampling runs that checked its proposals' bound
-    one_off = [read(d / name)[0] for d in run_dirs for name, read in ((PROXY_FILE, read_proxy), (CHECKS_FILE, read_bound))
-               if (d / name).exists()]
+    proxies = {c.plan_path.parent.parent / PROXY_FILE for c in mine} if side != "greedy" else set()
+    proxies = [read_proxy(path)[0] for path in proxies if path.exists()]  # the learned side's calibration
     return Budget(
         side="greedy" if side == "greedy" else "learned", plans=len(mine),
-        calibration_forwards=sum(_calibration(p, spec) for p in plans) + sum(x.sample_forwards for x in one_off),
+        calibration_forwards=sum(_calibration(p, spec) for p in plans) + sum(x.sample_forwards for x in proxies),
         calibration_seconds=sum(float(p.provenance.get("search_seconds", 0.0)) for p in plans)
-        + sum(x.seconds for x in one_off),
+        + sum(x.seconds for x in proxies),
         evaluation_forwards=sum(sample_forwards(c.search_samples(spec), settings) for c in mine),
         evaluation_seconds=_elapsed(mine),
         calibration_peak_mb=max((float(p.provenance["peak_memory_mb"]) for p in plans if "peak_memory_mb" in p.provenance),

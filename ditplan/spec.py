@@ -328,13 +328,7 @@ class ProposalSpec(_Strict):
     again (``knapsack`` only; null: no limit). The proxy prices every reuse against the step before it, so it cannot see what a recompute in a
     long run is worth; the default 10 was chosen on the embedded model's held-out seeds (README). A
     ``rel_l1`` max constraint of the search bounds the proposals too when gains are measured: they run
-    from dense to the fastest plan whose predicted rel. L1 (its cells' summed weighted losses) is within it.
-    checks: sampling runs of the proxy's batch that check that bound (:func:`ditplan.search.proxy.check_bound`;
-    needs that constraint and gains): the first samples the fastest proposal; when its rel. L1 to dense
-    passes the bound, the others bisect the predicted bound between dense and there, and the proposals
-    stop at the fastest plan that measured within it. Each costs a sampling run of the proxy's batch
-    (plus one dense run). 0: trust the prediction, which under-predicts plans that skip blocks over many
-    steps 3–4× on the embedded model."""
+    from dense to the fastest plan whose predicted rel. L1 (its cells' summed weighted losses) is within it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     source: Literal["proxy"] = Field("proxy", alias="from")
@@ -343,7 +337,6 @@ class ProposalSpec(_Strict):
     samples: Count | None = None
     gain_probes: int = Field(7, ge=0, le=1000)
     max_reuse_run: int | None = Field(10, ge=1, le=100_000)
-    checks: int = Field(0, ge=0, le=100)
 
     @model_validator(mode="before")
     @classmethod
@@ -427,25 +420,9 @@ class SearchSpec(_Strict):
                              f"({self.samples}), the fidelity promoted trials are scored at; lower it or drop screening")
         return self
 
-    @model_validator(mode="after")
-    def _checks_have_a_bound(self) -> SearchSpec:
-        if self.proposals is not None and self.proposals.checks and self.proposal_max_loss() is None:
-            raise ValueError(f"search.proposals.checks ({self.proposals.checks}) check the proposals against a "
-                             "rel_l1 max constraint, which needs gains: add {metric: rel_l1, max: ...} to "
-                             "search.constraints and keep proposals.gain_probes above 0, or set checks: 0")
-        return self
-
     def trial_samples(self) -> int:
         """The search samples a trial is first scored on (all of them without screening)."""
         return self.screening.samples if self.screening else self.samples
-
-    def proposal_max_loss(self) -> float | None:
-        """The most summed proxy loss a proposal may have: the search's ``rel_l1`` bound when the proxy weighs
-        its cells by their gains (then a plan's summed loss predicts its final samples' rel. L1), else none."""
-        if self.proposals is None or not self.proposals.gain_probes:
-            return None
-        bounds = [c.max for c in self.constraints if c.metric == "rel_l1" and c.max is not None]
-        return min(bounds) if bounds else None
 
 
 class GreedySpec(_Strict):

@@ -10,28 +10,22 @@ from optuna.trial import TrialState
 
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, PlanTarget, load_plan
-from ditplan.search.driver import run_search, study_storage
+from ditplan.search.driver import proposal_max_loss, run_search, study_storage
 from ditplan.search.greedy import CANDIDATES, greedy_search
 from ditplan.evaluators.fidelity import relative_l1
 from ditplan.errors import UserError
 from ditplan.search.proxy import (
-    CHECKS_FILE,
     PROXY_FILE,
-    BoundCheck,
     Proxy,
     cached_proxy,
     cell_flops,
-    check_bound,
     experiment_proxy,
     measure_gains,
     measure_proxy,
     probe_steps,
     propose,
     proxy_candidates,
-    read_bound,
 )
-from ditplan.evaluators.cost import sample_forwards
-from ditplan.report import Candidate, side_budget
 from ditplan.strategies.apply import run_plan, sample_with_plan
 from ditplan.search.space import build_space, experiment_space
 from ditplan.search.trial_eval import worker_adapter
@@ -244,110 +238,14 @@ def test_a_loss_bound_gives_the_whole_front_of_the_plans_within_it_and_none_beyo
 
 def test_proposals_are_bounded_by_the_searchs_rel_l1_constraint_only_when_their_losses_predict_it():
     search = load_spec(DATA / "tiny-search.yaml").search  # constraint rel_l1 ≤ 5.0
-    assert search.proposal_max_loss() is None  # no proposals
+    assert proposal_max_loss(search) is None  # no proposals
     with_gains = search.model_copy(update={"proposals": ProposalSpec(count=3)})
-    assert with_gains.proposal_max_loss() == 5.0
+    assert proposal_max_loss(with_gains) == 5.0
     raw = search.model_copy(update={"proposals": ProposalSpec(count=3, gain_probes=0)})  # losses of the transformer output
-    assert raw.proposal_max_loss() is None
+    assert proposal_max_loss(raw) is None
     flops_only = with_gains.model_copy(update={"constraints": [c.model_copy(update={"metric": "flops_ratio"})
                                                               for c in search.constraints]})
-    assert flops_only.proposal_max_loss() is None
-
-
-def _ast_family(adapter, settings):
-    """Plans ever faster with k: the first k (step ≥ 1, layer) cells on ``ast``, the rest dense."""
-    target = plan_target(adapter, settings)
-    cells = [(s, l) for s in range(1, target.num_steps) for l in range(target.num_layers)]
-
-    def plan(k):
-        grid = [["full"] * target.num_layers for _ in range(target.num_steps)]
-        for s, l in cells[:k]:
-            grid[s][l] = "ast"
-        return Plan(target, tuple(map(tuple, grid)))
-
-    return plan, len(cells)
-
-
-def test_checks_bisect_the_bound_to_the_fastest_proposal_that_measures_within_it(tiny_adapter, tiny_spec):
-    settings = tiny_spec.sampler.settings()
-    batch = _batch(tiny_spec)
-    family, n = _ast_family(tiny_adapter, settings)
-    dense = run_plan(tiny_adapter, None, *batch, settings).samples
-    losses = [relative_l1(run_plan(tiny_adapter, family(k), *batch, settings).samples, dense) for k in range(n + 1)]
-    max_loss = (losses[1] + losses[n]) / 2
-    assert losses[1] <= max_loss < losses[n]  # the prediction's own fastest plan (every cell) measures over it
-    asked = []
-
-    def fastest(bound):  # a proposal as fast as the bound lets it be: every cell at the bound itself
-        asked.append(bound)
-        return family(int(bound / max_loss * n))
-
-    checked = check_bound(tiny_adapter, settings, *batch, fastest, max_loss, checks=4)
-    assert [b for b, _ in checked.checks] == asked and len(asked) == 4 and asked[0] == max_loss
-    assert all(v == losses[int(b / max_loss * n)] for b, v in checked.checks)  # the plan's samples, exactly
-    held = [b for b, v in checked.checks if v <= max_loss]
-    failed = [b for b, v in checked.checks if v > max_loss]
-    assert checked.bound == max(held, default=0.0) and all(b > checked.bound for b in failed)
-    for i, bound in enumerate(asked[1:], start=1):  # each the midpoint of the last held and the last failed
-        before = checked.checks[:i]
-        assert bound == (max([b for b, v in before if v <= max_loss], default=0.0)
-                         + min(b for b, v in before if v > max_loss)) / 2
-    distinct = len({int(b / max_loss * n) for b in asked})
-    assert checked.sample_forwards == (1 + distinct) * sample_forwards(len(batch[1]), settings)  # + the dense run
-    assert BoundCheck.from_json(checked.to_json()) == checked
-
-    loose = check_bound(tiny_adapter, settings, *batch, fastest, losses[n], checks=4)
-    assert loose.bound == losses[n] and len(loose.checks) == 1  # the prediction held: nothing to bisect
-
-
-def test_proposals_stop_at_the_checked_bound_and_the_budget_charges_the_checks(local_ray, tmp_path, monkeypatch):
-    loose = _spec(tmp_path, proposals=ProposalSpec(count=3, gain_probes=1, max_reuse_run=None))
-    adapter = worker_adapter(loose)
-    space = experiment_space(adapter, loose)
-    settings = loose.sampler.settings()
-    _, conditions, seeds = loose.proxy_batch()
-    proxy, _ = experiment_proxy(adapter, loose, tmp_path / "proxy.json")
-    flops = cell_flops(adapter, settings, proxy)
-    dense = run_plan(adapter, None, conditions, seeds, settings).samples
-    fastest = propose(space, proxy, flops, 2, max_loss=5.0)[-1]
-    bound = relative_l1(run_plan(adapter, fastest, conditions, seeds, settings).samples, dense) / 2
-    constraints = [c.model_copy(update={"max": bound}) for c in loose.search.constraints]
-    spec = _spec(tmp_path, constraints=constraints, proposals=ProposalSpec(count=3, gain_probes=1, max_reuse_run=None,
-                                                                           checks=3))
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / PROXY_FILE).write_text((tmp_path / "proxy.json").read_text())
-    run_search(spec, run, trials=3, workers=1, show_progress=False)
-    checked, _ = read_bound(run / CHECKS_FILE)
-    assert checked.checks[0][0] == bound and checked.checks[0][1] > bound and len(checked.checks) == 3
-    proposed = propose(space, proxy, flops, 3, max_loss=checked.bound)
-    trials = {t.user_attrs.get("name"): t for t in _study(spec, run).get_trials(states=(TrialState.COMPLETE,))}
-    assert [trials[f"proposal-{i}"].params for i in range(len(proposed))] == [space.params_for(p) for p in proposed]
-    last = relative_l1(run_plan(adapter, proposed[-1], conditions, seeds, settings).samples, dense)
-    assert last <= bound and (checked.bound == 0.0 or (checked.bound, last) in checked.checks)
-
-    cands = [Candidate("r", 0, "t0", "search", {}, {}, True, None, None, run / "trials" / "trial-0000.yaml")]
-    budget = side_budget(spec, "search", cands)
-    assert budget.calibration_forwards == proxy.sample_forwards + checked.sample_forwards
-
-    def no_sampling(*args, **kwargs):
-        raise AssertionError("a resumed search checked the bound again")
-
-    monkeypatch.setattr("ditplan.search.proxy.check_bound", no_sampling)
-    run_search(spec, run, trials=4, workers=1, resume=True, show_progress=False)  # the stored checks
-    tighter = [c.model_copy(update={"max": bound / 2}) for c in constraints]
-    with pytest.raises(UserError, match=r"proposal_checks.json was measured with other settings than this search's "
-                                        r"\(max_loss"):
-        run_search(spec.model_copy(update={"search": spec.search.model_copy(update={"constraints": tighter})}), run,
-                   trials=5, workers=1, resume=True, show_progress=False)
-
-
-def test_checks_without_a_rel_l1_bound_are_refused():
-    search = load_spec(DATA / "tiny-search.yaml").search
-    with pytest.raises(ValueError, match=r"search.proposals.checks \(2\) check the proposals against a rel_l1 max "
-                                         r"constraint, which needs gains"):
-        type(search).model_validate({**search.model_dump(), "proposals": {"count": 3, "checks": 2, "gain_probes": 0}})
-    type(search).model_validate({**search.model_dump(), "proposals": {"count": 3, "checks": 2}})  # gains and a bound
+    assert proposal_max_loss(flops_only) is None
 
 
 def _longest_reuse_run(plan):

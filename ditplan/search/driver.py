@@ -33,7 +33,7 @@ from ditplan.plan import Plan, library_versions
 from ditplan.progress import progress_bar
 from ditplan.search.figures import front_html, front_png
 from ditplan.search.pareto import best_by_rank, hypervolume, pareto_mask
-from ditplan.search.proxy import CHECKS_FILE, PROXY_FILE, cell_flops, experiment_bound, experiment_proxy, propose
+from ditplan.search.proxy import PROXY_FILE, cell_flops, experiment_proxy, propose
 from ditplan.search.ray_tasks import TaskPool
 from ditplan.search.refine import distinct_plans, refine_front
 from ditplan.search.space import experiment_space
@@ -91,6 +91,15 @@ def reference_point(spec: ExperimentSpec) -> list[float]:
     if missing:
         raise UserError(f"objective {missing[0]!r} has no default hypervolume reference; set search.reference_point")
     return [METRIC_REFERENCE[o.metric] for o in spec.search.objectives]
+
+
+def proposal_max_loss(search: SearchSpec) -> float | None:
+    """The most summed proxy loss a proposal may have: the search's ``rel_l1`` bound when the proxy weighs its
+    cells by their gains (then a plan's summed loss predicts its final samples' rel. L1), else none."""
+    if search.proposals is None or not search.proposals.gain_probes:
+        return None
+    bounds = [c.max for c in search.constraints if c.metric == "rel_l1" and c.max is not None]
+    return min(bounds) if bounds else None
 
 
 def _import_plugins(plugins: Sequence[str]) -> None:
@@ -295,8 +304,7 @@ class _Search:
     def propose(self) -> None:
         """``search.proposals``: the proxy (measured once on the calibration batch, kept in the run
         directory with its cost) proposes plans that join the study as enqueued learned trials with
-        their parameters, ahead of the sampler's own; a resumed study keeps them and adds none twice.
-        With ``proposals.checks`` their loss bound is checked by sampling first (kept beside the proxy)."""
+        their parameters, ahead of the sampler's own; a resumed study keeps them and adds none twice."""
         proposals = self.search.proposals
         if proposals is None:
             return
@@ -304,17 +312,9 @@ class _Search:
         proxy, measured = experiment_proxy(self.adapter, self.spec, self.run_dir / PROXY_FILE)
         if measured:
             self.tracker.client.log_metric(self.tracker.parent_id, "proxy_sample_forwards", proxy.sample_forwards)
-        flops = cell_flops(self.adapter, settings, proxy)
-        max_loss = self.search.proposal_max_loss()
-        checked = experiment_bound(self.adapter, self.spec, self.space, proxy, flops, self.run_dir / CHECKS_FILE)
-        if checked is not None:
-            bound, measured = checked
-            if measured:
-                self.tracker.client.log_metric(self.tracker.parent_id, "proposal_check_sample_forwards",
-                                               bound.sample_forwards)
-            max_loss = bound.bound
         known = {t.user_attrs.get("name") for t in self.study.get_trials(deepcopy=False)}
-        plans = propose(self.space, proxy, flops, proposals.count, proposals.spread, proposals.max_reuse_run, max_loss)
+        plans = propose(self.space, proxy, cell_flops(self.adapter, settings, proxy), proposals.count,
+                         proposals.spread, proposals.max_reuse_run, proposal_max_loss(self.search))
         for index, plan in enumerate(plans):
             name = f"proposal-{index}"
             params = self.space.params_for(plan)

@@ -39,7 +39,6 @@ plans, which need the longest runs: at 10 steps the fastest proposal has FLOPs 0
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -52,7 +51,7 @@ import torch
 
 from ditplan.atomic import atomic_write_text
 from ditplan.errors import UserError
-from ditplan.evaluators.cost import plan_flops, sample_forwards
+from ditplan.evaluators.cost import plan_flops
 from ditplan.evaluators.fidelity import relative_l1
 from ditplan.models.adapters import ModelAdapter
 from ditplan.models.sampling import SamplerSettings, Snapshot, plan_target, sample_batch
@@ -60,14 +59,13 @@ from ditplan.plan import Plan
 from ditplan.search.greedy import CANDIDATES, greedy_search
 from ditplan.search.space import PlanSpace
 from ditplan.spec import PROPOSAL_SPREADS, ExperimentSpec
-from ditplan.strategies.apply import apply_plan, remove_plan, run_plan
+from ditplan.strategies.apply import apply_plan, remove_plan
 from ditplan.strategies.base import BlockStrategy, get_strategy_class
 
 WINDOWED = ("wars", "wars+asc")  # the candidates whose window the proxy measured them with
 # methods that compute nothing new at their step: a layer's run of them grows stale (``max_run``)
 REUSING = frozenset({"ast", "reuse", "forecast"})
 PROXY_FILE = "proxy.json"  # in a search's run directory: the proxy it measured (and what that cost)
-CHECKS_FILE = "proposal_checks.json"  # beside it: the proposals' bound as checked by sampling (and its cost)
 LAMBDA_SWEEP = np.geomspace(1e-4, 1e6, 401)  # × (dense FLOPs of one cell): from "fastest" to "dense"
 
 
@@ -143,75 +141,6 @@ def experiment_proxy(adapter: ModelAdapter, spec: ExperimentSpec, path: Path) ->
                                                     proposals.gain_probes, candidates), measured_with)
 
 
-@dataclass(frozen=True)
-class BoundCheck:
-    """The proposals' loss bound, checked by sampling (:func:`check_bound`). bound: the predicted summed
-    loss the proposals keep to; checks: ``(predicted bound, measured rel. L1)`` of the fastest proposal at
-    every bound tried, in order; sample_forwards / seconds: what the checks cost (the dense run included)."""
-
-    bound: float
-    checks: tuple[tuple[float, float], ...]
-    sample_forwards: int
-    seconds: float
-
-    def to_json(self, measured_with: Mapping[str, Any] | None = None) -> str:
-        return json.dumps({**asdict(self), **({"measured_with": measured_with} if measured_with is not None else {})})
-
-    @classmethod
-    def from_json(cls, text: str) -> BoundCheck:
-        data = json.loads(text)
-        return cls(float(data["bound"]), tuple((float(b), float(v)) for b, v in data["checks"]),
-                   int(data["sample_forwards"]), float(data["seconds"]))
-
-
-def check_bound(adapter: ModelAdapter, settings: SamplerSettings, conditions: Sequence[Any], seeds: Sequence[int],
-                fastest: Callable[[float], Plan], max_loss: float, checks: int) -> BoundCheck:
-    """The largest predicted bound ≤ ``max_loss`` whose fastest proposal (``fastest(bound)``) measures within
-    ``max_loss``: its samples' relative L1 to dense on the batch ``(conditions, seeds)``. The first check
-    takes ``max_loss`` itself and ends the search when it holds; otherwise the other ``checks − 1`` bisect
-    between none (dense, loss 0) and the smallest bound that failed. A plan met twice is sampled once."""
-    started = time.perf_counter()
-    dense = run_plan(adapter, None, conditions, seeds, settings).samples
-    runs, measured, tried = 1, {}, []
-    held, failed = 0.0, max_loss
-    for index in range(checks):
-        bound = max_loss if index == 0 else (held + failed) / 2
-        plan = fastest(bound)
-        if plan.grid not in measured:
-            measured[plan.grid] = relative_l1(run_plan(adapter, plan, conditions, seeds, settings).samples, dense)
-            runs += 1
-        tried.append((bound, measured[plan.grid]))
-        if measured[plan.grid] > max_loss:
-            failed = bound
-            continue
-        held = bound
-        if index == 0:
-            break
-    return BoundCheck(held, tuple(tried), runs * sample_forwards(len(seeds), settings), time.perf_counter() - started)
-
-
-def experiment_bound(adapter: ModelAdapter, spec: ExperimentSpec, space: PlanSpace, proxy: Proxy,
-                     flops: Mapping[tuple[int, int, str], float], path: Path) -> tuple[BoundCheck, bool] | None:
-    """The bound ``spec.search.proposals`` keep to, checked on the proxy's batch (:func:`check_bound`) and
-    kept at ``path`` keyed by the proxy, the space and the proposals' settings; True when measured now.
-    None when the experiment asks for no checks."""
-    proposals, max_loss = spec.search.proposals, spec.search.proposal_max_loss()
-    if proposals is None or not proposals.checks or max_loss is None:
-        return None
-    settings = spec.sampler.settings()
-    _, conditions, seeds = spec.proxy_batch()
-    measured_with = {"proxy_sha256": hashlib.sha256(proxy.to_json().encode()).hexdigest(),
-                     "space": spec.search.space.model_dump(mode="json"), "spread": proposals.spread,
-                     "max_reuse_run": proposals.max_reuse_run, "max_loss": max_loss, "checks": proposals.checks,
-                     "conditions": conditions, "seeds": seeds}
-
-    def fastest(bound: float) -> Plan:
-        return propose(space, proxy, flops, 2, proposals.spread, proposals.max_reuse_run, bound)[-1]
-
-    return _cached(path, lambda: check_bound(adapter, settings, conditions, seeds, fastest, max_loss, proposals.checks),
-                   measured_with, read_bound)
-
-
 def probe_steps(num_steps: int, probes: int) -> list[int]:
     """``probes`` evenly spaced steps from 1 to the last (step 0 is dense in every plan)."""
     return sorted({int(round(x)) for x in np.linspace(1, num_steps - 1, min(probes, num_steps - 1))})
@@ -282,24 +211,15 @@ def _steps_read(method: str, params: Mapping[str, Mapping[str, Any]]) -> int:
 def read_proxy(path: Path) -> tuple[Proxy, Any]:
     """The proxy in ``path`` and what it was measured with (None from a ditplan before that was stored);
     an unreadable file is a :class:`UserError` naming it."""
-    return _read(path, Proxy, "a proxy file")
-
-
-def read_bound(path: Path) -> tuple[BoundCheck, Any]:
-    """The checked proposal bound in ``path`` (:data:`CHECKS_FILE`) and what it was measured with."""
-    return _read(path, BoundCheck, "a proposal check file")
-
-
-def _read(path: Path, kind: type[Proxy] | type[BoundCheck], what: str) -> tuple[Any, Any]:
     try:
         text = path.read_text()
-        found, measured_with = kind.from_json(text), json.loads(text).get("measured_with")
-        if measured_with is not None and not isinstance(measured_with, dict):
-            raise ValueError(f"measured_with is {measured_with!r}, not a mapping")
-        return found, measured_with
+        proxy, found = Proxy.from_json(text), json.loads(text).get("measured_with")
+        if found is not None and not isinstance(found, dict):
+            raise ValueError(f"measured_with is {found!r}, not a mapping")
+        return proxy, found
     except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise UserError(f"{path} is not {what} ditplan can read ({type(err).__name__}: {err}); "
-                        "delete it to measure it again") from None
+        raise UserError(f"{path} is not a proxy file ditplan can read ({type(err).__name__}: {err}); "
+                        "delete it to measure the proxy again") from None
 
 
 def cached_proxy(path: Path, measure: Callable[[], Proxy], measured_with: Mapping[str, Any]) -> tuple[Proxy, bool]:
@@ -307,26 +227,21 @@ def cached_proxy(path: Path, measure: Callable[[], Proxy], measured_with: Mappin
     ``measured_with`` (JSON values: calibration seeds, window, gain probes) is stored beside it; a stored
     proxy measured with other settings, written by a ditplan without them, or unreadable, is a
     :class:`UserError` that names the file and the fix (a resumed search must not mix proxies)."""
-    return _cached(path, measure, measured_with, read_proxy)
-
-
-def _cached(path: Path, measure: Callable[[], Any], measured_with: Mapping[str, Any],
-            read: Callable[[Path], tuple[Any, Any]]) -> tuple[Any, bool]:
     wanted = json.loads(json.dumps(measured_with))
     if path.exists():
-        stored, found = read(path)
+        proxy, found = read_proxy(path)
         if found is None:
             raise UserError(f"{path} was written by an older ditplan (it does not say what it was measured with); "
-                            "delete it to measure it again")
+                            "delete it to measure the proxy again")
         if found != wanted:
             changed = "; ".join(f"{k} {found.get(k)!r} there, {wanted.get(k)!r} now"
                                 for k in sorted({*found, *wanted}) if found.get(k) != wanted.get(k))
             raise UserError(f"{path} was measured with other settings than this search's ({changed}); "
                             "delete the file to measure it again, or restore the experiment's settings")
-        return stored, False
-    measured = measure()
-    atomic_write_text(path, measured.to_json(wanted))
-    return measured, True
+        return proxy, False
+    proxy = measure()
+    atomic_write_text(path, proxy.to_json(wanted))
+    return proxy, True
 
 
 def cell_flops(adapter: ModelAdapter, settings: SamplerSettings, proxy: Proxy) -> dict[tuple[int, int, str], float]:
