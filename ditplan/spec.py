@@ -363,8 +363,9 @@ class ScreeningSpec(_Strict):
 
 
 class SearchSpec(_Strict):
-    """sampler: tpe (default), nsga2, gp or random, seeded by ``seed``. trials: evaluated trials per
-    study (warm-start plans not counted). workers: Ray tasks in flight. samples: the first K samples of
+    """sampler: tpe (default), nsga2, gp or random, seeded by ``seed``. trials: learned trials per
+    study (warm-start plans not counted; a trial that draws an earlier trial's parameters counts too, and
+    takes that trial's values without being evaluated). workers: Ray tasks in flight. samples: the first K samples of
     the search seed set, on which every trial is judged. reference_point: hypervolume reference in objective units
     (default: dense cost, and the worst quality seen). storage: an Optuna RDB URL for several drivers
     (default: a journal file in the run directory). tracking_uri: MLflow (default: SQLite in the run
