@@ -18,7 +18,7 @@ from ditplan.plan import load_plan
 from ditplan.plugins import import_plugins
 from ditplan.report import compare_runs, export_plans
 from ditplan.search.baselines import measure_baselines
-from ditplan.search.driver import run_search
+from ditplan.search.driver import resolve_ray_address, run_search
 from ditplan.search.greedy_cli import greedy_summary, write_greedy_plans
 from ditplan.search.storage import study_exists, study_storage
 from ditplan.search.trial_eval import worker_adapter
@@ -40,6 +40,7 @@ def run_experiment(
     console = Console(quiet=not show_progress)
     import_plugins(plugins)
     spec = load_spec(experiment)
+    resolve_ray_address(ray_address)  # NOTE: a cluster that does not answer fails here, not after greedy's minutes
     with naming(experiment):
         check_evaluation(spec)
         adapter = worker_adapter(spec)  # NOTE: loaded before anything is written: a bad model leaves no run directory

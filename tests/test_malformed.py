@@ -4,6 +4,7 @@ that reads them: each exits 2 with one line on stderr, no traceback, and nothing
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,23 @@ def test_unreadable_paths_are_one_line(command, inputs, capsys):
     big = inputs / "big.yaml"
     big.write_text("name: x\n" + "# padding\n" * 200_000)
     assert "bytes" in _fails_in_one_line(EXPERIMENT_COMMANDS[command](str(big), inputs), inputs, capsys)
+
+
+@pytest.mark.parametrize("command", ["search", "run"])
+@pytest.mark.parametrize("given, found", [("--ray-address", "no Ray cluster answers at --ray-address '127.0.0.1:"),
+                                          ("RAY_ADDRESS", "no Ray cluster answers at RAY_ADDRESS '127.0.0.1:"),
+                                          ("malformed", "--ray-address 'headnode' is not host:port")])
+def test_a_ray_address_nothing_answers_at_is_one_line_at_once(command, given, found, inputs, capsys, monkeypatch):
+    """ray.init would retry such an address for many minutes; ``run`` would find out only after greedy."""
+    from tests.conftest import free_port
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    address = f"127.0.0.1:{free_port()}"  # a port nothing listens on
+    argv = EXPERIMENT_COMMANDS[command](str(inputs / "tiny-dit.yaml"), inputs)
+    if given == "RAY_ADDRESS":
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    else:
+        argv += ["--ray-address", address if given == "--ray-address" else "headnode"]
+    started = time.monotonic()
+    line = _fails_in_one_line(argv, inputs, capsys)
+    assert found in line and time.monotonic() - started < 30, line

@@ -161,10 +161,29 @@ def _front_table(rows: list[dict[str, Any]], objectives: list[str]) -> str:
                       f" | {'yes' if r['feasible'] else 'no'} | {'yes' if r['on_front'] else ''} |" for r in rows])
 
 
+def resolve_ray_address(given: str | None) -> str | None:
+    """The Ray cluster a search connects to: ``given`` (``--ray-address``), else ``RAY_ADDRESS``, else None (a
+    local instance of its own). A ``host:port`` (or ``ray://host:port``) that accepts no connection within 5 s
+    is a :class:`UserError` — ``ray.init`` would retry it for many minutes — raised before anything is written."""
+    address, source = (given, "--ray-address") if given else (os.environ.get("RAY_ADDRESS") or None, "RAY_ADDRESS")
+    if address is None or address in ("auto", "local"):
+        return address
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not host or not port.isdigit():
+        raise UserError(f"{source} {address!r} is not host:port; give the address `ray start --head` prints, "
+                        "e.g. 127.0.0.1:6379")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as err:
+        raise UserError(f"no Ray cluster answers at {source} {address!r} ({err.strerror or err}); check the address, "
+                        "or leave --ray-address and RAY_ADDRESS out to start a local Ray instance") from None
+    return address
+
+
 @contextmanager
-def _ray(ray_address: str | None) -> Iterator[None]:
-    """Connect to Ray for the block (``ray_address``, else ``RAY_ADDRESS``) or start a local instance of
-    its own — never one found on the machine (a ``ray start`` cluster of someone else's); shut down after
+def _ray(address: str | None) -> Iterator[None]:
+    """Connect to Ray for the block (``address``, from :func:`resolve_ray_address`) or start a local instance
+    of its own — never one found on the machine (a ``ray start`` cluster of someone else's); shut down after
     the block only what this call connected to."""
     if ray.is_initialized():
         yield
@@ -172,7 +191,6 @@ def _ray(ray_address: str | None) -> Iterator[None]:
     env = {"PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH", "")] if p),
            "RAY_USAGE_STATS_ENABLED": "0"}
     kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": {"env_vars": env}, "log_to_driver": False}
-    address = ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -526,6 +544,7 @@ def run_search(
     measure it (with the warm-start plans) on the held-out seeds (``search.refine``). ``refine=False``: a
     helper driver of a shared study; it runs trials and leaves the promotion and the held-out evaluation
     to the main driver."""
+    address = resolve_ray_address(ray_address)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _import_plugins(plugins)
@@ -534,7 +553,7 @@ def run_search(
     driver.propose()
     driver.repair(mlflow=True)
     trials, workers = trials or spec.search.trials, workers or spec.search.workers
-    with _ray(ray_address):
+    with _ray(address):
         failed = driver.run_trials(trials, workers, plugins, show_progress)
         driver.repair(mlflow=False)  # plan files of the trials other drivers completed
         if refine and driver.promote():  # NOTE: one driver of a shared study promotes and measures, not each
