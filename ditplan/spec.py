@@ -247,11 +247,17 @@ class SparseSpaceSpec(_Strict):
     may run on, as folders relative to the model's (``auto``: every one found under its ``sparse/``);
     running on none is always a choice. pool_layers: Poolingformer bottom-layer counts for plans on
     the pretrained weights. curves: pruning-curve families for plans on a network, their rates drawn
-    inside the range the network was trained for."""
+    inside the range the network was trained for. cache_every / cache_stop: block caching on a network's
+    own blocks, drawn when ``methods`` lists ``reuse`` or ``forecast`` (the grid cannot draw those blocks):
+    its SDTM modules, each skipped as a whole, or all its blocks compute at the first two steps and every
+    k-th step after (k from ``cache_every``), up to a fraction of the steps (``cache_stop``) after which
+    every step computes, and reuse or forecast their residuals in between; ``cache_every: []`` draws none."""
 
     networks: Literal["auto"] | list[str] = "auto"
     pool_layers: list[int] = [0, 1, 2]
     curves: list[str] = ["constant", "paper", "linear", "cosine", "step"]
+    cache_every: list[Annotated[int, Field(ge=2)]] = [2, 3]
+    cache_stop: list[Annotated[float, Field(gt=0, le=1)]] = [0.8, 1.0]
 
 
 class CacheSpaceSpec(_Strict):

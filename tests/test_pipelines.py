@@ -30,6 +30,7 @@ from ditplan.models.adapters import load_adapter, read_prompt_embeddings
 from ditplan.models.embedded import EMBEDDED_PATH
 from ditplan.models.sampling import SamplerSettings, plan_target
 from ditplan.plan import Plan, PlanError
+from ditplan.search.space import LayoutCaching, layout_columns
 from ditplan.strategies import pipeline as pipeline_module
 from ditplan.strategies.apply import get_runtime, sample_with_plan, step_hook
 from ditplan.strategies.finetune_sparse import layout_plan
@@ -210,12 +211,19 @@ def test_a_bare_transformer_in_a_users_own_loop_is_told_the_step(dit_folder):
     torch.testing.assert_close(images, expected, rtol=0, atol=1e-5)
 
 
-def test_a_sparsedit_plan_swaps_in_its_network_in_a_stock_pipeline_and_removal_restores_the_weights(embedded_adapter):
+@pytest.mark.parametrize("caching", [None, LayoutCaching("reuse", every=2, stop=1.0, blocks="all")])
+def test_a_sparsedit_plan_swaps_in_its_network_in_a_stock_pipeline_and_removal_restores_the_weights(embedded_adapter,
+                                                                                                       caching):
+    """caching: the network's blocks (its SDTM module as a whole and its Poolingformer layer) reuse at step 3."""
     from ditplan.models.pipelines import embedded_pipeline
 
     settings = SamplerSettings(num_steps=4, guidance_scale=4.0)
     layout = SparseLayout(modules=((1, 5),), curve=Constant(0.75), weights="sparse/p1-s1_5", pool_layers=1)
     plan = layout_plan(embedded_adapter, layout, settings)
+    columns = layout_columns(layout, 4, caching)
+    plan = Plan(plan.target, tuple(tuple(columns[l][s] if l in columns else "full" for l in range(6)) for s in range(4)),
+                sparse=plan.sparse)
+    assert (caching is not None) == ("reuse" in plan.strategies())
     labels, seeds = [0, 7], [10, 11]
     ours = as_pipeline_images(sample_with_plan(embedded_adapter, plan, labels, seeds, settings)[0])
 

@@ -60,6 +60,38 @@ def test_sparse_choices_fix_the_layout_cells_and_keep_rates_in_the_network_range
     assert seen == {"pool0", "pool2", "constant", "paper", "step"}
 
 
+def test_a_network_draws_block_caching_for_its_own_blocks_and_its_plans_map_back():
+    """With block caching among the methods, a plan on a network draws a cache interval for the blocks its layout
+    fixes (the grid cannot draw them): its SDTM module as a whole, or its Poolingformer layer too."""
+    target = dataclasses.replace(TARGET, num_steps=20)
+    network = dataclasses.replace(NETWORK, target=dataclasses.replace(NETWORK.target, num_steps=20))
+    space = build_space(target, ["full", "ast", "reuse", "forecast"], layer_groups=3, step_segments=2,
+                        sparse=SparseChoices((network,), (0,), ("paper",), cache_every=(2, 3), cache_stop=(0.8, 1.0)))
+    seen = set()
+    for plan, params in draw(space, trials=80):
+        assert space.params_for(plan) == params
+        if params["sparse.network"] == NO_NETWORK:
+            continue
+        sparse_layout(plan)  # a valid layout: the module computes or is skipped as a whole
+        cache = "sparse.sparse/p1-s1_5.cache"
+        columns = [tuple(row[layer] for row in plan.grid) for layer in range(6)]
+        if params[cache] == NO_CACHE:
+            assert columns[0] == ("pool",) * 20 and all(c == ("full",) * 20 for c in columns[1:5])
+            continue
+        every, stop, blocks = params[f"{cache}.every"], params[f"{cache}.stop"], params[f"{cache}.blocks"]
+        seen.add((params[cache], every, stop, blocks))
+        skipped = [s for s in range(20) if 2 <= s < round(stop * 20) and (s - 2) % every]
+        for layer in range(1, 5):
+            assert [s for s in range(20) if columns[layer][s] != "full"] == skipped
+            assert {columns[layer][s] for s in skipped} == {params[cache]}
+        assert [s for s in range(20) if columns[0][s] != "pool"] == (skipped if blocks == "all" else [])
+        assert columns[5][0] == "full"  # the free layer is the grid's
+    assert len(seen) >= 10  # of the 16 cachings
+    uncached = dataclasses.replace(space, sparse=dataclasses.replace(space.sparse, cache_every=()))
+    drawn = next(plan for plan, params in draw(space, trials=80) if params.get("sparse.sparse/p1-s1_5.cache") not in (None, NO_CACHE))
+    assert uncached.params_for(drawn) is None  # a caching this space does not draw
+
+
 def test_plans_outside_the_sparse_choices_are_not_expressible():
     space = build_space(TARGET, ["full", "ast"], 3, 2, sparse=SparseChoices((NETWORK,), (0,), ("paper",)))
     dense = Plan.uniform(TARGET)

@@ -187,3 +187,57 @@ def test_fine_tuning_resumes_exactly_and_its_plans_refuse_the_base_model(tmp_pat
     with pytest.raises(PlanError, match="holds none; make it with `ditplan finetune-sparse`"):
         sample_with_plan(teacher, Plan(plan.target, plan.grid, sparse={**plan.sparse, "weights": "sparse/p9"}), [1], [0], settings)
     assert math.isfinite(float(info["fine_tuning"]["minutes"]))
+
+
+def module_cached_plan(target, columns, r=0.0):
+    """An SDTM module over both blocks of the tiny DiT; columns[layer] = its cells over the steps."""
+    layout = {"pool_layers": 0, "modules": [[0, 2]], "curve": {"name": "constant", "r": r}, "weights": None}
+    return Plan(target, tuple(tuple(col[s] for col in columns) for s in range(target.num_steps)), sparse=layout)
+
+
+def test_a_module_skipped_as_a_whole_adds_the_modules_residual_to_its_input(tiny_adapter, tiny_spec):
+    """Reusing an SDTM module: its input at this step plus (its output − its input) at the last computed step.
+    With r = 0 and the identity merge the module is the dense blocks, so the same input as that step gives
+    that step's output, and the module's blocks, hooks and state are gone after removal."""
+    settings = tiny_spec.sampler.settings()
+    target = plan_target(tiny_adapter, settings)
+    plan = module_cached_plan(target, [["full", "reuse", "full", "full"]] * 2)
+    x = torch.randn(2, 4, 16, 16)
+    kwargs = {"timestep": torch.tensor([500, 500]), "class_labels": torch.tensor([3, 10])}
+    transformer = tiny_adapter.transformer
+    with torch.no_grad():
+        dense = transformer(x, **kwargs).sample
+        runtime = apply_plan(transformer, plan, target)
+        try:
+            with step_context(StepContext(0, 4, False)):
+                first = transformer(x, **kwargs).sample
+            with step_context(StepContext(1, 4, False)):
+                reused = transformer(x, **kwargs).sample
+            assert len(runtime.block_residuals[0]) == 0 and not runtime.block_residuals[1]  # read by its last reader
+            assert not runtime.unit_inputs and not runtime.sparse.dense
+        finally:
+            remove_plan(transformer)
+    assert torch.equal(first, dense)
+    torch.testing.assert_close(reused, dense, rtol=1e-6, atol=1e-6)
+    assert not any(hasattr(block, "_diffusers_hook") for block in transformer.transformer_blocks)
+
+
+def test_a_module_caching_plan_differs_from_the_plan_without_it_and_costs_what_the_kernels_ran(tiny_adapter, tiny_spec):
+    settings = tiny_spec.sampler.settings()
+    target = plan_target(tiny_adapter, settings)
+    cached = module_cached_plan(target, [["full", "reuse", "full", "forecast"]] * 2, r=0.75)
+    plain = module_cached_plan(target, [["full"] * 4] * 2, r=0.75)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        images = sample_with_plan(tiny_adapter, cached, [1, 2], [0, 1], settings)[0]
+    assert plan_flops(tiny_adapter, cached, settings, batch=2).total == counter.get_total_flops()
+    assert not torch.equal(images, sample_with_plan(tiny_adapter, plain, [1, 2], [0, 1], settings)[0])
+
+
+def test_a_module_computes_or_is_skipped_as_a_whole(tiny_adapter, tiny_spec):
+    target = plan_target(tiny_adapter, tiny_spec.sampler.settings())
+    mixed = module_cached_plan(target, [["full", "reuse", "full", "full"], ["full"] * 4])
+    with pytest.raises(PlanError, match=r"SDTM module \[0, 2\) mixes \['full', 'reuse'\] at step 1; a module computes"):
+        apply_plan(tiny_adapter.transformer, mixed, target)
+    attention = module_cached_plan(target, [["full", "ast", "full", "full"]] * 2)
+    with pytest.raises(PlanError, match=r"needs 'full' there at every step, or a block-caching cell \(forecast, reuse\)"):
+        apply_plan(tiny_adapter.transformer, attention, target)

@@ -67,7 +67,8 @@ def plan_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSettin
             attention += planner.strategy_at(step, layer).attention_flops(shape, settings.cfg, wants)
             for entry in wants:  # e.g. the window pass a dense step spends on a later WA-RS residual
                 attention += planner.next_reader(step, layer, entry).production_flops(entry, shape)  # type: ignore[union-attr]
-        other += rows * (once + (sdtm_overhead_flops(adapter) * len(layout.modules) if layout else 0))
+        computed_modules = [m for m in layout.modules if planner.strategy_at(step, m[0]).level != "block"] if layout else []
+        other += rows * (once + sdtm_overhead_flops(adapter) * len(computed_modules))
     return Flops(attention=attention, total=attention + other)
 
 

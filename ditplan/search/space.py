@@ -9,7 +9,8 @@ narrowed by the experiment file when it lists choices; ``wars`` and ``wars+asc``
 SparseDiT joins as global choices (:class:`SparseChoices`): which fine-tuned network (its fixed
 Poolingformer layers and SDTM modules) or none, then a pruning-curve family and its rates inside the
 rate range that network was trained for; without a network, a number of Poolingformer bottom layers
-(usable without fine-tuning). Blocks a layout fixes are not drawn in the grid.
+(usable without fine-tuning). Blocks a layout fixes are not drawn in the grid; when the methods include
+block caching, a network draws a cache interval for its own blocks instead (:class:`LayoutCaching`).
 
 Block caching (``reuse``, ``forecast``) are cell methods like the attention strategies. One of
 diffusers' caches joins as a global choice (:class:`CacheChoices`): a trial first draws whether it
@@ -59,11 +60,44 @@ class SparseNetwork:
 @dataclass(frozen=True)
 class SparseChoices:
     """networks: fine-tuned networks to choose from (besides none); pool_layers: Poolingformer layer
-    counts for plans without a network; curves: pruning-curve families for plans with one."""
+    counts for plans without a network; curves: pruning-curve families for plans with one; cache_every /
+    cache_stop: the :class:`LayoutCaching` choices for a network's blocks (drawn when the space's methods
+    include block caching; no ``cache_every``: none)."""
 
     networks: tuple[SparseNetwork, ...]
     pool_layers: tuple[int, ...]
     curves: tuple[str, ...]
+    cache_every: tuple[int, ...] = ()
+    cache_stop: tuple[float, ...] = ()
+
+
+LAYOUT_CACHE_WARMUP = 2  # a network's blocks compute at the first steps (a forecast extrapolates from two)
+LAYOUT_CACHE_BLOCKS = ("modules", "all")
+
+
+@dataclass(frozen=True)
+class LayoutCaching:
+    """Block caching on the blocks a SparseDiT layout fixes, at FORA's cache interval: ``method`` (a block
+    strategy: ``reuse``, ``forecast``) on its SDTM modules (``blocks: modules``, each skipped as a whole) or
+    on all its blocks (``all``: its Poolingformer layers too) at the steps from ``LAYOUT_CACHE_WARMUP`` up to
+    ``stop`` × the step count, except every ``every``-th of them, which computes."""
+
+    method: str
+    every: int
+    stop: float
+    blocks: str
+
+    def skips(self, step: int, num_steps: int) -> bool:
+        return (LAYOUT_CACHE_WARMUP <= step < round(self.stop * num_steps)
+                and (step - LAYOUT_CACHE_WARMUP) % self.every != 0)
+
+
+def layout_columns(layout: SparseLayout, num_steps: int, caching: LayoutCaching | None = None) -> dict[int, tuple[str, ...]]:
+    """The cells of every layer ``layout`` fixes, by step (layer → one cell per step)."""
+    cached = layout.blocks() | (set(range(layout.pool_layers)) if caching and caching.blocks == "all" else set())
+    return {layer: tuple(caching.method if caching and layer in cached and caching.skips(step, num_steps) else method
+                         for step in range(num_steps))
+            for layer, method in layout.fixed_cells().items()}
 
 
 @dataclass(frozen=True)
@@ -116,7 +150,7 @@ class PlanSpace:
         """The trial parameters that reproduce ``plan``, or None when this space cannot express it
         (a cell that mixes methods, a method or parameter value outside the choices)."""
         params: dict[str, Any] = {}
-        fixed: dict[int, str] = {}
+        fixed: dict[int, tuple[str, ...]] = {}
         if self.cache is not None:
             cache = self._cache_params_for(plan)
             if cache is None or plan.cache:
@@ -132,7 +166,7 @@ class PlanSpace:
             fixed = sparse[1]
         elif plan.sparse:
             return None
-        if any(m != fixed.get(layer, "full") for layer, m in enumerate(plan.grid[0])):
+        if any(m != "full" for layer, m in enumerate(plan.grid[0]) if layer not in fixed):
             return None
         for layers in self.layer_groups:
             free = [l for l in range(*layers) if l not in fixed]
@@ -190,7 +224,8 @@ class PlanSpace:
         target, layout, fixed = self.target, None, {}
         if self.sparse is not None:
             target, layout, fixed = self._suggest_sparse(trial)
-        grid = [[fixed.get(layer, "full") for layer in range(target.num_layers)] for _ in range(target.num_steps)]
+        grid = [[fixed[layer][step] if layer in fixed else "full" for layer in range(target.num_layers)]
+                for step in range(target.num_steps)]
         for l0, l1 in self.layer_groups:
             free = [layer for layer in range(l0, l1) if layer not in fixed]
             for s0, s1 in self.step_segments:
@@ -237,24 +272,66 @@ class PlanSpace:
         space = CURVES[curve].search_space()
         return {k: network.rate_choices() if k.startswith("r") else v for k, v in space.items()}
 
-    def _suggest_sparse(self, trial: optuna.Trial) -> tuple[PlanTarget, SparseLayout | None, dict[int, str]]:
-        """The network (or none), its layout and curve; returns the plan's target, layout and the
-        grid cells the layout fixes."""
+    def _block_methods(self) -> list[str]:
+        return [m for m in self.methods if get_strategy_class(m).level == "block"]
+
+    def _caching_choices(self, network: SparseNetwork) -> list[LayoutCaching]:
+        """Every block caching a plan on ``network`` may draw for its blocks (none when the space has no block
+        caching or no intervals)."""
+        sparse = self.sparse
+        assert sparse is not None
+        if not sparse.cache_every:
+            return []
+        return [LayoutCaching(m, e, s, b) for m in self._block_methods() for e in sparse.cache_every
+                for s in sparse.cache_stop for b in _caching_blocks(network)]
+
+    def _suggest_sparse(self, trial: optuna.Trial) -> tuple[PlanTarget, SparseLayout | None, dict[int, tuple[str, ...]]]:
+        """The network (or none), its layout, curve and block caching; returns the plan's target, layout and
+        the grid cells the layout fixes (layer → its cell at every step)."""
         choices = self.sparse
         assert choices is not None
+        num_steps = self.target.num_steps
         weights = trial.suggest_categorical("sparse.network", [NO_NETWORK, *(n.weights for n in choices.networks)])
         if weights == NO_NETWORK:
             pool = trial.suggest_categorical("sparse.pool_layers", list(choices.pool_layers))
             layout = SparseLayout(modules=(), curve=CURVES["constant"](r=0.0), pool_layers=pool) if pool else None
-            return self.target, layout, layout.fixed_cells() if layout else {}
+            return self.target, layout, layout_columns(layout, num_steps) if layout else {}
         network = self._network(weights)
         name = trial.suggest_categorical(f"sparse.{weights}.curve", list(choices.curves))
         rates = {k: trial.suggest_categorical(f"sparse.{weights}.{name}.{k}", v)
                  for k, v in self._curve_space(network, name).items()}
         layout = SparseLayout(network.modules, CURVES[name](**rates), weights, network.pool_layers)
-        return network.target, layout, layout.fixed_cells()
+        return network.target, layout, layout_columns(layout, num_steps, self._suggest_caching(trial, network))
 
-    def _sparse_params_for(self, plan: Plan) -> tuple[dict[str, Any], dict[int, str]] | None:
+    def _suggest_caching(self, trial: optuna.Trial, network: SparseNetwork) -> LayoutCaching | None:
+        if not self._caching_choices(network):
+            return None
+        prefix = f"sparse.{network.weights}.cache"
+        method = trial.suggest_categorical(prefix, [NO_CACHE, *self._block_methods()])
+        if method == NO_CACHE:
+            return None
+        sparse = self.sparse
+        assert sparse is not None
+        return LayoutCaching(method, trial.suggest_categorical(f"{prefix}.every", list(sparse.cache_every)),
+                             trial.suggest_categorical(f"{prefix}.stop", list(sparse.cache_stop)),
+                             trial.suggest_categorical(f"{prefix}.blocks", list(_caching_blocks(network))))
+
+    def _caching_params_for(self, plan: Plan, network: SparseNetwork,
+                            layout: SparseLayout) -> tuple[dict[str, Any], dict[int, tuple[str, ...]]] | None:
+        """The caching parameters and fixed columns of ``plan`` on ``network``, or None when its layout's cells
+        are no caching this space draws."""
+        choices = self._caching_choices(network)
+        prefix = f"sparse.{network.weights}.cache"
+        for caching in [None, *choices]:
+            columns = layout_columns(layout, plan.num_steps, caching)
+            if all(tuple(row[layer] for row in plan.grid) == cells for layer, cells in columns.items()):
+                if caching is None:
+                    return ({prefix: NO_CACHE} if choices else {}), columns
+                return {prefix: caching.method, f"{prefix}.every": caching.every, f"{prefix}.stop": caching.stop,
+                        f"{prefix}.blocks": caching.blocks}, columns
+        return None
+
+    def _sparse_params_for(self, plan: Plan) -> tuple[dict[str, Any], dict[int, tuple[str, ...]]] | None:
         choices = self.sparse
         assert choices is not None
         if not plan.sparse:
@@ -263,7 +340,10 @@ class PlanSpace:
         if not layout.weights:
             if layout.modules or layout.pool_layers not in choices.pool_layers:
                 return None
-            return {"sparse.network": NO_NETWORK, "sparse.pool_layers": layout.pool_layers}, layout.fixed_cells()
+            columns = layout_columns(layout, plan.num_steps)
+            if any(tuple(row[layer] for row in plan.grid) != cells for layer, cells in columns.items()):
+                return None
+            return {"sparse.network": NO_NETWORK, "sparse.pool_layers": layout.pool_layers}, columns
         if layout.weights not in {n.weights for n in choices.networks} or layout.curve.name not in choices.curves:
             return None
         network = self._network(layout.weights)
@@ -273,7 +353,15 @@ class PlanSpace:
             if value not in options:
                 return None
             params[f"sparse.{layout.weights}.{layout.curve.name}.{key}"] = value
-        return params, layout.fixed_cells()
+        caching = self._caching_params_for(plan, network, layout)
+        if caching is None:
+            return None
+        return {**params, **caching[0]}, caching[1]
+
+
+def _caching_blocks(network: SparseNetwork) -> tuple[str, ...]:
+    """What a network's block caching may cover: its modules, or all its blocks when it has Poolingformer layers."""
+    return LAYOUT_CACHE_BLOCKS if network.pool_layers else LAYOUT_CACHE_BLOCKS[:1]
 
 
 def _param_name(strategy: str, param: str) -> str:
@@ -367,4 +455,5 @@ def sparse_choices(adapter: ModelAdapter, spec: ExperimentSpec) -> SparseChoices
             modules=tuple((int(a), int(b)) for a, b in layout["modules"]),
             rate_range=(float(info["rate_range"][0]), float(info["rate_range"][1])),
         ))
-    return SparseChoices(tuple(networks), tuple(sparse.pool_layers), tuple(sparse.curves))
+    return SparseChoices(tuple(networks), tuple(sparse.pool_layers), tuple(sparse.curves), tuple(sparse.cache_every),
+                         tuple(sparse.cache_stop))

@@ -23,7 +23,14 @@ from ditplan.models.adapters import ModelAdapter, load_for_plan, new_merges
 from ditplan.models.context import StepContext, current_step, step_context
 from ditplan.models.sampling import SamplerSettings, plan_target, sample
 from ditplan.plan import Plan, PlanError, PlanTarget
-from ditplan.strategies.base import BLOCK_ENTRY, AttentionCall, BlockStrategy, Strategy, get_strategy_class
+from ditplan.strategies.base import (
+    BLOCK_ENTRY,
+    STRATEGIES,
+    AttentionCall,
+    BlockStrategy,
+    Strategy,
+    get_strategy_class,
+)
 from ditplan.strategies.diffusers_cache import DiffusersCache, ExecutionCounter
 from ditplan.strategies.hooks import remove_hook
 from ditplan.strategies.sdtm import SparseLayout, SparseRuntime
@@ -48,12 +55,39 @@ def sparse_layout(plan: Plan) -> SparseLayout | None:
         raise PlanError(str(err)) from None
     for layer, method in sorted(layout.fixed_cells().items()):
         for step in range(plan.num_steps):
-            if plan.method(step, layer) != method:
+            cell = plan.method(step, layer)
+            if cell != method and not _is_block_cell(cell):
                 raise PlanError(
-                    f"layer {layer} uses {plan.method(step, layer)!r} at step {step}, but the plan's sparse layout "
-                    f"{layout.name} needs {method!r} there at every step"
+                    f"layer {layer} uses {cell!r} at step {step}, but the plan's sparse layout {layout.name} needs "
+                    f"{method!r} there at every step, or a block-caching cell ({', '.join(_block_cells())}) that skips it"
+                )
+    for start, end in layout.modules:
+        for step in range(plan.num_steps):
+            cells = sorted({plan.method(step, layer) for layer in range(start, end)})
+            if len(cells) > 1:
+                raise PlanError(
+                    f"SDTM module [{start}, {end}) mixes {cells} at step {step}; a module computes or is skipped as "
+                    "a whole: give its blocks one cell at each step"
                 )
     return layout
+
+
+def _is_block_cell(name: str) -> bool:
+    strategy = STRATEGIES.get(name)
+    return strategy is not None and strategy.level == "block"
+
+
+def _block_cells() -> list[str]:
+    return sorted(name for name in STRATEGIES if _is_block_cell(name))
+
+
+def block_units(num_layers: int, layout: SparseLayout | None) -> list[tuple[int, int]]:
+    """The blocks each block is cached with, as ``(start, end)``: an SDTM module's blocks as one (dense tokens in
+    and out, so the module has a residual; its inner blocks' token counts change by step), every other block alone."""
+    units = [(layer, layer + 1) for layer in range(num_layers)]
+    for start, end in layout.modules if layout is not None else ():
+        units[start:end] = [(start, end)] * (end - start)
+    return units
 
 
 def build_strategies(plan: Plan, extra: tuple[str, ...] = ()) -> dict[str, Strategy]:
@@ -163,8 +197,10 @@ class PlanRuntime:
         self.sparse = sparse
         self.originals = originals
         self.caches: list[dict[str, torch.Tensor]] = [{} for _ in originals]
-        # per block: (step, output − input) of its last computed steps, while block-level cells read them
+        # per block (a unit's first block: see block_units): (step, output − input) of its last computed steps,
+        # while block-level cells read them
         self.block_residuals: list[list[tuple[int, torch.Tensor]]] = [[] for _ in originals]
+        self.unit_inputs: dict[int, torch.Tensor] = {}  # a unit's first block → its input, until the unit's end
         self.frozen = False
         self.peak_cache_bytes = 0
         self.run: int | None = None  # the sampling run the caches belong to
@@ -224,6 +260,7 @@ class PlanRuntime:
             cache.clear()
         for residuals in self.block_residuals:
             residuals.clear()
+        self.unit_inputs.clear()
         if self.sparse is not None:
             self.sparse.reset()
         self.last_step = -1
@@ -269,34 +306,43 @@ class PlanStepHook(ModelHook):
 
 
 class BlockCacheHook(ModelHook):
-    """On a block whose plan row has block-level cells: runs the block strategy instead of the block at
-    those steps, and keeps the block's residual at computed steps while later block-level cells need it."""
+    """On each block of a unit (:func:`block_units`) whose plan row has block-level cells: at those steps the
+    unit's first block returns the strategy's output for the whole unit and its other blocks pass it on; at
+    computed steps the unit keeps its residual (its last block's output − its first block's input) while later
+    block-level cells need it."""
 
-    def __init__(self, runtime: PlanRuntime, layer: int) -> None:
+    def __init__(self, runtime: PlanRuntime, layer: int, unit: tuple[int, int]) -> None:
         super().__init__()
         self.runtime = runtime
         self.layer = layer
+        self.unit = unit
 
     def new_forward(self, block: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        runtime, layer = self.runtime, self.layer
+        runtime, layer, (start, end) = self.runtime, self.layer, self.unit
         context = current_step()  # published by the plan's step hook around the transformer call
         if context is None:
             raise PlanError(UNKNOWN_STEP_OF_BLOCK)
         step = context.step
-        strategy = runtime.planner.strategy_at(step, layer)
-        residuals = runtime.block_residuals[layer]
+        strategy = runtime.planner.strategy_at(step, start)
+        residuals = runtime.block_residuals[start]
         if isinstance(strategy, BlockStrategy):
+            if layer != start:
+                return hidden_states  # the unit's output, made by its first block
             out = strategy.block_output(hidden_states, residuals, step)
-            if not runtime.frozen and runtime.planner.block_history(step, layer) == 0:
+            if not runtime.frozen and runtime.planner.block_history(step, start) == 0:
                 residuals.clear()  # the last reader
             return out
-        out = self.fn_ref.original_forward(hidden_states, *args, **kwargs)  # (B, N, C)
-        if not runtime.frozen:
-            keep = runtime.planner.block_history(step, layer)
-            if keep:  # the residual is only made while a later block-level cell reads it
-                residuals.append((step, out - hidden_states))
-            del residuals[: max(0, len(residuals) - keep)]
-            runtime.note_peak()
+        if layer == start:
+            runtime.unit_inputs[start] = hidden_states
+        out = self.fn_ref.original_forward(hidden_states, *args, **kwargs)  # (B, N, C) at the unit's end
+        if layer == end - 1:
+            unit_input = runtime.unit_inputs.pop(start)
+            if not runtime.frozen:
+                keep = runtime.planner.block_history(step, start)
+                if keep:  # the residual is only made while a later block-level cell reads it
+                    residuals.append((step, out - unit_input))
+                del residuals[: max(0, len(residuals) - keep)]
+                runtime.note_peak()
         return out
 
 
@@ -390,9 +436,10 @@ def apply_plan(
     if sparse is not None:
         sparse.install(transformer.transformer_blocks)
     runtime.block_layers = sorted({*block_cached_layers(plan), *block_layers})
+    units = block_units(plan.num_layers, layout)
     for layer in runtime.block_layers:
         HookRegistry.check_if_exists_or_initialize(transformer.transformer_blocks[layer]).register_hook(
-            BlockCacheHook(runtime, layer), BLOCK_HOOK)
+            BlockCacheHook(runtime, layer, units[layer]), BLOCK_HOOK)
     if runtime.diffusers_cache is not None:
         runtime.diffusers_cache.install(transformer)
         runtime.executed = ExecutionCounter(transformer)
