@@ -32,7 +32,7 @@ from ditplan.models.adapters import sparse_networks
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, PlanTarget
 from ditplan.spec import ExperimentSpec
-from ditplan.strategies.base import get_strategy_class
+from ditplan.strategies.base import get_strategy_class, is_block_strategy
 from ditplan.strategies.curves import CURVES, RATE_CHOICES
 from ditplan.strategies.diffusers_cache import CACHE_METHODS
 from ditplan.strategies.sdtm import SparseLayout
@@ -273,7 +273,7 @@ class PlanSpace:
         return {k: network.rate_choices() if k.startswith("r") else v for k, v in space.items()}
 
     def _block_methods(self) -> list[str]:
-        return [m for m in self.methods if get_strategy_class(m).level == "block"]
+        return [m for m in self.methods if is_block_strategy(m)]
 
     def _caching_choices(self, network: SparseNetwork) -> list[LayoutCaching]:
         """Every block caching a plan on ``network`` may draw for its blocks (none when the space has no block

@@ -30,6 +30,7 @@ from ditplan.strategies.base import (
     BlockStrategy,
     Strategy,
     get_strategy_class,
+    is_block_strategy,
 )
 from ditplan.strategies.diffusers_cache import DiffusersCache, ExecutionCounter
 from ditplan.strategies.hooks import remove_hook
@@ -56,7 +57,7 @@ def sparse_layout(plan: Plan) -> SparseLayout | None:
     for layer, method in sorted(layout.fixed_cells().items()):
         for step in range(plan.num_steps):
             cell = plan.method(step, layer)
-            if cell != method and not _is_block_cell(cell):
+            if cell != method and not is_block_strategy(cell):
                 raise PlanError(
                     f"layer {layer} uses {cell!r} at step {step}, but the plan's sparse layout {layout.name} needs "
                     f"{method!r} there at every step, or a block-caching cell ({', '.join(_block_cells())}) that skips it"
@@ -72,13 +73,8 @@ def sparse_layout(plan: Plan) -> SparseLayout | None:
     return layout
 
 
-def _is_block_cell(name: str) -> bool:
-    strategy = STRATEGIES.get(name)
-    return strategy is not None and strategy.level == "block"
-
-
 def _block_cells() -> list[str]:
-    return sorted(name for name in STRATEGIES if _is_block_cell(name))
+    return sorted(name for name in STRATEGIES if is_block_strategy(name))
 
 
 def block_units(num_layers: int, layout: SparseLayout | None) -> list[tuple[int, int]]:
@@ -460,7 +456,7 @@ def check_plan(plan: Plan, adapter: ModelAdapter, settings: SamplerSettings) -> 
 def block_cached_layers(plan: Plan) -> list[int]:
     """The layers whose plan row holds block-level cells (they get a :class:`BlockCacheHook`)."""
     return [layer for layer in range(plan.num_layers)
-            if any(get_strategy_class(plan.method(step, layer)).level == "block" for step in range(plan.num_steps))]
+            if any(is_block_strategy(plan.method(step, layer)) for step in range(plan.num_steps))]
 
 
 def step_hook(transformer: torch.nn.Module) -> PlanStepHook:

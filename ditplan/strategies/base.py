@@ -192,6 +192,12 @@ def get_strategy_class(name: str) -> type[Strategy]:
         raise ValueError(f"unknown strategy {name!r}; registered strategies: {sorted(STRATEGIES)}") from None
 
 
+def is_block_strategy(name: str) -> bool:
+    """Whether ``name`` is a registered strategy that replaces whole blocks (block caching)."""
+    strategy = STRATEGIES.get(name)
+    return strategy is not None and strategy.level == "block"
+
+
 def dense_attention_flops(shape: AttentionShape, batch: int | None = None, window: int | None = None) -> float:
     """Projections (Q, K, V, out: 4·2·N·C²) plus the core (QKᵀ and AV: 2·2·N·K·C), K = keys per query."""
     b = shape.batch if batch is None else batch
