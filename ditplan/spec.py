@@ -250,7 +250,7 @@ class SparseSpaceSpec(_Strict):
     inside the range the network was trained for. cache_every / cache_stop: block caching on a network's
     own blocks, drawn when ``methods`` lists ``reuse`` or ``forecast`` (the grid cannot draw those blocks):
     its SDTM modules, each skipped as a whole, or all its blocks compute at the first two steps and every
-    k-th step after (k from ``cache_every``), up to a fraction of the steps (``cache_stop``) after which
+    k-th step from the third on (k from ``cache_every``), up to a fraction of the steps (``cache_stop``) after which
     every step computes, and reuse or forecast their residuals in between; ``cache_every: []`` draws none."""
 
     networks: Literal["auto"] | list[str] = "auto"
