@@ -10,11 +10,15 @@ Families (fixed plans, no calibration; every layer alike, the first two steps de
 - DiTFastAttn: ``wars`` (block window ±N/8, dense every 5th step), ``asc`` (CFG sharing), ``wars+asc``,
   ``ast`` (every other step shares the previous step's attention);
 - SparseDiT: each fine-tuned network next to the model, at the paper's curve and at constant rates;
-- block caching: ``reuse`` and ``forecast`` (order 1) on every other step, every block.
-``--plans`` adds plan files (a run's greedy D1–D6 and exported learned plans).
+- block caching: ``reuse`` and ``forecast`` (order 1) on every other step, every block; ``--cache-periods``
+  adds longer intervals (computing steps 0, 1, 2 and every k-th step after, as the search's network caching).
+``--plans`` adds plan files (a run's greedy D1–D6 and exported learned plans); ``--families`` keeps only
+the named families; ``--device`` / ``--dtype`` run the experiment's model elsewhere (a CPU preview).
 
     python benchmarks/gpu_table.py --experiment experiments/digits-1024.yaml \
         --plans runs/digits-1024/greedy/*.yaml runs/digits-1024/exported/*.yaml
+    python benchmarks/gpu_table.py --experiment experiments/digits-1024.yaml --device cpu --dtype float32 \
+        --families "block caching" --cache-periods 2 3 4 6
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from ditplan.strategies.finetune_sparse import layout_plan
 from ditplan.strategies.sdtm import SparseLayout
 
 DENSE_STEPS = 2  # every family plan computes the first steps densely
+FAMILIES = ("DiTFastAttn", "SparseDiT", "block caching")
 
 
 def _every_layer(adapter: ModelAdapter, spec: ExperimentSpec, cell_of_step, **kwargs) -> Plan:
@@ -41,8 +46,8 @@ def _every_layer(adapter: ModelAdapter, spec: ExperimentSpec, cell_of_step, **kw
     return Plan(plan_target(adapter, spec.sampler.settings()), grid, **kwargs)
 
 
-def family_plans(adapter: ModelAdapter, spec: ExperimentSpec) -> dict[str, tuple[str, Plan]]:
-    """name → (family, plan)."""
+def family_plans(adapter: ModelAdapter, spec: ExperimentSpec, cache_periods: tuple[int, ...] = (2,)) -> dict[str, tuple[str, Plan]]:
+    """name → (family, plan); block caching computes every k-th step for each k of ``cache_periods``."""
     def alternate(cell: str, period: int = 2):
         return lambda step: "full" if step < DENSE_STEPS or (step - DENSE_STEPS) % period == 0 else cell
 
@@ -51,9 +56,11 @@ def family_plans(adapter: ModelAdapter, spec: ExperimentSpec) -> dict[str, tuple
         "asc every step": ("DiTFastAttn", _every_layer(adapter, spec, lambda s: "full" if s < DENSE_STEPS else "asc")),
         "wars+asc, dense every 5th step": ("DiTFastAttn", _every_layer(adapter, spec, alternate("wars+asc", 5))),
         "ast every other step": ("DiTFastAttn", _every_layer(adapter, spec, alternate("ast"))),
-        "reuse every other step": ("block caching", _every_layer(adapter, spec, alternate("reuse"))),
-        "forecast (order 1) every other step": ("block caching", _every_layer(adapter, spec, alternate("forecast"))),
     }
+    for period in cache_periods:
+        every = {2: "every other step", 3: "every 3rd step"}.get(period, f"every {period}th step")
+        out[f"reuse {every}"] = ("block caching", _every_layer(adapter, spec, alternate("reuse", period)))
+        out[f"forecast (order 1) {every}"] = ("block caching", _every_layer(adapter, spec, alternate("forecast", period)))
     settings = spec.sampler.settings()
     for weights, info in sparse_networks(model_folder(spec.model.source)).items():  # type: ignore[arg-type]
         for curve in ({"name": "paper", **dict(zip(("r_min", "r_max"), info["rate_range"]))},
@@ -68,18 +75,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", required=True)
     parser.add_argument("--plans", nargs="*", default=[], help="plan files to measure beside the families")
+    parser.add_argument("--families", nargs="*", choices=FAMILIES, default=list(FAMILIES),
+                        help="the strategy families to measure (default: all)")
+    parser.add_argument("--cache-periods", nargs="+", type=int, default=[2],
+                        help="block caching computes every k-th step, for each k given (default: 2)")
+    parser.add_argument("--device", help="run the model here instead of the experiment's model.device")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="and in this dtype instead of model.dtype")
     args = parser.parse_args()
+    if min(args.cache_periods) < 2:
+        parser.error(f"--cache-periods {min(args.cache_periods)} computes every step; give periods of 2 or more")
     spec = load_spec(args.experiment)
+    moved = {key: value for key, value in (("device", args.device), ("dtype", args.dtype)) if value}
+    spec = spec.model_copy(update={"model": type(spec.model).model_validate({**spec.model.model_dump(), **moved})})
     adapter = adapter_from_spec(spec.model)
     torch.backends.cuda.matmul.allow_tf32 = True
-    plans = family_plans(adapter, spec)
+    plans = {name: fp for name, fp in family_plans(adapter, spec, tuple(args.cache_periods)).items()
+             if fp[0] in args.families}
     for path in args.plans:
         plans[Path(path).stem] = ("plan file", load_plan(path))
     result = held_out_metrics(adapter, spec, {name: plan for name, (_, plan) in plans.items()})
     m = result.metrics
     device = next(adapter.transformer.parameters()).device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"# python benchmarks/gpu_table.py --experiment {args.experiment} --plans {' '.join(args.plans)}")
+    options = "".join(f" --{key} {value}" for key, value in moved.items())
+    options += f" --families {' '.join(repr(f) for f in args.families)} --cache-periods {' '.join(map(str, args.cache_periods))}"
+    print(f"# python benchmarks/gpu_table.py --experiment {args.experiment}{options} --plans {' '.join(args.plans)}")
     print(f"{spec.name} on {name}, {spec.model.dtype}: {len(result.seed_set.seeds)} held-out samples (seeds "
           f"{result.seed_set.seeds[0]}…), {spec.search.refine.latency_repeats} rounds interleaved with dense, "
           f"batch {spec.sampler.batch_size}, {spec.sampler.num_steps} {spec.sampler.scheduler} steps, CFG "

@@ -10,6 +10,10 @@ Goal: latency ratio ≤ 1.3 × FLOPs ratio at ≥ 1,024 tokens. Timings: one pro
 dense interleaved in each round, ratios per round, median (min–max) of ``--repeats`` after a warm-up.
 Part 3 (``--parts quality``): WA-RS on the embedded model, every shape at the same window size (nearly equal
 FLOPs), fidelity of the final samples to dense on 20 seeds (1000–1019); fixed plans, no calibration.
+Part 5 (``--parts anatomy``): where a block window's time goes at 1,024 tokens, ±N/16 and ±N/8 (default
+blocks): the strided kernel, the fused SDPA kernel on contiguous copies of the blocks (the copies made
+beforehand, not timed), the two GEMMs and the softmax of an explicit bmm → softmax → bmm alone, that
+composition eager and through ``torch.compile``; all as ratios to dense in the same rounds.
 Part 4 (``--dit-xl``, meant for a GPU in bfloat16): one DiT-XL-sized self-attention module (1152
 wide, 16 heads) under each DiTFastAttn strategy, as % of dense, next to DiTFastAttn's Table 2.
 
@@ -24,6 +28,7 @@ import statistics
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -108,6 +113,43 @@ def describe(layout) -> str:
     if layout.shape == "blocks":
         return f"blocks of {layout.block} + halo {layout.halo}"
     return f"tiles {layout.block}² + halo {layout.halo}"
+
+
+def anatomy_table(device: torch.device, dtype: torch.dtype, repeats: int, calls: int, batch: int, heads: int,
+                  head_dim: int) -> None:
+    tokens = 1024
+    print(f"\nwhere a block window's time goes, {tokens} tokens, batch {batch}, {heads} heads × {head_dim}, {device}, "
+          f"{dtype}, {repeats} interleaved rounds of {calls} call(s), torch threads {torch.get_num_threads()}")
+    print("| window | layout | part | FLOPs ratio | latency ratio, median (min–max) | latency / FLOPs |")
+    print("|---|---|---|---|---|---|")
+    q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype) for _ in range(3))
+    for divisor in (16, 8):
+        layout = window_layout("blocks", tokens, tokens // divisor)
+        queries, keys = layout.groups()  # (G, b), (G, span): contiguous copies of every block
+        qg, kg, vg = (t[:, :, index].flatten(0, 2).contiguous() for t, index in ((q, queries), (k, keys), (v, keys)))
+        scores = torch.bmm(qg, kg.transpose(1, 2))
+
+        def composed(qg: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor) -> torch.Tensor:
+            return torch.bmm((torch.bmm(qg, kg.transpose(1, 2)) * head_dim**-0.5).softmax(-1), vg)
+
+        compiled = torch.compile(composed)
+        parts = {
+            "strided blocks (what runs)": lambda: window_attention(q, k, v, layout),
+            "fused SDPA on contiguous blocks": lambda: F.scaled_dot_product_attention(qg[:, None], kg[:, None], vg[:, None]),
+            "QKᵀ GEMMs alone": lambda: torch.bmm(qg, kg.transpose(1, 2)),
+            "softmax alone": lambda: scores.softmax(-1),
+            "PV GEMMs alone": lambda: torch.bmm(scores, vg),
+            "bmm → softmax → bmm, eager": lambda: composed(qg, kg, vg),
+            "bmm → softmax → bmm, torch.compile": lambda: compiled(qg, kg, vg),
+        }
+        runs = {"dense": lambda: [dense_attention(q, k, v) for _ in range(calls)]}
+        runs |= {name: (lambda f=f: [f() for _ in range(calls)]) for name, f in parts.items()}
+        times = timed_ratios(runs, device, repeats)
+        flops = layout.pairs() / tokens**2
+        for name in parts:
+            cells, median = ratio_cells(times, name)
+            print(f"| ±{layout.window} | {describe(layout)} | {name} | {flops:.3f} | {cells} | {median / flops:.2f} |",
+                  flush=True)
 
 
 class ReuseStepProcessor:
@@ -243,7 +285,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calls", type=int, default=10,
                         help="attention core: calls per config per round (one call at 256 tokens takes ~1 ms)")
-    parser.add_argument("--parts", default="core,transformer", help="comma-separated: core, transformer, quality")
+    parser.add_argument("--parts", default="core,transformer",
+                        help="comma-separated: core, transformer, quality, anatomy")
     parser.add_argument("--dit-xl", action="store_true", help="also the DiT-XL-sized module table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -255,6 +298,8 @@ def main() -> None:
         transformer_table(device, dtype, max(5, args.repeats // 2))
     if "quality" in parts:
         quality_table()
+    if "anatomy" in parts:
+        anatomy_table(device, dtype, args.repeats, args.calls, batch=2, heads=4, head_dim=32)
     if args.dit_xl:
         core_table(device, dtype, args.repeats, batch=2, heads=16, head_dim=72)
         module_table(device, dtype, args.repeats)

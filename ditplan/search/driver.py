@@ -180,6 +180,14 @@ def resolve_ray_address(given: str | None) -> str | None:
     return address
 
 
+def ray_init_options() -> dict[str, Any]:
+    """``ray.init`` options of every driver: no dashboard, no usage stats, worker logs kept off the driver's
+    console, and workers that import what the driver imports (its working directory on their path)."""
+    env = {"PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH", "")] if p),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    return {"include_dashboard": False, "runtime_env": {"env_vars": env}, "log_to_driver": False}
+
+
 @contextmanager
 def _ray(address: str | None) -> Iterator[None]:
     """Connect to Ray for the block (``address``, from :func:`resolve_ray_address`) or start a local instance
@@ -188,13 +196,10 @@ def _ray(address: str | None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    env = {"PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH", "")] if p),
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": {"env_vars": env}, "log_to_driver": False}
     if address:
-        ray.init(address=address, **kwargs)
+        ray.init(address=address, **ray_init_options())
     else:
-        ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)
+        ray.init(address="local", num_cpus=os.cpu_count(), **ray_init_options())
     try:
         yield
     finally:
