@@ -79,7 +79,7 @@ def main() -> None:
                         help="the strategy families to measure (default: all)")
     parser.add_argument("--cache-periods", nargs="+", type=int, default=[2],
                         help="block caching computes every k-th step, for each k given (default: 2)")
-    parser.add_argument("--device", help="run the model here instead of the experiment's model.device")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="run the model here instead of model.device")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="and in this dtype instead of model.dtype")
     args = parser.parse_args()
     if min(args.cache_periods) < 2:

@@ -120,7 +120,7 @@ def anatomy_table(device: torch.device, dtype: torch.dtype, repeats: int, calls:
     tokens = 1024
     print(f"\nwhere a block window's time goes, {tokens} tokens, batch {batch}, {heads} heads × {head_dim}, {device}, "
           f"{dtype}, {repeats} interleaved rounds of {calls} call(s), torch threads {torch.get_num_threads()}")
-    print("| window | layout | part | FLOPs ratio | latency ratio, median (min–max) | latency / FLOPs |")
+    print("| window | layout | part | the window's FLOPs ratio | latency ratio, median (min–max) | latency / the window's FLOPs |")
     print("|---|---|---|---|---|---|")
     q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype) for _ in range(3))
     for divisor in (16, 8):
@@ -132,7 +132,7 @@ def anatomy_table(device: torch.device, dtype: torch.dtype, repeats: int, calls:
         def composed(qg: torch.Tensor, kg: torch.Tensor, vg: torch.Tensor) -> torch.Tensor:
             return torch.bmm((torch.bmm(qg, kg.transpose(1, 2)) * head_dim**-0.5).softmax(-1), vg)
 
-        compiled = torch.compile(composed)
+        compiled = torch.compile(composed, dynamic=False)  # the shapes of this window only
         parts = {
             "strided blocks (what runs)": lambda: window_attention(q, k, v, layout),
             "fused SDPA on contiguous blocks": lambda: F.scaled_dot_product_attention(qg[:, None], kg[:, None], vg[:, None]),

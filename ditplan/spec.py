@@ -181,7 +181,8 @@ class EvaluationSpec(_Strict):
     embedded model, ``inception-v3-compat`` with a local ``feature_extractor_weights_path``); none
     skips distribution metrics. reference: ``digits-held-out`` or a folder of real images.
     clip_weights_path: a local CLIP folder for the CLIP score of prompt workloads (skipped without).
-    latency_repeats: timed runs (after a warm-up) whose median is reported.
+    latency_repeats: timed runs (after a warm-up) whose median is reported (``ditplan evaluate``), and a
+    search trial's when its objectives or constraints include ``latency_ratio``.
     cache_dir: where dense references and reference statistics are cached by content hash.
     reference, feature_extractor_weights_path and clip_weights_path are relative to the experiment
     file; cache_dir (written) to the working directory."""

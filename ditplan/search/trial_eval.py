@@ -85,6 +85,7 @@ def evaluate_in_worker(
     spec: ExperimentSpec, plan: Plan, dense: torch.Tensor, conditions: list, seeds: list[int],
     metrics: tuple[str, ...], threads: int,
 ) -> dict[str, float]:
-    """Entry point of a Ray evaluation task."""
+    """Entry point of a Ray evaluation task; a ``latency_ratio`` is the median of ``evaluation.latency_repeats``
+    timed runs."""
     torch.set_num_threads(threads)  # NOTE: workers share the machine's cores; don't oversubscribe
-    return plan_metrics(worker_adapter(spec), spec, plan, dense, conditions, seeds, metrics)
+    return plan_metrics(worker_adapter(spec), spec, plan, dense, conditions, seeds, metrics, spec.evaluation.latency_repeats)
