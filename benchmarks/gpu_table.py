@@ -32,6 +32,7 @@ from ditplan.evaluators.held_out import DENSE, held_out_metrics
 from ditplan.models.adapters import ModelAdapter, adapter_from_spec, model_folder, sparse_networks
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, load_plan
+from ditplan.search.space import interval_skips
 from ditplan.spec import ExperimentSpec, load_spec
 from ditplan.strategies.finetune_sparse import layout_plan
 from ditplan.strategies.sdtm import SparseLayout
@@ -49,7 +50,8 @@ def _every_layer(adapter: ModelAdapter, spec: ExperimentSpec, cell_of_step, **kw
 def family_plans(adapter: ModelAdapter, spec: ExperimentSpec, cache_periods: tuple[int, ...] = (2,)) -> dict[str, tuple[str, Plan]]:
     """name → (family, plan); block caching computes every k-th step for each k of ``cache_periods``."""
     def alternate(cell: str, period: int = 2):
-        return lambda step: "full" if step < DENSE_STEPS or (step - DENSE_STEPS) % period == 0 else cell
+        steps = spec.sampler.num_steps
+        return lambda step: cell if interval_skips(step, period, steps, warmup=DENSE_STEPS) else "full"
 
     out: dict[str, tuple[str, Plan]] = {
         "wars ±N/8, dense every 5th step": ("DiTFastAttn", _every_layer(adapter, spec, alternate("wars", 5))),

@@ -88,8 +88,13 @@ class LayoutCaching:
     blocks: str
 
     def skips(self, step: int, num_steps: int) -> bool:
-        return (LAYOUT_CACHE_WARMUP <= step < round(self.stop * num_steps)
-                and (step - LAYOUT_CACHE_WARMUP) % self.every != 0)
+        return interval_skips(step, self.every, round(self.stop * num_steps))
+
+
+def interval_skips(step: int, every: int, end: int, warmup: int = LAYOUT_CACHE_WARMUP) -> bool:
+    """FORA's cache interval: whether ``step`` skips when the first ``warmup`` steps compute, then every
+    ``every``-th step from there, and every step from ``end`` on."""
+    return warmup <= step < end and (step - warmup) % every != 0
 
 
 def layout_columns(layout: SparseLayout, num_steps: int, caching: LayoutCaching | None = None) -> dict[int, tuple[str, ...]]:
