@@ -271,12 +271,23 @@ class CacheSpaceSpec(_Strict):
     params: dict[str, list[Any]] = {}
 
 
+class IntervalSpaceSpec(_Strict):
+    """FORA's cache interval on the grid's blocks (every layer the cells draw), drawn as one global choice
+    when ``methods`` lists ``reuse`` or ``forecast``: a trial runs none, or skips those blocks together with
+    one of those methods at every step from the third on except every k-th (k from ``every``), up to a
+    fraction of the steps (``stop``) after which every step computes; the cells draw the computed steps."""
+
+    every: list[Annotated[int, Field(ge=2)]] = Field([2, 3, 4, 5], min_length=1)
+    stop: list[Annotated[float, Field(gt=0, le=1)]] = Field([0.8, 1.0], min_length=1)
+
+
 class SpaceSpec(_Strict):
     """methods: strategies a (layer group × step segment) cell may take, attention strategies and block
     caching (``reuse``, ``forecast``) alike. layer_groups / step_segments: a count of even pieces or
     explicit cut points (1 per layer / per step = the full grid). params: narrower choices for strategy
     parameters, e.g. ``{wars: {window_size: [16, 32]}}``. sparse: SparseDiT choices joined to the cell
-    choices (none: cells only). cache: one of diffusers' caches as a further choice (none: not drawn)."""
+    choices (none: cells only). cache: one of diffusers' caches as a further choice (none: not drawn).
+    interval: a cache interval for the grid's blocks as a further choice (none: not drawn)."""
 
     methods: list[str] = ["full", "ast", "wars", "asc", "wars+asc"]
     layer_groups: int | list[int] = 3
@@ -284,6 +295,7 @@ class SpaceSpec(_Strict):
     params: dict[str, dict[str, list[Any]]] = {}
     sparse: SparseSpaceSpec | None = None
     cache: CacheSpaceSpec | None = None
+    interval: IntervalSpaceSpec | None = None
 
 
 class RefineSpec(_Strict):

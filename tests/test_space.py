@@ -8,9 +8,10 @@ import pytest
 from ditplan.plan import Plan, PlanTarget
 from ditplan.errors import UserError
 from ditplan.search.space import (
-    NO_CACHE, NO_NETWORK, CacheChoices, SparseChoices, SparseNetwork, build_space, cache_choices,
+    INTERVAL, NO_CACHE, NO_NETWORK, CacheChoices, IntervalChoices, SparseChoices, SparseNetwork, build_space,
+    cache_choices, interval_skips,
 )
-from ditplan.strategies.apply import build_strategies, sparse_layout
+from ditplan.strategies.apply import CachePlanner, build_strategies, sparse_layout
 from ditplan.strategies.diffusers_cache import CACHE_METHODS
 from ditplan.strategies.sdtm import SparseLayout
 
@@ -92,6 +93,56 @@ def test_a_network_draws_block_caching_for_its_own_blocks_and_its_plans_map_back
     assert uncached.params_for(drawn) is None  # a caching this space does not draw
 
 
+def replay(space, params):
+    return space.suggest(optuna.trial.FixedTrial(params))
+
+
+def test_a_grid_interval_skips_the_grids_blocks_together_and_draws_cells_only_where_they_compute():
+    """FORA's cache interval on the grid's blocks: at the steps it skips every layer the grid draws takes its
+    method (the layout's blocks keep theirs); cells draw the computed steps; plans map back to parameters
+    that rebuild them."""
+    target = dataclasses.replace(TARGET, num_steps=20)
+    network = dataclasses.replace(NETWORK, target=dataclasses.replace(NETWORK.target, num_steps=20))
+    space = build_space(target, ["full", "ast", "reuse", "forecast"], layer_groups=3, step_segments=5,
+                        sparse=SparseChoices((network,), (0, 1), ("paper",)), interval=IntervalChoices((3, 6), (0.8, 1.0)))
+    seen = set()
+    for plan, params in draw(space, trials=120):
+        CachePlanner(plan, build_strategies(plan))  # every cache a cell reads is written earlier
+        assert replay(space, space.params_for(plan)) == plan
+        if params[INTERVAL] == NO_CACHE:
+            assert not any(k.startswith(f"{INTERVAL}.") for k in params)
+            continue
+        method, every, stop = params[INTERVAL], params[f"{INTERVAL}.every"], params[f"{INTERVAL}.stop"]
+        seen.add((method, every, stop))
+        skipped = {s for s in range(20) if 2 <= s < round(stop * 20) and (s - 2) % every}
+        fixed = set(sparse_layout(plan).fixed_cells()) if plan.sparse else set()
+        for layer in set(range(6)) - fixed:
+            assert {plan.grid[s][layer] for s in skipped} == {method}
+        for layer in fixed:  # the layout's blocks are not the grid's
+            assert method not in {plan.grid[s][layer] for s in skipped}
+        for segment in space.step_segments:  # a segment the interval skips whole draws no cell
+            assert any(name.endswith(f"/S{segment[0]}-{segment[1] - 1}") for name in params) == \
+                bool(set(range(*segment)) - skipped)
+    assert len(seen) == 8
+
+
+def test_the_grid_interval_expresses_the_fixed_caching_plans_and_dense_needs_none():
+    target = dataclasses.replace(TARGET, num_steps=20)
+    space = build_space(target, ["full", "ast", "reuse"], 2, 5, interval=IntervalChoices((4, 5), (1.0,)))
+    every_fifth = Plan(target, tuple(("reuse" if interval_skips(s, 5, 20) else "full",) * 6 for s in range(20)))
+    assert space.params_for(every_fifth) == {INTERVAL: "reuse", f"{INTERVAL}.every": 5, f"{INTERVAL}.stop": 1.0,
+                                             **{space.cell_name(g, s): "full" for g in space.layer_groups
+                                                for s in space.step_segments if s != (9, 12)}}  # 9-11 skip
+    assert build_space(target, ["full", "ast", "reuse"], 2, 5).params_for(every_fifth) is None  # segments only
+    dense = space.params_for(Plan.uniform(target))
+    assert dense[INTERVAL] == NO_CACHE and set(dense.values()) == {NO_CACHE, "full"}
+    every_third = Plan(target, tuple(("reuse" if interval_skips(s, 3, 20) else "full",) * 6 for s in range(20)))
+    assert space.params_for(every_third) is None  # not an interval of this space
+    assert space.project(every_third)[INTERVAL] == NO_CACHE
+    with pytest.raises(UserError, match="add reuse or forecast to search.space.methods"):
+        build_space(target, ["full", "ast"], 2, 5, interval=IntervalChoices((4,), (1.0,)))
+
+
 def test_plans_outside_the_sparse_choices_are_not_expressible():
     space = build_space(TARGET, ["full", "ast"], 3, 2, sparse=SparseChoices((NETWORK,), (0,), ("paper",)))
     dense = Plan.uniform(TARGET)
@@ -150,6 +201,9 @@ def test_an_experiment_file_makes_a_diffusers_cache_a_search_choice(tiny_adapter
     assert space.methods == ("full", "reuse", "forecast") and space.params == {"forecast": {"order": [1, 2]}}
     assert space.cache == CacheChoices("taylorseer", {**CACHE_METHODS["taylorseer"].space, "cache_interval": [2, 3]})
     assert experiment_space(tiny_adapter, with_space()).cache is None
+    assert experiment_space(tiny_adapter, with_space()).interval is None
+    assert experiment_space(tiny_adapter, with_space(methods=["full", "reuse"], interval={})).interval == \
+        IntervalChoices((2, 3, 4, 5), (0.8, 1.0))
     with pytest.raises(UserError, match="'taylorseer' has no field 'threshold'"):
         experiment_space(tiny_adapter, with_space(cache={"method": "taylorseer", "params": {"threshold": [0.1]}}))
 

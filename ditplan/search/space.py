@@ -12,7 +12,11 @@ rate range that network was trained for; without a network, a number of Poolingf
 (usable without fine-tuning). Blocks a layout fixes are not drawn in the grid; when the methods include
 block caching, a network draws a cache interval for its own blocks instead (:class:`LayoutCaching`).
 
-Block caching (``reuse``, ``forecast``) are cell methods like the attention strategies. One of
+Block caching (``reuse``, ``forecast``) are cell methods like the attention strategies; a cell gives its
+method to a whole step segment. FORA's cache interval on the grid's blocks (every layer the grid draws,
+skipped together every step but every k-th) joins as a global choice (:class:`IntervalChoices`): a trial
+draws whether to run one (method, interval, stop); then its skipped steps are the method's and the cells
+draw only the steps that compute (a segment with none draws nothing). One of
 diffusers' caches joins as a global choice (:class:`CacheChoices`): a trial first draws whether it
 runs the cache (then with its drawn config, every cell ``full`` and no sparse part, as such plans
 must be) or draws the grid and the sparse part.
@@ -39,6 +43,7 @@ from ditplan.strategies.sdtm import SparseLayout
 
 NO_NETWORK = "none"
 NO_CACHE = "none"
+INTERVAL = "interval"  # the trial parameter of the grid's cache interval
 
 
 @dataclass(frozen=True)
@@ -71,24 +76,39 @@ class SparseChoices:
     cache_stop: tuple[float, ...] = ()
 
 
-LAYOUT_CACHE_WARMUP = 2  # a network's blocks compute at the first steps (a forecast extrapolates from two)
+LAYOUT_CACHE_WARMUP = 2  # cached blocks compute at the first steps (a forecast extrapolates from two)
 LAYOUT_CACHE_BLOCKS = ("modules", "all")
 
 
 @dataclass(frozen=True)
-class LayoutCaching:
-    """Block caching on the blocks a SparseDiT layout fixes, at FORA's cache interval: ``method`` (a block
-    strategy: ``reuse``, ``forecast``) on its SDTM modules (``blocks: modules``, each skipped as a whole) or
-    on all its blocks (``all``: its Poolingformer layers too) at the steps from ``LAYOUT_CACHE_WARMUP`` up to
-    ``stop`` × the step count, except every ``every``-th of them, which computes."""
+class CacheInterval:
+    """Block caching at FORA's cache interval: ``method`` (a block strategy: ``reuse``, ``forecast``) at the
+    steps from ``LAYOUT_CACHE_WARMUP`` up to ``stop`` × the step count, except every ``every``-th of them,
+    which computes."""
 
     method: str
     every: int
     stop: float
-    blocks: str
 
     def skips(self, step: int, num_steps: int) -> bool:
         return interval_skips(step, self.every, round(self.stop * num_steps))
+
+
+@dataclass(frozen=True)
+class LayoutCaching(CacheInterval):
+    """A cache interval on the blocks a SparseDiT layout fixes: its SDTM modules (``blocks: modules``, each
+    skipped as a whole) or all its blocks (``all``: its Poolingformer layers too)."""
+
+    blocks: str
+
+
+@dataclass(frozen=True)
+class IntervalChoices:
+    """The :class:`CacheInterval` choices for the grid's blocks: ``every`` and ``stop`` (the methods are the
+    space's block strategies)."""
+
+    every: tuple[int, ...]
+    stop: tuple[float, ...]
 
 
 def interval_skips(step: int, every: int, end: int, warmup: int = LAYOUT_CACHE_WARMUP) -> bool:
@@ -139,6 +159,7 @@ class PlanSpace:
     params: Mapping[str, Mapping[str, Sequence[Any]]]
     sparse: SparseChoices | None = None
     cache: CacheChoices | None = None
+    interval: IntervalChoices | None = None
 
     @property
     def layer_groups(self) -> list[tuple[int, int]]:
@@ -173,15 +194,13 @@ class PlanSpace:
             return None
         if any(m != "full" for layer, m in enumerate(plan.grid[0]) if layer not in fixed):
             return None
-        for layers in self.layer_groups:
-            free = [l for l in range(*layers) if l not in fixed]
-            for steps in self.step_segments:
-                if not free:
-                    continue
-                methods = {plan.grid[s][l] for s in range(*steps) for l in free}
-                if len(methods) != 1 or not methods <= set(self.methods):
-                    return None
-                params[self.cell_name(layers, steps)] = methods.pop()
+        for interval in [None, *self._intervals()]:  # the first that expresses it: no interval where none is needed
+            grid = self._grid_params_for(plan, fixed, interval)
+            if grid is not None:
+                params.update(grid)
+                break
+        else:
+            return None
         used = {m for row in plan.grid for m in row}
         for name, choices in self.params.items():
             if name not in used:
@@ -205,6 +224,8 @@ class PlanSpace:
             if sparse is None:
                 return None
             params.update(sparse[0])
+        if self._intervals():
+            params[INTERVAL] = NO_CACHE
         used = set()
         for layers in self.layer_groups:
             for steps in self.step_segments:
@@ -229,23 +250,69 @@ class PlanSpace:
         target, layout, fixed = self.target, None, {}
         if self.sparse is not None:
             target, layout, fixed = self._suggest_sparse(trial)
+        interval = self._suggest_interval(trial)
         grid = [[fixed[layer][step] if layer in fixed else "full" for layer in range(target.num_layers)]
                 for step in range(target.num_steps)]
         for l0, l1 in self.layer_groups:
             free = [layer for layer in range(l0, l1) if layer not in fixed]
             for s0, s1 in self.step_segments:
-                if not free:
-                    continue
-                method = trial.suggest_categorical(self.cell_name((l0, l1), (s0, s1)), list(self.methods))
+                computed = self._computed_steps(s0, s1, interval)
+                method = (trial.suggest_categorical(self.cell_name((l0, l1), (s0, s1)), list(self.methods))
+                          if free and computed else None)
                 for step in range(s0, s1):
                     for layer in free:
-                        grid[step][layer] = method
+                        grid[step][layer] = method if step in computed else _skipped(interval)
         used = {m for row in grid for m in row}
         params = {}
         for name, choices in self.params.items():
             if name in used:
                 params[name] = {p: trial.suggest_categorical(_param_name(name, p), list(c)) for p, c in choices.items()}
         return Plan(target, tuple(map(tuple, grid)), params=params, sparse=layout.to_dict() if layout else None)
+
+    # --- the grid's cache interval -----------------------------------------------------------------
+    def _intervals(self) -> list[CacheInterval]:
+        """Every cache interval a trial may draw for the grid's blocks (none without ``interval`` choices)."""
+        if self.interval is None:
+            return []
+        return [CacheInterval(m, e, s) for m in self._block_methods() for e in self.interval.every
+                for s in self.interval.stop]
+
+    def _suggest_interval(self, trial: optuna.Trial) -> CacheInterval | None:
+        if not self._intervals():
+            return None
+        method = trial.suggest_categorical(INTERVAL, [NO_CACHE, *self._block_methods()])
+        if method == NO_CACHE:
+            return None
+        choices = self.interval
+        assert choices is not None
+        return CacheInterval(method, trial.suggest_categorical(f"{INTERVAL}.every", list(choices.every)),
+                             trial.suggest_categorical(f"{INTERVAL}.stop", list(choices.stop)))
+
+    def _computed_steps(self, start: int, end: int, interval: CacheInterval | None) -> set[int]:
+        """The steps of segment [start, end) whose cells are drawn (the rest skip at ``interval``)."""
+        return {s for s in range(start, end) if interval is None or not interval.skips(s, self.target.num_steps)}
+
+    def _grid_params_for(self, plan: Plan, fixed: Mapping[int, Any], interval: CacheInterval | None) -> dict[str, Any] | None:
+        """The interval and cell parameters of ``plan``'s free layers at ``interval``, or None when they are
+        not cells of this space at that interval."""
+        params: dict[str, Any] = {}
+        if self._intervals():
+            params[INTERVAL] = NO_CACHE if interval is None else interval.method
+            if interval is not None:
+                params.update({f"{INTERVAL}.every": interval.every, f"{INTERVAL}.stop": interval.stop})
+        for layers in self.layer_groups:
+            free = [l for l in range(*layers) if l not in fixed]
+            for steps in self.step_segments:
+                computed = self._computed_steps(*steps, interval)
+                if any(plan.grid[s][l] != _skipped(interval) for s in set(range(*steps)) - computed for l in free):
+                    return None
+                if not free or not computed:
+                    continue
+                methods = {plan.grid[s][l] for s in computed for l in free}
+                if len(methods) != 1 or not methods <= set(self.methods):
+                    return None
+                params[self.cell_name(layers, steps)] = methods.pop()
+        return params
 
     # --- diffusers' caches --------------------------------------------------------------------------
     def _suggest_cache(self, trial: optuna.Trial) -> dict[str, Any] | None:
@@ -364,6 +431,12 @@ class PlanSpace:
         return {**params, **caching[0]}, caching[1]
 
 
+def _skipped(interval: CacheInterval | None) -> str:
+    """The method of the grid's cells at the steps ``interval`` skips."""
+    assert interval is not None, "without an interval every step computes"
+    return interval.method
+
+
 def _caching_blocks(network: SparseNetwork) -> tuple[str, ...]:
     """What a network's block caching may cover: its modules, or all its blocks when it has Poolingformer layers."""
     return LAYOUT_CACHE_BLOCKS if network.pool_layers else LAYOUT_CACHE_BLOCKS[:1]
@@ -383,10 +456,14 @@ def build_space(
     param_choices: Mapping[str, Mapping[str, Sequence[Any]]] | None = None,
     sparse: SparseChoices | None = None,
     cache: CacheChoices | None = None,
+    interval: IntervalChoices | None = None,
 ) -> PlanSpace:
     """``layer_groups`` / ``step_segments``: a count (even pieces) or explicit cut points."""
     for name in methods:
         get_strategy_class(name)  # unknown names fail here, naming the registered ones
+    if interval is not None and not any(is_block_strategy(m) for m in methods):
+        raise UserError(f"search.space.interval caches blocks with a block strategy, but methods {list(methods)} have "
+                        f"none; add reuse or forecast to search.space.methods, or drop search.space.interval")
     layer_cuts = even_cuts(layer_groups, target.num_layers) if isinstance(layer_groups, int) else list(layer_groups)
     step_cuts = even_cuts(step_segments, target.num_steps, 1) if isinstance(step_segments, int) else list(step_segments)
     params: dict[str, dict[str, Sequence[Any]]] = {}
@@ -404,7 +481,7 @@ def build_space(
         unknown = [c for c in sparse.curves if c not in CURVES]
         if unknown:
             raise ValueError(f"unknown pruning curve {unknown[0]!r} in the search space; curves: {sorted(CURVES)}")
-    return PlanSpace(target, tuple(methods), tuple(layer_cuts), tuple(step_cuts), params, sparse, cache)
+    return PlanSpace(target, tuple(methods), tuple(layer_cuts), tuple(step_cuts), params, sparse, cache, interval)
 
 
 def cache_choices(method: str, params: Mapping[str, Sequence[Any]] | None = None) -> CacheChoices:
@@ -433,8 +510,9 @@ def experiment_space(adapter: ModelAdapter, spec: ExperimentSpec) -> PlanSpace:
     """The search space an experiment file describes, for its model and sampler."""
     space = spec.search.space
     cache = cache_choices(space.cache.method, space.cache.params) if space.cache is not None else None
+    interval = IntervalChoices(tuple(space.interval.every), tuple(space.interval.stop)) if space.interval else None
     return build_space(plan_target(adapter, spec.sampler.settings()), space.methods, space.layer_groups,
-                       space.step_segments, space.params, sparse_choices(adapter, spec), cache)
+                       space.step_segments, space.params, sparse_choices(adapter, spec), cache, interval)
 
 
 def sparse_choices(adapter: ModelAdapter, spec: ExperimentSpec) -> SparseChoices | None:
