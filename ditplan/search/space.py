@@ -278,15 +278,18 @@ class PlanSpace:
                 for s in self.interval.stop]
 
     def _suggest_interval(self, trial: optuna.Trial) -> CacheInterval | None:
-        if not self._intervals():
+        if self.interval is None or not self._intervals():
             return None
-        method = trial.suggest_categorical(INTERVAL, [NO_CACHE, *self._block_methods()])
+        return self._draw_interval(trial, INTERVAL, self.interval.every, self.interval.stop)
+
+    def _draw_interval(self, trial: optuna.Trial, prefix: str, every: Sequence[int],
+                       stop: Sequence[float]) -> CacheInterval | None:
+        """A cache interval drawn as ``prefix`` (none or a block method), ``prefix.every``, ``prefix.stop``."""
+        method = trial.suggest_categorical(prefix, [NO_CACHE, *self._block_methods()])
         if method == NO_CACHE:
             return None
-        choices = self.interval
-        assert choices is not None
-        return CacheInterval(method, trial.suggest_categorical(f"{INTERVAL}.every", list(choices.every)),
-                             trial.suggest_categorical(f"{INTERVAL}.stop", list(choices.stop)))
+        return CacheInterval(method, trial.suggest_categorical(f"{prefix}.every", list(every)),
+                             trial.suggest_categorical(f"{prefix}.stop", list(stop)))
 
     def _computed_steps(self, start: int, end: int, interval: CacheInterval | None) -> set[int]:
         """The steps of segment [start, end) whose cells are drawn (the rest skip at ``interval``)."""
@@ -295,11 +298,7 @@ class PlanSpace:
     def _grid_params_for(self, plan: Plan, fixed: Mapping[int, Any], interval: CacheInterval | None) -> dict[str, Any] | None:
         """The interval and cell parameters of ``plan``'s free layers at ``interval``, or None when they are
         not cells of this space at that interval."""
-        params: dict[str, Any] = {}
-        if self._intervals():
-            params[INTERVAL] = NO_CACHE if interval is None else interval.method
-            if interval is not None:
-                params.update({f"{INTERVAL}.every": interval.every, f"{INTERVAL}.stop": interval.stop})
+        params = _interval_params(INTERVAL, interval) if self._intervals() else {}
         for layers in self.layer_groups:
             free = [l for l in range(*layers) if l not in fixed]
             for steps in self.step_segments:
@@ -379,13 +378,12 @@ class PlanSpace:
         if not self._caching_choices(network):
             return None
         prefix = f"sparse.{network.weights}.cache"
-        method = trial.suggest_categorical(prefix, [NO_CACHE, *self._block_methods()])
-        if method == NO_CACHE:
-            return None
         sparse = self.sparse
         assert sparse is not None
-        return LayoutCaching(method, trial.suggest_categorical(f"{prefix}.every", list(sparse.cache_every)),
-                             trial.suggest_categorical(f"{prefix}.stop", list(sparse.cache_stop)),
+        interval = self._draw_interval(trial, prefix, sparse.cache_every, sparse.cache_stop)
+        if interval is None:
+            return None
+        return LayoutCaching(interval.method, interval.every, interval.stop,
                              trial.suggest_categorical(f"{prefix}.blocks", list(_caching_blocks(network))))
 
     def _caching_params_for(self, plan: Plan, network: SparseNetwork,
@@ -398,9 +396,8 @@ class PlanSpace:
             columns = layout_columns(layout, plan.num_steps, caching)
             if all(tuple(row[layer] for row in plan.grid) == cells for layer, cells in columns.items()):
                 if caching is None:
-                    return ({prefix: NO_CACHE} if choices else {}), columns
-                return {prefix: caching.method, f"{prefix}.every": caching.every, f"{prefix}.stop": caching.stop,
-                        f"{prefix}.blocks": caching.blocks}, columns
+                    return (_interval_params(prefix, None) if choices else {}), columns
+                return {**_interval_params(prefix, caching), f"{prefix}.blocks": caching.blocks}, columns
         return None
 
     def _sparse_params_for(self, plan: Plan) -> tuple[dict[str, Any], dict[int, tuple[str, ...]]] | None:
@@ -429,6 +426,13 @@ class PlanSpace:
         if caching is None:
             return None
         return {**params, **caching[0]}, caching[1]
+
+
+def _interval_params(prefix: str, interval: CacheInterval | None) -> dict[str, Any]:
+    """The trial parameters :meth:`PlanSpace._draw_interval` draws for ``interval`` (None: none)."""
+    if interval is None:
+        return {prefix: NO_CACHE}
+    return {prefix: interval.method, f"{prefix}.every": interval.every, f"{prefix}.stop": interval.stop}
 
 
 def _skipped(interval: CacheInterval | None) -> str:
