@@ -15,7 +15,7 @@ block caching, a network draws a cache interval for its own blocks instead (:cla
 Block caching (``reuse``, ``forecast``) are cell methods like the attention strategies; a cell gives its
 method to a whole step segment. FORA's cache interval on the grid's blocks (every layer the grid draws,
 skipped together every step but every k-th) joins as a global choice (:class:`IntervalChoices`): a trial
-draws whether to run one (method, interval, stop); then its skipped steps are the method's and the cells
+draws whether to run one (method, every, stop); then its skipped steps are the method's and the cells
 draw only the steps that compute (a segment with none draws nothing). One of
 diffusers' caches joins as a global choice (:class:`CacheChoices`): a trial first draws whether it
 runs the cache (then with its drawn config, every cell ``full`` and no sparse part, as such plans
