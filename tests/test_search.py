@@ -5,9 +5,12 @@ import sys
 import time
 
 import optuna
+import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from ditplan.errors import UserError
 from ditplan.search.driver import run_search, study_storage
 from ditplan.search.tracking import default_tracking_uri
 from ditplan.spec import load_spec
@@ -154,3 +157,12 @@ def test_a_trial_that_repeats_earlier_parameters_takes_their_values_without_eval
         original = first[tuple(sorted(trial.params.items()))]
         assert trial.user_attrs["repeat_of"] == original.number and trial.values == original.values
     assert len(result.front) <= len(first)  # each plan once on the front
+
+
+def test_a_search_space_it_refuses_leaves_no_run_directory(tmp_path):
+    data = yaml.safe_load((DATA / "tiny-search.yaml").read_text())
+    data["search"]["space"] = {"methods": ["full", "ast"], "interval": {"every": [3]}}
+    (tmp_path / "experiment.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(UserError, match="add reuse or forecast to search.space.methods"):
+        run_search(load_spec(tmp_path / "experiment.yaml"), tmp_path / "run", show_progress=False)
+    assert not (tmp_path / "run").exists()

@@ -214,16 +214,17 @@ class _Search:
         self.objectives = [o.metric for o in self.search.objectives]
         self.directions = [o.resolved_direction() for o in self.search.objectives]
         self.needed = tuple(sorted(set(self.objectives) | {c.metric for c in self.search.constraints}))
+        self.adapter = worker_adapter(spec)  # the driver's copy: dense reference, search space
+        self.space = experiment_space(self.adapter, spec)  # a space it refuses leaves nothing written
+        run_dir.mkdir(parents=True, exist_ok=True)
         self.storage = study_storage(spec, run_dir)
         self.study = self._open_study(resume)
-        self.adapter = worker_adapter(spec)  # the driver's copy: dense reference, search space
         settings = spec.sampler.settings()
         _, self.conditions, self.seeds = spec.seed_set("search")
         self.dense = dense_reference(self.adapter, settings, self.conditions, self.seeds, spec.evaluation.cache_dir)
         first = self.search.trial_samples()  # what a trial is scored on first: all the search samples without screening
         self.first_dense = self.dense if first == len(self.seeds) else dense_reference(
             self.adapter, settings, self.conditions[:first], self.seeds[:first], spec.evaluation.cache_dir)
-        self.space = experiment_space(self.adapter, spec)
         self.reference = reference_point(spec)
         self.tracker = Tracker(
             self.search.tracking_uri or default_tracking_uri(run_dir), "ditplan", spec.name,
@@ -551,7 +552,6 @@ def run_search(
     to the main driver."""
     address = resolve_ray_address(ray_address)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     _import_plugins(plugins)
     driver = _Search(spec, run_dir, resume)
     driver.warm_start(warm_start)
