@@ -27,7 +27,7 @@ from ditplan.search.proxy import (
     proxy_candidates,
 )
 from ditplan.strategies.apply import run_plan, sample_with_plan
-from ditplan.search.space import build_space, experiment_space
+from ditplan.search.space import IntervalChoices, build_space, experiment_space
 from ditplan.search.trial_eval import worker_adapter
 from ditplan.spec import ProposalSpec, load_spec
 from tests.conftest import DATA
@@ -281,6 +281,43 @@ def test_a_reuse_run_limit_gives_the_whole_front_of_the_plans_within_it(limit, m
     assert {_predicted(p, proxy, flops) for p in plans} == front
     unlimited = propose(space, proxy, flops, 4001)
     assert max(_longest_reuse_run(p) for p in unlimited) == 4 and propose(space, proxy, flops, 4001, max_run=4) == unlimited
+
+
+def _interval_plans(space):
+    """Every plan of a one-layer ``space`` without SparseDiT: each cache interval (or none), then a method per step
+    segment with computed steps."""
+    for interval in [None, *space.intervals()]:
+        segments = [(s0, s1) for s0, s1 in space.step_segments if space.computed_steps(s0, s1, interval)]
+        for pick in itertools.product(space.methods, repeat=len(segments)):
+            cells = {s: m for (s0, s1), m in zip(segments, pick) for s in space.computed_steps(s0, s1, interval)}
+            yield Plan(space.target, tuple((cells.get(s, interval and interval.method),) if s else ("full",)
+                                           for s in range(space.target.num_steps)))
+
+
+@pytest.mark.parametrize("limit", [None, 2, 3])
+def test_with_a_cache_interval_proposals_are_the_whole_front_of_the_plans_under_every_interval_or_none(limit):
+    """The interval is one more choice of the knapsack: its skipped steps priced as its method, its cells over the
+    computed steps, a computing cell still reusing at the skipped steps around it (the run limit counts them)."""
+    target = dataclasses.replace(TARGET, num_layers=1, num_steps=8)  # steps 1–7 in segments 1–2, 3–5, 6–7
+    rng = np.random.default_rng(7)
+    methods = ("ast", "reuse", "asc")
+    proxy = Proxy({(s, 0, m): float(rng.uniform(0.01, 0.2) * (1 if m == "asc" else 2)) for s in range(1, 8)
+                   for m in methods}, {}, 0, 0.0)
+    flops = {(s, 0, m): float(-rng.uniform(1, 2) * (1 if m == "asc" else 3)) for s in range(1, 8) for m in methods}
+    space = build_space(target, ["full", *methods], 1, [3, 6], interval=IntervalChoices((2, 3, 4), (0.8, 1.0)))
+    within = {}  # brute force: every plan of the space within the run limit, by (Σ loss, Σ FLOPs)
+    for plan in _interval_plans(space):
+        if limit is None or _longest_reuse_run(plan) <= limit:
+            within.setdefault(_predicted(plan, proxy, flops), plan)
+    front = {p for p in within if not any(o[0] <= p[0] and o[1] <= p[1] and o != p for o in within)}
+    assert any(space.params_for(within[p])["interval"] != "none" for p in front)  # the intervals make the front
+    plans = propose(space, proxy, flops, 4001, max_run=limit)
+    assert {_predicted(p, proxy, flops) for p in plans} == front
+    assert all(space.params_for(p) is not None for p in plans)
+    assert limit is None or max(map(_longest_reuse_run, plans)) == limit
+    if limit is None:
+        hull = {_predicted(p, proxy, flops) for p in propose(space, proxy, flops, 4001, "flops")}
+        assert hull <= front and len(hull) > 2
 
 
 def test_proposals_leave_out_a_method_the_proxy_measured_with_parameters_the_space_cannot_draw():

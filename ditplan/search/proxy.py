@@ -22,7 +22,12 @@ WA-RS residual is charged to the cell that reads it); runs of consecutive reuse 
 pass, so the sum slightly overstates their cost. Each plan is then judged for real as a trial.
 
 A space with block caching (``reuse``, ``forecast``) adds those methods to the candidates the loop
-measures (:func:`proxy_candidates`), so proposals can skip whole blocks.
+measures (:func:`proxy_candidates`), so proposals can skip whole blocks. A space with the grid's cache
+interval (FORA's "compute every k-th step") solves the knapsack once per interval it may draw, with that
+interval's skipped steps priced as its method and the cells over the steps that compute, and each target
+takes the interval (or none) of least predicted loss: the interval is one more choice of the problem.
+Under an interval a computing cell still reuses at the skipped steps before and after its computed ones,
+so the run cap counts them (and leaves out intervals whose gaps pass it).
 
 What the additive proxy cannot see is staleness: it prices a reuse (``ast``, ``reuse``,
 ``forecast``) cell against the step before it, so a recompute in the middle of a long run earns back
@@ -57,7 +62,7 @@ from ditplan.models.adapters import ModelAdapter
 from ditplan.models.sampling import SamplerSettings, Snapshot, plan_target, sample_batch
 from ditplan.plan import Plan
 from ditplan.search.greedy import CANDIDATES, greedy_search
-from ditplan.search.space import PlanSpace
+from ditplan.search.space import CacheInterval, PlanSpace
 from ditplan.spec import PROPOSAL_SPREADS, ExperimentSpec
 from ditplan.strategies.apply import apply_plan, remove_plan
 from ditplan.strategies.base import BlockStrategy, get_strategy_class
@@ -276,8 +281,9 @@ def _usable_methods(space: PlanSpace, proxy: Proxy) -> list[str]:
 
 def propose(space: PlanSpace, proxy: Proxy, flops: Mapping[tuple[int, int, str], float], count: int,
             spread: str = "knapsack", max_run: int | None = None, max_loss: float | None = None) -> list[Plan]:
-    """Up to ``count`` plans of the space (every cell of a layer group × step segment one method; no
-    SparseDiT or cache part), from the most faithful (dense) to the fastest, most faithful first.
+    """Up to ``count`` plans of the space (every cell of a layer group × step segment one method, under one
+    of the space's cache intervals or none; no SparseDiT or cache part), from the most faithful (dense) to
+    the fastest, most faithful first.
     ``spread``: ``knapsack`` — for ``count`` evenly spaced predicted FLOPs, the plan of least summed
     loss at most that dear (a multiple-choice knapsack, solved exactly on a grid of 4,000 FLOPs steps);
     ``flops`` — the Lagrangian optima (the knapsack's convex hull) nearest to those FLOPs; ``hull`` —
@@ -286,79 +292,135 @@ def propose(space: PlanSpace, proxy: Proxy, flops: Mapping[tuple[int, int, str],
     loses, and the hull leaves gaps the knapsack fills. ``max_run`` (knapsack only): no layer reuses its
     attention or block output (:data:`REUSING`) for more than that many steps in a row (from dense to
     the fastest plan that keeps to it). ``max_loss``: from dense to the fastest plan whose summed
-    (weighted) loss is at most that, none beyond. Deterministic."""
+    (weighted) loss is at most that, none beyond. A space with a cache interval (``search.space.interval``)
+    solves the problem once per interval — its skipped steps priced as the interval's method, its cells
+    over the steps that compute — and every target takes the interval whose plan has the least loss
+    (exact for the interval as one more choice). Deterministic."""
     if spread not in PROPOSAL_SPREADS:
         raise ValueError(f"unknown proposal spread {spread!r}; use one of {list(PROPOSAL_SPREADS)}")
     if max_run is not None and spread != "knapsack":
         raise ValueError(f"a reuse run limit needs spread 'knapsack', not {spread!r}")
     methods = _usable_methods(space, proxy)
+    if max_run is not None and max_run >= space.target.num_steps - 1:
+        max_run = None  # a limit as long as the sampling run limits nothing
     losses = proxy.weighted
-    cells = [(layers, steps) for layers in space.layer_groups for steps in space.step_segments]
-    # (cells, methods): summed predicted cost and loss of giving a whole space cell one method
-    cost = np.zeros((len(cells), len(methods)))
-    loss = np.zeros((len(cells), len(methods)))
-    for i, (layers, steps) in enumerate(cells):
-        for j, method in enumerate(methods):
-            if method == "full":
-                continue
-            members = [(s, l) for s in range(*steps) for l in range(*layers)]
-            cost[i, j] = sum(flops[s, l, method] for s, l in members)
-            loss[i, j] = sum(losses[s, l, method] for s, l in members)
+    options = [o for interval in [None, *space.intervals()]
+               if (o := _interval_cells(space, methods, losses, flops, interval, max_run)) is not None]
     if spread == "knapsack":
-        runs = None  # a limit as long as the sampling run limits nothing
-        reusing = frozenset(j for j, m in enumerate(methods) if m in REUSING)
-        if max_run is not None and reusing and max_run < space.target.num_steps - 1:
-            # cells are layer-major: a layer's step segments in order
-            runs = RunCap(max_run, reusing, [s1 - s0 for _, (s0, s1) in cells],
-                          [i % len(space.step_segments) == 0 for i in range(len(cells))])
-        picks = _knapsack(cost, loss, count, runs=runs, max_loss=max_loss)
+        picks = _knapsack(options, count, max_loss=max_loss)
     else:
-        optima = sorted((p for p in _lagrangian_optima(cost, loss) if max_loss is None or _predicted(cost, loss, p)[0] <= max_loss),
-                        key=lambda p: _predicted(cost, loss, p))  # costs descend
+        optima = sorted((p for p in _lagrangian_optima(options)
+                         if max_loss is None or _predicted(options, p)[0] <= max_loss),
+                        key=lambda p: _predicted(options, p))  # costs descend
         if spread == "hull":
             keep = {int(round(x)) for x in np.linspace(0, len(optima) - 1, min(count, len(optima)))}
         else:
-            keep = _nearest(np.array([_predicted(cost, loss, p)[1] for p in optima]), count)
+            keep = _nearest(np.array([_predicted(options, p)[1] for p in optima]), count)
         picks = [optima[k] for k in keep]
-    picks.sort(key=lambda p: _predicted(cost, loss, p))  # most faithful first
-    return [_plan(space, cells, [methods[j] for j in pick], proxy) for pick in picks]
-
-
-def _predicted(cost: np.ndarray, loss: np.ndarray, pick: Sequence[int]) -> tuple[float, float]:
-    rows = np.arange(len(pick))
-    return float(loss[rows, pick].sum()), float(cost[rows, pick].sum())
-
-
-def _lagrangian_optima(cost: np.ndarray, loss: np.ndarray) -> list[tuple[int, ...]]:
-    """Each cell independently takes argmin cost + λ·loss, for a sweep of λ: the distinct optima."""
-    scale = max(float(np.abs(cost).max()), 1e-12) / max(float(loss.max()), 1e-12)  # λ in cost per unit of loss
-    return list({tuple(int(j) for j in np.argmin(cost + lam * loss, axis=1)) for lam in LAMBDA_SWEEP * scale})
+    picks.sort(key=lambda p: _predicted(options, p))  # most faithful first
+    plans = [_plan(space, options[o], [methods[j] for j in pick], proxy) for o, pick in picks]
+    return list({plan.grid: plan for plan in plans}.values())  # one plan from two intervals: a cell reusing throughout
 
 
 @dataclass(frozen=True)
 class RunCap:
     """At most ``limit`` steps in a row of reuse (the knapsack's columns ``methods``) in one layer: cell i
-    spans ``length[i]`` steps and ``first[i]`` says it starts a layer's run of cells."""
+    spans ``length[i]`` steps and ``first[i]`` says it starts a layer's run of cells; under a cache interval
+    a computing method at cell i still reuses at the ``head[i]`` steps before its first computed step and
+    the ``tail[i]`` after its last."""
 
     limit: int
     methods: frozenset[int]
     length: Sequence[int]
     first: Sequence[bool]
+    head: Sequence[int]
+    tail: Sequence[int]
 
 
-def _knapsack(cost: np.ndarray, loss: np.ndarray, count: int, steps: int = 4000,
-              runs: RunCap | None = None, max_loss: float | None = None) -> list[tuple[int, ...]]:
+@dataclass(frozen=True)
+class _Cells:
+    """The knapsack's cells (layer group × step segment, layer-major) at one cache interval (None: none):
+    ``cost[i, j]`` / ``loss[i, j]`` the summed predicted FLOPs and loss of giving cell i method j at its
+    computed steps, its skipped steps the interval's method (``inf`` loss: not a choice, as at a cell with no
+    computed step, which only the interval's method fills); ``runs``: the reuse run cap, if any."""
+
+    interval: CacheInterval | None
+    cells: Sequence[tuple[tuple[int, int], tuple[int, int]]]
+    cost: np.ndarray
+    loss: np.ndarray
+    runs: RunCap | None
+
+
+def _interval_cells(space: PlanSpace, methods: Sequence[str], losses: Mapping[tuple[int, int, str], float],
+                    flops: Mapping[tuple[int, int, str], float], interval: CacheInterval | None,
+                    max_run: int | None) -> _Cells | None:
+    """The cells at ``interval``, or None when no plan can take it (its method not among ``methods``, or its
+    gaps longer than ``max_run``)."""
+    if interval is not None and interval.method not in methods:
+        return None
+    if interval is not None and max_run is not None and interval.every - 1 > max_run:
+        return None
+    cells = [(layers, steps) for layers in space.layer_groups for steps in space.step_segments]
+    cost, loss = np.zeros((len(cells), len(methods))), np.zeros((len(cells), len(methods)))
+    heads, tails = [], []
+    for i, (layers, steps) in enumerate(cells):
+        computed = space.computed_steps(*steps, interval)
+        skipped = sorted(set(range(*steps)) - computed)
+        for j, method in enumerate(methods):
+            if not computed and interval is not None and method != interval.method:
+                loss[i, j] = np.inf
+                continue
+            members = [(s, l, method) for s in computed for l in range(*layers) if method != "full"]
+            members += [(s, l, interval.method) for s in skipped for l in range(*layers)] if interval else []
+            cost[i, j] = sum(flops[m] for m in members)
+            loss[i, j] = sum(losses[m] for m in members)
+        heads.append(min(computed, default=steps[1]) - steps[0])
+        tails.append(steps[1] - 1 - max(computed, default=steps[1] - 1))
+    reusing = frozenset(j for j, m in enumerate(methods) if m in REUSING)
+    runs = None
+    if max_run is not None and reusing:
+        runs = RunCap(max_run, reusing, [s1 - s0 for _, (s0, s1) in cells],
+                      [i % len(space.step_segments) == 0 for i in range(len(cells))], heads, tails)
+    return _Cells(interval, cells, cost, loss, runs)
+
+
+def _predicted(options: Sequence[_Cells], pick: tuple[int, tuple[int, ...]]) -> tuple[float, float]:
+    """The summed predicted (loss, cost) of ``pick``: (the option, a method per cell)."""
+    option, rows = options[pick[0]], np.arange(len(pick[1]))
+    return float(option.loss[rows, pick[1]].sum()), float(option.cost[rows, pick[1]].sum())
+
+
+def _lagrangian_optima(options: Sequence[_Cells]) -> list[tuple[int, tuple[int, ...]]]:
+    """For a sweep of λ, the option (cache interval) whose cells, each independently taking argmin cost +
+    λ·loss, sum to the least: the distinct optima, as (option, a method per cell)."""
+    finite = options[0].loss[np.isfinite(options[0].loss)]  # the first option, no interval, has no excluded choice
+    scale = max(float(np.abs(options[0].cost).max()), 1e-12) / max(float(finite.max()), 1e-12)  # λ: cost per unit of loss
+    optima = set()
+    for lam in LAMBDA_SWEEP * scale:
+        values = [o.cost + lam * o.loss for o in options]
+        best = int(np.argmin([v.min(axis=1).sum() for v in values]))  # ties: the first (no interval)
+        optima.add((best, tuple(int(j) for j in np.argmin(values[best], axis=1))))
+    return list(optima)
+
+
+def _knapsack(options: Sequence[_Cells], count: int, steps: int = 4000,
+              max_loss: float | None = None) -> list[tuple[int, tuple[int, ...]]]:
     """For ``count`` evenly spaced savings targets from none to the most, the least summed loss with
-    savings ≥ the target, by dynamic programming over the cells (−cost on a grid of ``steps`` units; a
-    choice that costs more than dense saves nothing): the distinct plans (fewer where targets share one).
-    ``runs``: only plans whose reuse runs keep to its limit; ``max_loss``: the most savings is that of the
-    fastest plan within this summed loss."""
-    savings = np.where(cost < 0, -cost, 0.0)
-    quantum = max(float(savings.max(axis=1).sum()), 1e-12) / steps
-    units = np.rint(savings / quantum).astype(int)
-    table = _knapsack_table(units, loss, steps, runs)
-    picks = table.walk_back(units, np.rint(np.linspace(0, table.reach(max_loss), count)).astype(int))
-    return [tuple(int(j) for j in row) for row in np.unique(picks, axis=0)]
+    savings ≥ the target, by dynamic programming over each option's cells (−cost on a grid of ``steps``
+    units shared by all options; a choice that costs more than dense saves nothing), the target taking the
+    option of least loss: the distinct plans (fewer where targets share one), as (option, a method per
+    cell). ``max_loss``: the most savings is that of the fastest plan within this summed loss."""
+    savings = [np.where(o.cost < 0, -o.cost, 0.0) for o in options]
+    quantum = max(max(float(s.max(axis=1).sum()) for s in savings), 1e-12) / steps
+    units = [np.rint(s / quantum).astype(int) for s in savings]
+    tables = [_knapsack_table(u, o.loss, steps, o.runs) for u, o in zip(units, options)]
+    targets = np.rint(np.linspace(0, max(t.reach(max_loss) for t in tables), count)).astype(int)
+    chosen = np.stack([t.best.min(axis=0)[targets] for t in tables]).argmin(axis=0)  # ties: the first option
+    picks = set()
+    for o, table in enumerate(tables):
+        if (chosen == o).any():
+            picks.update((o, tuple(int(j) for j in row)) for row in table.walk_back(units[o], targets[chosen == o]))
+    return sorted(picks)
 
 
 @dataclass(frozen=True)
@@ -372,9 +434,10 @@ class _Table:
     came: np.ndarray
 
     def reach(self, max_loss: float | None = None) -> int:
-        """The most savings (units) any plan within the table's run limit (and of summed loss ≤ ``max_loss``) has."""
-        least = self.best.min(axis=0)  # non-decreasing in savings; 0 at none
-        return int(np.flatnonzero(np.isfinite(least) if max_loss is None else least <= max_loss).max())
+        """The most savings (units) any plan within the table's run limit (and of summed loss ≤ ``max_loss``)
+        has; −1 when no plan is."""
+        least = self.best.min(axis=0)  # non-decreasing in savings
+        return int(np.flatnonzero(np.isfinite(least) if max_loss is None else least <= max_loss).max(initial=-1))
 
     def walk_back(self, units: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """The least-loss plan (a method per cell) for every savings target, all targets at once."""
@@ -389,7 +452,8 @@ class _Table:
 
 def _knapsack_table(units: np.ndarray, loss: np.ndarray, steps: int, runs: RunCap | None) -> _Table:
     """The dynamic program over the cells in order: each takes every method from every state it can
-    (a computing method from the best state over all run lengths; reuse from a run it can lengthen)."""
+    (a computing method from the best state whose run its head can lengthen, to a run of its tail; reuse
+    from a run it can lengthen)."""
     cap = runs.limit if runs is not None else 0
     best = np.full((cap + 1, steps + 1), np.inf)
     best[0, 0] = 0.0
@@ -398,11 +462,13 @@ def _knapsack_table(units: np.ndarray, loss: np.ndarray, steps: int, runs: RunCa
     reach = np.arange(steps + 1)
     for i in range(len(units)):
         new = np.full_like(best, np.inf)
-        lowest, lowest_run = best.min(axis=0), best.argmin(axis=0)
+        head, tail = (0, 0) if runs is None else (runs.head[i], runs.tail[i])
+        room = best if runs is None or runs.first[i] else best[: cap + 1 - head]  # head ≤ an interval's gap ≤ cap
+        lowest, lowest_run = room.min(axis=0), room.argmin(axis=0)
         for j in range(units.shape[1]):
             shift = np.maximum(reach - units[i, j], 0)
-            if runs is None or j not in runs.methods:  # computes: the run ends
-                rows, moved, before = slice(0, 1), (lowest[shift] + loss[i, j])[None], lowest_run[shift][None]
+            if runs is None or j not in runs.methods:  # computes: the run ends (and its tail starts one)
+                rows, moved, before = slice(tail, tail + 1), (lowest[shift] + loss[i, j])[None], lowest_run[shift][None]
             elif runs.length[i] > cap:
                 continue
             elif runs.first[i]:  # reuse opening a layer: a run of this cell's length
@@ -431,15 +497,14 @@ def _nearest(costs: np.ndarray, count: int) -> set[int]:
     return keep
 
 
-def _plan(space: PlanSpace, cells: Sequence[tuple[tuple[int, int], tuple[int, int]]], picked: Sequence[str],
-          proxy: Proxy) -> Plan:
-    target = space.target
+def _plan(space: PlanSpace, cells: _Cells, picked: Sequence[str], proxy: Proxy) -> Plan:
+    target, interval = space.target, cells.interval
     grid = [["full"] * target.num_layers for _ in range(target.num_steps)]
-    for ((l0, l1), (s0, s1)), method in zip(cells, picked):
-        for step in range(s0, s1):
-            for layer in range(l0, l1):
-                grid[step][layer] = method
+    for (layers, steps), method in zip(cells.cells, picked):
+        computed = space.computed_steps(*steps, interval)
+        for step in range(*steps):
+            for layer in range(*layers):
+                grid[step][layer] = method if step in computed else interval.method  # type: ignore[union-attr]
     used = {m for row in grid for m in row}
     params = {m: dict(p) for m, p in proxy.params.items() if m in used}
     return Plan(target, tuple(map(tuple, grid)), params=params, provenance={"search": "proxy-proposal"})
-

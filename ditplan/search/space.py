@@ -194,7 +194,7 @@ class PlanSpace:
             return None
         if any(m != "full" for layer, m in enumerate(plan.grid[0]) if layer not in fixed):
             return None
-        for interval in [None, *self._intervals()]:  # the first that expresses it: no interval where none is needed
+        for interval in [None, *self.intervals()]:  # the first that expresses it: no interval where none is needed
             grid = self._grid_params_for(plan, fixed, interval)
             if grid is not None:
                 params.update(grid)
@@ -224,7 +224,7 @@ class PlanSpace:
             if sparse is None:
                 return None
             params.update(sparse[0])
-        if self._intervals():
+        if self.intervals():
             params[INTERVAL] = NO_CACHE
         used = set()
         for layers in self.layer_groups:
@@ -256,7 +256,7 @@ class PlanSpace:
         for l0, l1 in self.layer_groups:
             free = [layer for layer in range(l0, l1) if layer not in fixed]
             for s0, s1 in self.step_segments:
-                computed = self._computed_steps(s0, s1, interval)
+                computed = self.computed_steps(s0, s1, interval)
                 method = (trial.suggest_categorical(self.cell_name((l0, l1), (s0, s1)), list(self.methods))
                           if free and computed else None)
                 for step in range(s0, s1):
@@ -270,7 +270,7 @@ class PlanSpace:
         return Plan(target, tuple(map(tuple, grid)), params=params, sparse=layout.to_dict() if layout else None)
 
     # --- the grid's cache interval -----------------------------------------------------------------
-    def _intervals(self) -> list[CacheInterval]:
+    def intervals(self) -> list[CacheInterval]:
         """Every cache interval a trial may draw for the grid's blocks (none without ``interval`` choices)."""
         if self.interval is None:
             return []
@@ -278,7 +278,7 @@ class PlanSpace:
                 for s in self.interval.stop]
 
     def _suggest_interval(self, trial: optuna.Trial) -> CacheInterval | None:
-        if self.interval is None or not self._intervals():
+        if self.interval is None or not self.intervals():
             return None
         return self._draw_interval(trial, INTERVAL, self.interval.every, self.interval.stop)
 
@@ -291,18 +291,18 @@ class PlanSpace:
         return CacheInterval(method, trial.suggest_categorical(f"{prefix}.every", list(every)),
                              trial.suggest_categorical(f"{prefix}.stop", list(stop)))
 
-    def _computed_steps(self, start: int, end: int, interval: CacheInterval | None) -> set[int]:
+    def computed_steps(self, start: int, end: int, interval: CacheInterval | None) -> set[int]:
         """The steps of segment [start, end) whose cells are drawn (the rest skip at ``interval``)."""
         return {s for s in range(start, end) if interval is None or not interval.skips(s, self.target.num_steps)}
 
     def _grid_params_for(self, plan: Plan, fixed: Mapping[int, Any], interval: CacheInterval | None) -> dict[str, Any] | None:
         """The interval and cell parameters of ``plan``'s free layers at ``interval``, or None when they are
         not cells of this space at that interval."""
-        params = _interval_params(INTERVAL, interval) if self._intervals() else {}
+        params = _interval_params(INTERVAL, interval) if self.intervals() else {}
         for layers in self.layer_groups:
             free = [l for l in range(*layers) if l not in fixed]
             for steps in self.step_segments:
-                computed = self._computed_steps(*steps, interval)
+                computed = self.computed_steps(*steps, interval)
                 if any(plan.grid[s][l] != _skipped(interval) for s in set(range(*steps)) - computed for l in free):
                     return None
                 if not free or not computed:
