@@ -228,10 +228,14 @@ class ObjectiveSpec(_MetricSpec):
 
 
 class ConstraintSpec(_MetricSpec):
-    """A feasibility bound on a metric, e.g. ``{metric: rel_l1, max: 0.1}`` (Optuna: value ≤ 0 is feasible)."""
+    """A feasibility bound on a metric, e.g. ``{metric: rel_l1, max: 0.1}`` (Optuna: value ≤ 0 is feasible).
+    relative_to: ``dense`` bounds the metric's excess over dense's value on the same search samples, e.g.
+    ``{metric: kid, max: 0.0, relative_to: dense}`` (no worse than dense) — for metrics against a real
+    reference (FID, KID), whose dense value an experiment cannot know in advance; none: the bound as given."""
 
     max: float | None = None
     min: float | None = None
+    relative_to: Literal["dense"] | None = None
 
     @model_validator(mode="after")
     def _one_bound(self) -> ConstraintSpec:
@@ -239,7 +243,13 @@ class ConstraintSpec(_MetricSpec):
             raise ValueError("a constraint needs exactly one of max and min")
         return self
 
-    def violation(self, value: float) -> float:
+    def violation(self, value: float, dense: float | None = None) -> float:
+        """How far ``value`` is past the bound (≤ 0: within it); ``dense``: dense's value on the same samples,
+        needed when the bound is relative to it."""
+        if self.relative_to == "dense":
+            if dense is None:
+                raise ValueError(f"the {self.metric} bound is relative to dense: give dense's {self.metric}")
+            value -= dense
         return value - self.max if self.max is not None else self.min - value  # type: ignore[operator]
 
 

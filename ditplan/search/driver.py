@@ -53,7 +53,7 @@ from ditplan.search.storage import (
     tally,
 )
 from ditplan.search.tracking import Tracker, default_tracking_uri
-from ditplan.search.trial_eval import evaluate_in_worker, worker_adapter
+from ditplan.search.trial_eval import dense_metrics, evaluate_in_worker, worker_adapter
 from ditplan.spec import ExperimentSpec, SearchSpec
 
 SAMPLERS = {
@@ -154,8 +154,11 @@ def _front_rows(trials: list[FrozenTrial], objectives: list[str], directions: li
     ]
 
 
-def _front_table(rows: list[dict[str, Any]], objectives: list[str]) -> str:
-    return "\n".join(["| trial | name | " + " | ".join(objectives) + " | feasible | front |",
+def _front_table(rows: list[dict[str, Any]], objectives: list[str], dense: dict[str, float], samples: int) -> str:
+    """Every trial's objectives, after dense's own on the same ``samples`` search samples (what a metric against a
+    real reference, FID or KID, reads against)."""
+    return "\n".join([f"dense on the same {samples} search samples: " + ", ".join(f"{o} {dense[o]:.4g}" for o in objectives),
+                      "", "| trial | name | " + " | ".join(objectives) + " | feasible | front |",
                       "|---|---|" + "---|" * len(objectives) + "---|---|"] +
                      [f"| {r['trial']} | {r['name']} | " + " | ".join(f"{r[o]:.4g}" for o in objectives) +
                       f" | {'yes' if r['feasible'] else 'no'} | {'yes' if r['on_front'] else ''} |" for r in rows])
@@ -225,6 +228,9 @@ class _Search:
         first = self.search.trial_samples()  # what a trial is scored on first: all the search samples without screening
         self.first_dense = self.dense if first == len(self.seeds) else dense_reference(
             self.adapter, settings, self.conditions[:first], self.seeds[:first], spec.evaluation.cache_dir)
+        # dense's own metrics on each fidelity's samples: what bounds relative to dense compare a trial with
+        self.dense_values = {len(d): dense_metrics(self.adapter, spec, d, self.conditions[:len(d)], self.needed)
+                             for d in (self.dense, self.first_dense)}
         self.reference = reference_point(spec)
         self.tracker = Tracker(
             self.search.tracking_uri or default_tracking_uri(run_dir), "ditplan", spec.name,
@@ -346,8 +352,9 @@ class _Search:
                 self.study.enqueue_trial(params, user_attrs={"name": name, PROPOSAL: proposals.source})
 
     def tell(self, trial: optuna.Trial, values: dict[str, float]) -> None:
+        dense = self.dense_values[self._samples(trial)]
         for constraint in self.search.constraints:
-            trial.set_constraint(constraint.metric, constraint.violation(values[constraint.metric]))
+            trial.set_constraint(constraint.metric, constraint.violation(values[constraint.metric], dense[constraint.metric]))
         self.study.tell(trial, [values[o] for o in self.objectives])
 
     def _submitter(self, plugins: Sequence[str]) -> Callable[[optuna.Trial, Plan], ray.ObjectRef]:
@@ -511,7 +518,7 @@ class _Search:
             groups: dict[str, list[dict[str, Any]]] = {}
             for row in rows:
                 groups.setdefault(row["source"], []).append(row)
-            table = _front_table(rows, self.objectives)
+            table = _front_table(rows, self.objectives, self.dense_values[len(self.seeds)], len(self.seeds))
             self.tracker.mark_front({t.number for t in front})
             self.tracker.log_front(front_png(groups, self.objectives), front_html(groups, self.objectives), table, rows)
             atomic_write_text(self.run_dir / "pareto_front.md", table + "\n")

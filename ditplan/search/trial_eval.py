@@ -41,6 +41,9 @@ def _timed_sample(adapter: ModelAdapter, plan: Plan | None, spec: ExperimentSpec
     return run, time.perf_counter() - start
 
 
+COST_RATIOS = ("flops_ratio", "ideal_flops_ratio", "attention_flops_ratio", "latency_ratio")  # dense's: 1
+
+
 def plan_metrics(
     adapter: ModelAdapter,
     spec: ExperimentSpec,
@@ -54,8 +57,7 @@ def plan_metrics(
     """The requested metrics of ``plan`` on ``(conditions, seeds)`` against ``dense`` (same seeds)."""
     settings = spec.sampler.settings()
     run, _ = _timed_sample(adapter, plan, spec, conditions, seeds)  # also the warm-up
-    samples = run.samples
-    values: dict[str, float] = {m.name: m.value for m in FidelityEvaluator().evaluate(samples, dense)}
+    values = _quality(adapter, spec, run.samples, dense, conditions, metrics)
     flops, dense_flops = run_flops(adapter, plan, settings, run, len(seeds)), plan_flops(adapter, None, settings, len(seeds))
     values["flops_ratio"] = flops.total / dense_flops.total
     values["ideal_flops_ratio"] = ideal_flops_ratio(adapter, plan, settings, values["flops_ratio"])
@@ -69,9 +71,28 @@ def plan_metrics(
             )
         seconds = statistics.median(_timed_sample(adapter, plan, spec, conditions, seeds)[1] for _ in range(max(1, latency_repeats)))
         values["latency_ratio"] = seconds / _WORKER_DENSE_SECONDS[key]
+    return _checked(values, metrics)
+
+
+def dense_metrics(adapter: ModelAdapter, spec: ExperimentSpec, dense: torch.Tensor, conditions: Sequence[Any],
+                  metrics: Sequence[str]) -> dict[str, float]:
+    """Dense's own values of ``metrics`` on its samples ``dense`` of ``conditions``, by the path trials take:
+    what a bound relative to dense (``relative_to: dense``) compares a trial with; cost ratios are 1."""
+    return _checked({**dict.fromkeys(COST_RATIOS, 1.0), **_quality(adapter, spec, dense, dense, conditions, metrics)},
+                    metrics)
+
+
+def _quality(adapter: ModelAdapter, spec: ExperimentSpec, samples: torch.Tensor, dense: torch.Tensor,
+             conditions: Sequence[Any], metrics: Sequence[str]) -> dict[str, float]:
+    """Fidelity of ``samples`` to ``dense`` and, where ``metrics`` asks for them, domain metrics of ``samples``."""
+    values: dict[str, float] = {m.name: m.value for m in FidelityEvaluator().evaluate(samples, dense)}
     if DOMAIN_METRICS & set(metrics):
         for m in domain_metrics(spec, samples, conditions, getattr(adapter, "num_classes", None), metrics):
             values[m.name] = m.value
+    return values
+
+
+def _checked(values: dict[str, float], metrics: Sequence[str]) -> dict[str, float]:
     missing = [m for m in metrics if m not in values]
     if missing:
         raise ValueError(f"metric {missing[0]!r} is not computed by search trials; choose from {sorted(METRIC_DIRECTIONS)}")
