@@ -357,7 +357,11 @@ class ProposalSpec(_Strict):
     again (``knapsack`` only; null: no limit). The proxy prices every reuse against the step before it, so it cannot see what a recompute in a
     long run is worth; the default 10 was chosen on the embedded model's held-out seeds (README). A
     ``rel_l1`` max constraint of the search bounds the proposals too when gains are measured: they run
-    from dense to the fastest plan whose predicted rel. L1 (its cells' summed weighted losses) is within it."""
+    from dense to the fastest plan whose predicted rel. L1 (its cells' summed weighted losses) is within it.
+    intervals: after those, propose each cache interval of the space (``search.space.interval``) alone, every
+    cell ``full`` (FORA's fixed schedules; gaps within ``max_reuse_run``), named ``interval-reuse-5-1.0`` and
+    so on. The proxy prices plans by rel. L1, which on the 1,024-token embedded model ranks these below mixed
+    plans of twice their held-out FID (README), so it proposes none of them itself."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     source: Literal["proxy"] = Field("proxy", alias="from")
@@ -366,6 +370,7 @@ class ProposalSpec(_Strict):
     samples: Count | None = None
     gain_probes: int = Field(7, ge=0, le=1000)
     max_reuse_run: int | None = Field(10, ge=1, le=100_000)
+    intervals: bool = False
 
     @model_validator(mode="before")
     @classmethod

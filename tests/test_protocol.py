@@ -124,6 +124,69 @@ def test_the_report_shows_the_infeasible_trial_outside_the_front(constrained_run
     assert "| learned | 4 | 1 | 3 |" in report  # 4 plans, 1 infeasible, a front of 3
 
 
+def test_a_bound_relative_to_dense_is_on_the_excess_over_dense():
+    from ditplan.spec import ConstraintSpec
+
+    no_worse = ConstraintSpec(metric="kid", max=0.0, relative_to="dense")
+    assert no_worse.violation(0.75, dense=0.5) == 0.25 and no_worse.violation(0.25, dense=0.5) == -0.25
+    at_least = ConstraintSpec(metric="class_agreement", min=-0.25, relative_to="dense")
+    assert at_least.violation(0.5, dense=1.0) == 0.25 and at_least.violation(1.0, dense=1.0) == -0.25
+    assert ConstraintSpec(metric="kid", max=0.0).violation(0.75, dense=0.5) == 0.75  # absolute: dense plays no part
+    with pytest.raises(ValueError, match="relative to dense: give dense's kid"):
+        no_worse.violation(0.75)
+
+
+@pytest.fixture(scope="module")
+def kid_driver(tmp_path_factory):
+    """A driver of the embedded model (4 steps, 4 search samples) searching KID × FLOPs with KID no worse than
+    dense's on the same samples; the real reference is a folder of 24 held-out digits."""
+    from PIL import Image
+
+    from ditplan.models.digits import load_digits, to_uint8_rgb
+
+    root = tmp_path_factory.mktemp("kid")
+    (root / "real").mkdir()
+    for i, image in enumerate(to_uint8_rgb(load_digits("held_out")[0][:24])):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / "real" / f"{i}.png")
+    data = {"name": "kid", "model": {"kind": "dit", "source": "embedded", "device": "cpu"},
+            "sampler": {"num_steps": 4, "batch_size": 4}, "workload": {"classes": [1, 2, 3, 4]},
+            "evaluation": {"feature_extractor": "digits", "reference": "real", "cache_dir": str(root / "cache")},
+            "search": {"samples": 4, "objectives": [{"metric": "kid"}, {"metric": "flops_ratio"}],
+                       "constraints": [{"metric": "kid", "max": 0.0, "relative_to": "dense"}],
+                       "reference_point": [1.0, 1.0], "refine": None}}
+    (root / "experiment.yaml").write_text(yaml.safe_dump(data))
+    spec = load_spec(root / "experiment.yaml")
+    return spec, _Search(spec, root / "search", resume=False)
+
+
+def test_dense_kid_is_measured_on_the_search_samples_by_the_path_trials_take(kid_driver):
+    from ditplan.search.trial_eval import plan_metrics
+
+    spec, driver = kid_driver
+    dense = driver.dense_values[4]
+    target = plan_target(driver.adapter, spec.sampler.settings())
+    full = plan_metrics(driver.adapter, spec, Plan.uniform(target), driver.dense, driver.conditions, driver.seeds, ("kid",))
+    assert full["kid"] == dense["kid"]  # an all-full plan samples exactly dense's samples
+    assert dense["flops_ratio"] == 1.0 and dense["rel_l1"] == 0.0
+
+
+def test_a_trial_is_feasible_by_its_kid_over_dense_not_by_its_kid(kid_driver):
+    spec, driver = kid_driver
+    dense_kid = driver.dense_values[4]["kid"]
+    assert abs(dense_kid) > 0.01  # else an absolute bound at 0 would decide the same
+    target = plan_target(driver.adapter, spec.sampler.settings())
+    plan = Plan.uniform(target)
+    for name, kid in (("worse", dense_kid + 0.01), ("better", dense_kid - 0.01)):
+        trial = driver.study.ask()
+        trial.set_user_attr("name", name)
+        driver.record_complete(trial, plan, {"kid": kid, "flops_ratio": 0.5})
+    feasible = {t.user_attrs["name"]: all(v <= 0 for v in t.constraints.values()) for t in driver.study.get_trials()}
+    assert feasible == {"worse": False, "better": True}
+    driver.publish_front()
+    assert f"dense on the same 4 search samples: kid {dense_kid:.4g}, flops_ratio 1" in (
+        driver.run_dir / "pareto_front.md").read_text()
+
+
 # --- export rules on held-out metrics ---------------------------------------------------------------
 def _candidate(name: str, search: dict, held_out: dict, feasible: bool = True) -> Candidate:
     return Candidate("run", 0, name, "search", search, held_out, feasible, None, None, Path(f"{name}.yaml"))

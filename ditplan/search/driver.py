@@ -67,7 +67,8 @@ DRIVER = "driver"  # user attribute: the driver (host-pid) that ran the trial
 GIVEN = "plan_given"  # user attribute of a warm-start trial whose plan the space cannot express: run whole
 REPEAT = "repeat_of"  # user attribute: the earlier trial with the same parameters whose values this one took
 PROJECTED = "projected"  # user attribute of such a trial whose parameters are its plan projected onto the space
-PROPOSAL = "proposal"  # user attribute of a trial proposed from the proxy (a learned trial, enqueued first)
+PROPOSAL = "proposal"  # user attribute of a proposed trial (a learned trial, enqueued first): where it came from
+INTERVAL_PROPOSAL = "interval"  # ... a cache interval of the space alone (search.proposals.intervals)
 
 
 @dataclass
@@ -334,7 +335,8 @@ class _Search:
     def propose(self) -> None:
         """``search.proposals``: the proxy (measured once on the calibration batch, kept in the run
         directory with its cost) proposes plans that join the study as enqueued learned trials with
-        their parameters, ahead of the sampler's own; a resumed study keeps them and adds none twice."""
+        their parameters, ahead of the sampler's own; a resumed study keeps them and adds none twice. With
+        ``proposals.intervals`` each cache interval of the space alone follows them (:meth:`PlanSpace.interval_plans`)."""
         proposals = self.search.proposals
         if proposals is None:
             return
@@ -345,11 +347,14 @@ class _Search:
         known = {t.user_attrs.get("name") for t in self.study.get_trials(deepcopy=False)}
         plans = propose(self.space, proxy, cell_flops(self.adapter, settings, proxy), proposals.count,
                          proposals.spread, proposals.max_reuse_run, proposal_max_loss(self.search))
-        for index, plan in enumerate(plans):
-            name = f"proposal-{index}"
+        named = {f"proposal-{index}": (plan, proposals.source) for index, plan in enumerate(plans)}
+        if proposals.intervals:
+            named.update({name: (plan, INTERVAL_PROPOSAL)
+                          for name, plan in self.space.interval_plans(proposals.max_reuse_run).items()})
+        for name, (plan, source) in named.items():
             params = self.space.params_for(plan)
             if name not in known and params is not None:
-                self.study.enqueue_trial(params, user_attrs={"name": name, PROPOSAL: proposals.source})
+                self.study.enqueue_trial(params, user_attrs={"name": name, PROPOSAL: source})
 
     def tell(self, trial: optuna.Trial, values: dict[str, float]) -> None:
         dense = self.dense_values[self._samples(trial)]

@@ -277,6 +277,16 @@ class PlanSpace:
         return [CacheInterval(m, e, s) for m in self._block_methods() for e in self.interval.every
                 for s in self.interval.stop]
 
+    def interval_plans(self, max_run: int | None = None) -> dict[str, Plan]:
+        """Each cache interval of the space alone, by name (``interval-reuse-5-1.0``): its method at the steps it
+        skips, every cell ``full`` at the steps it computes — FORA's fixed schedules on the grid's blocks —
+        leaving out intervals whose gaps are longer than ``max_run`` steps."""
+        steps = self.target.num_steps
+        return {f"interval-{i.method}-{i.every}-{i.stop}": Plan(
+                    self.target, tuple((i.method if i.skips(s, steps) else "full",) * self.target.num_layers
+                                       for s in range(steps)), provenance={"search": "cache-interval"})
+                for i in self.intervals() if max_run is None or i.every - 1 <= max_run}
+
     def _suggest_interval(self, trial: optuna.Trial) -> CacheInterval | None:
         if self.interval is None or not self.intervals():
             return None

@@ -57,7 +57,7 @@ def plan_metrics(
     """The requested metrics of ``plan`` on ``(conditions, seeds)`` against ``dense`` (same seeds)."""
     settings = spec.sampler.settings()
     run, _ = _timed_sample(adapter, plan, spec, conditions, seeds)  # also the warm-up
-    values = _quality(adapter, spec, run.samples, dense, conditions, metrics)
+    values = quality_metrics(adapter, spec, run.samples, dense, conditions, metrics)
     flops, dense_flops = run_flops(adapter, plan, settings, run, len(seeds)), plan_flops(adapter, None, settings, len(seeds))
     values["flops_ratio"] = flops.total / dense_flops.total
     values["ideal_flops_ratio"] = ideal_flops_ratio(adapter, plan, settings, values["flops_ratio"])
@@ -78,11 +78,11 @@ def dense_metrics(adapter: ModelAdapter, spec: ExperimentSpec, dense: torch.Tens
                   metrics: Sequence[str]) -> dict[str, float]:
     """Dense's own values of ``metrics`` on its samples ``dense`` of ``conditions``, by the path trials take:
     what a bound relative to dense (``relative_to: dense``) compares a trial with; cost ratios are 1."""
-    return _checked({**dict.fromkeys(COST_RATIOS, 1.0), **_quality(adapter, spec, dense, dense, conditions, metrics)},
+    return _checked({**dict.fromkeys(COST_RATIOS, 1.0), **quality_metrics(adapter, spec, dense, dense, conditions, metrics)},
                     metrics)
 
 
-def _quality(adapter: ModelAdapter, spec: ExperimentSpec, samples: torch.Tensor, dense: torch.Tensor,
+def quality_metrics(adapter: ModelAdapter, spec: ExperimentSpec, samples: torch.Tensor, dense: torch.Tensor,
              conditions: Sequence[Any], metrics: Sequence[str]) -> dict[str, float]:
     """Fidelity of ``samples`` to ``dense`` and, where ``metrics`` asks for them, domain metrics of ``samples``."""
     values: dict[str, float] = {m.name: m.value for m in FidelityEvaluator().evaluate(samples, dense)}
