@@ -143,6 +143,28 @@ def test_the_grid_interval_expresses_the_fixed_caching_plans_and_dense_needs_non
         build_space(target, ["full", "ast"], 2, 5, interval=IntervalChoices((4,), (1.0,)))
 
 
+def test_each_cache_interval_alone_is_the_fixed_caching_plan_and_its_parameters_rebuild_it():
+    """``proposals.intervals`` enqueues these: FORA's fixed schedules, every computed cell ``full``."""
+    target = dataclasses.replace(TARGET, num_steps=20)
+    space = build_space(target, ["full", "ast", "reuse", "forecast"], 2, 5, interval=IntervalChoices((2, 5, 6), (0.8, 1.0)))
+    plans = space.interval_plans()
+    assert sorted(plans) == sorted(f"interval-{m}-{e}-{s}" for m in ("reuse", "forecast") for e in (2, 5, 6)
+                                   for s in (0.8, 1.0))
+    every_fifth = Plan(target, tuple(("reuse" if interval_skips(s, 5, 20) else "full",) * 6 for s in range(20)))
+    assert plans["interval-reuse-5-1.0"].grid == every_fifth.grid
+    assert plans["interval-forecast-2-0.8"].grid == tuple(
+        ("forecast" if interval_skips(s, 2, 16) else "full",) * 6 for s in range(20))
+    for plan in plans.values():  # NOTE: a plan may have two parameter sets (every 6 to 1.0 is every 6 to 0.8 with
+        params = space.params_for(plan)  # the last segment's cells reuse); params_for gives one that rebuilds it
+        assert params is not None and space.suggest(optuna.trial.FixedTrial(params)).grid == plan.grid
+    fifth = space.params_for(plans["interval-reuse-5-1.0"])
+    assert (fifth[INTERVAL], fifth[f"{INTERVAL}.every"], fifth[f"{INTERVAL}.stop"]) == ("reuse", 5, 1.0)
+    assert {v for k, v in fifth.items() if "/" in k} == {"full"}
+    # a gap of every - 1 skipped steps: within max_run 4, every 6 (5 skipped in a row) is left out
+    assert sorted(space.interval_plans(max_run=4)) == sorted(n for n in plans if "-6-" not in n)
+    assert build_space(target, ["full", "reuse"], 2, 5).interval_plans() == {}  # no interval in the space
+
+
 def test_plans_outside_the_sparse_choices_are_not_expressible():
     space = build_space(TARGET, ["full", "ast"], 3, 2, sparse=SparseChoices((NETWORK,), (0,), ("paper",)))
     dense = Plan.uniform(TARGET)

@@ -149,9 +149,10 @@ def test_compare_refuses_a_folder_that_is_not_a_run(tmp_path):
         ditplan.compare([tmp_path], tmp_path / "report")
 
 
-@pytest.mark.parametrize("name", ["quickstart.yaml", "dit-xl-512.yaml", "pixart-sigma-1024.yaml"])
-def test_shipped_experiment_files_validate_offline(name):
-    spec = load_spec(DATA.parent.parent / "experiments" / name)
+@pytest.mark.parametrize("path", sorted((DATA.parent.parent / "experiments").glob("*.yaml"))
+                         + sorted((DATA.parent.parent / "benchmarks").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_experiment_files_validate_offline(path):
+    spec = load_spec(path)
     assert spec.search.objectives and spec.sampler.num_steps > 0
 
 

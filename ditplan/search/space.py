@@ -284,7 +284,7 @@ class PlanSpace:
         steps = self.target.num_steps
         return {f"interval-{i.method}-{i.every}-{i.stop}": Plan(
                     self.target, tuple((i.method if i.skips(s, steps) else "full",) * self.target.num_layers
-                                       for s in range(steps)), provenance={"search": "cache-interval"})
+                                       for s in range(steps)))
                 for i in self.intervals() if max_run is None or i.every - 1 <= max_run}
 
     def _suggest_interval(self, trial: optuna.Trial) -> CacheInterval | None:
