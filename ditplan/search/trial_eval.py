@@ -83,7 +83,7 @@ def dense_metrics(adapter: ModelAdapter, spec: ExperimentSpec, dense: torch.Tens
 
 
 def quality_metrics(adapter: ModelAdapter, spec: ExperimentSpec, samples: torch.Tensor, dense: torch.Tensor,
-             conditions: Sequence[Any], metrics: Sequence[str]) -> dict[str, float]:
+                    conditions: Sequence[Any], metrics: Sequence[str]) -> dict[str, float]:
     """Fidelity of ``samples`` to ``dense`` and, where ``metrics`` asks for them, domain metrics of ``samples``."""
     values: dict[str, float] = {m.name: m.value for m in FidelityEvaluator().evaluate(samples, dense)}
     if DOMAIN_METRICS & set(metrics):
