@@ -11,9 +11,10 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from ditplan.errors import UserError
-from ditplan.search.driver import run_search, study_storage
+from ditplan.search.driver import SAMPLERS, run_search, study_storage
+from ditplan.search.storage import ask
 from ditplan.search.tracking import default_tracking_uri
-from ditplan.spec import load_spec
+from ditplan.spec import SearchSpec, load_spec
 from tests.conftest import DATA
 
 EXPERIMENT = DATA / "tiny-search.yaml"
@@ -166,3 +167,20 @@ def test_a_search_space_it_refuses_leaves_no_run_directory(tmp_path):
     with pytest.raises(UserError, match="add reuse or forecast to search.space.methods"):
         run_search(load_spec(tmp_path / "experiment.yaml"), tmp_path / "run", show_progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_nsga2_breeds_its_first_generation_from_the_enqueued_trials():
+    # proposals and warm starts are enqueued with every parameter given; Optuna's NSGA-II puts a trial into a
+    # generation only when it samples a parameter, so without ask's help they would be no generation's and the
+    # first one bred from would be population_size random trials after them
+    study = optuna.create_study(directions=["minimize", "minimize"],
+                                sampler=SAMPLERS["nsga2"](SearchSpec(sampler="nsga2", population_size=3), 0))
+    for x in (0, 1, 2):
+        study.enqueue_trial({"x": x, "y": "a"})
+    for _ in range(6):
+        trial = ask(study)
+        x, y = trial.suggest_int("x", 0, 9), trial.suggest_categorical("y", ["a", "b", "c"])
+        study.tell(trial, [x, 9 - x])
+    trials = study.get_trials()
+    assert [study.sampler.get_trial_generation(study, t) for t in trials] == [0, 0, 0, 1, 1, 1]
+    assert [t.params for t in study.sampler.get_parent_population(study, 1)] == [t.params for t in trials[:3]]
