@@ -171,8 +171,8 @@ def test_a_search_space_it_refuses_leaves_no_run_directory(tmp_path):
 
 def test_nsga2_breeds_its_first_generation_from_the_enqueued_trials():
     # proposals and warm starts are enqueued with every parameter given; Optuna's NSGA-II puts a trial into a
-    # generation only when it samples a parameter, so without ask's help they would be no generation's and the
-    # first one bred from would be population_size random trials after them
+    # generation only when it samples a parameter, so without ditplan's sampler they would be no generation's and
+    # the first one bred from would be population_size random trials after them
     study = optuna.create_study(directions=["minimize", "minimize"],
                                 sampler=SAMPLERS["nsga2"](SearchSpec(sampler="nsga2", population_size=3), 0))
     for x in (0, 1, 2):

@@ -56,9 +56,19 @@ from ditplan.search.tracking import Tracker, default_tracking_uri
 from ditplan.search.trial_eval import dense_metrics, evaluate_in_worker, worker_adapter
 from ditplan.spec import ExperimentSpec, SearchSpec
 
+class NSGAIIWithEnqueued(optuna.samplers.NSGAIISampler):
+    """Optuna's NSGA-II, whose generations hold the enqueued trials too. NSGA-II puts a trial into a generation
+    only when it samples one of its parameters, which an enqueued trial (a proposal, a warm start: every
+    parameter given) never does, so it would never breed from the plans proposed to it."""
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        super().before_trial(study, trial)
+        self.get_trial_generation(study, trial)
+
+
 SAMPLERS = {
     "tpe": lambda search, seed: optuna.samplers.TPESampler(seed=seed, multivariate=True),
-    "nsga2": lambda search, seed: optuna.samplers.NSGAIISampler(seed=seed, population_size=search.population_size),
+    "nsga2": lambda search, seed: NSGAIIWithEnqueued(seed=seed, population_size=search.population_size),
     "gp": lambda search, seed: optuna.samplers.GPSampler(seed=seed),
     "random": lambda search, seed: optuna.samplers.RandomSampler(seed=seed),
 }

@@ -107,14 +107,8 @@ def sampler_seed(seed: int, trials_in_study: int, driver: str) -> int:
 
 
 def ask(study: optuna.Study, fixed: dict | None = None) -> optuna.Trial:
-    """The study's next trial. NSGA-II puts a trial into a generation only when it samples one of its
-    parameters, which an enqueued trial (a proposal, a warm start: every parameter given) never does; such
-    a trial is put into the current generation here, so that NSGA-II breeds from the plans proposed to it."""
     with _quiet_experimental():
-        trial = study.ask(fixed)
-    if isinstance(study.sampler, optuna.samplers.NSGAIISampler):
-        study.sampler.get_trial_generation(study, study.get_trials(deepcopy=False)[trial.number])
-    return trial
+        return study.ask(fixed)
 
 
 def interrupt(study: optuna.Study, trial: optuna.Trial | FrozenTrial, search: SearchSpec) -> None:
