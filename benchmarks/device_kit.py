@@ -2,15 +2,16 @@
 
 A device call sends the working tree (tracked files, untracked files git does not ignore, the ignored
 paths it carries) up to 64 MiB, to a bare image that holds PyTorch but not Ray, Optuna, diffusers, MLflow,
-torch-fidelity, pydantic … This tree's tracked files are 80 MB, 78 of them the two embedded models' weights,
+torch-fidelity, pydantic … This tree's tracked files are 80 MB, 76.7 of them the two embedded models' weights,
 and Ray's wheel alone is 79 MB: nothing fits as it is. So:
 
     python benchmarks/device_kit.py build     # .gpu/call-1 … call-N (N is printed): one xz stream, split in parts,
                                               # of the packages the image lacks and embedded-1024's weights
-    python benchmarks/device_kit.py leave     # the weight files out of git's index (they stay on disk)
+    python benchmarks/device_kit.py leave     # the weight files out of git's index (they stay on disk): commit
+                                              # nothing until `restore`
     # device run, carry [".gpu/call-1"], command "bash benchmarks/device_run.sh 1 N"
     # … each call at once after the one before (a machine stays warm 30 s after a call)
-    # device run, carry [".gpu/call-N"], command "bash benchmarks/device_run.sh N N"
+    # device run, carry [".gpu/call-N"], command "bash benchmarks/device_run.sh N N", timeout_s 590
     python benchmarks/device_kit.py restore   # the weight files back into git's index
 
 ``build --python-version 3.11`` builds the same bundle for this machine's Python, to rehearse the calls
@@ -29,21 +30,21 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KIT_DIR = ROOT / ".gpu"  # ignored by .gitignore
+KIT = Path(".gpu")  # under the repository root, ignored by .gitignore: the parts, and what `leave` took out
+LEFT = KIT / "left.json"  # HEAD, the files and .git/info/exclude as they were before `leave`
 IMAGE_FILE = Path(__file__).with_name("device-image.txt")
 CALL_LIMIT = 64 * 2**20  # what one device call sends: the working tree and the carried paths
 MARGIN = 2**20  # for files the tree gains between the build and the calls
-LEAVE_MIN = 2**20  # tracked files this large leave the index during the calls: the models' weights
+WEIGHTS = re.compile(r"ditplan/models/.+\.safetensors")  # what leaves the index for the calls, if ≥ LEAVE_MIN
+LEAVE_MIN = 2**20
 DEVICE_MODEL = "ditplan/models/embedded_1024/"  # the only model the GPU run loads: its weights travel in the bundle
-PROVIDED = {"torch", "torchvision"}  # the image's own builds (CUDA); ours are pinned to this machine's CPU builds
+PROVIDED = {"torch", "torchvision"}  # the image's own CUDA builds; pyproject's pins are for this machine
 NO_DEPS = {"torch-fidelity"}  # needs nothing the image lacks but torch, which the resolver would fetch
-EXCLUDE_MARK = "# device_kit leave"  # marks the lines `leave` adds to .git/info/exclude
 # parts of the packages the run never imports (Ray's Java workers and libraries, the web front-ends): without
-# them the bundle is 45 MB of xz, not 63
+# them the packages take 45 MB of xz, not 63
 STRIP = ("ray/jars", "ray/rllib", "ray/serve", "ray/data", "ray/llm", "ray/dashboard/client", "mlflow/server/js")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64")
@@ -61,17 +62,25 @@ def image_packages(path: Path = IMAGE_FILE) -> set[str]:
     return {canonical(line.split("#")[0].strip()) for line in path.read_text().splitlines() if line.split("#")[0].strip()}
 
 
-def tracked_sizes(root: Path = ROOT, untracked: bool = False) -> dict[str, int]:
-    """Every file in git's index (and with ``untracked`` every file git does not ignore: what a call sends) and
-    its size on disk."""
-    listing = ["git", "ls-files", "-z", "--cached"] + (["--others", "--exclude-standard"] if untracked else [])
-    names = subprocess.run(listing, cwd=root, check=True, capture_output=True).stdout.split(b"\0")
-    return {n.decode(): (root / n.decode()).stat().st_size for n in names if n and (root / n.decode()).is_file()}
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout
 
 
-def leaving(sizes: dict[str, int]) -> list[str]:
-    """The tracked files that leave the index during the calls (the models' weights)."""
-    return sorted(name for name, size in sizes.items() if size >= LEAVE_MIN)
+def file_sizes(root: Path, *listing: str) -> dict[str, int]:
+    """The files ``git ls-files <listing>`` names and their sizes on disk."""
+    names = _git(root, "ls-files", "-z", *listing).split("\0")
+    return {name: (root / name).stat().st_size for name in names if name and (root / name).is_file()}
+
+
+def sent_bytes(root: Path) -> int:
+    """What a device call sends of the working tree (tracked files and those git does not ignore)."""
+    return sum(file_sizes(root, "--cached", "--others", "--exclude-standard").values())
+
+
+def leaving(root: Path) -> dict[str, int]:
+    """The tracked weight files that leave the index for the calls, with their sizes."""
+    return {name: size for name, size in file_sizes(root, "--cached").items()
+            if size >= LEAVE_MIN and WEIGHTS.fullmatch(name)}
 
 
 def plan_parts(tree_bytes: int, bundle_bytes: int) -> list[int]:
@@ -91,6 +100,8 @@ def pip_options(python_version: str) -> list[str]:
 
 
 def requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
+    import tomllib  # NOTE: here, not at the top: Python 3.10 has none, and only `build` reads pyproject
+
     return tomllib.loads(pyproject.read_text())["project"]["dependencies"]
 
 
@@ -107,32 +118,49 @@ def missing_packages(python_version: str, image: set[str]) -> list[str]:
     return pinned + [r for r in requirements() if requirement_name(r) in NO_DEPS]
 
 
-def build(python_version: str) -> None:
+def install_site(site: Path, packages: list[str], python_version: str) -> None:
+    """The packages into ``site`` for the image's Python, less :data:`STRIP`."""
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target", str(site),
+                    *pip_options(python_version), *packages], check=True)
+    for part in STRIP:
+        if not (site / part).is_dir():
+            raise SystemExit(f"{part} is not in the installed packages: this Ray or MLflow lays itself out otherwise; "
+                             "update device_kit.STRIP")
+        shutil.rmtree(site / part)
+
+
+def write_parts(root: Path, bundle: Path, parts: list[int], python_version: str) -> None:
+    """``bundle`` cut into ``parts`` under ``.gpu/call-K/``, each with the Python it was built for."""
+    for old in (root / KIT).glob("call-*"):
+        shutil.rmtree(old)
+    with bundle.open("rb") as stream:
+        for k, size in enumerate(parts, 1):
+            folder = root / KIT / f"call-{k}"
+            folder.mkdir(parents=True)
+            (folder / f"bundle.part{k}").write_bytes(stream.read(size))
+            (folder / "python-version").write_text(python_version + "\n")
+
+
+def build(python_version: str, root: Path = ROOT) -> None:
+    if (root / LEFT).exists():
+        raise SystemExit("`leave` is in effect (the weights are not in git's index): run `restore`, then `build`")
     packages = missing_packages(python_version, image_packages())
     print(f"{len(packages)} packages the image lacks: {' '.join(packages)}")
-    sizes = tracked_sizes()
-    weights = [name for name in leaving(sizes) if name.startswith(DEVICE_MODEL)]
+    weights = leaving(root)
+    travelling = [name for name in weights if name.startswith(DEVICE_MODEL)]
     with tempfile.TemporaryDirectory() as tmp:
         site = Path(tmp) / "site"
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target", str(site),
-                        *pip_options(python_version), *packages], check=True)
-        for part in STRIP:
-            shutil.rmtree(site / part)
+        install_site(site, packages, python_version)
         bundle = Path(tmp) / "bundle.tar.xz"
         print(f"packing {sum(f.stat().st_size for f in site.rglob('*') if f.is_file()) / 1e6:.0f} MB of packages and "
-              f"{sum(sizes[w] for w in weights) / 1e6:.0f} MB of weights with xz (3–4 minutes) …")
+              f"{sum(weights[w] for w in travelling) / 1e6:.1f} MB of weights with xz (3–4 minutes) …")
         with tarfile.open(bundle, "w:xz", preset=9) as tar:
             tar.add(site, "site")
-            for name in weights:
-                tar.add(ROOT / name, f"tree/{name}")
-        tree_bytes = sum(tracked_sizes(untracked=True).values()) - sum(sizes[n] for n in leaving(sizes))
+            for name in travelling:
+                tar.add(root / name, f"tree/{name}")
+        tree_bytes = sent_bytes(root) - sum(weights.values())
         parts = plan_parts(tree_bytes, bundle.stat().st_size)
-        shutil.rmtree(KIT_DIR, ignore_errors=True)
-        with bundle.open("rb") as stream:
-            for k, size in enumerate(parts, 1):
-                (KIT_DIR / f"call-{k}").mkdir(parents=True)
-                (KIT_DIR / f"call-{k}" / f"bundle.part{k}").write_bytes(stream.read(size))
-                (KIT_DIR / f"call-{k}" / "python-version").write_text(python_version + "\n")
+        write_parts(root, bundle, parts, python_version)
     n = len(parts)
     print(f"bundle {sum(parts) / 2**20:.1f} MiB in {n} parts; each call sends {tree_bytes / 2**20:.1f} MiB of tree "
           f"(after `leave`) + ≤ {max(parts) / 2**20:.1f} MiB of bundle ≤ {CALL_LIMIT / 2**20:.0f} MiB")
@@ -140,31 +168,49 @@ def build(python_version: str) -> None:
         print(f'  call {k}: carry [".gpu/call-{k}"], command "bash benchmarks/device_run.sh {k} {n}"')
 
 
+def _exclude_file(root: Path) -> Path:
+    return root / _git(root, "rev-parse", "--git-path", "info/exclude").strip()
+
+
 def leave(root: Path = ROOT) -> None:
-    """Take the weight files out of git's index and ignore them, so that a device call leaves them behind."""
-    names = leaving(tracked_sizes(root))
-    if not names:
-        raise SystemExit("no weight files in git's index: `leave` ran already (`restore` puts them back)")
-    subprocess.run(["git", "rm", "-q", "--cached", "--", *names], cwd=root, check=True)
-    exclude = root / ".git" / "info" / "exclude"
+    """Take the weight files out of git's index and ignore them, so that a device call leaves them behind;
+    refused where the calls would not fit or the weights have staged changes :func:`restore` would lose."""
+    if (root / LEFT).exists():
+        raise SystemExit("`leave` ran already: the weights are out of git's index until `restore`")
+    weights = leaving(root)
+    if not weights:
+        raise SystemExit("no weight files in git's index: nothing to leave")
+    if subprocess.run(["git", "diff", "--cached", "--quiet", "--", *weights], cwd=root).returncode:
+        raise SystemExit("the weight files have staged changes: commit or unstage them first")
+    largest = max((p.stat().st_size for p in (root / KIT).glob("call-*/bundle.part*")), default=0)
+    if sent_bytes(root) - sum(weights.values()) + largest > CALL_LIMIT:
+        raise SystemExit("the tree has grown since `build`: a call would pass 64 MiB; run `build` again")
+    exclude = _exclude_file(root)
+    before = exclude.read_text() if exclude.exists() else ""
+    (root / LEFT).parent.mkdir(parents=True, exist_ok=True)
+    (root / LEFT).write_text(json.dumps({"head": _git(root, "rev-parse", "HEAD").strip(), "names": sorted(weights),
+                                         "exclude": before}, indent=1))
     exclude.parent.mkdir(parents=True, exist_ok=True)
-    with exclude.open("a") as f:
-        f.writelines(f"{EXCLUDE_MARK}\n/{name}\n" for name in names)
-    print(f"{len(names)} weight files left git's index ({sum((root / n).stat().st_size for n in names) / 1e6:.0f} MB); "
-          "run `python benchmarks/device_kit.py restore` after the calls")
+    exclude.write_text(before + ("\n" if before and not before.endswith("\n") else "")
+                       + "".join(f"/{name}\n" for name in sorted(weights)))
+    _git(root, "rm", "-q", "--cached", "--", *weights)
+    print(f"{len(weights)} weight files left git's index ({sum(weights.values()) / 1e6:.1f} MB); commit nothing "
+          "until `python benchmarks/device_kit.py restore`")
 
 
 def restore(root: Path = ROOT) -> None:
-    """Undo :func:`leave`: the weight files back into the index as HEAD has them, the ignore lines gone."""
-    exclude = root / ".git" / "info" / "exclude"
-    lines = exclude.read_text().splitlines() if exclude.exists() else []
-    names = [lines[i + 1].lstrip("/") for i, line in enumerate(lines[:-1]) if line == EXCLUDE_MARK]
-    if not names:
+    """Undo :func:`leave`: the weight files back into the index as HEAD has them, .git/info/exclude as it was;
+    refused where HEAD moved since (a commit in between may hold the weights' deletion)."""
+    if not (root / LEFT).exists():
         raise SystemExit("nothing to restore: `leave` has not run")
-    subprocess.run(["git", "reset", "-q", "--", *names], cwd=root, check=True)
-    marked = {i for i, line in enumerate(lines) if line == EXCLUDE_MARK}
-    exclude.write_text("".join(f"{line}\n" for i, line in enumerate(lines) if i not in marked and i - 1 not in marked))
-    print(f"{len(names)} weight files back in git's index")
+    left = json.loads((root / LEFT).read_text())
+    if _git(root, "rev-parse", "HEAD").strip() != left["head"]:
+        raise SystemExit(f"HEAD moved since `leave` (it was {left['head'][:12]}): a commit in between may delete the "
+                         f"weights (`git show --stat HEAD`); put them back by hand, then remove {LEFT}")
+    _git(root, "reset", "-q", "--", *left["names"])
+    _exclude_file(root).write_text(left["exclude"])
+    (root / LEFT).unlink()
+    print(f"{len(left['names'])} weight files back in git's index")
 
 
 def main() -> None:
