@@ -32,6 +32,11 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from ditplan.atomic import atomic_write, atomic_write_text
+
 ROOT = Path(__file__).resolve().parent.parent
 KIT = Path(".gpu")  # under the repository root, ignored by .gitignore: the parts, and what `leave` took out
 LEFT = KIT / "left.json"  # HEAD, the files and .git/info/exclude as they were before `leave`
@@ -50,16 +55,13 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x
              "manylinux1_x86_64")
 
 
-def canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def requirement_name(requirement: str) -> str:
-    return canonical(re.match(r"[A-Za-z0-9_.-]+", requirement).group(0))
+    return canonicalize_name(Requirement(requirement).name)
 
 
 def image_packages(path: Path = IMAGE_FILE) -> set[str]:
-    return {canonical(line.split("#")[0].strip()) for line in path.read_text().splitlines() if line.split("#")[0].strip()}
+    names = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+    return {canonicalize_name(name) for name in names if name}
 
 
 def _git(root: Path, *args: str) -> str:
@@ -72,9 +74,10 @@ def file_sizes(root: Path, *listing: str) -> dict[str, int]:
     return {name: (root / name).stat().st_size for name in names if name and (root / name).is_file()}
 
 
-def sent_bytes(root: Path) -> int:
-    """What a device call sends of the working tree (tracked files and those git does not ignore)."""
-    return sum(file_sizes(root, "--cached", "--others", "--exclude-standard").values())
+def tree_bytes(root: Path, weights: dict[str, int]) -> int:
+    """What a device call sends of the working tree (tracked files and those git does not ignore) once the
+    ``weights`` have left the index."""
+    return sum(file_sizes(root, "--cached", "--others", "--exclude-standard").values()) - sum(weights.values())
 
 
 def leaving(root: Path) -> dict[str, int]:
@@ -83,11 +86,11 @@ def leaving(root: Path) -> dict[str, int]:
             if size >= LEAVE_MIN and WEIGHTS.fullmatch(name)}
 
 
-def plan_parts(tree_bytes: int, bundle_bytes: int) -> list[int]:
-    """Sizes of the bundle's parts, one per call, each fitting beside the tree in one call."""
-    room = CALL_LIMIT - MARGIN - tree_bytes
+def plan_parts(tree: int, bundle_bytes: int) -> list[int]:
+    """Sizes of the bundle's parts, one per call, each fitting beside the tree (``tree`` bytes) in one call."""
+    room = CALL_LIMIT - MARGIN - tree
     if room <= 0:
-        raise SystemExit(f"the working tree without its weights is {tree_bytes / 2**20:.1f} MiB, no room for the "
+        raise SystemExit(f"the working tree without its weights is {tree / 2**20:.1f} MiB, no room for the "
                          f"bundle in a {CALL_LIMIT / 2**20:.0f} MiB call; ignore or remove what makes it so large")
     count = math.ceil(bundle_bytes / room)
     part = math.ceil(bundle_bytes / count)
@@ -114,7 +117,7 @@ def missing_packages(python_version: str, image: set[str]) -> list[str]:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--dry-run", "--ignore-installed", "--target",
                         str(Path(tmp) / "t"), "--report", str(report), *pip_options(python_version), *wanted], check=True)
         resolved = [(i["metadata"]["name"], i["metadata"]["version"]) for i in json.loads(report.read_text())["install"]]
-    pinned = [f"{name}=={version}" for name, version in resolved if canonical(name) not in image]
+    pinned = [f"{name}=={version}" for name, version in resolved if canonicalize_name(name) not in image]
     return pinned + [r for r in requirements() if requirement_name(r) in NO_DEPS]
 
 
@@ -136,9 +139,9 @@ def write_parts(root: Path, bundle: Path, parts: list[int], python_version: str)
     with bundle.open("rb") as stream:
         for k, size in enumerate(parts, 1):
             folder = root / KIT / f"call-{k}"
-            folder.mkdir(parents=True)
-            (folder / f"bundle.part{k}").write_bytes(stream.read(size))
-            (folder / "python-version").write_text(python_version + "\n")
+            chunk = stream.read(size)
+            atomic_write(folder / f"bundle.part{k}", lambda tmp: tmp.write_bytes(chunk))
+            atomic_write_text(folder / "python-version", python_version + "\n")
 
 
 def build(python_version: str, root: Path = ROOT) -> None:
@@ -158,11 +161,11 @@ def build(python_version: str, root: Path = ROOT) -> None:
             tar.add(site, "site")
             for name in travelling:
                 tar.add(root / name, f"tree/{name}")
-        tree_bytes = sent_bytes(root) - sum(weights.values())
-        parts = plan_parts(tree_bytes, bundle.stat().st_size)
+        tree = tree_bytes(root, weights)
+        parts = plan_parts(tree, bundle.stat().st_size)
         write_parts(root, bundle, parts, python_version)
     n = len(parts)
-    print(f"bundle {sum(parts) / 2**20:.1f} MiB in {n} parts; each call sends {tree_bytes / 2**20:.1f} MiB of tree "
+    print(f"bundle {sum(parts) / 2**20:.1f} MiB in {n} parts; each call sends {tree / 2**20:.1f} MiB of tree "
           f"(after `leave`) + ≤ {max(parts) / 2**20:.1f} MiB of bundle ≤ {CALL_LIMIT / 2**20:.0f} MiB")
     for k in range(1, n + 1):
         print(f'  call {k}: carry [".gpu/call-{k}"], command "bash benchmarks/device_run.sh {k} {n}"')
@@ -183,15 +186,13 @@ def leave(root: Path = ROOT) -> None:
     if subprocess.run(["git", "diff", "--cached", "--quiet", "--", *weights], cwd=root).returncode:
         raise SystemExit("the weight files have staged changes: commit or unstage them first")
     largest = max((p.stat().st_size for p in (root / KIT).glob("call-*/bundle.part*")), default=0)
-    if sent_bytes(root) - sum(weights.values()) + largest > CALL_LIMIT:
+    if tree_bytes(root, weights) + largest > CALL_LIMIT:
         raise SystemExit("the tree has grown since `build`: a call would pass 64 MiB; run `build` again")
     exclude = _exclude_file(root)
     before = exclude.read_text() if exclude.exists() else ""
-    (root / LEFT).parent.mkdir(parents=True, exist_ok=True)
-    (root / LEFT).write_text(json.dumps({"head": _git(root, "rev-parse", "HEAD").strip(), "names": sorted(weights),
+    atomic_write_text(root / LEFT, json.dumps({"head": _git(root, "rev-parse", "HEAD").strip(), "names": sorted(weights),
                                          "exclude": before}, indent=1))
-    exclude.parent.mkdir(parents=True, exist_ok=True)
-    exclude.write_text(before + ("\n" if before and not before.endswith("\n") else "")
+    atomic_write_text(exclude, before + ("\n" if before and not before.endswith("\n") else "")
                        + "".join(f"/{name}\n" for name in sorted(weights)))
     _git(root, "rm", "-q", "--cached", "--", *weights)
     print(f"{len(weights)} weight files left git's index ({sum(weights.values()) / 1e6:.1f} MB); commit nothing "
@@ -208,7 +209,7 @@ def restore(root: Path = ROOT) -> None:
         raise SystemExit(f"HEAD moved since `leave` (it was {left['head'][:12]}): a commit in between may delete the "
                          f"weights (`git show --stat HEAD`); put them back by hand, then remove {LEFT}")
     _git(root, "reset", "-q", "--", *left["names"])
-    _exclude_file(root).write_text(left["exclude"])
+    atomic_write_text(_exclude_file(root), left["exclude"])
     (root / LEFT).unlink()
     print(f"{len(left['names'])} weight files back in git's index")
 

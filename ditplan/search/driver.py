@@ -56,6 +56,7 @@ from ditplan.search.tracking import Tracker, default_tracking_uri
 from ditplan.search.trial_eval import dense_metrics, evaluate_in_worker, worker_adapter
 from ditplan.spec import ExperimentSpec, SearchSpec
 
+
 class NSGAIIWithEnqueued(optuna.samplers.NSGAIISampler):
     """Optuna's NSGA-II, whose generations hold the enqueued trials too. NSGA-II puts a trial into a generation
     only when it samples one of its parameters, which an enqueued trial (a proposal, a warm start: every
