@@ -20,11 +20,12 @@ import torch
 from ditplan.evaluators.cost import interleaved_times, plan_flops
 from ditplan.evaluators.fidelity import psnr, relative_l1
 from ditplan.models.adapters import load_adapter
-from ditplan.models.sampling import SamplerSettings, plan_target
-from ditplan.strategies.apply import sample_with_plan
+from ditplan.models.sampling import plan_target
+from ditplan.strategies.apply import run_plan
 from ditplan.plan import load_plan
 from ditplan.search.greedy import DEFAULT_THRESHOLDS, greedy_search, threshold_name
 from ditplan.strategies.wars import WindowConfig
+from ditplan.spec import SamplerSettings
 
 CALIBRATION_SEEDS = list(range(8))  # labels 0–7
 EVALUATION_SEEDS = list(range(1000, 1020))  # disjoint from calibration
@@ -60,7 +61,7 @@ def main() -> None:
               f"{provenance['search_seconds']:.0f} s of calibration", flush=True)
 
     def run(plan):
-        return sample_with_plan(adapter, plan, labels, seeds, settings)[0]
+        return run_plan(adapter, plan, labels, seeds, settings).samples
 
     samples = {name: run(plan) for name, plan in configs.items()}  # also the warm-up
     runs = {name: (lambda plan=plan: run(plan)) for name, plan in configs.items()}

@@ -18,7 +18,8 @@ from torchvision.utils import save_image
 from ditplan.evaluators.distribution import class_agreement, distribution_metrics
 from ditplan.models.adapters import DiTAdapter, load_adapter
 from ditplan.models.digits import load_digits
-from ditplan.models.sampling import SamplerSettings, sample
+from ditplan.models.sampling import sample
+from ditplan.spec import SamplerSettings
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Meant for a GPU (``experiments/digits-1024.yaml``: the 1,024-token embedded model in bfloat16), it runs
 on any device the experiment names. Every plan and dense sample the held-out set in
-``search.refine.latency_repeats`` rounds, taking turns in one process (``held_out_metrics``, the
+``search.refine.latency_repeats`` rounds, taking turns in one process (``measure``, timed: the
 evaluation ``ditplan run`` reports from): latency per sample and its ratio to the dense run beside it
 (median, min–max band over rounds), held-out domain FID/KID, rel. L1 to dense, FLOPs ratio.
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ditplan.evaluators.held_out import DENSE, held_out_metrics
+from ditplan.evaluators.measure import DENSE, measure
 from ditplan.models.adapters import ModelAdapter, adapter_from_spec, model_folder, sparse_networks
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, load_plan
@@ -95,7 +95,8 @@ def main() -> None:
              if fp[0] in args.families}
     for path in args.plans:
         plans[Path(path).stem] = ("plan file", load_plan(path))
-    result = held_out_metrics(adapter, spec, {name: plan for name, (_, plan) in plans.items()})
+    result = measure(adapter, spec, {name: plan for name, (_, plan) in plans.items()}, spec.seed_set("held_out"),
+                     timed=True, rounds_count=spec.search.refine.latency_repeats)
     m = result.metrics
     device = next(adapter.transformer.parameters()).device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -10,7 +10,7 @@ Rows (every one on the same model, sampler and held-out seeds):
 - cache-dit (``pip install 'ditplan[peers]'``): DBCache configs through ``cache_dit.enable_cache`` on a
   stock ``DiTPipeline`` (``embedded_pipeline``), when cache-dit is installed.
 
-The plans go through ``held_out_metrics`` (what ``ditplan run`` reports from): dense and every plan take
+The plans go through ``measure`` (timed: what ``ditplan run``'s held-out stage reports from): dense and every plan take
 turns in each of ``refine.latency_repeats`` rounds in one process; latency ratio = median over rounds of
 the plan's time / dense's time in the same round (band: min–max). cache-dit cannot be expressed as a plan,
 so its rows run in a second interleaved loop whose dense is the stock pipeline without cache-dit (same
@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gpu_table import family_plans  # noqa: E402
 
 from ditplan.evaluators.cost import executed_flops, turn_order  # noqa: E402
-from ditplan.evaluators.evaluate import reference_images  # noqa: E402
-from ditplan.evaluators.held_out import DENSE, _quality, held_out_metrics, rounds  # noqa: E402
+from ditplan.evaluators.domain import reference_images  # noqa: E402
+from ditplan.evaluators.measure import DENSE, measure, quality, rounds  # noqa: E402
 from ditplan.models.adapters import ModelAdapter, adapter_from_spec  # noqa: E402
 from ditplan.models.sampling import plan_target  # noqa: E402
 from ditplan.plan import Plan, load_plan  # noqa: E402
@@ -132,8 +132,7 @@ def cache_dit_metrics(adapter: ModelAdapter, spec: ExperimentSpec) -> dict[str, 
     reference = reference_images(spec)
     out = {}
     for name in configs:
-        values = _quality(spec, torch.cat(samples[name]), dense, seed_set.conditions, reference,
-                          getattr(adapter, "num_classes", None))
+        values = quality(adapter, spec, torch.cat(samples[name]), dense, seed_set.conditions, None, reference)
         ratios = [mine / base for mine, base in zip(seconds[name], seconds[PIPELINE_DENSE])]
         values.update(flops_ratio=flops[name] / flops[PIPELINE_DENSE], latency_ratio=statistics.median(ratios),
                       latency_ratio_min=min(ratios), latency_ratio_max=max(ratios))
@@ -182,7 +181,8 @@ def main() -> None:
     for path in args.plans:
         plan = load_plan(path)
         plans[Path(path).stem] = (plan.provenance.get("search", "plan file"), plan)
-    result = held_out_metrics(adapter, spec, {name: plan for name, (_, plan) in plans.items()})
+    result = measure(adapter, spec, {name: plan for name, (_, plan) in plans.items()}, spec.seed_set("held_out"),
+                     timed=True, rounds_count=spec.search.refine.latency_repeats)
     print(f"# python benchmarks/peers.py --experiment {args.experiment}"
           f"{f' --samples {args.samples}' if args.samples else ''} --plans {' '.join(args.plans)}")
     print(f"{spec.name} on cpu ({torch.get_num_threads()} threads), {spec.model.dtype}: {len(result.seed_set.seeds)} "

@@ -5,7 +5,7 @@ Two workloads, each timed in one process, every config taking turns in every rou
 
 - a latent DiT with random weights (12 layers × 384 wide, 256 tokens; random weights are fine for a
   speed ratio): greedy D3 and D6 (DiTFastAttn Algorithm 1, calibrated on seeds 0–1), run through
-  ditplan's loop (``sample_with_plan``) and through ``DiTPipeline.__call__`` after
+  ditplan's loop (``run_plan``) and through ``DiTPipeline.__call__`` after
   ``ditplan.apply_plan(pipe, plan)``, on other seeds (100, 101, …);
 - the embedded digit DiT in a stock ``DiTPipeline`` (``ditplan.models.pipelines.embedded_pipeline``)
   with the quickstart's fastest SparseDiT plan (README: trial-24, p1-s1_6, 36 of 256 tokens).
@@ -32,13 +32,14 @@ import ditplan
 from ditplan.evaluators.cost import interleaved_times
 from ditplan.models.adapters import load_adapter
 from ditplan.models.pipelines import IdentityDecoder, embedded_pipeline
-from ditplan.models.sampling import SamplerSettings, make_scheduler
+from ditplan.models.sampling import make_scheduler
 from ditplan.plan import Plan, load_plan
 from ditplan.search.greedy import DEFAULT_THRESHOLDS, greedy_search, threshold_name
-from ditplan.strategies.apply import sample_with_plan
+from ditplan.strategies.apply import run_plan
 from ditplan.strategies.curves import Constant
 from ditplan.strategies.finetune_sparse import layout_plan
 from ditplan.strategies.sdtm import SparseLayout
+from ditplan.spec import SamplerSettings
 
 SETTINGS = SamplerSettings("dpmsolver++", num_steps=20, guidance_scale=4.0, batch_size=64)
 LATENT_DIT = {"sample_size": 32, "patch_size": 2, "in_channels": 4, "out_channels": 8, "num_layers": 12,
@@ -57,7 +58,7 @@ def pipeline_run(pipe: DiTPipeline, labels: list[int], seeds: list[int]) -> Call
 
 def loop_run(adapter, plan: Plan | None, labels: list[int], seeds: list[int]) -> Callable[[], torch.Tensor]:
     """ditplan's own loop, its samples clamped as a pipeline's output is."""
-    return lambda: sample_with_plan(adapter, plan, labels, seeds, SETTINGS)[0].clamp(-1, 1)
+    return lambda: run_plan(adapter, plan, labels, seeds, SETTINGS).samples.clamp(-1, 1)
 
 
 def planned(pipe: DiTPipeline, plan: Plan | None) -> DiTPipeline:

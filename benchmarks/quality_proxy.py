@@ -22,18 +22,16 @@ import math
 import time
 from pathlib import Path
 
-import torch
 from scipy.stats import kendalltau
 
 from gpu_table import family_plans
-from ditplan.evaluators.base import METRIC_DIRECTIONS
+from ditplan.registry import direction
 from ditplan.evaluators.domain import applicable_metrics
-from ditplan.evaluators.held_out import DENSE
+from ditplan.evaluators.measure import DENSE, quality
 from ditplan.models.adapters import adapter_from_spec
 from ditplan.plan import Plan, load_plan
 from ditplan.progress import progress_bar
 from ditplan.spec import load_spec
-from ditplan.search.trial_eval import quality_metrics
 from ditplan.strategies.apply import run_plan
 
 FIDELITY = ("rel_l1", "mse", "psnr", "ssim")
@@ -96,7 +94,7 @@ def main() -> None:
           f"{time.perf_counter() - started:.0f} s of sampling")
     order = sorted(plans, key=lambda n: fids[n])
     for k in args.samples:
-        values = {name: quality_metrics(adapter, spec, x[:k], samples[DENSE][:k], conditions[:k], metrics)
+        values = {name: quality(adapter, spec, x[:k], samples[DENSE][:k], conditions[:k], metrics)
                   for name, x in samples.items()}
         print(f"\n## first {k} search samples\n")
         print("| plan | held-out FID | " + " | ".join(metrics) + " |")
@@ -106,7 +104,7 @@ def main() -> None:
         taus = {}
         for m in metrics:
             tau = kendalltau([values[n][m] for n in order], [fids[n] for n in order]).statistic
-            taus[m] = -tau if METRIC_DIRECTIONS[m] == "maximize" else tau
+            taus[m] = -tau if direction(m) == "maximize" else tau
         print("\nKendall τ with held-out FID (1: the same order; higher-is-better metrics negated): "
               + ", ".join(f"{m} {t:.2f}" for m, t in taus.items() if not math.isnan(t)))
 

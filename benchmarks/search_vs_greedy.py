@@ -23,7 +23,7 @@ for them).
     python benchmarks/search_vs_greedy.py --full-grid --proposals 10 --latency  # + held-out quality × latency
 
 ``--latency`` (needs a quiet machine) measures greedy's plans and the last repeat's front on the held-out
-seeds in rounds interleaved with dense (:func:`ditplan.evaluators.held_out.held_out_metrics`).
+seeds in rounds interleaved with dense (:func:`ditplan.evaluators.measure.measure`, timed).
 """
 
 from __future__ import annotations
@@ -40,17 +40,19 @@ import numpy as np
 import torch
 
 from ditplan.atomic import atomic_write_text
-from ditplan.evaluators.base import METRIC_REFERENCE
+from ditplan.registry import METRICS
 from ditplan.evaluators.cost import sample_forwards
-from ditplan.evaluators.held_out import held_out_metrics
+from ditplan.evaluators.measure import measure
 from ditplan.evaluators.reference import dense_reference
+from ditplan.models.adapters import experiment_adapter
 from ditplan.models.sampling import plan_target
+from ditplan.rundir import SearchDir
 from ditplan.plan import Plan, load_plan
 from ditplan.search.driver import run_search
 from ditplan.search.greedy import CANDIDATES, DEFAULT_THRESHOLDS, greedy_search, threshold_name
 from ditplan.search.pareto import hypervolume
-from ditplan.search.proxy import PROXY_FILE, experiment_proxy, proxy_candidates
-from ditplan.search.trial_eval import plan_metrics, worker_adapter
+from ditplan.search.proxy import experiment_proxy, proxy_candidates
+from ditplan.search.trial_task import trial_metrics
 from ditplan.spec import PROPOSAL_SPREADS, ProposalSpec, ScreeningSpec, load_spec
 
 QUALITY_COST = ("rel_l1", "flops_ratio")
@@ -101,7 +103,8 @@ class HeldOut:
 
     def __init__(self, adapter, spec, path: Path) -> None:  # noqa: ANN001
         self.adapter, self.spec, self.path = adapter, spec, path
-        _, self.conditions, self.seeds = spec.seed_set("held_out")
+        self.seed_set = spec.seed_set("held_out")
+        _, self.conditions, self.seeds = self.seed_set
         self.dense = dense_reference(adapter, spec.sampler.settings(), self.conditions, self.seeds, spec.evaluation.cache_dir)
         self.known = json.loads(path.read_text()) if path.exists() else {}
 
@@ -109,7 +112,7 @@ class HeldOut:
         data = plan.to_dict()
         key = json.dumps({**{k: data[k] for k in ("params", "sparse", "grid", "target")}, "seeds": self.seeds}, sort_keys=True)
         if key not in self.known:
-            values = plan_metrics(self.adapter, self.spec, plan, self.dense, self.conditions, self.seeds, QUALITY_COST)
+            values = trial_metrics(self.spec, plan, self.dense, self.seed_set, QUALITY_COST)
             self.known[key] = [values[m] for m in QUALITY_COST]
             atomic_write_text(self.path, json.dumps(self.known))
         return tuple(self.known[key])
@@ -159,9 +162,9 @@ def main() -> None:
     spec = configure(experiment, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    adapter = worker_adapter(spec)
+    adapter = experiment_adapter(spec)
     settings = spec.sampler.settings()
-    reference = [METRIC_REFERENCE[m] for m in QUALITY_COST]
+    reference = [METRICS[m].reference for m in QUALITY_COST]
     print(f"# python benchmarks/search_vs_greedy.py {' '.join(sys.argv[1:])}", flush=True)
 
     # --- greedy D1–D6 and its budget --------------------------------------------------------------------
@@ -212,14 +215,14 @@ def main() -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
         if proxy_path is not None:  # measured once above, charged to every repeat
             run_dir.mkdir(parents=True)
-            shutil.copy(proxy_path, run_dir / PROXY_FILE)
+            shutil.copy(proxy_path, SearchDir(run_dir).proxy)
         # held-out figures are this script's own (below): the study does not refine
         seeded = spec.model_copy(update={"search": spec.search.model_copy(update={"seed": seed, "refine": None})})
         start = time.perf_counter()
         result = run_search(seeded, run_dir, trials=trials, workers=2, show_progress=False,
                             warm_start=list(greedy.values()) if args.warm_start else ())
         seconds = time.perf_counter() - start
-        front = {f"trial-{t.number}": load_plan(run_dir / "trials" / f"trial-{t.number:04d}.yaml") for t in result.front}
+        front = {f"trial-{t.number}": SearchDir(run_dir).load_trial(t.number) for t in result.front}
         points = {name: held(plan) for name, plan in front.items()}
         hv = hypervolume(np.array(list(points.values())), DIRECTIONS, reference)
         ratios.append(hv / hv_greedy)
@@ -235,10 +238,11 @@ def main() -> None:
               f"min {min(ratios):.2f}, max {max(ratios):.2f}")
 
     if args.latency:  # --- held-out quality × latency, interleaved with dense -----------------------------
-        measured = held_out_metrics(adapter, spec, {**greedy, **front})
+        measured = measure(adapter, spec, {**greedy, **front}, spec.seed_set("held_out"), timed=True,
+                           rounds_count=spec.search.refine.latency_repeats)
         metrics = measured.metrics
         pts = {n: (metrics[n]["rel_l1"], metrics[n]["latency_ratio"]) for n in {**greedy, **front}}
-        lat_ref = [METRIC_REFERENCE["rel_l1"], METRIC_REFERENCE["latency_ratio"]]
+        lat_ref = [METRICS["rel_l1"].reference, METRICS["latency_ratio"].reference]
         hv_g = hypervolume(np.array([pts[n] for n in greedy]), DIRECTIONS, lat_ref)
         hv_l = hypervolume(np.array([pts[n] for n in front]), DIRECTIONS, lat_ref)
         print(f"\nheld-out quality × latency ({len(measured.seed_set.seeds)} samples, {spec.search.refine.latency_repeats} "

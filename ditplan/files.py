@@ -23,16 +23,12 @@ MAX_TENSOR_BYTES = 1 << 34  # 16 GiB: no prompt-embedding file comes near it
 def readable_file(path: str | Path, what: str, max_bytes: int) -> Path:
     """``path`` as a Path once it is known to be a readable file of at most ``max_bytes`` bytes."""
     path = Path(path)
-    try:
-        if not path.exists():
-            raise UserError(f"{what} {path} does not exist")
+    with _existing(path, what):
         if not path.is_file():
             raise UserError(f"{what} {path} is not a file ({'a folder' if path.is_dir() else 'not a regular file'})")
         size = path.stat().st_size
         with path.open("rb"):
             pass
-    except OSError as err:
-        raise UserError(f"{what} {path} cannot be read: {err.strerror or err}") from None
     if size > max_bytes:
         raise UserError(f"{what} {path} is {size:,} bytes; a {what} is at most {max_bytes:,} bytes")
     return path
@@ -74,15 +70,23 @@ def read_tensors(path: str | Path, what: str) -> dict[str, Any]:
 def check_folder(path: str | Path, what: str) -> Path:
     """``path`` as a Path once it is known to be a folder that can be listed."""
     path = Path(path)
-    try:
-        if not path.exists():
-            raise UserError(f"{what} {path} does not exist")
+    with _existing(path, what):
         if not path.is_dir():
             raise UserError(f"{what} {path} is not a folder")
         next(path.iterdir(), None)
+    return path
+
+
+@contextmanager
+def _existing(path: Path, what: str) -> Iterator[None]:
+    """Run the checks inside once ``path`` is known to exist; a missing path, or an OSError on the way,
+    becomes a :class:`UserError` naming it."""
+    try:
+        if not path.exists():
+            raise UserError(f"{what} {path} does not exist")
+        yield
     except OSError as err:
         raise UserError(f"{what} {path} cannot be read: {err.strerror or err}") from None
-    return path
 
 
 @contextmanager

@@ -7,16 +7,20 @@ path and the bad value, e.g. ``quickstart.yaml: sampler.num_steps = -3: Input sh
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple, get_args
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, get_args
 
-import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ditplan.errors import UserError
 from ditplan.files import read_yaml
-from ditplan.models.sampling import SAMPLERS, SamplerSettings
+from ditplan.registry import METRICS, SCHEDULERS, did_you_mean
+
+if TYPE_CHECKING:
+    import torch
 
 
 class SpecError(UserError):
@@ -69,12 +73,38 @@ class ModelSpec(_Strict):
         return self
 
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
     def torch_dtype(self) -> torch.dtype:
+        import torch
+
         return getattr(torch, self.dtype)
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """scheduler: a name in :data:`~ditplan.registry.SCHEDULERS`; guidance_scale ≤ 1 switches classifier-free
+    guidance off."""
+
+    scheduler: str = "dpmsolver++"
+    num_steps: int = 20
+    guidance_scale: float = 4.0
+    batch_size: int = 50
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+
+def _choice(what: str, value: str, choices: list[str]) -> str:
+    """``value`` when it is one of ``choices``; else the message pydantic shows after the field and value."""
+    if value not in choices:
+        raise ValueError(f"unknown {what}{did_you_mean(value, choices)}; choose one of {sorted(choices)}")
+    return value
 
 
 class SamplerSpec(_Strict):
@@ -86,9 +116,7 @@ class SamplerSpec(_Strict):
     @field_validator("scheduler")
     @classmethod
     def _known_scheduler(cls, value: str) -> str:
-        if value not in SAMPLERS:
-            raise ValueError(f"unknown scheduler; choose one of {sorted(SAMPLERS)}")
-        return value
+        return _choice("scheduler", value, SCHEDULERS.choices())
 
     def settings(self) -> SamplerSettings:
         return SamplerSettings(self.scheduler, self.num_steps, self.guidance_scale, self.batch_size)
@@ -202,11 +230,7 @@ class EvaluationSpec(_Strict):
 
 
 def _known_metric(name: str) -> str:
-    from ditplan.evaluators.base import METRIC_DIRECTIONS
-
-    if name not in METRIC_DIRECTIONS:
-        raise ValueError(f"unknown metric; choose one of {sorted(METRIC_DIRECTIONS)}")
-    return name
+    return _choice("metric", name, METRICS.choices())
 
 
 class _MetricSpec(_Strict):
@@ -222,9 +246,7 @@ class ObjectiveSpec(_MetricSpec):
     direction: Literal["minimize", "maximize"] | None = None  # default: the metric's own
 
     def resolved_direction(self) -> str:
-        from ditplan.evaluators.base import METRIC_DIRECTIONS
-
-        return self.direction or METRIC_DIRECTIONS[self.metric]
+        return self.direction or METRICS[self.metric].direction
 
 
 class ConstraintSpec(_MetricSpec):
@@ -458,6 +480,12 @@ class SearchSpec(_Strict):
     def trial_samples(self) -> int:
         """The search samples a trial is first scored on (all of them without screening)."""
         return self.screening.samples if self.screening else self.samples
+
+    def meets_constraints(self, values: Mapping[str, float], dense: Mapping[str, float]) -> bool:
+        """Whether metrics ``values`` meet every constraint (``dense``: dense's values on the same samples, for
+        bounds relative to dense); a constraint whose metric is not among ``values`` is not met."""
+        return all(c.metric in values and c.violation(values[c.metric], dense.get(c.metric)) <= 0
+                   for c in self.constraints)
 
 
 class GreedySpec(_Strict):

@@ -1,6 +1,14 @@
-"""``ditplan run``: dense reference → greedy D1 … D6 (calibration seeds) → learned search, warm-started
-from greedy (search seeds) → held-out evaluation of the front and the greedy plans (held-out seeds) →
-comparison → export, in one resumable run directory."""
+"""``ditplan run``: stages over one resumable run directory (:class:`~ditplan.rundir.RunDir`):
+
+1. dense reference on the search seeds;
+2. greedy D1 … D6 on the calibration seeds;
+3. learned search on the search seeds (warm-started from greedy with ``search.warm_start: greedy``);
+4. the held-out stage: dense, greedy, the learned front and the baselines in the same interleaved rounds;
+5. the report, and the plans the export rules select.
+
+Stages already done in the run directory are skipped. Everything an experiment file names is checked
+(:func:`prepare`) before the first stage computes anything.
+"""
 
 from __future__ import annotations
 
@@ -10,75 +18,137 @@ from pathlib import Path
 from rich.console import Console
 
 from ditplan.atomic import atomic_write_text
+from ditplan.comparison.baselines import baseline_plan, check_baselines
+from ditplan.comparison.export import export_selected
+from ditplan.comparison.held_out import held_out_stage
+from ditplan.comparison.render import front_table, write_report
+from ditplan.comparison.report import build_report, load_run_data
+from ditplan.comparison.sides import run_sides
 from ditplan.errors import UserError
-from ditplan.evaluators.evaluate import check_evaluation
-from ditplan.files import naming
+from ditplan.evaluators.domain import check_evaluation_files, check_extractor
 from ditplan.evaluators.reference import dense_reference
-from ditplan.plan import load_plan
+from ditplan.files import naming
+from ditplan.models.adapters import ModelAdapter, experiment_adapter
 from ditplan.plugins import import_plugins
-from ditplan.report import compare_runs, export_plans
-from ditplan.search.baselines import measure_baselines
-from ditplan.search.driver import resolve_ray_address, run_search
+from ditplan.rundir import RunDir
+from ditplan.search.driver import SearchResult, run_search
 from ditplan.search.greedy_cli import greedy_summary, write_greedy_plans
-from ditplan.search.storage import study_exists, study_storage
-from ditplan.search.trial_eval import worker_adapter
-from ditplan.spec import load_spec, resolved_experiment_text
+from ditplan.search.ray_tasks import resolve_ray_address
+from ditplan.search.records import reference_point
+from ditplan.search.space import check_space, experiment_space
+from ditplan.search.storage import load_finished_study, study_exists, study_storage
+from ditplan.search.tracking import attach_to_study
+from ditplan.spec import ExperimentSpec, load_spec, resolved_experiment_text
 
 DEFAULT_EXPORT_RULES = ("knee", "top:3")
 
 
-def run_experiment(
-    experiment: str | Path, trials: int | None = None, workers: int | None = None, ray_address: str | None = None,
-    export_rules: tuple[str, ...] = DEFAULT_EXPORT_RULES, show_progress: bool = True, plugins: Sequence[str] = (),
-) -> Path:
-    """Run every stage; stages already done in the run directory are skipped. Returns the run directory.
+def check_names(spec: ExperimentSpec) -> None:
+    """Every name the experiment uses beyond the file's own schema, checked without loading the model or
+    reading a file: strategies and their parameters, pruning curves and diffusers' caches of the search
+    space, the baselines, the feature extractor, a hypervolume reference for every objective."""
+    check_space(spec.search.space)
+    check_baselines(spec)
+    check_extractor(spec)
+    reference_point(spec)
 
-    The run directory keeps the experiment as ``experiment.yaml`` with its relative paths made absolute
-    (resolved once, against ``experiment``), so running again on either file resumes the run.
-    ``plugins``: modules imported here and in every search worker that register strategies or feature
-    extractors the experiment names."""
-    console = Console(quiet=not show_progress)
+
+def prepare(experiment: str | Path, plugins: Sequence[str] = (), evaluates: bool = False, searches: bool = False
+            ) -> tuple[ExperimentSpec, ModelAdapter]:
+    """The experiment in ``experiment`` and its model, once everything the command needs is known to exist:
+    a bad name or file is a one-line :class:`UserError` naming the experiment file, before any work.
+    ``evaluates``: also the files the evaluation reads (extractor weights, reference, CLIP weights);
+    ``searches``: those, the search space and the baselines' plans (they need the model: its tokens, its
+    fine-tuned networks)."""
     import_plugins(plugins)
     spec = load_spec(experiment)
-    resolve_ray_address(ray_address)  # NOTE: a cluster that does not answer fails here, not after greedy's minutes
     with naming(experiment):
-        check_evaluation(spec)
-        adapter = worker_adapter(spec)  # NOTE: loaded before anything is written: a bad model leaves no run directory
-    run_dir = spec.run_dir()
-    copy = run_dir / "experiment.yaml"
-    if copy.exists() and load_spec(copy) != spec:
-        raise UserError(f"{run_dir} holds a run of a different experiment file; set another output_dir or remove it")
-    atomic_write_text(copy, resolved_experiment_text(experiment))
+        check_names(spec)
+        adapter = experiment_adapter(spec)
+        if evaluates or searches:
+            check_evaluation_files(spec)
+        if searches:
+            experiment_space(adapter, spec)
+            for baseline in spec.baselines:
+                baseline_plan(adapter, spec, baseline)
+    return spec, adapter
+
+
+def _keep_experiment(run: RunDir, spec: ExperimentSpec, experiment: str | Path) -> None:
+    """The run directory keeps the experiment with its relative paths made absolute (resolved once, against
+    ``experiment``), so running again on either file resumes the run; another experiment's run is refused."""
+    if run.experiment.exists() and run.load_experiment() != spec:
+        raise UserError(f"{run.root} holds a run of a different experiment file; set another output_dir or remove it")
+    run.save_experiment(resolved_experiment_text(experiment))
+
+
+def _search(run: RunDir, spec: ExperimentSpec, trials: int | None, workers: int | None, ray_address: str | None,
+            plugins: Sequence[str], show_progress: bool) -> SearchResult:
+    """The learned search, resumed when its study exists (a journal file or an RDB, whatever holds it)."""
+    resume = study_exists(study_storage(spec, run.search), spec.name)
+    warm = run.greedy.plans() if spec.search.warm_start == "greedy" else {}
+    result = run_search(spec, run.search, trials=trials, workers=workers, ray_address=ray_address, resume=resume,
+                        warm_start=warm, plugins=plugins, show_progress=show_progress)
+    write_front_table(spec, result)
+    return result
+
+
+def write_front_table(spec: ExperimentSpec, result: SearchResult) -> Path:
+    """The search's ``pareto_front.md``: every trial of the final fidelity, dense's objectives above."""
+    table = front_table(result.rows, result.objectives, result.dense, spec.search.samples)
+    return atomic_write_text(result.search_dir.front_table, table)
+
+
+def _export(run: RunDir, rules: Sequence[str], console: Console) -> list[Path]:
+    """The plans each rule selects, once each; no feasible plan is said in one line, and nothing is exported."""
+    data = load_run_data(run.root)
+    report = build_report(data)
+    try:
+        return list(dict.fromkeys(p for rule in rules for p in export_selected(data, report, rule, run.exported)))
+    except UserError as err:
+        console.print(f"nothing exported: {err}", soft_wrap=True)
+        return []
+
+
+def run_experiment(
+    experiment: str | Path, trials: int | None = None, workers: int | None = None, ray_address: str | None = None,
+    export_rules: Sequence[str] = DEFAULT_EXPORT_RULES, show_progress: bool = True, plugins: Sequence[str] = (),
+) -> Path:
+    """Run every stage (module docstring); returns the run directory. ``plugins``: modules imported here and in
+    every search worker that register strategies or feature extractors the experiment names."""
+    console = Console(quiet=not show_progress)
+    resolve_ray_address(ray_address)  # NOTE: a cluster that does not answer fails here, not after greedy's minutes
+    spec, adapter = prepare(experiment, plugins, searches=True)  # NOTE: a bad file leaves no run directory
+    run = RunDir.of(spec)
+    _keep_experiment(run, spec, experiment)
     settings = spec.sampler.settings()
 
     console.rule("[bold]1/5 dense reference (search seeds)")
-    _, conditions, seeds = spec.seed_set("search")
-    dense_reference(adapter, settings, conditions, seeds, spec.evaluation.cache_dir, show_progress)
+    search_set = spec.seed_set("search")
+    dense_reference(adapter, settings, search_set.conditions, search_set.seeds, spec.evaluation.cache_dir, show_progress)
 
     console.rule("[bold]2/5 greedy DiTFastAttn plans (calibration seeds)")
-    plans = [load_plan(p) for p in write_greedy_plans(adapter, spec, run_dir / "greedy", skip_existing=True,
-                                                       show_progress=show_progress)]
-    for plan in plans:
+    write_greedy_plans(adapter, spec, run.greedy, skip_existing=True, show_progress=show_progress)
+    for plan in run.greedy.plans().values():
         console.print(greedy_summary(plan))
 
-    console.rule("[bold]3/5 learned search (search seeds) + 4/5 held-out evaluation of the front and greedy")
-    search_dir = run_dir / "search"
-    resume = study_exists(study_storage(spec, search_dir), spec.name)  # a journal file or an RDB, whatever holds it
-    result = run_search(spec, search_dir, trials=trials, workers=workers, ray_address=ray_address, resume=resume,
-                        warm_start=plans if spec.search.warm_start == "greedy" else (), plugins=plugins,
-                        show_progress=show_progress)
+    console.rule("[bold]3/5 learned search (search seeds)")
+    result = _search(run, spec, trials, workers, ray_address, plugins, show_progress)
     promoted = f", {result.promoted} scored again on every search sample" if result.promoted else ""
-    console.print(f"{result.completed} trials complete ({result.repeats} repeats, {result.failed} failed){promoted}, feasible front of {len(result.front)}, "
-                  f"hypervolume {result.hypervolume:.4g} (search seeds)")
+    console.print(f"{result.completed} trials complete ({result.repeats} repeats, {result.failed} failed){promoted}, "
+                  f"feasible learned front of {len(result.front)}, hypervolume {result.hypervolume:.4g} (search seeds)")
 
-    if spec.baselines:
-        console.rule("[bold]baselines (held-out seeds, interleaved with dense)")
-        measure_baselines(adapter, spec, run_dir)
+    if spec.search.refine is not None:
+        console.rule("[bold]4/5 held-out stage: dense, greedy, learned front and baselines, interleaved")
+        sides = run_sides(run, spec, adapter, load_finished_study(spec, run.search))
+        held_out_stage(run, spec, adapter, sides, show_progress)
+        attach_to_study(spec, run.search, [run.held_out], "held_out")
 
     console.rule("[bold]5/5 comparison and export")
-    report = compare_runs([run_dir], run_dir / "report")
-    exported = dict.fromkeys(p for rule in export_rules for p in export_plans(run_dir, rule, run_dir / "exported"))  # a plan two rules select: once
+    report = write_report([build_report(load_run_data(run.root))], run.report)
+    attach_to_study(spec, run.search, [p for p in run.report.iterdir() if p.is_file()], "comparison")
+    exported = _export(run, export_rules, console)
     if show_progress:
         print(report.read_text())  # NOTE: plain print: rich would wrap the table and eat [markup]
-    console.print(f"report: {report}; exported plans: {', '.join(str(p) for p in exported)}", soft_wrap=True)
-    return run_dir
+    console.print(f"report: {report}; exported plans: {', '.join(str(p) for p in exported) or 'none'}", soft_wrap=True)
+    return run.root

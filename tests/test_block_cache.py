@@ -9,11 +9,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ditplan.evaluators.cost import plan_flops
 from ditplan.models.context import denoising_step
-from ditplan.models.sampling import SamplerSettings, plan_target, sample
+from ditplan.models.sampling import plan_target, sample
 from ditplan.plan import Plan, PlanError, load_plan
-from ditplan.strategies import apply_plan, remove_plan, sample_with_plan
+from ditplan.strategies import apply_plan, remove_plan, run_plan
 from ditplan.strategies.apply import get_runtime
 from ditplan.strategies.block_forecast import BlockForecast, ForecastConfig
+from ditplan.spec import SamplerSettings
 
 
 def columns_plan(target, columns, params=None) -> Plan:
@@ -46,11 +47,11 @@ def test_a_forecast_of_order_zero_equals_reuse(tiny_adapter, tiny_spec):
     settings = tiny_spec.sampler.settings()
     target = plan_target(tiny_adapter, settings)
     conditions, seeds = tiny_spec.workload.conditions(), tiny_spec.workload.seeds()
-    reuse = sample_with_plan(tiny_adapter, columns_plan(target, [["full", "reuse", "reuse", "full"]] * 2),
-                             conditions, seeds, settings)[0]
+    reuse = run_plan(tiny_adapter, columns_plan(target, [["full", "reuse", "reuse", "full"]] * 2),
+                             conditions, seeds, settings).samples
     order0 = columns_plan(target, [["full", "forecast", "forecast", "full"]] * 2, {"forecast": {"order": 0}})
-    assert torch.equal(sample_with_plan(tiny_adapter, order0, conditions, seeds, settings)[0], reuse)
-    dense = sample_with_plan(tiny_adapter, None, conditions, seeds, settings)[0]
+    assert torch.equal(run_plan(tiny_adapter, order0, conditions, seeds, settings).samples, reuse)
+    dense = run_plan(tiny_adapter, None, conditions, seeds, settings).samples
     assert not torch.equal(reuse, dense)
 
 
@@ -108,7 +109,7 @@ def test_plan_flops_of_skipped_blocks_equal_the_flop_counter(tiny_adapter, tiny_
     plan = columns_plan(plan_target(tiny_adapter, settings),
                         [["full", "reuse", "full", "forecast"], ["full", "ast", "forecast", "full"]])
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        sample_with_plan(tiny_adapter, plan, [1, 2], [0, 1], settings)
+        run_plan(tiny_adapter, plan, [1, 2], [0, 1], settings)
     assert plan_flops(tiny_adapter, plan, settings, batch=2).total == counter.get_total_flops()
 
 
@@ -127,6 +128,6 @@ def test_a_search_space_draws_block_cells_that_run(tiny_adapter, tiny_spec):
         plan = space.suggest(trial)
         assert space.params_for(plan) == trial.params
         drawn |= plan.strategies()
-        sample_with_plan(tiny_adapter, plan, [1], [0], settings)
+        run_plan(tiny_adapter, plan, [1], [0], settings)
         study.tell(trial, 0.0)
     assert {"reuse", "forecast"} <= drawn

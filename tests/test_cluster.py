@@ -7,7 +7,8 @@ import sys
 import optuna
 from optuna.trial import TrialState
 
-from ditplan.search.driver import study_storage
+from ditplan.rundir import SearchDir
+from ditplan.search.storage import study_storage
 from ditplan.spec import load_spec
 from tests.conftest import DATA, ENV
 
@@ -24,5 +25,5 @@ def test_a_search_runs_on_a_two_node_loopback_cluster_one_gpu_per_trial(loopback
     assert "Connecting to existing Ray cluster" in run.stderr
     spec = load_spec(experiment)
     assert spec.search.gpus_per_trial == 1
-    study = optuna.load_study(study_name=spec.name, storage=study_storage(spec, tmp_path / "run"))
+    study = optuna.load_study(study_name=spec.name, storage=study_storage(spec, SearchDir(tmp_path / "run")))
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 4

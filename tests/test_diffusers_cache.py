@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ditplan.evaluators.cost import executed_flops, plan_flops
 from ditplan.models.sampling import plan_target, sample
 from ditplan.plan import Plan, PlanError, load_plan
-from ditplan.strategies import apply_plan, remove_plan, sample_with_plan
+from ditplan.strategies import apply_plan, remove_plan, run_plan
 
 
 def cache_plan(adapter, settings, method: str, **config) -> Plan:
@@ -27,11 +27,11 @@ def test_a_cache_that_never_skips_equals_dense_and_removal_restores_the_transfor
     settings = tiny_spec.sampler.settings()
     conditions, seeds = tiny_spec.workload.conditions(), tiny_spec.workload.seeds()
     dense = sample(tiny_adapter, conditions, seeds, settings)
-    assert torch.equal(sample_with_plan(tiny_adapter, cache_plan(tiny_adapter, settings, method, **never_skip),
-                                        conditions, seeds, settings)[0], dense)
+    assert torch.equal(run_plan(tiny_adapter, cache_plan(tiny_adapter, settings, method, **never_skip),
+                                        conditions, seeds, settings).samples, dense)
     assert hooked_modules(tiny_adapter.transformer) == []
     skipping = cache_plan(tiny_adapter, settings, method, **({"threshold": 1e9} if method == "first_block" else {}))
-    assert not torch.equal(sample_with_plan(tiny_adapter, skipping, conditions, seeds, settings)[0], dense)
+    assert not torch.equal(run_plan(tiny_adapter, skipping, conditions, seeds, settings).samples, dense)
     assert torch.equal(sample(tiny_adapter, conditions, seeds, settings), dense)
 
 
@@ -77,8 +77,9 @@ def test_a_cache_plan_is_checked_before_anything_is_installed(tiny_adapter, tiny
 
 
 def test_trials_and_the_held_out_evaluation_take_a_cache_plans_flops_from_what_ran(tiny_adapter, tiny_spec):
-    from ditplan.evaluators.held_out import held_out_metrics
-    from ditplan.search.trial_eval import plan_metrics
+    from ditplan.evaluators.measure import measure
+    from ditplan.search.trial_task import trial_metrics
+    from ditplan.spec import SeedSet
 
     spec = tiny_spec.model_copy(update={"search": tiny_spec.search.model_copy(
         update={"refine": tiny_spec.search.refine.model_copy(update={"samples": 6, "latency_repeats": 3})})})
@@ -87,12 +88,13 @@ def test_trials_and_the_held_out_evaluation_take_a_cache_plans_flops_from_what_r
     # skipping everything it can: both blocks at step 0, then only the first block (per sample: 4 rows)
     skipped = executed_flops(tiny_adapter, {"block": 5, "self_attention": 5, "cross_attention": 0}, 4, rows=4)
     dense_one = plan_flops(tiny_adapter, None, settings, batch=2).total
-    held_out = held_out_metrics(tiny_adapter, spec, {"never": never, "always": always}).metrics
+    held_out = measure(tiny_adapter, spec, {"never": never, "always": always}, spec.seed_set("held_out"), timed=True,
+                       rounds_count=3).metrics
     assert held_out["never"]["flops_ratio"] == 1.0 and held_out["never"]["attention_flops_ratio"] == 1.0
     assert held_out["never"]["rel_l1"] == 0.0
     assert held_out["always"]["flops_ratio"] == skipped / dense_one  # 3 rounds of 2 samples each
     assert held_out["always"]["attention_flops_ratio"] == 5 / 8
     conditions, seeds = [1, 2], [0, 1]
     dense = sample(tiny_adapter, conditions, seeds, settings)
-    trial = plan_metrics(tiny_adapter, spec, always, dense, conditions, seeds, ["rel_l1", "flops_ratio"])
+    trial = trial_metrics(spec, always, dense, SeedSet("search", conditions, seeds), ["rel_l1", "flops_ratio"])
     assert trial["flops_ratio"] == skipped / dense_one and trial["rel_l1"] > 0

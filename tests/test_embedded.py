@@ -15,8 +15,8 @@ def test_digits_split_is_fixed_stratified_and_disjoint():
 
 
 def test_training_resumes_from_its_checkpoint_and_exports_loadable_weights(tmp_path):
-    config = TrainConfig(steps=4, batch_size=4, save_every=2)
-    assert train_embedded(tmp_path / "a", TrainConfig(steps=2, batch_size=4, save_every=2)) == 2
+    config = TrainConfig.make(steps=4, batch_size=4, save_every=2)
+    assert train_embedded(tmp_path / "a", TrainConfig.make(steps=2, batch_size=4, save_every=2)) == 2
     assert train_embedded(tmp_path / "a", config) == 4  # resumed: continues from step 2
     assert train_embedded(tmp_path / "b", config) == 4  # uninterrupted
     export_embedded(tmp_path / "a", tmp_path / "ea")

@@ -13,7 +13,8 @@ from ditplan.models import digits
 from ditplan.models.adapters import load_adapter, model_folder, sparse_networks
 from ditplan.models.digits import load_digits
 from ditplan.models.embedded import EMBEDDED_MODELS
-from ditplan.models.sampling import SamplerSettings, sample
+from ditplan.models.sampling import sample
+from ditplan.spec import SamplerSettings
 
 
 @pytest.fixture(scope="module")

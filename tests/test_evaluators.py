@@ -75,7 +75,7 @@ def test_low_level_kid_sees_texture_that_leaves_the_digit_classes_alone():
 
 
 def test_held_out_rounds_cover_the_set_in_order_in_near_equal_parts():
-    from ditplan.evaluators.held_out import rounds
+    from ditplan.evaluators.measure import rounds
     from ditplan.spec import SeedSet
 
     seed_set = SeedSet("held_out", list(range(10)), list(range(100, 110)))
@@ -86,14 +86,14 @@ def test_held_out_rounds_cover_the_set_in_order_in_near_equal_parts():
 
 
 def test_held_out_metrics_of_dense_itself_are_exact(tiny_adapter, tiny_spec, tmp_path):
-    from ditplan.evaluators.held_out import DENSE, held_out_metrics
+    from ditplan.evaluators.measure import DENSE, measure
     from ditplan.models.sampling import plan_target
     from ditplan.plan import Plan
 
     spec = tiny_spec.model_copy(update={"search": tiny_spec.search.model_copy(
         update={"refine": tiny_spec.search.refine.model_copy(update={"samples": 6, "latency_repeats": 3})})})
     uniform = Plan.uniform(plan_target(tiny_adapter, spec.sampler.settings()))
-    result = held_out_metrics(tiny_adapter, spec, {"uniform": uniform})
+    result = measure(tiny_adapter, spec, {"uniform": uniform}, spec.seed_set("held_out"), timed=True, rounds_count=3)
     assert result.seed_set.seeds == spec.seed_set("held_out").seeds
     for name in (DENSE, "uniform"):
         values = result.metrics[name]

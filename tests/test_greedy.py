@@ -47,9 +47,10 @@ def test_greedy_cli_writes_one_plan_per_threshold(tmp_path, tiny_adapter, tiny_s
 
 
 def test_greedy_calibrates_on_the_calibration_seed_set_only(tmp_path, tiny_adapter, tiny_spec):
+    from ditplan.rundir import GreedyDir
     from ditplan.search.greedy_cli import write_greedy_plans
 
-    (path,) = write_greedy_plans(tiny_adapter, tiny_spec, tmp_path, thresholds=[0.5], calibration_samples=3,
+    (path,) = write_greedy_plans(tiny_adapter, tiny_spec, GreedyDir(tmp_path), thresholds=[0.5], calibration_samples=3,
                                  show_progress=False)
     calibration = load_plan(path).provenance["calibration"]
     _, conditions, seeds = tiny_spec.workload.seed_set("calibration", 3)

@@ -28,14 +28,15 @@ import ditplan
 from ditplan.cli import main
 from ditplan.models.adapters import load_adapter, read_prompt_embeddings
 from ditplan.models.embedded import EMBEDDED_PATH
-from ditplan.models.sampling import SamplerSettings, plan_target
+from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, PlanError
 from ditplan.search.space import LayoutCaching, layout_columns
 from ditplan.strategies import pipeline as pipeline_module
-from ditplan.strategies.apply import get_runtime, sample_with_plan, step_hook
+from ditplan.strategies.apply import get_runtime, run_plan, step_hook
 from ditplan.strategies.finetune_sparse import layout_plan
 from ditplan.strategies.sdtm import SparseLayout
 from ditplan.strategies.curves import Constant
+from ditplan.spec import SamplerSettings
 from tests.conftest import DATA, tiny_vae
 
 README = Path(__file__).parent.parent / "README.md"
@@ -139,7 +140,7 @@ def test_asc_in_a_pixart_pipeline_shares_the_conditional_half(pixart_folder, mon
     adapter = load_adapter("pixart", str(folder), vae=str(folder), prompt_embeddings=embeddings)
     prompts, seeds = ["a red circle", "a blue square"], [3, 4]
     plan = plan_for(adapter, PIXART, [["full", "full"], ["asc", "asc"], ["asc", "wars+asc"]])
-    ours = as_pipeline_images(sample_with_plan(adapter, plan, prompts, seeds, PIXART)[0])
+    ours = as_pipeline_images(run_plan(adapter, plan, prompts, seeds, PIXART).samples)
     pipe = pipeline_cls.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     ditplan.apply_plan(pipe, plan)
@@ -190,7 +191,7 @@ def test_calls_that_do_not_follow_the_schedule_fail_in_one_line(dit_folder):
 def test_a_bare_transformer_in_a_users_own_loop_is_told_the_step(dit_folder):
     adapter = load_adapter("dit", str(dit_folder), vae=str(dit_folder))
     plan = plan_for(adapter, DIT, MIXED)
-    expected = sample_with_plan(adapter, plan, [2, 8], [0, 1], DIT)[0]
+    expected = run_plan(adapter, plan, [2, 8], [0, 1], DIT).samples
 
     transformer, vae = adapter.transformer, adapter.vae
     ditplan.apply_plan(transformer, plan)
@@ -225,7 +226,7 @@ def test_a_sparsedit_plan_swaps_in_its_network_in_a_stock_pipeline_and_removal_r
                 sparse=plan.sparse)
     assert (caching is not None) == ("reuse" in plan.strategies())
     labels, seeds = [0, 7], [10, 11]
-    ours = as_pipeline_images(sample_with_plan(embedded_adapter, plan, labels, seeds, settings)[0])
+    ours = as_pipeline_images(run_plan(embedded_adapter, plan, labels, seeds, settings).samples)
 
     pipe = embedded_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -272,7 +273,7 @@ def test_the_readme_snippet_runs_as_written(dit_folder, tmp_path, monkeypatch):
 def test_a_plan_with_diffusers_first_block_cache_runs_in_the_pipeline_as_in_ditplans_loop(dit_folder):
     adapter = load_adapter("dit", str(dit_folder), vae=str(dit_folder))
     plan = Plan.uniform(plan_target(adapter, DIT), cache={"method": "first_block", "config": {"threshold": 0.2}})
-    ours = as_pipeline_images(sample_with_plan(adapter, plan, [1, 2], [0, 1], DIT)[0])
+    ours = as_pipeline_images(run_plan(adapter, plan, [1, 2], [0, 1], DIT).samples)
     pipe = dit_pipe(dit_folder)
     dense = run_dit(pipe, [1, 2], [0, 1])
     runtime = ditplan.apply_plan(pipe, plan)

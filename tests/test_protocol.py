@@ -1,7 +1,6 @@
 """The comparison protocol: disjoint seed sets, constraints honoured everywhere, export rules on
 held-out metrics, budgets in one unit."""
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -9,17 +8,27 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from ditplan.comparison.export import export_plans, select_plans
+from ditplan.comparison.held_out import held_out_stage
+from ditplan.comparison.render import front_table
+from ditplan.comparison.report import RunData, TrialRecord, build_report, load_run_data, side_budgets
+from ditplan.comparison.runs import compare_runs
+from ditplan.comparison.sides import run_sides
 from ditplan.errors import UserError
 from ditplan.evaluators.cost import sample_forwards
+from ditplan.evaluators.measure import Measurement
+from ditplan.models.adapters import experiment_adapter
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, load_plan
-from ditplan.report import Candidate, _shift_sentence, compare_runs, export_plans, load_run_data, select_plans, side_budget
-from ditplan.search.driver import _Search, feasible_hypervolume
+from ditplan.rundir import HeldOutRecord, RunDir, SearchDir, SideResult
+from ditplan.search.driver import dense_on_search_seeds
 from ditplan.search.pareto import hypervolume, pareto_mask
-from ditplan.search.tracking import default_tracking_uri
-from ditplan.search.trial_eval import worker_adapter
+from ditplan.search.records import feasible_hypervolume
+from ditplan.search.storage import load_finished_study
+from ditplan.search.trial_task import trial_metrics
 from ditplan.spec import SpecError, load_spec
 from tests.conftest import DATA
+from tests.studies import hand_study, uniform_after_dense
 
 SETS = ("calibration", "search", "held_out")
 
@@ -60,29 +69,32 @@ CONSTRAINED = [  # name, rel_l1, flops_ratio, mse (constraint: mse <= 0.5), the 
 ]
 
 
-@pytest.fixture(scope="module")
-def constrained_run(tmp_path_factory):
-    """A run whose study holds an infeasible trial that dominates every feasible one."""
-    root = tmp_path_factory.mktemp("constrained")
+def constrained_experiment(root, constraint):
     data = yaml.safe_load((DATA / "tiny-search.yaml").read_text())
-    data["search"]["constraints"] = [{"metric": "mse", "max": 0.5}]
+    data["search"]["constraints"] = [constraint]
     data["search"]["refine"] = {"metrics": ["rel_l1", "latency_ratio"], "samples": 4, "latency_repeats": 2}
     data["evaluation"] = {"cache_dir": str(root / "cache")}
+    data["output_dir"] = str(root)
     (root / "experiment.yaml").write_text(yaml.safe_dump(data))
-    spec = load_spec(root / "experiment.yaml")
-    (root / "search").mkdir()
-    driver = _Search(spec, root / "search", resume=False)
-    target = plan_target(driver.adapter, spec.sampler.settings())
+    return load_spec(root / "experiment.yaml")
+
+
+@pytest.fixture(scope="module")
+def constrained_run(tmp_path_factory):
+    """A run whose study holds an infeasible trial that dominates every feasible one, measured on the
+    held-out seeds as ``ditplan run`` does."""
+    root = tmp_path_factory.mktemp("constrained")
+    spec = constrained_experiment(root, {"metric": "mse", "max": 0.5})
+    run = RunDir(root)
+    hand = hand_study(spec, run, dense={4: {"mse": 0.0}})
     for name, rel_l1, flops, mse, method in CONSTRAINED:
-        trial = driver.study.ask()
-        trial.set_user_attr("name", name)
-        values = {"rel_l1": rel_l1, "flops_ratio": flops, "mse": mse}
-        grid = ((("full",) * target.num_layers,) + ((method,) * target.num_layers,) * (target.num_steps - 1))
-        driver.record_complete(trial, Plan(target, grid, provenance={"name": name}), values)
-    front = driver.publish_front()
-    driver.refine(front)
-    driver.tracker.finish()
-    return spec, root, driver, front
+        hand.record(name, uniform_after_dense(spec, method).with_provenance(name=name),
+                    {"rel_l1": rel_l1, "flops_ratio": flops, "mse": mse})
+    front, rows = hand.publish()
+    hand.recorder.tracker.finish()
+    adapter = experiment_adapter(spec)
+    held_out_stage(run, spec, adapter, run_sides(run, spec, adapter, load_finished_study(spec, run.search)))
+    return spec, run, hand, front, rows
 
 
 def test_the_constraint_binds(constrained_run):
@@ -90,22 +102,23 @@ def test_the_constraint_binds(constrained_run):
     assert pareto_mask(values, ["minimize", "minimize"]).tolist() == [True, False, False, False]
 
 
-def test_an_infeasible_trial_is_on_no_front_in_no_hypervolume_and_never_refined(constrained_run):
-    spec, root, driver, front = constrained_run
+def test_an_infeasible_trial_is_on_no_front_in_no_hypervolume_and_never_measured_on_held_out_seeds(constrained_run):
+    spec, run, hand, front, rows = constrained_run
     assert sorted(t.user_attrs["name"] for t in front) == ["a", "a-again", "b"]
-    done = driver.study.get_trials()
     feasible_values = np.array([[r, f] for _, r, f, _, _ in CONSTRAINED[1:]])
     reference = [0.5, 1.0]
-    assert feasible_hypervolume(done, ["minimize", "minimize"], reference) == hypervolume(feasible_values, ["minimize"] * 2, reference)
-    assert "| 0 | best-but-infeasible | 0.01 | 0.3 | no |  |" in (root / "search" / "pareto_front.md").read_text()
-    run = load_run_data(root)
-    assert {c.name for c in run.candidates if c.held_out} == {"a", "b"}  # kept and shown, but not refined;
-    # a-again runs a's plan: measured once
+    assert feasible_hypervolume(hand.study.get_trials(), ["minimize"] * 2, reference) == hypervolume(
+        feasible_values, ["minimize"] * 2, reference)
+    table = front_table(rows, ["rel_l1", "flops_ratio"], {"rel_l1": 0.0, "flops_ratio": 1.0}, 4)
+    assert "| 0 | best-but-infeasible | 0.01 | 0.3 | no |  |" in table
+    record = run.load_held_out()
+    assert [(s.name, s.kind) for s in record.sides] == [("dense", "dense"), ("a", "learned"), ("b", "learned")]
+    # a-again runs a's plan: measured once; the infeasible trial: never
 
 
 def test_an_infeasible_trial_is_not_tagged_pareto_in_mlflow(constrained_run):
-    _, root, _, _ = constrained_run
-    client = MlflowClient(default_tracking_uri(root / "search"))
+    _, run, _, _, _ = constrained_run
+    client = MlflowClient(run.search.tracking_uri())
     runs = client.search_runs([client.get_experiment_by_name("ditplan").experiment_id])
     tags = {r.data.tags["ditplan.trial"]: r.data.tags["pareto"] for r in runs if "ditplan.trial" in r.data.tags}
     assert tags == {"0": "false", "1": "true", "2": "true", "3": "true"}
@@ -113,15 +126,31 @@ def test_an_infeasible_trial_is_not_tagged_pareto_in_mlflow(constrained_run):
 
 @pytest.mark.parametrize("rule", ["knee", "top:3", "fastest:rel_l1<=10", "best:latency_ratio<=100"])
 def test_an_infeasible_trial_is_never_exported(constrained_run, rule, tmp_path):
-    _, root, _, _ = constrained_run
-    paths = export_plans(root, rule, tmp_path)
+    _, run, _, _, _ = constrained_run
+    paths = export_plans(run.root, rule, tmp_path)
     assert paths and all(load_plan(p).provenance["name"] in {"a", "b"} for p in paths)
 
 
-def test_the_report_shows_the_infeasible_trial_outside_the_front(constrained_run, tmp_path):
-    _, root, _, _ = constrained_run
-    report = compare_runs([root], tmp_path).read_text()
-    assert "| learned | 4 | 1 | 3 |" in report  # 4 plans, 1 infeasible, a front of 3
+def test_the_report_counts_the_infeasible_trial_outside_the_front(constrained_run, tmp_path):
+    _, run, _, _, _ = constrained_run
+    report = build_report(load_run_data(run.root))
+    (learned,) = report.fronts
+    assert (learned.label, learned.plans, learned.infeasible, learned.front) == ("learned", 4, 1, 3)
+    assert compare_runs([run.root], tmp_path).exists() and (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_constraint_no_plan_meets_is_said_by_the_report_and_export_refuses_in_one_line(tmp_path):
+    spec = constrained_experiment(tmp_path, {"metric": "rel_l1", "max": 0.001})
+    run = RunDir(tmp_path)
+    hand = hand_study(spec, run, dense={4: {"rel_l1": 0.0}})
+    hand.record("a", uniform_after_dense(spec, "ast"), {"rel_l1": 0.05, "flops_ratio": 0.6})
+    adapter = experiment_adapter(spec)
+    held_out_stage(run, spec, adapter, run_sides(run, spec, adapter, hand.study))
+    report = build_report(load_run_data(run.root))
+    assert report.feasible_learned == [] and [r.kind for r in report.rows] == ["dense"]
+    with pytest.raises(UserError, match=r"^no feasible plan: none meets the constraints \(rel_l1 ≤ 0.001\)"):
+        export_plans(run.root, "knee", tmp_path / "out")
+    assert "**No feasible plan:**" in compare_runs([run.root], tmp_path / "report").read_text()
 
 
 def test_a_bound_relative_to_dense_is_on_the_excess_over_dense():
@@ -137,9 +166,9 @@ def test_a_bound_relative_to_dense_is_on_the_excess_over_dense():
 
 
 @pytest.fixture(scope="module")
-def kid_driver(tmp_path_factory):
-    """A driver of the embedded model (4 steps, 4 search samples) searching KID × FLOPs with KID no worse than
-    dense's on the same samples; the real reference is a folder of 24 held-out digits."""
+def kid_spec(tmp_path_factory):
+    """The embedded model (4 steps, 4 search samples) searching KID × FLOPs with KID no worse than dense's on
+    the same samples; the real reference is a folder of 24 held-out digits."""
     from PIL import Image
 
     from ditplan.models.digits import load_digits, to_uint8_rgb
@@ -153,123 +182,133 @@ def kid_driver(tmp_path_factory):
             "evaluation": {"feature_extractor": "digits", "reference": "real", "cache_dir": str(root / "cache")},
             "search": {"samples": 4, "objectives": [{"metric": "kid"}, {"metric": "flops_ratio"}],
                        "constraints": [{"metric": "kid", "max": 0.0, "relative_to": "dense"}],
-                       "reference_point": [1.0, 1.0], "refine": None}}
+                       "reference_point": [1.0, 1.0], "refine": None}, "output_dir": str(root / "run")}
     (root / "experiment.yaml").write_text(yaml.safe_dump(data))
     spec = load_spec(root / "experiment.yaml")
-    return spec, _Search(spec, root / "search", resume=False)
+    return spec, dense_on_search_seeds(experiment_adapter(spec), spec)
 
 
-def test_dense_kid_is_measured_on_the_search_samples_by_the_path_trials_take(kid_driver):
-    from ditplan.search.trial_eval import plan_metrics
-
-    spec, driver = kid_driver
-    dense = driver.dense_values[4]
-    target = plan_target(driver.adapter, spec.sampler.settings())
-    full = plan_metrics(driver.adapter, spec, Plan.uniform(target), driver.dense, driver.conditions, driver.seeds, ("kid",))
-    assert full["kid"] == dense["kid"]  # an all-full plan samples exactly dense's samples
-    assert dense["flops_ratio"] == 1.0 and dense["rel_l1"] == 0.0
+def test_dense_kid_is_measured_on_the_search_samples_by_the_path_trials_take(kid_spec):
+    spec, dense = kid_spec
+    full = Plan.uniform(plan_target(experiment_adapter(spec), spec.sampler.settings()))
+    assert trial_metrics(spec, full, dense.samples[4], spec.seed_set("search"), ("kid",))["kid"] == dense.values[4]["kid"]
+    assert dense.values[4]["flops_ratio"] == 1.0 and dense.values[4]["rel_l1"] == 0.0
 
 
-def test_a_trial_is_feasible_by_its_kid_over_dense_not_by_its_kid(kid_driver):
-    spec, driver = kid_driver
-    dense_kid = driver.dense_values[4]["kid"]
+def test_a_trial_is_feasible_by_its_kid_over_dense_not_by_its_kid(kid_spec):
+    spec, dense = kid_spec
+    dense_kid = dense.values[4]["kid"]
     assert abs(dense_kid) > 0.01  # else an absolute bound at 0 would decide the same
-    target = plan_target(driver.adapter, spec.sampler.settings())
-    plan = Plan.uniform(target)
+    hand = hand_study(spec, RunDir.of(spec), dense.values)
+    plan = Plan.uniform(plan_target(experiment_adapter(spec), spec.sampler.settings()))
     for name, kid in (("worse", dense_kid + 0.01), ("better", dense_kid - 0.01)):
-        trial = driver.study.ask()
-        trial.set_user_attr("name", name)
-        driver.record_complete(trial, plan, {"kid": kid, "flops_ratio": 0.5})
-    feasible = {t.user_attrs["name"]: all(v <= 0 for v in t.constraints.values()) for t in driver.study.get_trials()}
+        hand.record(name, plan, {"kid": kid, "flops_ratio": 0.5})
+    feasible = {t.user_attrs["name"]: all(v <= 0 for v in t.constraints.values()) for t in hand.study.get_trials()}
     assert feasible == {"worse": False, "better": True}
-    driver.publish_front()
-    assert f"dense on the same 4 search samples: kid {dense_kid:.4g}, flops_ratio 1" in (
-        driver.run_dir / "pareto_front.md").read_text()
+    _, rows = hand.publish()
+    assert f"dense on the same 4 search samples: kid {dense_kid:.4g}, flops_ratio 1" in front_table(
+        rows, ["kid", "flops_ratio"], dense.values[4], 4)
 
 
 # --- export rules on held-out metrics ---------------------------------------------------------------
-def _candidate(name: str, search: dict, held_out: dict, feasible: bool = True) -> Candidate:
-    return Candidate("run", 0, name, "search", search, held_out, feasible, None, None, Path(f"{name}.yaml"))
+def _side(name: str, held_out: dict, kind: str = "learned", trial: int | None = None) -> SideResult:
+    return SideResult(name, kind, held_out, f"{name}.yaml", trial)
 
 
-def test_fastest_with_unrefined_trials_returns_the_truly_fastest_qualifying_plan():
+def _report(spec, sides, trials=()):
+    record = HeldOutRecord(20000, 4, 2, 1.0, 10, (_side("dense", {"rel_l1": 0.0, "latency_ratio": 1.0}, "dense"), *sides))
+    return build_report(RunData(RunDir(Path("unused")), spec, list(trials), {}, record))
+
+
+def _trial(number, name, search, folder=Path("unused"), feasible=True):
+    """A learned trial's record; its plan file (read for the networks it runs on) is a dense plan in ``folder``."""
+    path = folder / f"{name}.yaml"
+    if folder.exists():
+        spec = load_spec(DATA / "tiny-search.yaml")
+        Plan.uniform(plan_target(experiment_adapter(spec), spec.sampler.settings())).save(path)
+    return TrialRecord(number, name, None, search, 4, feasible, False, None, None, path)
+
+
+def test_fastest_reads_held_out_metrics_and_leaves_out_plans_without_them():
     spec = load_spec(DATA / "tiny-search.yaml")
-    candidates = [
-        _candidate("unrefined", {"rel_l1": 0.01, "flops_ratio": 0.1}, {}),  # first: NaN would win a min()
-        _candidate("slow", {"rel_l1": 0.02}, {"rel_l1": 0.02, "latency_ratio": 0.9}),
-        _candidate("fast", {"rel_l1": 0.03}, {"rel_l1": 0.04, "latency_ratio": 0.5}),
-        _candidate("fastest-but-bad", {"rel_l1": 0.03}, {"rel_l1": 0.20, "latency_ratio": 0.3}),
-        _candidate("infeasible", {"rel_l1": 0.01}, {"rel_l1": 0.01, "latency_ratio": 0.2}, feasible=False),
-    ]
-    with pytest.warns(UserWarning, match="1 feasible plans were not measured on the held-out seeds"):
-        (chosen,) = select_plans(spec, candidates, "fastest:rel_l1<=0.05")
+    report = _report(spec, [
+        _side("no-latency", {"rel_l1": 0.01}),  # its latency did not come out a number: left out, not won by NaN
+        _side("slow", {"rel_l1": 0.02, "latency_ratio": 0.9}),
+        _side("fast", {"rel_l1": 0.04, "latency_ratio": 0.5}),
+        _side("fastest-but-bad", {"rel_l1": 0.20, "latency_ratio": 0.3})])
+    with pytest.warns(UserWarning, match="1 feasible plans have no held-out rel_l1, latency_ratio"):
+        (chosen,) = select_plans(report, "fastest:rel_l1<=0.05")
     assert chosen.name == "fast"
-    assert math.isnan(candidates[0].value("latency_ratio"))
 
 
-def test_a_learned_plan_that_is_dense_on_the_search_seeds_leaves_the_shift_sentence_to_the_others():
-    measured = [_candidate("dense-proposal", {"rel_l1": 0.0}, {"rel_l1": 0.0}),  # the first proxy proposal
-                _candidate("a", {"rel_l1": 0.10}, {"rel_l1": 0.11}), _candidate("b", {"rel_l1": 0.20}, {"rel_l1": 0.30})]
-    assert "a median +30.0% from the search seeds to the held-out seeds (2 plans not dense" in _shift_sentence(measured)
-
-
-def test_export_rules_refuse_a_run_without_held_out_metrics():
+def test_a_learned_plan_that_is_dense_on_the_search_seeds_leaves_the_shift_to_the_others(tmp_path):
     spec = load_spec(DATA / "tiny-search.yaml")
+    trials = [_trial(n, name, {"rel_l1": l1, "flops_ratio": 0.5}, tmp_path) for n, (name, l1) in enumerate(
+        [("dense-proposal", 0.0), ("a", 0.10), ("b", 0.20)])]
+    report = _report(spec, [_side("dense-proposal", {"rel_l1": 0.0}, trial=0), _side("a", {"rel_l1": 0.11}, trial=1),
+                            _side("b", {"rel_l1": 0.30}, trial=2)], trials)
+    (shift,) = report.shifts
+    assert (shift.side, shift.plans) == ("learned", 2) and shift.change == pytest.approx(0.3)
+
+
+def test_export_rules_refuse_a_run_without_held_out_metrics(tmp_path):
+    spec = load_spec(DATA / "tiny-search.yaml")
+    report = build_report(RunData(RunDir(tmp_path), spec, [_trial(0, "x", {"rel_l1": 0.1, "flops_ratio": 0.5}, tmp_path)],
+                                  {}, None))
     with pytest.raises(UserError, match="held-out"):
-        select_plans(spec, [_candidate("x", {"rel_l1": 0.1}, {})], "knee")
+        select_plans(report, "knee")
 
 
 # --- budgets in one unit ----------------------------------------------------------------------------
 def test_budgets_of_sides_with_different_batch_sizes_come_out_in_sample_forwards(tmp_path):
     spec = load_spec(DATA / "tiny-search.yaml")
     settings = spec.sampler.settings()
-    plan_dir = tmp_path
-    target = Plan.uniform(plan_target(worker_adapter(spec), settings))
+    target = Plan.uniform(plan_target(experiment_adapter(spec), settings))
     # greedy calibrated on 3 samples: 10 transformer calls of 6 rows each (CFG) = 60 sample-forwards
     greedy = target.with_provenance(name="D1", search="greedy", transformer_forwards=10, search_seconds=2.0,
                                     calibration={"conditions": [1, 2, 3], "seeds": [0, 1, 2]})
-    greedy.save(plan_dir / "g.yaml")
-    learned = target.with_provenance(name="t0")
-    learned.save(plan_dir / "l.yaml")
-    cands = [Candidate("r", 0, "D1", "greedy", {}, {}, True, None, None, plan_dir / "g.yaml"),
-             Candidate("r", 1, "t0", "search", {}, {}, True, None, None, plan_dir / "l.yaml"),
-             Candidate("r", 2, "t1", "search", {}, {}, True, None, None, plan_dir / "l.yaml")]
+    trials = [TrialRecord(0, "D1", "greedy", {}, 4, True, False, None, None, tmp_path / "g.yaml"),
+              _trial(1, "t0", {}, tmp_path), _trial(2, "t1", {}, tmp_path)]
     per_evaluation = spec.search.samples * 2 * spec.sampler.num_steps  # 4 samples × 2 CFG rows × 4 steps
     assert sample_forwards(spec.search.samples, settings) == per_evaluation == 32
-    g, s = side_budget(spec, "greedy", cands), side_budget(spec, "search", cands)
+
+    def budgets(spec):
+        return {b.side: b for b in side_budgets(RunData(RunDir(tmp_path), spec, trials, {"D1": greedy}, None))}
+    g, s = budgets(spec)["greedy"], budgets(spec)["learned"]
     assert (g.calibration_forwards, g.evaluation_forwards, g.forwards) == (60, 32, 92)
     assert (s.calibration_forwards, s.evaluation_forwards, s.forwards) == (0, 64, 64)
     # how the evaluation rows are batched does not change the count
     rebatched = spec.model_copy(update={"sampler": spec.sampler.model_copy(update={"batch_size": 1})})
-    assert side_budget(rebatched, "search", cands) == s
+    assert budgets(rebatched)["learned"] == s
 
 
 def test_plans_that_run_the_same_tokens_are_measured_once(tmp_path):
     from optuna.trial import create_trial
 
-    from ditplan.search.refine import distinct_plans
+    from ditplan.search.records import distinct_plans
     from ditplan.strategies.curves import CURVES
     from ditplan.strategies.sdtm import SparseLayout
 
-    target = Plan.uniform(plan_target(worker_adapter(load_spec(DATA / "tiny-search.yaml")),
-                                      load_spec(DATA / "tiny-search.yaml").sampler.settings())).target
+    spec = load_spec(DATA / "tiny-search.yaml")
+    target = plan_target(experiment_adapter(spec), spec.sampler.settings())
     flat = {"constant": {"r": 0.5}, "linear": {"r_start": 0.5, "r_end": 0.5}, "linear-2": {"r_start": 0.5, "r_end": 0.9}}
     trials = []
+    search_dir = SearchDir(tmp_path)
     for number, (name, rates) in enumerate(flat.items()):
         layout = SparseLayout(((0, 2),), CURVES[name.split("-")[0]](**rates), None, 0)
-        plan = Plan(target, tuple(tuple(row) for row in Plan.uniform(target).grid), sparse=layout.to_dict())
-        plan.save(tmp_path / f"trial-{number:04d}.yaml")
+        search_dir.save_trial(number, Plan(target, Plan.uniform(target).grid, sparse=layout.to_dict()))
         trials.append(create_trial(values=[0.0], user_attrs={"name": name}))
         trials[-1].number = number
-    assert list(distinct_plans(trials, tmp_path)) == ["constant", "linear-2"]  # constant ≡ linear 0.5 → 0.5
+    assert list(distinct_plans(trials, search_dir)) == ["constant", "linear-2"]  # constant ≡ linear 0.5 → 0.5
 
 
 def test_no_plan_runs_first_in_every_round(tiny_adapter, tiny_spec, monkeypatch):
     """A fixed order favoured whoever followed dense; rotated turns put every plan at other places."""
     import torch
 
-    from ditplan.evaluators import held_out
+    from ditplan.evaluators import measure
     from ditplan.evaluators.cost import Flops
+    from ditplan.progress import progress_bar
     from ditplan.spec import SeedSet
 
     order = []
@@ -277,22 +316,24 @@ def test_no_plan_runs_first_in_every_round(tiny_adapter, tiny_spec, monkeypatch)
     class Run:
         def __init__(self, seeds):
             self.samples = torch.zeros(len(seeds), 1, 2, 2)
+            self.peak_cache_bytes = 0
 
     def fake_run_plan(adapter, plan, conditions, seeds, settings):
         order.append(plan)
         return Run(seeds)
 
-    monkeypatch.setattr(held_out, "run_plan", fake_run_plan)
-    monkeypatch.setattr(held_out, "run_flops", lambda *args: Flops(1.0, 1.0))
+    monkeypatch.setattr(measure, "run_plan", fake_run_plan)
+    monkeypatch.setattr(measure, "run_flops", lambda *args: Flops(1.0, 1.0))
     plans = {name: name for name in ("dense", "a", "b", "c", "d", "e")}
     seed_set = SeedSet("held_out", [1] * 12, list(range(12)))
-    samples, seconds, _ = held_out._timed_rounds(tiny_adapter, tiny_spec, plans, seed_set, 4)
+    with progress_bar(1, "", enabled=False) as bar:
+        runs = measure._run_rounds(tiny_adapter, tiny_spec, plans, seed_set, 4, True, bar)
     timed = order[len(plans):]  # after the warm-up
     per_round = [timed[i * len(plans):(i + 1) * len(plans)] for i in range(4)]
     assert all(sorted(r) == sorted(plans) for r in per_round)
     assert [r.index("dense") for r in per_round] == [0, 5, 3, 2]  # shifts of 0, 1, 3, 4 places: 6 × i // 4
     assert len({r[0] for r in per_round}) == 4
-    assert all(len(v) == 4 for v in seconds.values()) and all(s.shape[0] == 12 for s in samples.values())
+    assert all(len(v) == 4 for v in runs.seconds.values()) and all(s.shape[0] == 12 for s in runs.samples.values())
 
 
 def test_interleaved_times_rotate_the_turns():
@@ -307,23 +348,16 @@ def test_interleaved_times_rotate_the_turns():
     assert all(len(t) == 4 for t in times.values())
 
 
-def test_a_held_out_metric_that_is_not_a_number_is_one_line(tmp_path, monkeypatch):
-    from ditplan.evaluators.held_out import HeldOutResult
-    from ditplan.search import refine
+def test_a_held_out_metric_that_is_not_a_number_is_one_line(tmp_path, monkeypatch, tiny_adapter):
+    from ditplan.comparison import held_out
+    from ditplan.comparison.sides import Side
     from ditplan.spec import SeedSet
 
-    data = yaml.safe_load((DATA / "tiny-search.yaml").read_text())
-    data["search"]["refine"] = {"metrics": ["rel_l1", "latency_ratio"], "samples": 4, "latency_repeats": 2}
-    data["evaluation"] = {"cache_dir": str(tmp_path / "cache")}
-    (tmp_path / "experiment.yaml").write_text(yaml.safe_dump(data))
-    spec = load_spec(tmp_path / "experiment.yaml")
-    driver = _Search(spec, tmp_path, resume=False)
-    target = plan_target(driver.adapter, spec.sampler.settings())
-    trial = driver.study.ask()
-    driver.record_complete(trial, Plan(target, (("full",) * target.num_layers,) * target.num_steps),
-                           {"rel_l1": 0.1, "flops_ratio": 0.5})
+    spec = constrained_experiment(tmp_path, {"metric": "rel_l1", "max": 1.0})
     nan = {"rel_l1": float("nan"), "latency_ratio": 0.5}
-    monkeypatch.setattr(refine, "held_out_metrics", lambda adapter, spec, plans: HeldOutResult(
+    monkeypatch.setattr(held_out, "measure", lambda adapter, spec, plans, *a, **k: Measurement(
         SeedSet("held_out", [1] * 4, [0, 1, 2, 3]), {"dense": nan, **dict.fromkeys(plans, nan)}, 1.0, 10))
-    with pytest.raises(UserError, match="held-out rel_l1 of trial-0 is not a number on 4 samples; raise search.refine"):
-        refine.refine_front(spec, driver.storage, spec.name, driver.study.get_trials(), tmp_path / "trials")
+    sides = [Side("dense", "dense", None), Side("trial-0", "learned", uniform_after_dense(spec, "full"))]
+    with pytest.raises(UserError, match="held-out rel_l1 of dense is not a number on 4 samples; raise search.refine"):
+        held_out.held_out_stage(RunDir(tmp_path), spec, tiny_adapter, sides)
+    assert not RunDir(tmp_path).held_out.exists()

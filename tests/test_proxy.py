@@ -9,13 +9,15 @@ import pytest
 from optuna.trial import TrialState
 
 from ditplan.models.sampling import plan_target
-from ditplan.plan import Plan, PlanTarget, load_plan
-from ditplan.search.driver import proposal_max_loss, run_search, study_storage
+from ditplan.plan import Plan, PlanTarget
+from ditplan.rundir import SearchDir
+from ditplan.search.driver import run_search
+from ditplan.search.queue import proposal_max_loss
+from ditplan.search.storage import load_finished_study
 from ditplan.search.greedy import CANDIDATES, greedy_search
 from ditplan.evaluators.fidelity import relative_l1
 from ditplan.errors import UserError
 from ditplan.search.proxy import (
-    PROXY_FILE,
     Proxy,
     cached_proxy,
     cell_flops,
@@ -26,9 +28,9 @@ from ditplan.search.proxy import (
     propose,
     proxy_candidates,
 )
-from ditplan.strategies.apply import run_plan, sample_with_plan
+from ditplan.strategies.apply import run_plan
 from ditplan.search.space import IntervalChoices, build_space, experiment_space
-from ditplan.search.trial_eval import worker_adapter
+from ditplan.models.adapters import experiment_adapter
 from ditplan.spec import ProposalSpec, load_spec
 from tests.conftest import DATA
 
@@ -76,7 +78,7 @@ def test_a_space_with_block_caching_adds_its_methods_to_the_cells_the_proxy_meas
         if cell is not None:
             grid[step][cell[0]] = cell[1]
         outputs.clear()
-        sample_with_plan(tiny_adapter, Plan(target, tuple(map(tuple, grid))), *_batch(tiny_spec), settings)
+        run_plan(tiny_adapter, Plan(target, tuple(map(tuple, grid))), *_batch(tiny_spec), settings)
         assert len(outputs) == steps
         return outputs[step]
 
@@ -89,8 +91,8 @@ def test_an_experiments_proxy_is_keyed_by_its_block_caching_candidates(tmp_path)
     spec = load_spec(DATA / "tiny-search.yaml")
     proposals = ProposalSpec(count=2, gain_probes=1)
     spec = spec.model_copy(update={"search": spec.search.model_copy(update={"proposals": proposals})})
-    adapter = worker_adapter(spec)
-    path = tmp_path / PROXY_FILE
+    adapter = experiment_adapter(spec)
+    path = SearchDir(tmp_path).proxy
     plain, measured = experiment_proxy(adapter, spec, path)
     assert measured and {m for _, _, m in plain.losses} == set(CANDIDATES)
     space = spec.search.space.model_copy(update={"methods": [*spec.search.space.methods, "reuse"]})
@@ -104,7 +106,7 @@ def test_an_experiments_proxy_is_keyed_by_its_block_caching_candidates(tmp_path)
 
 
 def test_a_stored_proxy_is_reused_only_when_measured_with_the_same_settings(tmp_path):
-    path, stored = tmp_path / PROXY_FILE, Proxy({(1, 0, "ast"): 0.5}, {}, 10, 1.0, {(1, "ast"): 2.0})
+    path, stored = SearchDir(tmp_path).proxy, Proxy({(1, 0, "ast"): 0.5}, {}, 10, 1.0, {(1, "ast"): 2.0})
     calls = []
 
     def measure():
@@ -385,14 +387,14 @@ def _spec(tmp_path, **search):
 
 
 def _study(spec, run_dir):
-    return optuna.load_study(study_name=spec.name, storage=study_storage(spec, run_dir))
+    return load_finished_study(spec, SearchDir(run_dir))
 
 
 def test_greedy_plans_and_proposals_enter_the_study_with_parameters_the_sampler_sees_and_a_resume_keeps_them(
         local_ray, tmp_path):
     assert ProposalSpec().max_reuse_run == 10 and ProposalSpec(spread="flops").max_reuse_run is None
     spec = _spec(tmp_path, proposals=ProposalSpec(count=2, max_reuse_run=1))
-    adapter = worker_adapter(spec)
+    adapter = experiment_adapter(spec)
     space = experiment_space(adapter, spec)
     found = greedy_search(adapter, spec.sampler.settings(), *_batch(spec), 5.0).plan
     assert found.strategies() == {"full", "ast"}
@@ -406,7 +408,7 @@ def test_greedy_plans_and_proposals_enter_the_study_with_parameters_the_sampler_
     projected = space.project(odd)
     assert projected == {**params, "wars.window_size": 1}  # the first window offered; every cell as it was
     assert projected != params  # so a trial with the projected parameters is not D1's plan either
-    warm = [greedy, odd]
+    warm = {"D1": greedy, "D2": odd}
     run = tmp_path / "run"
     run_search(spec, run, trials=3, workers=1, warm_start=warm, show_progress=False)
 
@@ -416,8 +418,8 @@ def test_greedy_plans_and_proposals_enter_the_study_with_parameters_the_sampler_
         by_name = {t.user_attrs.get("name"): t for t in done}
         assert by_name["D1"].params == params and "plan_given" not in by_name["D1"].user_attrs
         assert by_name["D2"].params == projected and by_name["D2"].user_attrs["projected"]
-        assert load_plan(run / "trials" / f"trial-{by_name['D2'].number:04d}.yaml").params == {"wars": {"window_size": 3}}
-        proxy = Proxy.from_json((run / PROXY_FILE).read_text())
+        assert SearchDir(run).load_trial(by_name['D2'].number).params == {"wars": {"window_size": 3}}
+        proxy = Proxy.from_json(SearchDir(run).proxy.read_text())
         proposed = propose(space, proxy, cell_flops(adapter, spec.sampler.settings(), proxy), 2, max_run=1)
         assert max(_longest_reuse_run(p) for p in proposed) == 1  # the experiment's limit reached the knapsack
         assert [by_name[f"proposal-{i}"].params for i in range(2)] == [space.params_for(p) for p in proposed]

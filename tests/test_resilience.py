@@ -5,15 +5,27 @@ dying worker fails its trial only."""
 
 from contextlib import contextmanager
 
-import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
 
+from ditplan.comparison.export import export_plans
+from ditplan.comparison.held_out import held_out_stage
+from ditplan.comparison.report import build_report, load_run_data
+from ditplan.comparison.runs import compare_runs
+from ditplan.comparison.sides import run_sides
 from ditplan.errors import UserError
-from ditplan.report import compare_runs, export_plans
-from ditplan.search.driver import _Search, run_search
-from ditplan.search.storage import ERROR, counts, is_interrupted, study_storage
+from ditplan.models.adapters import experiment_adapter
+from ditplan.rundir import RunDir, SearchDir
+from ditplan.search.attrs import ERROR
+from ditplan.search.driver import run_search
+from ditplan.search.recorder import Recorder
+from ditplan.search.storage import (
+    counts,
+    is_interrupted,
+    load_finished_study,
+    study_storage,
+)
 from ditplan.search.tracking import Tracker
 from tests.conftest import DATA
 from tests.test_search import _child_runs
@@ -48,9 +60,9 @@ def crash_at(monkeypatch, owner, method, after, on_call):
 
 
 POINTS = {  # where the driver dies, in the order one trial is recorded
-    "scored, plan not saved": (_Search, "save_plan", False),
-    "plan saved, trial not COMPLETE": (_Search, "save_plan", True),
-    "COMPLETE, not in MLflow": (_Search, "tell", True),
+    "scored, plan not saved": (Recorder, "save_plan", False),
+    "plan saved, trial not COMPLETE": (Recorder, "save_plan", True),
+    "COMPLETE, not in MLflow": (Recorder, "tell", True),
     "in MLflow, hypervolume not logged": (Tracker, "log_trial", True),
 }
 
@@ -66,7 +78,7 @@ def _write_experiment(root, **search):
 
 
 def _trials(spec, run_dir):
-    return optuna.load_study(study_name=spec.name, storage=study_storage(spec, run_dir)).get_trials()
+    return load_finished_study(spec, SearchDir(run_dir)).get_trials()
 
 
 def test_a_driver_killed_at_each_point_then_resumed_leaves_a_whole_run(local_ray, tmp_path, monkeypatch):
@@ -95,14 +107,17 @@ def test_a_driver_killed_at_each_point_then_resumed_leaves_a_whole_run(local_ray
     assert all(t.state != TrialState.RUNNING for t in trials)
     logged = sorted(int(r.data.tags["ditplan.trial"]) for r in _child_runs(run_dir))
     assert logged == sorted(t.number for t in trials if counts(t))  # each finished trial once, none interrupted
-    report = compare_runs([tmp_path], tmp_path / "report").read_text()
-    assert f"| learned | {TRIALS} | 0 |" in report
+    run, adapter = RunDir(tmp_path), experiment_adapter(spec)
+    held_out_stage(run, spec, adapter, run_sides(run, spec, adapter, load_finished_study(spec, run.search)))
+    (learned,) = build_report(load_run_data(tmp_path)).fronts
+    assert (learned.plans, learned.infeasible) == (TRIALS, 0)
+    assert compare_runs([tmp_path], tmp_path / "report").exists()
     assert export_plans(tmp_path, "top:2", tmp_path / "exported")
 
 
 def test_a_stopping_driver_cancels_its_tasks_and_queues_their_trials_again(local_ray, tmp_path, monkeypatch):
     spec = _write_experiment(tmp_path, sampler="random", refine=None)
-    with crash_at(monkeypatch, _Search, "save_plan", False, on_call=1), pytest.raises(Crash):
+    with crash_at(monkeypatch, Recorder, "save_plan", False, on_call=1), pytest.raises(Crash):
         run_search(spec, tmp_path / "run", trials=4, workers=2, show_progress=False)
     trials = _trials(spec, tmp_path / "run")
     states = sorted(t.state.name for t in trials)
@@ -162,4 +177,4 @@ def test_a_worker_that_dies_fails_its_trial_only(local_ray, tmp_path):
 def test_a_bad_storage_url_is_one_line(tmp_path):
     spec = _write_experiment(tmp_path, storage="postgresql://user:secret@127.0.0.1:1/none")
     with pytest.raises(UserError, match=r"cannot open search.storage 'postgresql://user:\*\*\*@127.0.0.1:1/none'"):
-        study_storage(spec, tmp_path)
+        study_storage(spec, SearchDir(tmp_path))

@@ -1,24 +1,26 @@
 """search.screening: trials scored on few search samples first, the best of them again on all."""
 
-from pathlib import Path
-
 import numpy as np
 import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
 
+from ditplan.comparison.report import RunData, TrialRecord, side_budgets
 from ditplan.errors import UserError
 from ditplan.evaluators.cost import sample_forwards
 from ditplan.evaluators.reference import dense_reference
-from ditplan.plan import load_plan
-from ditplan.report import Candidate, side_budget
-from ditplan.search.driver import PROPOSAL, run_search, study_storage
+from ditplan.models.adapters import experiment_adapter
+from ditplan.rundir import RunDir, SearchDir
+from ditplan.search.attrs import ERROR, PROMOTED, WARM
+from ditplan.search.driver import run_search
 from ditplan.search.pareto import best_by_rank
-from ditplan.search.storage import ERROR, PROMOTED, WARM, tally
-from ditplan.search.trial_eval import plan_metrics, worker_adapter
-from ditplan.spec import ScreeningSpec, load_spec
+from ditplan.search.promotion import promote
+from ditplan.search.storage import load_finished_study, tally
+from ditplan.search.trial_task import trial_metrics
+from ditplan.spec import ScreeningSpec, SeedSet, load_spec
 from tests.conftest import DATA
+from tests.studies import MemoryTracker, hand_study
 
 EXPERIMENT = DATA / "tiny-search.yaml"
 MINIMIZE = ["minimize", "minimize"]
@@ -58,7 +60,7 @@ def _screened_spec(tmp_path):
 def test_the_best_screened_trials_are_scored_again_on_every_search_sample_and_only_they_make_the_front(local_ray, tmp_path):
     spec, run_dir = _screened_spec(tmp_path), tmp_path / "run"
     result = run_search(spec, run_dir, trials=6, workers=2, show_progress=False)
-    study = optuna.load_study(study_name=spec.name, storage=study_storage(spec, run_dir))
+    study = load_finished_study(spec, SearchDir(run_dir))
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     screened = [t for t in complete if PROMOTED not in t.user_attrs]
     promoted = [t for t in complete if PROMOTED in t.user_attrs]
@@ -67,7 +69,7 @@ def test_the_best_screened_trials_are_scored_again_on_every_search_sample_and_on
     chosen = [distinct[i] for i in best_by_rank(np.array([t.values for t in distinct]), MINIMIZE, 3)]
     assert {t.user_attrs[PROMOTED] for t in promoted} == {t.number for t in chosen}
 
-    adapter = worker_adapter(spec)
+    adapter = experiment_adapter(spec)
     settings = spec.sampler.settings()
     _, conditions, seeds = spec.seed_set("search")
     by_number = {t.number: t for t in screened}
@@ -77,12 +79,12 @@ def test_the_best_screened_trials_are_scored_again_on_every_search_sample_and_on
         for trial in promoted:
             source = by_number[trial.user_attrs[PROMOTED]]
             assert trial.params == source.params and trial.distributions == source.distributions  # the sampler sees them
-            plan = load_plan(run_dir / "trials" / f"trial-{trial.number:04d}.yaml")
-            first = load_plan(run_dir / "trials" / f"trial-{source.number:04d}.yaml")
+            plan, first = SearchDir(run_dir).load_trial(trial.number), SearchDir(run_dir).load_trial(source.number)
             assert plan.provenance["evaluated_on"]["samples"] == 4 and first.provenance["evaluated_on"]["samples"] == 2
             for n, values in ((4, trial.values), (2, source.values)):  # each scored on its own samples, against dense's
                 dense = dense_reference(adapter, settings, conditions[:n], seeds[:n], spec.evaluation.cache_dir)
-                direct = plan_metrics(adapter, spec, plan, dense, conditions[:n], seeds[:n], ["rel_l1", "flops_ratio"])
+                subset = SeedSet("search", conditions[:n], seeds[:n])
+                direct = trial_metrics(spec, plan, dense, subset, ["rel_l1", "flops_ratio"])
                 assert values == [direct["rel_l1"], direct["flops_ratio"]]
     finally:
         torch.set_num_threads(threads)
@@ -90,19 +92,19 @@ def test_the_best_screened_trials_are_scored_again_on_every_search_sample_and_on
     assert result.front
 
     again = run_search(spec, run_dir, trials=6, workers=2, resume=True, show_progress=False)  # nothing left to do
-    assert len(optuna.load_study(study_name=spec.name, storage=study_storage(spec, run_dir)).get_trials()) == 9
+    assert len(load_finished_study(spec, SearchDir(run_dir)).get_trials()) == 9
     assert (again.completed, again.promoted) == (6, 3)
 
 
 def test_a_helper_driver_promotes_nothing_and_a_resumed_study_promotes_only_what_it_has_not(local_ray, tmp_path):
     spec, run_dir = _screened_spec(tmp_path), tmp_path / "run"
     with pytest.warns(UserWarning, match="promotes nothing"):
-        helper = run_search(spec, run_dir, trials=4, workers=2, show_progress=False, refine=False)
+        helper = run_search(spec, run_dir, trials=4, workers=2, show_progress=False, promote_best=False)
     assert (helper.completed, helper.promoted, helper.front) == (4, 0, [])
     main = run_search(spec, run_dir, trials=4, workers=2, resume=True, show_progress=False)
     assert (main.completed, main.promoted) == (4, 3) and main.front
     result = run_search(spec, run_dir, trials=8, workers=2, resume=True, show_progress=False)
-    trials = optuna.load_study(study_name=spec.name, storage=study_storage(spec, run_dir)).get_trials()
+    trials = load_finished_study(spec, SearchDir(run_dir)).get_trials()
     sources = [t.user_attrs[PROMOTED] for t in trials if PROMOTED in t.user_attrs]
     assert result.completed == 8 and len(sources) == len(set(sources)) == result.promoted
     assert 3 <= result.promoted <= 6  # the first three, and at most three new best of the eight
@@ -111,9 +113,9 @@ def test_a_helper_driver_promotes_nothing_and_a_resumed_study_promotes_only_what
 def test_the_budget_charges_every_evaluation_at_its_own_fidelity(tmp_path):
     spec = _screened_spec(tmp_path)
     settings = spec.sampler.settings()
-    cands = [Candidate("r", n, f"t{n}", "search", {}, {}, True, None, None, tmp_path / "trials" / "x.yaml", samples=s)
-             for n, s in enumerate([2, 2, 2, 4])]
-    budget = side_budget(spec, "search", cands)
+    trials = [TrialRecord(n, f"t{n}", None, {}, s, True, s == 4, None, None, tmp_path / "x.yaml")
+              for n, s in enumerate([2, 2, 2, 4])]
+    (budget,) = side_budgets(RunData(RunDir(tmp_path), spec, trials, {}, None))
     assert budget.evaluation_forwards == 3 * sample_forwards(2, settings) + sample_forwards(4, settings)
     assert budget.plans == 4
 
@@ -121,13 +123,14 @@ def test_the_budget_charges_every_evaluation_at_its_own_fidelity(tmp_path):
 def test_promotion_takes_each_distinct_plan_once_and_only_feasible_screened_trials(tmp_path):
     """Two trials whose parameters differ but whose plans are the same (e.g. pruning curves of two families
     that give the same tokens) are one plan: promoting both would score it twice."""
-    from ditplan.search.driver import _Search
     from ditplan.search.space import experiment_space
 
     spec = _screened_spec(tmp_path)
-    search = spec.search.model_copy(update={"screening": ScreeningSpec(samples=2, promote=2)})
-    driver = _Search(spec.model_copy(update={"search": search}), tmp_path / "run", resume=False)
-    space = experiment_space(driver.adapter, spec)
+    spec = spec.model_copy(update={"search": spec.search.model_copy(update={"screening": ScreeningSpec(samples=2, promote=2)}),
+                                   "output_dir": str(tmp_path / "run")})
+    hand = hand_study(spec, RunDir.of(spec), dense={}, tracker=MemoryTracker())  # no Ray, no MLflow
+    study, search_dir = hand.study, hand.run.search
+    space = experiment_space(experiment_adapter(spec), spec)
     names = [space.cell_name(layers, steps) for layers in space.layer_groups for steps in space.step_segments]
     distributions = {name: optuna.distributions.CategoricalDistribution(list(space.methods)) for name in names}
     plans = {}
@@ -135,23 +138,24 @@ def test_promotion_takes_each_distinct_plan_once_and_only_feasible_screened_tria
             (2, "ast", [0.01, 0.4], 9.0, {}), (2, "asc", [0.01, 0.3], 0.1, {WARM: "greedy"})]
     for number, (cell, method, values, rel_l1, attrs) in enumerate(rows):
         params = {name: "full" for name in names} | {names[cell]: method}
-        driver.study.add_trial(optuna.trial.create_trial(
+        study.add_trial(optuna.trial.create_trial(
             params=params, distributions=distributions, values=values,
             constraints={"rel_l1": rel_l1 - 5.0}, user_attrs={"name": f"t{number}", **attrs}))
         plans[number] = space.suggest(optuna.trial.FixedTrial(params))
     plans[1] = plans[0]  # trial 1's plan file holds trial 0's plan: the same plan under other parameters
     for number, plan in plans.items():
-        driver.save_plan(number, plan, {}, 2)
-    assert driver.promote()
-    waiting = driver.study.get_trials(states=(TrialState.WAITING,))
+        hand.recorder.save_plan(number, plan, {}, 2)
+    directions = ["minimize", "minimize"]
+    assert promote(study, spec.search, directions, search_dir)
+    waiting = study.get_trials(states=(TrialState.WAITING,))
     # t1 is t0's plan; t3 breaks the constraint; t4 is a warm-start (greedy) plan, greedy's side, though the best
     assert [t.user_attrs[PROMOTED] for t in waiting] == [0, 2]
     assert [t.user_attrs["name"] for t in waiting] == ["t0", "t2"]
-    assert not driver.promote()  # claimed: nothing queued twice
-    lost = driver.study.ask()  # t0's promoted trial, then interrupted past its retries: t0 is promoted again
-    driver.study.tell(lost, state=TrialState.FAIL)
-    assert driver.promote()
-    assert [t.user_attrs[PROMOTED] for t in driver.study.get_trials(states=(TrialState.WAITING,))] == [2, 0]
+    assert not promote(study, spec.search, directions, search_dir)  # claimed: nothing queued twice
+    lost = study.ask()  # t0's promoted trial, then interrupted past its retries: t0 is promoted again
+    study.tell(lost, state=TrialState.FAIL)
+    assert promote(study, spec.search, directions, search_dir)
+    assert [t.user_attrs[PROMOTED] for t in study.get_trials(states=(TrialState.WAITING,))] == [2, 0]
 
 
 def _trial(state, **attrs):

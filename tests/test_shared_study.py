@@ -17,10 +17,11 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 import ditplan
-from ditplan.plan import load_plan
+from ditplan.rundir import SearchDir
+from ditplan.search.attrs import PROMOTED
 from ditplan.search.driver import run_search
-from ditplan.search.storage import PROMOTED, is_interrupted, study_storage
-from ditplan.search.tracking import STUDY_TAG, TRIAL_TAG, default_tracking_uri
+from ditplan.search.storage import is_interrupted, study_storage
+from ditplan.search.tracking import STUDY_TAG, TRIAL_TAG
 from ditplan.spec import load_spec
 from tests.conftest import DATA, ENV, free_port
 from tests.test_user_loop import TINY_RUN
@@ -56,8 +57,7 @@ def _experiment(root, **search):
 
 
 def _driver(experiment, out, trials, ray_address, *extra, helper=True):
-    """``ditplan search`` in a process of its own; a helper (``--no-refine``) leaves promotion and the
-    held-out evaluation to the main driver."""
+    """``ditplan search`` in a process of its own; a helper (``--no-refine``) leaves promotion to the main driver."""
     command = [sys.executable, "-m", "ditplan.cli", "search", "--experiment", str(experiment), "--trials", str(trials),
                "--workers", "1", "--ray-address", ray_address, "--out", str(out), "--resume",
                *(["--no-refine"] if helper else []), "--plugin", "tests.plugins.slow_trials", *extra]
@@ -67,7 +67,7 @@ def _driver(experiment, out, trials, ray_address, *extra, helper=True):
 
 def _trials(experiment, run_dir):
     spec = load_spec(experiment)
-    return optuna.load_study(study_name=spec.name, storage=study_storage(spec, run_dir)).get_trials()
+    return optuna.load_study(study_name=spec.name, storage=study_storage(spec, SearchDir(run_dir))).get_trials()
 
 
 def test_two_drivers_share_one_postgresql_study(database, loopback_cluster, tmp_path):
@@ -78,7 +78,7 @@ def test_two_drivers_share_one_postgresql_study(database, loopback_cluster, tmp_
         assert driver.returncode == 0, stderr[-2000:]
     trials = _trials(experiment, tmp_path / "a")
     assert len(trials) == 8 and all(t.state == TrialState.COMPLETE for t in trials)  # none marked FAIL by the other
-    assert optuna.get_all_study_names(study_storage(load_spec(experiment), tmp_path)) == ["tiny-search"]  # no refine
+    assert optuna.get_all_study_names(study_storage(load_spec(experiment), SearchDir(tmp_path))) == ["tiny-search"]
     assert len({t.user_attrs["driver"] for t in trials}) == 2  # both drivers ran trials
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 8  # and proposed different plans
     for name in ("a", "b"):  # each run directory holds every trial's plan file, whichever driver ran it
@@ -106,10 +106,10 @@ def test_with_screening_the_main_driver_promotes_once_and_the_promoted_trials_ru
     assert len({t.user_attrs["driver"] for t in screened.values()}) == 2  # both drivers ran screened trials
     for trial in promoted:
         assert trial.params == screened[trial.user_attrs[PROMOTED]].params
-        plan = load_plan(tmp_path / "main" / "trials" / f"trial-{trial.number:04d}.yaml")
+        plan = SearchDir(tmp_path / "main").load_trial(trial.number)
         assert plan.provenance["evaluated_on"]["samples"] == 4  # every search sample
     for trial in screened.values():
-        plan = load_plan(tmp_path / "main" / "trials" / f"trial-{trial.number:04d}.yaml")
+        plan = SearchDir(tmp_path / "main").load_trial(trial.number)
         assert plan.provenance["evaluated_on"]["samples"] == 2
 
 
@@ -211,7 +211,7 @@ def test_mlflow_through_a_tracking_server_records_the_same_runs_as_through_sqlit
     run_search(spec, tmp_path / "sqlite", trials=3, workers=1, show_progress=False)
     served = spec.model_copy(update={"search": spec.search.model_copy(update={"tracking_uri": mlflow_server})})
     run_search(served, tmp_path / "server", trials=3, workers=1, show_progress=False)
-    local = _runs(default_tracking_uri(tmp_path / "sqlite"), spec.name)
+    local = _runs(SearchDir(tmp_path / "sqlite").tracking_uri(), spec.name)
     remote = _runs(mlflow_server, spec.name)
     assert len(local[0]) == 3 and all(r[0] == "FINISHED" and r[4] for r in local[0].values())
     assert remote == local

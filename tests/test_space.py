@@ -205,7 +205,7 @@ def test_a_cache_choice_keeps_the_methods_own_values_and_refuses_unknown_fields(
     narrowed = cache_choices("taylorseer", {"cache_interval": [2], "disable_cache_after_step": [15]})
     assert narrowed.space == {**CACHE_METHODS["taylorseer"].space, "cache_interval": [2],
                               "disable_cache_after_step": [15]}
-    with pytest.raises(UserError, match="unknown; use one of"):
+    with pytest.raises(UserError, match=r"search.space.cache.method: unknown cache 'mag'; choose one of \['first_block',"):
         cache_choices("mag")
     with pytest.raises(UserError, match="'first_block' has no field 'interval'"):
         cache_choices("first_block", {"interval": [2]})

@@ -16,10 +16,10 @@ from ditplan.strategies.finetune_sparse import (
     export_sparse,
     finetune_sparse,
 )
-from ditplan.models.sampling import SamplerSettings, guided_prediction, plan_target
+from ditplan.models.sampling import guided_prediction, plan_target
 from ditplan.plan import Plan, PlanError, load_plan
-from ditplan.spec import load_spec
-from ditplan.strategies import apply_plan, remove_plan, sample_with_plan
+from ditplan.spec import SamplerSettings, load_spec
+from ditplan.strategies import apply_plan, remove_plan, run_plan
 from ditplan.strategies.curves import CURVES, curve_from_dict
 from ditplan.strategies.sdtm import SparseLayout
 from tests.conftest import DATA
@@ -81,7 +81,7 @@ def test_sdtm_runs_the_middle_blocks_on_the_pooled_token_count():
     hook = adapter.transformer.transformer_blocks[2].register_forward_hook(lambda m, a, out: seen.append(out.shape[1]))
     plan = sparse_plan(plan_target(adapter, settings), modules=((1, 4),), curve={"name": "linear", "r_start": 0.75, "r_end": 0.0})
     try:
-        sample_with_plan(adapter, plan, [1], [0], settings)
+        run_plan(adapter, plan, [1], [0], settings)
     finally:
         hook.remove()
     assert seen == [4, 9, 9, 16]  # r 0.75 → 2×2, 0.5 → 3×3 (√8 rounds to 3), 0.25 → 3×3, 0 → all 16
@@ -146,7 +146,7 @@ def test_fine_tuning_resumes_exactly_and_its_plans_refuse_the_base_model(tmp_pat
     DDPMScheduler(prediction_type="v_prediction").save_pretrained(base / "scheduler")
     teacher = load_adapter("dit", str(base))
     layout = SparseLayout(modules=((1, 4),), curve=curve_from_dict({"name": "constant"}), pool_layers=1)
-    config = FinetuneConfig(steps=4, batch_size=4, warmup_steps=1, save_every=2)
+    config = FinetuneConfig.make(steps=4, batch_size=4, warmup_steps=1, save_every=2)
     assert finetune_sparse(teacher, layout, tmp_path / "straight", config) == 4
     torch.manual_seed(123)  # resuming must not depend on the global RNG
     finetune_sparse(teacher, layout, tmp_path / "resumed", FinetuneConfig(**{**config.__dict__, "steps": 2}))
@@ -175,17 +175,17 @@ def test_fine_tuning_resumes_exactly_and_its_plans_refuse_the_base_model(tmp_pat
                        curve={"name": "paper", "r_min": 0.5, "r_max": 0.75}, weights="sparse/p1-s1_4")
     plan.save(tmp_path / "plan.yaml")
     plan = load_plan(tmp_path / "plan.yaml")
-    samples, _ = sample_with_plan(tuned, plan, [1, 2], [0, 1], settings)
+    samples = run_plan(tuned, plan, [1, 2], [0, 1], settings).samples
     assert samples.shape == (2, 1, 32, 32) and torch.isfinite(samples).all()
     # given the base model, sampling finds the fine-tuned network next to it ...
-    assert torch.equal(sample_with_plan(teacher, plan, [1, 2], [0, 1], settings)[0], samples)
+    assert torch.equal(run_plan(teacher, plan, [1, 2], [0, 1], settings).samples, samples)
     # ... but the plan never runs on the base weights
     with pytest.raises(PlanError, match="plan runs on the fine-tuned SparseDiT network 'sparse/p1-s1_4'"):
         apply_plan(teacher.transformer, plan, plan_target(teacher, settings))
     with pytest.raises(PlanError, match="no merge weights came with this model"):
         apply_plan(teacher.transformer, plan)
     with pytest.raises(PlanError, match="holds none; make it with `ditplan finetune-sparse`"):
-        sample_with_plan(teacher, Plan(plan.target, plan.grid, sparse={**plan.sparse, "weights": "sparse/p9"}), [1], [0], settings)
+        run_plan(teacher, Plan(plan.target, plan.grid, sparse={**plan.sparse, "weights": "sparse/p9"}), [1], [0], settings)
     assert math.isfinite(float(info["fine_tuning"]["minutes"]))
 
 
@@ -228,9 +228,9 @@ def test_a_module_caching_plan_differs_from_the_plan_without_it_and_costs_what_t
     cached = module_cached_plan(target, [["full", "reuse", "full", "forecast"]] * 2, r=0.75)
     plain = module_cached_plan(target, [["full"] * 4] * 2, r=0.75)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        images = sample_with_plan(tiny_adapter, cached, [1, 2], [0, 1], settings)[0]
+        images = run_plan(tiny_adapter, cached, [1, 2], [0, 1], settings).samples
     assert plan_flops(tiny_adapter, cached, settings, batch=2).total == counter.get_total_flops()
-    assert not torch.equal(images, sample_with_plan(tiny_adapter, plain, [1, 2], [0, 1], settings)[0])
+    assert not torch.equal(images, run_plan(tiny_adapter, plain, [1, 2], [0, 1], settings).samples)
 
 
 def test_a_module_computes_or_is_skipped_as_a_whole(tiny_adapter, tiny_spec):

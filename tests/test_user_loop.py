@@ -1,5 +1,4 @@
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -8,11 +7,12 @@ import pytest
 
 import ditplan
 from ditplan.cli import main
+from ditplan.comparison.report import build_report, load_run_data
 from ditplan.errors import UserError
 from ditplan.evaluators.evaluate import evaluate_plan
 from ditplan.models.adapters import adapter_from_spec
-from ditplan.report import load_run, load_run_data
 from ditplan.spec import load_spec
+from ditplan.workflow import check_names
 from tests.conftest import DATA, save_tiny_dit_pipeline
 
 TINY_RUN = """
@@ -45,17 +45,23 @@ def finished_run(tmp_path_factory):
     return experiment, run_dir
 
 
+def learned_trials(run_dir):
+    return [t for t in load_run_data(run_dir).trials if t.warm is None]
+
+
 def test_run_produces_greedy_plans_a_study_a_report_and_exported_plans(finished_run):
     _, run_dir = finished_run
     assert sorted(p.name for p in (run_dir / "greedy").iterdir()) == ["greedy-D1.yaml", "greedy-D2.yaml"]
-    spec, candidates = load_run(run_dir)
-    assert {c.source for c in candidates} == {"greedy", "search"}
-    assert sum(c.source == "search" for c in candidates) == 4
-    assert any(c.held_out for c in candidates)  # the front was measured on held-out seeds, with latency
-    report = (run_dir / "report" / "comparison.md").read_text()
-    assert "| greedy | 2 | 0 |" in report and "| learned | 4 | 0 |" in report  # plans, infeasible
-    assert "## Held-out rel_l1 × latency (4 held-out samples, seeds 20000…" in report
-    assert "| dense |  | 0 |  | 1.000 (1.00–1.00) | 1.000 |" in report
+    data = load_run_data(run_dir)
+    assert {t.warm for t in data.trials} == {"greedy", None} and len(learned_trials(run_dir)) == 4
+    report = build_report(data)
+    assert [(f.label, f.plans, f.infeasible) for f in report.fronts] == [("greedy", 2, 0), ("learned", 4, 0)]
+    assert (report.held_out.samples, report.held_out.first_seed) == (4, 20000)
+    kinds = [r.kind for r in report.rows]
+    assert kinds[:3] == ["dense", "greedy", "greedy"] and set(kinds[3:]) == {"learned"}  # the front, on held-out seeds
+    dense = report.row("dense").held_out
+    assert (dense["rel_l1"], dense["latency_ratio"], dense["flops_ratio"]) == (0.0, 1.0, 1.0)
+    assert "## Held-out rel_l1 × latency (4 held-out samples, seeds 20000…" in (run_dir / "report" / "comparison.md").read_text()
     assert (run_dir / "report" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert list((run_dir / "exported").glob("*.yaml"))
     assert (run_dir / "search" / "mlflow.db").exists()
@@ -65,10 +71,11 @@ def test_run_produces_greedy_plans_a_study_a_report_and_exported_plans(finished_
 def test_rerunning_resumes_without_redoing_finished_stages(finished_run):
     experiment, run_dir = finished_run
     before = {p: p.stat().st_mtime_ns for p in (run_dir / "greedy").iterdir()}
+    held_out = (run_dir / "held_out.yaml").stat().st_mtime_ns
     ditplan.run(experiment, show_progress=False)
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "greedy").iterdir()} == before
-    _, candidates = load_run(run_dir)
-    assert sum(c.source == "search" for c in candidates) == 4  # the study was already complete
+    assert len(learned_trials(run_dir)) == 4  # the study was already complete
+    assert (run_dir / "held_out.yaml").stat().st_mtime_ns == held_out  # the same sides: measured once
 
 
 def test_running_the_copy_in_the_run_directory_resumes(finished_run, tmp_path):
@@ -79,25 +86,31 @@ def test_running_the_copy_in_the_run_directory_resumes(finished_run, tmp_path):
     for experiment in (run_dir / "experiment.yaml", moved):
         assert ditplan.run(experiment, show_progress=False) == run_dir
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "greedy").iterdir()} == before
-    assert sum(c.source == "search" for c in load_run(run_dir)[1]) == 4
+    assert len(learned_trials(run_dir)) == 4
 
 
 def test_export_names_stay_inside_out(finished_run, tmp_path, monkeypatch):
     import dataclasses
 
-    import ditplan.report as report
+    import ditplan.comparison.export as export
 
     _, run_dir = finished_run
-    select = report.select_plans
-    monkeypatch.setattr(report, "select_plans", lambda *a: [dataclasses.replace(c, name="../../escaped") for c in select(*a)])
+    select = export.select_plans
+    data = load_run_data(run_dir)
+    report = build_report(data)
+    (chosen,) = select(report, "top:1")
+    escaped = dataclasses.replace(chosen, name="../../escaped")
+    report.held_out = dataclasses.replace(report.held_out, sides=(*report.held_out.sides, dataclasses.replace(
+        next(s for s in report.held_out.sides if s.name == chosen.name), name="../../escaped")))
+    monkeypatch.setattr(export, "select_plans", lambda *a: [escaped])
     out = tmp_path / "a" / "b" / "out"
-    paths = ditplan.export(run_dir, "top:1", out)
+    paths = export.export_selected(data, report, "top:1", out)
     assert [p.name for p in paths] == ["tiny-run-.._.._escaped.yaml"] and paths[0].parent == out
     assert list(tmp_path.rglob("*.yaml")) == paths
 
 
 def test_safe_file_names_never_leave_their_folder():
-    from ditplan.report import safe_file_name
+    from ditplan.comparison.export import safe_file_name
 
     assert safe_file_name("../../x", ".yaml") == "_.._x.yaml"
     assert safe_file_name("/etc/passwd", ".yaml") == "_etc_passwd.yaml"
@@ -124,16 +137,14 @@ def test_an_exported_plan_reproduces_its_recorded_quality_exactly(finished_run, 
 
 def test_each_stage_uses_its_own_seed_set(finished_run):
     _, run_dir = finished_run
-    run = load_run_data(run_dir)
-    sets = {name: run.spec.seed_set(name) for name in ("calibration", "search", "held_out")}
-    for candidate in run.candidates:
-        plan = ditplan.load_plan(candidate.plan_path)
-        if candidate.source == "greedy":
-            made = ditplan.load_plan(run_dir / "greedy" / f"greedy-{candidate.name}.yaml")
-            assert made.provenance["calibration"]["seeds"] == sets["calibration"].seeds
-        assert plan.provenance["evaluated_on"]["first_seed"] == sets["search"].seeds[0]
-    assert run.held_out == {"first_seed": sets["held_out"].seeds[0], "samples": len(sets["held_out"].seeds)}
-    assert all(c.held_out for c in run.candidates if c.source == "greedy")
+    data = load_run_data(run_dir)
+    sets = {name: data.spec.seed_set(name) for name in ("calibration", "search", "held_out")}
+    for plan in data.greedy.values():
+        assert plan.provenance["calibration"]["seeds"] == sets["calibration"].seeds
+    for trial in data.trials:
+        assert ditplan.load_plan(trial.plan_path).provenance["evaluated_on"]["first_seed"] == sets["search"].seeds[0]
+    assert (data.held_out.first_seed, data.held_out.samples) == (sets["held_out"].seeds[0], len(sets["held_out"].seeds))
+    assert {s.name for s in data.held_out.of_kind("greedy")} == set(data.greedy)
 
 
 def test_bad_selection_rules_and_bounds_are_user_errors(finished_run, tmp_path):
@@ -142,6 +153,23 @@ def test_bad_selection_rules_and_bounds_are_user_errors(finished_run, tmp_path):
         ditplan.export(run_dir, "fastest", tmp_path)
     with pytest.raises(UserError, match="no plan has held-out rel_l1 <= -1.0"):
         ditplan.export(run_dir, "fastest:rel_l1<=-1", tmp_path)
+
+
+def test_a_search_warm_starts_from_the_plans_ditplan_export_wrote(finished_run, tmp_path):
+    from ditplan.rundir import SearchDir
+    from ditplan.search.storage import load_finished_study
+
+    _, run_dir = finished_run
+    exported = sorted((run_dir / "exported").glob("*.yaml"))
+    assert exported
+    experiment = run_dir / "experiment.yaml"
+    main(["search", "--experiment", str(experiment), "--warm-start", str(run_dir / "exported"),
+          "--out", str(tmp_path / "again"), "--trials", "1"])
+    study = load_finished_study(load_spec(experiment), SearchDir(tmp_path / "again"))
+    warm = {t.user_attrs["name"]: t for t in study.get_trials() if "source" in t.user_attrs}
+    names = {str(ditplan.load_plan(p).provenance.get("name") or p.stem) for p in exported}  # D1 …, else the file's
+    assert set(warm) == names and all(t.state.name == "COMPLETE" for t in warm.values())  # each ran
+    assert (tmp_path / "again" / "pareto_front.md").exists()
 
 
 def test_compare_refuses_a_folder_that_is_not_a_run(tmp_path):
@@ -153,6 +181,7 @@ def test_compare_refuses_a_folder_that_is_not_a_run(tmp_path):
                          + sorted((DATA.parent.parent / "benchmarks").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_experiment_files_validate_offline(path):
     spec = load_spec(path)
+    check_names(spec)  # every strategy, cache, curve and baseline it names exists
     assert spec.search.objectives and spec.sampler.num_steps > 0
 
 
@@ -246,13 +275,12 @@ def test_the_tiny_latent_dit_runs_to_the_end_with_a_registered_extractor_and_fid
     # the plugin registers "tiny-colour" in torch-fidelity, as a user's own extractor module would
     main(["run", "--experiment", str(experiment), "--plugin", "tests.plugins.tiny_extractor"])
     run_dir = tmp_path / "work" / "runs" / "tiny-latent-run"
-    run = load_run_data(run_dir)
-    measured = [c for c in run.candidates if c.held_out]
-    assert {c.source for c in measured} >= {"greedy"} and all(c.value("fid") >= 0 for c in measured)
-    assert run.dense["fid"] >= 0 and "class_agreement" not in run.dense  # not digits: no digit classifier
-    report = (run_dir / "report" / "comparison.md").read_text()
-    assert "## Held-out fid × latency" in report and "FLOPs ratio (executed) | ideal |" in report
-    assert re.search(r"\| greedy \| 1 \| [\d,]+ \(\d+ s, peak [\d.]+ MiB\) \|", report)  # calibration's peak memory
+    report = build_report(load_run_data(run_dir))
+    assert {r.kind for r in report.rows} >= {"dense", "greedy"} and all(r.value("fid") >= 0 for r in report.rows)
+    assert report.quality == "fid" and "class_agreement" not in report.row("dense").held_out  # not digits
+    (greedy, *_) = report.budgets
+    assert greedy.side == "greedy" and greedy.calibration_forwards > 0 and greedy.calibration_peak_mb > 0
+    assert "## Held-out fid × latency" in (run_dir / "report" / "comparison.md").read_text()
     exported = list((run_dir / "exported").glob("*.yaml"))
     provenances = [ditplan.load_plan(p).provenance for p in exported]
     assert provenances and all({"fid", "ideal_flops_ratio"} <= set(p["held_out_metrics"]) for p in provenances)

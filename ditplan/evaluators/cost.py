@@ -12,10 +12,11 @@ from typing import Any
 import torch
 
 from ditplan.models.adapters import ModelAdapter, cross_attention_block_flops, other_flops, sdtm_overhead_flops
-from ditplan.models.sampling import SamplerSettings, plan_target
+from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, PlanError
 from ditplan.strategies.apply import CachePlanner, PlanRun, build_strategies, sparse_layout
 from ditplan.strategies.base import AttentionShape, cross_attention_flops, dense_attention_flops
+from ditplan.spec import SamplerSettings
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,8 @@ class Latency:
     threads: int
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that a timer reads what ran."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -128,10 +130,10 @@ def measure_latency(run: Callable[[], Any], device: torch.device, repeats: int =
         run()
     times = []
     for _ in range(repeats):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         run()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return Latency(statistics.median(times), min(times), max(times), tuple(times), torch.get_num_threads())
 
@@ -153,10 +155,10 @@ def interleaved_times(runs: dict[str, Callable[[], Any]], device: torch.device, 
     for index in range(repeats):
         for name in turn_order(list(runs), index, repeats):
             run = runs[name]
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             run()
-            _sync(device)
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
     return times
 
@@ -168,21 +170,21 @@ def attention_time_share(adapter: ModelAdapter, run: Callable[[], Any]) -> float
     started: list[float] = []
 
     def before(*_: Any) -> None:
-        _sync(device)
+        synchronize(device)
         started.append(time.perf_counter())
 
     def after(*_: Any) -> None:
-        _sync(device)
+        synchronize(device)
         spent[0] += time.perf_counter() - started.pop()
 
     handles = []
     for attn in adapter.self_attention_layers():
         handles += [attn.register_forward_pre_hook(before), attn.register_forward_hook(after)]
     try:
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         run()
-        _sync(device)
+        synchronize(device)
         total = time.perf_counter() - start
     finally:
         for handle in handles:

@@ -15,11 +15,49 @@ import torch
 
 from ditplan.errors import UserError
 from ditplan.evaluators.base import Metric
-from ditplan.spec import ExperimentSpec
+from ditplan.files import check_folder, readable_file
+from ditplan.registry import unknown_name
+from ditplan.spec import DIGITS_REFERENCE, ExperimentSpec
 
 DISTRIBUTION = ("fid", "kid", "kid_low", "isc", "prc")  # torch-fidelity's (isc: IS, prc: precision/recall)
 DOMAIN_METRICS = frozenset({*DISTRIBUTION, "class_agreement"})
 DIGIT_CLASSES = 10
+
+
+def reference_images(spec: ExperimentSpec) -> torch.Tensor | str:
+    """The real images distribution metrics compare with (``evaluation.reference``)."""
+    reference = spec.evaluation.reference
+    if reference == DIGITS_REFERENCE:
+        from ditplan.models.digits import load_digits
+
+        return load_digits("held_out")[0]
+    if reference is None or not Path(reference).is_dir():
+        raise UserError(f"evaluation.reference {reference!r} is neither '{DIGITS_REFERENCE}' nor a folder of images")
+    return reference
+
+
+def check_extractor(spec: ExperimentSpec) -> None:
+    """Refuse, before any work, a feature extractor torch-fidelity does not know."""
+    extractor = spec.evaluation.feature_extractor
+    if extractor:
+        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+        import ditplan.evaluators.distribution  # noqa: F401  (registers the digit extractor)
+
+        if extractor not in FEATURE_EXTRACTORS_REGISTRY:
+            raise unknown_name("feature extractor", extractor, list(FEATURE_EXTRACTORS_REGISTRY),
+                               "evaluation.feature_extractor")
+
+
+def check_evaluation_files(spec: ExperimentSpec) -> None:
+    """Refuse, before any work, extractor weights, a reference or CLIP weights that do not exist."""
+    evaluation = spec.evaluation
+    if evaluation.feature_extractor_weights_path:
+        readable_file(evaluation.feature_extractor_weights_path, "evaluation.feature_extractor_weights_path file", 1 << 40)
+    if evaluation.reference and evaluation.reference != DIGITS_REFERENCE:
+        check_folder(evaluation.reference, "evaluation.reference folder")
+    if evaluation.clip_weights_path:
+        check_folder(evaluation.clip_weights_path, "evaluation.clip_weights_path folder")
 
 
 def class_agreement_applies(spec: ExperimentSpec, num_classes: int | None) -> bool:
@@ -59,8 +97,6 @@ def domain_metrics(
     distribution = tuple(m for m in wanted if m in DISTRIBUTION)
     if distribution:
         if reference is None:
-            from ditplan.evaluators.evaluate import reference_images
-
             reference = reference_images(spec)
         out += distribution_metrics(images, reference, extractor=extractor,
                                     weights_path=spec.evaluation.feature_extractor_weights_path, metrics=distribution,

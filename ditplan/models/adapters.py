@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import copy
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -33,7 +34,7 @@ from ditplan.models.embedded import EMBEDDED_MODELS
 from ditplan.plan import Plan, PlanError
 
 if TYPE_CHECKING:
-    from ditplan.spec import ModelSpec
+    from ditplan.spec import ExperimentSpec, ModelSpec
 
 
 @dataclass(frozen=True)
@@ -469,6 +470,19 @@ def adapter_from_spec(spec: ModelSpec, conditions: Sequence[Any] = ()) -> ModelA
                            dtype=None if spec.config is not None else dtype, **kwargs)
     check_classes(adapter, conditions)
     return adapter.to(spec.torch_device(), dtype)
+
+
+_LOADED: dict[str, ModelAdapter] = {}
+
+
+def experiment_adapter(spec: ExperimentSpec) -> ModelAdapter:
+    """The experiment's model, loaded once per process (a Ray worker keeps it between trials), checked
+    against the classes its workload draws."""
+    key = json.dumps(spec.model.model_dump(), sort_keys=True)
+    if key not in _LOADED:
+        _LOADED[key] = adapter_from_spec(spec.model, spec.workload.all_conditions())
+    check_classes(_LOADED[key], spec.workload.all_conditions())  # NOTE: another workload may share the model
+    return _LOADED[key]
 
 
 def check_classes(adapter: ModelAdapter, conditions: Sequence[Any]) -> None:

@@ -15,6 +15,7 @@ import torch
 from diffusers import DDPMScheduler, DiTTransformer2DModel
 
 from ditplan.models.digits import NUM_CLASSES
+from ditplan.registry import Registry
 
 PACKAGE_FOLDER = Path(__file__).parent
 
@@ -51,19 +52,20 @@ class EmbeddedModel:
         }
 
 
-EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+EMBEDDED_MODELS: Registry[EmbeddedModel] = Registry("embedded model", {
     # 6 layers × 128 wide, 4 heads of 32; 32×32 pixels in 2×2 patches → 256 tokens; ≈ 2.1 M parameters.
     # Sized so that sampling stays cheap on 2 CPU cores (plan searches sample thousands of times).
     "embedded": EmbeddedModel(PACKAGE_FOLDER / "embedded", 32, 6, 4, 32),
     # 8 layers × 256 wide, 4 heads of 64; 64×64 pixels in 2×2 patches → 1,024 tokens; ≈ 10.7 M parameters,
     # stored in float16. Trained on a GPU: the size where window attention and token sparsity pay.
     "embedded-1024": EmbeddedModel(PACKAGE_FOLDER / "embedded_1024", 64, 8, 4, 64, storage_dtype=torch.float16),
-}
+})
 EMBEDDED_PATH = EMBEDDED_MODELS["embedded"].folder
 
 
-def embedded_model(name: str = "embedded") -> EmbeddedModel:
-    return EMBEDDED_MODELS[name]
+def embedded_model(name: str = "embedded", where: str = "") -> EmbeddedModel:
+    """The embedded model ``name``; another name is one line naming the embedded models."""
+    return EMBEDDED_MODELS.get_entry(name, where)
 
 
 def new_embedded_transformer(name: str = "embedded") -> DiTTransformer2DModel:

@@ -12,40 +12,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import diffusers
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ditplan.models.adapters import ModelAdapter
 from ditplan.models.context import StepContext, new_run_id, step_context
 from ditplan.plan import PlanTarget
 from ditplan.progress import progress_bar
-
-# name → (scheduler class, settings over the model's noise schedule)
-SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
-    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "ddim": (DDIMScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-}
+from ditplan.registry import SCHEDULERS
+from ditplan.spec import SamplerSettings
 
 
-@dataclass(frozen=True)
-class SamplerSettings:
-    """scheduler: a name in ``SAMPLERS``; guidance_scale ≤ 1 switches classifier-free guidance off."""
-
-    scheduler: str = "dpmsolver++"
-    num_steps: int = 20
-    guidance_scale: float = 4.0
-    batch_size: int = 50
-
-    @property
-    def cfg(self) -> bool:
-        return self.guidance_scale > 1.0
+def scheduler_class(name: str) -> type[SchedulerMixin]:
+    """The diffusers scheduler class of the sampler ``name`` (:data:`~ditplan.registry.SCHEDULERS`)."""
+    return getattr(diffusers, SCHEDULERS.get_entry(name).class_name)
 
 
 def make_scheduler(adapter: ModelAdapter, name: str) -> SchedulerMixin:
-    scheduler_cls, overrides = SAMPLERS[name]
-    return scheduler_cls.from_config({**adapter.scheduler_config, **overrides})
+    return scheduler_class(name).from_config({**adapter.scheduler_config, **SCHEDULERS.get_entry(name).overrides})
 
 
 # Called after every step with (step index, latents after it, the live scheduler: copy what you keep).
@@ -90,8 +75,7 @@ class Snapshot:
 @torch.no_grad()
 def sample_batch(
     adapter: ModelAdapter,
-    conditions: Sequence[Any],
-    seeds: Sequence[int],
+    conditions: Sequence[Any], seeds: Sequence[int],  # the batch: a condition and a seed per sample
     settings: SamplerSettings,
     on_step: StepCallback | None = None,
     predict: PredictFn | None = None,

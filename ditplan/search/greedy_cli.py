@@ -6,33 +6,32 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ditplan.models.adapters import ModelAdapter, adapter_from_spec
-from ditplan.files import naming
+from ditplan.models.adapters import ModelAdapter
 from ditplan.plan import Plan
 from ditplan.progress import progress_bar
+from ditplan.rundir import GreedyDir
 from ditplan.search.greedy import greedy_search, threshold_name
-from ditplan.spec import ExperimentSpec, load_spec
+from ditplan.spec import ExperimentSpec
 
 
 def write_greedy_plans(
     adapter: ModelAdapter,
     spec: ExperimentSpec,
-    out: str | Path,
+    out: GreedyDir,
     thresholds: Sequence[float] | None = None,
     calibration_samples: int | None = None,
     window_size: int | None = None,
     skip_existing: bool = False,
     show_progress: bool = True,
 ) -> list[Path]:
-    """Calibrate one plan per threshold (defaults from ``spec.greedy``) on the calibration seed set
-    into ``out/greedy-Dk.yaml``;
-    ``skip_existing`` keeps plan files already there (a resumed run)."""
+    """Calibrate one plan per threshold (defaults from ``spec.greedy``) on the calibration seed set into
+    ``out`` (``greedy-Dk.yaml``); ``skip_existing`` keeps plan files already there (a resumed run)."""
     thresholds = list(thresholds if thresholds is not None else spec.greedy.thresholds)
     k = calibration_samples or spec.greedy.calibration_samples
     window = window_size if window_size is not None else spec.greedy.window_size
     settings = spec.sampler.settings()
     _, conditions, seeds = spec.workload.seed_set("calibration", k)
-    paths = [Path(out) / f"greedy-{threshold_name(i)}.yaml" for i in range(len(thresholds))]
+    paths = [out.path(threshold_name(i)) for i in range(len(thresholds))]
     todo = [(i, t) for i, t in enumerate(thresholds) if not (skip_existing and paths[i].exists())]
     with progress_bar(len(todo) * settings.num_steps, "greedy calibration", enabled=show_progress) as bar:
         for index, threshold in todo:
@@ -46,13 +45,3 @@ def greedy_summary(plan: Plan) -> str:
     p = plan.provenance
     return (f"{p['name']} (δ={p['threshold']}): {p.get('sample_forwards', '?')} sample-forwards, "
             f"{p['search_seconds']:.0f} s, peak memory {p.get('peak_memory_mb', '?')} MiB")
-
-
-def run_greedy(
-    experiment: str | Path, out: str | Path, thresholds: list[float],
-    calibration_samples: int | None = None, window_size: int | None = None,
-) -> list[Path]:
-    spec = load_spec(experiment)
-    with naming(experiment):
-        adapter = adapter_from_spec(spec.model, spec.workload.all_conditions())
-    return write_greedy_plans(adapter, spec, out, thresholds, calibration_samples, window_size)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from optuna._hypervolume import compute_hypervolume  # NOTE: private; wrapped here once and tested
+from optuna._hypervolume import (
+    compute_hypervolume,  # NOTE: private; wrapped here once and tested
+)
 
 Direction = str  # "minimize" | "maximize"
 

@@ -59,18 +59,17 @@ from ditplan.errors import UserError
 from ditplan.evaluators.cost import plan_flops
 from ditplan.evaluators.fidelity import relative_l1
 from ditplan.models.adapters import ModelAdapter
-from ditplan.models.sampling import SamplerSettings, Snapshot, plan_target, sample_batch
+from ditplan.models.sampling import Snapshot, plan_target, sample_batch
 from ditplan.plan import Plan
 from ditplan.search.greedy import CANDIDATES, greedy_search
 from ditplan.search.space import CacheInterval, PlanSpace
-from ditplan.spec import PROPOSAL_SPREADS, ExperimentSpec
+from ditplan.spec import PROPOSAL_SPREADS, ExperimentSpec, SamplerSettings
 from ditplan.strategies.apply import apply_plan, remove_plan
 from ditplan.strategies.base import BlockStrategy, get_strategy_class
 
 WINDOWED = ("wars", "wars+asc")  # the candidates whose window the proxy measured them with
 # methods that compute nothing new at their step: a layer's run of them grows stale (``max_run``)
 REUSING = frozenset({"ast", "reuse", "forecast"})
-PROXY_FILE = "proxy.json"  # in a search's run directory: the proxy it measured (and what that cost)
 LAMBDA_SWEEP = np.geomspace(1e-4, 1e6, 401)  # × (dense FLOPs of one cell): from "fastest" to "dense"
 
 

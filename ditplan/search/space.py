@@ -31,12 +31,17 @@ from typing import Any
 import optuna
 
 from ditplan.errors import UserError
-from ditplan.models.adapters import ModelAdapter, load_sparse_network, model_folder
-from ditplan.models.adapters import sparse_networks
+from ditplan.models.adapters import (
+    ModelAdapter,
+    load_sparse_network,
+    model_folder,
+    sparse_networks,
+)
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, PlanTarget
-from ditplan.spec import ExperimentSpec
-from ditplan.strategies.base import get_strategy_class, is_block_strategy
+from ditplan.registry import unknown_name
+from ditplan.spec import ExperimentSpec, SpaceSpec
+from ditplan.strategies.base import config_fields, get_strategy_class, is_block_strategy
 from ditplan.strategies.curves import CURVES, RATE_CHOICES
 from ditplan.strategies.diffusers_cache import CACHE_METHODS
 from ditplan.strategies.sdtm import SparseLayout
@@ -473,11 +478,7 @@ def build_space(
     interval: IntervalChoices | None = None,
 ) -> PlanSpace:
     """``layer_groups`` / ``step_segments``: a count (even pieces) or explicit cut points."""
-    for name in methods:
-        get_strategy_class(name)  # unknown names fail here, naming the registered ones
-    if interval is not None and not any(is_block_strategy(m) for m in methods):
-        raise UserError(f"search.space.interval caches blocks with a block strategy, but methods {list(methods)} have "
-                        f"none; add reuse or forecast to search.space.methods, or drop search.space.interval")
+    _check_methods(methods, param_choices or {}, interval is not None)
     layer_cuts = even_cuts(layer_groups, target.num_layers) if isinstance(layer_groups, int) else list(layer_groups)
     step_cuts = even_cuts(step_segments, target.num_steps, 1) if isinstance(step_segments, int) else list(step_segments)
     params: dict[str, dict[str, Sequence[Any]]] = {}
@@ -492,10 +493,42 @@ def build_space(
             raise UserError(f"{name} and {other} share their parameters (one window for both), but the search space "
                             f"gives them different choices ({space} vs {params[other]}); give both the same choices")
     if sparse is not None:
-        unknown = [c for c in sparse.curves if c not in CURVES]
-        if unknown:
-            raise ValueError(f"unknown pruning curve {unknown[0]!r} in the search space; curves: {sorted(CURVES)}")
+        _check_curves(sparse.curves)
     return PlanSpace(target, tuple(methods), tuple(layer_cuts), tuple(step_cuts), params, sparse, cache, interval)
+
+
+def _check_methods(methods: Sequence[str], param_choices: Mapping[str, Mapping[str, Any]], interval: bool) -> None:
+    """Every method a registered strategy, every parameter choice one of a listed method's parameters, and a
+    block strategy among the methods when the grid's cache interval is drawn."""
+    for name in methods:
+        get_strategy_class(name, "search.space.methods")
+    sharers = {get_strategy_class(m).shares_params_with for m in methods}
+    for name, params in param_choices.items():
+        if name not in methods and name not in sharers:
+            raise UserError(f"search.space.params names {name!r}, which search.space.methods does not list; add it "
+                            "there or drop its params")
+        for param in params:
+            if param not in config_fields(name):
+                raise unknown_name(f"parameter of {name!r}", param, config_fields(name), "search.space.params")
+    if interval and not any(is_block_strategy(m) for m in methods):
+        raise UserError(f"search.space.interval caches blocks with a block strategy, but methods {list(methods)} have "
+                        f"none; add reuse or forecast to search.space.methods, or drop search.space.interval")
+
+
+def _check_curves(curves: Sequence[str]) -> None:
+    for curve in curves:
+        if curve not in CURVES:
+            raise unknown_name("pruning curve", curve, list(CURVES), "search.space.sparse.curves")
+
+
+def check_space(space: SpaceSpec) -> None:
+    """Refuse, before anything runs, a search space that names what does not exist (a strategy, a parameter
+    of one, a pruning curve, one of diffusers' caches or its fields): one line with the valid choices."""
+    _check_methods(space.methods, space.params, space.interval is not None)
+    if space.sparse is not None:
+        _check_curves(space.sparse.curves)
+    if space.cache is not None:
+        cache_choices(space.cache.method, space.cache.params)
 
 
 def cache_choices(method: str, params: Mapping[str, Sequence[Any]] | None = None) -> CacheChoices:
@@ -503,7 +536,7 @@ def cache_choices(method: str, params: Mapping[str, Sequence[Any]] | None = None
     field by field by ``params``; unknown methods, fields and values are refused by name."""
     known = CACHE_METHODS.get(method)
     if known is None:
-        raise UserError(f"search.space.cache.method {method!r} is unknown; use one of {sorted(CACHE_METHODS)}")
+        raise unknown_name("cache", method, list(CACHE_METHODS), "search.space.cache.method")
     space = {k: list(v) for k, v in known.space.items()}
     for field, values in (params or {}).items():
         if field not in known.fields:

@@ -19,21 +19,23 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import optuna
 import sqlalchemy
-from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import (
+    BaseStorage,
+    JournalStorage,
+    RDBStorage,
+    RetryHeartbeatStaleTrialCallback,
+)
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from ditplan.errors import UserError
+from ditplan.rundir import SearchDir
+from ditplan.search.attrs import ERROR, PROMOTED, WARM
 from ditplan.spec import ExperimentSpec, SearchSpec
-
-ERROR = "error"  # user attribute of a trial whose evaluation failed
-WARM = "source"  # user attribute of a warm-start trial (greedy D1 … D6)
-PROMOTED = "promoted_from"  # user attribute of a screened trial scored again on every search sample: its number
 
 
 @contextmanager
@@ -51,15 +53,12 @@ def _retry(search: SearchSpec) -> RetryHeartbeatStaleTrialCallback:
         return RetryHeartbeatStaleTrialCallback(max_retry=search.max_retries)
 
 
-JOURNAL_FILE = "optuna.journal"
-
-
-def study_storage(spec: ExperimentSpec, run_dir: Path) -> BaseStorage:
-    """The study's storage: ``search.storage`` (an RDB URL, heartbeats on) or the run directory's journal."""
+def study_storage(spec: ExperimentSpec, search_dir: SearchDir) -> BaseStorage:
+    """The study's storage: ``search.storage`` (an RDB URL, heartbeats on) or the search folder's journal."""
     search = spec.search
     if not search.storage:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(run_dir / JOURNAL_FILE)))
+        search_dir.root.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(search_dir.journal)))
     try:
         return _rdb_storage(search)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
@@ -92,6 +91,24 @@ def _rdb_storage(search: SearchSpec, attempts: int = 5) -> RDBStorage:
 
 def study_exists(storage: BaseStorage, name: str) -> bool:
     return name in optuna.get_all_study_names(storage)
+
+
+def refuse_existing_study(spec: ExperimentSpec, search_dir: SearchDir) -> None:
+    """A study of ``spec`` already in its storage is refused in one line: it is continued with --resume only."""
+    if load_finished_study(spec, search_dir) is not None:
+        raise UserError(f"study {spec.name!r} already exists in {search_dir.root}; pass --resume to continue it or "
+                        "use another output dir")
+
+
+def load_finished_study(spec: ExperimentSpec, search_dir: SearchDir) -> optuna.Study | None:
+    """The study of ``spec`` as its search left it, or None when no search ran there (a journal is not
+    created by looking for it)."""
+    if not spec.search.storage and not search_dir.journal.exists():
+        return None
+    storage = study_storage(spec, search_dir)
+    if not study_exists(storage, spec.name):
+        return None
+    return optuna.load_study(study_name=spec.name, storage=storage)
 
 
 def is_shared(storage: BaseStorage) -> bool:

@@ -1,17 +1,19 @@
 """MLflow tracking of a study, from the driver only: a parent run per study, a child run per trial,
-hypervolume stepped by trial, and the Pareto front as PNG, interactive HTML and a Markdown table."""
+hypervolume stepped by trial, the Pareto front as PNG, interactive HTML and JSON rows, and the files
+of later stages (held-out record, report) attached to the study's parent run."""
 
 from __future__ import annotations
 
-import json
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from mlflow.tracking import MlflowClient
 
+from ditplan.rundir import SearchDir
+
+EXPERIMENT = "ditplan"  # the MLflow experiment every study is tracked in
 STUDY_TAG = "ditplan.study"
 TRIAL_TAG = "ditplan.trial"
 
@@ -89,20 +91,33 @@ class Tracker:
                 on_front = int(run.data.tags[TRIAL_TAG]) in numbers
                 self.client.set_tag(run.info.run_id, "pareto", "true" if on_front else "false")
 
-    def log_front(self, png_figure: Any, html_figure: Any, table: str, rows: list[dict[str, Any]]) -> None:
+    def log_front(self, png_figure: Any, html_figure: Any, rows: list[dict[str, Any]]) -> None:
         self.client.log_figure(self.parent_id, png_figure, "pareto_front.png")
         self.client.log_figure(self.parent_id, html_figure, "pareto_front.html")
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "pareto_front.md").write_text(table)
-            (Path(tmp) / "pareto_front.json").write_text(json.dumps(rows, indent=1))
-            self.client.log_artifact(self.parent_id, str(Path(tmp) / "pareto_front.md"))
-            self.client.log_artifact(self.parent_id, str(Path(tmp) / "pareto_front.json"))
+        self.client.log_dict(self.parent_id, rows, "pareto_front.json")
+
+    def log_metric(self, key: str, value: float) -> None:
+        self.client.log_metric(self.parent_id, key, value)
 
     def finish(self) -> None:
         self.client.set_terminated(self.parent_id, "FINISHED")
 
 
-def default_tracking_uri(run_dir: Path) -> str:
-    # NOTE: MLflow 3 refuses the ./mlruns file store by default; SQLite is written by the driver only.
-    return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+def study_tracking_uri(spec: Any, search_dir: SearchDir) -> str:
+    """Where a study is tracked: ``search.tracking_uri`` (a server), else SQLite in its search folder."""
+    return spec.search.tracking_uri or search_dir.tracking_uri()
+
+
+def attach_to_study(spec: Any, search_dir: SearchDir, files: Sequence[Path], folder: str) -> None:
+    """Attach ``files`` under ``folder`` to the study's parent run (driver-side, like all tracking); a study
+    never tracked is left alone."""
+    client = MlflowClient(study_tracking_uri(spec, search_dir))
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{spec.name}'")
+    for run in runs:
+        if "mlflow.parentRunId" not in run.data.tags:
+            for path in files:
+                client.log_artifact(run.info.run_id, str(path), artifact_path=folder)
 

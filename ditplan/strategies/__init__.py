@@ -9,7 +9,7 @@ from ditplan.strategies import (  # noqa: F401  (registers the built-in strategi
     poolingformer,
     wars,
 )
-from ditplan.strategies.apply import apply_plan, remove_plan, sample_with_plan
+from ditplan.strategies.apply import apply_plan, remove_plan, run_plan
 from ditplan.strategies.base import STRATEGIES, AttentionCall, AttentionShape, Strategy, get_strategy_class, register
 
 __all__ = [
@@ -21,5 +21,5 @@ __all__ = [
     "get_strategy_class",
     "register",
     "remove_plan",
-    "sample_with_plan",
+    "run_plan",
 ]

@@ -21,7 +21,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from ditplan.models.adapters import ModelAdapter, load_for_plan, new_merges
 from ditplan.models.context import StepContext, current_step, step_context
-from ditplan.models.sampling import SamplerSettings, plan_target, sample
+from ditplan.models.sampling import plan_target, sample
 from ditplan.plan import Plan, PlanError, PlanTarget
 from ditplan.strategies.base import (
     BLOCK_ENTRY,
@@ -35,6 +35,7 @@ from ditplan.strategies.base import (
 from ditplan.strategies.diffusers_cache import DiffusersCache, ExecutionCounter
 from ditplan.strategies.hooks import remove_hook
 from ditplan.strategies.sdtm import SparseLayout, SparseRuntime
+from ditplan.spec import SamplerSettings
 
 _RUNTIME_ATTR = "_ditplan_runtime"
 STEP_HOOK = "ditplan_plan_step"
@@ -527,16 +528,3 @@ def run_plan(
         return PlanRun(samples, runtime.peak_cache_bytes, executed)
     finally:
         remove_plan(adapter.transformer)
-
-
-def sample_with_plan(
-    adapter: ModelAdapter,
-    plan: Plan | None,
-    conditions: Sequence[Any],
-    seeds: Sequence[int],
-    settings: SamplerSettings,
-    show_progress: bool = False,
-) -> tuple[torch.Tensor, int]:
-    """:func:`run_plan`'s samples and the peak bytes the plan's caches held."""
-    run = run_plan(adapter, plan, conditions, seeds, settings, show_progress)
-    return run.samples, run.peak_cache_bytes

@@ -17,6 +17,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 from ditplan.models.context import StepContext
+from ditplan.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -174,22 +175,23 @@ class BlockStrategy(Strategy):
         return 0.0
 
 
-STRATEGIES: dict[str, type[Strategy]] = {}
+STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 
 
 def register(cls: type[Strategy]) -> type[Strategy]:
     """Class decorator: make a strategy available to plans, search spaces and the CLI by its name."""
-    if cls.name in STRATEGIES and STRATEGIES[cls.name] is not cls:
-        raise ValueError(f"strategy {cls.name!r} is already registered; choose another name")
-    STRATEGIES[cls.name] = cls
-    return cls
+    return STRATEGIES.register(cls.name, cls)
 
 
-def get_strategy_class(name: str) -> type[Strategy]:
-    try:
-        return STRATEGIES[name]
-    except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; registered strategies: {sorted(STRATEGIES)}") from None
+def get_strategy_class(name: str, where: str = "") -> type[Strategy]:
+    """The strategy registered as ``name``; an unknown name is a one-line error naming ``where`` it was
+    found and the registered ones."""
+    return STRATEGIES.get_entry(name, where)
+
+
+def config_fields(name: str) -> list[str]:
+    """The parameters of strategy ``name`` (its config's fields)."""
+    return [f.name for f in dataclasses.fields(get_strategy_class(name).config_class)]
 
 
 def is_block_strategy(name: str) -> bool:

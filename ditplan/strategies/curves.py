@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+from ditplan.registry import Registry
 
 # Rates a search may choose; 0.9375 keeps 1/16 of the tokens (a 4×4 grid of a 16×16 one).
 RATE_CHOICES = [0.0, 0.25, 0.4375, 0.5, 0.75, 0.859375, 0.9375]
@@ -45,33 +47,33 @@ class PruningCurve:
         return {"name": self.name, **dataclasses.asdict(self)}
 
 
-CURVES: dict[str, type[PruningCurve]] = {}
+CURVES: Registry[type[PruningCurve]] = Registry("pruning curve")
 
 
-def register_curve(cls: type[PruningCurve]) -> type[PruningCurve]:
-    CURVES[cls.name] = cls
-    return cls
+def register_curve(name: str) -> Callable[[type[PruningCurve]], type[PruningCurve]]:
+    """Class decorator: the curve becomes a frozen dataclass named ``name`` and registered under it, for
+    plans, search spaces and the CLI."""
+    def register(cls: type[PruningCurve]) -> type[PruningCurve]:
+        cls.name = name
+        return CURVES.register(name, dataclass(frozen=True)(cls))
+    return register
 
 
-@register_curve
-@dataclass(frozen=True)
+@register_curve("constant")
 class Constant(PruningCurve):
     """The same rate at every step."""
 
-    name = "constant"
     r: float = 0.75
 
     def rate(self, step: int, num_steps: int) -> float:
         return self.r
 
 
-@register_curve
-@dataclass(frozen=True)
+@register_curve("paper")
 class PaperSchedule(PruningCurve):
     """SparseDiT's schedule: ``r_min`` for the last quarter of denoising, rising linearly to ``r_max``
     at pure noise."""
 
-    name = "paper"
     r_min: float = 0.5
     r_max: float = 0.875
 
@@ -82,12 +84,10 @@ class PaperSchedule(PruningCurve):
         return self.r_min + (self.r_max - self.r_min) * (remaining - 0.25) / 0.75
 
 
-@register_curve
-@dataclass(frozen=True)
+@register_curve("linear")
 class Linear(PruningCurve):
     """From ``r_start`` at the first step to ``r_end`` at the last, linearly."""
 
-    name = "linear"
     r_start: float = 0.875
     r_end: float = 0.5
 
@@ -100,24 +100,19 @@ class Linear(PruningCurve):
         return progress
 
 
-@register_curve
-@dataclass(frozen=True)
+@register_curve("cosine")
 class Cosine(Linear):
     """From ``r_start`` to ``r_end`` on a half cosine: flat at both ends, steepest mid-way."""
-
-    name = "cosine"
 
     @staticmethod
     def ease(progress: float) -> float:
         return 0.5 * (1 - math.cos(math.pi * progress))
 
 
-@register_curve
-@dataclass(frozen=True)
+@register_curve("step")
 class Step(PruningCurve):
     """``r_high`` until the fraction ``switch`` of the steps is done, then ``r_low``."""
 
-    name = "step"
     r_high: float = 0.875
     r_low: float = 0.5
     switch: float = 0.5
@@ -139,9 +134,7 @@ def curve_from_dict(data: Mapping[str, Any]) -> PruningCurve:
     """``{"name": "paper", "r_min": 0.5, "r_max": 0.875}`` → the curve; bad names and keys are named."""
     params = dict(data)
     name = params.pop("name", None)
-    if name not in CURVES:
-        raise ValueError(f"unknown pruning curve {name!r}; curves: {sorted(CURVES)}")
-    cls = CURVES[name]
+    cls = CURVES.get_entry(name)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(params) - fields)
     if unknown:

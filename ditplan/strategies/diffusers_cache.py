@@ -81,10 +81,9 @@ class DiffusersCache:
     config: Any
 
     @classmethod
-    def from_plan(cls, plan: Plan) -> DiffusersCache | None:
-        data = plan.cache
-        if not data:
-            return None
+    def from_config(cls, data: Any) -> DiffusersCache:
+        """The cache ``{method: NAME, config: {FIELD: VALUE}}`` describes; a bad method, field or value is
+        a one-line :class:`PlanError`."""
         if not isinstance(data, Mapping) or set(data) - {"method", "config"}:
             raise PlanError("plan 'cache' must be a mapping {method: NAME, config: {FIELD: VALUE}}")
         method = CACHE_METHODS.get(data.get("method"))
@@ -94,16 +93,24 @@ class DiffusersCache:
         unknown = sorted(set(config) - set(method.fields))
         if unknown:
             raise PlanError(f"plan cache {data['method']!r} has no field {unknown[0]!r}; its fields are {list(method.fields)}")
-        cells = plan.strategies() - {"full"}
-        if cells or plan.sparse:
-            raise PlanError(
-                f"a plan with diffusers' {data['method']!r} cache keeps every grid cell 'full' and has no sparse part "
-                f"(the cache decides at run time what computes); this one uses {sorted(cells) or 'a sparse layout'}"
-            )
         try:
             return cls(data["method"], method.config_class(**{**method.defaults, **config}))
         except (TypeError, ValueError) as err:
             raise PlanError(f"plan cache {data['method']!r} config {config} is invalid: {err}") from None
+
+    @classmethod
+    def from_plan(cls, plan: Plan) -> DiffusersCache | None:
+        """The plan's cache (None without one), refused when its grid or sparse part would compute anything else."""
+        if not plan.cache:
+            return None
+        cache = cls.from_config(plan.cache)
+        cells = plan.strategies() - {"full"}
+        if cells or plan.sparse:
+            raise PlanError(
+                f"a plan with diffusers' {cache.method!r} cache keeps every grid cell 'full' and has no sparse part "
+                f"(the cache decides at run time what computes); this one uses {sorted(cells) or 'a sparse layout'}"
+            )
+        return cache
 
     def install(self, transformer: torch.nn.Module) -> None:
         CACHE_METHODS[self.method].apply(transformer, self.config)

@@ -16,16 +16,17 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 import yaml
 from diffusers import DDPMScheduler
-from diffusers.optimization import get_cosine_schedule_with_warmup
 from safetensors.torch import save_file
 
 from ditplan.atomic import atomic_folder
 from ditplan.errors import UserError
+from ditplan.models import training
 from ditplan.models.adapters import (
     LAYOUT_FILE,
     MERGES_FILE,
@@ -36,36 +37,28 @@ from ditplan.models.adapters import (
     new_merges,
 )
 from ditplan.models.context import StepContext, step_context
-from ditplan.models.digits import load_digits
-from ditplan.models.sampling import SamplerSettings, plan_target
-from ditplan.models.training import atomic_save, checkpoint_and_stop, optimiser_step
+from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, PlanTarget
-from ditplan.progress import progress_bar
-from ditplan.strategies.apply import apply_plan, remove_plan
+from ditplan.strategies.apply import PlanRuntime, apply_plan, remove_plan
+from ditplan.spec import SamplerSettings
 from ditplan.strategies.sdtm import SparseLayout
 
 CHECKPOINT_NAME = "finetune.pt"
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
-    """How a SparseDiT layout is distilled.
+class FinetuneConfig(training.LoopConfig):
+    """How a SparseDiT layout is distilled (the loop: :class:`~ditplan.models.training.LoopConfig`; a batch of 64
+    costs about 1 s a step on 2 CPU cores for the embedded model with one SDTM; the learning rate is low, as the
+    student starts as the teacher).
 
     r_min, r_max: the pruning rates drawn per batch; plans may use any curve inside this range.
-    steps: optimiser steps of the whole run (a resumed run continues towards it); batch 64 costs
-      about 1 s a step on 2 CPU cores for the embedded model with one SDTM.
-    lr: peak AdamW learning rate (short warm-up, cosine decay); low, as the student starts as the teacher.
-    save_every: steps between checkpoints.
     """
 
+    DEFAULTS: ClassVar[dict[str, Any]] = {"steps": 1200, "batch_size": 64, "lr": 2e-4, "warmup_steps": 50,
+                                          "save_every": 100}
     r_min: float = 0.5
     r_max: float = 0.875
-    steps: int = 1200
-    batch_size: int = 64
-    lr: float = 2e-4
-    warmup_steps: int = 50
-    save_every: int = 100
-    seed: int = 0
 
 
 def layout_plan(adapter: ModelAdapter, layout: SparseLayout, settings: SamplerSettings | None = None) -> Plan:
@@ -81,90 +74,116 @@ def layout_plan(adapter: ModelAdapter, layout: SparseLayout, settings: SamplerSe
     return Plan(target=target, grid=(row,) * target.num_steps, sparse=layout.to_dict())
 
 
-
 def finetune_sparse(
     teacher: ModelAdapter,
     layout: SparseLayout,
     run_dir: str | Path,
-    config: FinetuneConfig = FinetuneConfig(),
+    config: FinetuneConfig | None = None,
     max_minutes: float | None = None,
     data_npz: str | Path | None = None,
 ) -> int:
-    """Distil ``layout`` from ``teacher`` (a DiT adapter on the digits) in ``run_dir``; return the step reached."""
+    """Distil ``layout`` from ``teacher`` (a DiT adapter on the digits) in ``run_dir``; return the step reached.
+    ``config``: default ``FinetuneConfig.make()``."""
+    config = config or FinetuneConfig.make()
+    _check_request(teacher, layout, config)
+    distillation = _Distillation(teacher, layout, run_dir, config, data_npz)
+    step, loss = distillation.train(distillation.resume(), max_minutes)
+    training.check_finite(loss, step, "fine-tuning")
+    return step
+
+
+def _check_request(teacher: ModelAdapter, layout: SparseLayout, config: FinetuneConfig) -> None:
+    """Refuse a teacher that is not a DiT, a layout that does not fit it, or rates outside [0, 1)."""
     if not isinstance(teacher, DiTAdapter):
         raise UserError("finetune-sparse distils class-conditional DiT models on the embedded digits; "
                         "this model is not one")
     layout.validate(teacher.num_layers, teacher.num_tokens)
     if not 0.0 <= config.r_min <= config.r_max < 1.0:
         raise UserError(f"rates r_min={config.r_min}, r_max={config.r_max} must satisfy 0 ≤ r_min ≤ r_max < 1")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = next(teacher.transformer.parameters()).device
-    torch.manual_seed(config.seed)
-    images, labels = load_digits("train", data_npz, teacher.latent_size)
-    images, labels = images.to(device), labels.to(device)
-    noise_schedule = DDPMScheduler.from_config(teacher.scheduler_config)
 
-    student = copy.deepcopy(teacher.transformer).requires_grad_(True)  # eval mode: labels are dropped by us
-    merges = new_merges(len(layout.modules), teacher.hidden_dim).to(device)
-    params = [*student.parameters(), *merges.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    lr_schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    step, elapsed = 0, 0.0  # elapsed: seconds spent in earlier sessions of this run
-    ckpt = run_dir / CHECKPOINT_NAME
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-        if state["layout"] != layout.to_dict() or state["config"] != asdict(config):
-            raise UserError(f"{ckpt} belongs to another layout or configuration; use another run directory")
-        student.load_state_dict(state["student"])
-        merges.load_state_dict(state["merges"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_schedule"])
-        generator.set_state(state["generator"].cpu() if device.type == "cpu" else state["generator"])
-        step, elapsed = state["step"], state["elapsed_s"]
 
-    def save() -> None:
-        atomic_save({"student": student.state_dict(), "merges": merges.state_dict(), "optimizer": optimizer.state_dict(),
-                      "lr_schedule": lr_schedule.state_dict(), "generator": generator.get_state(), "step": step,
-                      "elapsed_s": elapsed + time.monotonic() - started, "device": str(device),
-                      "layout": layout.to_dict(), "config": asdict(config)}, ckpt)
+class _Distillation:
+    """One fine-tuning run: the teacher, the student (a copy of it) with the layout's merges, their optimiser,
+    the data, the generator and the checkpoint."""
 
-    plan = layout_plan(teacher, layout)
-    runtime = apply_plan(student, plan, merges=merges)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    null_class = teacher.num_classes
-    started = time.monotonic()
-    loss = torch.zeros(())
-    try:
-        with step_context(StepContext(step=0, num_steps=1, cfg=False)), \
-                progress_bar(total=config.steps, description=f"fine-tuning {layout.name}", completed=step) as bar:
-            while step < config.steps:
-                n = config.batch_size
-                idx = torch.randint(0, len(images), (n,), device=device, generator=generator)
-                x0, y = images[idx], labels[idx]
-                # 10 % null labels, as in the base model's training: the student must serve CFG
-                drop = torch.rand(n, device=device, generator=generator) < 0.1
-                y = torch.where(drop, torch.full_like(y, null_class), y)
-                t = torch.randint(0, noise_schedule.config.num_train_timesteps, (n,), device=device, generator=generator)
-                noise = torch.randn(x0.shape, device=device, generator=generator)
-                xt = noise_schedule.add_noise(x0, noise, t)
-                rate = config.r_min + (config.r_max - config.r_min) * torch.rand((), generator=generator, device=device).item()
-                with torch.no_grad(), autocast:
-                    target = teacher.transformer(xt, timestep=t, class_labels=y).sample.float()
-                with runtime.sparse.rate(rate), autocast:  # type: ignore[union-attr]
-                    pred = student(xt, timestep=t, class_labels=y).sample.float()
-                loss = F.mse_loss(pred, target)
-                optimiser_step(loss, optimizer, params, lr_schedule)
-                step += 1
-                bar.update(1, loss=f"{loss.item():.5f}" if step % 20 == 0 else None)
-                if checkpoint_and_stop(step, config.steps, config.save_every, started, max_minutes, save):
-                    break
-    finally:
-        remove_plan(student)
-    if not torch.isfinite(loss):
-        raise RuntimeError(f"fine-tuning diverged at step {step} (loss {loss.item()})")
-    return step
+    def __init__(self, teacher: DiTAdapter, layout: SparseLayout, run_dir: str | Path, config: FinetuneConfig,
+                 data_npz: str | Path | None) -> None:
+        """Seed the global RNG, then load the digits and build the run's parts (the merges from that RNG)."""
+        self.teacher, self.layout, self.config = teacher, layout, config
+        self.device = device = next(teacher.transformer.parameters()).device
+        run_dir, self.images, self.labels = training.start_run(run_dir, config.seed, data_npz, teacher.latent_size,
+                                                               device)
+        self.ckpt = run_dir / CHECKPOINT_NAME
+        self.noise_schedule = DDPMScheduler.from_config(teacher.scheduler_config)
+        self.student = copy.deepcopy(teacher.transformer).requires_grad_(True)  # eval mode: labels are dropped by us
+        self.merges = new_merges(len(layout.modules), teacher.hidden_dim).to(device)
+        self.params = [*self.student.parameters(), *self.merges.parameters()]
+        self.optimizer, self.lr_schedule = training.new_optimiser(self.params, config)
+        self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.autocast = training.bf16_autocast(device)
+        self.elapsed = 0.0  # seconds spent in earlier sessions of this run
+        self.started = 0.0  # time.monotonic() when this session's steps began (set by train)
+
+    def resume(self) -> int:
+        """Load the run's checkpoint when there is one (refusing one of another layout or configuration);
+        the step it reached, else 0."""
+        if not self.ckpt.exists():
+            return 0
+        state = torch.load(self.ckpt, map_location=self.device, weights_only=True)
+        if state["layout"] != self.layout.to_dict() or state["config"] != asdict(self.config):
+            raise UserError(f"{self.ckpt} belongs to another layout or configuration; use another run directory")
+        training.load_states(state, student=self.student, merges=self.merges, optimizer=self.optimizer,
+                             lr_schedule=self.lr_schedule)
+        training.restore_generator(self.generator, state["generator"], self.device)
+        self.elapsed = state["elapsed_s"]
+        return state["step"]
+
+    def save(self, step: int) -> None:
+        """Checkpoint the run at ``step``, with the time it has taken in all sessions."""
+        parts = training.state_dicts(student=self.student, merges=self.merges, optimizer=self.optimizer,
+                                     lr_schedule=self.lr_schedule)
+        training.atomic_save({**parts, "generator": self.generator.get_state(), "step": step,
+                              "elapsed_s": self.elapsed + time.monotonic() - self.started, "device": str(self.device),
+                              "layout": self.layout.to_dict(), "config": asdict(self.config)}, self.ckpt)
+
+    def train(self, step: int, max_minutes: float | None) -> tuple[int, torch.Tensor | None]:
+        """Run the steps from ``step`` with the layout installed on the student (removed again after); the step
+        reached and the last loss."""
+        runtime = apply_plan(self.student, layout_plan(self.teacher, self.layout), merges=self.merges)
+        self.started = time.monotonic()
+        try:
+            with step_context(StepContext(step=0, num_steps=1, cfg=False)):
+                return training.train_loop(lambda: self.train_step(runtime), self.save, self.config, step,
+                                           description=f"fine-tuning {self.layout.name}", started=self.started,
+                                           max_minutes=max_minutes, log_every=20, loss_format=".5f")
+        finally:
+            remove_plan(self.student)
+
+    def train_step(self, runtime: PlanRuntime) -> torch.Tensor:
+        """One optimiser step: on a batch of noised digits, the student at a pruning rate drawn from
+        ``[r_min, r_max]`` learns the teacher's prediction; returns the loss."""
+        xt, t, y = self.noised_batch()
+        r_min, r_max = self.config.r_min, self.config.r_max
+        rate = r_min + (r_max - r_min) * torch.rand((), generator=self.generator, device=self.device).item()
+        with torch.no_grad(), self.autocast:
+            target = self.teacher.transformer(xt, timestep=t, class_labels=y).sample.float()
+        with runtime.sparse.rate(rate), self.autocast:  # type: ignore[union-attr]
+            pred = self.student(xt, timestep=t, class_labels=y).sample.float()
+        loss = F.mse_loss(pred, target)
+        training.optimiser_step(loss, self.optimizer, self.params, self.lr_schedule)
+        return loss
+
+    def noised_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A random batch of training digits, noised at random timesteps: ``(xt, t, labels)``."""
+        n, device, generator = self.config.batch_size, self.device, self.generator
+        idx = torch.randint(0, len(self.images), (n,), device=device, generator=generator)
+        x0, y = self.images[idx], self.labels[idx]
+        # 10 % null labels, as in the base model's training: the student must serve CFG
+        drop = torch.rand(n, device=device, generator=generator) < 0.1
+        y = torch.where(drop, torch.full_like(y, self.teacher.num_classes), y)
+        t = torch.randint(0, self.noise_schedule.config.num_train_timesteps, (n,), device=device, generator=generator)
+        noise = torch.randn(x0.shape, device=device, generator=generator)
+        return self.noise_schedule.add_noise(x0, noise, t), t, y
 
 
 def export_sparse(teacher: ModelAdapter, base_folder: Path, layout: SparseLayout, run_dir: str | Path,

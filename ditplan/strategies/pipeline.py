@@ -22,7 +22,8 @@ import torch
 
 from ditplan.models.adapters import load_sparse_folder, network_hash
 from ditplan.models.context import CFG_ORDERS, StepContext, new_run_id
-from ditplan.models.sampling import SAMPLERS, reset_stateful_hooks
+from ditplan.models.sampling import reset_stateful_hooks, scheduler_class
+from ditplan.registry import SCHEDULERS
 from ditplan.plan import Plan, PlanError, load_plan
 from ditplan.strategies.apply import PlanRuntime, apply_plan, get_runtime, remove_plan, step_hook
 
@@ -47,17 +48,17 @@ def transformer_of(model: Any) -> torch.nn.Module:
 
 
 def scheduler_family(scheduler: Any) -> str | None:
-    """The ditplan sampler name (``SAMPLERS``) a diffusers scheduler object runs, or None."""
-    for name, (scheduler_cls, overrides) in SAMPLERS.items():
-        if type(scheduler) is scheduler_cls and all(scheduler.config.get(k) == v for k, v in overrides.items()):
+    """The ditplan sampler name (:data:`~ditplan.registry.SCHEDULERS`) a diffusers scheduler object runs, or None."""
+    for name, entry in SCHEDULERS.items():
+        if type(scheduler) is scheduler_class(name) and all(scheduler.config.get(k) == v for k, v in entry.overrides.items()):
             return name
     return None
 
 
 def sampler_description(name: str) -> str:
-    scheduler_cls, overrides = SAMPLERS[name]
-    settings = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
-    return f"{scheduler_cls.__name__}({settings})"
+    entry = SCHEDULERS.get_entry(name)
+    settings = ", ".join(f"{k}={v!r}" for k, v in entry.overrides.items())
+    return f"{entry.class_name}({settings})"
 
 
 class PipelineClock:

@@ -2,18 +2,18 @@
 
 import time
 
-import ditplan.search.driver as driver
+import ditplan.search.trial_task as trial_task
 
 SECONDS = 2.0
-_evaluate = driver.evaluate_in_worker
+_measure = trial_task.trial_metrics
 
 
-def _slow_evaluate(*args, **kwargs):
+def _slow_trial_metrics(*args, **kwargs):
     start = time.perf_counter()
-    values = _evaluate(*args, **kwargs)
+    values = _measure(*args, **kwargs)
     time.sleep(max(0.0, SECONDS - (time.perf_counter() - start)))
     return values
 
 
-if driver.evaluate_in_worker is _evaluate:
-    driver.evaluate_in_worker = _slow_evaluate
+if trial_task.trial_metrics is _measure:
+    trial_task.trial_metrics = _slow_trial_metrics
