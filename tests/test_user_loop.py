@@ -315,11 +315,13 @@ def test_hub_ids_and_embedded_names_stay_names_and_paths_resolve(tmp_path, sourc
 
 
 def test_a_plugin_that_cannot_be_imported_is_one_line(tmp_path, capsys):
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text(LATENT_RUN)
     with pytest.raises(SystemExit) as exit_info:
-        main(["run", "--experiment", str(tmp_path / "none.yaml"), "--plugin", "no_such_plugin_module"])
+        main(["run", "--experiment", str(experiment), "--plugin", "no_such_plugin_module"])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and err.startswith("error: --plugin no_such_plugin_module: cannot import it")
-    assert len(err.splitlines()) == 1 and not list(tmp_path.iterdir())
+    assert len(err.splitlines()) == 1 and list(tmp_path.iterdir()) == [experiment]
 
 
 def test_a_mistyped_relative_model_folder_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
