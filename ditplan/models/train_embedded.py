@@ -1,7 +1,7 @@
 """Train the embedded digit DiT: v-prediction, min-SNR-5 weighting, warm-up + cosine LR, EMA.
 
 Training checkpoints every ``save_every`` steps (atomically: temporary file, then ``os.replace``) and
-resumes from the last checkpoint, because a session can end mid-training. ``export`` writes the EMA
+resumes from the last checkpoint, because a process can be stopped mid-training. ``export`` writes the EMA
 weights and the noise schedule in diffusers' ``save_pretrained`` layout.
 """
 

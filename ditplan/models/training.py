@@ -84,7 +84,7 @@ def restore_generator(generator: torch.Generator, saved: torch.Tensor, device: s
 
 
 def atomic_save(obj: dict, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a session ending mid-write leaves the old checkpoint."""
+    """``torch.save`` to a temporary file, then rename: a process stopped mid-write leaves the old checkpoint."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 

@@ -121,8 +121,8 @@ class _Distillation:
         self.optimizer, self.lr_schedule = training.new_optimiser(self.params, config)
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
         self.autocast = training.bf16_autocast(device)
-        self.elapsed = 0.0  # seconds spent in earlier sessions of this run
-        self.started = 0.0  # time.monotonic() when this session's steps began (set by train)
+        self.elapsed = 0.0  # seconds spent in earlier processes of this run (before a resume)
+        self.started = 0.0  # time.monotonic() when this process's steps began (set by train)
 
     def resume(self) -> int:
         """Load the run's checkpoint when there is one (refusing one of another layout or configuration);
@@ -139,7 +139,7 @@ class _Distillation:
         return state["step"]
 
     def save(self, step: int) -> None:
-        """Checkpoint the run at ``step``, with the time it has taken in all sessions."""
+        """Checkpoint the run at ``step``, with the time it has taken in all processes."""
         parts = training.state_dicts(student=self.student, merges=self.merges, optimizer=self.optimizer,
                                      lr_schedule=self.lr_schedule)
         training.atomic_save({**parts, "generator": self.generator.get_state(), "step": step,
