@@ -178,7 +178,7 @@ def test_compare_refuses_a_folder_that_is_not_a_run(tmp_path):
 
 
 @pytest.mark.parametrize("path", sorted((DATA.parent.parent / "experiments").glob("*.yaml"))
-                         + sorted((DATA.parent.parent / "benchmarks").glob("*.yaml")), ids=lambda p: p.name)
+                         + sorted((DATA.parent.parent / "benchmarks").glob("*/*.yaml")), ids=lambda p: p.name)
 def test_shipped_experiment_files_validate_offline(path):
     spec = load_spec(path)
     check_names(spec)  # every strategy, cache, curve and baseline it names exists

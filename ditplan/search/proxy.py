@@ -35,7 +35,7 @@ only its own cell's loss, not the staleness it takes off every later reuse of th
 embedded model (held-out seeds) the uncapped knapsack's front has rel. L1 0.127 at FLOPs 0.557, where a
 layer reuses one output for 19 steps; with every run capped at 10 steps it has 0.093 at 0.577 and 0.092
 at 0.568
-(``benchmarks/results/search-vs-greedy-proxy46-gains7-s5{,-run10}-fullgrid.txt``). So proposals may
+(``benchmarks/search_vs_greedy/results/search-vs-greedy-proxy46-gains7-s5{,-run10}-fullgrid.txt``). So proposals may
 cap a layer's reuse runs (``max_run``): the knapsack then also tracks the length of each layer's
 current run, and any computing cell, even a cheap ``asc`` one, ends it. The cap costs the fastest
 plans, which need the longest runs: at 10 steps the fastest proposal has FLOPs 0.539, not 0.526.
