@@ -107,5 +107,5 @@ def test_the_comparison_figure_is_held_out_fid_by_held_out_latency_of_every_side
     assert points[2].what == "all blocks reuse at step 2"
     assert list(figure_groups(points)) == ["dense", "greedy", "learned", "baseline fbc", "baseline tc"]
     axes = figure_axes([report])
-    assert axes.y_label == "FID to the real images on held-out seeds (lower is better)"
+    assert axes.y_label == "FID to the real images\non held-out seeds (lower is better)"
     assert axes.x_label.startswith("latency ratio to dense") and "interleaved" in axes.x_label

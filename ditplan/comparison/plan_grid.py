@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from matplotlib import font_manager
 from PIL import Image, ImageDraw, ImageFont
 
 from ditplan.atomic import atomic_write
@@ -55,7 +56,7 @@ def _tile(sample: torch.Tensor) -> Image.Image:
 
 def grid_image(rows: Sequence[GridRow]) -> Image.Image:
     """The rows one under another, each under its label ``name: what``."""
-    font = ImageFont.load_default()
+    font = ImageFont.truetype(font_manager.findfont("DejaVu Sans"), 11)  # NOTE: matplotlib ships it; it has "–"
     labels = [f"{row.name}: {row.what}" for row in rows]
     text_width = max(int(font.getlength(text)) for text in labels) + 2 * PAD
     width = max(text_width, max(len(row.samples) for row in rows) * (TILE + PAD) + PAD)

@@ -153,7 +153,7 @@ def figure_axes(reports: Sequence[RunReport]) -> Axes:
     quality = reports[0].quality
     better = "lower" if direction(quality) == "minimize" else "higher"
     return Axes("latency_ratio", "quality", f"{label('latency_ratio')}, interleaved with dense on held-out seeds",
-                f"{label(quality)} on held-out seeds ({better} is better)",
+                f"{label(quality)}\non held-out seeds ({better} is better)",
                 f"{', '.join(r.name for r in reports)}: held-out quality × held-out latency")
 
 
