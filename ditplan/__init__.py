@@ -26,6 +26,7 @@ __all__ = [
     "remove_plan",
     "run",
     "sample",
+    "summary",
 ]
 
 
@@ -96,3 +97,23 @@ def sample(*args: Any, **kwargs: Any) -> Any:
     from ditplan.models.sampling import sample as _sample
 
     return _sample(*args, **kwargs)
+
+
+def summary(plan_or_pipe: Any) -> str:
+    """What a plan does in a few words: of a Plan, a plan file, or the plan applied to a pipeline or
+    transformer (see :func:`ditplan.strategies.summary.describe`)."""
+    from pathlib import Path
+
+    from ditplan.plan import Plan, PlanError, load_plan
+    from ditplan.strategies.apply import get_runtime
+    from ditplan.strategies.pipeline import transformer_of
+    from ditplan.strategies.summary import describe
+
+    if isinstance(plan_or_pipe, (str, Path)):
+        return describe(load_plan(plan_or_pipe))
+    if isinstance(plan_or_pipe, Plan):
+        return describe(plan_or_pipe)
+    runtime = get_runtime(transformer_of(plan_or_pipe))
+    if runtime is None:
+        raise PlanError(f"no plan is applied to this {type(plan_or_pipe).__name__}; apply one with ditplan.apply_plan")
+    return describe(runtime.plan)

@@ -68,6 +68,19 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'grid.png'} and {out / 'samples.safetensors'}")
 
 
+@command("show")
+def _show(args: argparse.Namespace) -> None:
+    from ditplan.evaluators.cost import plan_flops_ratio
+    from ditplan.models.adapters import recorded_adapter
+    from ditplan.plan import load_plan
+    from ditplan.strategies.summary import plan_card
+    from ditplan.workflow import prepare
+
+    plan = load_plan(args.plan)
+    adapter = prepare(args.experiment)[1] if args.experiment else recorded_adapter(plan.target.model)
+    print(plan_card(plan, plan_flops_ratio(adapter, plan) if adapter is not None else None))
+
+
 @command("evaluate")
 def _evaluate(args: argparse.Namespace) -> None:
     from ditplan.evaluators.evaluate import evaluate_plan, format_table
@@ -249,6 +262,11 @@ def _add_use(sub: argparse._SubParsersAction) -> None:
     _experiment_args(p)
     p.add_argument("--plan", help="plan YAML file (default: dense)")
     p.add_argument("--out", required=True, help="output folder")
+
+    p = sub.add_parser("show", help="what a plan file does: its description, target and FLOPs ratio to dense")
+    p.add_argument("plan", help="plan YAML file")
+    p.add_argument("--experiment", help="compute the FLOPs ratio on this experiment's model (default: the model the "
+                                        "plan records, when it is on this machine)")
 
     p = sub.add_parser("evaluate", help="all metrics of one plan vs dense on the experiment's workload")
     _experiment_args(p)

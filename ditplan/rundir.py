@@ -7,7 +7,7 @@ path inside a run directory::
       search/                   the study (:class:`SearchDir`): optuna.journal, mlflow.db + mlartifacts/,
                                 trials/trial-0000.yaml …, proxy.json, pareto_front.md
       held_out.yaml             the held-out stage: every side measured in the same rounds (:class:`HeldOutRecord`)
-      report/                   comparison.md, .png, .html
+      report/                   comparison.md, .png, .html; plans.png (dense and the exported plans' samples)
       exported/                 the plans the export rules select
 
 ``ditplan search --out DIR`` runs a study in a search folder of its own: a :class:`SearchDir` alone.
@@ -87,7 +87,8 @@ class GreedyDir:
 class SideResult:
     """One side of the held-out comparison: its ``metrics`` on the held-out seeds; ``plan``: its plan file,
     relative to the run directory (None for dense); ``trial``: the study trial a learned plan is; ``key``:
-    what the plan runs, so that a resumed stage knows whether it measured this plan already."""
+    what the plan runs, so that a resumed stage knows whether it measured this plan already; ``what``: what
+    the plan does, in words (:func:`ditplan.strategies.summary.describe`; empty in records made before it)."""
 
     name: str
     kind: SideKind
@@ -95,6 +96,7 @@ class SideResult:
     plan: str | None = None
     trial: int | None = None
     key: str = ""
+    what: str = ""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
 2. greedy D1 … D6 on the calibration seeds;
 3. learned search on the search seeds (warm-started from greedy with ``search.warm_start: greedy``);
 4. the held-out stage: dense, greedy, the learned front and the baselines in the same interleaved rounds;
-5. the report, and the plans the export rules select.
+5. the plans the export rules select, and the report (with dense and those plans on the same held-out seeds).
 
 Stages already done in the run directory are skipped. Everything an experiment file names is checked
 (:func:`prepare`) before the first stage computes anything.
@@ -19,8 +19,9 @@ from rich.console import Console
 
 from ditplan.atomic import atomic_write_text
 from ditplan.comparison.baselines import baseline_plan, check_baselines
-from ditplan.comparison.export import export_selected
+from ditplan.comparison.export import export_selected, safe_file_name
 from ditplan.comparison.held_out import held_out_stage
+from ditplan.comparison.plan_grid import write_plan_grid
 from ditplan.comparison.render import front_table, write_report
 from ditplan.comparison.report import build_report, load_run_data
 from ditplan.comparison.sides import run_sides
@@ -29,6 +30,7 @@ from ditplan.evaluators.domain import check_evaluation_files, check_extractor
 from ditplan.evaluators.reference import dense_reference
 from ditplan.files import naming
 from ditplan.models.adapters import ModelAdapter, experiment_adapter
+from ditplan.plan import Plan, load_plan
 from ditplan.plugins import import_plugins
 from ditplan.rundir import RunDir
 from ditplan.search.driver import SearchResult, run_search
@@ -39,6 +41,7 @@ from ditplan.search.space import check_space, experiment_space
 from ditplan.search.storage import load_finished_study, study_exists, study_storage
 from ditplan.search.tracking import attach_to_study
 from ditplan.spec import ExperimentSpec, load_spec, resolved_experiment_text
+from ditplan.strategies.summary import describe
 
 DEFAULT_EXPORT_RULES = ("knee", "top:3")
 
@@ -94,8 +97,12 @@ def _search(run: RunDir, spec: ExperimentSpec, trials: int | None, workers: int 
 
 
 def write_front_table(spec: ExperimentSpec, result: SearchResult) -> Path:
-    """The search's ``pareto_front.md``: every trial of the final fidelity, dense's objectives above."""
-    table = front_table(result.rows, result.objectives, result.dense, spec.search.samples)
+    """The search's ``pareto_front.md``: every trial of the final fidelity (with what its plan does), dense's
+    objectives above."""
+    trials = result.search_dir
+    rows = [{**row, "what": describe(trials.load_trial(row["trial"])) if trials.trial_path(row["trial"]).exists() else ""}
+            for row in result.rows]
+    table = front_table(rows, result.objectives, result.dense, spec.search.samples)
     return atomic_write_text(result.search_dir.front_table, table)
 
 
@@ -108,6 +115,12 @@ def _export(run: RunDir, rules: Sequence[str], console: Console) -> list[Path]:
     except UserError as err:
         console.print(f"nothing exported: {err}", soft_wrap=True)
         return []
+
+
+def _exported_plans(spec: ExperimentSpec, paths: Sequence[Path]) -> dict[str, Plan]:
+    """The exported plans by their side's name (the file's name without the experiment's)."""
+    prefix = safe_file_name(spec.name, "-")
+    return {p.stem.removeprefix(prefix): load_plan(p) for p in paths}
 
 
 def run_experiment(
@@ -145,9 +158,10 @@ def run_experiment(
         attach_to_study(spec, run.search, [run.held_out], "held_out")
 
     console.rule("[bold]5/5 comparison and export")
-    report = write_report([build_report(load_run_data(run.root))], run.report)
-    attach_to_study(spec, run.search, [p for p in run.report.iterdir() if p.is_file()], "comparison")
     exported = _export(run, export_rules, console)
+    grid = write_plan_grid(adapter, spec, _exported_plans(spec, exported), run.report)
+    report = write_report([build_report(load_run_data(run.root))], run.report, {spec.name: grid})
+    attach_to_study(spec, run.search, [p for p in run.report.iterdir() if p.is_file()], "comparison")
     if show_progress:
         print(report.read_text())  # NOTE: plain print: rich would wrap the table and eat [markup]
     console.print(f"report: {report}; exported plans: {', '.join(str(p) for p in exported) or 'none'}", soft_wrap=True)

@@ -110,7 +110,7 @@ def test_an_infeasible_trial_is_on_no_front_in_no_hypervolume_and_never_measured
     assert feasible_hypervolume(hand.study.get_trials(), ["minimize"] * 2, reference) == hypervolume(
         feasible_values, ["minimize"] * 2, reference)
     table = front_table(rows, ["rel_l1", "flops_ratio"], {"rel_l1": 0.0, "flops_ratio": 1.0}, 4)
-    assert "| 0 | best-but-infeasible | 0.01 | 0.3 | no |  |" in table
+    assert "| 0 | best-but-infeasible |  | 0.01 | 0.3 | no |  |" in table
     record = run.load_held_out()
     assert [(s.name, s.kind) for s in record.sides] == [("dense", "dense"), ("a", "learned"), ("b", "learned")]
     # a-again runs a's plan: measured once; the infeasible trial: never

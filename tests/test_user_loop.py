@@ -4,10 +4,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import ditplan
 from ditplan.cli import main
-from ditplan.comparison.report import build_report, load_run_data
+from ditplan.comparison.report import build_report, figure_points, load_run_data
 from ditplan.errors import UserError
 from ditplan.evaluators.evaluate import evaluate_plan
 from ditplan.models.adapters import adapter_from_spec
@@ -63,9 +64,19 @@ def test_run_produces_greedy_plans_a_study_a_report_and_exported_plans(finished_
     assert (dense["rel_l1"], dense["latency_ratio"], dense["flops_ratio"]) == (0.0, 1.0, 1.0)
     assert "## Held-out rel_l1 × latency (4 held-out samples, seeds 20000…" in (run_dir / "report" / "comparison.md").read_text()
     assert (run_dir / "report" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
-    assert list((run_dir / "exported").glob("*.yaml"))
+    points = figure_points([report])  # the figure: held-out quality × held-out latency of every side
+    assert [(p.name, p.kind) for p in points] == [(r.name, r.kind) for r in report.rows]
+    assert all(p.quality == r.held_out["rel_l1"] and p.latency == r.held_out["latency_ratio"]
+               for p, r in zip(points, report.rows))
+    assert report.row("dense").what == "dense (no acceleration)" and all(r.what for r in report.rows)
+    exported = list((run_dir / "exported").glob("*.yaml"))
+    assert exported
+    with Image.open(run_dir / "report" / "plans.png") as grid:  # dense + each exported plan, one row each
+        assert grid.height == 4 + (1 + len(exported)) * (16 + 96 + 4)
+    assert "what it does" in (run_dir / "search" / "pareto_front.md").read_text()
     assert (run_dir / "search" / "mlflow.db").exists()
-    assert list((run_dir / "search" / "mlartifacts").rglob("comparison/comparison.md"))  # report logged to MLflow
+    artifacts = run_dir / "search" / "mlartifacts"
+    assert list(artifacts.rglob("comparison/comparison.md")) and list(artifacts.rglob("comparison/plans.png"))
 
 
 def test_rerunning_resumes_without_redoing_finished_stages(finished_run):

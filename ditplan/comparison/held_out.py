@@ -19,6 +19,8 @@ from ditplan.models.adapters import ModelAdapter
 from ditplan.rundir import HeldOutRecord, RunDir, SideResult
 from ditplan.search.records import plan_key
 from ditplan.spec import ExperimentSpec
+from ditplan.strategies.summary import DENSE as DENSE_TEXT
+from ditplan.strategies.summary import describe
 
 
 def _key(side: Side) -> str:
@@ -57,7 +59,8 @@ def held_out_stage(run: RunDir, spec: ExperimentSpec, adapter: ModelAdapter, sid
         first_seed=seed_set.seeds[0], samples=len(seed_set.seeds), rounds=refine.latency_repeats,
         seconds=result.seconds, sample_forwards=result.sample_forwards,
         sides=tuple(SideResult(s.name, s.kind, result.metrics[s.name],
-                               run.relative(s.plan_file) if s.plan_file is not None else None, s.trial, _key(s))
+                               run.relative(s.plan_file) if s.plan_file is not None else None, s.trial, _key(s),
+                               describe(s.plan) if s.plan is not None else DENSE_TEXT)
                     for s in sides))
     run.save_held_out(record)
     return record

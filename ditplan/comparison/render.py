@@ -4,13 +4,13 @@ HTML figure; and a search's front table (``pareto_front.md``)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ditplan.atomic import atomic_write, atomic_write_text
-from ditplan.comparison.report import RunReport, Verdict
-from ditplan.registry import label
+from ditplan.comparison.report import FigurePoint, RunReport, Verdict, figure_points
+from ditplan.registry import direction, label
 from ditplan.search.figures import Axes, scatter_html, scatter_png
 
 FLOPS_SENTENCE = ("FLOPs ratio (here, in objectives and in plan files: `flops_ratio`) counts window attention as its "
@@ -39,11 +39,11 @@ def _headline(report: RunReport) -> list[str]:
     lines = [f"## Held-out {report.quality} × latency ({record.samples} held-out samples, seeds {record.first_seed}…; "
              f"latency ratio to dense: median over {record.rounds} rounds interleaved with dense in one process, "
              "min–max band)", "",
-             "| plan | side | " + " | ".join(f"{m} (held-out)" for m in columns) + " | rel_l1 (search seeds) | "
-             "latency ratio (band) | FLOPs ratio (executed) | ideal |", "|---|---|" + "---|" * len(columns) + "---|---|---|---|"]
+             "| plan | side | what it does | " + " | ".join(f"{m} (held-out)" for m in columns) + " | rel_l1 (search seeds) | "
+             "latency ratio (band) | FLOPs ratio (executed) | ideal |", "|---|---|---|" + "---|" * len(columns) + "---|---|---|---|"]
     order = {"dense": 0, "greedy": 1, "learned": 2, "baseline": 3}
     for row in sorted(report.rows, key=lambda r: (order[r.kind], r.value("latency_ratio") if r.kind != "greedy" else 0)):
-        lines.append(f"| {row.name} | {row.kind if row.kind != 'dense' else ''} | "
+        lines.append(f"| {row.name} | {row.kind if row.kind != 'dense' else ''} | {row.what} | "
                      + " | ".join(_fmt(row.value(m)) for m in columns)
                      + f" | {_fmt(row.search.get('rel_l1', math.nan))} | {_latency(row.held_out)} | "
                      f"{_fmt(row.value('flops_ratio'), '.3f')} | {_fmt(row.value('ideal_flops_ratio'), '.3f')} |")
@@ -83,12 +83,13 @@ def _dominance(report: RunReport) -> list[str]:
     baselines = bool(report.of_kind("baseline"))
     lines = [f"## Dominance on held-out seeds: for every greedy plan{' and baseline' if baselines else ''}, the best "
              "learned plan at ≤ its latency", "",
-             f"| {'greedy / baseline' if baselines else 'greedy'} | {q} | latency | best learned at ≤ its latency | {q} | "
-             f"latency | Δ {q} | verdict |", "|---|---|---|---|---|---|---|---|"]
+             f"| {'greedy / baseline' if baselines else 'greedy'} | what it does | {q} | latency | best learned at ≤ its "
+             f"latency | what it does | {q} | latency | Δ {q} | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
     for v in report.dominance:
-        best = (f"{v.best} | {_fmt(v.best_quality)} | {_fmt(v.best_latency, '.3f')} | {v.delta:+.4g}"
-                if v.best is not None else "none | | |")
-        lines.append(f"| {v.side} | {_fmt(v.quality)} | {_fmt(v.latency, '.3f')} | {best} | {_verdict_text(v)} |")
+        best = (f"{v.best} | {report.row(v.best).what} | {_fmt(v.best_quality)} | {_fmt(v.best_latency, '.3f')} | "
+                f"{v.delta:+.4g}" if v.best is not None else "none | | | |")
+        lines.append(f"| {v.side} | {report.row(v.side).what} | {_fmt(v.quality)} | {_fmt(v.latency, '.3f')} | {best} | "
+                     f"{_verdict_text(v)} |")
     return lines
 
 
@@ -139,48 +140,49 @@ def run_markdown(report: RunReport) -> list[str]:
     return held + _search_seeds(report) + [""] + _budgets(report) + [""]
 
 
-def figure_groups(reports: Sequence[RunReport]) -> dict[str, list[dict[str, Any]]]:
-    """Held-out points by side (and run, when there are several): quality and latency ratio, named."""
+def figure_groups(points: Sequence[FigurePoint]) -> dict[str, list[dict[str, Any]]]:
+    """The figure's points by legend entry, as the scatter functions take them."""
     groups: dict[str, list[dict[str, Any]]] = {}
-    for report in reports:
-        for row in report.rows:
-            if math.isnan(row.value(report.quality)) or math.isnan(row.value("latency_ratio")):
-                continue
-            key = row.kind if len(reports) == 1 else f"{report.name}: {row.kind}"
-            groups.setdefault(key, []).append({"name": row.name, "quality": row.value(report.quality),
-                                               "latency_ratio": row.value("latency_ratio"),
-                                               "on_front": row.kind == "learned"})
+    for p in points:
+        groups.setdefault(p.group, []).append({"name": p.name, "what": p.what, "quality": p.quality,
+                                               "latency_ratio": p.latency, "on_front": p.kind == "learned"})
     return groups
 
 
 def figure_axes(reports: Sequence[RunReport]) -> Axes:
     quality = reports[0].quality
-    return Axes("latency_ratio", "quality", f"{label('latency_ratio')}, held-out", f"{label(quality)}, held-out",
-                f"{', '.join(r.name for r in reports)}: held-out quality × latency")
+    better = "lower" if direction(quality) == "minimize" else "higher"
+    return Axes("latency_ratio", "quality", f"{label('latency_ratio')}, interleaved with dense on held-out seeds",
+                f"{label(quality)}\non held-out seeds ({better} is better)",
+                f"{', '.join(r.name for r in reports)}: held-out quality × held-out latency")
 
 
-def write_report(reports: Sequence[RunReport], out: Path) -> Path:
+def write_report(reports: Sequence[RunReport], out: Path, grids: Mapping[str, Path] | None = None) -> Path:
     """``comparison.md`` with ``comparison.png`` and ``comparison.html`` (held-out quality × latency of every
-    side, each point named) into ``out``; returns the Markdown file."""
+    side, each point named) into ``out``; ``grids``: by run name, the image in ``out`` of its plans' samples
+    (:mod:`ditplan.comparison.plan_grid`). Returns the Markdown file."""
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Greedy vs learned plans ({', '.join(r.name for r in reports)})", ""]
     for report in reports:
         lines += ([f"# {report.name}", ""] if len(reports) > 1 else []) + run_markdown(report)
-    groups, axes = figure_groups(reports), figure_axes(reports)
+    groups, axes = figure_groups(figure_points(reports)), figure_axes(reports)
     if groups:
         png = scatter_png(groups, axes, annotate=True)
         atomic_write(out / FIGURE, lambda tmp: png.savefig(tmp, dpi=120, format="png"))
         html = scatter_html(groups, axes)
         atomic_write(out / "comparison.html", lambda tmp: html.write_html(str(tmp)))
         lines += [f"![held-out quality × latency]({FIGURE})", ""]
+    for name, grid in (grids or {}).items():
+        lines += [f"## {name}: dense and the exported plans on the same held-out seeds", "",
+                  f"![{name}: samples of each plan]({grid.name})", ""]
     return atomic_write_text(out / "comparison.md", "\n".join(lines))
 
 
 def front_table(rows: Sequence[dict[str, Any]], objectives: Sequence[str], dense: dict[str, float], samples: int) -> str:
-    """A search's trials at the final fidelity (``rows``: name, source, objective values, feasible, on_front)
-    after dense's own objectives on the same ``samples`` search samples."""
+    """A search's trials at the final fidelity (``rows``: name, source, objective values, feasible, on_front and
+    optionally ``what`` its plan does) after dense's own objectives on the same ``samples`` search samples."""
     return "\n".join([f"dense on the same {samples} search samples: " + ", ".join(f"{o} {dense[o]:.4g}" for o in objectives),
-                      "", "| trial | name | " + " | ".join(objectives) + " | feasible | front |",
-                      "|---|---|" + "---|" * len(objectives) + "---|---|"] +
-                     [f"| {r['trial']} | {r['name']} | " + " | ".join(f"{r[o]:.4g}" for o in objectives) +
+                      "", "| trial | name | what it does | " + " | ".join(objectives) + " | feasible | front |",
+                      "|---|---|---|" + "---|" * len(objectives) + "---|---|"] +
+                     [f"| {r['trial']} | {r['name']} | {r.get('what', '')} | " + " | ".join(f"{r[o]:.4g}" for o in objectives) +
                       f" | {'yes' if r['feasible'] else 'no'} | {'yes' if r['on_front'] else ''} |" for r in rows]) + "\n"

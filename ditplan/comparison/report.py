@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,16 +65,31 @@ def quality_metric(spec: ExperimentSpec) -> str:
 class SideRow:
     """One side in the headline: its held-out metrics, its search-seed metrics ({} when it has none) and
     whether it meets the experiment's constraints (on the search seeds; a greedy plan that did not
-    warm-start the search, on the held-out seeds)."""
+    warm-start the search, on the held-out seeds); ``what``: what its plan does, in words."""
 
     name: str
     kind: SideKind
     held_out: dict[str, float]
     search: dict[str, float]
     feasible: bool
+    what: str = ""
 
     def value(self, metric: str) -> float:
         return self.held_out.get(metric, math.nan)
+
+
+@dataclass(frozen=True)
+class FigurePoint:
+    """One side on the comparison figure: its held-out quality × its held-out latency ratio (interleaved with
+    dense); ``group``: its legend entry (its kind; each baseline its own; the run's name first when the figure
+    shows several runs)."""
+
+    group: str
+    name: str
+    kind: SideKind
+    quality: float
+    latency: float
+    what: str
 
 
 @dataclass(frozen=True)
@@ -180,6 +196,20 @@ class RunReport:
         return [r for r in self.of_kind("learned") if r.feasible]
 
 
+def figure_points(reports: Sequence[RunReport]) -> list[FigurePoint]:
+    """Every side with a held-out quality and latency, of every report, for the comparison figure."""
+    points = []
+    for report in reports:
+        for row in report.rows:
+            quality, latency = row.value(report.quality), row.value("latency_ratio")
+            if math.isnan(quality) or math.isnan(latency):
+                continue
+            group = f"baseline {row.name}" if row.kind == "baseline" else row.kind
+            group = group if len(reports) == 1 else f"{report.name}: {group}"
+            points.append(FigurePoint(group, row.name, row.kind, quality, latency, row.what))
+    return points
+
+
 def _sign(metric: str) -> float:
     return 1.0 if direction(metric) == "minimize" else -1.0
 
@@ -196,9 +226,9 @@ def _side_rows(data: RunData) -> list[SideRow]:
     def row(side: SideResult) -> SideRow:
         trial = by_trial.get(side.trial) if side.kind == "learned" else greedy_trials.get(side.name) if side.kind == "greedy" else None
         if trial is not None:
-            return SideRow(side.name, side.kind, dict(side.metrics), trial.metrics, trial.feasible)
+            return SideRow(side.name, side.kind, dict(side.metrics), trial.metrics, trial.feasible, side.what)
         feasible = side.kind == "dense" or data.spec.search.meets_constraints(side.metrics, dense)
-        return SideRow(side.name, side.kind, dict(side.metrics), {}, feasible)
+        return SideRow(side.name, side.kind, dict(side.metrics), {}, feasible, side.what)
     return [row(side) for side in record.sides]
 
 

@@ -100,6 +100,17 @@ def run_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSetting
                  total=executed_flops(adapter, run.executed.counts, run.executed.calls, rows))
 
 
+def plan_flops_ratio(adapter: ModelAdapter, plan: Plan) -> float | None:
+    """``plan``'s whole-transformer FLOPs ratio to dense on ``adapter`` under the sampler the plan records;
+    None when the model is not the plan's shape (layers, tokens) or the plan carries one of diffusers'
+    caches (its FLOPs are what a run executed)."""
+    if plan.cache or (adapter.num_layers, adapter.num_tokens) != (plan.target.num_layers, plan.target.num_tokens):
+        return None
+    t = plan.target
+    settings = SamplerSettings(t.scheduler, t.num_steps, t.guidance_scale, batch_size=1)
+    return plan_flops(adapter, plan, settings).total / plan_flops(adapter, None, settings).total
+
+
 def ideal_flops_ratio(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSettings, flops_ratio: float) -> float:
     """The FLOPs ratio of ``plan`` to dense with window attention counted as its ideal window; a plan
     carrying one of diffusers' caches runs no window, so it is ``flops_ratio`` (what ran) itself."""

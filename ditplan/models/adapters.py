@@ -275,6 +275,19 @@ def load_adapter(
     return adapter_cls(transformer, schedule, model_id, vae=vae_model, **adapter_kwargs)
 
 
+def recorded_adapter(model_id: str) -> ModelAdapter | None:
+    """The model a plan records (``target.model``) when it is on this machine: an embedded model's name or a
+    local pipeline folder; None for a hub id or random weights (nothing is downloaded)."""
+    if model_id in EMBEDDED_MODELS:
+        return load_adapter("dit", model_id)
+    config = Path(model_id) / "transformer" / "config.json"
+    if not config.is_file():
+        return None
+    class_name = json.loads(config.read_text()).get("_class_name")
+    kind = next((k for k, (_, cls) in ADAPTERS.items() if cls.__name__ == class_name), None)
+    return load_adapter(kind, model_id) if kind else None
+
+
 def model_folder(source: str) -> Path:
     """The local folder of a model source (an embedded model's name is the package's own folder)."""
     return EMBEDDED_MODELS[source].folder if source in EMBEDDED_MODELS else Path(source)

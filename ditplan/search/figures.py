@@ -60,12 +60,12 @@ def scatter_png(groups: dict[str, list[dict[str, Any]]], axes: Axes, annotate: b
 
 
 def scatter_html(groups: dict[str, list[dict[str, Any]]], axes: Axes) -> Any:
-    """The same picture, interactive: hovering a point names it."""
+    """The same picture, interactive: hovering a point names it (and says what it does, ``what``)."""
     fig = go.Figure()
     for label, rows in groups.items():
         fig.add_trace(go.Scatter(
             x=[r[axes.x] for r in rows], y=[r[axes.y] for r in rows], mode="markers", name=label,
-            text=[str(r.get("name", "")) for r in rows], marker={"symbol": _markers(groups)[label][1], "size": 10},
+            text=[": ".join(str(r[k]) for k in ("name", "what") if r.get(k)) for r in rows], marker={"symbol": _markers(groups)[label][1], "size": 10},
         ))
     fig.update_layout(xaxis_title=axes.x_label, yaxis_title=axes.y_label, title=axes.title)
     return fig
