@@ -1,7 +1,7 @@
 """Dense latency of an experiment's workload: median and min–max over repeats (the noise band any
 plan comparison has to beat) and the share of time spent in self-attention.
 
-    python benchmarks/dense_latency.py --experiment experiments/quickstart.yaml [--repeats 10]
+    python benchmarks/dense_latency.py --experiment ditplan/experiments/quickstart.yaml [--repeats 10]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ditplan.spec import load_spec
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--experiment", default="experiments/quickstart.yaml")
+    parser.add_argument("--experiment", default="ditplan/experiments/quickstart.yaml")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     spec = load_spec(args.experiment)

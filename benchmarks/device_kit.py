@@ -1,4 +1,4 @@
-"""Take the GPU run of ``experiments/digits-1024.yaml`` to a lent GPU machine (the ``device`` tool) in calls that fit.
+"""Take the GPU run of ``ditplan/experiments/digits-1024.yaml`` to a lent GPU machine (the ``device`` tool) in calls that fit.
 
 A device call sends the working tree (tracked files, untracked files git does not ignore, the ignored
 paths it carries) up to 64 MiB, to a bare image that holds PyTorch but not Ray, Optuna, diffusers, MLflow,

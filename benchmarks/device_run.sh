@@ -9,7 +9,7 @@
 #   2. benchmarks/gpu_table.py: dense, every strategy family (block caching every 2nd–6th step), the run's
 #      greedy and exported plans, on the held-out seeds interleaved with dense          -> table.txt, table.log
 #   stages.txt: the machine, each stage's seconds and exit status. The call exits with the worst status.
-# EXPERIMENT (experiments/digits-1024.yaml), RUN_LIMIT / TABLE_LIMIT (seconds: 330 / 150), TABLE_ARGS (more
+# EXPERIMENT (ditplan/experiments/digits-1024.yaml), RUN_LIMIT / TABLE_LIMIT (seconds: 330 / 150), TABLE_ARGS (more
 # gpu_table arguments), PYTHON (python3) and DITPLAN_STASH (/tmp/ditplan-bundle) change what it does; the
 # README's rehearsal sets them to run the same calls on this machine's CPU.
 set -uo pipefail

@@ -23,7 +23,7 @@ from ditplan.models.adapters import load_adapter
 from ditplan.models.sampling import plan_target
 from ditplan.strategies.apply import run_plan
 from ditplan.plan import load_plan
-from ditplan.search.greedy import DEFAULT_THRESHOLDS, greedy_search, threshold_name
+from ditplan.plansearch.greedy import DEFAULT_THRESHOLDS, greedy_search, threshold_name
 from ditplan.strategies.wars import WindowConfig
 from ditplan.spec import SamplerSettings
 

@@ -34,7 +34,7 @@ from ditplan.models.adapters import load_adapter
 from ditplan.models.pipelines import IdentityDecoder, embedded_pipeline
 from ditplan.models.sampling import make_scheduler
 from ditplan.plan import Plan, load_plan
-from ditplan.search.greedy import DEFAULT_THRESHOLDS, greedy_search, threshold_name
+from ditplan.plansearch.greedy import DEFAULT_THRESHOLDS, greedy_search, threshold_name
 from ditplan.strategies.apply import run_plan
 from ditplan.strategies.curves import Constant
 from ditplan.strategies.finetune_sparse import layout_plan

@@ -48,11 +48,11 @@ from ditplan.models.adapters import experiment_adapter
 from ditplan.models.sampling import plan_target
 from ditplan.rundir import SearchDir
 from ditplan.plan import Plan, load_plan
-from ditplan.search.driver import run_search
-from ditplan.search.greedy import CANDIDATES, DEFAULT_THRESHOLDS, greedy_search, threshold_name
-from ditplan.search.pareto import hypervolume
-from ditplan.search.proxy import experiment_proxy, proxy_candidates
-from ditplan.search.trial_task import trial_metrics
+from ditplan.plansearch.driver import run_search
+from ditplan.plansearch.greedy import CANDIDATES, DEFAULT_THRESHOLDS, greedy_search, threshold_name
+from ditplan.plansearch.pareto import hypervolume
+from ditplan.plansearch.proxy import experiment_proxy, proxy_candidates
+from ditplan.plansearch.trial_task import trial_metrics
 from ditplan.spec import PROPOSAL_SPREADS, ProposalSpec, ScreeningSpec, load_spec
 
 QUALITY_COST = ("rel_l1", "flops_ratio")
@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--promote", type=int, default=20, help="screened trials scored again on --search-samples")
     parser.add_argument("--proxy-samples", type=int, help="calibration samples the proxy is measured on")
     parser.add_argument("--spread", choices=PROPOSAL_SPREADS, default=ProposalSpec().spread,
-                        help="how proposals are picked (ditplan.search.proxy.propose)")
+                        help="how proposals are picked (ditplan.plansearch.proxy.propose)")
     parser.add_argument("--gain-probes", type=int, default=ProposalSpec().gain_probes,
                         help="steps at which the proxy measures its gains (0: summed raw losses)")
     parser.add_argument("--max-reuse-run", type=int,

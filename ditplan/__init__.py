@@ -3,7 +3,7 @@
 The Python API mirrors the CLI::
 
     import ditplan
-    run_dir = ditplan.run("experiments/quickstart.yaml")          # ditplan run
+    run_dir = ditplan.run("ditplan/experiments/quickstart.yaml")          # ditplan run
     ditplan.compare([run_dir], "report/")                         # ditplan compare
     paths = ditplan.export(run_dir, "knee", "plans/")             # ditplan export
     ditplan.apply_plan(pipe, paths[0])                            # a stock diffusers DiT/PixArt pipeline

@@ -59,7 +59,7 @@ def _checked_plan(path: str | Path, adapter, spec):  # noqa: ANN001, ANN202
 
 @command("generate")
 def _generate(args: argparse.Namespace) -> None:
-    from ditplan.generate import generate
+    from ditplan.samples import generate
     from ditplan.workflow import prepare
 
     spec, adapter = prepare(args.experiment)
@@ -130,7 +130,7 @@ def _warm_start(folder: str, adapter, spec) -> dict:  # noqa: ANN001
 @command("search")
 def _search(args: argparse.Namespace) -> None:
     from ditplan.rundir import search_folder
-    from ditplan.search.storage import refuse_existing_study
+    from ditplan.plansearch.storage import refuse_existing_study
     from ditplan.spec import load_spec
 
     spec = load_spec(args.experiment)
@@ -138,7 +138,7 @@ def _search(args: argparse.Namespace) -> None:
     if not args.resume:
         refuse_existing_study(spec, search_dir)  # NOTE: before the model and the libraries load
 
-    from ditplan.search.driver import run_search
+    from ditplan.plansearch.driver import run_search
     from ditplan.workflow import prepare, write_front_table
 
     spec, adapter = prepare(args.experiment, args.plugin or (), searches=True)  # NOTE: before the study writes anything
@@ -156,7 +156,7 @@ def _search(args: argparse.Namespace) -> None:
 @command("greedy")
 def _greedy(args: argparse.Namespace) -> None:
     from ditplan.rundir import GreedyDir
-    from ditplan.search.greedy_cli import greedy_summary, write_greedy_plans
+    from ditplan.plansearch.greedy_cli import greedy_summary, write_greedy_plans
     from ditplan.plan import load_plan
     from ditplan.workflow import prepare
 

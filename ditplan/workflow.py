@@ -31,14 +31,14 @@ from ditplan.files import naming
 from ditplan.models.adapters import ModelAdapter, experiment_adapter
 from ditplan.plugins import import_plugins
 from ditplan.rundir import RunDir
-from ditplan.search.driver import SearchResult, run_search
-from ditplan.search.greedy_cli import greedy_summary, write_greedy_plans
-from ditplan.search.ray_tasks import resolve_ray_address
-from ditplan.search.records import reference_point
-from ditplan.search.space import check_space, experiment_space
-from ditplan.search.storage import load_finished_study, study_exists, study_storage
-from ditplan.search.tracking import attach_to_study
-from ditplan.spec import ExperimentSpec, load_spec, resolved_experiment_text
+from ditplan.plansearch.driver import SearchResult, run_search
+from ditplan.plansearch.greedy_cli import greedy_summary, write_greedy_plans
+from ditplan.plansearch.ray_tasks import resolve_ray_address
+from ditplan.plansearch.records import reference_point
+from ditplan.plansearch.space import check_space, experiment_space
+from ditplan.plansearch.storage import load_finished_study, study_exists, study_storage
+from ditplan.plansearch.tracking import attach_to_study
+from ditplan.spec import Experiment, ExperimentSpec, experiment_label, load_spec, resolved_experiment_text
 
 DEFAULT_EXPORT_RULES = ("knee", "top:3")
 
@@ -53,7 +53,7 @@ def check_names(spec: ExperimentSpec) -> None:
     reference_point(spec)
 
 
-def prepare(experiment: str | Path, plugins: Sequence[str] = (), evaluates: bool = False, searches: bool = False
+def prepare(experiment: Experiment, plugins: Sequence[str] = (), evaluates: bool = False, searches: bool = False
             ) -> tuple[ExperimentSpec, ModelAdapter]:
     """The experiment in ``experiment`` and its model, once everything the command needs is known to exist:
     a bad name or file is a one-line :class:`UserError` naming the experiment file, before any work.
@@ -62,7 +62,7 @@ def prepare(experiment: str | Path, plugins: Sequence[str] = (), evaluates: bool
     fine-tuned networks)."""
     import_plugins(plugins)
     spec = load_spec(experiment)
-    with naming(experiment):
+    with naming(experiment_label(experiment)):
         check_names(spec)
         adapter = experiment_adapter(spec)
         if evaluates or searches:
@@ -74,7 +74,7 @@ def prepare(experiment: str | Path, plugins: Sequence[str] = (), evaluates: bool
     return spec, adapter
 
 
-def _keep_experiment(run: RunDir, spec: ExperimentSpec, experiment: str | Path) -> None:
+def _keep_experiment(run: RunDir, spec: ExperimentSpec, experiment: Experiment) -> None:
     """The run directory keeps the experiment with its relative paths made absolute (resolved once, against
     ``experiment``), so running again on either file resumes the run; another experiment's run is refused."""
     if run.experiment.exists() and run.load_experiment() != spec:
@@ -111,10 +111,11 @@ def _export(run: RunDir, rules: Sequence[str], console: Console) -> list[Path]:
 
 
 def run_experiment(
-    experiment: str | Path, trials: int | None = None, workers: int | None = None, ray_address: str | None = None,
+    experiment: Experiment, trials: int | None = None, workers: int | None = None, ray_address: str | None = None,
     export_rules: Sequence[str] = DEFAULT_EXPORT_RULES, show_progress: bool = True, plugins: Sequence[str] = (),
 ) -> Path:
-    """Run every stage (module docstring); returns the run directory. ``plugins``: modules imported here and in
+    """Run every stage (module docstring) of ``experiment`` (a file, a shipped experiment's name, its data or
+    a spec); returns the run directory. ``plugins``: modules imported here and in
     every search worker that register strategies or feature extractors the experiment names."""
     console = Console(quiet=not show_progress)
     resolve_ray_address(ray_address)  # NOTE: a cluster that does not answer fails here, not after greedy's minutes

@@ -116,7 +116,7 @@ def test_plan_flops_of_skipped_blocks_equal_the_flop_counter(tiny_adapter, tiny_
 def test_a_search_space_draws_block_cells_that_run(tiny_adapter, tiny_spec):
     import optuna
 
-    from ditplan.search.space import build_space
+    from ditplan.plansearch.space import build_space
 
     settings = tiny_spec.sampler.settings()
     space = build_space(plan_target(tiny_adapter, settings), ["full", "reuse", "forecast", "ast"], layer_groups=2,

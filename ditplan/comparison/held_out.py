@@ -17,7 +17,7 @@ from ditplan.errors import UserError
 from ditplan.evaluators.measure import measure
 from ditplan.models.adapters import ModelAdapter
 from ditplan.rundir import HeldOutRecord, RunDir, SideResult
-from ditplan.search.records import plan_key
+from ditplan.plansearch.records import plan_key
 from ditplan.spec import ExperimentSpec
 
 

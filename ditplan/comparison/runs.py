@@ -8,7 +8,7 @@ from pathlib import Path
 from ditplan.comparison.render import FIGURE, write_report
 from ditplan.comparison.report import build_report, load_run_data
 from ditplan.errors import UserError
-from ditplan.search.tracking import attach_to_study
+from ditplan.plansearch.tracking import attach_to_study
 
 
 def compare_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:

@@ -34,7 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ditplan.errors import UserError
 from ditplan.rundir import SearchDir
-from ditplan.search.attrs import ERROR, PROMOTED, WARM
+from ditplan.plansearch.attrs import ERROR, PROMOTED, WARM
 from ditplan.spec import ExperimentSpec, SearchSpec
 
 
