@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from safetensors.torch import save_file
 from torchvision.utils import save_image
 
 from ditplan.atomic import atomic_write
+from ditplan.errors import UserError
 from ditplan.models.adapters import ModelAdapter
 from ditplan.plan import Plan
-from ditplan.spec import ExperimentSpec
+from ditplan.spec import ExperimentSpec, WorkloadSpec, format_error
 from ditplan.strategies.apply import run_plan
 
 
@@ -28,3 +31,21 @@ def generate(spec: ExperimentSpec, adapter: ModelAdapter, out: str | Path, plan:
     nrow = len(spec.workload.classes or spec.workload.prompts or [])
     save_samples(run.samples, Path(out), nrow=max(1, min(nrow, 16)))
     return Path(out)
+
+
+def with_workload(spec: ExperimentSpec, classes: Sequence[int] | None = None, prompts: Sequence[str] | None = None,
+                  seed: int | None = None, num: int | None = None) -> ExperimentSpec:
+    """A copy of ``spec`` whose plain workload samples ``classes`` (class-conditional models) or ``prompts``
+    (text models), from seed ``seed``, ``num`` samples per condition; what is not given stays as the
+    experiment has it. ``spec`` itself is left as it is."""
+    if classes and spec.model.kind != "dit" or prompts and spec.model.kind == "dit":
+        wanted = "prompts" if spec.model.kind != "dit" else "class labels"
+        raise UserError(f"the experiment's {spec.model.kind} model is conditioned on {wanted}; give {wanted} instead")
+    given = {"classes": classes, "prompts": prompts, "seed": seed, "samples_per_condition": num}
+    update = {key: list(value) if key in ("classes", "prompts") else value
+              for key, value in given.items() if value is not None}
+    try:
+        workload = WorkloadSpec.model_validate({**spec.workload.model_dump(), **update})
+    except ValidationError as err:
+        raise UserError(format_error(f"experiment {spec.name} with the samples asked for", err)) from None
+    return spec.model_copy(update={"workload": workload})

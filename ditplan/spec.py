@@ -614,7 +614,7 @@ def _unknown_field(loc: tuple[Any, ...]) -> str:
     return f"unknown field{did_you_mean(str(loc[-1]), names)}; valid fields: {', '.join(names)}"
 
 
-def _format_error(label: str, err: ValidationError) -> str:
+def format_error(label: str, err: ValidationError) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "(top level)"
     value = first.get("input")
@@ -665,7 +665,7 @@ def _validated(data: Any, label: str) -> ExperimentSpec:
     try:
         return ExperimentSpec.model_validate(data)
     except ValidationError as err:
-        raise SpecError(_format_error(label, err)) from None
+        raise SpecError(format_error(label, err)) from None
     except RecursionError:
         raise SpecError(f"{label}: nests too deeply to be an experiment file") from None
 

@@ -12,7 +12,7 @@ Stages already done in the run directory are skipped. Everything an experiment f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -27,16 +27,17 @@ from ditplan.comparison.sides import run_sides
 from ditplan.errors import UserError
 from ditplan.evaluators.domain import check_evaluation_files, check_extractor
 from ditplan.evaluators.reference import dense_reference
-from ditplan.files import naming
+from ditplan.files import check_folder, naming
 from ditplan.models.adapters import ModelAdapter, experiment_adapter
 from ditplan.plugins import import_plugins
-from ditplan.rundir import RunDir
+from ditplan.plan import Plan, load_plan
+from ditplan.rundir import RunDir, search_folder
 from ditplan.plansearch.driver import SearchResult, run_search
 from ditplan.plansearch.greedy_cli import greedy_summary, write_greedy_plans
 from ditplan.plansearch.ray_tasks import resolve_ray_address
 from ditplan.plansearch.records import reference_point
 from ditplan.plansearch.space import check_space, experiment_space
-from ditplan.plansearch.storage import load_finished_study, study_exists, study_storage
+from ditplan.plansearch.storage import load_finished_study, refuse_existing_study, study_exists, study_storage
 from ditplan.plansearch.tracking import attach_to_study
 from ditplan.spec import Experiment, ExperimentSpec, experiment_label, load_spec, resolved_experiment_text
 
@@ -72,6 +73,47 @@ def prepare(experiment: Experiment, plugins: Sequence[str] = (), evaluates: bool
             for baseline in spec.baselines:
                 baseline_plan(adapter, spec, baseline)
     return spec, adapter
+
+
+def checked_plan(plan: str | Path | Plan, adapter: ModelAdapter, spec: ExperimentSpec) -> Plan:
+    """The plan (a Plan or a plan file), once it is known to fit the experiment's model and sampler (one line if not)."""
+    from ditplan.strategies.apply import check_plan
+
+    loaded = plan if isinstance(plan, Plan) else load_plan(plan)
+    with naming("plan" if isinstance(plan, Plan) else plan):
+        check_plan(loaded, adapter, spec.sampler.settings())
+    return loaded
+
+
+def warm_start_plans(folder: str | Path, adapter: ModelAdapter, spec: ExperimentSpec) -> dict[str, Plan]:
+    """The plan files in ``folder`` by name (a plan's own name, else its file's), each checked against the model."""
+    plans = {}
+    for path in sorted(check_folder(folder, "--warm-start folder").glob("*.yaml")):
+        plan = checked_plan(path, adapter, spec)
+        plans[str(plan.provenance.get("name") or path.stem)] = plan
+    if not plans:
+        raise UserError(f"--warm-start folder {folder} holds no plan file (*.yaml); give the folder `ditplan export` "
+                        "or `ditplan greedy` wrote")
+    return plans
+
+
+def search_experiment(
+    experiment: Experiment, out: str | Path | None = None, trials: int | None = None, workers: int | None = None,
+    ray_address: str | None = None, resume: bool = False, warm_start: str | Path | Mapping[str, Plan] | None = None,
+    plugins: Sequence[str] = (), promote_best: bool = True, show_progress: bool = True,
+) -> SearchResult:
+    """The learned search alone (``ditplan search``) in ``out`` (default: the run directory's ``search/``);
+    ``warm_start``: plans (or a folder of plan files) run first as known trials; writes the front table."""
+    spec = load_spec(experiment)
+    search_dir = search_folder(spec, out)
+    if not resume:
+        refuse_existing_study(spec, search_dir)  # NOTE: before the model loads
+    spec, adapter = prepare(experiment, plugins, searches=True)  # NOTE: before the study writes anything
+    warm = warm_start_plans(warm_start, adapter, spec) if isinstance(warm_start, (str, Path)) else warm_start or {}
+    result = run_search(spec, search_dir, trials=trials, workers=workers, ray_address=ray_address, resume=resume,
+                        warm_start=warm, plugins=plugins, show_progress=show_progress, promote_best=promote_best)
+    write_front_table(spec, result)
+    return result
 
 
 def _keep_experiment(run: RunDir, spec: ExperimentSpec, experiment: Experiment) -> None:
