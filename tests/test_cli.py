@@ -174,7 +174,7 @@ def test_a_plan_applies_with_only_the_base_install(tmp_path):
     ``import`` raise ModuleNotFoundError and ``importlib.util.find_spec`` answer None, as when not installed)."""
     result = _python(f"""
         import sys
-        BLOCKED = ("optuna", "ray", "mlflow", "torch_fidelity", "matplotlib", "plotly", "mlxtend")
+        BLOCKED = ("optuna", "ray", "mlflow", "torch_fidelity", "matplotlib", "plotly", "mlxtend", "rich")
         sys.modules.update(dict.fromkeys(BLOCKED))
         import ditplan
         from ditplan.models.adapters import load_adapter

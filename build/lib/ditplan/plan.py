@@ -1,0 +1,222 @@
+"""The Plan: which strategy each self-attention layer uses at each denoising step, plus the
+strategies' parameters, what the plan was made for, and how it was found.
+
+Plan files are YAML (``yaml.safe_load`` only). The step × layer grid is stored run-length encoded,
+one line per layer, e.g. ``"full:2 ast:3 wars:15"``.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ditplan.atomic import atomic_write_text
+from ditplan.errors import UserError
+from ditplan.files import read_yaml
+
+SCHEMA_VERSION = 1
+
+
+class PlanError(UserError):
+    """A plan file is malformed, or does not fit the model/sampler it is applied to."""
+
+
+@dataclass(frozen=True)
+class PlanTarget:
+    """What a plan was made for; a plan applied elsewhere is refused (see :meth:`Plan.check_fits`)."""
+
+    model: str
+    weights_hash: str
+    num_layers: int
+    num_tokens: int
+    scheduler: str
+    num_steps: int
+    guidance_scale: float
+
+    def differences(self, other: PlanTarget) -> list[str]:
+        """Human-readable mismatches, ignoring the model id (the weights hash decides identity)."""
+        names = {
+            "weights_hash": "model weights (hash)",
+            "num_layers": "layers",
+            "num_tokens": "tokens",
+            "scheduler": "scheduler",
+            "num_steps": "steps",
+            "guidance_scale": "guidance scale",
+        }
+        return [
+            f"{label}: plan has {getattr(self, key)!r}, target has {getattr(other, key)!r}"
+            for key, label in names.items()
+            if getattr(self, key) != getattr(other, key)
+        ]
+
+
+def encode_runs(row: Sequence[str]) -> str:
+    """``["full", "full", "ast"]`` → ``"full:2 ast:1"``."""
+    runs: list[list[Any]] = []
+    for name in row:
+        if runs and runs[-1][0] == name:
+            runs[-1][1] += 1
+        else:
+            runs.append([name, 1])
+    return " ".join(f"{name}:{count}" for name, count in runs)
+
+
+def decode_runs(text: str, max_length: int | None = None) -> list[str]:
+    """The row a run-length line encodes; a row longer than ``max_length`` is refused before it is built."""
+    if not isinstance(text, str):
+        raise PlanError(f"plan grid line {text!r} is not a string of runs NAME:COUNT, e.g. 'full:20'")
+    row: list[str] = []
+    for token in text.split():
+        name, sep, count = token.rpartition(":")
+        if not sep or not name or not count.isdigit() or int(count) < 1:
+            raise PlanError(f"bad run {token!r} in plan grid; write runs as NAME:COUNT, e.g. 'full:20'")
+        if max_length is not None and len(row) + int(count) > max_length:
+            raise PlanError(f"plan grid line {text[:60]!r} is longer than the {max_length} steps its target says")
+        row.extend([name] * int(count))
+    return row
+
+
+_TARGET_TYPES = {"model": str, "weights_hash": str, "num_layers": int, "num_tokens": int, "scheduler": str,
+                 "num_steps": int, "guidance_scale": (int, float)}
+_TYPE_NAMES = {str: "string", int: "whole number"}
+_MAX_GRID = 10_000  # layers or steps of any plan
+
+
+def _target(data: Any) -> PlanTarget:
+    if not isinstance(data, dict) or set(data) != set(_TARGET_TYPES):
+        raise PlanError(f"plan target is malformed; it is a mapping of exactly {list(_TARGET_TYPES)}")
+    for key, kind in _TARGET_TYPES.items():
+        value = data[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise PlanError(f"plan target.{key} = {value!r} is not a {_TYPE_NAMES.get(kind, 'number')}")
+    for key in ("num_layers", "num_steps"):
+        if not 0 < data[key] <= _MAX_GRID:
+            raise PlanError(f"plan target.{key} = {data[key]} is outside 1…{_MAX_GRID}")
+    return PlanTarget(**data)
+
+
+def _mapping(data: dict, key: str, optional: bool = False) -> dict:
+    value = data.get(key)
+    if value is None:
+        return None if optional else {}  # type: ignore[return-value]
+    if not isinstance(value, dict):
+        raise PlanError(f"plan {key} = {str(value)[:60]!r} is not a mapping")
+    return value
+
+
+@dataclass(frozen=True)
+class Plan:
+    """grid[step][layer] names a registered strategy; ``params`` maps a strategy name to its config;
+    ``sparse`` is SparseDiT's global part (SDTM block ranges, pruning curve, fine-tuned weights; see
+    :class:`ditplan.strategies.sdtm.SparseLayout`), or None; ``cache`` one of diffusers' caches with its
+    config (see :mod:`ditplan.strategies.diffusers_cache`), or None."""
+
+    target: PlanTarget
+    grid: tuple[tuple[str, ...], ...]
+    params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+    sparse: Mapping[str, Any] | None = None
+    cache: Mapping[str, Any] | None = None
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.grid)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.grid[0]) if self.grid else 0
+
+    def method(self, step: int, layer: int) -> str:
+        return self.grid[step][layer]
+
+    def strategies(self) -> set[str]:
+        return {name for row in self.grid for name in row}
+
+    @classmethod
+    def uniform(cls, target: PlanTarget, method: str = "full", **kwargs: Any) -> Plan:
+        grid = tuple(tuple([method] * target.num_layers) for _ in range(target.num_steps))
+        return cls(target=target, grid=grid, **kwargs)
+
+    def with_provenance(self, **entries: Any) -> Plan:
+        return replace(self, provenance={**copy.deepcopy(dict(self.provenance)), **entries})
+
+    def check_fits(self, target: PlanTarget) -> None:
+        differences = self.target.differences(target)
+        weights = (self.sparse or {}).get("weights")
+        if weights and self.target.weights_hash != target.weights_hash:
+            raise PlanError(
+                f"plan runs on the fine-tuned SparseDiT network {weights!r} (weights {self.target.weights_hash}), not on "
+                f"this model (weights {target.weights_hash}); load that network (ditplan.load_for_plan, or the "
+                "experiment's model folder + the plan's sparse.weights), or make it with `ditplan finetune-sparse`"
+            )
+        if differences:
+            raise PlanError(
+                f"plan made for {self.target.model} does not fit this model/sampler: " + "; ".join(differences)
+            )
+
+    # --- YAML -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        columns = [[row[layer] for row in self.grid] for layer in range(self.num_layers)]
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "target": dict(self.target.__dict__),
+            "params": copy.deepcopy({k: dict(v) for k, v in self.params.items()}),
+            "sparse": copy.deepcopy(dict(self.sparse)) if self.sparse else None,
+            **({"cache": copy.deepcopy(dict(self.cache))} if self.cache else {}),
+            "grid": [encode_runs(col) for col in columns],  # one line per layer, runs over steps
+            "provenance": copy.deepcopy(dict(self.provenance)),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Plan:
+        if not isinstance(data, dict):
+            raise PlanError("a plan file must be a YAML mapping with target, grid, params and provenance")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise PlanError(f"plan schema_version {version!r} is not supported; this ditplan reads {SCHEMA_VERSION}")
+        target = _target(data.get("target"))
+        lines = data.get("grid") or []
+        if not isinstance(lines, list):
+            raise PlanError("plan grid is a list of lines of runs, one per layer, e.g. ['full:20', 'ast:5 full:15']")
+        columns = [decode_runs(line, target.num_steps) for line in lines[: target.num_layers + 1]]
+        if len(columns) != target.num_layers or any(len(c) != target.num_steps for c in columns):
+            raise PlanError(
+                f"plan grid is {len(columns)} layers × {[len(c) for c in columns][:1] or [0]} steps, but its target "
+                f"says {target.num_layers} layers × {target.num_steps} steps"
+            )
+        grid = tuple(tuple(col[step] for col in columns) for step in range(target.num_steps))
+        params = _mapping(data, "params")
+        if not all(isinstance(v, dict) or v is None for v in params.values()):
+            raise PlanError("plan params maps a strategy name to its config mapping, e.g. {wars: {window_size: 4}}")
+        return cls(target=target, grid=grid, params=params, provenance=_mapping(data, "provenance"),
+                   sparse=_mapping(data, "sparse", optional=True) or None, cache=_mapping(data, "cache", optional=True) or None)
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (temporary file, then rename): no half-written plan is ever left."""
+        return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False, width=120))
+
+
+def load_plan(path: str | Path) -> Plan:
+    """The plan in ``path``; any problem with the file is a one-line :class:`PlanError` naming it."""
+    data = read_yaml(path, "plan file")
+    try:
+        return Plan.from_dict(data)
+    except PlanError as err:
+        raise PlanError(f"{path}: {err}") from None
+
+
+def library_versions() -> dict[str, str]:
+    """Versions recorded in a plan's provenance."""
+    out = {}
+    for name in ("ditplan", "torch", "diffusers", "optuna"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out

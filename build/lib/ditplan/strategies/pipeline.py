@@ -1,0 +1,231 @@
+"""Run a plan in a stock diffusers pipeline's own ``__call__``, or in a user's own loop.
+
+``apply_plan_to(pipe, plan)`` installs the plan on ``pipe.transformer`` and gives the transformer's
+step hook a :class:`PipelineClock`, which maps the timestep each transformer call receives onto the
+pipeline scheduler's ``timesteps`` (the step index) and knows the CFG layout of the pipeline family
+(DiT batches ``[cond; uncond]``, PixArt ``[uncond; cond]``). The pipeline's ``__call__`` checks the
+plan's sampler (scheduler family, step count, guidance scale) before it runs and starts a new run.
+A plan made for a fine-tuned SparseDiT network swaps that network's weights (and SDTM merges) into
+the transformer; :func:`remove_plan_from` puts everything back exactly.
+
+On a bare transformer the plan is installed the same way, and the user's loop says the step with
+:func:`ditplan.models.context.denoising_step`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ditplan.models.adapters import load_sparse_folder, network_hash
+from ditplan.models.context import CFG_ORDERS, StepContext, new_run_id
+from ditplan.models.sampling import reset_stateful_hooks, scheduler_class
+from ditplan.registry import SCHEDULERS
+from ditplan.plan import Plan, PlanError, load_plan
+from ditplan.strategies.apply import PlanRuntime, apply_plan, get_runtime, remove_plan, step_hook
+
+# the CFG batch layout of each stock pipeline family ditplan runs plans in
+PIPELINE_CFG_ORDERS: dict[str, str] = {
+    "DiTPipeline": "cond-uncond",
+    "PixArtAlphaPipeline": "uncond-cond",
+    "PixArtSigmaPipeline": "uncond-cond",
+}
+_ORIGINAL_CLASS = "_ditplan_original_class"
+
+
+def is_pipeline(model: Any) -> bool:
+    return hasattr(model, "transformer") and hasattr(model, "scheduler")
+
+
+def transformer_of(model: Any) -> torch.nn.Module:
+    """The transformer a plan goes on: a pipeline's, or ``model`` itself; under ``torch.compile``'s wrapper
+    the module it wraps."""
+    transformer = model.transformer if is_pipeline(model) else model
+    return getattr(transformer, "_orig_mod", transformer)
+
+
+def scheduler_family(scheduler: Any) -> str | None:
+    """The ditplan sampler name (:data:`~ditplan.registry.SCHEDULERS`) a diffusers scheduler object runs, or None."""
+    for name, entry in SCHEDULERS.items():
+        if type(scheduler) is scheduler_class(name) and all(scheduler.config.get(k) == v for k, v in entry.overrides.items()):
+            return name
+    return None
+
+
+def sampler_description(name: str) -> str:
+    entry = SCHEDULERS.get_entry(name)
+    settings = ", ".join(f"{k}={v!r}" for k, v in entry.overrides.items())
+    return f"{entry.class_name}({settings})"
+
+
+class PipelineClock:
+    """Derives each transformer call's step from the timestep it receives, against the pipeline
+    scheduler's ``timesteps``; one transformer call per step, in order, within one pipeline call."""
+
+    def __init__(self, pipe: Any, cond_first: bool) -> None:
+        self.pipe = pipe
+        self.cond_first = cond_first
+        self.cfg = False
+        self.run: int | None = None  # the pipeline call under way
+        self.last_step = -1
+        self.timesteps: list[float] | None = None  # the scheduler's, read at the call's first step
+
+    def start(self, guidance_scale: float) -> None:
+        """Called as the pipeline's ``__call__`` begins."""
+        self.cfg = guidance_scale > 1.0
+        self.run = new_run_id()
+        self.last_step = -1
+        self.timesteps = None
+
+    def stop(self) -> None:
+        self.run = None
+
+    def context_for(self, args: tuple, kwargs: dict) -> StepContext:
+        if self.run is None:
+            raise PlanError("the plan was applied to the pipeline, so call the pipeline (pipe(...)), not its transformer; "
+                            "in your own loop wrap each transformer call in `with ditplan.denoising_step(i, num_steps):`")
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if timestep is None:
+            raise PlanError("the transformer was called without a timestep, so the plan cannot tell the step")
+        t = torch.as_tensor(timestep).flatten()[0].item()
+        if self.timesteps is None:  # the pipeline sets its schedule before the first transformer call
+            self.timesteps = [float(v) for v in self.pipe.scheduler.timesteps]
+        timesteps = self.timesteps
+        expected = self.last_step + 1
+        if expected < len(timesteps) and timesteps[expected] == t:
+            step = expected
+        elif t in timesteps:
+            raise PlanError(
+                f"the transformer was called for step {timesteps.index(t)} (timestep {t:g}) after step {self.last_step} "
+                "of this pipeline call; a ditplan plan needs exactly one transformer call per step, in order"
+            )
+        else:
+            raise PlanError(f"the transformer got timestep {t:g}, which the scheduler's {len(timesteps)} timesteps do not "
+                            "hold; a ditplan plan runs on the pipeline's own schedule")
+        self.last_step = step
+        return StepContext(step=step, num_steps=len(timesteps), cfg=self.cfg, cond_first=self.cond_first, run=self.run)
+
+
+def check_pipeline_call(pipe: Any, plan: Plan, arguments: dict[str, Any]) -> None:
+    """Refuse a pipeline call whose scheduler family, step count or guidance scale the plan was not made for."""
+    target = plan.target
+    family = scheduler_family(pipe.scheduler)
+    differences = []
+    if family != target.scheduler:
+        differences.append(f"scheduler: plan has {target.scheduler!r}, pipeline has {type(pipe.scheduler).__name__}")
+    steps = arguments.get("num_inference_steps")
+    custom = arguments.get("timesteps") is not None or arguments.get("sigmas") is not None
+    if not custom and steps != target.num_steps:
+        differences.append(f"steps: plan has {target.num_steps}, call has num_inference_steps={steps}")
+    guidance = arguments.get("guidance_scale")
+    if guidance is not None and float(guidance) != target.guidance_scale:
+        differences.append(f"guidance scale: plan has {target.guidance_scale}, call has guidance_scale={guidance}")
+    if differences:
+        raise PlanError(
+            f"plan made for {target.model} does not fit this pipeline call: " + "; ".join(differences)
+            + f" — call with num_inference_steps={target.num_steps}, guidance_scale={target.guidance_scale} and "
+            f"pipe.scheduler = {sampler_description(target.scheduler)}, or make a plan for these settings"
+        )
+
+
+def _planned_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """The ``__call__`` of a pipeline with a plan: check the call, run it as one sampling run."""
+    original = getattr(self, _ORIGINAL_CLASS)
+    transformer = transformer_of(self)
+    runtime = get_runtime(transformer)
+    if runtime is None:  # the plan was removed from the transformer itself: the pipeline is stock again
+        remove_plan_from(self)
+        return original.__call__(self, *args, **kwargs)
+    bound = inspect.signature(original.__call__).bind(self, *args, **kwargs)
+    bound.apply_defaults()
+    check_pipeline_call(self, runtime.plan, bound.arguments)
+    clock = step_hook(transformer).clock
+    clock.start(float(bound.arguments.get("guidance_scale", 1.0)))
+    try:
+        return original.__call__(self, *args, **kwargs)
+    finally:
+        clock.stop()
+        # NOTE: caches of a failed call must not leak into the next one.
+        reset_stateful_hooks(transformer)
+
+
+_PLANNED_CLASSES: dict[type, type] = {}
+
+
+def _planned_class(cls: type) -> type:
+    """``cls`` with :func:`_planned_call` as ``__call__``, under the same name (``save_pretrained`` writes it)."""
+    if cls not in _PLANNED_CLASSES:
+        _PLANNED_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": _planned_call, "__module__": cls.__module__,
+                                                             "__qualname__": cls.__qualname__})
+    return _PLANNED_CLASSES[cls]
+
+
+def _network_for(transformer: torch.nn.Module, plan: Plan, model_folder: str | Path | None
+                 ) -> tuple[dict[str, torch.Tensor], torch.nn.ModuleList] | None:
+    """The fine-tuned SparseDiT network the plan names, as (transformer state dict, merges), or None."""
+    weights = (plan.sparse or {}).get("weights")
+    if not weights:
+        return None
+    base = model_folder or transformer.config.get("_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise PlanError(f"plan runs on the fine-tuned SparseDiT network {weights!r}, found next to the base model's "
+                        "weights, but this transformer was not loaded from a local folder; pass model_folder=")
+    _, tuned, merges = load_sparse_folder(type(transformer), Path(base), weights)
+    weight = next(transformer.parameters())
+    return tuned.state_dict(), (merges.to(weight.device, weight.dtype) if merges is not None else None)
+
+
+def apply_plan_to(model: Any, plan: Plan | str | Path, model_folder: str | Path | None = None) -> PlanRuntime:
+    """Install ``plan`` (a Plan or a plan file) on a stock diffusers DiT/PixArt pipeline, so that
+    ``pipe(...)`` runs it, or on a bare transformer (your loop tells the step with ``denoising_step``).
+
+    Checked here: the plan's layer count and weights hash (after swapping in the fine-tuned SparseDiT
+    network a plan names, from ``model_folder``, default the folder the transformer was loaded from);
+    at each pipeline call: scheduler family, step count, guidance scale. Undo with :func:`remove_plan_from`.
+    """
+    plan = plan if isinstance(plan, Plan) else load_plan(plan)
+    pipeline = is_pipeline(model)
+    transformer = transformer_of(model)
+    if get_runtime(transformer) is not None:
+        raise PlanError("a plan is already applied here; call ditplan.remove_plan first")
+    cfg_order = None
+    if pipeline:
+        cfg_order = PIPELINE_CFG_ORDERS.get(type(model).__name__)
+        if cfg_order is None:
+            raise PlanError(f"ditplan runs plans in {sorted(PIPELINE_CFG_ORDERS)}, not {type(model).__name__}; apply the "
+                            "plan to its transformer and tell the steps with ditplan.denoising_step")
+    network = _network_for(transformer, plan, model_folder)
+    # NOTE: kept on the CPU, so a swapped-in network does not double the weights' device memory
+    original = {k: v.detach().to("cpu", copy=True) for k, v in transformer.state_dict().items()} if network else None
+    try:
+        if network is not None:
+            transformer.load_state_dict(network[0])
+        merges = network[1] if network else None
+        if len(transformer.transformer_blocks) != plan.num_layers:
+            raise PlanError(f"plan is for {plan.num_layers} layers but this model has {len(transformer.transformer_blocks)}")
+        found = network_hash(transformer, merges)
+        if found != plan.target.weights_hash:
+            raise PlanError(f"plan was made for weights {plan.target.weights_hash} ({plan.target.model}), but this "
+                            f"transformer's weights are {found}; make a plan for this model")
+        runtime = apply_plan(transformer, plan, merges=merges)
+    except BaseException:
+        if original is not None:
+            transformer.load_state_dict(original)
+        raise
+    runtime.original_weights = original
+    if pipeline:
+        step_hook(transformer).clock = PipelineClock(model, CFG_ORDERS[cfg_order])
+        setattr(model, _ORIGINAL_CLASS, type(model))
+        model.__class__ = _planned_class(type(model))
+    return runtime
+
+
+def remove_plan_from(model: Any) -> None:
+    """Undo :func:`apply_plan_to`: processors, hooks, weights and the pipeline's class, exactly."""
+    pipeline = is_pipeline(model)
+    if pipeline and _ORIGINAL_CLASS in model.__dict__:
+        model.__class__ = model.__dict__.pop(_ORIGINAL_CLASS)
+    remove_plan(transformer_of(model))
