@@ -108,10 +108,12 @@ def _choice(what: str, value: str, choices: list[str]) -> str:
 
 
 class SamplerSpec(_Strict):
-    scheduler: str = "dpmsolver++"
-    num_steps: int = Field(20, gt=0, le=MAX_STEPS)
-    guidance_scale: float = Field(4.0, ge=0, le=1e4)
-    batch_size: Count = 50
+    """How every sample is drawn, dense or under a plan."""
+
+    scheduler: str = Field("dpmsolver++", description="dpmsolver++, ddim or euler")
+    num_steps: int = Field(20, gt=0, le=MAX_STEPS, description="denoising steps")
+    guidance_scale: float = Field(4.0, ge=0, le=1e4, description="classifier-free guidance; ≤ 1 switches it off")
+    batch_size: Count = Field(50, description="samples per transformer batch")
 
     @field_validator("scheduler")
     @classmethod
@@ -516,15 +518,17 @@ class BaselineSpec(_Strict):
 
 
 class ExperimentSpec(_Strict):
-    name: str
-    model: ModelSpec
-    sampler: SamplerSpec = SamplerSpec()
-    workload: WorkloadSpec
-    evaluation: EvaluationSpec = EvaluationSpec()
-    search: SearchSpec = SearchSpec()
-    greedy: GreedySpec = GreedySpec()
-    baselines: list[BaselineSpec] = []
-    output_dir: str = "runs/${name}"
+    """One experiment: a model, its sampler and workload, and how plans for it are searched and judged."""
+
+    name: str = Field(description="the experiment's name: its study, its run directory (``${name}``)")
+    model: ModelSpec = Field(description="the diffusion transformer")
+    sampler: SamplerSpec = Field(SamplerSpec(), description="scheduler, steps, guidance and batch size")
+    workload: WorkloadSpec = Field(description="the conditions and the three disjoint seed sets")
+    evaluation: EvaluationSpec = Field(EvaluationSpec(), description="metrics' extractors, references and timing")
+    search: SearchSpec = Field(SearchSpec(), description="the learned multi-objective search")
+    greedy: GreedySpec = Field(GreedySpec(), description="DiTFastAttn's greedy search (D1 … D6)")
+    baselines: list[BaselineSpec] = Field([], description="presets measured beside the plans on held-out seeds")
+    output_dir: str = Field("runs/${name}", description="the run directory, relative to the working directory")
 
     @model_validator(mode="after")
     def _workload_fits_model(self) -> ExperimentSpec:
@@ -594,15 +598,15 @@ def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
         if isinstance(key, int) or model is None:
             continue
         field = model.model_fields.get(key)
-        model = _model_in(field.annotation) if field is not None else None
+        model = model_in(field.annotation) if field is not None else None
     return model
 
 
-def _model_in(annotation: Any) -> type[BaseModel] | None:
+def model_in(annotation: Any) -> type[BaseModel] | None:
     """The pydantic model an annotation holds (``X``, ``X | None``, ``list[X]``), or None."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    return next((m for m in map(_model_in, get_args(annotation)) if m is not None), None)
+    return next((m for m in map(model_in, get_args(annotation)) if m is not None), None)
 
 
 def _unknown_field(loc: tuple[Any, ...]) -> str:
