@@ -151,7 +151,7 @@ def family_plans(adapter, spec, cache_periods: tuple[int, ...] = (2,)) -> dict[s
     ``cache_periods``; SparseDiT: each fine-tuned network beside the model, at the paper's curve and at
     constant rates."""
     from ditplan.models.adapters import model_folder, sparse_networks
-    from ditplan.search.space import interval_skips
+    from ditplan.plansearch.space import interval_skips
     from ditplan.strategies.finetune_sparse import layout_plan
     from ditplan.strategies.sdtm import SparseLayout
 

@@ -3,34 +3,55 @@
 The Python API mirrors the CLI::
 
     import ditplan
-    run_dir = ditplan.run("experiments/quickstart.yaml")          # ditplan run
+    run_dir = ditplan.run("quickstart")                           # ditplan run quickstart
     ditplan.compare([run_dir], "report/")                         # ditplan compare
     paths = ditplan.export(run_dir, "knee", "plans/")             # ditplan export
+    ditplan.generate("quickstart", paths[0], classes=[3, 7])      # ditplan generate --plan … --class 3 --class 7
     ditplan.apply_plan(pipe, paths[0])                            # a stock diffusers DiT/PixArt pipeline
     images = pipe(class_labels=[3, 7], num_inference_steps=20, guidance_scale=4.0).images
     ditplan.remove_plan(pipe)
+
+An experiment is a YAML file, the name of a shipped one (``quickstart``, ``digits-1024`` …), its data as a
+dict, or an :class:`~ditplan.spec.ExperimentSpec`; none is changed. ``import ditplan`` stays light: each
+function imports what it needs (:func:`run`, :func:`search` and :func:`evaluate` need ``ditplan[search]``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from ditplan.models.adapters import ModelAdapter
+    from ditplan.plan import Plan
+    from ditplan.plansearch.driver import SearchResult
+    from ditplan.spec import Experiment, ExperimentSpec, SamplerSettings
+
+__version__ = "0.2.0"
 
 __all__ = [
+    "__version__",
     "apply_plan",
     "compare",
     "denoising_step",
+    "evaluate",
     "export",
+    "generate",
     "load_for_plan",
     "load_plan",
     "load_spec",
     "remove_plan",
     "run",
     "sample",
+    "search",
     "summary",
 ]
 
 
-def apply_plan(model: Any, plan: Any, model_folder: Any = None) -> Any:
+def apply_plan(model: Any, plan: Plan | str | Path, model_folder: str | Path | None = None) -> Any:
     """Install ``plan`` (a Plan or a plan file) on a stock diffusers ``DiTPipeline`` /
     ``PixArtAlphaPipeline`` / ``PixArtSigmaPipeline`` — then ``pipe(...)`` runs it — or on a bare
     transformer, whose loop tells the step with :func:`denoising_step`. A SparseDiT plan swaps in its
@@ -41,7 +62,7 @@ def apply_plan(model: Any, plan: Any, model_folder: Any = None) -> Any:
     return apply_plan_to(model, plan, model_folder)
 
 
-def load_for_plan(adapter: Any, plan: Any) -> Any:
+def load_for_plan(adapter: ModelAdapter, plan: Plan) -> ModelAdapter:
     """The model adapter a plan runs on (a fine-tuned SparseDiT network the plan names, or ``adapter``)."""
     from ditplan.models.adapters import load_for_plan as _load
 
@@ -63,40 +84,99 @@ def denoising_step(step: int, num_steps: int, cfg: str | None = "cond-uncond") -
     return _step(step, num_steps, cfg)
 
 
-def load_plan(path: Any) -> Any:
+def load_plan(path: str | Path) -> Plan:
+    """The plan in the YAML file ``path`` (checked against its schema; one-line error if not)."""
     from ditplan.plan import load_plan as _load
 
     return _load(path)
 
 
-def load_spec(path: Any) -> Any:
+def load_spec(experiment: Experiment) -> ExperimentSpec:
+    """The experiment: a file, a shipped experiment's name, its data (a dict) or a spec, validated."""
     from ditplan.spec import load_spec as _load
 
-    return _load(path)
+    return _load(experiment)
 
 
-def run(experiment: Any, **kwargs: Any) -> Any:
+def run(experiment: Experiment, *, trials: int | None = None, workers: int | None = None,
+        ray_address: str | None = None, plugins: Sequence[str] = (), show_progress: bool = True) -> Path:
+    """``ditplan run``: dense reference, greedy plans, learned search, held-out stage, report and export of
+    ``experiment``, resumed where its run directory stopped; returns the run directory. ``trials`` /
+    ``workers`` override ``search.trials`` / ``search.workers``; ``plugins``: modules that register
+    strategies or feature extractors (imported here and in every search worker)."""
     from ditplan.workflow import run_experiment
 
-    return run_experiment(experiment, **kwargs)
+    return run_experiment(experiment, trials=trials, workers=workers, ray_address=ray_address, plugins=plugins,
+                          show_progress=show_progress)
 
 
-def compare(run_dirs: Any, out: Any) -> Any:
+def search(experiment: Experiment, out: str | Path | None = None, *, trials: int | None = None,
+           workers: int | None = None, ray_address: str | None = None, resume: bool = False,
+           warm_start: str | Path | Mapping[str, Plan] | None = None, plugins: Sequence[str] = (),
+           show_progress: bool = True) -> SearchResult:
+    """``ditplan search``: the learned multi-objective search alone, in ``out`` (default: the run directory's
+    ``search/``). ``resume`` continues a study already in the storage; ``warm_start``: plans by name, or a
+    folder of plan files, run first as known trials. Returns the front, its hypervolume and the counts."""
+    from ditplan.workflow import search_experiment
+
+    return search_experiment(experiment, out, trials=trials, workers=workers, ray_address=ray_address,
+                             resume=resume, warm_start=warm_start, plugins=plugins, show_progress=show_progress)
+
+
+def evaluate(experiment: Experiment, plan: Plan | str | Path | None = None, *, samples: int | None = None,
+             repeats: int | None = None, plugins: Sequence[str] = (), show_progress: bool = False
+             ) -> dict[str, tuple[Any, Any]]:
+    """``ditplan evaluate``: every metric of ``plan`` (default: dense) and of dense on the first ``samples``
+    held-out samples, as ``{metric: (plan value, dense value)}``; ``repeats``: interleaved timing rounds
+    (default ``evaluation.latency_repeats``)."""
+    from ditplan.evaluators.evaluate import evaluate_plan
+    from ditplan.workflow import checked_plan, prepare
+
+    spec, adapter = prepare(experiment, plugins, evaluates=True)
+    checked = checked_plan(plan, adapter, spec) if plan is not None else None
+    if repeats is not None:
+        spec = spec.model_copy(update={"evaluation": spec.evaluation.model_copy(update={"latency_repeats": repeats})})
+    return evaluate_plan(spec, adapter, checked, show_progress=show_progress, samples=samples)
+
+
+def generate(experiment: Experiment, plan: Plan | str | Path | None = None, out: str | Path | None = None, *,
+             classes: Sequence[int] | None = None, prompts: Sequence[str] | None = None, seed: int | None = None,
+             num: int | None = None) -> Path:
+    """``ditplan generate``: sample ``classes`` (class-conditional models) or ``prompts`` (text models),
+    ``num`` per condition from seed ``seed`` (defaults: the experiment's workload), under ``plan`` (default:
+    dense), into ``out`` (default ``samples/<experiment name>``): ``grid.png`` and ``samples.safetensors``."""
+    from ditplan.samples import generate as _generate
+    from ditplan.samples import with_workload
+    from ditplan.workflow import checked_plan, prepare
+
+    spec, adapter = prepare(with_workload(load_spec(experiment), classes, prompts, seed, num))
+    checked = checked_plan(plan, adapter, spec) if plan is not None else None
+    return _generate(spec, adapter, out if out is not None else Path("samples") / spec.name, checked)
+
+
+def compare(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
+    """``ditplan compare``: the report of ``run_dirs`` side by side in ``out``; returns its Markdown file."""
     from ditplan.comparison.runs import compare_runs
 
     return compare_runs(list(run_dirs), out)
 
 
-def export(run_dir: Any, rule: str, out: Any) -> Any:
+def export(run_dir: str | Path, rule: str, out: str | Path) -> list[Path]:
+    """``ditplan export``: write the plans ``rule`` selects from ``run_dir`` (``knee``, ``top:3``,
+    ``fastest:rel_l1<=0.05``, ``best:latency_ratio<=0.8``) into ``out``; returns their files."""
     from ditplan.comparison.export import export_plans
 
     return export_plans(run_dir, rule, out)
 
 
-def sample(*args: Any, **kwargs: Any) -> Any:
+def sample(adapter: ModelAdapter, conditions: Sequence[Any], seeds: Sequence[int], settings: SamplerSettings,
+           show_progress: bool = False, decode: bool = True) -> torch.Tensor:
+    """Sample ``conditions`` (class labels or prompts), one seed each, with ``adapter``'s model under
+    ``settings`` (scheduler, steps, guidance, batch size) in ditplan's own loop, with whatever plan is
+    applied to it; images (N, C, H, W) in [-1, 1] (latents when ``decode`` is False)."""
     from ditplan.models.sampling import sample as _sample
 
-    return _sample(*args, **kwargs)
+    return _sample(adapter, conditions, seeds, settings, show_progress=show_progress, decode=decode)
 
 
 def summary(plan_or_pipe: Any) -> str:

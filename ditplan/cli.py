@@ -1,24 +1,37 @@
-"""ditplan finds, compares and exports acceleration plans for Diffusion Transformers: which attention,
-token-sparsification or caching strategy each layer uses at each denoising step.
-
-User mistakes print one line (``error: …``) and exit 2, with no traceback.
+"""The ``ditplan`` command. User mistakes print one line (``error: …``) and exit 2, with no traceback;
+the heavy libraries (torch, diffusers, Optuna, Ray, MLflow) are imported by the command that runs, so
+``--help`` and ``--version`` stay fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import shutil
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ditplan import __version__
 from ditplan.errors import UserError
-from ditplan.files import naming
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {}
 RAY_ADDRESS_HELP = ("an existing Ray cluster, e.g. 127.0.0.1:6379 (default: RAY_ADDRESS if set, else a local Ray "
                     "instance of this run's own)")
 PLUGIN_HELP = "module to import (driver and search workers) that registers strategies or feature extractors; repeatable"
-EXPERIMENT_HELP = "the experiment YAML file"
+EXPERIMENT_HELP = "the experiment: a YAML file, or the name of a shipped one (quickstart, digits-1024, …)"
+DESCRIPTION = """\
+ditplan finds acceleration plans for Diffusion Transformers (DiT, PixArt): which attention, token-pruning
+or caching strategy each layer uses at each denoising step. It searches them (Optuna on Ray), compares them
+with DiTFastAttn's greedy plans and cache presets on held-out seeds, and exports plan files that a stock
+diffusers pipeline runs."""
+EXAMPLE = "example: ditplan run quickstart   (the whole loop on the shipped digit DiT, ~15 min on 2 CPU cores)"
+# Modules of the optional extras, by the extra that installs them: a command that imports one that is
+# missing says which extra to install.
+EXTRAS = {"search": ("optuna", "ray", "mlflow", "torch_fidelity", "torchvision", "mlxtend", "matplotlib", "plotly",
+                     "rich"),
+          "text": ("transformers", "sentencepiece"), "cluster": ("psycopg",)}
 
 
 def command(name: str) -> Callable[[Callable[[argparse.Namespace], None]], Callable[[argparse.Namespace], None]]:
@@ -29,16 +42,17 @@ def command(name: str) -> Callable[[Callable[[argparse.Namespace], None]], Calla
     return decorate
 
 
-def _quiet_libraries() -> None:
-    """Libraries' info logs off, without importing the heavy ones: diffusers and MLflow read their level from the
-    environment when they are imported."""
+def _quiet_libraries(command: str) -> None:
+    """Libraries' info logs off, importing only what ``command`` uses: diffusers and MLflow read their level
+    from the environment when they are imported."""
     import logging
     import os
     import warnings
 
-    import optuna
+    if command in ("run", "search"):
+        import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.getLogger("ray").setLevel(logging.WARNING)
@@ -46,25 +60,12 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*accelerate.*")
 
 
-def _checked_plan(path: str | Path, adapter, spec):  # noqa: ANN001, ANN202
-    """The plan file ``path``, once it is known to fit the experiment's model and sampler (one line if not)."""
-    from ditplan.plan import load_plan
-    from ditplan.strategies.apply import check_plan
-
-    plan = load_plan(path)
-    with naming(path):
-        check_plan(plan, adapter, spec.sampler.settings())
-    return plan
-
-
 @command("generate")
 def _generate(args: argparse.Namespace) -> None:
-    from ditplan.generate import generate
-    from ditplan.workflow import prepare
+    import ditplan
 
-    spec, adapter = prepare(args.experiment)
-    plan = _checked_plan(args.plan, adapter, spec) if args.plan else None
-    out = generate(spec, adapter, args.out, plan)
+    out = ditplan.generate(args.experiment, args.plan, args.out, classes=args.classes, prompts=args.prompts,
+                           seed=args.seed, num=args.num)
     print(f"wrote {out / 'grid.png'} and {out / 'samples.safetensors'}")
 
 
@@ -83,14 +84,11 @@ def _show(args: argparse.Namespace) -> None:
 
 @command("evaluate")
 def _evaluate(args: argparse.Namespace) -> None:
-    from ditplan.evaluators.evaluate import evaluate_plan, format_table
-    from ditplan.workflow import prepare
+    import ditplan
+    from ditplan.evaluators.evaluate import format_table
 
-    spec, adapter = prepare(args.experiment, args.plugin or (), evaluates=True)
-    plan = _checked_plan(args.plan, adapter, spec) if args.plan else None
-    if args.repeats is not None:
-        spec = spec.model_copy(update={"evaluation": spec.evaluation.model_copy(update={"latency_repeats": args.repeats})})
-    print(format_table(evaluate_plan(spec, adapter, plan, show_progress=True, samples=args.samples)))
+    print(format_table(ditplan.evaluate(args.experiment, args.plan, samples=args.samples, repeats=args.repeats,
+                                        plugins=args.plugin or (), show_progress=True)))
 
 
 @command("run")
@@ -126,51 +124,27 @@ def _export(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
-def _warm_start(folder: str, adapter, spec) -> dict:  # noqa: ANN001
-    """The plan files in ``folder`` by name (a plan's own name, else its file's), each checked against the model."""
-    from ditplan.files import check_folder
-
-    plans = {}
-    for path in sorted(check_folder(folder, "--warm-start folder").glob("*.yaml")):
-        plan = _checked_plan(path, adapter, spec)
-        plans[str(plan.provenance.get("name") or path.stem)] = plan
-    if not plans:
-        raise UserError(f"--warm-start folder {folder} holds no plan file (*.yaml); give the folder `ditplan export` "
-                        "or `ditplan greedy` wrote")
-    return plans
-
-
 @command("search")
 def _search(args: argparse.Namespace) -> None:
-    from ditplan.rundir import search_folder
-    from ditplan.search.storage import refuse_existing_study
     from ditplan.spec import load_spec
+    from ditplan.workflow import search_experiment
 
-    spec = load_spec(args.experiment)
-    search_dir = search_folder(spec, args.out)
-    if not args.resume:
-        refuse_existing_study(spec, search_dir)  # NOTE: before the model and the libraries load
-
-    from ditplan.search.driver import run_search
-    from ditplan.workflow import prepare, write_front_table
-
-    spec, adapter = prepare(args.experiment, args.plugin or (), searches=True)  # NOTE: before the study writes anything
-    warm = _warm_start(args.warm_start, adapter, spec) if args.warm_start else {}
-    result = run_search(spec, search_dir, trials=args.trials, workers=args.workers, ray_address=args.ray_address,
-                        resume=args.resume, warm_start=warm, plugins=args.plugin or (), promote_best=not args.no_refine)
-    table = write_front_table(spec, result)
+    result = search_experiment(args.experiment, args.out, trials=args.trials, workers=args.workers,
+                               ray_address=args.ray_address, resume=args.resume, warm_start=args.warm_start,
+                               plugins=args.plugin or (), promote_best=not args.no_refine)
     print(f"study {result.study_name}: {result.completed} complete ({result.repeats} repeats of an earlier trial's "
           f"parameters, not evaluated again), {result.failed} failed trials"
           + (f", {result.promoted} scored again on every search sample" if result.promoted else "") + "; "
           f"learned front of {len(result.front)}; hypervolume {result.hypervolume:.4g}")
-    print(f"Pareto front: {table}; plans: {search_dir.trials}; MLflow: {_mlflow_hint(spec, search_dir)}")
+    print(f"Pareto front: {result.search_dir.front_table}; plans: {result.search_dir.trials}; "
+          f"MLflow: {_mlflow_hint(load_spec(args.experiment), result.search_dir)}")
 
 
 @command("greedy")
 def _greedy(args: argparse.Namespace) -> None:
-    from ditplan.rundir import GreedyDir
-    from ditplan.search.greedy_cli import greedy_summary, write_greedy_plans
     from ditplan.plan import load_plan
+    from ditplan.plansearch.greedy_cli import greedy_summary, write_greedy_plans
+    from ditplan.rundir import GreedyDir
     from ditplan.workflow import prepare
 
     try:
@@ -207,6 +181,24 @@ def _train_embedded(args: argparse.Namespace) -> None:
     classifier_dest = Path(args.export) / "digit_classifier" / "model.safetensors" if args.export else CLASSIFIER_PATH
     accuracy = train_digit_classifier(classifier_dest, device=args.device, seed=args.seed, data_npz=args.data_npz)
     print(f"digit classifier: held-out accuracy {accuracy:.4f}, saved to {classifier_dest}")
+
+
+@command("dashboard")
+def _dashboard(args: argparse.Namespace) -> None:
+    """Run optuna-dashboard on the run's study, or print the command when it is not installed."""
+    from ditplan.rundir import RunDir, SearchDir
+
+    run = RunDir(Path(args.run))
+    journals = [j for j in (run.search.journal, SearchDir(run.root).journal) if j.is_file()]
+    storage = str(journals[0]) if journals else (run.load_experiment().search.storage if run.experiment.exists() else None)
+    if storage is None:
+        raise UserError(f"{run.root} holds no Optuna study (no search/optuna.journal); give a run directory of "
+                        "`ditplan run` or the --out folder of `ditplan search`")
+    command = ["optuna-dashboard", storage]
+    if shutil.which("optuna-dashboard") is None:
+        print(f"{shlex.join(command)}   # optuna-dashboard is not installed: pip install optuna-dashboard")
+        return
+    subprocess.run(command, check=False)
 
 
 def _parse_modules(texts: Sequence[str]) -> tuple[tuple[int, int], ...]:
@@ -247,7 +239,20 @@ def _finetune_sparse(args: argparse.Namespace) -> None:
 
 # --- the parser, one function per command ---------------------------------------------------------------
 def _experiment_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--experiment", required=True, help=EXPERIMENT_HELP)
+    p.add_argument("experiment", nargs="?", help=EXPERIMENT_HELP)
+    p.add_argument("--experiment", dest="experiment_option", metavar="EXPERIMENT",
+                   help="the experiment, as an option (same as the positional argument)")
+
+
+def _one_experiment(args: argparse.Namespace) -> None:
+    """The experiment given as the positional argument or as --experiment, once (one line if not)."""
+    if "experiment_option" not in args:
+        return
+    given = [e for e in (args.experiment, args.experiment_option) if e]
+    if len(given) != 1:
+        raise UserError(f"`ditplan {args.command}` takes one experiment (a file or a shipped name), as an argument "
+                        f"or as --experiment; got {len(given)}")
+    args.experiment = given[0]
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
@@ -261,7 +266,13 @@ def _add_use(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="sample an experiment's workload (optionally with a plan) to a PNG grid")
     _experiment_args(p)
     p.add_argument("--plan", help="plan YAML file (default: dense)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--class", dest="classes", type=int, action="append", metavar="LABEL",
+                   help="a class label to sample (class-conditional models); repeatable (default: workload.classes)")
+    p.add_argument("--prompt", dest="prompts", action="append", metavar="PROMPT",
+                   help="a prompt to sample (text-conditioned models); repeatable (default: workload.prompts)")
+    p.add_argument("--seed", type=int, help="seed of the first sample; the next ones count up (default: workload.seed)")
+    p.add_argument("--num", type=int, help="samples per class or prompt (default: workload.samples_per_condition)")
+    p.add_argument("--out", help="output folder (default: samples/<experiment name>)")
 
     p = sub.add_parser("show", help="what a plan file does: its description, target and FLOPs ratio to dense")
     p.add_argument("plan", help="plan YAML file")
@@ -282,7 +293,7 @@ def _add_loop(sub: argparse._SubParsersAction) -> None:
     _cluster_args(p)
 
     p = sub.add_parser("compare", help="the report of one or more run directories, side by side")
-    p.add_argument("run_dirs", nargs="+", help="run directories made by `ditplan run`")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories made by `ditplan run`")
     p.add_argument("--out", help="report folder (default: the first run's report/)")
 
     p = sub.add_parser("export", help="write the plans a rule selects from a run directory")
@@ -342,19 +353,36 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
                    help="dtype of the saved weights (default: the embedded model's, float32 for a folder)")
 
 
+def _add_dashboard(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dashboard", help="open a run's study in optuna-dashboard (or print the command)")
+    p.add_argument("run", metavar="RUN_DIR", help="a run directory of `ditplan run`, or a `ditplan search --out` folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ditplan", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="ditplan", description=DESCRIPTION, epilog=EXAMPLE,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ditplan {__version__}",
+                        help="print ditplan's version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_use(sub)
     _add_loop(sub)
+    _add_dashboard(sub)
     _add_training(sub)
     return parser
 
 
+def _missing_extra(err: ModuleNotFoundError, command: str) -> str | None:
+    """The one-line error for a module of an optional extra that is not installed; None for any other module."""
+    top = (err.name or "").split(".")[0]
+    extra = next((name for name, modules in EXTRAS.items() if top in modules), None)
+    return extra and f"`ditplan {command}` needs the {extra} extra ({top} is not installed): pip install 'ditplan[{extra}]'"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
     try:
+        _one_experiment(args)
+        _quiet_libraries(args.command)
         if getattr(args, "experiment", None):
             from ditplan.spec import load_spec
 
@@ -362,6 +390,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         COMMANDS[args.command](args)
     except (UserError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except ModuleNotFoundError as err:
+        message = _missing_extra(err, args.command)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

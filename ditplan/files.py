@@ -7,7 +7,7 @@ embeddings); ``check_folder`` checks a folder a file names (model, reference).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from ditplan.errors import UserError
+from ditplan.registry import did_you_mean
 
 MAX_YAML_BYTES = 1 << 20  # an experiment or plan file is a few KiB; anything beyond 1 MiB is not one
 MAX_TENSOR_BYTES = 1 << 34  # 16 GiB: no prompt-embedding file comes near it
@@ -67,23 +68,32 @@ def read_tensors(path: str | Path, what: str) -> dict[str, Any]:
         raise UserError(f"{what} {path} is not a readable safetensors file: {_one_line(err)}") from None
 
 
-def check_folder(path: str | Path, what: str) -> Path:
-    """``path`` as a Path once it is known to be a folder that can be listed."""
+def check_folder(path: str | Path, what: str, names: Sequence[str] = ()) -> Path:
+    """``path`` as a Path once it is known to be a folder that can be listed; a missing one is named with the
+    closest of its sibling folders and ``names`` (other things the value may name, e.g. embedded models)."""
     path = Path(path)
-    with _existing(path, what):
+    with _existing(path, what, names):
         if not path.is_dir():
             raise UserError(f"{what} {path} is not a folder")
         next(path.iterdir(), None)
     return path
 
 
+def _siblings(path: Path) -> list[str]:
+    """The names beside ``path`` in its folder (none when that folder cannot be listed)."""
+    try:
+        return sorted(p.name for p in (path.parent if str(path.parent) else Path(".")).iterdir())
+    except OSError:
+        return []
+
+
 @contextmanager
-def _existing(path: Path, what: str) -> Iterator[None]:
-    """Run the checks inside once ``path`` is known to exist; a missing path, or an OSError on the way,
-    becomes a :class:`UserError` naming it."""
+def _existing(path: Path, what: str, names: Sequence[str] = ()) -> Iterator[None]:
+    """Run the checks inside once ``path`` is known to exist; a missing path (named with the closest of its
+    siblings and ``names``), or an OSError on the way, becomes a :class:`UserError` naming it."""
     try:
         if not path.exists():
-            raise UserError(f"{what} {path} does not exist")
+            raise UserError(f"{what} {path} does not exist{did_you_mean(path.name, [*names, *_siblings(path)])}")
         yield
     except OSError as err:
         raise UserError(f"{what} {path} cannot be read: {err.strerror or err}") from None

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, get_args
 
 import yaml
@@ -108,10 +108,12 @@ def _choice(what: str, value: str, choices: list[str]) -> str:
 
 
 class SamplerSpec(_Strict):
-    scheduler: str = "dpmsolver++"
-    num_steps: int = Field(20, gt=0, le=MAX_STEPS)
-    guidance_scale: float = Field(4.0, ge=0, le=1e4)
-    batch_size: Count = 50
+    """How every sample is drawn, dense or under a plan."""
+
+    scheduler: str = Field("dpmsolver++", description="dpmsolver++, ddim or euler")
+    num_steps: int = Field(20, gt=0, le=MAX_STEPS, description="denoising steps")
+    guidance_scale: float = Field(4.0, ge=0, le=1e4, description="classifier-free guidance; ≤ 1 switches it off")
+    batch_size: Count = Field(50, description="samples per transformer batch")
 
     @field_validator("scheduler")
     @classmethod
@@ -358,21 +360,21 @@ class RefineSpec(_Strict):
 
 
 ProposalSpread = Literal["knapsack", "flops", "hull"]
-PROPOSAL_SPREADS = get_args(ProposalSpread)  # how proposals are picked: ditplan.search.proxy.propose
+PROPOSAL_SPREADS = get_args(ProposalSpread)  # how proposals are picked: ditplan.plansearch.proxy.propose
 
 
 class ProposalSpec(_Strict):
     """Trials proposed before the sampler's own, enqueued with their parameters so the sampler learns
     from them. from: ``proxy`` — per-(step, layer, strategy) sensitivities measured once on the
     calibration batch (greedy's loop at δ = 0: each cell alone against dense), then plans that trade
-    summed sensitivity against FLOPs (:mod:`ditplan.search.proxy`). count: how many of
+    summed sensitivity against FLOPs (:mod:`ditplan.plansearch.proxy`). count: how many of
     those plans, from the most faithful to the fastest; they count as learned trials. spread: how they
-    are picked (:func:`ditplan.search.proxy.propose`): ``knapsack`` (default) — the least summed
+    are picked (:func:`ditplan.plansearch.proxy.propose`): ``knapsack`` (default) — the least summed
     sensitivity at evenly spaced predicted FLOPs; ``flops`` — the Lagrangian optima nearest to those FLOPs;
     ``hull`` — evenly spaced in the list of Lagrangian optima (bunched near dense). samples:
     the first K samples of the calibration batch the proxy is measured on (default: greedy's
     ``calibration_samples``; fewer cost proportionally less). gain_probes: steps at which the proxy
-    measures how much a cell's loss costs the final samples (:func:`ditplan.search.proxy.measure_gains`;
+    measures how much a cell's loss costs the final samples (:func:`ditplan.plansearch.proxy.measure_gains`;
     each probe runs every strategy at that step, from there to the end); proposals then weigh the cells
     by it. 0: summed raw losses. max_reuse_run: no layer of a proposal reuses an earlier step's attention
     or block output (``ast``, ``reuse``, ``forecast``) more than this many steps in a row before it computes
@@ -516,15 +518,17 @@ class BaselineSpec(_Strict):
 
 
 class ExperimentSpec(_Strict):
-    name: str
-    model: ModelSpec
-    sampler: SamplerSpec = SamplerSpec()
-    workload: WorkloadSpec
-    evaluation: EvaluationSpec = EvaluationSpec()
-    search: SearchSpec = SearchSpec()
-    greedy: GreedySpec = GreedySpec()
-    baselines: list[BaselineSpec] = []
-    output_dir: str = "runs/${name}"
+    """One experiment: a model, its sampler and workload, and how plans for it are searched and judged."""
+
+    name: str = Field(description="the experiment's name: its study, its run directory (``${name}``)")
+    model: ModelSpec = Field(description="the diffusion transformer")
+    sampler: SamplerSpec = Field(SamplerSpec(), description="scheduler, steps, guidance and batch size")
+    workload: WorkloadSpec = Field(description="the conditions and the three disjoint seed sets")
+    evaluation: EvaluationSpec = Field(EvaluationSpec(), description="metrics' extractors, references and timing")
+    search: SearchSpec = Field(SearchSpec(), description="the learned multi-objective search")
+    greedy: GreedySpec = Field(GreedySpec(), description="DiTFastAttn's greedy search (D1 … D6)")
+    baselines: list[BaselineSpec] = Field([], description="presets measured beside the plans on held-out seeds")
+    output_dir: str = Field("runs/${name}", description="the run directory, relative to the working directory")
 
     @model_validator(mode="after")
     def _workload_fits_model(self) -> ExperimentSpec:
@@ -587,29 +591,100 @@ class ExperimentSpec(_Strict):
         return Path(self.output_dir.replace("${name}", self.name))
 
 
-def _format_error(path: Path, err: ValidationError) -> str:
+def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model class of the section at ``loc`` (``("search", "space")`` → SpaceSpec), list indices skipped."""
+    model: type[BaseModel] | None = ExperimentSpec
+    for key in loc:
+        if isinstance(key, int) or model is None:
+            continue
+        field = model.model_fields.get(key)
+        model = model_in(field.annotation) if field is not None else None
+    return model
+
+
+def model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds (``X``, ``X | None``, ``list[X]``), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for m in map(model_in, get_args(annotation)) if m is not None), None)
+
+
+def _unknown_field(loc: tuple[Any, ...]) -> str:
+    """The message for a field its section does not have: the closest valid field and every one."""
+    model = _section_model(loc[:-1])
+    if model is None:
+        return "unknown field"
+    names = sorted(f.alias or name for name, f in model.model_fields.items())
+    return f"unknown field{did_you_mean(str(loc[-1]), names)}; valid fields: {', '.join(names)}"
+
+
+def format_error(label: str, err: ValidationError) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "(top level)"
     value = first.get("input")
-    shown = "" if isinstance(value, dict) or first["type"] == "missing" else f" = {value!r}"
+    shown = "" if isinstance(value, dict) or first["type"] in ("missing", "extra_forbidden") else f" = {value!r}"
     extra = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     message = first["msg"].removeprefix("Value error, ")
-    return f"{path}: {where}{shown}: {message}{extra}"
+    if first["type"] == "extra_forbidden":
+        message = _unknown_field(first["loc"])
+    return f"{label}: {where}{shown}: {message}{extra}"
 
 
-def load_spec(path: str | Path) -> ExperimentSpec:
-    """The experiment in ``path``; relative paths in it resolved against the file's folder."""
-    path = Path(path)
-    data = read_yaml(path, "experiment file")
+# The experiments shipped inside the package: ``ditplan run quickstart`` runs ``ditplan/experiments/quickstart.yaml``.
+SHIPPED_EXPERIMENTS = Path(__file__).parent / "experiments"
+# What the Python API takes as an experiment: a file, a shipped experiment's name, its data or a spec.
+Experiment = str | Path | Mapping[str, Any] | ExperimentSpec
+
+
+def shipped_experiments() -> list[str]:
+    """The names of the experiments shipped inside the package (``quickstart``, ``digits-1024`` …)."""
+    return sorted(p.stem for p in SHIPPED_EXPERIMENTS.glob("*.yaml"))
+
+
+def experiment_file(experiment: str | Path) -> Path:
+    """The experiment file ``experiment`` names: a file path as given, or, when no such file exists and it
+    names no folder, the shipped experiment of that name (``quickstart`` or ``quickstart.yaml``). An unknown
+    bare name is one line with the closest shipped name."""
+    path = Path(experiment)
+    if path.exists() or len(path.parts) != 1:
+        return path
+    name = path.stem if path.suffix in (".yaml", ".yml") else path.name
+    if name in shipped_experiments():
+        return SHIPPED_EXPERIMENTS / f"{name}.yaml"
+    raise SpecError(f"no experiment file or shipped experiment {str(experiment)!r}"
+                    f"{did_you_mean(name, shipped_experiments())}; shipped: {', '.join(shipped_experiments())}")
+
+
+def experiment_label(experiment: Any) -> str:
+    """How messages name an experiment: its file, or ``experiment <name>`` for data or a spec."""
+    if isinstance(experiment, (str, Path)):
+        return str(experiment_file(experiment))
+    name = experiment.name if isinstance(experiment, ExperimentSpec) else dict(experiment).get("name", "?")
+    return f"experiment {name}"
+
+
+def _validated(data: Any, label: str) -> ExperimentSpec:
     if not isinstance(data, dict):
-        raise SpecError(f"{path}: an experiment file is a YAML mapping with name, model, sampler and workload")
-    data = resolve_paths(data, path.parent)
+        raise SpecError(f"{label}: an experiment file is a YAML mapping with name, model, sampler and workload")
     try:
         return ExperimentSpec.model_validate(data)
     except ValidationError as err:
-        raise SpecError(_format_error(path, err)) from None
+        raise SpecError(format_error(label, err)) from None
     except RecursionError:
-        raise SpecError(f"{path}: nests too deeply to be an experiment file") from None
+        raise SpecError(f"{label}: nests too deeply to be an experiment file") from None
+
+
+def load_spec(experiment: Experiment) -> ExperimentSpec:
+    """The experiment ``experiment`` names (:func:`experiment_file`; relative paths in it resolved against
+    the file's folder), or the one its data describe (relative paths against the working directory); a
+    spec is returned as it is. The caller's data are never changed."""
+    if isinstance(experiment, ExperimentSpec):
+        return experiment
+    if isinstance(experiment, Mapping):
+        return _validated(resolve_paths(dict(experiment), Path.cwd()), experiment_label(experiment))
+    path = experiment_file(experiment)
+    data = read_yaml(path, "experiment file")
+    return _validated(resolve_paths(data, path.parent) if isinstance(data, dict) else data, str(path))
 
 
 # Paths an experiment names, read relative to the experiment file's folder (not the working directory):
@@ -657,11 +732,15 @@ def resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     return out
 
 
-def resolved_experiment_text(path: str | Path) -> str:
-    """The experiment file ``path`` as YAML with its relative paths made absolute: what ``ditplan run``
-    keeps in the run directory, so that the copy reads the same files from anywhere."""
-    path = Path(path)
-    data = read_yaml(path, "experiment file")
-    if not isinstance(data, dict):
-        raise SpecError(f"{path}: an experiment file is a YAML mapping with name, model, sampler and workload")
-    return yaml.safe_dump(resolve_paths(data, path.parent), sort_keys=False, allow_unicode=True)
+def resolved_experiment_text(experiment: Experiment) -> str:
+    """The experiment as YAML with its relative paths made absolute: what ``ditplan run`` keeps in the run
+    directory, so that the copy reads the same files from anywhere."""
+    if isinstance(experiment, (str, Path)):
+        path = experiment_file(experiment)
+        data = read_yaml(path, "experiment file")
+        if not isinstance(data, dict):
+            raise SpecError(f"{path}: an experiment file is a YAML mapping with name, model, sampler and workload")
+        data = resolve_paths(data, path.parent)
+    else:
+        data = load_spec(experiment).model_dump(mode="json", by_alias=True)
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

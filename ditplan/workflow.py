@@ -12,7 +12,7 @@ Stages already done in the run directory are skipped. Everything an experiment f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -28,19 +28,19 @@ from ditplan.comparison.sides import run_sides
 from ditplan.errors import UserError
 from ditplan.evaluators.domain import check_evaluation_files, check_extractor
 from ditplan.evaluators.reference import dense_reference
-from ditplan.files import naming
+from ditplan.files import check_folder, naming
 from ditplan.models.adapters import ModelAdapter, experiment_adapter
 from ditplan.plan import Plan, load_plan
+from ditplan.plansearch.driver import SearchResult, run_search
+from ditplan.plansearch.greedy_cli import greedy_summary, write_greedy_plans
+from ditplan.plansearch.ray_tasks import resolve_ray_address
+from ditplan.plansearch.records import reference_point
+from ditplan.plansearch.space import check_space, experiment_space
+from ditplan.plansearch.storage import load_finished_study, refuse_existing_study, study_exists, study_storage
+from ditplan.plansearch.tracking import attach_to_study
 from ditplan.plugins import import_plugins
-from ditplan.rundir import RunDir
-from ditplan.search.driver import SearchResult, run_search
-from ditplan.search.greedy_cli import greedy_summary, write_greedy_plans
-from ditplan.search.ray_tasks import resolve_ray_address
-from ditplan.search.records import reference_point
-from ditplan.search.space import check_space, experiment_space
-from ditplan.search.storage import load_finished_study, study_exists, study_storage
-from ditplan.search.tracking import attach_to_study
-from ditplan.spec import ExperimentSpec, load_spec, resolved_experiment_text
+from ditplan.rundir import RunDir, search_folder
+from ditplan.spec import Experiment, ExperimentSpec, experiment_label, load_spec, resolved_experiment_text
 from ditplan.strategies.summary import describe
 
 DEFAULT_EXPORT_RULES = ("knee", "top:3")
@@ -56,7 +56,7 @@ def check_names(spec: ExperimentSpec) -> None:
     reference_point(spec)
 
 
-def prepare(experiment: str | Path, plugins: Sequence[str] = (), evaluates: bool = False, searches: bool = False
+def prepare(experiment: Experiment, plugins: Sequence[str] = (), evaluates: bool = False, searches: bool = False
             ) -> tuple[ExperimentSpec, ModelAdapter]:
     """The experiment in ``experiment`` and its model, once everything the command needs is known to exist:
     a bad name or file is a one-line :class:`UserError` naming the experiment file, before any work.
@@ -65,7 +65,7 @@ def prepare(experiment: str | Path, plugins: Sequence[str] = (), evaluates: bool
     fine-tuned networks)."""
     import_plugins(plugins)
     spec = load_spec(experiment)
-    with naming(experiment):
+    with naming(experiment_label(experiment)):
         check_names(spec)
         adapter = experiment_adapter(spec)
         if evaluates or searches:
@@ -77,7 +77,48 @@ def prepare(experiment: str | Path, plugins: Sequence[str] = (), evaluates: bool
     return spec, adapter
 
 
-def _keep_experiment(run: RunDir, spec: ExperimentSpec, experiment: str | Path) -> None:
+def checked_plan(plan: str | Path | Plan, adapter: ModelAdapter, spec: ExperimentSpec) -> Plan:
+    """The plan (a Plan or a plan file), once it is known to fit the experiment's model and sampler (one line if not)."""
+    from ditplan.strategies.apply import check_plan
+
+    loaded = plan if isinstance(plan, Plan) else load_plan(plan)
+    with naming("plan" if isinstance(plan, Plan) else plan):
+        check_plan(loaded, adapter, spec.sampler.settings())
+    return loaded
+
+
+def warm_start_plans(folder: str | Path, adapter: ModelAdapter, spec: ExperimentSpec) -> dict[str, Plan]:
+    """The plan files in ``folder`` by name (a plan's own name, else its file's), each checked against the model."""
+    plans = {}
+    for path in sorted(check_folder(folder, "--warm-start folder").glob("*.yaml")):
+        plan = checked_plan(path, adapter, spec)
+        plans[str(plan.provenance.get("name") or path.stem)] = plan
+    if not plans:
+        raise UserError(f"--warm-start folder {folder} holds no plan file (*.yaml); give the folder `ditplan export` "
+                        "or `ditplan greedy` wrote")
+    return plans
+
+
+def search_experiment(
+    experiment: Experiment, out: str | Path | None = None, trials: int | None = None, workers: int | None = None,
+    ray_address: str | None = None, resume: bool = False, warm_start: str | Path | Mapping[str, Plan] | None = None,
+    plugins: Sequence[str] = (), promote_best: bool = True, show_progress: bool = True,
+) -> SearchResult:
+    """The learned search alone (``ditplan search``) in ``out`` (default: the run directory's ``search/``);
+    ``warm_start``: plans (or a folder of plan files) run first as known trials; writes the front table."""
+    spec = load_spec(experiment)
+    search_dir = search_folder(spec, out)
+    if not resume:
+        refuse_existing_study(spec, search_dir)  # NOTE: before the model loads
+    spec, adapter = prepare(experiment, plugins, searches=True)  # NOTE: before the study writes anything
+    warm = warm_start_plans(warm_start, adapter, spec) if isinstance(warm_start, (str, Path)) else warm_start or {}
+    result = run_search(spec, search_dir, trials=trials, workers=workers, ray_address=ray_address, resume=resume,
+                        warm_start=warm, plugins=plugins, show_progress=show_progress, promote_best=promote_best)
+    write_front_table(spec, result)
+    return result
+
+
+def _keep_experiment(run: RunDir, spec: ExperimentSpec, experiment: Experiment) -> None:
     """The run directory keeps the experiment with its relative paths made absolute (resolved once, against
     ``experiment``), so running again on either file resumes the run; another experiment's run is refused."""
     if run.experiment.exists() and run.load_experiment() != spec:
@@ -124,10 +165,11 @@ def _exported_plans(spec: ExperimentSpec, paths: Sequence[Path]) -> dict[str, Pl
 
 
 def run_experiment(
-    experiment: str | Path, trials: int | None = None, workers: int | None = None, ray_address: str | None = None,
+    experiment: Experiment, trials: int | None = None, workers: int | None = None, ray_address: str | None = None,
     export_rules: Sequence[str] = DEFAULT_EXPORT_RULES, show_progress: bool = True, plugins: Sequence[str] = (),
 ) -> Path:
-    """Run every stage (module docstring); returns the run directory. ``plugins``: modules imported here and in
+    """Run every stage (module docstring) of ``experiment`` (a file, a shipped experiment's name, its data or
+    a spec); returns the run directory. ``plugins``: modules imported here and in
     every search worker that register strategies or feature extractors the experiment names."""
     console = Console(quiet=not show_progress)
     resolve_ray_address(ray_address)  # NOTE: a cluster that does not answer fails here, not after greedy's minutes

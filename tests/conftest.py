@@ -70,7 +70,7 @@ def local_ray():
     """One local Ray instance per test module (2 CPUs, no dashboard); workers can import tests.*."""
     import ray
 
-    from ditplan.search.ray_tasks import ray_init_options
+    from ditplan.plansearch.ray_tasks import ray_init_options
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     ray.init(address="local", num_cpus=2, **ray_init_options())

@@ -11,11 +11,11 @@ import optuna
 from ditplan.models.adapters import experiment_adapter
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan
+from ditplan.plansearch.driver import dense_on_search_seeds, publish_front, study_tracker
+from ditplan.plansearch.recorder import Recorder
+from ditplan.plansearch.storage import study_storage
+from ditplan.plansearch.study import open_study
 from ditplan.rundir import RunDir
-from ditplan.search.driver import dense_on_search_seeds, publish_front, study_tracker
-from ditplan.search.recorder import Recorder
-from ditplan.search.storage import study_storage
-from ditplan.search.study import open_study
 from ditplan.spec import ExperimentSpec
 
 

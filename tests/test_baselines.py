@@ -82,7 +82,7 @@ def test_the_report_sets_each_baseline_beside_the_best_learned_plan_at_no_more_l
 def test_the_joint_quickstarts_baselines_are_plans_on_the_embedded_model(embedded_adapter):
     from ditplan.spec import load_spec
 
-    spec = load_spec(Path(__file__).parents[1] / "experiments" / "quickstart-joint.yaml")
+    spec = load_spec(Path(__file__).parents[1] / "ditplan" / "experiments" / "quickstart-joint.yaml")
     plans = {b.name: baseline_plan(embedded_adapter, spec, b) for b in spec.baselines}
     assert [p.cache["method"] for p in plans.values() if p.cache] == ["first_block", "taylorseer"]
     assert [p.sparse["curve"]["name"] for p in plans.values() if p.sparse] == ["paper", "constant"]

@@ -11,10 +11,10 @@ from ditplan.evaluators.cost import plan_flops
 from ditplan.models.context import denoising_step
 from ditplan.models.sampling import plan_target, sample
 from ditplan.plan import Plan, PlanError, load_plan
+from ditplan.spec import SamplerSettings
 from ditplan.strategies import apply_plan, remove_plan, run_plan
 from ditplan.strategies.apply import get_runtime
 from ditplan.strategies.block_forecast import BlockForecast, ForecastConfig
-from ditplan.spec import SamplerSettings
 
 
 def columns_plan(target, columns, params=None) -> Plan:
@@ -116,7 +116,7 @@ def test_plan_flops_of_skipped_blocks_equal_the_flop_counter(tiny_adapter, tiny_
 def test_a_search_space_draws_block_cells_that_run(tiny_adapter, tiny_spec):
     import optuna
 
-    from ditplan.search.space import build_space
+    from ditplan.plansearch.space import build_space
 
     settings = tiny_spec.sampler.settings()
     space = build_space(plan_target(tiny_adapter, settings), ["full", "reuse", "forecast", "ast"], layer_groups=2,

@@ -7,8 +7,8 @@ import sys
 import optuna
 from optuna.trial import TrialState
 
+from ditplan.plansearch.storage import study_storage
 from ditplan.rundir import SearchDir
-from ditplan.search.storage import study_storage
 from ditplan.spec import load_spec
 from tests.conftest import DATA, ENV
 

@@ -78,7 +78,7 @@ def test_a_cache_plan_is_checked_before_anything_is_installed(tiny_adapter, tiny
 
 def test_trials_and_the_held_out_evaluation_take_a_cache_plans_flops_from_what_ran(tiny_adapter, tiny_spec):
     from ditplan.evaluators.measure import measure
-    from ditplan.search.trial_task import trial_metrics
+    from ditplan.plansearch.trial_task import trial_metrics
     from ditplan.spec import SeedSet
 
     spec = tiny_spec.model_copy(update={"search": tiny_spec.search.model_copy(

@@ -8,16 +8,16 @@ from optuna.trial import TrialState
 
 from ditplan.errors import UserError
 from ditplan.models.adapters import experiment_adapter
+from ditplan.plansearch.attrs import REPEAT
+from ditplan.plansearch.loop import TrialLoop
+from ditplan.plansearch.queue import PlanSource, enqueue_warm_start
+from ditplan.plansearch.ray_tasks import Outcome
+from ditplan.plansearch.records import trial_records
+from ditplan.plansearch.space import experiment_space
+from ditplan.plansearch.storage import study_storage
+from ditplan.plansearch.study import open_study
 from ditplan.progress import progress_bar
 from ditplan.rundir import RunDir
-from ditplan.search.attrs import REPEAT
-from ditplan.search.loop import TrialLoop
-from ditplan.search.queue import PlanSource, enqueue_warm_start
-from ditplan.search.ray_tasks import Outcome
-from ditplan.search.records import trial_records
-from ditplan.search.space import experiment_space
-from ditplan.search.storage import study_storage
-from ditplan.search.study import open_study
 from ditplan.spec import load_spec
 from tests.conftest import DATA
 from tests.studies import MemoryTracker, hand_study, uniform_after_dense

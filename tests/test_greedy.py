@@ -6,7 +6,7 @@ from ditplan.cli import main
 from ditplan.evaluators.fidelity import relative_l1
 from ditplan.models.adapters import adapter_from_spec
 from ditplan.plan import load_plan
-from ditplan.search.greedy import CANDIDATES, expected_forwards, greedy_search
+from ditplan.plansearch.greedy import CANDIDATES, expected_forwards, greedy_search
 from ditplan.spec import load_spec
 from tests.conftest import DATA
 
@@ -47,8 +47,8 @@ def test_greedy_cli_writes_one_plan_per_threshold(tmp_path, tiny_adapter, tiny_s
 
 
 def test_greedy_calibrates_on_the_calibration_seed_set_only(tmp_path, tiny_adapter, tiny_spec):
+    from ditplan.plansearch.greedy_cli import write_greedy_plans
     from ditplan.rundir import GreedyDir
-    from ditplan.search.greedy_cli import write_greedy_plans
 
     (path,) = write_greedy_plans(tiny_adapter, tiny_spec, GreedyDir(tmp_path), thresholds=[0.5], calibration_samples=3,
                                  show_progress=False)
@@ -64,7 +64,7 @@ def test_greedy_calibrates_on_the_calibration_seed_set_only(tmp_path, tiny_adapt
 def test_calibration_runs_in_micro_batches_of_batch_size_and_chooses_the_same_plan(experiment, candidates, monkeypatch):
     """5 calibration samples in micro-batches of 2 (2 + 2 + 1) give the plan and the losses of one batch of 5
     (block caching too: each micro-batch keeps its own block residuals)."""
-    import ditplan.search.greedy as greedy
+    import ditplan.plansearch.greedy as greedy
 
     spec = load_spec(DATA / experiment)
     adapter = adapter_from_spec(spec.model, spec.workload.all_conditions())

@@ -11,7 +11,7 @@ from ditplan.evaluators.reference import dense_reference
 from ditplan.models.adapters import experiment_adapter
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan
-from ditplan.search.trial_task import trial_metrics
+from ditplan.plansearch.trial_task import trial_metrics
 from ditplan.spec import load_spec
 from tests.conftest import DATA
 

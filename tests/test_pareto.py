@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ditplan.search.pareto import hypervolume, pareto_mask
+from ditplan.plansearch.pareto import hypervolume, pareto_mask
 
 
 def test_hypervolume_of_known_rectangles():

@@ -30,13 +30,13 @@ from ditplan.models.adapters import load_adapter, read_prompt_embeddings
 from ditplan.models.embedded import EMBEDDED_PATH
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, PlanError
-from ditplan.search.space import LayoutCaching, layout_columns
+from ditplan.plansearch.space import LayoutCaching, layout_columns
+from ditplan.spec import SamplerSettings
 from ditplan.strategies import pipeline as pipeline_module
 from ditplan.strategies.apply import get_runtime, run_plan, step_hook
+from ditplan.strategies.curves import Constant
 from ditplan.strategies.finetune_sparse import layout_plan
 from ditplan.strategies.sdtm import SparseLayout
-from ditplan.strategies.curves import Constant
-from ditplan.spec import SamplerSettings
 from tests.conftest import DATA, tiny_vae
 
 README = Path(__file__).parent.parent / "README.md"

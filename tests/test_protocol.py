@@ -20,12 +20,12 @@ from ditplan.evaluators.measure import Measurement
 from ditplan.models.adapters import experiment_adapter
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, load_plan
+from ditplan.plansearch.driver import dense_on_search_seeds
+from ditplan.plansearch.pareto import hypervolume, pareto_mask
+from ditplan.plansearch.records import feasible_hypervolume
+from ditplan.plansearch.storage import load_finished_study
+from ditplan.plansearch.trial_task import trial_metrics
 from ditplan.rundir import HeldOutRecord, RunDir, SearchDir, SideResult
-from ditplan.search.driver import dense_on_search_seeds
-from ditplan.search.pareto import hypervolume, pareto_mask
-from ditplan.search.records import feasible_hypervolume
-from ditplan.search.storage import load_finished_study
-from ditplan.search.trial_task import trial_metrics
 from ditplan.spec import SpecError, load_spec
 from tests.conftest import DATA
 from tests.studies import hand_study, uniform_after_dense
@@ -33,8 +33,8 @@ from tests.studies import hand_study, uniform_after_dense
 SETS = ("calibration", "search", "held_out")
 
 
-@pytest.mark.parametrize("path", [DATA / "tiny-search.yaml", DATA.parent.parent / "experiments" / "quickstart.yaml",
-                                  DATA.parent.parent / "experiments" / "pixart-sigma-1024.yaml"])
+@pytest.mark.parametrize("path", [DATA / "tiny-search.yaml", DATA.parent.parent / "ditplan" / "experiments" / "quickstart.yaml",
+                                  DATA.parent.parent / "ditplan" / "experiments" / "pixart-sigma-1024.yaml"])
 def test_the_three_seed_sets_are_disjoint(path):
     spec = load_spec(path)
     seeds = {name: set(spec.seed_set(name).seeds) for name in SETS}
@@ -53,7 +53,7 @@ def test_overlapping_seed_sets_are_refused_in_one_line(tmp_path):
 
 
 def test_held_out_prompts_replace_the_workload_prompts_on_held_out_seeds_only():
-    spec = load_spec(DATA.parent.parent / "experiments" / "pixart-sigma-1024.yaml")
+    spec = load_spec(DATA.parent.parent / "ditplan" / "experiments" / "pixart-sigma-1024.yaml")
     held = spec.seed_set("held_out").conditions
     assert set(held) == set(spec.workload.held_out_prompts)
     assert not set(held) & set(spec.seed_set("search").conditions)
@@ -285,7 +285,7 @@ def test_budgets_of_sides_with_different_batch_sizes_come_out_in_sample_forwards
 def test_plans_that_run_the_same_tokens_are_measured_once(tmp_path):
     from optuna.trial import create_trial
 
-    from ditplan.search.records import distinct_plans
+    from ditplan.plansearch.records import distinct_plans
     from ditplan.strategies.curves import CURVES
     from ditplan.strategies.sdtm import SparseLayout
 

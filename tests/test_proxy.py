@@ -8,16 +8,14 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from ditplan.errors import UserError
+from ditplan.evaluators.fidelity import relative_l1
+from ditplan.models.adapters import experiment_adapter
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, PlanTarget
-from ditplan.rundir import SearchDir
-from ditplan.search.driver import run_search
-from ditplan.search.queue import proposal_max_loss
-from ditplan.search.storage import load_finished_study
-from ditplan.search.greedy import CANDIDATES, greedy_search
-from ditplan.evaluators.fidelity import relative_l1
-from ditplan.errors import UserError
-from ditplan.search.proxy import (
+from ditplan.plansearch.driver import run_search
+from ditplan.plansearch.greedy import CANDIDATES, greedy_search
+from ditplan.plansearch.proxy import (
     Proxy,
     cached_proxy,
     cell_flops,
@@ -28,10 +26,12 @@ from ditplan.search.proxy import (
     propose,
     proxy_candidates,
 )
-from ditplan.strategies.apply import run_plan
-from ditplan.search.space import IntervalChoices, build_space, experiment_space
-from ditplan.models.adapters import experiment_adapter
+from ditplan.plansearch.queue import proposal_max_loss
+from ditplan.plansearch.space import IntervalChoices, build_space, experiment_space
+from ditplan.plansearch.storage import load_finished_study
+from ditplan.rundir import SearchDir
 from ditplan.spec import ProposalSpec, load_spec
+from ditplan.strategies.apply import run_plan
 from tests.conftest import DATA
 
 TARGET = PlanTarget("m", "base", num_layers=2, num_tokens=16, scheduler="ddim", num_steps=3, guidance_scale=4.0)

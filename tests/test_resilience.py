@@ -16,17 +16,17 @@ from ditplan.comparison.runs import compare_runs
 from ditplan.comparison.sides import run_sides
 from ditplan.errors import UserError
 from ditplan.models.adapters import experiment_adapter
-from ditplan.rundir import RunDir, SearchDir
-from ditplan.search.attrs import ERROR
-from ditplan.search.driver import run_search
-from ditplan.search.recorder import Recorder
-from ditplan.search.storage import (
+from ditplan.plansearch.attrs import ERROR
+from ditplan.plansearch.driver import run_search
+from ditplan.plansearch.recorder import Recorder
+from ditplan.plansearch.storage import (
     counts,
     is_interrupted,
     load_finished_study,
     study_storage,
 )
-from ditplan.search.tracking import Tracker
+from ditplan.plansearch.tracking import Tracker
+from ditplan.rundir import RunDir, SearchDir
 from tests.conftest import DATA
 from tests.test_search import _child_runs
 

@@ -11,13 +11,13 @@ from ditplan.errors import UserError
 from ditplan.evaluators.cost import sample_forwards
 from ditplan.evaluators.reference import dense_reference
 from ditplan.models.adapters import experiment_adapter
+from ditplan.plansearch.attrs import ERROR, PROMOTED, WARM
+from ditplan.plansearch.driver import run_search
+from ditplan.plansearch.pareto import best_by_rank
+from ditplan.plansearch.promotion import promote
+from ditplan.plansearch.storage import load_finished_study, tally
+from ditplan.plansearch.trial_task import trial_metrics
 from ditplan.rundir import RunDir, SearchDir
-from ditplan.search.attrs import ERROR, PROMOTED, WARM
-from ditplan.search.driver import run_search
-from ditplan.search.pareto import best_by_rank
-from ditplan.search.promotion import promote
-from ditplan.search.storage import load_finished_study, tally
-from ditplan.search.trial_task import trial_metrics
 from ditplan.spec import ScreeningSpec, SeedSet, load_spec
 from tests.conftest import DATA
 from tests.studies import MemoryTracker, hand_study
@@ -123,7 +123,7 @@ def test_the_budget_charges_every_evaluation_at_its_own_fidelity(tmp_path):
 def test_promotion_takes_each_distinct_plan_once_and_only_feasible_screened_trials(tmp_path):
     """Two trials whose parameters differ but whose plans are the same (e.g. pruning curves of two families
     that give the same tokens) are one plan: promoting both would score it twice."""
-    from ditplan.search.space import experiment_space
+    from ditplan.plansearch.space import experiment_space
 
     spec = _screened_spec(tmp_path)
     spec = spec.model_copy(update={"search": spec.search.model_copy(update={"screening": ScreeningSpec(samples=2, promote=2)}),

@@ -11,10 +11,10 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from ditplan.errors import UserError
+from ditplan.plansearch.driver import run_search
+from ditplan.plansearch.storage import ask, load_finished_study
+from ditplan.plansearch.study import SAMPLERS
 from ditplan.rundir import SearchDir
-from ditplan.search.driver import run_search
-from ditplan.search.storage import ask, load_finished_study
-from ditplan.search.study import SAMPLERS
 from ditplan.spec import SearchSpec, load_spec
 from tests.conftest import DATA
 
@@ -110,13 +110,13 @@ def test_a_search_with_sparsedit_choices_runs_plans_on_the_fine_tuned_network(lo
     from diffusers import DDPMScheduler
 
     from ditplan.models.adapters import load_adapter
+    from ditplan.plan import load_plan
+    from ditplan.strategies.curves import Constant
     from ditplan.strategies.finetune_sparse import (
         FinetuneConfig,
         export_sparse,
         finetune_sparse,
     )
-    from ditplan.plan import load_plan
-    from ditplan.strategies.curves import Constant
     from ditplan.strategies.sdtm import SparseLayout
     from tests.test_sparse import SMALL_DIT
 
@@ -180,7 +180,7 @@ def test_nsga2_breeds_its_first_generation_from_the_enqueued_trials():
         study.enqueue_trial({"x": x, "y": "a"})
     for _ in range(6):
         trial = ask(study)
-        x, y = trial.suggest_int("x", 0, 9), trial.suggest_categorical("y", ["a", "b", "c"])
+        x, _ = trial.suggest_int("x", 0, 9), trial.suggest_categorical("y", ["a", "b", "c"])
         study.tell(trial, [x, 9 - x])
     trials = study.get_trials()
     assert [study.sampler.get_trial_generation(study, t) for t in trials] == [0, 0, 0, 1, 1, 1]

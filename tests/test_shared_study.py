@@ -17,11 +17,11 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 import ditplan
+from ditplan.plansearch.attrs import PROMOTED
+from ditplan.plansearch.driver import run_search
+from ditplan.plansearch.storage import is_interrupted, study_storage
+from ditplan.plansearch.tracking import STUDY_TAG, TRIAL_TAG
 from ditplan.rundir import SearchDir
-from ditplan.search.attrs import PROMOTED
-from ditplan.search.driver import run_search
-from ditplan.search.storage import is_interrupted, study_storage
-from ditplan.search.tracking import STUDY_TAG, TRIAL_TAG
 from ditplan.spec import load_spec
 from tests.conftest import DATA, ENV, free_port
 from tests.test_user_loop import TINY_RUN

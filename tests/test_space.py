@@ -5,11 +5,19 @@ import dataclasses
 import optuna
 import pytest
 
-from ditplan.plan import Plan, PlanTarget
 from ditplan.errors import UserError
-from ditplan.search.space import (
-    INTERVAL, NO_CACHE, NO_NETWORK, CacheChoices, IntervalChoices, SparseChoices, SparseNetwork, build_space,
-    cache_choices, interval_skips,
+from ditplan.plan import Plan, PlanTarget
+from ditplan.plansearch.space import (
+    INTERVAL,
+    NO_CACHE,
+    NO_NETWORK,
+    CacheChoices,
+    IntervalChoices,
+    SparseChoices,
+    SparseNetwork,
+    build_space,
+    cache_choices,
+    interval_skips,
 )
 from ditplan.strategies.apply import CachePlanner, build_strategies, sparse_layout
 from ditplan.strategies.diffusers_cache import CACHE_METHODS
@@ -212,7 +220,7 @@ def test_a_cache_choice_keeps_the_methods_own_values_and_refuses_unknown_fields(
 
 
 def test_an_experiment_file_makes_a_diffusers_cache_a_search_choice(tiny_adapter, tiny_spec):
-    from ditplan.search.space import experiment_space
+    from ditplan.plansearch.space import experiment_space
     from ditplan.spec import SpaceSpec
 
     def with_space(**space):
@@ -233,10 +241,10 @@ def test_an_experiment_file_makes_a_diffusers_cache_a_search_choice(tiny_adapter
 def test_the_joint_quickstart_space_joins_attention_block_caching_sparsedit_and_a_diffusers_cache(embedded_adapter):
     from pathlib import Path
 
-    from ditplan.search.space import experiment_space
+    from ditplan.plansearch.space import experiment_space
     from ditplan.spec import load_spec
 
-    spec = load_spec(Path(__file__).parents[1] / "experiments" / "quickstart-joint.yaml")
+    spec = load_spec(Path(__file__).parents[1] / "ditplan" / "experiments" / "quickstart-joint.yaml")
     space = experiment_space(embedded_adapter, spec)
     assert {"ast", "wars", "asc", "reuse", "forecast"} <= set(space.methods)
     assert space.sparse is not None and len(space.sparse.networks) == 3

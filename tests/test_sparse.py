@@ -8,19 +8,18 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ditplan.evaluators.cost import plan_flops
-from ditplan.models.adapters import adapter_from_spec, load_adapter
+from ditplan.models.adapters import adapter_from_spec, load_adapter, sparse_networks
 from ditplan.models.context import StepContext, step_context
-from ditplan.models.adapters import sparse_networks
-from ditplan.strategies.finetune_sparse import (
-    FinetuneConfig,
-    export_sparse,
-    finetune_sparse,
-)
 from ditplan.models.sampling import guided_prediction, plan_target
 from ditplan.plan import Plan, PlanError, load_plan
 from ditplan.spec import SamplerSettings, load_spec
 from ditplan.strategies import apply_plan, remove_plan, run_plan
 from ditplan.strategies.curves import CURVES, curve_from_dict
+from ditplan.strategies.finetune_sparse import (
+    FinetuneConfig,
+    export_sparse,
+    finetune_sparse,
+)
 from ditplan.strategies.sdtm import SparseLayout
 from tests.conftest import DATA
 

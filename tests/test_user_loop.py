@@ -167,8 +167,8 @@ def test_bad_selection_rules_and_bounds_are_user_errors(finished_run, tmp_path):
 
 
 def test_a_search_warm_starts_from_the_plans_ditplan_export_wrote(finished_run, tmp_path):
+    from ditplan.plansearch.storage import load_finished_study
     from ditplan.rundir import SearchDir
-    from ditplan.search.storage import load_finished_study
 
     _, run_dir = finished_run
     exported = sorted((run_dir / "exported").glob("*.yaml"))
@@ -188,7 +188,7 @@ def test_compare_refuses_a_folder_that_is_not_a_run(tmp_path):
         ditplan.compare([tmp_path], tmp_path / "report")
 
 
-@pytest.mark.parametrize("path", sorted((DATA.parent.parent / "experiments").glob("*.yaml"))
+@pytest.mark.parametrize("path", sorted((DATA.parent.parent / "ditplan" / "experiments").glob("*.yaml"))
                          + sorted((DATA.parent.parent / "benchmarks").glob("*/*.yaml")), ids=lambda p: p.name)
 def test_shipped_experiment_files_validate_offline(path):
     spec = load_spec(path)

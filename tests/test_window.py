@@ -13,7 +13,7 @@ from ditplan.errors import UserError
 from ditplan.models.context import StepContext
 from ditplan.models.sampling import plan_target
 from ditplan.plan import PlanError, PlanTarget
-from ditplan.search.space import build_space
+from ditplan.plansearch.space import build_space
 from ditplan.strategies import (
     AttentionCall,
     AttentionShape,

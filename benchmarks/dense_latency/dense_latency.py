@@ -1,7 +1,7 @@
 """Dense latency of an experiment's workload: median and min–max over repeats (the noise band any
 plan comparison has to beat) and the share of time spent in self-attention.
 
-    python benchmarks/dense_latency/dense_latency.py --experiment experiments/quickstart.yaml [--repeats 10]
+    python benchmarks/dense_latency/dense_latency.py --experiment ditplan/experiments/quickstart.yaml [--repeats 10]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ditplan.models.sampling import sample  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    add_experiment_arguments(parser, default="experiments/quickstart.yaml")
+    add_experiment_arguments(parser, default="ditplan/experiments/quickstart.yaml")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     print_provenance()

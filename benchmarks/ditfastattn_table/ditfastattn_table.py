@@ -25,7 +25,7 @@ from ditplan.evaluators.fidelity import psnr, relative_l1  # noqa: E402
 from ditplan.models.adapters import load_adapter  # noqa: E402
 from ditplan.models.sampling import plan_target  # noqa: E402
 from ditplan.plan import load_plan  # noqa: E402
-from ditplan.search.greedy import DEFAULT_THRESHOLDS, greedy_search, threshold_name  # noqa: E402
+from ditplan.plansearch.greedy import DEFAULT_THRESHOLDS, greedy_search, threshold_name  # noqa: E402
 from ditplan.spec import SamplerSettings  # noqa: E402
 from ditplan.strategies.apply import run_plan  # noqa: E402
 from ditplan.strategies.wars import WindowConfig  # noqa: E402

@@ -1,6 +1,6 @@
 """One table of plans on an experiment's held-out seeds: dense, each strategy family alone, and plan files.
 
-Meant for a GPU (``experiments/digits-1024.yaml``: the 1,024-token embedded model in bfloat16), it runs
+Meant for a GPU (``ditplan/experiments/digits-1024.yaml``: the 1,024-token embedded model in bfloat16), it runs
 on any device the experiment names. Every plan and dense sample the held-out set in
 ``search.refine.latency_repeats`` rounds, taking turns in one process (``measure``, timed: the
 evaluation ``ditplan run`` reports from): latency per sample and its ratio to the dense run beside it
@@ -15,9 +15,9 @@ Families (fixed plans, no calibration; every layer alike, the first two steps de
 ``--plans`` adds plan files (a run's greedy D1–D6 and exported learned plans); ``--families`` keeps only
 the named families; ``--device`` / ``--dtype`` run the experiment's model elsewhere (a CPU preview).
 
-    python benchmarks/gpu_table/gpu_table.py --experiment experiments/digits-1024.yaml \
+    python benchmarks/gpu_table/gpu_table.py --experiment ditplan/experiments/digits-1024.yaml \
         --plans runs/digits-1024/greedy/*.yaml runs/digits-1024/exported/*.yaml
-    python benchmarks/gpu_table/gpu_table.py --experiment experiments/digits-1024.yaml --device cpu --dtype float32 \
+    python benchmarks/gpu_table/gpu_table.py --experiment ditplan/experiments/digits-1024.yaml --device cpu --dtype float32 \
         --families "block caching" --cache-periods 2 3 4 6
 """
 

@@ -16,7 +16,7 @@ the plan's time / dense's time in the same round (band: min–max). cache-dit ca
 so its rows run in a second interleaved loop whose dense is the stock pipeline without cache-dit (same
 seeds, same rounds); rel. L1 is to that dense, FLOPs are counted from the block parts that ran.
 
-    python benchmarks/peers/peers.py --experiment experiments/quickstart.yaml \
+    python benchmarks/peers/peers.py --experiment ditplan/experiments/quickstart.yaml \
         --plans runs/quickstart/greedy/*.yaml runs/quickstart/exported/*.yaml
 """
 

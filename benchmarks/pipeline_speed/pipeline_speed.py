@@ -37,7 +37,7 @@ from ditplan.models.adapters import load_adapter  # noqa: E402
 from ditplan.models.pipelines import IdentityDecoder, embedded_pipeline  # noqa: E402
 from ditplan.models.sampling import make_scheduler  # noqa: E402
 from ditplan.plan import Plan, load_plan  # noqa: E402
-from ditplan.search.greedy import DEFAULT_THRESHOLDS, greedy_search, threshold_name  # noqa: E402
+from ditplan.plansearch.greedy import DEFAULT_THRESHOLDS, greedy_search, threshold_name  # noqa: E402
 from ditplan.spec import SamplerSettings  # noqa: E402
 from ditplan.strategies.apply import run_plan  # noqa: E402
 from ditplan.strategies.curves import Constant  # noqa: E402

@@ -10,7 +10,7 @@ Plans: every row of the ``--tables``. A row named like one of gpu_table's family
 step``) is that plan; any other row is the plan file of that name in the folder beside its table
 (``…-table.txt`` → ``…-plans/<row>.yaml``, how the table files under ``benchmarks/*/results`` are kept).
 
-    python benchmarks/quality_proxy/quality_proxy.py --experiment experiments/digits-1024.yaml --device cpu --dtype float32 \\
+    python benchmarks/quality_proxy/quality_proxy.py --experiment ditplan/experiments/digits-1024.yaml --device cpu --dtype float32 \\
         --tables benchmarks/gpu_table/results/digits-1024-cpu-caching-table*.txt \\
                  benchmarks/digits_1024_learned/results/digits-1024-cpu-learned-*table.txt --samples 4 8 16 40
 """

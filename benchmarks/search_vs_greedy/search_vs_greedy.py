@@ -49,18 +49,18 @@ from ditplan.evaluators.reference import dense_reference  # noqa: E402
 from ditplan.models.adapters import experiment_adapter  # noqa: E402
 from ditplan.models.sampling import plan_target  # noqa: E402
 from ditplan.plan import Plan, load_plan  # noqa: E402
-from ditplan.registry import METRICS  # noqa: E402
-from ditplan.rundir import SearchDir  # noqa: E402
-from ditplan.search.driver import run_search  # noqa: E402
-from ditplan.search.greedy import (  # noqa: E402
+from ditplan.plansearch.driver import run_search  # noqa: E402
+from ditplan.plansearch.greedy import (  # noqa: E402
     CANDIDATES,
     DEFAULT_THRESHOLDS,
     greedy_search,
     threshold_name,
 )
-from ditplan.search.pareto import hypervolume  # noqa: E402
-from ditplan.search.proxy import experiment_proxy, proxy_candidates  # noqa: E402
-from ditplan.search.trial_task import trial_metrics  # noqa: E402
+from ditplan.plansearch.pareto import hypervolume  # noqa: E402
+from ditplan.plansearch.proxy import experiment_proxy, proxy_candidates  # noqa: E402
+from ditplan.plansearch.trial_task import trial_metrics  # noqa: E402
+from ditplan.registry import METRICS  # noqa: E402
+from ditplan.rundir import SearchDir  # noqa: E402
 from ditplan.spec import PROPOSAL_SPREADS, ProposalSpec, ScreeningSpec, load_spec  # noqa: E402
 
 QUALITY_COST = ("rel_l1", "flops_ratio")
@@ -153,7 +153,7 @@ def main() -> None:
     parser.add_argument("--promote", type=int, default=20, help="screened trials scored again on --search-samples")
     parser.add_argument("--proxy-samples", type=int, help="calibration samples the proxy is measured on")
     parser.add_argument("--spread", choices=PROPOSAL_SPREADS, default=ProposalSpec().spread,
-                        help="how proposals are picked (ditplan.search.proxy.propose)")
+                        help="how proposals are picked (ditplan.plansearch.proxy.propose)")
     parser.add_argument("--gain-probes", type=int, default=ProposalSpec().gain_probes,
                         help="steps at which the proxy measures its gains (0: summed raw losses)")
     parser.add_argument("--max-reuse-run", type=int,

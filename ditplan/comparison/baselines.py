@@ -11,7 +11,7 @@ from ditplan.errors import UserError
 from ditplan.models.adapters import ModelAdapter, model_folder, sparse_networks
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, PlanError
-from ditplan.search.greedy import threshold_name
+from ditplan.plansearch.greedy import threshold_name
 from ditplan.spec import BaselineSpec, ExperimentSpec
 from ditplan.strategies.diffusers_cache import DiffusersCache
 from ditplan.strategies.finetune_sparse import layout_plan

@@ -18,9 +18,9 @@ from ditplan.comparison.report import RunData, RunReport, SideRow, build_report,
 from ditplan.errors import UserError
 from ditplan.evaluators.cost import FLOPS_COUNT
 from ditplan.plan import Plan, load_plan
+from ditplan.plansearch.pareto import pareto_mask
 from ditplan.registry import direction
 from ditplan.rundir import SideResult
-from ditplan.search.pareto import pareto_mask
 
 _RULE = re.compile(r"^(fastest|best):(\w+)(<=|>=)([0-9.eE+-]+)$|^knee$|^top:(\d+)$")
 RULE_HELP = "fastest:rel_l1<=0.05 | best:latency_ratio<=0.8 | knee | top:3"

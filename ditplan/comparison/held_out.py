@@ -16,8 +16,8 @@ from ditplan.comparison.sides import DENSE, Side
 from ditplan.errors import UserError
 from ditplan.evaluators.measure import measure
 from ditplan.models.adapters import ModelAdapter
+from ditplan.plansearch.records import plan_key
 from ditplan.rundir import HeldOutRecord, RunDir, SideResult
-from ditplan.search.records import plan_key
 from ditplan.spec import ExperimentSpec
 from ditplan.strategies.summary import DENSE as DENSE_TEXT
 from ditplan.strategies.summary import describe

@@ -10,8 +10,8 @@ from typing import Any
 
 from ditplan.atomic import atomic_write, atomic_write_text
 from ditplan.comparison.report import FigurePoint, RunReport, Verdict, figure_points
+from ditplan.plansearch.figures import Axes, scatter_html, scatter_png
 from ditplan.registry import direction, label
-from ditplan.search.figures import Axes, scatter_html, scatter_png
 
 FLOPS_SENTENCE = ("FLOPs ratio (here, in objectives and in plan files: `flops_ratio`) counts window attention as its "
                   "kernel executes it (the masked `band` window computes its query blocks' whole key spans); `ideal` "

@@ -21,12 +21,12 @@ from ditplan.errors import UserError
 from ditplan.evaluators.cost import sample_forwards
 from ditplan.models.adapters import LAYOUT_FILE, model_folder
 from ditplan.plan import Plan, load_plan
+from ditplan.plansearch.pareto import hypervolume, pareto_mask
+from ditplan.plansearch.proxy import read_proxy
+from ditplan.plansearch.records import TrialRecord, reference_point, trial_records
+from ditplan.plansearch.storage import load_finished_study
 from ditplan.registry import direction
 from ditplan.rundir import HeldOutRecord, RunDir, SideKind, SideResult
-from ditplan.search.pareto import hypervolume, pareto_mask
-from ditplan.search.proxy import read_proxy
-from ditplan.search.records import TrialRecord, reference_point, trial_records
-from ditplan.search.storage import load_finished_study
 from ditplan.spec import ExperimentSpec
 
 HEADLINE_EXTRAS = ("kid", "kid_low", "class_agreement")  # shown beside the quality metric when measured

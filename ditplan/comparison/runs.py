@@ -12,7 +12,7 @@ from ditplan.comparison.plan_grid import GRID
 from ditplan.comparison.render import FIGURE, write_report
 from ditplan.comparison.report import RunData, build_report, load_run_data
 from ditplan.errors import UserError
-from ditplan.search.tracking import attach_to_study
+from ditplan.plansearch.tracking import attach_to_study
 
 
 def _plan_grids(data: Sequence[RunData], out: Path) -> dict[str, Path]:

@@ -14,8 +14,8 @@ from ditplan.errors import UserError
 from ditplan.evaluators.measure import DENSE
 from ditplan.models.adapters import ModelAdapter
 from ditplan.plan import Plan
+from ditplan.plansearch.records import distinct_plans, learned_front
 from ditplan.rundir import RunDir, SideKind
-from ditplan.search.records import distinct_plans, learned_front
 from ditplan.spec import ExperimentSpec
 
 

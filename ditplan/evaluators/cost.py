@@ -14,9 +14,9 @@ import torch
 from ditplan.models.adapters import ModelAdapter, cross_attention_block_flops, other_flops, sdtm_overhead_flops
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, PlanError
+from ditplan.spec import SamplerSettings
 from ditplan.strategies.apply import CachePlanner, PlanRun, build_strategies, sparse_layout
 from ditplan.strategies.base import AttentionShape, cross_attention_flops, dense_attention_flops
-from ditplan.spec import SamplerSettings
 
 
 @dataclass(frozen=True)

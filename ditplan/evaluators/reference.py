@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 from ditplan.atomic import atomic_write
 from ditplan.models.adapters import ModelAdapter
 from ditplan.models.sampling import sample
-from ditplan.strategies.apply import get_runtime
 from ditplan.spec import SamplerSettings
+from ditplan.strategies.apply import get_runtime
 
 
 def reference_key(adapter: ModelAdapter, settings: SamplerSettings, conditions: Sequence[Any], seeds: Sequence[int]) -> str:

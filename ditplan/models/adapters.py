@@ -261,7 +261,7 @@ def load_adapter(
         base_schedule: dict[str, Any] = DDPMScheduler().config
     elif source is not None:
         if source not in EMBEDDED_MODELS and _looks_local(source):
-            check_folder(source, "model.source folder")
+            check_folder(source, "model.source folder", names=list(EMBEDDED_MODELS))
         path = str(model_folder(source))
         transformer = load_transformer(transformer_cls, Path(path), dtype)
         base_schedule = _from_pretrained(DDPMScheduler.load_config, path, "scheduler", "model.source")

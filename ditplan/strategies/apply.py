@@ -23,6 +23,7 @@ from ditplan.models.adapters import ModelAdapter, load_for_plan, new_merges
 from ditplan.models.context import StepContext, current_step, step_context
 from ditplan.models.sampling import plan_target, sample
 from ditplan.plan import Plan, PlanError, PlanTarget
+from ditplan.spec import SamplerSettings
 from ditplan.strategies.base import (
     BLOCK_ENTRY,
     STRATEGIES,
@@ -35,7 +36,6 @@ from ditplan.strategies.base import (
 from ditplan.strategies.diffusers_cache import DiffusersCache, ExecutionCounter
 from ditplan.strategies.hooks import remove_hook
 from ditplan.strategies.sdtm import SparseLayout, SparseRuntime
-from ditplan.spec import SamplerSettings
 
 _RUNTIME_ATTR = "_ditplan_runtime"
 STEP_HOOK = "ditplan_plan_step"

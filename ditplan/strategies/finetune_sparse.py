@@ -39,8 +39,8 @@ from ditplan.models.adapters import (
 from ditplan.models.context import StepContext, step_context
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, PlanTarget
-from ditplan.strategies.apply import PlanRuntime, apply_plan, remove_plan
 from ditplan.spec import SamplerSettings
+from ditplan.strategies.apply import PlanRuntime, apply_plan, remove_plan
 from ditplan.strategies.sdtm import SparseLayout
 
 CHECKPOINT_NAME = "finetune.pt"

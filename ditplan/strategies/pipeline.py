@@ -23,8 +23,8 @@ import torch
 from ditplan.models.adapters import load_sparse_folder, network_hash
 from ditplan.models.context import CFG_ORDERS, StepContext, new_run_id
 from ditplan.models.sampling import reset_stateful_hooks, scheduler_class
-from ditplan.registry import SCHEDULERS
 from ditplan.plan import Plan, PlanError, load_plan
+from ditplan.registry import SCHEDULERS
 from ditplan.strategies.apply import PlanRuntime, apply_plan, get_runtime, remove_plan, step_hook
 
 # the CFG batch layout of each stock pipeline family ditplan runs plans in

@@ -2,7 +2,7 @@
 
 import time
 
-import ditplan.search.trial_task as trial_task
+import ditplan.plansearch.trial_task as trial_task
 
 SECONDS = 2.0
 _measure = trial_task.trial_metrics

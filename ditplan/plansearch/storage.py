@@ -33,8 +33,8 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from ditplan.errors import UserError
+from ditplan.plansearch.attrs import ERROR, PROMOTED, WARM
 from ditplan.rundir import SearchDir
-from ditplan.search.attrs import ERROR, PROMOTED, WARM
 from ditplan.spec import ExperimentSpec, SearchSpec
 
 

@@ -21,9 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ditplan.errors import UserError
 from ditplan.plan import Plan
-from ditplan.registry import METRICS
-from ditplan.rundir import SearchDir
-from ditplan.search.attrs import (
+from ditplan.plansearch.attrs import (
     ERROR,
     GIVEN,
     METRICS_ATTR,
@@ -32,7 +30,9 @@ from ditplan.search.attrs import (
     REPEAT,
     WARM,
 )
-from ditplan.search.pareto import hypervolume, pareto_mask
+from ditplan.plansearch.pareto import hypervolume, pareto_mask
+from ditplan.registry import METRICS
+from ditplan.rundir import SearchDir
 from ditplan.spec import ExperimentSpec, SearchSpec
 from ditplan.strategies.apply import sparse_layout
 

@@ -1,6 +1,6 @@
 """Proxy sensitivities of the (step, layer, strategy) cells, and plans proposed from them.
 
-The proxy is greedy's own loop (:func:`ditplan.search.greedy.greedy_search`) at δ = 0 on the
+The proxy is greedy's own loop (:func:`ditplan.plansearch.greedy.greedy_search`) at δ = 0 on the
 calibration batch: every candidate is rejected, so the trajectory stays dense and the run measures
 each (step ≥ 1, layer, candidate) cell alone against dense — ``steps × layers × candidates`` trial
 forwards, about a quarter of what greedy's six thresholds spend together. The table it records is
@@ -61,8 +61,8 @@ from ditplan.evaluators.fidelity import relative_l1
 from ditplan.models.adapters import ModelAdapter
 from ditplan.models.sampling import Snapshot, plan_target, sample_batch
 from ditplan.plan import Plan
-from ditplan.search.greedy import CANDIDATES, greedy_search
-from ditplan.search.space import CacheInterval, PlanSpace
+from ditplan.plansearch.greedy import CANDIDATES, greedy_search
+from ditplan.plansearch.space import CacheInterval, PlanSpace
 from ditplan.spec import PROPOSAL_SPREADS, ExperimentSpec, SamplerSettings
 from ditplan.strategies.apply import apply_plan, remove_plan
 from ditplan.strategies.base import BlockStrategy, get_strategy_class

@@ -15,16 +15,16 @@ import optuna
 from optuna.trial import TrialState
 
 from ditplan.plan import Plan
-from ditplan.search.attrs import DRIVER, METRICS_ATTR, PROMOTED, REPEAT, WARM
-from ditplan.search.recorder import PlanFor, Recorder
-from ditplan.search.records import (
+from ditplan.plansearch.attrs import DRIVER, METRICS_ATTR, PROMOTED, REPEAT, WARM
+from ditplan.plansearch.recorder import PlanFor, Recorder
+from ditplan.plansearch.records import (
     earlier_with_params,
     failed_learned,
     feasible_front,
     is_feasible_trial,
     scored,
 )
-from ditplan.search.storage import (
+from ditplan.plansearch.storage import (
     Heartbeats,
     ask,
     counts,
@@ -36,8 +36,8 @@ from ditplan.spec import SearchSpec
 
 
 class Pool(Protocol):
-    """Evaluations in flight (:class:`~ditplan.search.ray_tasks.TaskPool`): ``wait`` gives
-    :class:`~ditplan.search.ray_tasks.Outcome` s, each with the item it was submitted with."""
+    """Evaluations in flight (:class:`~ditplan.plansearch.ray_tasks.TaskPool`): ``wait`` gives
+    :class:`~ditplan.plansearch.ray_tasks.Outcome` s, each with the item it was submitted with."""
 
     def __len__(self) -> int: ...
 

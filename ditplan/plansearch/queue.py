@@ -15,7 +15,7 @@ import optuna
 
 from ditplan.models.adapters import ModelAdapter
 from ditplan.plan import Plan
-from ditplan.search.attrs import (
+from ditplan.plansearch.attrs import (
     GIVEN,
     INTERVAL_PROPOSAL,
     NAME,
@@ -23,8 +23,8 @@ from ditplan.search.attrs import (
     PROPOSAL,
     WARM,
 )
-from ditplan.search.proxy import cell_flops, experiment_proxy, propose
-from ditplan.search.space import PlanSpace
+from ditplan.plansearch.proxy import cell_flops, experiment_proxy, propose
+from ditplan.plansearch.space import PlanSpace
 from ditplan.spec import ExperimentSpec, SearchSpec
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from ditplan.models.adapters import ModelAdapter
 from ditplan.plan import Plan
+from ditplan.plansearch.greedy import greedy_search, threshold_name
 from ditplan.progress import progress_bar
 from ditplan.rundir import GreedyDir
-from ditplan.search.greedy import greedy_search, threshold_name
 from ditplan.spec import ExperimentSpec
 
 

@@ -15,23 +15,23 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ditplan.evaluators.cost import FLOPS_COUNT
 from ditplan.plan import Plan, library_versions
-from ditplan.rundir import SearchDir
-from ditplan.search.attrs import ERROR, METRICS_ATTR, PROMOTED
-from ditplan.search.records import (
+from ditplan.plansearch.attrs import ERROR, METRICS_ATTR, PROMOTED
+from ditplan.plansearch.records import (
     feasible_hypervolume,
     reference_point,
     samples_of,
     scored,
     trial_metrics,
 )
-from ditplan.search.storage import counts
+from ditplan.plansearch.storage import counts
+from ditplan.rundir import SearchDir
 from ditplan.spec import ExperimentSpec
 
 PlanFor = Callable[[Any, Mapping[str, Any]], "Plan | None"]  # (trial, its user attributes) → its plan
 
 
 class TrialTracker(Protocol):
-    """What the recorder tells a tracker (:class:`~ditplan.search.tracking.Tracker`, MLflow)."""
+    """What the recorder tells a tracker (:class:`~ditplan.plansearch.tracking.Tracker`, MLflow)."""
 
     def log_trial(self, number: int, state: str, params: Mapping[str, Any], metrics: Mapping[str, float],
                   plan_path: Any) -> Any: ...

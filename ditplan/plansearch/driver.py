@@ -1,11 +1,11 @@
 """The multi-objective plan search: Optuna ask/tell on the driver, trials evaluated as Ray tasks.
 
 Search state lives in Optuna storage (a journal file in the search folder by default, or an RDB that
-several drivers share: :mod:`ditplan.search.storage`), so a killed driver resumes by study name without
+several drivers share: :mod:`ditplan.plansearch.storage`), so a killed driver resumes by study name without
 losing a completed trial. Its parts, each testable alone: opening and reseeding the study
-(:mod:`~ditplan.search.study`), what joins it first (:mod:`~ditplan.search.queue`), the ask / submit / tell
-loop (:mod:`~ditplan.search.loop`), the records (:mod:`~ditplan.search.recorder`,
-:mod:`~ditplan.search.records`) and promotion (:mod:`~ditplan.search.promotion`). The driver measures
+(:mod:`~ditplan.plansearch.study`), what joins it first (:mod:`~ditplan.plansearch.queue`), the ask / submit / tell
+loop (:mod:`~ditplan.plansearch.loop`), the records (:mod:`~ditplan.plansearch.recorder`,
+:mod:`~ditplan.plansearch.records`) and promotion (:mod:`~ditplan.plansearch.promotion`). The driver measures
 nothing on held-out seeds and writes no report: that is the comparison stage's.
 """
 
@@ -24,23 +24,19 @@ from ditplan.evaluators.measure import dense_values
 from ditplan.evaluators.reference import dense_reference
 from ditplan.models.adapters import ModelAdapter, experiment_adapter
 from ditplan.plan import Plan, library_versions
-from ditplan.plugins import import_plugins
-from ditplan.progress import progress_bar
-from ditplan.registry import label
-from ditplan.rundir import SearchDir
-from ditplan.search.attrs import PROMOTED, REPEAT
-from ditplan.search.figures import Axes, scatter_html, scatter_png
-from ditplan.search.loop import TrialLoop
-from ditplan.search.promotion import promote
-from ditplan.search.queue import (
+from ditplan.plansearch.attrs import PROMOTED, REPEAT
+from ditplan.plansearch.figures import Axes, scatter_html, scatter_png
+from ditplan.plansearch.loop import TrialLoop
+from ditplan.plansearch.promotion import promote
+from ditplan.plansearch.queue import (
     PlanSource,
     enqueue_proposals,
     enqueue_warm_start,
     proposed_plans,
 )
-from ditplan.search.ray_tasks import LazyRay, TaskPool, resolve_ray_address
-from ditplan.search.recorder import Recorder
-from ditplan.search.records import (
+from ditplan.plansearch.ray_tasks import LazyRay, TaskPool, resolve_ray_address
+from ditplan.plansearch.recorder import Recorder
+from ditplan.plansearch.records import (
     failed_learned,
     feasible_hypervolume,
     is_feasible_trial,
@@ -51,11 +47,15 @@ from ditplan.search.records import (
     scored,
     trial_name,
 )
-from ditplan.search.space import PlanSpace, experiment_space
-from ditplan.search.storage import study_storage, tally
-from ditplan.search.study import driver_id, open_study
-from ditplan.search.tracking import Tracker, study_tracking_uri
-from ditplan.search.trial_task import submitter
+from ditplan.plansearch.space import PlanSpace, experiment_space
+from ditplan.plansearch.storage import study_storage, tally
+from ditplan.plansearch.study import driver_id, open_study
+from ditplan.plansearch.tracking import Tracker, study_tracking_uri
+from ditplan.plansearch.trial_task import submitter
+from ditplan.plugins import import_plugins
+from ditplan.progress import progress_bar
+from ditplan.registry import label
+from ditplan.rundir import SearchDir
 from ditplan.spec import ExperimentSpec
 
 

@@ -11,16 +11,16 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from ditplan.plansearch.attrs import NAME, PROMOTED, PROPOSAL
+from ditplan.plansearch.pareto import best_by_rank
+from ditplan.plansearch.records import distinct_plans, is_feasible_trial, is_warm, scored
+from ditplan.plansearch.storage import counts
 from ditplan.rundir import SearchDir
-from ditplan.search.attrs import NAME, PROMOTED, PROPOSAL
-from ditplan.search.pareto import best_by_rank
-from ditplan.search.records import distinct_plans, is_feasible_trial, is_warm, scored
-from ditplan.search.storage import counts
 from ditplan.spec import SearchSpec
 
 
 def to_promote(study: optuna.Study, search: SearchSpec, directions: list[str], search_dir: SearchDir) -> list[FrozenTrial]:
-    """The screened trials to promote now: :func:`~ditplan.search.pareto.best_by_rank` of the feasible learned
+    """The screened trials to promote now: :func:`~ditplan.plansearch.pareto.best_by_rank` of the feasible learned
     ones, each distinct plan once, less those promoted before (a resumed study) unless their promoted trial
     was lost (interrupted past its retries). Warm-start plans are never promoted: they are their own side."""
     screening = search.screening
