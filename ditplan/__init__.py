@@ -37,6 +37,7 @@ __all__ = [
     "apply_plan",
     "compare",
     "denoising_step",
+    "embedded_pipeline",
     "evaluate",
     "export",
     "generate",
@@ -47,6 +48,7 @@ __all__ = [
     "run",
     "sample",
     "search",
+    "shipped_plan",
     "summary",
 ]
 
@@ -89,6 +91,22 @@ def load_plan(path: str | Path) -> Plan:
     from ditplan.plan import load_plan as _load
 
     return _load(path)
+
+
+def shipped_plan(name: str) -> Plan:
+    """A plan shipped with ditplan (``quickstart-knee``: the quickstart's knee plan for the embedded model)."""
+    from ditplan.plan import shipped_plan as _shipped_plan
+
+    return _shipped_plan(name)
+
+
+def embedded_pipeline(source: str = "embedded", scheduler: str = "dpmsolver++") -> Any:
+    """The embedded digit DiT (``embedded`` or ``embedded-1024``) as a stock diffusers ``DiTPipeline`` with the
+    sampler ``scheduler``; call it like any DiTPipeline: ``pipe(class_labels=[3, 7], num_inference_steps=20,
+    guidance_scale=4.0, output_type="np")``."""
+    from ditplan.models.pipelines import embedded_pipeline as _embedded_pipeline
+
+    return _embedded_pipeline(scheduler=scheduler, source=source)
 
 
 def load_spec(experiment: Experiment) -> ExperimentSpec:

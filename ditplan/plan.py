@@ -19,6 +19,7 @@ import yaml
 from ditplan.atomic import atomic_write_text
 from ditplan.errors import UserError
 from ditplan.files import read_yaml
+from ditplan.registry import did_you_mean
 
 SCHEMA_VERSION = 1
 
@@ -209,6 +210,23 @@ def load_plan(path: str | Path) -> Plan:
         return Plan.from_dict(data)
     except PlanError as err:
         raise PlanError(f"{path}: {err}") from None
+
+
+# Plans shipped inside the package, made by the quickstart for the embedded model: ``shipped_plan("quickstart-knee")``.
+SHIPPED_PLANS = Path(__file__).parent / "plans"
+
+
+def shipped_plans() -> list[str]:
+    """The names of the plans shipped inside the package."""
+    return sorted(p.stem for p in SHIPPED_PLANS.glob("*.yaml"))
+
+
+def shipped_plan(name: str) -> Plan:
+    """The plan shipped inside the package under ``name``; an unknown name is one line with the closest."""
+    if name not in shipped_plans():
+        raise PlanError(f"no shipped plan {name!r}{did_you_mean(name, shipped_plans())}; "
+                        f"shipped: {', '.join(shipped_plans())}")
+    return load_plan(SHIPPED_PLANS / f"{name}.yaml")
 
 
 def library_versions() -> dict[str, str]:

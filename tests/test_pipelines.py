@@ -256,14 +256,17 @@ def test_a_plan_naming_a_network_outside_the_model_folder_is_refused(embedded_ad
 
 
 def test_the_readme_snippet_runs_as_written(dit_folder, tmp_path, monkeypatch):
-    """The README's "Run a plan in your own diffusers pipeline" block, on the tiny pipeline and a plan for it."""
+    """The README's "Run an exported plan in your own diffusers pipeline" block, on the tiny pipeline (in the
+    folder the snippet names as a hub id: a local folder comes first) and a plan for it where export writes."""
     text = README.read_text()
-    snippet = re.search(r"## Run a plan in your own diffusers pipeline.*?```python\n(.*?)```", text, re.S).group(1)
+    snippet = re.search(r"## Run an exported plan in your own diffusers pipeline.*?```python\n(.*?)```", text,
+                        re.S).group(1)
     adapter = load_adapter("dit", str(dit_folder), vae=str(dit_folder))
     settings = SamplerSettings(num_steps=4, guidance_scale=4.0)
     monkeypatch.chdir(tmp_path)
-    Path("my-dit-pipeline").symlink_to(dit_folder)
-    plan_for(adapter, settings, MIXED).save("plans/knee.yaml")
+    Path("facebook").mkdir()
+    Path("facebook/DiT-XL-2-512").symlink_to(dit_folder)
+    plan_for(adapter, settings, MIXED).save("runs/dit-xl-512/exported/dit-xl-512-knee.yaml")
     namespace: dict = {}
     exec(compile(snippet, "README.md", "exec"), namespace)
     assert len(namespace["images"]) == 2 and namespace["images"][0].size == (16, 16)

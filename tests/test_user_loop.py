@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -346,3 +347,16 @@ def test_a_mistyped_relative_model_folder_is_one_line_naming_it(tmp_path, monkey
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1
     assert f"model.source folder {tmp_path / 'project' / 'models' / 'tiny-dti'} does not exist" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_readmes_python_block_runs_as_written_on_a_finished_run(finished_run, tmp_path, monkeypatch):
+    """The README's "From Python" block, with the shipped quickstart's name swapped for the tiny finished run's
+    file: running it again resumes (nothing is recomputed) and the knee plan is exported."""
+    experiment, run_dir = finished_run
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    snippet = re.search(r"From Python:\n\n```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(snippet.replace('"quickstart"', repr(str(experiment))), "README.md", "exec"), namespace)
+    assert namespace["run_dir"] == run_dir and len(namespace["plans"]) == 1
+    assert namespace["plans"][0].parent == tmp_path / "plans" and namespace["plans"][0].exists()
