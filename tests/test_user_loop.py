@@ -359,4 +359,4 @@ def test_the_readmes_python_block_runs_as_written_on_a_finished_run(finished_run
     namespace: dict = {}
     exec(compile(snippet.replace('"quickstart"', repr(str(experiment))), "README.md", "exec"), namespace)
     assert namespace["run_dir"] == run_dir and len(namespace["plans"]) == 1
-    assert namespace["plans"][0].parent == tmp_path / "plans" and namespace["plans"][0].exists()
+    assert namespace["plans"][0].parent == Path("plans") and (tmp_path / namespace["plans"][0]).exists()
