@@ -28,7 +28,7 @@ def grid(cell):
      "blocks 0–1 wars at steps 2–5; asc on 18 % of cells"),
     (Plan(TARGET, grid(lambda s, layer: "pool" if layer == 0 else "reuse" if layer == 3 and s in (4, 6, 8) else "full"),
           sparse={"pool_layers": 1, "modules": [[1, 3]], "curve": {"name": "constant", "r": 0.875}}),
-     "SparseDiT p1-s1_3, r 0.875; all other blocks reuse every 2nd step from step 4"),
+     "SparseDiT p1-s1_3, r 0.875; block 3 reuse every 2nd step from step 4"),
     (Plan(TARGET, grid(lambda s, layer: "full"), sparse={"modules": [[0, 4]], "curve": {"name": "paper"}}),
      "SparseDiT p0-s0_4, paper r_min 0.5 r_max 0.875"),
     (Plan.uniform(TARGET, cache={"method": "first_block", "config": {"threshold": 0.1}}),

@@ -41,10 +41,10 @@ def _steps_text(steps: Sequence[int], num_steps: int) -> str | None:
     return f"{every} from step {first}" if last + stride >= num_steps else f"{every} of steps {first}–{last}"
 
 
-def _layers_text(layers: Sequence[int], free: Sequence[int], sparse: bool) -> str:
-    """``layers`` (sorted) in words, against the layers a plan's grid decides (``free``)."""
-    if list(layers) == list(free):
-        return "all other blocks" if sparse else "all blocks"
+def _layers_text(layers: Sequence[int], num_layers: int) -> str:
+    """``layers`` (sorted) in words."""
+    if len(layers) == num_layers:
+        return "all blocks"
     if len(layers) == 1:
         return f"block {layers[0]}"
     if layers[-1] - layers[0] == len(layers) - 1:
@@ -52,31 +52,32 @@ def _layers_text(layers: Sequence[int], free: Sequence[int], sparse: bool) -> st
     return f"blocks {','.join(map(str, layers))}" if len(layers) <= 4 else f"{len(layers)} blocks"
 
 
-def _strategy_text(plan: Plan, name: str, cells: int, free: Sequence[int], sparse: bool) -> str:
+def _strategy_text(plan: Plan, name: str, cells: int) -> str:
     """One strategy's cells: its pattern when they form one, else its share of the grid."""
-    by_layer = {layer: [s for s in range(plan.num_steps) if plan.grid[s][layer] == name] for layer in free}
+    by_layer = {layer: [s for s in range(plan.num_steps) if plan.grid[s][layer] == name]
+                for layer in range(plan.num_layers)}
     layers = [layer for layer, steps in by_layer.items() if steps]
     patterns = {tuple(by_layer[layer]) for layer in layers}
     steps = _steps_text(next(iter(patterns)), plan.num_steps) if len(patterns) == 1 else None
     if steps is not None:
-        return f"{_layers_text(layers, free, sparse)} {name} {steps}"
+        return f"{_layers_text(layers, plan.num_layers)} {name} {steps}"
     share = 100 * cells / (plan.num_steps * plan.num_layers)
     return f"{name} on {round(share) if share >= 1 else '<1'} % of cells"
 
 
-def _grid_text(plan: Plan, fixed: set[int]) -> list[str]:
-    """The grid's strategies other than ``full``, most cells first, in the layers no global part fixes."""
-    free = [layer for layer in range(plan.num_layers) if layer not in fixed]
-    counts = Counter(plan.grid[s][layer] for s in range(plan.num_steps) for layer in free)
-    ranked = sorted((n for n in counts if n != "full"), key=lambda n: (-counts[n], n))
-    parts = [_strategy_text(plan, n, counts[n], free, bool(fixed)) for n in ranked[:MAX_NAMED]]
+def _grid_text(plan: Plan, base: dict[int, str]) -> list[str]:
+    """The grid's strategies, most cells first, counting the cells that differ from a layer's base: ``full``,
+    or what a global part (SparseDiT's layout) requires of it, so block caching on its blocks is named."""
+    counts = Counter(cell for row in plan.grid for layer, cell in enumerate(row) if cell != base.get(layer, "full"))
+    ranked = sorted(counts, key=lambda n: (-counts[n], n))
+    parts = [_strategy_text(plan, n, counts[n]) for n in ranked[:MAX_NAMED]]
     return parts + ([f"+{len(ranked) - MAX_NAMED} more"] if len(ranked) > MAX_NAMED else [])
 
 
 def _sparse_text(layout: SparseLayout) -> str:
     params = {k: v for k, v in layout.curve.to_dict().items() if k != "name"}
-    if layout.curve.name == "constant":
-        curve = f"r {_number(params['r'])}"
+    if len(set(params.values())) == 1:  # a constant rate, whatever the curve's name
+        curve = f"r {_number(next(iter(params.values())))}"
     else:
         curve = f"{layout.curve.name} " + " ".join(f"{k} {_number(v)}" for k, v in params.items())
     return f"SparseDiT {layout.name}, {curve}"
@@ -89,12 +90,12 @@ def _cache_text(cache: dict) -> str:
 
 
 def describe(plan: Plan) -> str:
-    """What ``plan`` does in a few words, e.g. ``SparseDiT p1-s1_6, r 0.875; all other blocks reuse every 2nd
-    step from step 3``; a plan that changes nothing is ``dense (no acceleration)``."""
+    """What ``plan`` does in a few words, e.g. ``SparseDiT p1-s1_6, r 0.875; all blocks reuse every 2nd step
+    from step 3``; a plan that changes nothing is ``dense (no acceleration)``."""
     layout = SparseLayout.from_dict(plan.sparse) if plan.sparse else None
     parts = [_sparse_text(layout)] if layout else []
     parts += [_cache_text(dict(plan.cache))] if plan.cache else []
-    parts += _grid_text(plan, set(layout.fixed_cells()) if layout else set())
+    parts += _grid_text(plan, layout.fixed_cells() if layout else {})
     return "; ".join(parts) or DENSE
 
 
