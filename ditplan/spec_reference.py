@@ -4,6 +4,7 @@ its type, default and description. ``python -m ditplan.spec_reference docs/guide
 from __future__ import annotations
 
 import inspect
+import re
 import sys
 import types
 from pathlib import Path
@@ -39,15 +40,30 @@ def _default(field: Any) -> str:
     return f"`{field.default!r}`"
 
 
+def field_docs(doc: str, keys: list[str]) -> tuple[str, dict[str, str]]:
+    """A section's docstring split into its intro and the ``key: text`` passages it gives its fields (a key
+    at the start of a line or of a sentence, up to the next such key or the paragraph's end)."""
+    label = re.compile(rf"(?:^|(?<=\. ))({'|'.join(map(re.escape, keys))}): ", re.M)
+    intro, passages = [], {}
+    for paragraph in doc.split("\n\n"):
+        marks = list(label.finditer(paragraph))
+        intro.append(paragraph[:marks[0].start()] if marks else paragraph)
+        for mark, after in zip(marks, marks[1:] + [None]):
+            passages[mark.group(1)] = " ".join(paragraph[mark.end():after.start() if after else None].split())
+    return " ".join(" ".join(intro).split()), passages
+
+
 def _section(path: str, model: type[BaseModel]) -> list[str]:
     """The Markdown of one section and, after it, of each section inside it."""
-    doc = inspect.getdoc(model) if model.__doc__ else ""
-    lines = [f"## `{path}`" if path else "## Top level", "", *([" ".join(doc.split()), ""] if doc else []),
+    keys = {name: field.alias or name for name, field in model.model_fields.items()}
+    intro, passages = field_docs(inspect.getdoc(model) if model.__doc__ else "", list(keys.values()))
+    lines = [f"## `{path}`" if path else "## Top level", "", *([intro, ""] if intro else []),
              "| field | type | default | description |", "| --- | --- | --- | --- |"]
     inner = []
     for name, field in model.model_fields.items():
-        key = field.alias or name
-        lines.append(f"| `{key}` | {type_name(field.annotation)} | {_default(field)} | {field.description or ''} |")
+        key = keys[name]
+        text = (field.description or passages.get(key, "")).replace("|", "\\|")
+        lines.append(f"| `{key}` | {type_name(field.annotation)} | {_default(field)} | {text} |")
         sub = model_in(field.annotation)
         if sub is not None:
             inner.append((f"{path}.{key}" if path else key, sub))

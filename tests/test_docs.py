@@ -39,3 +39,11 @@ def test_the_readmes_taste_runs_as_written(capsys):
 def test_an_unknown_shipped_plan_is_one_line_naming_the_closest():
     with pytest.raises(PlanError, match=r"no shipped plan 'quickstart-kne'.*quickstart-knee"):
         ditplan.shipped_plan("quickstart-kne")
+
+
+def test_a_sections_docstring_gives_its_fields_their_descriptions():
+    from ditplan.spec_reference import field_docs
+
+    doc = "How it runs.\n\nkind: what it is.\nsource: where it comes from. seed: its seed.\n\nMore words."
+    assert field_docs(doc, ["kind", "source", "seed", "from"]) == (
+        "How it runs. More words.", {"kind": "what it is.", "source": "where it comes from.", "seed": "its seed."})
