@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from ditplan.models.adapters import ModelAdapter
+    from ditplan.models.family import ModelAdapter
     from ditplan.plan import Plan
     from ditplan.plansearch.driver import SearchResult
     from ditplan.spec import Experiment, ExperimentSpec, SamplerSettings

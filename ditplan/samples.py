@@ -12,7 +12,8 @@ from torchvision.utils import save_image
 
 from ditplan.atomic import atomic_write
 from ditplan.errors import UserError
-from ditplan.models.adapters import ModelAdapter
+from ditplan.models.families import FAMILIES
+from ditplan.models.family import ModelAdapter
 from ditplan.plan import Plan
 from ditplan.spec import ExperimentSpec, WorkloadSpec, format_error
 from ditplan.strategies.apply import run_plan
@@ -38,8 +39,9 @@ def with_workload(spec: ExperimentSpec, classes: Sequence[int] | None = None, pr
     """A copy of ``spec`` whose plain workload samples ``classes`` (class-conditional models) or ``prompts``
     (text models), from seed ``seed``, ``num`` samples per condition; what is not given stays as the
     experiment has it. ``spec`` itself is left as it is."""
-    if classes and spec.model.kind != "dit" or prompts and spec.model.kind == "dit":
-        wanted = "prompts" if spec.model.kind != "dit" else "class labels"
+    by_class = FAMILIES.get_entry(spec.model.kind, "model.kind").conditioning_kind == "classes"
+    if classes and not by_class or prompts and by_class:
+        wanted = "class labels" if by_class else "prompts"
         raise UserError(f"the experiment's {spec.model.kind} model is conditioned on {wanted}; give {wanted} instead")
     given = {"classes": classes, "prompts": prompts, "seed": seed, "samples_per_condition": num}
     update = {key: list(value) if key in ("classes", "prompts") else value

@@ -40,7 +40,8 @@ Count = Annotated[int, Field(gt=0, le=MAX_SAMPLES)]
 
 
 class ModelSpec(_Strict):
-    """kind: ``dit`` (class labels) or ``pixart`` (prompts).
+    """kind: the model family (``ditplan.models.families``): ``dit`` (class labels), ``pixart`` (prompts), or
+    one a ``--plugin`` module registers.
 
     source: ``embedded`` (ditplan's 256-token digit DiT) or ``embedded-1024`` (its 1,024-token GPU-sized
     sibling), a local folder in diffusers pipeline layout, or a hub id.
@@ -54,7 +55,7 @@ class ModelSpec(_Strict):
     Local folders and files are relative to the experiment file (see :func:`resolve_paths`).
     """
 
-    kind: Literal["dit", "pixart"] = "dit"
+    kind: str = "dit"
     source: str | None = None
     config: dict[str, Any] | None = None
     vae: str | None = None
@@ -68,8 +69,6 @@ class ModelSpec(_Strict):
     def _one_source(self) -> ModelSpec:
         if (self.source is None) == (self.config is None):
             raise ValueError("give exactly one of model.source (folder, hub id or 'embedded') and model.config")
-        if self.kind == "pixart" and not (self.prompt_embeddings or self.text_encoder):
-            raise ValueError("a pixart model needs model.prompt_embeddings (a safetensors file) or model.text_encoder")
         return self
 
     def torch_device(self) -> torch.device:
@@ -529,14 +528,6 @@ class ExperimentSpec(_Strict):
     greedy: GreedySpec = Field(GreedySpec(), description="DiTFastAttn's greedy search (D1 … D6)")
     baselines: list[BaselineSpec] = Field([], description="presets measured beside the plans on held-out seeds")
     output_dir: str = Field("runs/${name}", description="the run directory, relative to the working directory")
-
-    @model_validator(mode="after")
-    def _workload_fits_model(self) -> ExperimentSpec:
-        if self.model.kind == "dit" and self.workload.classes is None:
-            raise ValueError("a dit model is class-conditional: give workload.classes")
-        if self.model.kind == "pixart" and self.workload.prompts is None:
-            raise ValueError("a pixart model is prompt-conditioned: give workload.prompts")
-        return self
 
     @model_validator(mode="after")
     def _metrics_apply(self) -> ExperimentSpec:

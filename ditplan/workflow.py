@@ -29,7 +29,9 @@ from ditplan.errors import UserError
 from ditplan.evaluators.domain import check_evaluation_files, check_extractor
 from ditplan.evaluators.reference import dense_reference
 from ditplan.files import check_folder, naming
-from ditplan.models.adapters import ModelAdapter, experiment_adapter
+from ditplan.models.adapters import experiment_adapter
+from ditplan.models.families import FAMILIES
+from ditplan.models.family import ModelAdapter
 from ditplan.plan import Plan, load_plan
 from ditplan.plansearch.driver import SearchResult, run_search
 from ditplan.plansearch.greedy_cli import greedy_summary, write_greedy_plans
@@ -48,8 +50,9 @@ DEFAULT_EXPORT_RULES = ("knee", "top:3")
 
 def check_names(spec: ExperimentSpec) -> None:
     """Every name the experiment uses beyond the file's own schema, checked without loading the model or
-    reading a file: strategies and their parameters, pruning curves and diffusers' caches of the search
+    reading a file: the model family and the workload it needs, strategies and their parameters, pruning curves and diffusers' caches of the search
     space, the baselines, the feature extractor, a hypervolume reference for every objective."""
+    FAMILIES.get_entry(spec.model.kind, "model.kind").check_spec(spec)
     check_space(spec.search.space)
     check_baselines(spec)
     check_extractor(spec)

@@ -26,13 +26,13 @@ from safetensors.torch import load_file
 
 import ditplan
 from ditplan.cli import main
-from ditplan.models.adapters import load_adapter, read_prompt_embeddings
+from ditplan.models.adapters import load_adapter
+from ditplan.models.families.pixart import PixArtAdapter, read_prompt_embeddings
 from ditplan.models.embedded import EMBEDDED_PATH
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, PlanError
 from ditplan.plansearch.space import LayoutCaching, layout_columns
 from ditplan.spec import SamplerSettings
-from ditplan.strategies import pipeline as pipeline_module
 from ditplan.strategies.apply import get_runtime, run_plan, step_hook
 from ditplan.strategies.curves import Constant
 from ditplan.strategies.finetune_sparse import layout_plan
@@ -147,7 +147,7 @@ def test_asc_in_a_pixart_pipeline_shares_the_conditional_half(pixart_folder, mon
     np.testing.assert_allclose(pixart_call(pipe, prompts, seeds, embeddings), ours, rtol=0, atol=1e-5)
     ditplan.remove_plan(pipe)
 
-    monkeypatch.setitem(pipeline_module.PIPELINE_CFG_ORDERS, pipeline_cls.__name__, "cond-uncond")
+    monkeypatch.setattr(PixArtAdapter, "pipelines", {**PixArtAdapter.pipelines, pipeline_cls: "cond-uncond"})
     ditplan.apply_plan(pipe, plan)
     assert np.abs(pixart_call(pipe, prompts, seeds, embeddings) - ours).max() > 1e-3
     ditplan.remove_plan(pipe)

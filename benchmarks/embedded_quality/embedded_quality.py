@@ -20,7 +20,8 @@ from diffusers import DiTTransformer2DModel  # noqa: E402
 from torchvision.utils import save_image  # noqa: E402
 
 from ditplan.evaluators.distribution import class_agreement, distribution_metrics  # noqa: E402
-from ditplan.models.adapters import DiTAdapter, load_adapter  # noqa: E402
+from ditplan.models.adapters import load_adapter  # noqa: E402
+from ditplan.models.families.dit import DiTAdapter  # noqa: E402
 from ditplan.models.digits import load_digits  # noqa: E402
 from ditplan.models.sampling import sample  # noqa: E402
 from ditplan.spec import SamplerSettings  # noqa: E402

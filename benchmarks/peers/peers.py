@@ -46,7 +46,8 @@ from common import (  # noqa: E402
 from ditplan.evaluators.cost import executed_flops, turn_order  # noqa: E402
 from ditplan.evaluators.domain import reference_images  # noqa: E402
 from ditplan.evaluators.measure import DENSE, quality, rounds  # noqa: E402
-from ditplan.models.adapters import ModelAdapter, adapter_from_spec  # noqa: E402
+from ditplan.models.adapters import adapter_from_spec  # noqa: E402
+from ditplan.models.family import ModelAdapter  # noqa: E402
 from ditplan.models.sampling import plan_target  # noqa: E402
 from ditplan.plan import Plan, load_plan  # noqa: E402
 from ditplan.spec import ExperimentSpec  # noqa: E402

@@ -8,7 +8,8 @@ and the learned plans, in the same interleaved rounds.
 from __future__ import annotations
 
 from ditplan.errors import UserError
-from ditplan.models.adapters import ModelAdapter, model_folder, sparse_networks
+from ditplan.models.adapters import model_folder, sparse_networks
+from ditplan.models.family import ModelAdapter
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, PlanError
 from ditplan.plansearch.greedy import threshold_name

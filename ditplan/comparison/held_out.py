@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from ditplan.comparison.sides import DENSE, Side
 from ditplan.errors import UserError
 from ditplan.evaluators.measure import measure
-from ditplan.models.adapters import ModelAdapter
+from ditplan.models.family import ModelAdapter
 from ditplan.plansearch.records import plan_key
 from ditplan.rundir import HeldOutRecord, RunDir, SideResult
 from ditplan.spec import ExperimentSpec

@@ -15,7 +15,7 @@ from matplotlib import font_manager
 from PIL import Image, ImageDraw, ImageFont
 
 from ditplan.atomic import atomic_write
-from ditplan.models.adapters import ModelAdapter
+from ditplan.models.family import ModelAdapter
 from ditplan.plan import Plan
 from ditplan.spec import ExperimentSpec
 from ditplan.strategies.apply import run_plan

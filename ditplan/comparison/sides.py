@@ -12,7 +12,7 @@ import optuna
 from ditplan.comparison.baselines import baseline_plan
 from ditplan.errors import UserError
 from ditplan.evaluators.measure import DENSE
-from ditplan.models.adapters import ModelAdapter
+from ditplan.models.family import ModelAdapter
 from ditplan.plan import Plan
 from ditplan.plansearch.records import distinct_plans, learned_front
 from ditplan.rundir import RunDir, SideKind

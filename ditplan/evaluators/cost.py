@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ditplan.models.adapters import ModelAdapter, cross_attention_block_flops, other_flops, sdtm_overhead_flops
+from ditplan.models.family import ModelAdapter, linear_flops
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, PlanError
 from ditplan.spec import SamplerSettings
@@ -34,6 +34,13 @@ class Flops:
 FLOPS_COUNT = "executed"
 
 
+def sdtm_overhead_flops(adapter: ModelAdapter) -> int:
+    """What one SDTM adds per sample and forward: the merge (two C×C maps on N tokens) and the second
+    modulation of each end block that makes its keys/values (where the family's blocks modulate themselves)."""
+    c, n = adapter.hidden_dim, adapter.num_tokens
+    return 2 * linear_flops(n, c, c) + 2 * adapter.block_modulation_flops()
+
+
 def plan_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSettings, batch: int = 1,
                text_tokens: int | None = None, window_count: str = FLOPS_COUNT) -> Flops:
     """Analytic FLOPs of ``settings.num_steps`` transformer forwards of ``batch`` samples (×2 with CFG)
@@ -49,7 +56,7 @@ def plan_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSettin
     n, layers = adapter.num_tokens, adapter.num_layers
     shape = AttentionShape(batch=rows, tokens=n, dim=adapter.hidden_dim, heads=adapter.transformer.config.num_attention_heads,
                            window_count=window_count)
-    once = other_flops(adapter, text_tokens)[1]
+    once = adapter.other_flops(text_tokens)[1]
     plan = plan if plan is not None else Plan.uniform(plan_target(adapter, settings))
     planner = CachePlanner(plan, build_strategies(plan))
     layout = sparse_layout(plan)
@@ -60,7 +67,7 @@ def plan_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSettin
         for layer, (queries, keys) in enumerate(tokens):
             if planner.strategy_at(step, layer).level == "block":
                 continue  # the whole block is skipped: its output comes from cached residuals
-            other += rows * other_flops(adapter, text_tokens, queries)[0]
+            other += rows * adapter.other_flops(text_tokens, queries)[0]
             if (queries, keys) != (n, n):  # an SDTM block: its attention is always computed
                 attention += cross_attention_flops(rows, queries, keys, shape.dim)
                 continue
@@ -79,8 +86,8 @@ def executed_flops(adapter: ModelAdapter, counts: dict[str, int], calls: int, ro
     executed over ``calls`` transformer calls of ``rows`` rows each): for plans carrying one of
     diffusers' caches, which decide at run time what computes."""
     text_tokens = adapter.text_tokens if text_tokens is None else text_tokens
-    per_block, once = other_flops(adapter, text_tokens)
-    cross = cross_attention_block_flops(adapter, text_tokens)
+    per_block, once = adapter.other_flops(text_tokens)
+    cross = adapter.cross_attention_block_flops(text_tokens)
     shape = AttentionShape(batch=1, tokens=adapter.num_tokens, dim=adapter.hidden_dim,
                            heads=adapter.transformer.config.num_attention_heads)
     per_row = (calls * once + counts["block"] * (per_block - cross) + counts["cross_attention"] * cross

@@ -12,7 +12,7 @@ import warnings
 from ditplan.evaluators.base import Metric
 from ditplan.evaluators.cost import attention_time_share, peak_memory_bytes
 from ditplan.evaluators.measure import DENSE, EXTRA_DISTRIBUTION, domain_wanted, measure
-from ditplan.models.adapters import ModelAdapter
+from ditplan.models.family import ModelAdapter
 from ditplan.plan import Plan
 from ditplan.registry import direction
 from ditplan.spec import ExperimentSpec, SeedSet

@@ -41,7 +41,7 @@ from ditplan.evaluators.cost import (
 from ditplan.evaluators.domain import DOMAIN_METRICS, applicable_metrics, domain_metrics, reference_images
 from ditplan.evaluators.fidelity import FidelityEvaluator
 from ditplan.evaluators.reference import dense_reference
-from ditplan.models.adapters import ModelAdapter
+from ditplan.models.family import ModelAdapter
 from ditplan.plan import Plan
 from ditplan.progress import progress_bar
 from ditplan.spec import ExperimentSpec, SeedSet

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ditplan.atomic import atomic_write
-from ditplan.models.adapters import ModelAdapter
+from ditplan.models.family import ModelAdapter
 from ditplan.models.sampling import sample
 from ditplan.spec import SamplerSettings
 from ditplan.strategies.apply import get_runtime

@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler, DiTTransformer2DModel
+from diffusers import SchedulerMixin
 
 from ditplan.models.digits import NUM_CLASSES
+from ditplan.models.families import FAMILIES
 from ditplan.registry import Registry
 
 PACKAGE_FOLDER = Path(__file__).parent
+EMBEDDED_FAMILY = "dit"  # the model family (model.kind) of every embedded model
 
 # v-prediction converges much faster than ε-prediction on these models (see shared/NOTES-embedded.md).
 EMBEDDED_SCHEDULER_CONFIG: dict[str, Any] = {"prediction_type": "v_prediction"}
@@ -68,10 +70,10 @@ def embedded_model(name: str = "embedded", where: str = "") -> EmbeddedModel:
     return EMBEDDED_MODELS.get_entry(name, where)
 
 
-def new_embedded_transformer(name: str = "embedded") -> DiTTransformer2DModel:
+def new_embedded_transformer(name: str = "embedded") -> torch.nn.Module:
     """A freshly initialised (untrained) transformer of the embedded model ``name``'s shape."""
-    return DiTTransformer2DModel(**EMBEDDED_MODELS[name].transformer_config())
+    return FAMILIES[EMBEDDED_FAMILY].transformer_class(**EMBEDDED_MODELS[name].transformer_config())
 
 
-def new_embedded_scheduler() -> DDPMScheduler:
-    return DDPMScheduler(**EMBEDDED_SCHEDULER_CONFIG)
+def new_embedded_scheduler() -> SchedulerMixin:
+    return FAMILIES[EMBEDDED_FAMILY].scheduler_class(**EMBEDDED_SCHEDULER_CONFIG)

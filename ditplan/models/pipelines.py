@@ -12,11 +12,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from diffusers import DiTPipeline
+from diffusers import DiffusionPipeline
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.autoencoders.vae import DecoderOutput
 
 from ditplan.models.adapters import load_adapter
+from ditplan.models.embedded import EMBEDDED_FAMILY
 from ditplan.models.sampling import make_scheduler
 
 IMAGENET_NULL_CLASS = 1000  # what DiTPipeline passes as the unconditional label
@@ -57,13 +58,13 @@ class NullClassHook(ModelHook):
         return args, kwargs
 
 
-def embedded_pipeline(scheduler: str = "dpmsolver++", source: str = "embedded") -> DiTPipeline:
+def embedded_pipeline(scheduler: str = "dpmsolver++", source: str = "embedded") -> DiffusionPipeline:
     """A stock ``DiTPipeline`` over a ditplan pixel-space digit DiT (default: the embedded one), with the
     sampler ``scheduler`` (a name in ``SAMPLERS``). Call it like any DiTPipeline, e.g.
     ``pipe(class_labels=[3, 7], num_inference_steps=20, guidance_scale=4.0, output_type="np")``."""
-    adapter = load_adapter("dit", source)
+    adapter = load_adapter(EMBEDDED_FAMILY, source)
     transformer = adapter.transformer
-    pipe = DiTPipeline(transformer=transformer, vae=IdentityDecoder(), scheduler=make_scheduler(adapter, scheduler))
+    pipe = adapter.pipeline_class()(transformer=transformer, vae=IdentityDecoder(), scheduler=make_scheduler(adapter, scheduler))
     null_class = transformer.config.num_embeds_ada_norm
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(NullClassHook(null_class), NULL_CLASS_HOOK)
     return pipe

@@ -16,7 +16,7 @@ import diffusers
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ditplan.models.adapters import ModelAdapter
+from ditplan.models.family import ModelAdapter
 from ditplan.models.context import StepContext, new_run_id, step_context
 from ditplan.plan import PlanTarget
 from ditplan.progress import progress_bar

@@ -22,7 +22,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ditplan.evaluators.measure import dense_values
 from ditplan.evaluators.reference import dense_reference
-from ditplan.models.adapters import ModelAdapter, experiment_adapter
+from ditplan.models.adapters import experiment_adapter
+from ditplan.models.family import ModelAdapter
 from ditplan.plan import Plan, library_versions
 from ditplan.plansearch.attrs import PROMOTED, REPEAT
 from ditplan.plansearch.figures import Axes, scatter_html, scatter_png

@@ -20,7 +20,7 @@ import torch
 
 from ditplan.evaluators.cost import peak_memory_bytes
 from ditplan.evaluators.fidelity import relative_l1
-from ditplan.models.adapters import ModelAdapter
+from ditplan.models.family import ModelAdapter
 from ditplan.models.sampling import combine_guidance, plan_target, sample_batch
 from ditplan.plan import Plan, library_versions
 from ditplan.progress import Bar

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ditplan.models.adapters import ModelAdapter
+from ditplan.models.family import ModelAdapter
 from ditplan.plan import Plan
 from ditplan.plansearch.greedy import greedy_search, threshold_name
 from ditplan.progress import progress_bar

@@ -58,7 +58,7 @@ from ditplan.atomic import atomic_write_text
 from ditplan.errors import UserError
 from ditplan.evaluators.cost import plan_flops
 from ditplan.evaluators.fidelity import relative_l1
-from ditplan.models.adapters import ModelAdapter
+from ditplan.models.family import ModelAdapter
 from ditplan.models.sampling import Snapshot, plan_target, sample_batch
 from ditplan.plan import Plan
 from ditplan.plansearch.greedy import CANDIDATES, greedy_search

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import optuna
 
-from ditplan.models.adapters import ModelAdapter
+from ditplan.models.family import ModelAdapter
 from ditplan.plan import Plan
 from ditplan.plansearch.attrs import (
     GIVEN,

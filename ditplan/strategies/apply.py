@@ -19,7 +19,8 @@ from typing import Any, Protocol
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from ditplan.models.adapters import ModelAdapter, load_for_plan, new_merges
+from ditplan.models.adapters import load_for_plan, new_merges
+from ditplan.models.family import ModelAdapter, family_of
 from ditplan.models.context import StepContext, current_step, step_context
 from ditplan.models.sampling import plan_target, sample
 from ditplan.plan import Plan, PlanError, PlanTarget
@@ -379,10 +380,13 @@ class PlanAttnProcessor:
 
 
 def _attention_layers(transformer: torch.nn.Module) -> list[Any]:
-    blocks = getattr(transformer, "transformer_blocks", None)
-    if blocks is None:
-        raise TypeError(f"{type(transformer).__name__} has no transformer_blocks; ditplan supports DiT and PixArt")
-    return [block.attn1 for block in blocks]
+    """The self-attention module of every block a plan's layers are (the transformer's family says where)."""
+    family = family_of(transformer)
+    return [family.attention_of(block) for block in family.blocks(transformer)]
+
+
+def _blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    return family_of(transformer).blocks(transformer)
 
 
 def get_runtime(transformer: torch.nn.Module) -> PlanRuntime | None:
@@ -431,11 +435,12 @@ def apply_plan(
     for index, attn in enumerate(layers):
         attn.set_processor(PlanAttnProcessor(runtime, index))
     if sparse is not None:
-        sparse.install(transformer.transformer_blocks)
+        sparse.install(_blocks(transformer))
     runtime.block_layers = sorted({*block_cached_layers(plan), *block_layers})
+    blocks = _blocks(transformer)
     units = block_units(plan.num_layers, layout)
     for layer in runtime.block_layers:
-        HookRegistry.check_if_exists_or_initialize(transformer.transformer_blocks[layer]).register_hook(
+        HookRegistry.check_if_exists_or_initialize(blocks[layer]).register_hook(
             BlockCacheHook(runtime, layer, units[layer]), BLOCK_HOOK)
     if runtime.diffusers_cache is not None:
         runtime.diffusers_cache.install(transformer)
@@ -474,9 +479,9 @@ def remove_plan(transformer: torch.nn.Module) -> None:
     for attn, original in zip(_attention_layers(transformer), runtime.originals):
         attn.set_processor(original)
     if runtime.sparse is not None:
-        runtime.sparse.remove(transformer.transformer_blocks)
+        runtime.sparse.remove(_blocks(transformer))
     for layer in runtime.block_layers:
-        remove_hook(transformer.transformer_blocks[layer], BLOCK_HOOK)
+        remove_hook(_blocks(transformer)[layer], BLOCK_HOOK)
     if runtime.diffusers_cache is not None:
         runtime.diffusers_cache.remove(transformer)
         runtime.executed.remove()  # type: ignore[union-attr]

@@ -35,6 +35,7 @@ from diffusers.hooks.hooks import CacheContext, _set_cache_context
 from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
 
 from ditplan.models.context import StepContext
+from ditplan.models.family import family_of
 from ditplan.plan import Plan, PlanError
 from ditplan.strategies.hooks import remove_hook
 
@@ -144,8 +145,9 @@ class ExecutionCounter:
         self.counts = dict.fromkeys(self.PARTS, 0)
         self.calls = 0
         self._handles = []
-        for block in transformer.transformer_blocks:
-            modules = {"block": block.ff, "self_attention": block.attn1.to_q}
+        family = family_of(transformer)
+        for block in family.blocks(transformer):
+            modules = {"block": block.ff, "self_attention": family.attention_of(block).to_q}
             if getattr(block, "attn2", None) is not None:
                 modules["cross_attention"] = block.attn2.to_q
             for part, module in modules.items():

@@ -21,21 +21,15 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 import yaml
-from diffusers import DDPMScheduler
 from safetensors.torch import save_file
 
 from ditplan.atomic import atomic_folder
 from ditplan.errors import UserError
 from ditplan.models import training
-from ditplan.models.adapters import (
-    LAYOUT_FILE,
-    MERGES_FILE,
-    DiTAdapter,
-    ModelAdapter,
-    load_sparse_network,
-    network_hash,
-    new_merges,
-)
+from ditplan.models.adapters import LAYOUT_FILE, MERGES_FILE, load_sparse_network, new_merges
+from ditplan.models.families.dit import DiTAdapter
+from ditplan.models.family import ModelAdapter
+from ditplan.models.identity import network_hash
 from ditplan.models.context import StepContext, step_context
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, PlanTarget
@@ -114,7 +108,7 @@ class _Distillation:
         run_dir, self.images, self.labels = training.start_run(run_dir, config.seed, data_npz, teacher.latent_size,
                                                                device)
         self.ckpt = run_dir / CHECKPOINT_NAME
-        self.noise_schedule = DDPMScheduler.from_config(teacher.scheduler_config)
+        self.noise_schedule = teacher.scheduler_class.from_config(teacher.scheduler_config)
         self.student = copy.deepcopy(teacher.transformer).requires_grad_(True)  # eval mode: labels are dropped by us
         self.merges = new_merges(len(layout.modules), teacher.hidden_dim).to(device)
         self.params = [*self.student.parameters(), *self.merges.parameters()]

@@ -20,19 +20,15 @@ from typing import Any
 
 import torch
 
-from ditplan.models.adapters import load_sparse_folder, network_hash
+from ditplan.models.adapters import load_sparse_folder
+from ditplan.models.family import family_of, pipeline_family
+from ditplan.models.identity import network_hash
 from ditplan.models.context import CFG_ORDERS, StepContext, new_run_id
 from ditplan.models.sampling import reset_stateful_hooks, scheduler_class
 from ditplan.plan import Plan, PlanError, load_plan
 from ditplan.registry import SCHEDULERS
 from ditplan.strategies.apply import PlanRuntime, apply_plan, get_runtime, remove_plan, step_hook
 
-# the CFG batch layout of each stock pipeline family ditplan runs plans in
-PIPELINE_CFG_ORDERS: dict[str, str] = {
-    "DiTPipeline": "cond-uncond",
-    "PixArtAlphaPipeline": "uncond-cond",
-    "PixArtSigmaPipeline": "uncond-cond",
-}
 _ORIGINAL_CLASS = "_ditplan_original_class"
 
 
@@ -191,12 +187,7 @@ def apply_plan_to(model: Any, plan: Plan | str | Path, model_folder: str | Path 
     transformer = transformer_of(model)
     if get_runtime(transformer) is not None:
         raise PlanError("a plan is already applied here; call ditplan.remove_plan first")
-    cfg_order = None
-    if pipeline:
-        cfg_order = PIPELINE_CFG_ORDERS.get(type(model).__name__)
-        if cfg_order is None:
-            raise PlanError(f"ditplan runs plans in {sorted(PIPELINE_CFG_ORDERS)}, not {type(model).__name__}; apply the "
-                            "plan to its transformer and tell the steps with ditplan.denoising_step")
+    cfg_order = pipeline_family(model)[1] if pipeline else None
     network = _network_for(transformer, plan, model_folder)
     # NOTE: kept on the CPU, so a swapped-in network does not double the weights' device memory
     original = {k: v.detach().to("cpu", copy=True) for k, v in transformer.state_dict().items()} if network else None
@@ -204,8 +195,9 @@ def apply_plan_to(model: Any, plan: Plan | str | Path, model_folder: str | Path 
         if network is not None:
             transformer.load_state_dict(network[0])
         merges = network[1] if network else None
-        if len(transformer.transformer_blocks) != plan.num_layers:
-            raise PlanError(f"plan is for {plan.num_layers} layers but this model has {len(transformer.transformer_blocks)}")
+        layers = len(family_of(transformer).blocks(transformer))
+        if layers != plan.num_layers:
+            raise PlanError(f"plan is for {plan.num_layers} layers but this model has {layers}")
         found = network_hash(transformer, merges)
         if found != plan.target.weights_hash:
             raise PlanError(f"plan was made for weights {plan.target.weights_hash} ({plan.target.model}), but this "

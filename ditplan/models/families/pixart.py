@@ -1,0 +1,154 @@
+"""PixArt-α/Σ (diffusers ``PixArtTransformer2DModel``): prompt-conditioned through cross-attention to T5
+embeddings, one shared adaLN-single modulation. Runs in ``PixArtAlphaPipeline`` / ``PixArtSigmaPipeline``,
+which batch CFG as ``[uncond; cond]``. Runs offline from prompt embeddings (a safetensors file).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from diffusers import (
+    DDPMScheduler,
+    PixArtAlphaPipeline,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
+)
+
+from ditplan.errors import UserError
+from ditplan.files import read_tensors
+from ditplan.models.family import (
+    Conditioning,
+    ModelAdapter,
+    linear_flops,
+    register_family,
+    timestep_embedding_flops,
+)
+
+if TYPE_CHECKING:
+    from ditplan.spec import ExperimentSpec, ModelSpec
+
+
+@register_family
+class PixArtAdapter(ModelAdapter):
+    """Prompt-conditioned PixArt; runs offline from prompt embeddings + attention masks.
+
+    ``prompt_embeddings`` maps a prompt to ``(embeds (L, D), mask (L,))``; the empty prompt "" is the
+    unconditional one. A user with the T5 encoder fills it with :meth:`encode_prompts`.
+    """
+
+    name = "pixart"
+    transformer_class = PixArtTransformer2DModel
+    scheduler_class = DDPMScheduler
+    pipelines = {PixArtAlphaPipeline: "uncond-cond", PixArtSigmaPipeline: "uncond-cond"}
+    conditioning_kind = "prompts"
+
+    def __init__(self, *args: Any, prompt_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.prompt_embeddings = dict(prompt_embeddings)
+
+    @property
+    def text_tokens(self) -> int:
+        """Tokens of every prompt's embedding (L): the keys and values of each block's cross-attention."""
+        return next(iter(self.prompt_embeddings.values()))[0].shape[0]
+
+    def conditioning(self, conditions: Sequence[Any], device: torch.device) -> Conditioning:
+        missing = [p for p in [*conditions, ""] if p not in self.prompt_embeddings]
+        if missing:
+            raise ValueError(
+                f"no prompt embedding for {missing[0]!r}; give embeddings for every prompt and for the empty "
+                "prompt '' (model.prompt_embeddings in the experiment file), or configure the T5 text encoder"
+            )
+
+        def stack(prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+            embeds = torch.stack([self.prompt_embeddings[p][0] for p in prompts]).to(device, self.dtype)
+            mask = torch.stack([self.prompt_embeddings[p][1] for p in prompts]).to(device)
+            return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+
+        return Conditioning(stack(list(conditions)), stack([""] * len(conditions)))
+
+    def _call_transformer(self, latents: torch.Tensor, timestep: torch.Tensor, inputs: dict) -> torch.Tensor:
+        added: dict[str, torch.Tensor | None] = {"resolution": None, "aspect_ratio": None}
+        if self.transformer.use_additional_conditions:
+            # NOTE: PixArt-α 1024 is conditioned on image size and aspect ratio, as in its pipeline.
+            size = float(self.latent_size * 8)
+            n = latents.shape[0]
+            added = {
+                "resolution": torch.tensor([[size, size]], device=latents.device).repeat(n, 1),
+                "aspect_ratio": torch.tensor([[1.0]], device=latents.device).repeat(n, 1),
+            }
+        return self.transformer(latents, timestep=timestep, added_cond_kwargs=added, **inputs).sample
+
+    @staticmethod
+    def encode_prompts(source: str, prompts: Sequence[str], max_length: int = 300) -> dict:
+        """Encode prompts with the pipeline's T5 encoder (needs ``ditplan[text]`` and the weights)."""
+        try:
+            from transformers import AutoTokenizer, T5EncoderModel
+        except ImportError:
+            raise ImportError("encoding prompts needs the transformers package: pip install 'ditplan[text]'") from None
+
+        tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
+        encoder = T5EncoderModel.from_pretrained(source, subfolder="text_encoder").eval()
+        out = {}
+        for prompt in [*prompts, ""]:
+            tokens = tokenizer(prompt, max_length=max_length, padding="max_length", truncation=True, return_tensors="pt")
+            with torch.no_grad():
+                embeds = encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0][0]
+            out[prompt] = (embeds, tokens.attention_mask[0])
+        return out
+
+    @classmethod
+    def check_spec(cls, spec: ExperimentSpec) -> None:
+        super().check_spec(spec)
+        if not (spec.model.prompt_embeddings or spec.model.text_encoder):
+            raise UserError("a pixart model needs model.prompt_embeddings (a safetensors file) or model.text_encoder")
+
+    @classmethod
+    def load_kwargs(cls, spec: ModelSpec, conditions: Sequence[Any]) -> dict[str, Any]:
+        prompts = [str(c) for c in conditions]
+        if spec.prompt_embeddings:
+            return {"prompt_embeddings": read_prompt_embeddings(spec.prompt_embeddings, prompts)}
+        return {"prompt_embeddings": cls.encode_prompts(spec.text_encoder, prompts)}
+
+    def cross_attention_block_flops(self, text_tokens: int, tokens: int | None = None) -> int:
+        c = self.hidden_dim
+        tokens = self.num_tokens if tokens is None else tokens
+        return (
+            linear_flops(tokens, c, c) + 2 * linear_flops(text_tokens, c, c) + linear_flops(tokens, c, c)  # q, k, v, out
+            + 2 * 2 * tokens * text_tokens * c  # scores and weighted sum
+        )
+
+    def other_flops(self, text_tokens: int = 0, tokens: int | None = None) -> tuple[int, int]:
+        c, n, cfg = self.hidden_dim, self.num_tokens, self.transformer.config
+        tokens = n if tokens is None else tokens
+        p2 = cfg.patch_size**2
+        per_block = (self.cross_attention_block_flops(text_tokens, tokens)
+                     + linear_flops(tokens, c, 4 * c) + linear_flops(tokens, 4 * c, c))
+        once = (
+            linear_flops(n, p2 * cfg.in_channels, c)
+            + timestep_embedding_flops(c) + linear_flops(1, c, 6 * c)  # adaln_single
+            + linear_flops(text_tokens, cfg.caption_channels, c) + linear_flops(text_tokens, c, c)  # caption projection
+            + linear_flops(n, c, p2 * cfg.out_channels)
+        )
+        return per_block, once
+
+
+def read_prompt_embeddings(path: str, prompts: Sequence[str] = ()) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A safetensors file with ``<prompt>.embeds`` (L, D) and ``<prompt>.mask`` (L,) per prompt; it must
+    hold ``prompts`` and the empty prompt."""
+    what = "prompt embeddings file"
+    tensors = read_tensors(path, what)
+    out = {}
+    for prompt in {key.rsplit(".", 1)[0] for key in tensors}:
+        embeds, mask = tensors.get(f"{prompt}.embeds"), tensors.get(f"{prompt}.mask")
+        if embeds is None or mask is None or embeds.ndim != 2 or mask.shape != embeds.shape[:1]:
+            raise UserError(f"{what} {path}: prompt {prompt!r} needs {prompt}.embeds (L, D) and {prompt}.mask (L,)")
+        out[prompt] = (embeds, mask)
+    if len({e.shape for e, _ in out.values()}) > 1:
+        raise UserError(f"{what} {path}: the prompts' embeddings differ in shape; pad them to one length")
+    missing = [p for p in [*prompts, ""] if p not in out]
+    if missing:
+        raise UserError(f"{what} {path} has no embedding for the prompt {missing[0]!r}; it needs every prompt of the "
+                        "workload and the empty prompt ''")
+    return out

@@ -1,0 +1,238 @@
+"""What a model family is to ditplan, and the registry of families.
+
+A family is one module (``ditplan.models.families.<name>``): a :class:`ModelAdapter` subclass,
+registered with :func:`register_family`, that declares how its models load (transformer class, the
+schedule of a random model), the stock pipelines a plan runs in and how each batches classifier-free
+guidance, its blocks and where their self-attention lives, its conditioning and its FLOP model. An
+adapter instance owns one loaded model: the transformer, its noise-schedule config, the optional VAE and
+the conditioning. The rest of ditplan reaches a family only through this interface, so adding one
+touches one file; a third party adds one in a module given to ``--plugin``.
+
+Nothing here knows a strategy.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+from diffusers.models.attention_processor import Attention
+
+from ditplan.errors import UserError
+from ditplan.models.identity import network_hash
+from ditplan.registry import Registry
+
+if TYPE_CHECKING:
+    from ditplan.spec import ExperimentSpec, ModelSpec
+
+# how a stock pipeline runs classifier-free guidance: one call on a batch whose conditional half comes
+# first or second (see ditplan.models.context.CFG_ORDERS)
+CfgMode = Literal["cond-uncond", "uncond-cond"]
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the transformer is conditioned on, for a batch: ``cond`` and the null ``uncond``."""
+
+    cond: dict[str, torch.Tensor]
+    uncond: dict[str, torch.Tensor]
+
+    def for_batch(self, cfg: bool) -> dict[str, torch.Tensor]:
+        """Keyword arguments for one transformer call: ``[cond; uncond]`` halves when ``cfg``."""
+        if not cfg:
+            return self.cond
+        return {k: torch.cat([self.cond[k], self.uncond[k]]) for k in self.cond}
+
+
+def linear_flops(rows: int, fan_in: int, fan_out: int) -> int:
+    """FLOPs of a dense map of ``rows`` rows (multiply-adds counted as 2, as ``FlopCounterMode`` does)."""
+    return 2 * rows * fan_in * fan_out
+
+
+def timestep_embedding_flops(dim: int) -> int:
+    """diffusers' TimestepEmbedding: 256-d sinusoid → dim → dim."""
+    return linear_flops(1, 256, dim) + linear_flops(1, dim, dim)
+
+
+class ModelAdapter(abc.ABC):
+    """A model family (class attributes and class methods) and one loaded model of it (an instance).
+
+    Declared by each family:
+    name: its ``model.kind``.
+    transformer_class: the diffusers transformer class its models load as.
+    scheduler_class: the diffusers scheduler whose default config a model without a ``scheduler/``
+    folder (random weights) is sampled with.
+    pipelines: the stock diffusers pipeline classes a plan runs in, each with its CFG batch layout.
+    conditioning: ``classes`` (class labels) or ``prompts``; the workload field it needs.
+    """
+
+    name: ClassVar[str]
+    transformer_class: ClassVar[type[torch.nn.Module]]
+    scheduler_class: ClassVar[type]
+    pipelines: ClassVar[Mapping[type, CfgMode]]
+    conditioning_kind: ClassVar[Literal["classes", "prompts"]]
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        scheduler_config: dict[str, Any],
+        model_id: str,
+        vae: torch.nn.Module | None = None,
+        merges: torch.nn.ModuleList | None = None,
+    ) -> None:
+        self.transformer = transformer.eval().requires_grad_(False)
+        self.scheduler_config = dict(scheduler_config)
+        self.model_id = model_id
+        self.vae = vae.eval().requires_grad_(False) if vae is not None else None
+        # SDTM merge weights of a fine-tuned SparseDiT network (ditplan finetune-sparse), else None
+        self.merges = merges.eval().requires_grad_(False) if merges is not None else None
+
+    @classmethod
+    def pipeline_class(cls) -> type:
+        """The family's main stock pipeline (the first it declares)."""
+        return next(iter(cls.pipelines))
+
+    # --- the family's structure, on any transformer of it (a plan is installed on bare transformers) ----
+    @classmethod
+    def blocks(cls, transformer: torch.nn.Module) -> list[torch.nn.Module]:
+        """The blocks a plan's layers are, in depth order."""
+        return list(transformer.transformer_blocks)
+
+    @classmethod
+    def attention_of(cls, block: torch.nn.Module) -> Attention:
+        """The self-attention module of one block."""
+        return block.attn1
+
+    # --- shape of the model --------------------------------------------------------------------
+    text_tokens = 0  # tokens of the text a block cross-attends to (PixArt's prompt length; none for DiT)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks(self.transformer))
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels
+
+    @property
+    def latent_size(self) -> int:
+        return self.transformer.config.sample_size
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.latent_size // self.transformer.config.patch_size) ** 2
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the transformer computes in (``model.dtype``); latents and the scheduler stay float32."""
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.transformer.config.num_attention_heads * self.transformer.config.attention_head_dim
+
+    def self_attention_layers(self) -> list[Attention]:
+        """The self-attention module of every block, in depth order."""
+        return [self.attention_of(block) for block in self.blocks(self.transformer)]
+
+    @cached_property
+    def weights_hash(self) -> str:
+        return network_hash(self.transformer, self.merges)
+
+    # --- what a family supplies -----------------------------------------------------------------
+    @classmethod
+    def check_spec(cls, spec: ExperimentSpec) -> None:
+        """Refuse, in one line, an experiment whose model or workload settings this family cannot use."""
+        field = "classes" if cls.conditioning_kind == "classes" else "prompts"
+        if getattr(spec.workload, field) is None:
+            raise UserError(f"a {cls.name} model is conditioned on {cls.conditioning_kind}: give workload.{field}")
+
+    @classmethod
+    def load_kwargs(cls, spec: ModelSpec, conditions: Sequence[Any]) -> dict[str, Any]:
+        """Extra adapter arguments an experiment's model section gives (e.g. prompt embeddings)."""
+        return {}
+
+    def check_conditions(self, conditions: Sequence[Any]) -> None:
+        """Refuse, in one line, workload conditions the model does not know."""
+
+    @abc.abstractmethod
+    def conditioning(self, conditions: Sequence[Any], device: torch.device) -> Conditioning:
+        """Turn a batch of workload conditions (class labels, prompts) into transformer inputs."""
+
+    @abc.abstractmethod
+    def _call_transformer(self, latents: torch.Tensor, timestep: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """One transformer forward; returns the raw output (N, C_out, H, W)."""
+
+    @abc.abstractmethod
+    def other_flops(self, text_tokens: int = 0, tokens: int | None = None) -> tuple[int, int]:
+        """Analytic FLOPs of the parts no attention strategy changes, per sample: (per block, once per
+        forward). ``tokens``: the block's token count when it runs on fewer tokens (default all)."""
+
+    def cross_attention_block_flops(self, text_tokens: int, tokens: int | None = None) -> int:
+        """FLOPs of one block's cross-attention to the text tokens, per sample (0 without one)."""
+        return 0
+
+    def block_modulation_flops(self) -> int:
+        """FLOPs of one block's own conditioning modulation, per sample (0 when the family shares one)."""
+        return 0
+
+    # --- shared behaviour -----------------------------------------------------------------------
+    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """The model prediction (ε, v or flow) with any learned-variance channels dropped, as float32: the
+        transformer computes in its own dtype, the sampler in float32."""
+        out = self._call_transformer(latents.to(self.dtype), timestep.expand(latents.shape[0]), inputs)
+        return out[:, : self.latent_channels].float()  # (N, C, H, W)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → images in [-1, 1]; pixel-space models return the latents unchanged."""
+        if self.vae is None:
+            return latents
+        vae_dtype = next(self.vae.parameters()).dtype
+        return self.vae.decode(latents.to(vae_dtype) / self.vae.config.scaling_factor).sample.float()
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ModelAdapter:
+        """Move the transformer, VAE and merges to ``device`` (and cast them to ``dtype`` when given: the
+        weights hash is that of the weights as they compute, so a plan made in bfloat16 names bfloat16 weights)."""
+        for module in (self.transformer, self.vae, self.merges):
+            if module is not None:
+                same = dtype is None or next(module.parameters()).dtype == dtype
+                module.to(device) if same else module.to(device, dtype)  # NOTE: diffusers warns at every cast
+        if dtype is not None:
+            self.__dict__.pop("weights_hash", None)
+        return self
+
+
+FAMILIES: Registry[type[ModelAdapter]] = Registry("model family")
+
+
+def register_family(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Class decorator: make a family known by its ``name`` (``model.kind``)."""
+    return FAMILIES.register(cls.name, cls)
+
+
+def family_of(transformer: torch.nn.Module) -> type[ModelAdapter]:
+    """The family of a diffusers transformer (under ``torch.compile`` the module it wraps); another class is
+    one line naming the families."""
+    for family in FAMILIES.values():
+        if isinstance(transformer, family.transformer_class):
+            return family
+    known = ", ".join(f"{f.transformer_class.__name__} ({name})" for name, f in sorted(FAMILIES.items()))
+    raise UserError(f"ditplan has no model family for {type(transformer).__name__}; it knows {known}. Add one in a "
+                    "module that registers it (ditplan.models.family.register_family) and pass it to --plugin")
+
+
+def pipeline_family(pipe: Any) -> tuple[type[ModelAdapter], CfgMode]:
+    """The family and CFG batch layout of a stock pipeline (by its class, or the class it was made from)."""
+    names = {cls.__name__ for cls in type(pipe).__mro__}
+    for family in FAMILIES.values():
+        for pipeline, cfg in family.pipelines.items():
+            if pipeline.__name__ in names:
+                return family, cfg
+    known = sorted(p.__name__ for f in FAMILIES.values() for p in f.pipelines)
+    raise UserError(f"ditplan runs plans in {known}, not {type(pipe).__name__}; apply the plan to its transformer and "
+                    "tell the steps with ditplan.denoising_step")
