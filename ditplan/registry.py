@@ -71,12 +71,15 @@ class SchedulerEntry:
 
     class_name: str
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    flow_matching: bool = False  # samples flow-matching models (FLUX, SD3, …) rather than diffusion ones
 
 
 SCHEDULERS: Registry[SchedulerEntry] = Registry("scheduler", {
     "dpmsolver++": SchedulerEntry("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "ddim": SchedulerEntry("DDIMScheduler"),
     "euler": SchedulerEntry("EulerDiscreteScheduler"),
+    # flow matching (FLUX, SD3, Qwen-Image): the model's own shift and dynamic shifting stay as configured
+    "flow-euler": SchedulerEntry("FlowMatchEulerDiscreteScheduler", flow_matching=True),
 })
 
 

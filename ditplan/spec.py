@@ -50,6 +50,7 @@ class ModelSpec(_Strict):
     prompt_embeddings: PixArt without its T5 encoder: a safetensors file with ``<prompt>.embeds`` and
     ``<prompt>.mask`` for every prompt and for the empty prompt "".
     device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+    image_size: pixels per side, for families that render any size (flux); default the family's.
     dtype: what the transformer (and VAE) compute in: ``float32`` (default), ``float16`` or ``bfloat16``
     (GPUs); latents and the scheduler stay float32. Dense references are cached per dtype.
     Local folders and files are relative to the experiment file (see :func:`resolve_paths`).
@@ -63,6 +64,7 @@ class ModelSpec(_Strict):
     text_encoder: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    image_size: int | None = Field(None, gt=0, le=1 << 14)
     seed: Seed = 0
 
     @model_validator(mode="after")
@@ -87,16 +89,19 @@ class ModelSpec(_Strict):
 @dataclass(frozen=True)
 class SamplerSettings:
     """scheduler: a name in :data:`~ditplan.registry.SCHEDULERS`; guidance_scale ≤ 1 switches classifier-free
-    guidance off."""
+    guidance off; guidance: ``cfg`` (classifier-free guidance, a conditional and an unconditional half) or
+    ``embedded`` (a guidance-distilled model takes the scale as an input: one conditional call per step)."""
 
     scheduler: str = "dpmsolver++"
     num_steps: int = 20
     guidance_scale: float = 4.0
     batch_size: int = 50
+    guidance: str = "cfg"
 
     @property
     def cfg(self) -> bool:
-        return self.guidance_scale > 1.0
+        """Whether each step runs a classifier-free-guidance batch (conditional and unconditional halves)."""
+        return self.guidance == "cfg" and self.guidance_scale > 1.0
 
 
 def _choice(what: str, value: str, choices: list[str]) -> str:
@@ -109,10 +114,13 @@ def _choice(what: str, value: str, choices: list[str]) -> str:
 class SamplerSpec(_Strict):
     """How every sample is drawn, dense or under a plan."""
 
-    scheduler: str = Field("dpmsolver++", description="dpmsolver++, ddim or euler")
+    scheduler: str = Field("dpmsolver++", description="dpmsolver++, ddim, euler or flow-euler (flow-matching models)")
     num_steps: int = Field(20, gt=0, le=MAX_STEPS, description="denoising steps")
     guidance_scale: float = Field(4.0, ge=0, le=1e4, description="classifier-free guidance; ≤ 1 switches it off")
     batch_size: Count = Field(50, description="samples per transformer batch")
+    guidance: Literal["cfg", "embedded"] = Field(
+        "cfg", description="how guidance_scale acts: cfg (classifier-free guidance) or embedded (a guidance-distilled "
+        "model such as FLUX.1-dev takes it as an input)")
 
     @field_validator("scheduler")
     @classmethod
@@ -120,7 +128,7 @@ class SamplerSpec(_Strict):
         return _choice("scheduler", value, SCHEDULERS.choices())
 
     def settings(self) -> SamplerSettings:
-        return SamplerSettings(self.scheduler, self.num_steps, self.guidance_scale, self.batch_size)
+        return SamplerSettings(self.scheduler, self.num_steps, self.guidance_scale, self.batch_size, self.guidance)
 
 
 class SeedSet(NamedTuple):

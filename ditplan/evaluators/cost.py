@@ -67,7 +67,10 @@ def plan_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSettin
         for layer, (queries, keys) in enumerate(tokens):
             if planner.strategy_at(step, layer).level == "block":
                 continue  # the whole block is skipped: its output comes from cached residuals
-            other += rows * adapter.other_flops(text_tokens, queries)[0]
+            other += rows * adapter.other_flops(text_tokens, queries, layer)[0]
+            if not adapter.plan_attention:  # only full cells compute here: the family counts its attention
+                attention += rows * adapter.joint_attention_flops(layer, text_tokens)
+                continue
             if (queries, keys) != (n, n):  # an SDTM block: its attention is always computed
                 attention += cross_attention_flops(rows, queries, keys, shape.dim)
                 continue

@@ -45,7 +45,7 @@ def load_adapter(
     family = FAMILIES.get_entry(kind, "model.kind")
     transformer_cls = family.transformer_class
     if config is not None:
-        transformer = random_transformer(transformer_cls, config, seed)
+        transformer = random_transformer(family, config, seed)
         model_id = f"random-{kind}"
         base_schedule: dict[str, Any] = family.scheduler_class().config
     elif source is not None:
@@ -86,9 +86,10 @@ MAX_RANDOM_PARAMETERS = 20_000_000_000  # beyond any DiT or PixArt: a typo, not 
 MAX_TOKENS = 1 << 16  # PixArt 4K at patch 2 has 65,536 tokens
 
 
-def random_transformer(transformer_cls: type[torch.nn.Module], config: dict[str, Any], seed: int) -> torch.nn.Module:
-    """A transformer with random (seeded) weights built from ``config`` (``model.config``), once the config
-    is known to name the class's own arguments and to fit in memory."""
+def random_transformer(family: type[ModelAdapter], config: dict[str, Any], seed: int) -> torch.nn.Module:
+    """A transformer of ``family`` with random (seeded) weights built from ``config`` (``model.config``), once the
+    config is known to name the class's own arguments and to fit in memory."""
+    transformer_cls = family.transformer_class
     import inspect
 
     known = set(inspect.signature(transformer_cls.__init__).parameters) - {"self"}
@@ -100,14 +101,11 @@ def random_transformer(transformer_cls: type[torch.nn.Module], config: dict[str,
         if isinstance(value, int) and not isinstance(value, bool) and value < 1:
             raise UserError(f"model.config.{key} = {value}: sizes and counts must be positive")
     defaults = {k: p.default for k, p in inspect.signature(transformer_cls.__init__).parameters.items()}
-    get = {**defaults, **config}.get
     try:
-        width = int(get("num_attention_heads")) * int(get("attention_head_dim"))
-        parameters = int(get("num_layers")) * 18 * width**2
-        tokens = (int(get("sample_size")) // int(get("patch_size"))) ** 2
-    except (TypeError, ValueError):
-        raise UserError("model.config: num_attention_heads, attention_head_dim, num_layers, sample_size and "
-                        "patch_size must be whole numbers") from None
+        parameters, tokens = family.estimate_size({**defaults, **config})
+    except (TypeError, ValueError, KeyError):
+        raise UserError("model.config: its sizes (heads, head width, layers, sample and patch size) must be whole "
+                        "numbers") from None
     if parameters > MAX_RANDOM_PARAMETERS or tokens > MAX_TOKENS:
         raise UserError(f"model.config describes a transformer of about {parameters:.3g} parameters and {tokens:,} "
                         f"tokens; at most {MAX_RANDOM_PARAMETERS:.3g} and {MAX_TOKENS:,}")

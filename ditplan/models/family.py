@@ -24,27 +24,58 @@ from diffusers.models.attention_processor import Attention
 
 from ditplan.errors import UserError
 from ditplan.models.identity import network_hash
-from ditplan.registry import Registry
+from ditplan.registry import SCHEDULERS, Registry
 
 if TYPE_CHECKING:
     from ditplan.spec import ExperimentSpec, ModelSpec
 
-# how a stock pipeline runs classifier-free guidance: one call on a batch whose conditional half comes
-# first or second (see ditplan.models.context.CFG_ORDERS)
-CfgMode = Literal["cond-uncond", "uncond-cond"]
+# how a stock pipeline runs guidance: classifier-free guidance as one call on a batch whose conditional half
+# comes first or second (see ditplan.models.context.CFG_ORDERS), or a guidance-distilled model that takes the
+# scale as an input (one call per step, no unconditional half)
+CfgMode = Literal["cond-uncond", "uncond-cond", "distilled"]
+
+
+@dataclass(frozen=True)
+class BlockPattern:
+    """How a block takes and returns its token streams (a block-caching cell replaces it stream by stream).
+
+    inputs: the names of the stream arguments, the first also taken positionally (``hidden_states``);
+    outputs: the order in which the block returns them as a tuple; None: it returns the first stream alone.
+    """
+
+    inputs: tuple[str, ...] = ("hidden_states",)
+    outputs: tuple[str, ...] | None = None
+
+    def streams_in(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+        first, *rest = self.inputs
+        streams = {first: args[0] if args else kwargs[first]}
+        return {**streams, **{name: kwargs[name] for name in rest}}
+
+    def streams_out(self, out: Any) -> dict[str, torch.Tensor]:
+        return {self.inputs[0]: out} if self.outputs is None else dict(zip(self.outputs, out))
+
+    def pack(self, streams: Mapping[str, torch.Tensor]) -> Any:
+        return streams[self.inputs[0]] if self.outputs is None else tuple(streams[name] for name in self.outputs)
+
+
+SINGLE_STREAM = BlockPattern()
 
 
 @dataclass(frozen=True)
 class Conditioning:
-    """What the transformer is conditioned on, for a batch: ``cond`` and the null ``uncond``."""
+    """What the transformer is conditioned on, for a batch: ``cond`` and the null ``uncond`` (None for a
+    guidance-distilled model)."""
 
     cond: dict[str, torch.Tensor]
-    uncond: dict[str, torch.Tensor]
+    uncond: dict[str, torch.Tensor] | None
 
     def for_batch(self, cfg: bool) -> dict[str, torch.Tensor]:
         """Keyword arguments for one transformer call: ``[cond; uncond]`` halves when ``cfg``."""
         if not cfg:
             return self.cond
+        if self.uncond is None:
+            raise UserError("this model has no unconditional input (it is guidance-distilled); set sampler.guidance: "
+                            "embedded")
         return {k: torch.cat([self.cond[k], self.uncond[k]]) for k in self.cond}
 
 
@@ -75,6 +106,11 @@ class ModelAdapter(abc.ABC):
     scheduler_class: ClassVar[type]
     pipelines: ClassVar[Mapping[type, CfgMode]]
     conditioning_kind: ClassVar[Literal["classes", "prompts"]]
+    # how the experiment's guidance_scale acts (sampler.guidance): classifier-free guidance, or an input
+    guidance_modes: ClassVar[tuple[str, ...]] = ("cfg",)
+    # whether ditplan's attention-level strategies run on its self-attention (else: full and block caching)
+    plan_attention: ClassVar[bool] = True
+    flow_matching: ClassVar[bool] = False  # whether it samples with a flow-matching scheduler
 
     def __init__(
         self,
@@ -106,6 +142,16 @@ class ModelAdapter(abc.ABC):
     def attention_of(cls, block: torch.nn.Module) -> Attention:
         """The self-attention module of one block."""
         return block.attn1
+
+    @classmethod
+    def block_pattern(cls, block: torch.nn.Module) -> BlockPattern:
+        """How ``block`` takes and returns its token streams."""
+        return SINGLE_STREAM
+
+    @classmethod
+    def pipeline_timestep(cls, t: float) -> float:
+        """The timestep a stock pipeline passes its transformer at the scheduler's timestep ``t``."""
+        return t
 
     # --- shape of the model --------------------------------------------------------------------
     text_tokens = 0  # tokens of the text a block cross-attends to (PixArt's prompt length; none for DiT)
@@ -150,6 +196,25 @@ class ModelAdapter(abc.ABC):
         field = "classes" if cls.conditioning_kind == "classes" else "prompts"
         if getattr(spec.workload, field) is None:
             raise UserError(f"a {cls.name} model is conditioned on {cls.conditioning_kind}: give workload.{field}")
+        if spec.sampler.guidance not in cls.guidance_modes:
+            raise UserError(f"sampler.guidance = {spec.sampler.guidance!r}: a {cls.name} model takes "
+                            f"{' or '.join(map(repr, cls.guidance_modes))}")
+        fits = [name for name, entry in SCHEDULERS.items() if entry.flow_matching == cls.flow_matching]
+        if spec.sampler.scheduler not in fits:
+            raise UserError(f"sampler.scheduler = {spec.sampler.scheduler!r} does not sample a {cls.name} model; "
+                            f"choose one of {sorted(fits)}")
+
+    @classmethod
+    def estimate_size(cls, config: dict[str, Any]) -> tuple[int, int]:
+        """(parameters, tokens) of a transformer built from ``config`` (the class's defaults filled in), roughly:
+        a random model's config is checked against memory before it is built."""
+        width = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+        tokens = (int(config["sample_size"]) // int(config["patch_size"])) ** 2
+        return int(config["num_layers"]) * 18 * width**2, tokens
+
+    def set_timesteps(self, scheduler: Any, num_steps: int, device: torch.device) -> None:
+        """Set ``scheduler``'s schedule for ``num_steps`` steps the way the family's stock pipeline does."""
+        scheduler.set_timesteps(num_steps, device=device)
 
     @classmethod
     def load_kwargs(cls, spec: ModelSpec, conditions: Sequence[Any]) -> dict[str, Any]:
@@ -168,9 +233,14 @@ class ModelAdapter(abc.ABC):
         """One transformer forward; returns the raw output (N, C_out, H, W)."""
 
     @abc.abstractmethod
-    def other_flops(self, text_tokens: int = 0, tokens: int | None = None) -> tuple[int, int]:
-        """Analytic FLOPs of the parts no attention strategy changes, per sample: (per block, once per
-        forward). ``tokens``: the block's token count when it runs on fewer tokens (default all)."""
+    def other_flops(self, text_tokens: int = 0, tokens: int | None = None, layer: int = 0) -> tuple[int, int]:
+        """Analytic FLOPs of the parts no attention strategy changes, per sample: (per block ``layer``, once
+        per forward). ``tokens``: the block's token count when it runs on fewer tokens (default all)."""
+
+    def joint_attention_flops(self, layer: int, text_tokens: int) -> int:
+        """FLOPs of block ``layer``'s self-attention computed in full, per sample, for a family whose
+        attention ditplan's attention strategies do not replace (``plan_attention`` False)."""
+        raise NotImplementedError(f"the {self.name} family's attention FLOPs come from the attention strategies")
 
     def cross_attention_block_flops(self, text_tokens: int, tokens: int | None = None) -> int:
         """FLOPs of one block's cross-attention to the text tokens, per sample (0 without one)."""

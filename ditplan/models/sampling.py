@@ -40,6 +40,13 @@ StepCallback = Callable[[int, torch.Tensor, SchedulerMixin], None]
 PredictFn = Callable[[int, torch.Tensor, torch.Tensor, dict], torch.Tensor]
 
 
+def start_schedule(adapter: ModelAdapter, settings: SamplerSettings, device: torch.device) -> SchedulerMixin:
+    """A fresh scheduler for ``settings``, its schedule set as the family's stock pipeline sets it."""
+    scheduler = make_scheduler(adapter, settings.scheduler)
+    adapter.set_timesteps(scheduler, settings.num_steps, device)
+    return scheduler
+
+
 def initial_noise(adapter: ModelAdapter, seeds: Sequence[int], device: torch.device) -> torch.Tensor:
     shape = (adapter.latent_channels, adapter.latent_size, adapter.latent_size)
     noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
@@ -60,6 +67,16 @@ def combine_guidance(both: torch.Tensor, settings: SamplerSettings) -> torch.Ten
     """``[cond; uncond]`` predictions (2N, C, H, W) → the guided prediction (N, C, H, W)."""
     cond, uncond = both.chunk(2)
     return uncond + settings.guidance_scale * (cond - uncond)
+
+
+def batch_inputs(adapter: ModelAdapter, conditions: Sequence[Any], settings: SamplerSettings,
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    """The transformer's conditioning inputs for one batch: ``[cond; uncond]`` halves with CFG; a
+    guidance-distilled model also gets the scale as its ``guidance`` input."""
+    inputs = adapter.conditioning(conditions, device).for_batch(settings.cfg)
+    if settings.guidance == "embedded":
+        inputs = {**inputs, "guidance": torch.full((len(conditions),), float(settings.guidance_scale), device=device)}
+    return inputs
 
 
 @dataclass(frozen=True)
@@ -85,18 +102,18 @@ def sample_batch(
     snapshot of a run of the same batch and settings (taken in ``on_step``) instead of from the noise."""
     device = next(adapter.transformer.parameters()).device
     if start is None:
-        scheduler = make_scheduler(adapter, settings.scheduler)
-        scheduler.set_timesteps(settings.num_steps, device=device)
-        latents = initial_noise(adapter, seeds, device) * scheduler.init_noise_sigma
+        scheduler = start_schedule(adapter, settings, device)
+        # NOTE: flow-matching schedulers start from unit noise and scale no model input
+        latents = initial_noise(adapter, seeds, device) * getattr(scheduler, "init_noise_sigma", 1.0)
     else:
         scheduler, latents = copy.deepcopy(start.scheduler), start.latents.clone()
-    inputs = adapter.conditioning(conditions, device).for_batch(settings.cfg)
+    inputs = batch_inputs(adapter, conditions, settings, device)
     run = new_run_id()
     first = start.step if start is not None else 0
     try:
         for i, t in enumerate(scheduler.timesteps[first:], start=first):
             with step_context(StepContext(step=i, num_steps=settings.num_steps, cfg=settings.cfg, run=run)):
-                model_in = scheduler.scale_model_input(latents, t)
+                model_in = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
                 if predict is None:
                     prediction = guided_prediction(adapter, model_in, t, inputs, settings)
                 else:

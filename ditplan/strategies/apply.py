@@ -20,7 +20,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from ditplan.models.adapters import load_for_plan, new_merges
-from ditplan.models.family import ModelAdapter, family_of
+from ditplan.models.family import BlockPattern, ModelAdapter, family_of
 from ditplan.models.context import StepContext, current_step, step_context
 from ditplan.models.sampling import plan_target, sample
 from ditplan.plan import Plan, PlanError, PlanTarget
@@ -195,10 +195,10 @@ class PlanRuntime:
         self.sparse = sparse
         self.originals = originals
         self.caches: list[dict[str, torch.Tensor]] = [{} for _ in originals]
-        # per block (a unit's first block: see block_units): (step, output − input) of its last computed steps,
-        # while block-level cells read them
-        self.block_residuals: list[list[tuple[int, torch.Tensor]]] = [[] for _ in originals]
-        self.unit_inputs: dict[int, torch.Tensor] = {}  # a unit's first block → its input, until the unit's end
+        # per block (a unit's first block: see block_units): (step, output − input per token stream) of its last
+        # computed steps, while block-level cells read them
+        self.block_residuals: list[list[tuple[int, dict[str, torch.Tensor]]]] = [[] for _ in originals]
+        self.unit_inputs: dict[int, dict[str, torch.Tensor]] = {}  # a unit's first block → its input, until its end
         self.frozen = False
         self.peak_cache_bytes = 0
         self.run: int | None = None  # the sampling run the caches belong to
@@ -233,7 +233,7 @@ class PlanRuntime:
 
     def cache_bytes(self) -> int:
         tensors = [t for cache in self.caches for t in cache.values()]
-        tensors += [t for residuals in self.block_residuals for _, t in residuals]
+        tensors += [t for residuals in self.block_residuals for _, streams in residuals for t in streams.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def enter(self, context: StepContext) -> None:
@@ -307,15 +307,17 @@ class BlockCacheHook(ModelHook):
     """On each block of a unit (:func:`block_units`) whose plan row has block-level cells: at those steps the
     unit's first block returns the strategy's output for the whole unit and its other blocks pass it on; at
     computed steps the unit keeps its residual (its last block's output − its first block's input) while later
-    block-level cells need it."""
+    block-level cells need it. A block with several token streams (joint attention's image and text) is
+    cached stream by stream, as its family's :class:`~ditplan.models.family.BlockPattern` names them."""
 
-    def __init__(self, runtime: PlanRuntime, layer: int, unit: tuple[int, int]) -> None:
+    def __init__(self, runtime: PlanRuntime, layer: int, unit: tuple[int, int], pattern: BlockPattern) -> None:
         super().__init__()
         self.runtime = runtime
         self.layer = layer
         self.unit = unit
+        self.pattern = pattern
 
-    def new_forward(self, block: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def new_forward(self, block: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         runtime, layer, (start, end) = self.runtime, self.layer, self.unit
         context = current_step()  # published by the plan's step hook around the transformer call
         if context is None:
@@ -323,22 +325,23 @@ class BlockCacheHook(ModelHook):
         step = context.step
         strategy = runtime.planner.strategy_at(step, start)
         residuals = runtime.block_residuals[start]
+        streams = self.pattern.streams_in(args, kwargs)
         if isinstance(strategy, BlockStrategy):
             if layer != start:
-                return hidden_states  # the unit's output, made by its first block
-            out = strategy.block_output(hidden_states, residuals, step)
+                return self.pattern.pack(streams)  # the unit's output, made by its first block
+            out = {name: strategy.block_output(x, [(s, r[name]) for s, r in residuals], step) for name, x in streams.items()}
             if not runtime.frozen and runtime.planner.block_history(step, start) == 0:
                 residuals.clear()  # the last reader
-            return out
+            return self.pattern.pack(out)
         if layer == start:
-            runtime.unit_inputs[start] = hidden_states
-        out = self.fn_ref.original_forward(hidden_states, *args, **kwargs)  # (B, N, C) at the unit's end
+            runtime.unit_inputs[start] = streams
+        out = self.fn_ref.original_forward(*args, **kwargs)  # (B, N, C) per stream at the unit's end
         if layer == end - 1:
             unit_input = runtime.unit_inputs.pop(start)
             if not runtime.frozen:
                 keep = runtime.planner.block_history(step, start)
                 if keep:  # the residual is only made while a later block-level cell reads it
-                    residuals.append((step, out - unit_input))
+                    residuals.append((step, {n: x - unit_input[n] for n, x in self.pattern.streams_out(out).items()}))
                 del residuals[: max(0, len(residuals) - keep)]
                 runtime.note_peak()
         return out
@@ -431,17 +434,20 @@ def apply_plan(
         sparse = SparseRuntime(layout, plan.target.num_tokens, merges)
     originals = [attn.processor for attn in layers]
     runtime = PlanRuntime(plan, build_strategies(plan), originals, sparse)  # validates the plan: nothing is changed yet
+    check_family_runs(plan, transformer)
     runtime.diffusers_cache = DiffusersCache.from_plan(plan)
-    for index, attn in enumerate(layers):
-        attn.set_processor(PlanAttnProcessor(runtime, index))
+    if family_of(transformer).plan_attention:
+        for index, attn in enumerate(layers):
+            attn.set_processor(PlanAttnProcessor(runtime, index))
     if sparse is not None:
         sparse.install(_blocks(transformer))
     runtime.block_layers = sorted({*block_cached_layers(plan), *block_layers})
     blocks = _blocks(transformer)
     units = block_units(plan.num_layers, layout)
+    family = family_of(transformer)
     for layer in runtime.block_layers:
         HookRegistry.check_if_exists_or_initialize(blocks[layer]).register_hook(
-            BlockCacheHook(runtime, layer, units[layer]), BLOCK_HOOK)
+            BlockCacheHook(runtime, layer, units[layer], family.block_pattern(blocks[layer])), BLOCK_HOOK)
     if runtime.diffusers_cache is not None:
         runtime.diffusers_cache.install(transformer)
         runtime.executed = ExecutionCounter(transformer)
@@ -454,9 +460,22 @@ def check_plan(plan: Plan, adapter: ModelAdapter, settings: SamplerSettings) -> 
     """Refuse, before any sampling, a plan that does not fit ``adapter`` and ``settings`` or whose
     strategies, sparse layout or cache are misconfigured (one-line :class:`PlanError`)."""
     plan.check_fits(plan_target(load_for_plan(adapter, plan), settings))
+    check_family_runs(plan, adapter.transformer)
     sparse_layout(plan)
     CachePlanner(plan, build_strategies(plan, extra=tuple(plan.params)))  # the strategies and their cache planning
     DiffusersCache.from_plan(plan)
+
+
+def check_family_runs(plan: Plan, transformer: torch.nn.Module) -> None:
+    """Refuse, in one line, a plan with attention-level strategies on a family whose self-attention ditplan's
+    attention strategies do not run on (there: ``full`` and block caching)."""
+    family = family_of(transformer)
+    if family.plan_attention:
+        return
+    refused = sorted(n for n in plan.strategies() if n != "full" and not is_block_strategy(n))
+    if refused:
+        raise PlanError(f"{refused[0]!r} does not run on the {family.name} family's attention; plans for it use 'full' "
+                        f"and block caching ({', '.join(_block_cells())})")
 
 
 def block_cached_layers(plan: Plan) -> list[int]:
@@ -476,8 +495,9 @@ def remove_plan(transformer: torch.nn.Module) -> None:
     runtime = get_runtime(transformer)
     if runtime is None:
         return
-    for attn, original in zip(_attention_layers(transformer), runtime.originals):
-        attn.set_processor(original)
+    if family_of(transformer).plan_attention:
+        for attn, original in zip(_attention_layers(transformer), runtime.originals):
+            attn.set_processor(original)
     if runtime.sparse is not None:
         runtime.sparse.remove(_blocks(transformer))
     for layer in runtime.block_layers:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ditplan.models.adapters import load_sparse_folder
-from ditplan.models.family import family_of, pipeline_family
+from ditplan.models.family import CfgMode, ModelAdapter, family_of, pipeline_family
 from ditplan.models.identity import network_hash
 from ditplan.models.context import CFG_ORDERS, StepContext, new_run_id
 from ditplan.models.sampling import reset_stateful_hooks, scheduler_class
@@ -59,11 +59,14 @@ def sampler_description(name: str) -> str:
 
 class PipelineClock:
     """Derives each transformer call's step from the timestep it receives, against the pipeline
-    scheduler's ``timesteps``; one transformer call per step, in order, within one pipeline call."""
+    scheduler's ``timesteps`` (as the family's pipeline passes them, e.g. FLUX's t / 1000, in the
+    transformer's dtype: the nearest one); one transformer call per step, in order, within one pipeline call."""
 
-    def __init__(self, pipe: Any, cond_first: bool) -> None:
+    def __init__(self, pipe: Any, cfg_mode: CfgMode, family: type[ModelAdapter]) -> None:
         self.pipe = pipe
-        self.cond_first = cond_first
+        self.cfg_mode = cfg_mode
+        self.cond_first = CFG_ORDERS.get(cfg_mode, True)
+        self.family = family
         self.cfg = False
         self.run: int | None = None  # the pipeline call under way
         self.last_step = -1
@@ -71,7 +74,7 @@ class PipelineClock:
 
     def start(self, guidance_scale: float) -> None:
         """Called as the pipeline's ``__call__`` begins."""
-        self.cfg = guidance_scale > 1.0
+        self.cfg = self.cfg_mode != "distilled" and guidance_scale > 1.0
         self.run = new_run_id()
         self.last_step = -1
         self.timesteps = None
@@ -88,19 +91,22 @@ class PipelineClock:
             raise PlanError("the transformer was called without a timestep, so the plan cannot tell the step")
         t = torch.as_tensor(timestep).flatten()[0].item()
         if self.timesteps is None:  # the pipeline sets its schedule before the first transformer call
-            self.timesteps = [float(v) for v in self.pipe.scheduler.timesteps]
+            self.timesteps = [self.family.pipeline_timestep(float(v)) for v in self.pipe.scheduler.timesteps]
         timesteps = self.timesteps
+        # a pipeline may round the timestep to the transformer's dtype and scale it there (FLUX: t / 1000)
+        tolerance = 2 * torch.finfo(next(transformer_of(self.pipe).parameters()).dtype).eps
         expected = self.last_step + 1
-        if expected < len(timesteps) and timesteps[expected] == t:
-            step = expected
-        elif t in timesteps:
-            raise PlanError(
-                f"the transformer was called for step {timesteps.index(t)} (timestep {t:g}) after step {self.last_step} "
-                "of this pipeline call; a ditplan plan needs exactly one transformer call per step, in order"
-            )
-        else:
+        distance = [abs(v - t) for v in timesteps]
+        nearest = min(range(len(timesteps)), key=distance.__getitem__)
+        if distance[nearest] > tolerance * abs(t):
             raise PlanError(f"the transformer got timestep {t:g}, which the scheduler's {len(timesteps)} timesteps do not "
                             "hold; a ditplan plan runs on the pipeline's own schedule")
+        if expected >= len(timesteps) or distance[expected] > distance[nearest]:
+            raise PlanError(
+                f"the transformer was called for step {nearest} (timestep {t:g}) after step {self.last_step} "
+                "of this pipeline call; a ditplan plan needs exactly one transformer call per step, in order"
+            )
+        step = expected
         self.last_step = step
         return StepContext(step=step, num_steps=len(timesteps), cfg=self.cfg, cond_first=self.cond_first, run=self.run)
 
@@ -209,7 +215,7 @@ def apply_plan_to(model: Any, plan: Plan | str | Path, model_folder: str | Path 
         raise
     runtime.original_weights = original
     if pipeline:
-        step_hook(transformer).clock = PipelineClock(model, CFG_ORDERS[cfg_order])
+        step_hook(transformer).clock = PipelineClock(model, cfg_order, family_of(transformer))
         setattr(model, _ORIGINAL_CLASS, type(model))
         model.__class__ = _planned_class(type(model))
     return runtime

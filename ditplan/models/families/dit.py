@@ -51,7 +51,7 @@ class DiTAdapter(ModelAdapter):
         c = self.hidden_dim
         return timestep_embedding_flops(c) + linear_flops(1, c, 6 * c)
 
-    def other_flops(self, text_tokens: int = 0, tokens: int | None = None) -> tuple[int, int]:
+    def other_flops(self, text_tokens: int = 0, tokens: int | None = None, layer: int = 0) -> tuple[int, int]:
         c, n, cfg = self.hidden_dim, self.num_tokens, self.transformer.config
         tokens = n if tokens is None else tokens
         p2 = cfg.patch_size**2

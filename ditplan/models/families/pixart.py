@@ -119,7 +119,7 @@ class PixArtAdapter(ModelAdapter):
             + 2 * 2 * tokens * text_tokens * c  # scores and weighted sum
         )
 
-    def other_flops(self, text_tokens: int = 0, tokens: int | None = None) -> tuple[int, int]:
+    def other_flops(self, text_tokens: int = 0, tokens: int | None = None, layer: int = 0) -> tuple[int, int]:
         c, n, cfg = self.hidden_dim, self.num_tokens, self.transformer.config
         tokens = n if tokens is None else tokens
         p2 = cfg.patch_size**2

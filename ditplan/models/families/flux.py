@@ -1,0 +1,212 @@
+"""FLUX.1 (black-forest-labs, diffusers ``FluxTransformer2DModel``): a flow-matching transformer with joint
+attention over text and image tokens (text first), dual-stream blocks (``transformer_blocks``) then
+single-stream blocks (``single_transformer_blocks``), RoPE positions and, in FLUX.1-dev, distilled guidance
+(the scale is an input: one call per step). Runs in ``FluxPipeline`` with ``FlowMatchEulerDiscreteScheduler``,
+whose schedule it shifts by the image's token count as the pipeline does.
+
+A plan's layers are the dual-stream blocks, then the single-stream ones. Its cells are ``full`` and block
+caching (``reuse``, ``forecast``), which caches both token streams of a block; ditplan's attention-level
+strategies do not run on its joint attention. Runs offline from prompt embeddings: a safetensors file with
+``<prompt>.embeds`` (L, 4096: T5) and ``<prompt>.pooled`` (768: CLIP) per prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+from ditplan.errors import UserError
+from ditplan.files import read_tensors
+from ditplan.models.family import (
+    BlockPattern,
+    Conditioning,
+    ModelAdapter,
+    linear_flops,
+    register_family,
+    timestep_embedding_flops,
+)
+
+if TYPE_CHECKING:
+    from ditplan.spec import ExperimentSpec, ModelSpec
+
+DEFAULT_IMAGE_SIZE = 1024  # FLUX.1's native resolution
+# both block kinds take the image and the text stream and return them text first
+JOINT_STREAMS = BlockPattern(("hidden_states", "encoder_hidden_states"), ("encoder_hidden_states", "hidden_states"))
+
+
+@register_family
+class FluxAdapter(ModelAdapter):
+    """``prompt_embeddings`` maps a prompt to ``(embeds (L, D), pooled (P,))``; ``image_size``: pixels per side."""
+
+    name = "flux"
+    transformer_class = FluxTransformer2DModel
+    scheduler_class = FlowMatchEulerDiscreteScheduler
+    pipelines = {FluxPipeline: "distilled"}
+    conditioning_kind = "prompts"
+    guidance_modes = ("embedded",)
+    flow_matching = True
+    plan_attention = False
+
+    def __init__(self, *args: Any, prompt_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 image_size: int = DEFAULT_IMAGE_SIZE, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.prompt_embeddings = dict(prompt_embeddings)
+        self.image_size = image_size
+        if self.latent_size % 2 or self.latent_size < 2:
+            raise UserError(f"model.image_size = {image_size} gives {self.latent_size} latent pixels per side; FLUX packs "
+                            "them in 2 × 2 patches: give a size that makes an even count")
+
+    # --- structure ---------------------------------------------------------------------------
+    @classmethod
+    def blocks(cls, transformer: torch.nn.Module) -> list[torch.nn.Module]:
+        return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+    @classmethod
+    def attention_of(cls, block: torch.nn.Module) -> Any:
+        return block.attn
+
+    @classmethod
+    def block_pattern(cls, block: torch.nn.Module) -> BlockPattern:
+        return JOINT_STREAMS
+
+    @classmethod
+    def pipeline_timestep(cls, t: float) -> float:
+        return t / 1000  # FluxPipeline passes timestep / 1000 (the transformer multiplies it back)
+
+    @classmethod
+    def estimate_size(cls, config: dict[str, Any]) -> tuple[int, int]:
+        width = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+        return (int(config["num_layers"]) + int(config["num_single_layers"])) * 12 * width**2, 0
+
+    @classmethod
+    def check_spec(cls, spec: ExperimentSpec) -> None:
+        super().check_spec(spec)
+        if not spec.model.prompt_embeddings:
+            raise UserError("a flux model runs from model.prompt_embeddings (a safetensors file with <prompt>.embeds "
+                            "and <prompt>.pooled per prompt); give one")
+
+    @classmethod
+    def load_kwargs(cls, spec: ModelSpec, conditions: Sequence[Any]) -> dict[str, Any]:
+        return {"prompt_embeddings": read_flux_embeddings(spec.prompt_embeddings, [str(c) for c in conditions]),
+                "image_size": spec.image_size or DEFAULT_IMAGE_SIZE}
+
+    # --- shape ---------------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel: the VAE's (8 in FLUX.1), 1 without one."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels // 4  # 2 × 2 patches are packed into the channels
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.vae_scale_factor
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.latent_size // 2) ** 2
+
+    @property
+    def text_tokens(self) -> int:
+        return next(iter(self.prompt_embeddings.values()))[0].shape[0]
+
+    @property
+    def num_dual_layers(self) -> int:
+        return len(self.transformer.transformer_blocks)
+
+    # --- sampling ------------------------------------------------------------------------------
+    def set_timesteps(self, scheduler: Any, num_steps: int, device: torch.device) -> None:
+        """FluxPipeline's schedule: sigmas from 1 to 1/N, shifted by the image's token count (``mu``)."""
+        config = scheduler.config
+        sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)
+        mu = calculate_shift(self.num_tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        retrieve_timesteps(scheduler, num_steps, device, sigmas=sigmas, mu=mu)
+
+    def conditioning(self, conditions: Sequence[Any], device: torch.device) -> Conditioning:
+        missing = [p for p in conditions if p not in self.prompt_embeddings]
+        if missing:
+            raise UserError(f"no prompt embedding for {missing[0]!r}; give embeddings for every prompt "
+                            "(model.prompt_embeddings in the experiment file)")
+        embeds = torch.stack([self.prompt_embeddings[p][0] for p in conditions]).to(device, self.dtype)
+        pooled = torch.stack([self.prompt_embeddings[p][1] for p in conditions]).to(device, self.dtype)
+        return Conditioning({"encoder_hidden_states": embeds, "pooled_projections": pooled}, None)
+
+    def _call_transformer(self, latents: torch.Tensor, timestep: torch.Tensor, inputs: dict) -> torch.Tensor:
+        n, c, h, w = latents.shape
+        guidance = inputs.get("guidance") if self.transformer.config.guidance_embeds else None
+        out = self.transformer(
+            hidden_states=FluxPipeline._pack_latents(latents, n, c, h, w),
+            timestep=timestep.to(latents.dtype) / 1000,
+            guidance=guidance,
+            pooled_projections=inputs["pooled_projections"],
+            encoder_hidden_states=inputs["encoder_hidden_states"],
+            txt_ids=torch.zeros(inputs["encoder_hidden_states"].shape[1], 3, device=latents.device, dtype=latents.dtype),
+            img_ids=FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, latents.device, latents.dtype),
+            return_dict=False,
+        )[0]
+        return FluxPipeline._unpack_latents(out, h, w, 1)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return latents
+        config = self.vae.config
+        vae_dtype = next(self.vae.parameters()).dtype
+        return self.vae.decode((latents / config.scaling_factor + config.shift_factor).to(vae_dtype)).sample.float()
+
+    # --- FLOPs, per sample ---------------------------------------------------------------------
+    def joint_attention_flops(self, layer: int, text_tokens: int) -> int:
+        """Dual-stream: q, k, v and out projections of each stream; single-stream: q, k, v over the joint
+        sequence (its output projection is the block's proj_out); both: scores and weighted sum."""
+        c, n = self.hidden_dim, self.num_tokens
+        joint = n + text_tokens
+        core = 2 * 2 * joint * joint * c
+        if layer < self.num_dual_layers:
+            return 4 * linear_flops(n, c, c) + 4 * linear_flops(text_tokens, c, c) + core
+        return 3 * linear_flops(joint, c, c) + core
+
+    def other_flops(self, text_tokens: int = 0, tokens: int | None = None, layer: int = 0) -> tuple[int, int]:
+        c, n, cfg = self.hidden_dim, self.num_tokens, self.transformer.config
+        joint = n + text_tokens
+        if layer < self.num_dual_layers:  # two AdaLayerNormZero (C → 6C), two MLPs C → 4C → C
+            per_block = 2 * linear_flops(1, c, 6 * c) + sum(linear_flops(k, c, 4 * c) + linear_flops(k, 4 * c, c)
+                                                             for k in (n, text_tokens))
+        else:  # AdaLayerNormZeroSingle (C → 3C), proj_mlp C → 4C, proj_out 5C → C over the joint sequence
+            per_block = linear_flops(1, c, 3 * c) + linear_flops(joint, c, 4 * c) + linear_flops(joint, 5 * c, c)
+        embeddings = timestep_embedding_flops(c) * (2 if cfg.guidance_embeds else 1)
+        once = (
+            linear_flops(n, cfg.in_channels, c)  # x_embedder
+            + embeddings + linear_flops(1, cfg.pooled_projection_dim, c) + linear_flops(1, c, c)  # time, guidance, pooled
+            + linear_flops(text_tokens, cfg.joint_attention_dim, c)  # context_embedder
+            + linear_flops(1, c, 2 * c)  # norm_out
+            + linear_flops(n, c, cfg.patch_size**2 * (cfg.out_channels or cfg.in_channels))  # proj_out
+        )
+        return per_block, once
+
+
+def read_flux_embeddings(path: str, prompts: Sequence[str] = ()) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A safetensors file with ``<prompt>.embeds`` (L, D) and ``<prompt>.pooled`` (P,) per prompt; it must hold
+    ``prompts``."""
+    what = "prompt embeddings file"
+    tensors = read_tensors(path, what)
+    out = {}
+    for prompt in {key.rsplit(".", 1)[0] for key in tensors}:
+        embeds, pooled = tensors.get(f"{prompt}.embeds"), tensors.get(f"{prompt}.pooled")
+        if embeds is None or pooled is None or embeds.ndim != 2 or pooled.ndim != 1:
+            raise UserError(f"{what} {path}: prompt {prompt!r} needs {prompt}.embeds (L, D) and {prompt}.pooled (P,)")
+        out[prompt] = (embeds, pooled)
+    if len({e.shape for e, _ in out.values()}) > 1:
+        raise UserError(f"{what} {path}: the prompts' embeddings differ in shape; pad them to one length")
+    missing = [p for p in prompts if p not in out]
+    if missing:
+        raise UserError(f"{what} {path} has no embedding for the prompt {missing[0]!r}; it needs every prompt of the "
+                        "workload")
+    return out
