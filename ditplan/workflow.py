@@ -43,6 +43,7 @@ from ditplan.plansearch.tracking import attach_to_study
 from ditplan.plugins import import_plugins
 from ditplan.rundir import RunDir, search_folder
 from ditplan.spec import Experiment, ExperimentSpec, experiment_label, load_spec, resolved_experiment_text
+from ditplan.strategies.apply import family_refusal
 from ditplan.strategies.summary import describe
 
 DEFAULT_EXPORT_RULES = ("knee", "top:3")
@@ -52,7 +53,11 @@ def check_names(spec: ExperimentSpec) -> None:
     """Every name the experiment uses beyond the file's own schema, checked without loading the model or
     reading a file: the model family and the workload it needs, strategies and their parameters, pruning curves and diffusers' caches of the search
     space, the baselines, the feature extractor, a hypervolume reference for every objective."""
-    FAMILIES.get_entry(spec.model.kind, "model.kind").check_spec(spec)
+    family = FAMILIES.get_entry(spec.model.kind, "model.kind")
+    family.check_spec(spec)
+    refusal = family_refusal(family, spec.search.space.methods, spec.search.space.cache is not None)
+    if refusal:
+        raise UserError(f"search.space: {refusal}")
     check_space(spec.search.space)
     check_baselines(spec)
     check_extractor(spec)

@@ -35,7 +35,8 @@ def write_greedy_plans(
     todo = [(i, t) for i, t in enumerate(thresholds) if not (skip_existing and paths[i].exists())]
     with progress_bar(len(todo) * settings.num_steps, "greedy calibration", enabled=show_progress) as bar:
         for index, threshold in todo:
-            result = greedy_search(adapter, settings, conditions, seeds, threshold, window, bar=bar)
+            result = greedy_search(adapter, settings, conditions, seeds, threshold, window, bar=bar,
+                                   candidates=family_candidates(adapter))
             result.plan.with_provenance(name=threshold_name(index), experiment=spec.name).save(paths[index])
     return paths
 

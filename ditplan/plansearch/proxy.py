@@ -61,7 +61,7 @@ from ditplan.evaluators.fidelity import relative_l1
 from ditplan.models.family import ModelAdapter
 from ditplan.models.sampling import Snapshot, plan_target, sample_batch
 from ditplan.plan import Plan
-from ditplan.plansearch.greedy import CANDIDATES, greedy_search
+from ditplan.plansearch.greedy import CANDIDATES, family_candidates, greedy_search
 from ditplan.plansearch.space import CacheInterval, PlanSpace
 from ditplan.spec import PROPOSAL_SPREADS, ExperimentSpec, SamplerSettings
 from ditplan.strategies.apply import apply_plan, remove_plan
@@ -121,11 +121,13 @@ def measure_proxy(adapter: ModelAdapter, settings: SamplerSettings, conditions: 
     return measure_gains(adapter, settings, conditions, seeds, proxy, gain_probes) if gain_probes else proxy
 
 
-def proxy_candidates(methods: Sequence[str]) -> tuple[str, ...]:
-    """What the proxy measures for a space of ``methods``: greedy's candidates, then the space's block
-    caching methods (``reuse``, ``forecast``: a whole block skipped, which greedy never tries)."""
-    return CANDIDATES + tuple(m for m in methods if m not in CANDIDATES and m != "full"
-                              and issubclass(get_strategy_class(m), BlockStrategy))
+def proxy_candidates(methods: Sequence[str], greedy: Sequence[str] = CANDIDATES) -> tuple[str, ...]:
+    """What the proxy measures for a space of ``methods``: greedy's candidates (on the model's family:
+    :func:`~ditplan.plansearch.greedy.family_candidates`), then the space's other block caching methods
+    (``reuse``, ``forecast``: a whole block skipped)."""
+    greedy = tuple(greedy)
+    return greedy + tuple(m for m in methods if m not in greedy and m != "full"
+                          and issubclass(get_strategy_class(m), BlockStrategy))
 
 
 def experiment_proxy(adapter: ModelAdapter, spec: ExperimentSpec, path: Path) -> tuple[Proxy, bool]:
@@ -136,7 +138,7 @@ def experiment_proxy(adapter: ModelAdapter, spec: ExperimentSpec, path: Path) ->
     settings = spec.sampler.settings()
     _, conditions, seeds = spec.proxy_batch()
     window = spec.greedy.window_size
-    candidates = proxy_candidates(spec.search.space.methods)
+    candidates = proxy_candidates(spec.search.space.methods, family_candidates(adapter))
     measured_with = {"target": asdict(plan_target(adapter, settings)), "conditions": conditions,
                      "seeds": seeds, "window_size": window, "gain_probes": proposals.gain_probes}
     if candidates != CANDIDATES:  # proxies of greedy's candidates alone stay keyed as before

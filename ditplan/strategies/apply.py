@@ -466,16 +466,26 @@ def check_plan(plan: Plan, adapter: ModelAdapter, settings: SamplerSettings) -> 
     DiffusersCache.from_plan(plan)
 
 
-def check_family_runs(plan: Plan, transformer: torch.nn.Module) -> None:
-    """Refuse, in one line, a plan with attention-level strategies on a family whose self-attention ditplan's
-    attention strategies do not run on (there: ``full`` and block caching)."""
-    family = family_of(transformer)
+def family_refusal(family: type[ModelAdapter], names: Iterable[str], cache: bool = False) -> str | None:
+    """Why ``family`` cannot run the strategies ``names`` (and one of diffusers' caches when ``cache``), or None.
+    A family whose self-attention ditplan's attention strategies do not run on takes ``full`` and block caching."""
     if family.plan_attention:
-        return
-    refused = sorted(n for n in plan.strategies() if n != "full" and not is_block_strategy(n))
+        return None
+    refused = sorted(n for n in names if n != "full" and not is_block_strategy(n))
     if refused:
-        raise PlanError(f"{refused[0]!r} does not run on the {family.name} family's attention; plans for it use 'full' "
-                        f"and block caching ({', '.join(_block_cells())})")
+        return (f"{refused[0]!r} does not run on the {family.name} family's attention; plans for it use 'full' and "
+                f"block caching ({', '.join(_block_cells())})")
+    if cache:
+        return (f"ditplan does not run diffusers' caches on the {family.name} family yet; its block caching "
+                f"({', '.join(_block_cells())}) is the cache that runs there")
+    return None
+
+
+def check_family_runs(plan: Plan, transformer: torch.nn.Module) -> None:
+    """Refuse, in one line, a plan whose strategies the transformer's family does not run."""
+    refusal = family_refusal(family_of(transformer), plan.strategies(), bool(plan.cache))
+    if refusal:
+        raise PlanError(refusal)
 
 
 def block_cached_layers(plan: Plan) -> list[int]:
