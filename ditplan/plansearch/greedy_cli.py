@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ditplan.models.family import ModelAdapter
 from ditplan.plan import Plan
-from ditplan.plansearch.greedy import greedy_search, threshold_name
+from ditplan.plansearch.greedy import family_candidates, greedy_search, threshold_name
 from ditplan.progress import progress_bar
 from ditplan.rundir import GreedyDir
 from ditplan.spec import ExperimentSpec
