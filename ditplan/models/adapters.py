@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import abc
 import copy
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from safetensors.torch import load_file
 from ditplan.errors import UserError
 from ditplan.files import check_folder, read_tensors
 from ditplan.models.embedded import EMBEDDED_MODELS
+from ditplan.models.identity import cast_hashes, network_hash
 from ditplan.plan import Plan, PlanError
 
 if TYPE_CHECKING:
@@ -49,22 +49,6 @@ class Conditioning:
         if not cfg:
             return self.cond
         return {k: torch.cat([self.cond[k], self.uncond[k]]) for k in self.cond}
-
-
-def weights_hash(module: torch.nn.Module) -> str:
-    """A short content hash of a module's weights: plans and caches are keyed by it."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def network_hash(transformer: torch.nn.Module, merges: torch.nn.ModuleList | None) -> str:
-    """The identity of a network: its transformer's weights, plus its SDTM merges when fine-tuned."""
-    if merges is None:
-        return weights_hash(transformer)
-    return weights_hash(torch.nn.ModuleDict({"transformer": transformer, "merges": merges}))
 
 
 class ModelAdapter(abc.ABC):
@@ -121,6 +105,11 @@ class ModelAdapter(abc.ABC):
     def weights_hash(self) -> str:
         return network_hash(self.transformer, self.merges)
 
+    @cached_property
+    def cast_hashes(self) -> dict[str, str]:
+        """The weights' hash cast to each other half-precision dtype, which a plan records; taken on first use."""
+        return cast_hashes(self.transformer, self.merges)
+
     # --- what a subclass supplies ---------------------------------------------------------------
     @abc.abstractmethod
     def conditioning(self, conditions: Sequence[Any], device: torch.device) -> Conditioning:
@@ -154,6 +143,7 @@ class ModelAdapter(abc.ABC):
                 module.to(device) if same else module.to(device, dtype)  # NOTE: diffusers warns at every cast
         if dtype is not None:
             self.__dict__.pop("weights_hash", None)
+            self.__dict__.pop("cast_hashes", None)
         return self
 
 
@@ -397,6 +387,7 @@ def load_sparse_network(adapter: ModelAdapter, weights: str) -> ModelAdapter:
                                                          adapter.dtype)
         tuned = copy.copy(adapter)
         tuned.__dict__.pop("weights_hash", None)
+        tuned.__dict__.pop("cast_hashes", None)
         tuned.__dict__.pop("_sparse_networks", None)
         tuned.transformer = transformer.eval().requires_grad_(False)
         tuned.merges = merges
