@@ -19,6 +19,7 @@ import yaml
 from ditplan.atomic import atomic_write_text
 from ditplan.errors import UserError
 from ditplan.files import read_yaml
+from ditplan.models.identity import DTYPES, HALF_DTYPES, Binding, binding, warn_cast
 from ditplan.registry import did_you_mean
 
 SCHEMA_VERSION = 1
@@ -30,7 +31,11 @@ class PlanError(UserError):
 
 @dataclass(frozen=True)
 class PlanTarget:
-    """What a plan was made for; a plan applied elsewhere is refused (see :meth:`Plan.check_fits`)."""
+    """What a plan was made for; a plan applied elsewhere is refused (see :meth:`Plan.check_fits`).
+
+    ``dtype``: what the weights computed in when the plan was measured; ``cast_hashes``: their hash cast to
+    each other half-precision dtype, so that the same weights in that dtype take the plan (see
+    :func:`ditplan.models.identity.binding`). Plans written before these were recorded have neither."""
 
     model: str
     weights_hash: str
@@ -39,22 +44,33 @@ class PlanTarget:
     scheduler: str
     num_steps: int
     guidance_scale: float
+    dtype: str | None = None
+    cast_hashes: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def differences(self, other: PlanTarget) -> list[str]:
-        """Human-readable mismatches, ignoring the model id (the weights hash decides identity)."""
+        """Human-readable mismatches, ignoring the model id and the dtype (the weights decide identity)."""
         names = {
-            "weights_hash": "model weights (hash)",
             "num_layers": "layers",
             "num_tokens": "tokens",
             "scheduler": "scheduler",
             "num_steps": "steps",
             "guidance_scale": "guidance scale",
         }
-        return [
+        found = [
             f"{label}: plan has {getattr(self, key)!r}, target has {getattr(other, key)!r}"
             for key, label in names.items()
             if getattr(self, key) != getattr(other, key)
         ]
+        if binding(self, other) is Binding.OTHER:
+            found.insert(0, f"model weights (hash): plan has {self.weights_hash!r}, target has {other.weights_hash!r}")
+        return found
+
+    def to_dict(self) -> dict[str, Any]:
+        """The target as a plan file holds it; one without a dtype (an older plan's) as it was written."""
+        data = {key: value for key, value in self.__dict__.items() if key not in ("dtype", "cast_hashes")}
+        if self.dtype is not None:
+            data.update(dtype=self.dtype, cast_hashes=dict(self.cast_hashes))
+        return data
 
 
 def encode_runs(row: Sequence[str]) -> str:
@@ -85,13 +101,15 @@ def decode_runs(text: str, max_length: int | None = None) -> list[str]:
 
 _TARGET_TYPES = {"model": str, "weights_hash": str, "num_layers": int, "num_tokens": int, "scheduler": str,
                  "num_steps": int, "guidance_scale": (int, float)}
+_DTYPE_KEYS = ("dtype", "cast_hashes")  # optional: plans written before they were recorded lack them
 _TYPE_NAMES = {str: "string", int: "whole number"}
 _MAX_GRID = 10_000  # layers or steps of any plan
 
 
 def _target(data: Any) -> PlanTarget:
-    if not isinstance(data, dict) or set(data) != set(_TARGET_TYPES):
-        raise PlanError(f"plan target is malformed; it is a mapping of exactly {list(_TARGET_TYPES)}")
+    if not isinstance(data, dict) or not set(_TARGET_TYPES) <= set(data) <= {*_TARGET_TYPES, *_DTYPE_KEYS}:
+        raise PlanError(f"plan target is malformed; it is a mapping of exactly {list(_TARGET_TYPES)}, plus optionally "
+                        f"{' and '.join(_DTYPE_KEYS)}")
     for key, kind in _TARGET_TYPES.items():
         value = data[key]
         if not isinstance(value, kind) or isinstance(value, bool):
@@ -99,7 +117,27 @@ def _target(data: Any) -> PlanTarget:
     for key in ("num_layers", "num_steps"):
         if not 0 < data[key] <= _MAX_GRID:
             raise PlanError(f"plan target.{key} = {data[key]} is outside 1…{_MAX_GRID}")
-    return PlanTarget(**data)
+    dtype, casts = _target_dtype(data)
+    return PlanTarget(**{key: data[key] for key in _TARGET_TYPES}, dtype=dtype, cast_hashes=casts)
+
+
+def _target_dtype(data: dict) -> tuple[str | None, dict[str, str]]:
+    """A target's ``dtype`` and ``cast_hashes``, checked: both absent (an older plan), or the dtype the plan
+    was measured in and its weights' hash cast to the other half-precision dtypes."""
+    dtype, casts = data.get("dtype"), data.get("cast_hashes")
+    if dtype is not None and dtype not in DTYPES:
+        raise PlanError(f"plan target.dtype = {str(dtype)[:60]!r} is not one of {', '.join(DTYPES)}; write the dtype "
+                        "the plan was measured in")
+    if casts is None:
+        return dtype, {}
+    if dtype is None:
+        raise PlanError("plan target.cast_hashes needs target.dtype, the dtype the plan was measured in; give both or "
+                        "neither")
+    others = [name for name in HALF_DTYPES if name != dtype]
+    if not isinstance(casts, dict) or not all(key in others and isinstance(value, str) for key, value in casts.items()):
+        raise PlanError(f"plan target.cast_hashes = {str(casts)[:60]!r} is not a mapping of {' or '.join(others)} to "
+                        "a weights hash (a string)")
+    return dtype, dict(casts)
 
 
 def _mapping(data: dict, key: str, optional: bool = False) -> dict:
@@ -148,9 +186,12 @@ class Plan:
         return replace(self, provenance={**copy.deepcopy(dict(self.provenance)), **entries})
 
     def check_fits(self, target: PlanTarget) -> None:
+        """Refuse, in one line, a ``target`` the plan was not made for; the same weights in another dtype take
+        it with a warning (:func:`~ditplan.models.identity.binding`)."""
         differences = self.target.differences(target)
         weights = (self.sparse or {}).get("weights")
-        if weights and self.target.weights_hash != target.weights_hash:
+        bound = binding(self.target, target)
+        if weights and bound is Binding.OTHER:
             raise PlanError(
                 f"plan runs on the fine-tuned SparseDiT network {weights!r} (weights {self.target.weights_hash}), not on "
                 f"this model (weights {target.weights_hash}); load that network (ditplan.load_for_plan, or the "
@@ -160,13 +201,15 @@ class Plan:
             raise PlanError(
                 f"plan made for {self.target.model} does not fit this model/sampler: " + "; ".join(differences)
             )
+        if bound is Binding.CAST:
+            warn_cast(self.target, target)
 
     # --- YAML -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         columns = [[row[layer] for row in self.grid] for layer in range(self.num_layers)]
         return {
             "schema_version": SCHEMA_VERSION,
-            "target": dict(self.target.__dict__),
+            "target": self.target.to_dict(),
             "params": copy.deepcopy({k: dict(v) for k, v in self.params.items()}),
             "sparse": copy.deepcopy(dict(self.sparse)) if self.sparse else None,
             **({"cache": copy.deepcopy(dict(self.cache))} if self.cache else {}),

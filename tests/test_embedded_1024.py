@@ -59,11 +59,13 @@ def test_shipped_1024_model_draws_the_requested_digits(adapter_1024):
 
 def test_bfloat16_compute_keeps_latents_float32_and_changes_the_weights_hash():
     adapter = load_adapter("dit", "embedded")
-    fp32_hash = adapter.weights_hash
+    fp32_hash, fp32_casts = adapter.weights_hash, adapter.cast_hashes
     settings = SamplerSettings("dpmsolver++", 4, 4.0, 2)
     reference = sample(adapter, [3, 7], [1, 2], settings)
     adapter.to("cpu", torch.bfloat16)
-    assert adapter.dtype == torch.bfloat16 and adapter.weights_hash != fp32_hash  # a plan names its compute dtype
+    assert adapter.dtype == torch.bfloat16 and adapter.weights_hash != fp32_hash  # the exact hash names the dtype
+    assert adapter.weights_hash == fp32_casts["bfloat16"]  # what a float32 plan records: it binds these weights
+    assert list(adapter.cast_hashes) == ["float16"]
     images = sample(adapter, [3, 7], [1, 2], settings)
     assert images.dtype == torch.float32
     assert 0 < (images - reference).abs().mean() < 0.05  # bfloat16 rounding, the same digits

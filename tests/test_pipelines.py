@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import (
     DDIMScheduler,
     DiTPipeline,
@@ -167,6 +169,74 @@ def test_a_plan_for_another_sampler_is_refused_at_the_first_call_in_one_line(dit
         run_dit(pipe, [1], [0])
     assert get_runtime(pipe.transformer).caches == [{}, {}]  # a refused call leaves nothing behind
     ditplan.remove_plan(pipe)
+
+
+def dtype_of(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@pytest.mark.parametrize("made_in, run_in", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_the_same_weights_in_another_dtype_take_the_plan_with_one_warning(dit_folder, made_in, run_in):
+    adapter = load_adapter("dit", str(dit_folder), vae=str(dit_folder)).to("cpu", made_in)
+    plan = plan_for(adapter, DIT, MIXED)
+    assert plan.target.dtype == dtype_of(made_in)
+    pipe = dit_pipe(dit_folder).to(run_in)  # the VAE too: the pipeline decodes in the transformer's dtype
+    dense = run_dit(pipe, [1, 2], [0, 1])
+    with pytest.warns(UserWarning) as record:
+        ditplan.apply_plan(pipe, plan)
+    made, run = dtype_of(made_in), dtype_of(run_in)
+    expected = (f"plan was measured in {made} and runs here in {run}: its quality and speed figures were measured in "
+                f"{made}; make a plan in {run} for figures of this dtype")
+    assert [str(w.message) for w in record if "measured in" in str(w.message)] == [expected]
+    images = run_dit(pipe, [1, 2], [0, 1])
+    ditplan.remove_plan(pipe)
+    assert np.isfinite(images).all() and np.abs(images - dense).max() > 1e-3  # the plan ran
+
+
+def test_other_weights_are_refused_in_one_line_in_either_dtype(dit_folder):
+    plan = plan_for(load_adapter("dit", str(dit_folder), vae=str(dit_folder)), DIT, MIXED)
+    pipe = dit_pipe(dit_folder)
+    with torch.no_grad():
+        pipe.transformer.pos_embed.proj.bias.add_(1.0)  # another model
+    for dtype in (torch.float32, torch.bfloat16):
+        pipe.to(dtype)
+        with pytest.raises(PlanError, match=r"plan was made for weights \w+ \(.*\), but this transformer's weights are "
+                                            r"\w+; make a plan for this model") as err:
+            ditplan.apply_plan(pipe, plan)
+        assert "\n" not in str(err.value) and get_runtime(pipe.transformer) is None
+
+
+def apply_recording_warnings(pipe: DiTPipeline, plan: Plan | Path) -> list[warnings.WarningMessage]:
+    """The warnings ``apply_plan(pipe, plan)`` gives, every one of them recorded."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        ditplan.apply_plan(pipe, plan)
+    return record
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_plan_on_its_own_weights_in_its_own_dtype_gives_no_warning(dit_folder, dtype):
+    plan = plan_for(load_adapter("dit", str(dit_folder), vae=str(dit_folder)).to("cpu", dtype), DIT, MIXED)
+    pipe = dit_pipe(dit_folder).to(dtype)
+    assert apply_recording_warnings(pipe, plan) == []
+    assert np.isfinite(run_dit(pipe, [1, 2], [0, 1])).all()
+    ditplan.remove_plan(pipe)
+
+
+def test_a_plan_file_without_a_dtype_binds_as_before(dit_folder, tmp_path):
+    """Plans written before plans recorded their dtype: their own weights take them with no warning, the same
+    weights in another dtype are refused."""
+    path = plan_for(load_adapter("dit", str(dit_folder), vae=str(dit_folder)), DIT, MIXED).save(tmp_path / "plan.yaml")
+    data = yaml.safe_load(path.read_text())
+    del data["target"]["dtype"], data["target"]["cast_hashes"]
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert ditplan.load_plan(path).target.dtype is None
+    pipe = dit_pipe(dit_folder)
+    assert apply_recording_warnings(pipe, path) == []
+    assert np.isfinite(run_dit(pipe, [1, 2], [0, 1])).all()
+    ditplan.remove_plan(pipe)
+    with pytest.raises(PlanError, match="make a plan for this model"):
+        ditplan.apply_plan(pipe.to(torch.bfloat16), path)
 
 
 def test_calls_that_do_not_follow_the_schedule_fail_in_one_line(dit_folder):

@@ -111,6 +111,15 @@ def test_generate_refuses_a_plan_made_for_another_sampler(tmp_path, tiny_adapter
     assert not (tmp_path / "grid.png").exists()
 
 
+def test_generate_runs_a_float32_plan_on_the_same_weights_in_bfloat16_with_a_warning(tmp_path, tiny_adapter, tiny_spec):
+    plan_path = Plan.uniform(plan_target(tiny_adapter, tiny_spec.sampler.settings())).save(tmp_path / "p.yaml")
+    experiment = tmp_path / "bfloat16.yaml"
+    experiment.write_text((DATA / "tiny-dit.yaml").read_text().replace("  device: cpu", "  device: cpu\n  dtype: bfloat16"))
+    with pytest.warns(UserWarning, match="plan was measured in float32 and runs here in bfloat16"):
+        main(["generate", "--experiment", str(experiment), "--plan", str(plan_path), "--out", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "grid.png").exists()
+
+
 def test_a_bad_experiment_file_gives_one_line_naming_the_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text((DATA / "tiny-dit.yaml").read_text().replace("num_steps: 4", "num_steps: -3"))

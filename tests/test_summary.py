@@ -60,6 +60,7 @@ def test_the_card_gives_the_flops_ratio_from_the_cost_model_or_the_plan_file(tin
     assert card.splitlines()[0] == "all blocks reuse at step 2"
     assert f"FLOPs ratio to dense: {ratio:.3f} (analytic cost model, this model)" in card
     assert "sampler: dpmsolver++, 4 steps, guidance 3" in card
+    assert f"target: random-dit (weights {tiny_plan.target.weights_hash}, measured in float32), 2 layers" in card
     recorded = tiny_plan.with_provenance(held_out_metrics={"flops_ratio": 0.75})
     assert "FLOPs ratio to dense: 0.750 (as recorded on the held-out seeds)" in plan_card(recorded)
 

@@ -184,6 +184,7 @@ def load_sparse_network(adapter: ModelAdapter, weights: str) -> ModelAdapter:
                                                          adapter.dtype)
         tuned = copy.copy(adapter)
         tuned.__dict__.pop("weights_hash", None)
+        tuned.__dict__.pop("cast_hashes", None)
         tuned.__dict__.pop("_sparse_networks", None)
         tuned.transformer = transformer.eval().requires_grad_(False)
         tuned.merges = merges

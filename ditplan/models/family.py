@@ -23,7 +23,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 from ditplan.errors import UserError
-from ditplan.models.identity import network_hash
+from ditplan.models.identity import cast_hashes, network_hash
 from ditplan.registry import SCHEDULERS, Registry
 
 if TYPE_CHECKING:
@@ -189,6 +189,11 @@ class ModelAdapter(abc.ABC):
     def weights_hash(self) -> str:
         return network_hash(self.transformer, self.merges)
 
+    @cached_property
+    def cast_hashes(self) -> dict[str, str]:
+        """The weights' hash cast to each other half-precision dtype, which a plan records; taken on first use."""
+        return cast_hashes(self.transformer, self.merges)
+
     # --- what a family supplies -----------------------------------------------------------------
     @classmethod
     def check_spec(cls, spec: ExperimentSpec) -> None:
@@ -274,6 +279,7 @@ class ModelAdapter(abc.ABC):
                 module.to(device) if same else module.to(device, dtype)  # NOTE: diffusers warns at every cast
         if dtype is not None:
             self.__dict__.pop("weights_hash", None)
+            self.__dict__.pop("cast_hashes", None)
         return self
 
 

@@ -18,6 +18,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ditplan.models.family import ModelAdapter
 from ditplan.models.context import StepContext, new_run_id, step_context
+from ditplan.models.identity import dtype_name
 from ditplan.plan import PlanTarget
 from ditplan.progress import progress_bar
 from ditplan.registry import SCHEDULERS
@@ -166,4 +167,6 @@ def plan_target(adapter: ModelAdapter, settings: SamplerSettings) -> PlanTarget:
         scheduler=settings.scheduler,
         num_steps=settings.num_steps,
         guidance_scale=float(settings.guidance_scale),
+        dtype=dtype_name(adapter.dtype),
+        cast_hashes=dict(adapter.cast_hashes),
     )

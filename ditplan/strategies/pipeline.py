@@ -22,8 +22,8 @@ import torch
 
 from ditplan.models.adapters import load_sparse_folder
 from ditplan.models.family import CfgMode, ModelAdapter, family_of, pipeline_family
-from ditplan.models.identity import network_hash
 from ditplan.models.context import CFG_ORDERS, StepContext, new_run_id
+from ditplan.models.identity import Binding, NetworkIdentity, binding, warn_cast
 from ditplan.models.sampling import reset_stateful_hooks, scheduler_class
 from ditplan.plan import Plan, PlanError, load_plan
 from ditplan.registry import SCHEDULERS
@@ -184,8 +184,9 @@ def apply_plan_to(model: Any, plan: Plan | str | Path, model_folder: str | Path 
     """Install ``plan`` (a Plan or a plan file) on a stock diffusers DiT/PixArt pipeline, so that
     ``pipe(...)`` runs it, or on a bare transformer (your loop tells the step with ``denoising_step``).
 
-    Checked here: the plan's layer count and weights hash (after swapping in the fine-tuned SparseDiT
-    network a plan names, from ``model_folder``, default the folder the transformer was loaded from);
+    Checked here: the plan's layer count and weights (after swapping in the fine-tuned SparseDiT network a
+    plan names, from ``model_folder``, default the folder the transformer was loaded from; the same weights
+    in another dtype or on another device take the plan, with a warning in another dtype);
     at each pipeline call: scheduler family, step count, guidance scale. Undo with :func:`remove_plan_from`.
     """
     plan = plan if isinstance(plan, Plan) else load_plan(plan)
@@ -204,16 +205,19 @@ def apply_plan_to(model: Any, plan: Plan | str | Path, model_folder: str | Path 
         layers = len(family_of(transformer).blocks(transformer))
         if layers != plan.num_layers:
             raise PlanError(f"plan is for {plan.num_layers} layers but this model has {layers}")
-        found = network_hash(transformer, merges)
-        if found != plan.target.weights_hash:
+        found = NetworkIdentity(transformer, merges)
+        bound = binding(plan.target, found)
+        if bound is Binding.OTHER:
             raise PlanError(f"plan was made for weights {plan.target.weights_hash} ({plan.target.model}), but this "
-                            f"transformer's weights are {found}; make a plan for this model")
+                            f"transformer's weights are {found.weights_hash}; make a plan for this model")
         runtime = apply_plan(transformer, plan, merges=merges)
     except BaseException:
         if original is not None:
             transformer.load_state_dict(original)
         raise
     runtime.original_weights = original
+    if bound is Binding.CAST:
+        warn_cast(plan.target, found)
     if pipeline:
         step_hook(transformer).clock = PipelineClock(model, cfg_order, family_of(transformer))
         setattr(model, _ORIGINAL_CLASS, type(model))

@@ -119,9 +119,10 @@ def plan_card(plan: Plan, flops_ratio: float | None = None) -> str:
         recorded = recorded_flops_ratio(plan)
         flops = f"{recorded[0]:.3f} ({recorded[1]})" if recorded else "not recorded (give --experiment to compute it)"
     found = {k: plan.provenance[k] for k in ("name", "search", "trial", "threshold", "selected_by") if k in plan.provenance}
+    measured = f", measured in {t.dtype}" if t.dtype else ""  # plans written before they recorded it have no dtype
     return "\n".join([
         describe(plan),
-        f"target: {t.model} (weights {t.weights_hash}), {t.num_layers} layers × {t.num_tokens} tokens",
+        f"target: {t.model} (weights {t.weights_hash}{measured}), {t.num_layers} layers × {t.num_tokens} tokens",
         f"sampler: {t.scheduler}, {t.num_steps} steps, guidance {_number(t.guidance_scale)}",
         f"FLOPs ratio to dense: {flops}",
         *([f"found by: {', '.join(f'{k} {v}' for k, v in found.items())}"] if found else []),
