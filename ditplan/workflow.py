@@ -43,7 +43,6 @@ from ditplan.plansearch.tracking import attach_to_study
 from ditplan.plugins import import_plugins
 from ditplan.rundir import RunDir, search_folder
 from ditplan.spec import Experiment, ExperimentSpec, experiment_label, load_spec, resolved_experiment_text
-from ditplan.strategies.apply import family_refusal
 from ditplan.strategies.summary import describe
 
 DEFAULT_EXPORT_RULES = ("knee", "top:3")
@@ -55,10 +54,7 @@ def check_names(spec: ExperimentSpec) -> None:
     space, the baselines, the feature extractor, a hypervolume reference for every objective."""
     family = FAMILIES.get_entry(spec.model.kind, "model.kind")
     family.check_spec(spec)
-    refusal = family_refusal(family, spec.search.space.methods, spec.search.space.cache is not None)
-    if refusal:
-        raise UserError(f"search.space: {refusal}")
-    check_space(spec.search.space)
+    check_space(spec.search.space, family)
     check_baselines(spec)
     check_extractor(spec)
     reference_point(spec)

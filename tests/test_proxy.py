@@ -27,7 +27,7 @@ from ditplan.plansearch.proxy import (
     proxy_candidates,
 )
 from ditplan.plansearch.queue import proposal_max_loss
-from ditplan.plansearch.space import IntervalChoices, build_space, experiment_space
+from ditplan.plansearch.space import IntervalChoices, build_space, experiment_space, space_methods
 from ditplan.plansearch.storage import load_finished_study
 from ditplan.rundir import SearchDir
 from ditplan.spec import ProposalSpec, load_spec
@@ -95,7 +95,7 @@ def test_an_experiments_proxy_is_keyed_by_its_block_caching_candidates(tmp_path)
     path = SearchDir(tmp_path).proxy
     plain, measured = experiment_proxy(adapter, spec, path)
     assert measured and {m for _, _, m in plain.losses} == set(CANDIDATES)
-    space = spec.search.space.model_copy(update={"methods": [*spec.search.space.methods, "reuse"]})
+    space = spec.search.space.model_copy(update={"methods": [*space_methods(spec.search.space, type(adapter)), "reuse"]})
     cached = spec.model_copy(update={"search": spec.search.model_copy(update={"space": space})})
     with pytest.raises(UserError, match=r"candidates None there, \['ast', 'wars\+asc', 'wars', 'asc', 'reuse'\] now"):
         experiment_proxy(adapter, cached, path)  # a stored proxy of greedy's candidates is not the block space's

@@ -58,6 +58,7 @@ from ditplan.plansearch.greedy import (  # noqa: E402
 )
 from ditplan.plansearch.pareto import hypervolume  # noqa: E402
 from ditplan.plansearch.proxy import experiment_proxy, proxy_candidates  # noqa: E402
+from ditplan.plansearch.space import space_methods  # noqa: E402
 from ditplan.plansearch.trial_task import trial_metrics  # noqa: E402
 from ditplan.registry import METRICS  # noqa: E402
 from ditplan.rundir import SearchDir  # noqa: E402
@@ -197,7 +198,8 @@ def main() -> None:
     if spec.search.proposals is not None:
         k = len(spec.proxy_batch().seeds)
         probes = spec.search.proposals.gain_probes
-        extra = proxy_candidates(spec.search.space.methods)[len(CANDIDATES):]  # block caching, when the space has it
+        methods = space_methods(spec.search.space, type(adapter))
+        extra = proxy_candidates(methods)[len(CANDIDATES):]  # block caching, when the space has it
         # calibration seeds, like greedy's: measured once
         proxy_path = Path(args.greedy_dir) / f"proxy-{k}-gains-{probes}{''.join('-' + m for m in extra)}.json"
         proxy, _ = experiment_proxy(adapter, spec, proxy_path)

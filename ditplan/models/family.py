@@ -111,6 +111,8 @@ class ModelAdapter(abc.ABC):
     # whether ditplan's attention-level strategies run on its self-attention (else: full and block caching)
     plan_attention: ClassVar[bool] = True
     flow_matching: ClassVar[bool] = False  # whether it samples with a flow-matching scheduler
+    # the strategies a search space draws when the experiment names none (search.space.methods)
+    default_methods: ClassVar[tuple[str, ...]] = ("full", "ast", "wars", "asc", "wars+asc")
 
     def __init__(
         self,

@@ -62,7 +62,7 @@ from ditplan.models.family import ModelAdapter
 from ditplan.models.sampling import Snapshot, plan_target, sample_batch
 from ditplan.plan import Plan
 from ditplan.plansearch.greedy import CANDIDATES, family_candidates, greedy_search
-from ditplan.plansearch.space import CacheInterval, PlanSpace
+from ditplan.plansearch.space import CacheInterval, PlanSpace, space_methods
 from ditplan.spec import PROPOSAL_SPREADS, ExperimentSpec, SamplerSettings
 from ditplan.strategies.apply import apply_plan, remove_plan
 from ditplan.strategies.base import BlockStrategy, get_strategy_class
@@ -138,7 +138,7 @@ def experiment_proxy(adapter: ModelAdapter, spec: ExperimentSpec, path: Path) ->
     settings = spec.sampler.settings()
     _, conditions, seeds = spec.proxy_batch()
     window = spec.greedy.window_size
-    candidates = proxy_candidates(spec.search.space.methods, family_candidates(adapter))
+    candidates = proxy_candidates(space_methods(spec.search.space, type(adapter)), family_candidates(adapter))
     measured_with = {"target": asdict(plan_target(adapter, settings)), "conditions": conditions,
                      "seeds": seeds, "window_size": window, "gain_probes": proposals.gain_probes}
     if candidates != CANDIDATES:  # proxies of greedy's candidates alone stay keyed as before

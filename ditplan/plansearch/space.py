@@ -31,16 +31,13 @@ from typing import Any
 import optuna
 
 from ditplan.errors import UserError
-from ditplan.models.adapters import (
-    ModelAdapter,
-    load_sparse_network,
-    model_folder,
-    sparse_networks,
-)
+from ditplan.models.adapters import load_sparse_network, model_folder, sparse_networks
+from ditplan.models.family import ModelAdapter
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, PlanTarget
 from ditplan.registry import unknown_name
 from ditplan.spec import ExperimentSpec, SpaceSpec
+from ditplan.strategies.apply import family_refusal
 from ditplan.strategies.base import config_fields, get_strategy_class, is_block_strategy
 from ditplan.strategies.curves import CURVES, RATE_CHOICES
 from ditplan.strategies.diffusers_cache import CACHE_METHODS
@@ -521,10 +518,20 @@ def _check_curves(curves: Sequence[str]) -> None:
             raise unknown_name("pruning curve", curve, list(CURVES), "search.space.sparse.curves")
 
 
-def check_space(space: SpaceSpec) -> None:
+def space_methods(space: SpaceSpec, family: type[ModelAdapter]) -> list[str]:
+    """The strategies a space's cells draw: those it names, else the model family's own."""
+    return list(space.methods) if space.methods is not None else list(family.default_methods)
+
+
+def check_space(space: SpaceSpec, family: type[ModelAdapter]) -> None:
     """Refuse, before anything runs, a search space that names what does not exist (a strategy, a parameter
-    of one, a pruning curve, one of diffusers' caches or its fields): one line with the valid choices."""
-    _check_methods(space.methods, space.params, space.interval is not None)
+    of one, a pruning curve, one of diffusers' caches or its fields) or what ``family`` does not run: one
+    line with the valid choices."""
+    methods = space_methods(space, family)
+    refusal = family_refusal(family, methods, space.cache is not None)
+    if refusal:
+        raise UserError(f"search.space: {refusal}")
+    _check_methods(methods, space.params, space.interval is not None)
     if space.sparse is not None:
         _check_curves(space.sparse.curves)
     if space.cache is not None:
@@ -558,7 +565,7 @@ def experiment_space(adapter: ModelAdapter, spec: ExperimentSpec) -> PlanSpace:
     space = spec.search.space
     cache = cache_choices(space.cache.method, space.cache.params) if space.cache is not None else None
     interval = IntervalChoices(tuple(space.interval.every), tuple(space.interval.stop)) if space.interval else None
-    return build_space(plan_target(adapter, spec.sampler.settings()), space.methods, space.layer_groups,
+    return build_space(plan_target(adapter, spec.sampler.settings()), space_methods(space, type(adapter)), space.layer_groups,
                        space.step_segments, space.params, sparse_choices(adapter, spec), cache, interval)
 
 

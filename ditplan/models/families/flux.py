@@ -51,6 +51,7 @@ class FluxAdapter(ModelAdapter):
     guidance_modes = ("embedded",)
     flow_matching = True
     plan_attention = False
+    default_methods = ("full", "reuse", "forecast")
 
     def __init__(self, *args: Any, prompt_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]],
                  image_size: int = DEFAULT_IMAGE_SIZE, **kwargs: Any) -> None:
