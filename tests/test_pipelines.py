@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 import ditplan
 from ditplan.cli import main
 from ditplan.models.adapters import load_adapter
-from ditplan.models.families.pixart import PixArtAdapter, read_prompt_embeddings
+from ditplan.models.families.pixart import PixArtAdapter
 from ditplan.models.embedded import EMBEDDED_PATH
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, PlanError
@@ -138,7 +138,7 @@ def test_asc_in_a_pixart_pipeline_shares_the_conditional_half(pixart_folder, mon
     """PixArt batches [uncond; cond], ditplan's own loop [cond; uncond]: both must share the conditional half,
     so the pipeline equals ditplan's loop; with the halves swapped it does not."""
     pipeline_cls, folder = pixart_folder
-    embeddings = read_prompt_embeddings(str(DATA / "tiny-pixart-prompts.safetensors"))
+    embeddings = PixArtAdapter.read_embeddings(str(DATA / "tiny-pixart-prompts.safetensors"))
     adapter = load_adapter("pixart", str(folder), vae=str(folder), prompt_embeddings=embeddings)
     prompts, seeds = ["a red circle", "a blue square"], [3, 4]
     plan = plan_for(adapter, PIXART, [["full", "full"], ["asc", "asc"], ["asc", "wars+asc"]])

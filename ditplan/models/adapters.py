@@ -183,8 +183,7 @@ def load_sparse_network(adapter: ModelAdapter, weights: str) -> ModelAdapter:
         folder, transformer, merges = load_sparse_folder(type(adapter.transformer), model_folder(adapter.model_id), weights,
                                                          adapter.dtype)
         tuned = copy.copy(adapter)
-        tuned.__dict__.pop("weights_hash", None)
-        tuned.__dict__.pop("cast_hashes", None)
+        tuned.__dict__.pop("identity", None)
         tuned.__dict__.pop("_sparse_networks", None)
         tuned.transformer = transformer.eval().requires_grad_(False)
         tuned.merges = merges

@@ -23,7 +23,8 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 from ditplan.errors import UserError
-from ditplan.models.identity import cast_hashes, network_hash
+from ditplan.files import read_tensors
+from ditplan.models.identity import NetworkIdentity
 from ditplan.registry import SCHEDULERS, Registry
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ class BlockPattern:
 
     inputs: the names of the stream arguments, the first also taken positionally (``hidden_states``);
     outputs: the order in which the block returns them as a tuple; None: it returns the first stream alone.
+    A block may return None for a stream it ends (SD3's last block, for the text).
     """
 
     inputs: tuple[str, ...] = ("hidden_states",)
@@ -52,10 +54,14 @@ class BlockPattern:
         return {**streams, **{name: kwargs[name] for name in rest}}
 
     def streams_out(self, out: Any) -> dict[str, torch.Tensor]:
-        return {self.inputs[0]: out} if self.outputs is None else dict(zip(self.outputs, out))
+        """The streams a block returned (those it ended left out)."""
+        if self.outputs is None:
+            return {self.inputs[0]: out}
+        return {name: x for name, x in zip(self.outputs, out) if x is not None}
 
     def pack(self, streams: Mapping[str, torch.Tensor]) -> Any:
-        return streams[self.inputs[0]] if self.outputs is None else tuple(streams[name] for name in self.outputs)
+        """What the block returns for ``streams`` (None for a stream not among them)."""
+        return streams[self.inputs[0]] if self.outputs is None else tuple(streams.get(name) for name in self.outputs)
 
 
 SINGLE_STREAM = BlockPattern()
@@ -87,6 +93,31 @@ def linear_flops(rows: int, fan_in: int, fan_out: int) -> int:
 def timestep_embedding_flops(dim: int) -> int:
     """diffusers' TimestepEmbedding: 256-d sinusoid → dim → dim."""
     return linear_flops(1, 256, dim) + linear_flops(1, dim, dim)
+
+
+def read_prompt_embeddings(path: str, prompts: Sequence[str], second: str, per_token: bool, unconditional: bool
+                           ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A safetensors file with ``<prompt>.embeds`` (L, D) and ``<prompt>.<second>`` per prompt: a vector, one entry
+    per token when ``per_token`` (an attention mask (L,)); it must hold ``prompts`` (and, when
+    ``unconditional``, the empty prompt "")."""
+    what = "prompt embeddings file"
+    tensors = read_tensors(path, what)
+    out = {}
+    for prompt in {key.rsplit(".", 1)[0] for key in tensors}:
+        embeds, other = tensors.get(f"{prompt}.embeds"), tensors.get(f"{prompt}.{second}")
+        fits = (embeds is not None and other is not None and embeds.ndim == 2 and other.ndim == 1
+                and (not per_token or other.shape == embeds.shape[:1]))
+        if not fits:
+            raise UserError(f"{what} {path}: prompt {prompt!r} needs {prompt}.embeds (L, D) and {prompt}.{second} "
+                            f"{'(L,)' if per_token else '(P,)'}")
+        out[prompt] = (embeds, other)
+    if len({e.shape for e, _ in out.values()}) > 1:
+        raise UserError(f"{what} {path}: the prompts' embeddings differ in shape; pad them to one length")
+    missing = [p for p in [*prompts, *([""] if unconditional else [])] if p not in out]
+    if missing:
+        needs = "every prompt of the workload and the empty prompt ''" if unconditional else "every prompt of the workload"
+        raise UserError(f"{what} {path} has no embedding for the prompt {missing[0]!r}; it needs {needs}")
+    return out
 
 
 class ModelAdapter(abc.ABC):
@@ -121,8 +152,12 @@ class ModelAdapter(abc.ABC):
         model_id: str,
         vae: torch.nn.Module | None = None,
         merges: torch.nn.ModuleList | None = None,
+        image_size: int | None = None,
     ) -> None:
+        """``image_size``: pixels per side, for families that render any size (default: the transformer's
+        ``sample_size`` latent pixels)."""
         self.transformer = transformer.eval().requires_grad_(False)
+        self.image_size = image_size
         self.scheduler_config = dict(scheduler_config)
         self.model_id = model_id
         self.vae = vae.eval().requires_grad_(False) if vae is not None else None
@@ -167,8 +202,15 @@ class ModelAdapter(abc.ABC):
         return self.transformer.config.in_channels
 
     @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel: the VAE's downsampling, 1 without one."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
+    @property
     def latent_size(self) -> int:
-        return self.transformer.config.sample_size
+        if self.image_size is None:
+            return self.transformer.config.sample_size
+        return self.image_size // self.vae_scale_factor
 
     @property
     def num_tokens(self) -> int:
@@ -188,13 +230,18 @@ class ModelAdapter(abc.ABC):
         return [self.attention_of(block) for block in self.blocks(self.transformer)]
 
     @cached_property
-    def weights_hash(self) -> str:
-        return network_hash(self.transformer, self.merges)
+    def identity(self) -> NetworkIdentity:
+        """The network's weights hash and cast hashes (taken on first use; dropped when the weights change)."""
+        return NetworkIdentity(self.transformer, self.merges)
 
-    @cached_property
+    @property
+    def weights_hash(self) -> str:
+        return self.identity.weights_hash
+
+    @property
     def cast_hashes(self) -> dict[str, str]:
-        """The weights' hash cast to each other half-precision dtype, which a plan records; taken on first use."""
-        return cast_hashes(self.transformer, self.merges)
+        """The weights' hash cast to each other half-precision dtype, which a plan records."""
+        return self.identity.cast_hashes
 
     # --- what a family supplies -----------------------------------------------------------------
     @classmethod
@@ -266,11 +313,15 @@ class ModelAdapter(abc.ABC):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents → images in [-1, 1]; pixel-space models return the latents unchanged."""
+        """Latents → images in [-1, 1] (un-scaled and, for VAEs with one, un-shifted as their pipelines do);
+        pixel-space models return the latents unchanged."""
         if self.vae is None:
             return latents
+        config = self.vae.config
         vae_dtype = next(self.vae.parameters()).dtype
-        return self.vae.decode(latents.to(vae_dtype) / self.vae.config.scaling_factor).sample.float()
+        shift = getattr(config, "shift_factor", None)
+        latents = latents / config.scaling_factor + (shift if shift is not None else 0.0)
+        return self.vae.decode(latents.to(vae_dtype)).sample.float()
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ModelAdapter:
         """Move the transformer, VAE and merges to ``device`` (and cast them to ``dtype`` when given: the
@@ -280,8 +331,7 @@ class ModelAdapter(abc.ABC):
                 same = dtype is None or next(module.parameters()).dtype == dtype
                 module.to(device) if same else module.to(device, dtype)  # NOTE: diffusers warns at every cast
         if dtype is not None:
-            self.__dict__.pop("weights_hash", None)
-            self.__dict__.pop("cast_hashes", None)
+            self.__dict__.pop("identity", None)
         return self
 
 

@@ -329,7 +329,8 @@ class BlockCacheHook(ModelHook):
         if isinstance(strategy, BlockStrategy):
             if layer != start:
                 return self.pattern.pack(streams)  # the unit's output, made by its first block
-            out = {name: strategy.block_output(x, [(s, r[name]) for s, r in residuals], step) for name, x in streams.items()}
+            out = {name: strategy.block_output(x, [(s, r[name]) for s, r in residuals], step)
+                   for name, x in streams.items() if name in residuals[-1][1]}  # the streams the block returns
             if not runtime.frozen and runtime.planner.block_history(step, start) == 0:
                 residuals.clear()  # the last reader
             return self.pattern.pack(out)

@@ -21,12 +21,12 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
 from ditplan.errors import UserError
-from ditplan.files import read_tensors
 from ditplan.models.family import (
     BlockPattern,
     Conditioning,
     ModelAdapter,
     linear_flops,
+    read_prompt_embeddings,
     register_family,
     timestep_embedding_flops,
 )
@@ -55,9 +55,8 @@ class FluxAdapter(ModelAdapter):
 
     def __init__(self, *args: Any, prompt_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]],
                  image_size: int = DEFAULT_IMAGE_SIZE, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, image_size=image_size, **kwargs)
         self.prompt_embeddings = dict(prompt_embeddings)
-        self.image_size = image_size
         if self.latent_size % 2 or self.latent_size < 2:
             raise UserError(f"model.image_size = {image_size} gives {self.latent_size} latent pixels per side; FLUX packs "
                             "them in 2 × 2 patches: give a size that makes an even count")
@@ -84,6 +83,11 @@ class FluxAdapter(ModelAdapter):
         width = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
         return (int(config["num_layers"]) + int(config["num_single_layers"])) * 12 * width**2, 0
 
+    @staticmethod
+    def read_embeddings(path: str, prompts: Sequence[str] = ()) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``<prompt>.embeds`` (L, D) and ``<prompt>.pooled`` (P,) for ``prompts`` (no unconditional one)."""
+        return read_prompt_embeddings(path, prompts, "pooled", per_token=False, unconditional=False)
+
     @classmethod
     def check_spec(cls, spec: ExperimentSpec) -> None:
         super().check_spec(spec)
@@ -93,22 +97,13 @@ class FluxAdapter(ModelAdapter):
 
     @classmethod
     def load_kwargs(cls, spec: ModelSpec, conditions: Sequence[Any]) -> dict[str, Any]:
-        return {"prompt_embeddings": read_flux_embeddings(spec.prompt_embeddings, [str(c) for c in conditions]),
+        return {"prompt_embeddings": cls.read_embeddings(spec.prompt_embeddings, [str(c) for c in conditions]),
                 "image_size": spec.image_size or DEFAULT_IMAGE_SIZE}
 
     # --- shape ---------------------------------------------------------------------------------
     @property
-    def vae_scale_factor(self) -> int:
-        """Pixels per latent pixel: the VAE's (8 in FLUX.1), 1 without one."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
-
-    @property
     def latent_channels(self) -> int:
         return self.transformer.config.in_channels // 4  # 2 × 2 patches are packed into the channels
-
-    @property
-    def latent_size(self) -> int:
-        return self.image_size // self.vae_scale_factor
 
     @property
     def num_tokens(self) -> int:
@@ -155,14 +150,6 @@ class FluxAdapter(ModelAdapter):
         )[0]
         return FluxPipeline._unpack_latents(out, h, w, 1)
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:
-            return latents
-        config = self.vae.config
-        vae_dtype = next(self.vae.parameters()).dtype
-        return self.vae.decode((latents / config.scaling_factor + config.shift_factor).to(vae_dtype)).sample.float()
-
     # --- FLOPs, per sample ---------------------------------------------------------------------
     def joint_attention_flops(self, layer: int, text_tokens: int) -> int:
         """Dual-stream: q, k, v and out projections of each stream; single-stream: q, k, v over the joint
@@ -191,23 +178,3 @@ class FluxAdapter(ModelAdapter):
             + linear_flops(n, c, cfg.patch_size**2 * (cfg.out_channels or cfg.in_channels))  # proj_out
         )
         return per_block, once
-
-
-def read_flux_embeddings(path: str, prompts: Sequence[str] = ()) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """A safetensors file with ``<prompt>.embeds`` (L, D) and ``<prompt>.pooled`` (P,) per prompt; it must hold
-    ``prompts``."""
-    what = "prompt embeddings file"
-    tensors = read_tensors(path, what)
-    out = {}
-    for prompt in {key.rsplit(".", 1)[0] for key in tensors}:
-        embeds, pooled = tensors.get(f"{prompt}.embeds"), tensors.get(f"{prompt}.pooled")
-        if embeds is None or pooled is None or embeds.ndim != 2 or pooled.ndim != 1:
-            raise UserError(f"{what} {path}: prompt {prompt!r} needs {prompt}.embeds (L, D) and {prompt}.pooled (P,)")
-        out[prompt] = (embeds, pooled)
-    if len({e.shape for e, _ in out.values()}) > 1:
-        raise UserError(f"{what} {path}: the prompts' embeddings differ in shape; pad them to one length")
-    missing = [p for p in prompts if p not in out]
-    if missing:
-        raise UserError(f"{what} {path} has no embedding for the prompt {missing[0]!r}; it needs every prompt of the "
-                        "workload")
-    return out

@@ -17,11 +17,11 @@ from diffusers import (
 )
 
 from ditplan.errors import UserError
-from ditplan.files import read_tensors
 from ditplan.models.family import (
     Conditioning,
     ModelAdapter,
     linear_flops,
+    read_prompt_embeddings,
     register_family,
     timestep_embedding_flops,
 )
@@ -98,6 +98,11 @@ class PixArtAdapter(ModelAdapter):
             out[prompt] = (embeds, tokens.attention_mask[0])
         return out
 
+    @staticmethod
+    def read_embeddings(path: str, prompts: Sequence[str] = ()) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``<prompt>.embeds`` (L, D) and ``<prompt>.mask`` (L,) for ``prompts`` and the empty prompt."""
+        return read_prompt_embeddings(path, prompts, "mask", per_token=True, unconditional=True)
+
     @classmethod
     def check_spec(cls, spec: ExperimentSpec) -> None:
         super().check_spec(spec)
@@ -108,7 +113,7 @@ class PixArtAdapter(ModelAdapter):
     def load_kwargs(cls, spec: ModelSpec, conditions: Sequence[Any]) -> dict[str, Any]:
         prompts = [str(c) for c in conditions]
         if spec.prompt_embeddings:
-            return {"prompt_embeddings": read_prompt_embeddings(spec.prompt_embeddings, prompts)}
+            return {"prompt_embeddings": cls.read_embeddings(spec.prompt_embeddings, prompts)}
         return {"prompt_embeddings": cls.encode_prompts(spec.text_encoder, prompts)}
 
     def cross_attention_block_flops(self, text_tokens: int, tokens: int | None = None) -> int:
@@ -132,23 +137,3 @@ class PixArtAdapter(ModelAdapter):
             + linear_flops(n, c, p2 * cfg.out_channels)
         )
         return per_block, once
-
-
-def read_prompt_embeddings(path: str, prompts: Sequence[str] = ()) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """A safetensors file with ``<prompt>.embeds`` (L, D) and ``<prompt>.mask`` (L,) per prompt; it must
-    hold ``prompts`` and the empty prompt."""
-    what = "prompt embeddings file"
-    tensors = read_tensors(path, what)
-    out = {}
-    for prompt in {key.rsplit(".", 1)[0] for key in tensors}:
-        embeds, mask = tensors.get(f"{prompt}.embeds"), tensors.get(f"{prompt}.mask")
-        if embeds is None or mask is None or embeds.ndim != 2 or mask.shape != embeds.shape[:1]:
-            raise UserError(f"{what} {path}: prompt {prompt!r} needs {prompt}.embeds (L, D) and {prompt}.mask (L,)")
-        out[prompt] = (embeds, mask)
-    if len({e.shape for e, _ in out.values()}) > 1:
-        raise UserError(f"{what} {path}: the prompts' embeddings differ in shape; pad them to one length")
-    missing = [p for p in [*prompts, ""] if p not in out]
-    if missing:
-        raise UserError(f"{what} {path} has no embedding for the prompt {missing[0]!r}; it needs every prompt of the "
-                        "workload and the empty prompt ''")
-    return out

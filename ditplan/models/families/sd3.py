@@ -1,0 +1,145 @@
+"""Stable Diffusion 3 / 3.5 (stabilityai, diffusers ``SD3Transformer2DModel``): a flow-matching transformer
+with joint attention over image and text tokens (image first), MMDiT blocks (``transformer_blocks``, the last
+one keeps no text stream), an image-only second attention in SD3.5's dual-attention layers. Runs in
+``StableDiffusion3Pipeline``, which batches classifier-free guidance as ``[uncond; cond]``.
+
+A plan's cells are ``full`` and block caching (``reuse``, ``forecast``), which caches both token streams of
+a block; ditplan's attention-level strategies do not run on its joint attention. Runs offline from prompt
+embeddings: a safetensors file with ``<prompt>.embeds`` (L, 4096: CLIP and T5 joined) and ``<prompt>.pooled``
+(2048: both CLIPs) for every prompt and for the empty prompt "" (the unconditional one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+
+from ditplan.errors import UserError
+from ditplan.models.family import (
+    BlockPattern,
+    Conditioning,
+    ModelAdapter,
+    linear_flops,
+    read_prompt_embeddings,
+    register_family,
+    timestep_embedding_flops,
+)
+
+if TYPE_CHECKING:
+    from ditplan.spec import ExperimentSpec, ModelSpec
+
+# a block takes the image and the text stream and returns them text first (the last block's text as None)
+JOINT_STREAMS = BlockPattern(("hidden_states", "encoder_hidden_states"), ("encoder_hidden_states", "hidden_states"))
+
+
+@register_family
+class SD3Adapter(ModelAdapter):
+    """``prompt_embeddings`` maps a prompt to ``(embeds (L, D), pooled (P,))``, the empty prompt "" included."""
+
+    name = "sd3"
+    transformer_class = SD3Transformer2DModel
+    scheduler_class = FlowMatchEulerDiscreteScheduler
+    pipelines = {StableDiffusion3Pipeline: "uncond-cond"}
+    conditioning_kind = "prompts"
+    flow_matching = True
+    plan_attention = False
+    default_methods = ("full", "reuse", "forecast")
+
+    def __init__(self, *args: Any, prompt_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.prompt_embeddings = dict(prompt_embeddings)
+
+    @classmethod
+    def attention_of(cls, block: torch.nn.Module) -> Any:
+        return block.attn
+
+    @classmethod
+    def block_pattern(cls, block: torch.nn.Module) -> BlockPattern:
+        return JOINT_STREAMS
+
+    @staticmethod
+    def read_embeddings(path: str, prompts: Sequence[str] = ()) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``<prompt>.embeds`` (L, D) and ``<prompt>.pooled`` (P,) for ``prompts`` and the empty prompt."""
+        return read_prompt_embeddings(path, prompts, "pooled", per_token=False, unconditional=True)
+
+    @classmethod
+    def check_spec(cls, spec: ExperimentSpec) -> None:
+        super().check_spec(spec)
+        if not spec.model.prompt_embeddings:
+            raise UserError("an sd3 model runs from model.prompt_embeddings (a safetensors file with <prompt>.embeds "
+                            "and <prompt>.pooled per prompt and for the empty prompt ''); give one")
+
+    @classmethod
+    def load_kwargs(cls, spec: ModelSpec, conditions: Sequence[Any]) -> dict[str, Any]:
+        return {"prompt_embeddings": cls.read_embeddings(spec.prompt_embeddings, [str(c) for c in conditions]),
+                "image_size": spec.image_size}
+
+    @property
+    def text_tokens(self) -> int:
+        return next(iter(self.prompt_embeddings.values()))[0].shape[0]
+
+    # --- sampling ------------------------------------------------------------------------------
+    def set_timesteps(self, scheduler: Any, num_steps: int, device: torch.device) -> None:
+        """StableDiffusion3Pipeline's schedule: the scheduler's own, shifted by the token count when it shifts
+        dynamically."""
+        config = scheduler.config
+        mu = None
+        if config.get("use_dynamic_shifting"):
+            mu = calculate_shift(self.num_tokens, config.get("base_image_seq_len", 256),
+                                 config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                 config.get("max_shift", 1.16))
+        retrieve_timesteps(scheduler, num_steps, device, **({"mu": mu} if mu is not None else {}))
+
+    def conditioning(self, conditions: Sequence[Any], device: torch.device) -> Conditioning:
+        missing = [p for p in [*conditions, ""] if p not in self.prompt_embeddings]
+        if missing:
+            raise UserError(f"no prompt embedding for {missing[0]!r}; give embeddings for every prompt and for the empty "
+                            "prompt '' (model.prompt_embeddings in the experiment file)")
+
+        def stack(prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+            embeds = torch.stack([self.prompt_embeddings[p][0] for p in prompts]).to(device, self.dtype)
+            pooled = torch.stack([self.prompt_embeddings[p][1] for p in prompts]).to(device, self.dtype)
+            return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+        return Conditioning(stack(list(conditions)), stack([""] * len(conditions)))
+
+    def _call_transformer(self, latents: torch.Tensor, timestep: torch.Tensor, inputs: dict) -> torch.Tensor:
+        return self.transformer(hidden_states=latents, timestep=timestep, return_dict=False, **inputs)[0]
+
+    # --- FLOPs, per sample ---------------------------------------------------------------------
+    def _block(self, layer: int) -> torch.nn.Module:
+        return self.transformer.transformer_blocks[layer]
+
+    def joint_attention_flops(self, layer: int, text_tokens: int) -> int:
+        """q, k, v of both streams, the scores over the joint sequence, the image's output projection and the
+        text's (but in the last block); SD3.5's dual-attention layers add an image-only attention."""
+        block, c, n = self._block(layer), self.hidden_dim, self.num_tokens
+        joint = n + text_tokens
+        flops = 4 * linear_flops(n, c, c) + 3 * linear_flops(text_tokens, c, c) + 2 * 2 * joint * joint * c
+        if not block.context_pre_only:
+            flops += linear_flops(text_tokens, c, c)
+        if block.attn2 is not None:
+            flops += 4 * linear_flops(n, c, c) + 2 * 2 * n * n * c
+        return flops
+
+    def other_flops(self, text_tokens: int = 0, tokens: int | None = None, layer: int = 0) -> tuple[int, int]:
+        block, c, n, cfg = self._block(layer), self.hidden_dim, self.num_tokens, self.transformer.config
+        mlp = linear_flops(n, c, 4 * c) + linear_flops(n, 4 * c, c)
+        norm = linear_flops(1, c, (9 if block.attn2 is not None else 6) * c)  # SD35AdaLayerNormZeroX or AdaLayerNormZero
+        if block.context_pre_only:  # AdaLayerNormContinuous, no text MLP
+            context = linear_flops(1, c, 2 * c)
+        else:
+            context = linear_flops(1, c, 6 * c) + linear_flops(text_tokens, c, 4 * c) + linear_flops(text_tokens, 4 * c, c)
+        p2 = cfg.patch_size**2
+        once = (
+            linear_flops(n, p2 * cfg.in_channels, c)  # patch embedding (a strided conv)
+            + timestep_embedding_flops(c) + linear_flops(1, cfg.pooled_projection_dim, c) + linear_flops(1, c, c)
+            + linear_flops(text_tokens, cfg.joint_attention_dim, cfg.caption_projection_dim)  # context_embedder
+            + linear_flops(1, c, 2 * c)  # norm_out
+            + linear_flops(n, c, p2 * cfg.out_channels)  # proj_out
+        )
+        return norm + mlp + context, once

@@ -1,0 +1,310 @@
+"""The joint-attention, flow-matching families (FLUX.1, SD3): tiny random pipelines (the sizes diffusers' own
+tests use, a tiny VAE, prompt embeddings instead of text encoders) saved with ``save_pretrained`` and loaded
+back as a user's own would be; plans in ``pipe(...)``, FLOPs, refusals and ``ditplan run`` end to end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import (
+    AutoencoderKL,
+    DiTPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from diffusers.hooks import HookRegistry
+from safetensors.torch import load_file, save_file
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import ditplan
+from ditplan.cli import main
+from ditplan.evaluators.cost import plan_flops
+from ditplan.models.adapters import experiment_adapter, load_adapter
+from ditplan.models.families import FAMILIES
+from ditplan.models.sampling import plan_target, sample
+from ditplan.plan import Plan, PlanError, load_plan
+from ditplan.rundir import RunDir
+from ditplan.spec import SamplerSettings, load_spec
+from ditplan.strategies.apply import run_plan
+from tests.conftest import DATA
+
+PROMPTS = ["a red circle", "a blue square"]
+
+
+def tiny_vae(latent_channels: int) -> AutoencoderKL:
+    """A VAE that does not downsample (one block), as diffusers' FLUX and SD3 tests build it."""
+    torch.manual_seed(1)
+    return AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                         latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False,
+                         use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+
+
+def tiny_flux() -> FluxPipeline:
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
+    # FLUX.1-dev's scheduler: the shift grows with the image's token count
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(scheduler=scheduler, vae=tiny_vae(1), text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=transformer)
+
+
+def tiny_sd3() -> StableDiffusion3Pipeline:
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=3, attention_head_dim=8,
+                                        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+                                        pooled_projection_dim=64, out_channels=4, dual_attention_layers=(0,),
+                                        qk_norm="rms_norm")
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=tiny_vae(4), text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                    tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One family under test: its tiny pipeline, sampler, prompt embeddings and a plan mixing what it runs."""
+
+    kind: str
+    pipeline: Callable[[], Any]
+    settings: SamplerSettings
+    image_size: int
+    pooled_dim: int
+    unconditional: bool  # its embeddings file holds the empty prompt (CFG)
+    mixed: list[list[str]]
+    latent_channels: int
+
+    def call(self, pipe: Any, adapter: Any, prompts: list[str], seeds: list[int], output_type: str) -> Any:
+        def stacked(which: int, names: list[str]) -> torch.Tensor:
+            return torch.stack([adapter.prompt_embeddings[p][which] for p in names])
+
+        kwargs = {"prompt_embeds": stacked(0, prompts), "pooled_prompt_embeds": stacked(1, prompts)}
+        if self.unconditional:
+            kwargs |= {"negative_prompt_embeds": stacked(0, [""] * len(prompts)),
+                       "negative_pooled_prompt_embeds": stacked(1, [""] * len(prompts))}
+        return pipe(**kwargs, height=self.image_size, width=self.image_size, num_inference_steps=self.settings.num_steps,
+                    guidance_scale=self.settings.guidance_scale, output_type=output_type,
+                    generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+
+    def latents(self, pipe: Any, adapter: Any, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """``pipe(...)``'s final latents as ditplan's loop keeps them, (N, C, H, W) (FLUX packs them)."""
+        out = self.call(pipe, adapter, prompts, seeds, "latent")
+        return FluxPipeline._unpack_latents(out, self.image_size, self.image_size, 1) if self.kind == "flux" else out
+
+
+CASES = {
+    # dual-stream blocks 0-1, single-stream blocks 2-3: computed, reused and forecast in every block kind
+    "flux": Case("flux", tiny_flux, SamplerSettings("flow-euler", 4, 3.5, 8, guidance="embedded"), 16, 32, False,
+                 [["full"] * 4, ["full", "reuse", "full", "reuse"], ["reuse", "full", "forecast", "full"],
+                  ["forecast", "reuse", "reuse", "forecast"]], 1),
+    # block 0 with SD3.5's dual attention, block 2 the last (no text stream out)
+    "sd3": Case("sd3", tiny_sd3, SamplerSettings("flow-euler", 4, 4.0, 8), 8, 64, True,
+                [["full"] * 3, ["reuse", "full", "reuse"], ["full", "forecast", "full"], ["forecast", "reuse", "forecast"]],
+                4),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def family(request, tmp_path_factory) -> tuple[Case, Path]:
+    case = CASES[request.param]
+    folder = tmp_path_factory.mktemp("pipelines") / f"tiny-{case.kind}"
+    case.pipeline().save_pretrained(folder)
+    generator = torch.Generator().manual_seed(7)
+    tensors = {}
+    for prompt in [*PROMPTS, *([""] if case.unconditional else [])]:
+        tensors[f"{prompt}.embeds"] = torch.randn(8, 32, generator=generator)
+        tensors[f"{prompt}.pooled"] = torch.randn(case.pooled_dim, generator=generator)
+    save_file(tensors, folder / "prompts.safetensors")
+    return case, folder
+
+
+def adapter_of(case: Case, folder: Path, vae: bool = True) -> Any:
+    family = FAMILIES[case.kind]
+    embeddings = family.read_embeddings(str(folder / "prompts.safetensors"), PROMPTS)
+    return load_adapter(case.kind, str(folder), vae=str(folder) if vae else None, prompt_embeddings=embeddings,
+                        image_size=case.image_size)
+
+
+def plan_for(case: Case, adapter: Any, rows: list[list[str]]) -> Plan:
+    return Plan(plan_target(adapter, case.settings), tuple(tuple(r) for r in rows))
+
+
+def stock_pipe(case: Case, folder: Path) -> Any:
+    components = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3",
+                  "feature_extractor", "image_encoder"]
+    cls = FAMILIES[case.kind].pipeline_class()
+    known = set(cls._get_signature_keys(cls)[0]) | set(cls._get_signature_keys(cls)[1])
+    pipe = cls.from_pretrained(folder, **dict.fromkeys(c for c in components if c in known))  # prompts as embeddings
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def transformer_state(transformer: torch.nn.Module) -> tuple:
+    processors = {name: id(p) for name, p in transformer.attn_processors.items()}
+    hooks = sorted(name for name, m in transformer.named_modules() if getattr(m, "_diffusers_hook", None) is not None
+                   and m._diffusers_hook.hooks)
+    weights = {k: v.clone() for k, v in transformer.state_dict().items()}
+    return processors, hooks, type(transformer), weights
+
+
+def test_a_pipeline_runs_a_block_caching_plan_as_ditplan_generate_does(family, tmp_path):
+    case, folder = family
+    adapter = adapter_of(case, folder)
+    plan_path = plan_for(case, adapter, case.mixed).save(tmp_path / "plan.yaml")
+    s = case.settings
+    experiment = tmp_path / "experiment.yaml"
+    experiment.write_text(yaml.safe_dump({
+        "name": "tiny",
+        "model": {"kind": case.kind, "source": str(folder), "vae": str(folder), "image_size": case.image_size,
+                  "prompt_embeddings": str(folder / "prompts.safetensors"), "device": "cpu"},
+        "sampler": {"scheduler": s.scheduler, "num_steps": s.num_steps, "guidance_scale": s.guidance_scale,
+                    "guidance": s.guidance, "batch_size": 8},
+        "workload": {"prompts": PROMPTS, "samples_per_condition": 1, "seed": 3},
+    }))
+    main(["generate", "--experiment", str(experiment), "--plan", str(plan_path), "--out", str(tmp_path / "g")])
+    ours = load_file(tmp_path / "g" / "samples.safetensors")["samples"]
+
+    pipe = stock_pipe(case, folder)
+    ditplan.apply_plan(pipe, plan_path)
+    images = case.call(pipe, adapter, PROMPTS, [3, 4], "np")
+    ditplan.remove_plan(pipe)
+    np.testing.assert_allclose(images, (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-5)
+    assert np.abs(images - case.call(pipe, adapter, PROMPTS, [3, 4], "np")).max() > 1e-3  # the plan changed it
+
+
+def test_an_all_full_plan_is_bit_identical_to_no_plan_and_removing_it_restores_the_pipeline(family):
+    case, folder = family
+    adapter = adapter_of(case, folder, vae=False)
+    pipe = stock_pipe(case, folder)
+    before = transformer_state(pipe.transformer)
+    stock = case.latents(pipe, adapter, PROMPTS, [5, 6])
+    ditplan.apply_plan(pipe, Plan.uniform(plan_target(adapter, case.settings)))
+    planned = case.latents(pipe, adapter, PROMPTS, [5, 6])
+    ditplan.remove_plan(pipe)
+    assert torch.equal(stock, planned)
+    after = transformer_state(pipe.transformer)
+    assert before[:3] == after[:3] and type(pipe) is FAMILIES[case.kind].pipeline_class()
+    assert all(torch.equal(before[3][k], after[3][k]) for k in before[3])
+    assert torch.equal(case.latents(pipe, adapter, PROMPTS, [5, 6]), stock)
+
+
+def test_a_plan_in_the_pipeline_equals_ditplans_loop_on_the_latents(family):
+    case, folder = family
+    adapter = adapter_of(case, folder, vae=False)
+    plan = plan_for(case, adapter, case.mixed)
+    ours = run_plan(adapter, plan, PROMPTS, [3, 4], case.settings).samples  # latents: no VAE on ditplan's side
+    pipe = stock_pipe(case, folder)
+    ditplan.apply_plan(pipe, plan)
+    np.testing.assert_allclose(case.latents(pipe, adapter, PROMPTS, [3, 4]).numpy(), ours.numpy(), rtol=0, atol=1e-5)
+
+
+def test_the_flops_of_a_sampling_run_are_what_flop_counter_mode_counts(family):
+    case, folder = family
+    adapter = adapter_of(case, folder, vae=False)
+    for rows in (None, case.mixed):
+        plan = plan_for(case, adapter, rows) if rows else None
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # MATH: attention as counted matmuls
+            run_plan(adapter, plan, PROMPTS, [1, 2], case.settings)
+        assert counter.get_total_flops() == plan_flops(adapter, plan, case.settings, batch=2).total
+
+
+def test_an_attention_strategy_is_refused_in_one_line_and_nothing_is_installed(family):
+    case, folder = family
+    adapter = adapter_of(case, folder, vae=False)
+    rows = [list(row) for row in case.mixed]
+    rows[1][0] = "ast"
+    plan = plan_for(case, adapter, rows)
+    with pytest.raises(PlanError, match=f"'ast' does not run on the {case.kind} family's attention") as err:
+        run_plan(adapter, plan, PROMPTS, [1], case.settings)
+    assert "\n" not in str(err.value)
+    pipe = stock_pipe(case, folder)
+    with pytest.raises(PlanError, match="'ast' does not run"):
+        ditplan.apply_plan(pipe, plan)
+    assert not HookRegistry.check_if_exists_or_initialize(pipe.transformer).hooks
+
+
+def test_samples_decode_through_the_familys_vae(family):
+    case, folder = family
+    images = sample(adapter_of(case, folder), PROMPTS[:1], [0], case.settings)
+    assert images.shape == (1, 3, case.image_size, case.image_size) and torch.isfinite(images).all()
+
+
+def tiny_experiment(kind: str, tmp_path: Path, change: dict | None = None) -> Path:
+    """tests/data/tiny-<kind>.yaml with its embeddings file found, ``change`` applied, run under ``tmp_path``."""
+    data = yaml.safe_load((DATA / f"tiny-{kind}.yaml").read_text())
+    data["model"]["prompt_embeddings"] = str(DATA / data["model"]["prompt_embeddings"])
+    data |= {**(change or {}), "output_dir": str(tmp_path / "run")}
+    experiment = tmp_path / f"tiny-{kind}.yaml"
+    experiment.write_text(yaml.safe_dump(data))
+    return experiment
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_ditplan_run_of_a_tiny_experiment_goes_from_dense_to_exported_plans(kind, tmp_path):
+    case = CASES[kind]
+    experiment = tiny_experiment(kind, tmp_path)
+    run = RunDir(ditplan.run(experiment, show_progress=False))
+    greedy = list(run.greedy.plans().values())
+    assert len(greedy) == 2 and all(p.strategies() <= {"full", "reuse"} for p in greedy)
+    assert any("reuse" in p.strategies() for p in greedy)  # δ = 0.5 lets blocks be reused
+    exported = sorted(run.exported.glob("*.yaml"))
+    assert exported and all(load_plan(p).target.scheduler == "flow-euler" for p in exported)
+    sides = {side.kind for side in run.load_held_out().sides}  # type: ignore[union-attr]
+    assert {"dense", "greedy", "learned"} <= sides
+    adapter = experiment_adapter(load_spec(experiment))
+    samples = run_plan(adapter, load_plan(exported[0]), PROMPTS[:1], [9], case.settings).samples
+    assert samples.shape == (1, case.latent_channels, adapter.latent_size, adapter.latent_size)
+
+
+@pytest.mark.parametrize(("kind", "change", "message"), [
+    ("flux", {"search": {"space": {"methods": ["full", "ast", "reuse"]}}},
+     "search.space: 'ast' does not run on the flux family's attention; plans for it use 'full' and block caching"),
+    ("sd3", {"search": {"space": {"methods": ["full", "wars"]}}}, "search.space: 'wars' does not run on the sd3 family's"),
+    ("flux", {"sampler": {"scheduler": "dpmsolver++", "guidance": "embedded"}},
+     "sampler.scheduler = 'dpmsolver++' does not sample a flux model; choose one of ['flow-euler']"),
+    ("flux", {"sampler": {"scheduler": "flow-euler", "guidance": "cfg"}}, "sampler.guidance = 'cfg': a flux model takes 'embedded'"),
+    ("sd3", {"sampler": {"scheduler": "flow-euler", "guidance": "embedded"}}, "sampler.guidance = 'embedded': a sd3 model takes 'cfg'"),
+    ("dit", {"sampler": {"scheduler": "flow-euler"}}, "sampler.scheduler = 'flow-euler' does not sample a dit model"),
+])
+def test_what_a_family_cannot_run_is_refused_in_one_line_before_any_work(tmp_path, capsys, kind, change, message):
+    if kind == "dit":
+        data = yaml.safe_load((DATA / "tiny-dit.yaml").read_text()) | change | {"output_dir": str(tmp_path / "run")}
+        experiment = tmp_path / "tiny-dit.yaml"
+        experiment.write_text(yaml.safe_dump(data))
+    else:
+        experiment = tiny_experiment(kind, tmp_path, change)
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", str(experiment)])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and message in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_family_is_refused_with_the_families_named(tmp_path, capsys):
+    experiment = tiny_experiment("flux", tmp_path)
+    experiment.write_text(experiment.read_text().replace("kind: flux", "kind: fluxx"))
+    with pytest.raises(SystemExit):
+        main(["run", str(experiment)])
+    err = capsys.readouterr().err.strip()
+    assert "model.kind: unknown model family 'fluxx' (did you mean 'flux'?); choose one of ['dit', 'flux', 'pixart', 'sd3']" in err
+
+
+def test_a_plan_for_one_family_is_refused_on_anothers_pipeline_in_one_line(family, dit_folder):
+    case, folder = family
+    plan = Plan.uniform(plan_target(adapter_of(case, folder, vae=False), case.settings))
+    with pytest.raises(PlanError, match=f"plan is for {plan.num_layers} layers but this model has 2") as err:
+        ditplan.apply_plan(DiTPipeline.from_pretrained(dit_folder), plan)
+    assert "\n" not in str(err.value)
