@@ -161,9 +161,16 @@ def _greedy(args: argparse.Namespace) -> None:
 
 @command("train-embedded")
 def _train_embedded(args: argparse.Namespace) -> None:
-    from ditplan.evaluators.digit_classifier import CLASSIFIER_PATH, train_digit_classifier
+    from ditplan.evaluators.digit_classifier import (
+        CLASSIFIER_PATH,
+        train_digit_classifier,
+    )
     from ditplan.models.embedded import embedded_model
-    from ditplan.models.train_embedded import TrainConfig, export_embedded, train_embedded
+    from ditplan.models.train_embedded import (
+        TrainConfig,
+        export_embedded,
+        train_embedded,
+    )
 
     embedded_model(args.model, "--model")  # an unknown name: one line with the embedded models
     if not args.classifier_only:
@@ -215,7 +222,11 @@ def _finetune_sparse(args: argparse.Namespace) -> None:
     from ditplan.models.adapters import load_adapter, model_folder
     from ditplan.models.embedded import EMBEDDED_MODELS
     from ditplan.strategies.curves import Constant
-    from ditplan.strategies.finetune_sparse import FinetuneConfig, export_sparse, finetune_sparse
+    from ditplan.strategies.finetune_sparse import (
+        FinetuneConfig,
+        export_sparse,
+        finetune_sparse,
+    )
     from ditplan.strategies.sdtm import SparseLayout
 
     layout = SparseLayout(modules=_parse_modules(args.sdtm), curve=Constant(), pool_layers=args.pool_layers)

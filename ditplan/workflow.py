@@ -38,11 +38,22 @@ from ditplan.plansearch.greedy_cli import greedy_summary, write_greedy_plans
 from ditplan.plansearch.ray_tasks import resolve_ray_address
 from ditplan.plansearch.records import reference_point
 from ditplan.plansearch.space import check_space, experiment_space
-from ditplan.plansearch.storage import load_finished_study, refuse_existing_study, study_exists, study_storage
+from ditplan.plansearch.storage import (
+    load_finished_study,
+    refuse_existing_study,
+    study_exists,
+    study_storage,
+)
 from ditplan.plansearch.tracking import attach_to_study
 from ditplan.plugins import import_plugins
 from ditplan.rundir import RunDir, search_folder
-from ditplan.spec import Experiment, ExperimentSpec, experiment_label, load_spec, resolved_experiment_text
+from ditplan.spec import (
+    Experiment,
+    ExperimentSpec,
+    experiment_label,
+    load_spec,
+    resolved_experiment_text,
+)
 from ditplan.strategies.summary import describe
 
 DEFAULT_EXPORT_RULES = ("knee", "top:3")

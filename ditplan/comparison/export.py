@@ -14,7 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ditplan.comparison.report import RunData, RunReport, SideRow, build_report, load_run_data
+from ditplan.comparison.report import (
+    RunData,
+    RunReport,
+    SideRow,
+    build_report,
+    load_run_data,
+)
 from ditplan.errors import UserError
 from ditplan.evaluators.cost import FLOPS_COUNT
 from ditplan.plan import Plan, load_plan

@@ -15,8 +15,17 @@ from ditplan.models.family import ModelAdapter, linear_flops
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, PlanError
 from ditplan.spec import SamplerSettings
-from ditplan.strategies.apply import CachePlanner, PlanRun, build_strategies, sparse_layout
-from ditplan.strategies.base import AttentionShape, cross_attention_flops, dense_attention_flops
+from ditplan.strategies.apply import (
+    CachePlanner,
+    PlanRun,
+    build_strategies,
+    sparse_layout,
+)
+from ditplan.strategies.base import (
+    AttentionShape,
+    cross_attention_flops,
+    dense_attention_flops,
+)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,10 @@ from typing import Any
 import torch
 import torch_fidelity
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from torch_fidelity.registry import (
+    FEATURE_EXTRACTORS_REGISTRY,
+    register_feature_extractor,
+)
 
 from ditplan.errors import UserError
 from ditplan.evaluators.base import Metric

@@ -38,7 +38,12 @@ from ditplan.evaluators.cost import (
     synchronize,
     turn_order,
 )
-from ditplan.evaluators.domain import DOMAIN_METRICS, applicable_metrics, domain_metrics, reference_images
+from ditplan.evaluators.domain import (
+    DOMAIN_METRICS,
+    applicable_metrics,
+    domain_metrics,
+    reference_images,
+)
 from ditplan.evaluators.fidelity import FidelityEvaluator
 from ditplan.evaluators.reference import dense_reference
 from ditplan.models.family import ModelAdapter

@@ -335,6 +335,94 @@ class ModelAdapter(abc.ABC):
         return self
 
 
+class PromptFamily(ModelAdapter):
+    """A prompt-conditioned family run from stored prompt embeddings (no text encoder needed).
+
+    ``prompt_embeddings`` maps a prompt to ``(embeds (L, D), second)``, read from a safetensors file with
+    ``<prompt>.embeds`` and ``<prompt>.<second_name>`` per prompt (and for the empty prompt "", the
+    unconditional one, when the family runs CFG). Declared by each such family:
+    second_name / second_input: the second tensor's key in the file and the transformer argument it feeds
+    (PixArt's attention mask, FLUX's and SD3's pooled CLIP embedding); per_token: it has one entry per token
+    (a mask, kept in its own dtype); unconditional: the family runs CFG, so the empty prompt is needed;
+    encodes_prompts: ``model.text_encoder`` may stand in for the embeddings (the family encodes prompts).
+    """
+
+    conditioning_kind = "prompts"
+    second_name: ClassVar[str]
+    second_input: ClassVar[str]
+    per_token: ClassVar[bool] = False
+    unconditional: ClassVar[bool] = True
+    encodes_prompts: ClassVar[bool] = False
+
+    def __init__(self, *args: Any, prompt_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.prompt_embeddings = dict(prompt_embeddings)
+
+    @property
+    def text_tokens(self) -> int:
+        """Tokens of every prompt's embedding (L)."""
+        return next(iter(self.prompt_embeddings.values()))[0].shape[0]
+
+    @classmethod
+    def read_embeddings(cls, path: str, prompts: Sequence[str] = ()) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The family's embeddings of ``prompts`` (and of the empty prompt when it runs CFG) from ``path``."""
+        return read_prompt_embeddings(path, prompts, cls.second_name, cls.per_token, cls.unconditional)
+
+    @classmethod
+    def check_spec(cls, spec: ExperimentSpec) -> None:
+        super().check_spec(spec)
+        if not (spec.model.prompt_embeddings or cls.encodes_prompts and spec.model.text_encoder):
+            alternative = " or model.text_encoder" if cls.encodes_prompts else ""
+            raise UserError(f"a {cls.name} model needs model.prompt_embeddings (a safetensors file with <prompt>.embeds "
+                            f"and <prompt>.{cls.second_name} per prompt){alternative}")
+
+    @classmethod
+    def load_kwargs(cls, spec: ModelSpec, conditions: Sequence[Any]) -> dict[str, Any]:
+        return {"prompt_embeddings": cls.read_embeddings(spec.prompt_embeddings, [str(c) for c in conditions]),
+                "image_size": spec.image_size}
+
+    def conditioning(self, conditions: Sequence[Any], device: torch.device) -> Conditioning:
+        needed = [*conditions, *([""] if self.unconditional else [])]
+        missing = [p for p in needed if p not in self.prompt_embeddings]
+        if missing:
+            raise UserError(f"no prompt embedding for {missing[0]!r}; give embeddings for every prompt"
+                            f"{' and for the empty prompt' if self.unconditional else ''} (model.prompt_embeddings in "
+                            "the experiment file)")
+
+        def stack(prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+            embeds = torch.stack([self.prompt_embeddings[p][0] for p in prompts]).to(device, self.dtype)
+            second = torch.stack([self.prompt_embeddings[p][1] for p in prompts])
+            second = second.to(device) if self.per_token else second.to(device, self.dtype)
+            return {"encoder_hidden_states": embeds, self.second_input: second}
+
+        return Conditioning(stack(list(conditions)), stack([""] * len(conditions)) if self.unconditional else None)
+
+
+# an MMDiT block takes the image and the text stream and returns them text first (None for a text stream it ends)
+JOINT_STREAMS = BlockPattern(("hidden_states", "encoder_hidden_states"), ("encoder_hidden_states", "hidden_states"))
+
+
+class JointAttentionFamily(PromptFamily):
+    """A flow-matching MMDiT (FLUX, SD3): joint attention over image and text tokens in each block's ``attn``,
+    blocks that take and return both streams, conditioned on T5 embeddings and a pooled CLIP embedding.
+    ditplan's attention-level strategies do not run on joint attention yet: its plans use ``full`` and block
+    caching."""
+
+    second_name = "pooled"
+    second_input = "pooled_projections"
+    flow_matching = True
+    plan_attention = False
+    default_methods = ("full", "reuse", "forecast")
+
+    @classmethod
+    def attention_of(cls, block: torch.nn.Module) -> Attention:
+        return block.attn
+
+    @classmethod
+    def block_pattern(cls, block: torch.nn.Module) -> BlockPattern:
+        return JOINT_STREAMS
+
+
 FAMILIES: Registry[type[ModelAdapter]] = Registry("model family")
 
 

@@ -16,8 +16,8 @@ import diffusers
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ditplan.models.family import ModelAdapter
 from ditplan.models.context import StepContext, new_run_id, step_context
+from ditplan.models.family import ModelAdapter
 from ditplan.models.identity import dtype_name
 from ditplan.plan import PlanTarget
 from ditplan.progress import progress_bar

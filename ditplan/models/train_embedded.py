@@ -18,7 +18,11 @@ from diffusers.training_utils import EMAModel
 
 from ditplan.atomic import atomic_folder, atomic_write_text
 from ditplan.models import training
-from ditplan.models.embedded import embedded_model, new_embedded_scheduler, new_embedded_transformer
+from ditplan.models.embedded import (
+    embedded_model,
+    new_embedded_scheduler,
+    new_embedded_transformer,
+)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 

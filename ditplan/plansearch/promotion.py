@@ -13,7 +13,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ditplan.plansearch.attrs import NAME, PROMOTED, PROPOSAL
 from ditplan.plansearch.pareto import best_by_rank
-from ditplan.plansearch.records import distinct_plans, is_feasible_trial, is_warm, scored
+from ditplan.plansearch.records import (
+    distinct_plans,
+    is_feasible_trial,
+    is_warm,
+    scored,
+)
 from ditplan.plansearch.storage import counts
 from ditplan.rundir import SearchDir
 from ditplan.spec import SearchSpec

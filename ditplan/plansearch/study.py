@@ -11,7 +11,12 @@ import optuna
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial
 
-from ditplan.plansearch.storage import is_shared, recover_interrupted, refuse_existing_study, sampler_seed
+from ditplan.plansearch.storage import (
+    is_shared,
+    recover_interrupted,
+    refuse_existing_study,
+    sampler_seed,
+)
 from ditplan.rundir import SearchDir
 from ditplan.spec import ExperimentSpec, SearchSpec
 

@@ -10,7 +10,14 @@ from ditplan.strategies import (  # noqa: F401  (registers the built-in strategi
     wars,
 )
 from ditplan.strategies.apply import apply_plan, remove_plan, run_plan
-from ditplan.strategies.base import STRATEGIES, AttentionCall, AttentionShape, Strategy, get_strategy_class, register
+from ditplan.strategies.base import (
+    STRATEGIES,
+    AttentionCall,
+    AttentionShape,
+    Strategy,
+    get_strategy_class,
+    register,
+)
 
 __all__ = [
     "STRATEGIES",

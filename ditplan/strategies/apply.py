@@ -20,8 +20,8 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from ditplan.models.adapters import load_for_plan, new_merges
-from ditplan.models.family import BlockPattern, ModelAdapter, family_of
 from ditplan.models.context import StepContext, current_step, step_context
+from ditplan.models.family import BlockPattern, ModelAdapter, family_of
 from ditplan.models.sampling import plan_target, sample
 from ditplan.plan import Plan, PlanError, PlanTarget
 from ditplan.spec import SamplerSettings

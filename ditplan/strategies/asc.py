@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ditplan.strategies.base import AttentionCall, AttentionShape, Strategy, dense_attention_flops, register
+from ditplan.strategies.base import (
+    AttentionCall,
+    AttentionShape,
+    Strategy,
+    dense_attention_flops,
+    register,
+)
 from ditplan.strategies.sharing import conditional_half_only
 
 

@@ -26,11 +26,16 @@ from safetensors.torch import save_file
 from ditplan.atomic import atomic_folder
 from ditplan.errors import UserError
 from ditplan.models import training
-from ditplan.models.adapters import LAYOUT_FILE, MERGES_FILE, load_sparse_network, new_merges
+from ditplan.models.adapters import (
+    LAYOUT_FILE,
+    MERGES_FILE,
+    load_sparse_network,
+    new_merges,
+)
+from ditplan.models.context import StepContext, step_context
 from ditplan.models.families.dit import DiTAdapter
 from ditplan.models.family import ModelAdapter
 from ditplan.models.identity import network_hash
-from ditplan.models.context import StepContext, step_context
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, PlanTarget
 from ditplan.spec import SamplerSettings

@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from ditplan.strategies.attention import dense_attention, merge_heads, project_out, project_qkv
-from ditplan.strategies.base import AttentionCall, AttentionShape, Strategy, dense_attention_flops, register
+from ditplan.strategies.attention import (
+    dense_attention,
+    merge_heads,
+    project_out,
+    project_qkv,
+)
+from ditplan.strategies.base import (
+    AttentionCall,
+    AttentionShape,
+    Strategy,
+    dense_attention_flops,
+    register,
+)
 
 
 @register

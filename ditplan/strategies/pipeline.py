@@ -21,13 +21,19 @@ from typing import Any
 import torch
 
 from ditplan.models.adapters import load_sparse_folder
-from ditplan.models.family import CfgMode, ModelAdapter, family_of, pipeline_family
 from ditplan.models.context import CFG_ORDERS, StepContext, new_run_id
+from ditplan.models.family import CfgMode, ModelAdapter, family_of, pipeline_family
 from ditplan.models.identity import Binding, NetworkIdentity, binding, warn_cast
 from ditplan.models.sampling import reset_stateful_hooks, scheduler_class
 from ditplan.plan import Plan, PlanError, load_plan
 from ditplan.registry import SCHEDULERS
-from ditplan.strategies.apply import PlanRuntime, apply_plan, get_runtime, remove_plan, step_hook
+from ditplan.strategies.apply import (
+    PlanRuntime,
+    apply_plan,
+    get_runtime,
+    remove_plan,
+    step_hook,
+)
 
 _ORIGINAL_CLASS = "_ditplan_original_class"
 

@@ -12,8 +12,7 @@ strategies do not run on its joint attention. Runs offline from prompt embedding
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,41 +21,29 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 
 from ditplan.errors import UserError
 from ditplan.models.family import (
-    BlockPattern,
-    Conditioning,
-    ModelAdapter,
+    JointAttentionFamily,
     linear_flops,
-    read_prompt_embeddings,
     register_family,
     timestep_embedding_flops,
 )
 
-if TYPE_CHECKING:
-    from ditplan.spec import ExperimentSpec, ModelSpec
-
 DEFAULT_IMAGE_SIZE = 1024  # FLUX.1's native resolution
-# both block kinds take the image and the text stream and return them text first
-JOINT_STREAMS = BlockPattern(("hidden_states", "encoder_hidden_states"), ("encoder_hidden_states", "hidden_states"))
 
 
 @register_family
-class FluxAdapter(ModelAdapter):
+class FluxAdapter(JointAttentionFamily):
     """``prompt_embeddings`` maps a prompt to ``(embeds (L, D), pooled (P,))``; ``image_size``: pixels per side."""
 
     name = "flux"
     transformer_class = FluxTransformer2DModel
     scheduler_class = FlowMatchEulerDiscreteScheduler
     pipelines = {FluxPipeline: "distilled"}
-    conditioning_kind = "prompts"
+    unconditional = False  # guidance-distilled: no unconditional call
     guidance_modes = ("embedded",)
-    flow_matching = True
-    plan_attention = False
-    default_methods = ("full", "reuse", "forecast")
 
-    def __init__(self, *args: Any, prompt_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                 image_size: int = DEFAULT_IMAGE_SIZE, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, image_size: int | None = None, **kwargs: Any) -> None:
+        image_size = image_size or DEFAULT_IMAGE_SIZE
         super().__init__(*args, image_size=image_size, **kwargs)
-        self.prompt_embeddings = dict(prompt_embeddings)
         if self.latent_size % 2 or self.latent_size < 2:
             raise UserError(f"model.image_size = {image_size} gives {self.latent_size} latent pixels per side; FLUX packs "
                             "them in 2 × 2 patches: give a size that makes an even count")
@@ -67,14 +54,6 @@ class FluxAdapter(ModelAdapter):
         return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
 
     @classmethod
-    def attention_of(cls, block: torch.nn.Module) -> Any:
-        return block.attn
-
-    @classmethod
-    def block_pattern(cls, block: torch.nn.Module) -> BlockPattern:
-        return JOINT_STREAMS
-
-    @classmethod
     def pipeline_timestep(cls, t: float) -> float:
         return t / 1000  # FluxPipeline passes timestep / 1000 (the transformer multiplies it back)
 
@@ -82,23 +61,6 @@ class FluxAdapter(ModelAdapter):
     def estimate_size(cls, config: dict[str, Any]) -> tuple[int, int]:
         width = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
         return (int(config["num_layers"]) + int(config["num_single_layers"])) * 12 * width**2, 0
-
-    @staticmethod
-    def read_embeddings(path: str, prompts: Sequence[str] = ()) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """``<prompt>.embeds`` (L, D) and ``<prompt>.pooled`` (P,) for ``prompts`` (no unconditional one)."""
-        return read_prompt_embeddings(path, prompts, "pooled", per_token=False, unconditional=False)
-
-    @classmethod
-    def check_spec(cls, spec: ExperimentSpec) -> None:
-        super().check_spec(spec)
-        if not spec.model.prompt_embeddings:
-            raise UserError("a flux model runs from model.prompt_embeddings (a safetensors file with <prompt>.embeds "
-                            "and <prompt>.pooled per prompt); give one")
-
-    @classmethod
-    def load_kwargs(cls, spec: ModelSpec, conditions: Sequence[Any]) -> dict[str, Any]:
-        return {"prompt_embeddings": cls.read_embeddings(spec.prompt_embeddings, [str(c) for c in conditions]),
-                "image_size": spec.image_size or DEFAULT_IMAGE_SIZE}
 
     # --- shape ---------------------------------------------------------------------------------
     @property
@@ -108,10 +70,6 @@ class FluxAdapter(ModelAdapter):
     @property
     def num_tokens(self) -> int:
         return (self.latent_size // 2) ** 2
-
-    @property
-    def text_tokens(self) -> int:
-        return next(iter(self.prompt_embeddings.values()))[0].shape[0]
 
     @property
     def num_dual_layers(self) -> int:
@@ -125,15 +83,6 @@ class FluxAdapter(ModelAdapter):
         mu = calculate_shift(self.num_tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
                              config.get("base_shift", 0.5), config.get("max_shift", 1.15))
         retrieve_timesteps(scheduler, num_steps, device, sigmas=sigmas, mu=mu)
-
-    def conditioning(self, conditions: Sequence[Any], device: torch.device) -> Conditioning:
-        missing = [p for p in conditions if p not in self.prompt_embeddings]
-        if missing:
-            raise UserError(f"no prompt embedding for {missing[0]!r}; give embeddings for every prompt "
-                            "(model.prompt_embeddings in the experiment file)")
-        embeds = torch.stack([self.prompt_embeddings[p][0] for p in conditions]).to(device, self.dtype)
-        pooled = torch.stack([self.prompt_embeddings[p][1] for p in conditions]).to(device, self.dtype)
-        return Conditioning({"encoder_hidden_states": embeds, "pooled_projections": pooled}, None)
 
     def _call_transformer(self, latents: torch.Tensor, timestep: torch.Tensor, inputs: dict) -> torch.Tensor:
         n, c, h, w = latents.shape

@@ -16,22 +16,19 @@ from diffusers import (
     PixArtTransformer2DModel,
 )
 
-from ditplan.errors import UserError
 from ditplan.models.family import (
-    Conditioning,
-    ModelAdapter,
+    PromptFamily,
     linear_flops,
-    read_prompt_embeddings,
     register_family,
     timestep_embedding_flops,
 )
 
 if TYPE_CHECKING:
-    from ditplan.spec import ExperimentSpec, ModelSpec
+    from ditplan.spec import ModelSpec
 
 
 @register_family
-class PixArtAdapter(ModelAdapter):
+class PixArtAdapter(PromptFamily):
     """Prompt-conditioned PixArt; runs offline from prompt embeddings + attention masks.
 
     ``prompt_embeddings`` maps a prompt to ``(embeds (L, D), mask (L,))``; the empty prompt "" is the
@@ -42,31 +39,10 @@ class PixArtAdapter(ModelAdapter):
     transformer_class = PixArtTransformer2DModel
     scheduler_class = DDPMScheduler
     pipelines = {PixArtAlphaPipeline: "uncond-cond", PixArtSigmaPipeline: "uncond-cond"}
-    conditioning_kind = "prompts"
-
-    def __init__(self, *args: Any, prompt_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]], **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.prompt_embeddings = dict(prompt_embeddings)
-
-    @property
-    def text_tokens(self) -> int:
-        """Tokens of every prompt's embedding (L): the keys and values of each block's cross-attention."""
-        return next(iter(self.prompt_embeddings.values()))[0].shape[0]
-
-    def conditioning(self, conditions: Sequence[Any], device: torch.device) -> Conditioning:
-        missing = [p for p in [*conditions, ""] if p not in self.prompt_embeddings]
-        if missing:
-            raise ValueError(
-                f"no prompt embedding for {missing[0]!r}; give embeddings for every prompt and for the empty "
-                "prompt '' (model.prompt_embeddings in the experiment file), or configure the T5 text encoder"
-            )
-
-        def stack(prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-            embeds = torch.stack([self.prompt_embeddings[p][0] for p in prompts]).to(device, self.dtype)
-            mask = torch.stack([self.prompt_embeddings[p][1] for p in prompts]).to(device)
-            return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
-
-        return Conditioning(stack(list(conditions)), stack([""] * len(conditions)))
+    second_name = "mask"
+    second_input = "encoder_attention_mask"
+    per_token = True
+    encodes_prompts = True
 
     def _call_transformer(self, latents: torch.Tensor, timestep: torch.Tensor, inputs: dict) -> torch.Tensor:
         added: dict[str, torch.Tensor | None] = {"resolution": None, "aspect_ratio": None}
@@ -97,17 +73,6 @@ class PixArtAdapter(ModelAdapter):
                 embeds = encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0][0]
             out[prompt] = (embeds, tokens.attention_mask[0])
         return out
-
-    @staticmethod
-    def read_embeddings(path: str, prompts: Sequence[str] = ()) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """``<prompt>.embeds`` (L, D) and ``<prompt>.mask`` (L,) for ``prompts`` and the empty prompt."""
-        return read_prompt_embeddings(path, prompts, "mask", per_token=True, unconditional=True)
-
-    @classmethod
-    def check_spec(cls, spec: ExperimentSpec) -> None:
-        super().check_spec(spec)
-        if not (spec.model.prompt_embeddings or spec.model.text_encoder):
-            raise UserError("a pixart model needs model.prompt_embeddings (a safetensors file) or model.text_encoder")
 
     @classmethod
     def load_kwargs(cls, spec: ModelSpec, conditions: Sequence[Any]) -> dict[str, Any]:

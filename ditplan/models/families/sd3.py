@@ -11,76 +11,30 @@ embeddings: a safetensors file with ``<prompt>.embeds`` (L, 4096: CLIP and T5 jo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
-
-from ditplan.errors import UserError
-from ditplan.models.family import (
-    BlockPattern,
-    Conditioning,
-    ModelAdapter,
-    linear_flops,
-    read_prompt_embeddings,
-    register_family,
-    timestep_embedding_flops,
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+    calculate_shift,
+    retrieve_timesteps,
 )
 
-if TYPE_CHECKING:
-    from ditplan.spec import ExperimentSpec, ModelSpec
-
-# a block takes the image and the text stream and returns them text first (the last block's text as None)
-JOINT_STREAMS = BlockPattern(("hidden_states", "encoder_hidden_states"), ("encoder_hidden_states", "hidden_states"))
+from ditplan.models.family import JointAttentionFamily, linear_flops, register_family, timestep_embedding_flops
 
 
 @register_family
-class SD3Adapter(ModelAdapter):
+class SD3Adapter(JointAttentionFamily):
     """``prompt_embeddings`` maps a prompt to ``(embeds (L, D), pooled (P,))``, the empty prompt "" included."""
 
     name = "sd3"
     transformer_class = SD3Transformer2DModel
     scheduler_class = FlowMatchEulerDiscreteScheduler
     pipelines = {StableDiffusion3Pipeline: "uncond-cond"}
-    conditioning_kind = "prompts"
-    flow_matching = True
-    plan_attention = False
-    default_methods = ("full", "reuse", "forecast")
-
-    def __init__(self, *args: Any, prompt_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.prompt_embeddings = dict(prompt_embeddings)
-
-    @classmethod
-    def attention_of(cls, block: torch.nn.Module) -> Any:
-        return block.attn
-
-    @classmethod
-    def block_pattern(cls, block: torch.nn.Module) -> BlockPattern:
-        return JOINT_STREAMS
-
-    @staticmethod
-    def read_embeddings(path: str, prompts: Sequence[str] = ()) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """``<prompt>.embeds`` (L, D) and ``<prompt>.pooled`` (P,) for ``prompts`` and the empty prompt."""
-        return read_prompt_embeddings(path, prompts, "pooled", per_token=False, unconditional=True)
-
-    @classmethod
-    def check_spec(cls, spec: ExperimentSpec) -> None:
-        super().check_spec(spec)
-        if not spec.model.prompt_embeddings:
-            raise UserError("an sd3 model runs from model.prompt_embeddings (a safetensors file with <prompt>.embeds "
-                            "and <prompt>.pooled per prompt and for the empty prompt ''); give one")
-
-    @classmethod
-    def load_kwargs(cls, spec: ModelSpec, conditions: Sequence[Any]) -> dict[str, Any]:
-        return {"prompt_embeddings": cls.read_embeddings(spec.prompt_embeddings, [str(c) for c in conditions]),
-                "image_size": spec.image_size}
-
-    @property
-    def text_tokens(self) -> int:
-        return next(iter(self.prompt_embeddings.values()))[0].shape[0]
 
     # --- sampling ------------------------------------------------------------------------------
     def set_timesteps(self, scheduler: Any, num_steps: int, device: torch.device) -> None:
@@ -93,19 +47,6 @@ class SD3Adapter(ModelAdapter):
                                  config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                                  config.get("max_shift", 1.16))
         retrieve_timesteps(scheduler, num_steps, device, **({"mu": mu} if mu is not None else {}))
-
-    def conditioning(self, conditions: Sequence[Any], device: torch.device) -> Conditioning:
-        missing = [p for p in [*conditions, ""] if p not in self.prompt_embeddings]
-        if missing:
-            raise UserError(f"no prompt embedding for {missing[0]!r}; give embeddings for every prompt and for the empty "
-                            "prompt '' (model.prompt_embeddings in the experiment file)")
-
-        def stack(prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-            embeds = torch.stack([self.prompt_embeddings[p][0] for p in prompts]).to(device, self.dtype)
-            pooled = torch.stack([self.prompt_embeddings[p][1] for p in prompts]).to(device, self.dtype)
-            return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
-
-        return Conditioning(stack(list(conditions)), stack([""] * len(conditions)))
 
     def _call_transformer(self, latents: torch.Tensor, timestep: torch.Tensor, inputs: dict) -> torch.Tensor:
         return self.transformer(hidden_states=latents, timestep=timestep, return_dict=False, **inputs)[0]
