@@ -159,14 +159,17 @@ def evaluate(experiment: Experiment, plan: Plan | str | Path | None = None, *, s
 
 def generate(experiment: Experiment, plan: Plan | str | Path | None = None, out: str | Path | None = None, *,
              classes: Sequence[int] | None = None, prompts: Sequence[str] | None = None, seed: int | None = None,
-             num: int | None = None) -> Path:
+             num: int | None = None, plugins: Sequence[str] = ()) -> Path:
     """``ditplan generate``: sample ``classes`` (class-conditional models) or ``prompts`` (text models),
     ``num`` per condition from seed ``seed`` (defaults: the experiment's workload), under ``plan`` (default:
-    dense), into ``out`` (default ``samples/<experiment name>``): ``grid.png`` and ``samples.safetensors``."""
+    dense), into ``out`` (default ``samples/<experiment name>``): ``grid.png`` and ``samples.safetensors``.
+    ``plugins``: modules that register strategies or model families, imported first."""
+    from ditplan.plugins import import_plugins
     from ditplan.samples import generate as _generate
     from ditplan.samples import with_workload
     from ditplan.workflow import checked_plan, prepare
 
+    import_plugins(plugins)  # a plugin's family decides what the workload's conditions are
     spec, adapter = prepare(with_workload(load_spec(experiment), classes, prompts, seed, num))
     checked = checked_plan(plan, adapter, spec) if plan is not None else None
     return _generate(spec, adapter, out if out is not None else Path("samples") / spec.name, checked)

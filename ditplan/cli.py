@@ -19,11 +19,12 @@ from ditplan.errors import UserError
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {}
 RAY_ADDRESS_HELP = ("an existing Ray cluster, e.g. 127.0.0.1:6379 (default: RAY_ADDRESS if set, else a local Ray "
                     "instance of this run's own)")
-PLUGIN_HELP = "module to import (driver and search workers) that registers strategies or feature extractors; repeatable"
+PLUGIN_HELP = ("module to import (driver and search workers) that registers strategies, model families or feature "
+               "extractors; repeatable")
 EXPERIMENT_HELP = "the experiment: a YAML file, or the name of a shipped one (quickstart, digits-1024, …)"
 DESCRIPTION = """\
-ditplan finds acceleration plans for Diffusion Transformers (DiT, PixArt): which attention, token-pruning
-or caching strategy each layer uses at each denoising step. It searches them (Optuna on Ray), compares them
+ditplan finds acceleration plans for Diffusion Transformers (DiT, PixArt, FLUX.1, SD3): which attention,
+token-pruning or caching strategy each layer uses at each denoising step. It searches them (Optuna on Ray), compares them
 with DiTFastAttn's greedy plans and cache presets on held-out seeds, and exports plan files that a stock
 diffusers pipeline runs."""
 EXAMPLE = "example: ditplan run quickstart   (the whole loop on the shipped digit DiT, ~15 min on 2 CPU cores)"
@@ -65,7 +66,7 @@ def _generate(args: argparse.Namespace) -> None:
     import ditplan
 
     out = ditplan.generate(args.experiment, args.plan, args.out, classes=args.classes, prompts=args.prompts,
-                           seed=args.seed, num=args.num)
+                           seed=args.seed, num=args.num, plugins=args.plugin or ())
     print(f"wrote {out / 'grid.png'} and {out / 'samples.safetensors'}")
 
 
@@ -284,6 +285,7 @@ def _add_use(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed of the first sample; the next ones count up (default: workload.seed)")
     p.add_argument("--num", type=int, help="samples per class or prompt (default: workload.samples_per_condition)")
     p.add_argument("--out", help="output folder (default: samples/<experiment name>)")
+    p.add_argument("--plugin", action="append", help=PLUGIN_HELP)
 
     p = sub.add_parser("show", help="what a plan file does: its description, target and FLOPs ratio to dense")
     p.add_argument("plan", help="plan YAML file")

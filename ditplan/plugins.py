@@ -1,5 +1,6 @@
-"""User plugins: modules that register their own strategies (``ditplan.strategies.register``) or feature
-extractors (torch-fidelity's ``register_feature_extractor``) when imported (``--plugin MODULE``)."""
+"""User plugins: modules that register their own strategies (``ditplan.strategies.register``), model families
+(``ditplan.models.family.register_family``) or feature extractors (torch-fidelity's
+``register_feature_extractor``) when imported (``--plugin MODULE``)."""
 
 from __future__ import annotations
 

@@ -36,11 +36,11 @@ def test_a_cache_that_never_skips_equals_dense_and_removal_restores_the_transfor
 
 
 @pytest.mark.parametrize("method, config, expected", [
-    # FirstBlockCache, never close enough: every block at step 0, then only the first block
-    ("first_block", {"threshold": 1e9}, {"block": 2 + 3, "self_attention": 2 + 3, "cross_attention": 0}),
+    # FirstBlockCache, never close enough: every block at step 0, then only the first block (per layer)
+    ("first_block", {"threshold": 1e9}, {"block": [4, 1], "self_attention": [4, 1], "cross_attention": [0, 0]}),
     # TaylorSeer, warm-up 1, interval 2: attention computes at steps 0 and 2; the feed-forwards always run
-    ("taylorseer", {"cache_interval": 2, "disable_cache_before_step": 1}, {"block": 8, "self_attention": 4,
-                                                                          "cross_attention": 0}),
+    ("taylorseer", {"cache_interval": 2, "disable_cache_before_step": 1}, {"block": [4, 4], "self_attention": [2, 2],
+                                                                          "cross_attention": [0, 0]}),
 ])
 def test_executed_parts_are_counted_and_their_flops_equal_the_flop_counter(tiny_adapter, tiny_spec, method, config,
                                                                            expected):
@@ -49,11 +49,11 @@ def test_executed_parts_are_counted_and_their_flops_equal_the_flop_counter(tiny_
     try:
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             sample(tiny_adapter, [1, 2], [0, 1], settings)
-        counts, calls = dict(runtime.executed.counts), runtime.executed.calls
+        counts, calls = {k: list(v) for k, v in runtime.executed.counts.items()}, runtime.executed.calls
     finally:
         remove_plan(tiny_adapter.transformer)
     assert counts == expected and calls == 4
-    assert executed_flops(tiny_adapter, counts, calls, rows=4) == counter.get_total_flops()
+    assert executed_flops(tiny_adapter, counts, calls, rows=4).total == counter.get_total_flops()
 
 
 def test_a_cache_plan_is_checked_before_anything_is_installed(tiny_adapter, tiny_spec, tmp_path):
@@ -86,7 +86,8 @@ def test_trials_and_the_held_out_evaluation_take_a_cache_plans_flops_from_what_r
     settings = spec.sampler.settings()  # 4 steps, CFG; the tiny DiT has 2 blocks
     never, always = (cache_plan(tiny_adapter, settings, "first_block", threshold=t) for t in (0.0, 1e9))
     # skipping everything it can: both blocks at step 0, then only the first block (per sample: 4 rows)
-    skipped = executed_flops(tiny_adapter, {"block": 5, "self_attention": 5, "cross_attention": 0}, 4, rows=4)
+    skipped = executed_flops(tiny_adapter, {"block": [4, 1], "self_attention": [4, 1], "cross_attention": [0, 0]}, 4,
+                             rows=4).total
     dense_one = plan_flops(tiny_adapter, None, settings, batch=2).total
     held_out = measure(tiny_adapter, spec, {"never": never, "always": always}, spec.seed_set("held_out"), timed=True,
                        rounds_count=3).metrics

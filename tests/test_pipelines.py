@@ -351,6 +351,6 @@ def test_a_plan_with_diffusers_first_block_cache_runs_in_the_pipeline_as_in_ditp
     dense = run_dit(pipe, [1, 2], [0, 1])
     runtime = ditplan.apply_plan(pipe, plan)
     np.testing.assert_allclose(run_dit(pipe, [1, 2], [0, 1]), ours, rtol=0, atol=1e-5)
-    assert runtime.executed.counts["block"] < 2 * DIT.num_steps  # it skipped blocks
+    assert sum(runtime.executed.counts["block"]) < 2 * DIT.num_steps  # it skipped blocks
     ditplan.remove_plan(pipe)
     assert np.array_equal(run_dit(pipe, [1, 2], [0, 1]), dense)

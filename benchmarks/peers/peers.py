@@ -118,7 +118,7 @@ def cache_dit_metrics(adapter: ModelAdapter, spec: ExperimentSpec) -> dict[str, 
             if config is not None:
                 cache_dit.disable_cache(pipe)
         samples = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2) * 2 - 1  # (N, C, H, W) in [-1, 1]
-        return samples, seconds, dict(counter.counts)
+        return samples, seconds, {k: list(v) for k, v in counter.counts.items()}
 
     for config in configs.values():  # warm-up
         run(config, seed_set.conditions[:2], seed_set.seeds[:2])
@@ -133,7 +133,7 @@ def cache_dit_metrics(adapter: ModelAdapter, spec: ExperimentSpec) -> dict[str, 
             images, spent, counts = run(config, conditions, seeds)
             samples[name].append(images)
             seconds[name].append(spent)
-            flops[name] += executed_flops(adapter, counts, settings.num_steps, rows)
+            flops[name] += executed_flops(adapter, counts, settings.num_steps, rows).total
     counter.remove()
     dense = torch.cat(samples[PIPELINE_DENSE])
     reference = reference_images(spec)

@@ -92,19 +92,27 @@ def plan_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSettin
     return Flops(attention=attention, total=attention + other)
 
 
-def executed_flops(adapter: ModelAdapter, counts: dict[str, int], calls: int, rows: int,
-                   text_tokens: int | None = None) -> float:
-    """Whole-transformer FLOPs of what ran, from the counts of an ``ExecutionCounter`` (block parts
-    executed over ``calls`` transformer calls of ``rows`` rows each): for plans carrying one of
-    diffusers' caches, which decide at run time what computes."""
+def layer_attention_flops(adapter: ModelAdapter, layer: int, text_tokens: int) -> float:
+    """FLOPs of block ``layer``'s self-attention computed in full, per sample."""
+    if not adapter.plan_attention:
+        return float(adapter.joint_attention_flops(layer, text_tokens))
+    return dense_attention_flops(AttentionShape(batch=1, tokens=adapter.num_tokens, dim=adapter.hidden_dim,
+                                                heads=adapter.transformer.config.num_attention_heads))
+
+
+def executed_flops(adapter: ModelAdapter, counts: dict[str, list[int]], calls: int, rows: int,
+                   text_tokens: int | None = None) -> Flops:
+    """Whole-transformer and self-attention FLOPs of what ran, from the counts of an ``ExecutionCounter``
+    (block parts executed per layer over ``calls`` transformer calls of ``rows`` rows each): for plans
+    carrying one of diffusers' caches, which decide at run time what computes."""
     text_tokens = adapter.text_tokens if text_tokens is None else text_tokens
-    per_block, once = adapter.other_flops(text_tokens)
     cross = adapter.cross_attention_block_flops(text_tokens)
-    shape = AttentionShape(batch=1, tokens=adapter.num_tokens, dim=adapter.hidden_dim,
-                           heads=adapter.transformer.config.num_attention_heads)
-    per_row = (calls * once + counts["block"] * (per_block - cross) + counts["cross_attention"] * cross
-               + counts["self_attention"] * dense_attention_flops(shape))
-    return float(rows * per_row)
+    attention, other = 0.0, float(calls * adapter.other_flops(text_tokens)[1])
+    for layer in range(adapter.num_layers):
+        per_block = adapter.other_flops(text_tokens, layer=layer)[0]
+        attention += counts["self_attention"][layer] * layer_attention_flops(adapter, layer, text_tokens)
+        other += counts["block"][layer] * (per_block - cross) + counts["cross_attention"][layer] * cross
+    return Flops(attention=rows * attention, total=rows * (attention + other))
 
 
 def run_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSettings, run: PlanRun, batch: int) -> Flops:
@@ -113,10 +121,7 @@ def run_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSetting
     if run.executed is None:
         return plan_flops(adapter, plan, settings, batch)
     rows = batch * (2 if settings.cfg else 1)
-    shape = AttentionShape(batch=rows, tokens=adapter.num_tokens, dim=adapter.hidden_dim,
-                           heads=adapter.transformer.config.num_attention_heads)
-    return Flops(attention=run.executed.counts["self_attention"] * dense_attention_flops(shape),
-                 total=executed_flops(adapter, run.executed.counts, run.executed.calls, rows))
+    return executed_flops(adapter, run.executed.counts, run.executed.calls, rows)
 
 
 def plan_flops_ratio(adapter: ModelAdapter, plan: Plan) -> float | None:

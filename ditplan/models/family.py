@@ -144,6 +144,8 @@ class ModelAdapter(abc.ABC):
     flow_matching: ClassVar[bool] = False  # whether it samples with a flow-matching scheduler
     # the strategies a search space draws when the experiment names none (search.space.methods)
     default_methods: ClassVar[tuple[str, ...]] = ("full", "ast", "wars", "asc", "wars+asc")
+    # the names of its blocks' attention modules (a regex matched in full, as diffusers' cache hooks match them)
+    attention_names: ClassVar[str] = r"transformer_blocks\.\d+\.attn\d"
 
     def __init__(
         self,
@@ -184,6 +186,16 @@ class ModelAdapter(abc.ABC):
     def block_pattern(cls, block: torch.nn.Module) -> BlockPattern:
         """How ``block`` takes and returns its token streams."""
         return SINGLE_STREAM
+
+    @classmethod
+    def block_probe(cls, block: torch.nn.Module) -> torch.nn.Module:
+        """A module of ``block`` that runs exactly when the block computes (its feed-forward)."""
+        return block.ff
+
+    @classmethod
+    def cross_attention_of(cls, block: torch.nn.Module) -> Attention | None:
+        """The block's cross-attention to the text, or None."""
+        return getattr(block, "attn2", None)
 
     @classmethod
     def pipeline_timestep(cls, t: float) -> float:
@@ -413,10 +425,15 @@ class JointAttentionFamily(PromptFamily):
     flow_matching = True
     plan_attention = False
     default_methods = ("full", "reuse", "forecast")
+    attention_names = r"transformer_blocks\.\d+\.attn"
 
     @classmethod
     def attention_of(cls, block: torch.nn.Module) -> Attention:
         return block.attn
+
+    @classmethod
+    def cross_attention_of(cls, block: torch.nn.Module) -> Attention | None:
+        return None  # the text takes part in the joint attention
 
     @classmethod
     def block_pattern(cls, block: torch.nn.Module) -> BlockPattern:
@@ -432,11 +449,12 @@ def register_family(cls: type[ModelAdapter]) -> type[ModelAdapter]:
 
 
 def family_of(transformer: torch.nn.Module) -> type[ModelAdapter]:
-    """The family of a diffusers transformer (under ``torch.compile`` the module it wraps); another class is
-    one line naming the families."""
-    for family in FAMILIES.values():
-        if isinstance(transformer, family.transformer_class):
-            return family
+    """The family of a diffusers transformer: the one whose transformer class is nearest to its own (a
+    subclass's family before its base's); another class is one line naming the families."""
+    by_class = {family.transformer_class: family for family in FAMILIES.values()}
+    for cls in type(transformer).__mro__:
+        if cls in by_class:
+            return by_class[cls]
     known = ", ".join(f"{f.transformer_class.__name__} ({name})" for name, f in sorted(FAMILIES.items()))
     raise UserError(f"ditplan has no model family for {type(transformer).__name__}; it knows {known}. Add one in a "
                     "module that registers it (ditplan.models.family.register_family) and pass it to --plugin")

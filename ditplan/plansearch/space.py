@@ -528,7 +528,7 @@ def check_space(space: SpaceSpec, family: type[ModelAdapter]) -> None:
     of one, a pruning curve, one of diffusers' caches or its fields) or what ``family`` does not run: one
     line with the valid choices."""
     methods = space_methods(space, family)
-    refusal = family_refusal(family, methods, space.cache is not None)
+    refusal = family_refusal(family, methods, space.cache.method if space.cache is not None else None)
     if refusal:
         raise UserError(f"search.space: {refusal}")
     _check_methods(methods, space.params, space.interval is not None)
@@ -553,7 +553,7 @@ def cache_choices(method: str, params: Mapping[str, Sequence[Any]] | None = None
             raise UserError(f"search.space.cache.params.{field} lists no values; give at least one")
         for value in values:
             try:
-                known.config_class(**{**known.defaults, field: value})
+                known.config_class(**{field: value})
             except (TypeError, ValueError) as err:
                 raise UserError(f"search.space.cache.params.{field}: {value!r} is not valid for {method!r} ({err})") from None
         space[field] = list(values)

@@ -34,7 +34,7 @@ from ditplan.strategies.base import (
     get_strategy_class,
     is_block_strategy,
 )
-from ditplan.strategies.diffusers_cache import DiffusersCache, ExecutionCounter
+from ditplan.strategies.diffusers_cache import DiffusersCache, ExecutionCounter, broken_on
 from ditplan.strategies.hooks import remove_hook
 from ditplan.strategies.sdtm import SparseLayout, SparseRuntime
 
@@ -467,24 +467,25 @@ def check_plan(plan: Plan, adapter: ModelAdapter, settings: SamplerSettings) -> 
     DiffusersCache.from_plan(plan)
 
 
-def family_refusal(family: type[ModelAdapter], names: Iterable[str], cache: bool = False) -> str | None:
-    """Why ``family`` cannot run the strategies ``names`` (and one of diffusers' caches when ``cache``), or None.
-    A family whose self-attention ditplan's attention strategies do not run on takes ``full`` and block caching."""
+def family_refusal(family: type[ModelAdapter], names: Iterable[str], cache: str | None = None) -> str | None:
+    """Why ``family`` cannot run the strategies ``names`` (and diffusers' cache ``cache``), or None. A family whose
+    self-attention ditplan's attention strategies do not run on takes ``full``, block caching and diffusers' caches
+    that do not break on it."""
+    broken = broken_on(family.name, cache) if cache else None
+    if broken:
+        return f"{broken}; ditplan's block caching ({', '.join(_block_cells())}) is the cache that runs there"
     if family.plan_attention:
         return None
     refused = sorted(n for n in names if n != "full" and not is_block_strategy(n))
     if refused:
         return (f"{refused[0]!r} does not run on the {family.name} family's attention; plans for it use 'full' and "
                 f"block caching ({', '.join(_block_cells())})")
-    if cache:
-        return (f"ditplan does not run diffusers' caches on the {family.name} family yet; its block caching "
-                f"({', '.join(_block_cells())}) is the cache that runs there")
     return None
 
 
 def check_family_runs(plan: Plan, transformer: torch.nn.Module) -> None:
     """Refuse, in one line, a plan whose strategies the transformer's family does not run."""
-    refusal = family_refusal(family_of(transformer), plan.strategies(), bool(plan.cache))
+    refusal = family_refusal(family_of(transformer), plan.strategies(), (plan.cache or {}).get("method"))
     if refusal:
         raise PlanError(refusal)
 
@@ -528,7 +529,7 @@ class Executed:
     """What ran in one sampling run of a plan whose cache decides at run time (one of diffusers'):
     the block parts counted by :class:`ExecutionCounter` over ``calls`` transformer calls."""
 
-    counts: dict[str, int]
+    counts: dict[str, list[int]]  # part → runs per layer
     calls: int
 
 
@@ -560,7 +561,7 @@ def run_plan(
     try:
         samples = sample(adapter, conditions, seeds, settings, show_progress)
         counter = runtime.executed
-        executed = Executed(dict(counter.counts), counter.calls) if counter is not None else None
+        executed = Executed({k: list(v) for k, v in counter.counts.items()}, counter.calls) if counter is not None else None
         return PlanRun(samples, runtime.peak_cache_bytes, executed)
     finally:
         remove_plan(adapter.transformer)

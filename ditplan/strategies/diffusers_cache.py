@@ -2,8 +2,10 @@
 
 Installed with diffusers' ``apply_first_block_cache`` / ``apply_taylorseer_cache`` (never
 re-implemented); their fields are plan parameters the search can tune (``CacheMethod.space``). DiT
-and PixArt transformers are not diffusers ``CacheMixin`` models, so the plan's step hook sets the
-diffusers cache context around every transformer call, as ``CacheMixin.cache_context`` would.
+and PixArt (and SD3) transformers are not diffusers ``CacheMixin`` models, so the plan's step hook sets the
+diffusers cache context around every transformer call, as ``CacheMixin.cache_context`` would. Where one of
+them breaks on a family (:data:`BROKEN`), a plan with it is refused in one line and ditplan's own block
+caching (``reuse``, ``forecast``) is the cache that runs there.
 
 These caches decide at run time which blocks (FirstBlockCache) or attention modules (TaylorSeer)
 compute, so a plan that carries one keeps every grid cell ``full`` (nothing of the plan's own reuse
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,7 +37,7 @@ from diffusers.hooks.hooks import CacheContext, _set_cache_context
 from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
 
 from ditplan.models.context import StepContext
-from ditplan.models.family import family_of
+from ditplan.models.family import ModelAdapter, family_of
 from ditplan.plan import Plan, PlanError
 from ditplan.strategies.hooks import remove_hook
 
@@ -51,7 +53,8 @@ class CacheMethod:
     hook_names: tuple[str, ...]
     fields: tuple[str, ...]
     space: Mapping[str, Sequence[Any]]
-    defaults: Mapping[str, Any] = field(default_factory=dict)
+    # config values ditplan sets from the model's family where the plan sets none
+    family_defaults: Callable[[type[ModelAdapter]], Mapping[str, Any]] = lambda family: {}
 
 
 CACHE_METHODS: dict[str, CacheMethod] = {
@@ -67,19 +70,34 @@ CACHE_METHODS: dict[str, CacheMethod] = {
                 "cache_identifiers"),
         space={"cache_interval": [2, 3, 4, 5], "disable_cache_before_step": [1, 2, 3, 5], "max_order": [1, 2]},
         # NOTE: diffusers' default patterns ("^transformer_blocks.*attn", matched in full) hook no module of
-        # DiT/PixArt, whose attention modules are attn1/attn2: name them.
-        defaults={"cache_identifiers": [r"transformer_blocks\.\d+\.attn\d"]},
+        # DiT/PixArt, whose attention modules are attn1/attn2: the family names its attention modules.
+        family_defaults=lambda family: {"cache_identifiers": [family.attention_names]},
     ),
 }
 CONTEXT_NAME = "ditplan"
+# (family, cache) → why diffusers' cache does not run on that family (diffusers 0.42)
+BROKEN: dict[tuple[str, str], str] = {
+    ("sd3", "first_block"): "diffusers' FirstBlockCache crashes on SD3 (its last block returns no text stream)",
+}
+
+
+def broken_on(family: str, method: str) -> str | None:
+    """Why diffusers' cache ``method`` does not run on ``family``, or None when it does."""
+    return BROKEN.get((family, method))
 
 
 @dataclass(frozen=True)
 class DiffusersCache:
-    """The ``cache`` part of a plan: which of diffusers' caches, and its diffusers config object."""
+    """The ``cache`` part of a plan: which of diffusers' caches, and the config fields the plan sets (the
+    family of the model it is installed on fills in the rest, :meth:`config_for`)."""
 
     method: str
-    config: Any
+    fields: Mapping[str, Any]
+
+    def config_for(self, family: type[ModelAdapter]) -> Any:
+        """diffusers' config object of this cache on a model of ``family``."""
+        known = CACHE_METHODS[self.method]
+        return known.config_class(**{**known.family_defaults(family), **self.fields})
 
     @classmethod
     def from_config(cls, data: Any) -> DiffusersCache:
@@ -95,7 +113,8 @@ class DiffusersCache:
         if unknown:
             raise PlanError(f"plan cache {data['method']!r} has no field {unknown[0]!r}; its fields are {list(method.fields)}")
         try:
-            return cls(data["method"], method.config_class(**{**method.defaults, **config}))
+            method.config_class(**config)
+            return cls(data["method"], config)
         except (TypeError, ValueError) as err:
             raise PlanError(f"plan cache {data['method']!r} config {config} is invalid: {err}") from None
 
@@ -114,7 +133,11 @@ class DiffusersCache:
         return cache
 
     def install(self, transformer: torch.nn.Module) -> None:
-        CACHE_METHODS[self.method].apply(transformer, self.config)
+        family = family_of(transformer)
+        reason = broken_on(family.name, self.method)
+        if reason:
+            raise PlanError(f"{reason}; use ditplan's block caching (reuse, forecast) there")
+        CACHE_METHODS[self.method].apply(transformer, self.config_for(family))
 
     def remove(self, transformer: torch.nn.Module) -> None:
         """Remove every hook the cache installed, leaving no registry behind where none was."""
@@ -142,22 +165,26 @@ class ExecutionCounter:
     PARTS = ("block", "self_attention", "cross_attention")
 
     def __init__(self, transformer: torch.nn.Module) -> None:
-        self.counts = dict.fromkeys(self.PARTS, 0)
-        self.calls = 0
-        self._handles = []
         family = family_of(transformer)
-        for block in family.blocks(transformer):
-            modules = {"block": block.ff, "self_attention": family.attention_of(block).to_q}
-            if getattr(block, "attn2", None) is not None:
-                modules["cross_attention"] = block.attn2.to_q
+        blocks = family.blocks(transformer)
+        self.num_layers = len(blocks)
+        self.reset()
+        self._handles = []
+        for layer, block in enumerate(blocks):
+            cross = family.cross_attention_of(block)
+            modules = {"block": family.block_probe(block), "self_attention": family.attention_of(block).to_q}
+            if cross is not None:
+                modules["cross_attention"] = cross.to_q
             for part, module in modules.items():
-                self._handles.append(module.register_forward_pre_hook(lambda *_, part=part: self._count(part)))
+                self._handles.append(module.register_forward_pre_hook(
+                    lambda *_, part=part, layer=layer: self._count(part, layer)))
 
-    def _count(self, part: str) -> None:
-        self.counts[part] += 1
+    def _count(self, part: str, layer: int) -> None:
+        self.counts[part][layer] += 1
 
     def reset(self) -> None:
-        self.counts = dict.fromkeys(self.PARTS, 0)
+        """Counts per part and layer, from zero."""
+        self.counts = {part: [0] * self.num_layers for part in self.PARTS}
         self.calls = 0
 
     def remove(self) -> None:

@@ -40,6 +40,7 @@ class FluxAdapter(JointAttentionFamily):
     pipelines = {FluxPipeline: "distilled"}
     unconditional = False  # guidance-distilled: no unconditional call
     guidance_modes = ("embedded",)
+    attention_names = r"(single_)?transformer_blocks\.\d+\.attn"
 
     def __init__(self, *args: Any, image_size: int | None = None, **kwargs: Any) -> None:
         image_size = image_size or DEFAULT_IMAGE_SIZE
@@ -52,6 +53,10 @@ class FluxAdapter(JointAttentionFamily):
     @classmethod
     def blocks(cls, transformer: torch.nn.Module) -> list[torch.nn.Module]:
         return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+    @classmethod
+    def block_probe(cls, block: torch.nn.Module) -> torch.nn.Module:
+        return getattr(block, "ff", None) or block.proj_mlp  # a single-stream block's MLP is proj_mlp
 
     @classmethod
     def pipeline_timestep(cls, t: float) -> float:

@@ -35,6 +35,7 @@ class SD3Adapter(JointAttentionFamily):
     transformer_class = SD3Transformer2DModel
     scheduler_class = FlowMatchEulerDiscreteScheduler
     pipelines = {StableDiffusion3Pipeline: "uncond-cond"}
+    attention_names = r"transformer_blocks\.\d+\.attn2?"  # SD3.5's dual-attention layers: attn2 too
 
     # --- sampling ------------------------------------------------------------------------------
     def set_timesteps(self, scheduler: Any, num_steps: int, device: torch.device) -> None:
