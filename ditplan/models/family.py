@@ -14,6 +14,7 @@ Nothing here knows a strategy.
 from __future__ import annotations
 
 import abc
+import importlib.util
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -417,8 +418,9 @@ JOINT_STREAMS = BlockPattern(("hidden_states", "encoder_hidden_states"), ("encod
 class JointAttentionFamily(PromptFamily):
     """A flow-matching MMDiT (FLUX, SD3): joint attention over image and text tokens in each block's ``attn``,
     blocks that take and return both streams, conditioned on T5 embeddings and a pooled CLIP embedding.
-    ditplan's attention-level strategies do not run on joint attention yet: its plans use ``full`` and block
-    caching."""
+    ditplan's attention-level strategies do not run on joint attention yet: its plans use ``full``, block
+    caching and diffusers' caches. Its sampling uses its stock pipeline's own code (schedule, latent packing),
+    which needs transformers (``pip install 'ditplan[text]'``)."""
 
     second_name = "pooled"
     second_input = "pooled_projections"
@@ -434,6 +436,13 @@ class JointAttentionFamily(PromptFamily):
     @classmethod
     def cross_attention_of(cls, block: torch.nn.Module) -> Attention | None:
         return None  # the text takes part in the joint attention
+
+    @classmethod
+    def check_spec(cls, spec: ExperimentSpec) -> None:
+        if importlib.util.find_spec("transformers") is None:
+            raise UserError(f"a {cls.name} model samples with its diffusers pipeline's code, which needs transformers: "
+                            "pip install 'ditplan[text]'")
+        super().check_spec(spec)
 
     @classmethod
     def block_pattern(cls, block: torch.nn.Module) -> BlockPattern:

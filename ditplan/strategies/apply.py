@@ -34,7 +34,11 @@ from ditplan.strategies.base import (
     get_strategy_class,
     is_block_strategy,
 )
-from ditplan.strategies.diffusers_cache import DiffusersCache, ExecutionCounter, broken_on
+from ditplan.strategies.diffusers_cache import (
+    DiffusersCache,
+    ExecutionCounter,
+    broken_on,
+)
 from ditplan.strategies.hooks import remove_hook
 from ditplan.strategies.sdtm import SparseLayout, SparseRuntime
 

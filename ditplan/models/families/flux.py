@@ -16,8 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
 
 from ditplan.errors import UserError
 from ditplan.models.family import (
@@ -83,6 +86,11 @@ class FluxAdapter(JointAttentionFamily):
     # --- sampling ------------------------------------------------------------------------------
     def set_timesteps(self, scheduler: Any, num_steps: int, device: torch.device) -> None:
         """FluxPipeline's schedule: sigmas from 1 to 1/N, shifted by the image's token count (``mu``)."""
+        from diffusers.pipelines.flux.pipeline_flux import (
+            calculate_shift,
+            retrieve_timesteps,
+        )
+
         config = scheduler.config
         sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)
         mu = calculate_shift(self.num_tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),

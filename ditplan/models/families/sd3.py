@@ -19,12 +19,13 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
-    calculate_shift,
-    retrieve_timesteps,
-)
 
-from ditplan.models.family import JointAttentionFamily, linear_flops, register_family, timestep_embedding_flops
+from ditplan.models.family import (
+    JointAttentionFamily,
+    linear_flops,
+    register_family,
+    timestep_embedding_flops,
+)
 
 
 @register_family
@@ -41,6 +42,11 @@ class SD3Adapter(JointAttentionFamily):
     def set_timesteps(self, scheduler: Any, num_steps: int, device: torch.device) -> None:
         """StableDiffusion3Pipeline's schedule: the scheduler's own, shifted by the token count when it shifts
         dynamically."""
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+            calculate_shift,
+            retrieve_timesteps,
+        )
+
         config = scheduler.config
         mu = None
         if config.get("use_dynamic_shifting"):
