@@ -54,8 +54,10 @@ class ModelSpec(_Strict):
     sibling), a local folder in diffusers pipeline layout, or a hub id.
     config: instead of ``source``, a transformer config dict: random weights (tests, smoke runs).
     vae: a folder/hub id whose ``vae/`` decodes latents; none for pixel-space models.
-    prompt_embeddings: PixArt without its T5 encoder: a safetensors file with ``<prompt>.embeds`` and
-    ``<prompt>.mask`` for every prompt and for the empty prompt "".
+    prompt_embeddings: a prompt-conditioned model without its text encoders: a safetensors file with
+    ``<prompt>.embeds`` and ``<prompt>.mask`` (PixArt) or ``<prompt>.pooled`` (FLUX, SD3) for every prompt and
+    for the empty prompt "" (but FLUX).
+    text_encoder: instead, the folder or hub id of the pipeline whose text encoders encode the prompts.
     device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
     image_size: pixels per side, for families that render any size (flux); default the family's.
     dtype: what the transformer (and VAE) compute in: ``float32`` (default), ``float16`` or ``bfloat16``

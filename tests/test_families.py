@@ -5,6 +5,7 @@ back as a user's own would be; plans in ``pipe(...)``, FLOPs, refusals and ``dit
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -355,3 +356,98 @@ def test_diffusers_caches_run_through_diffusers_own_hooks_or_are_refused_where_t
     # NOTE: 1e-4, not 1e-5: TaylorSeer extrapolates the rounding differences of SD3's [uncond; cond] batch order
     np.testing.assert_allclose(case.latents(pipe, adapter, PROMPTS, [1, 2]).numpy(), run.samples.numpy(), rtol=0,
                                atol=1e-4)
+
+
+def tiny_text_encoders(kind: str, folder: Path) -> dict[str, Any]:
+    """In-memory CLIP and T5 tokenizers and encoders of the tiny sizes the tiny transformers take (FLUX: a CLIP
+    (pooled 32) and a T5 (32); SD3: two CLIPs with projections (16 + 16 wide, pooled 32 + 32) and a T5 (32))."""
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+        T5Tokenizer,
+    )
+
+    words = sorted({w for p in PROMPTS for w in p.split()})
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in sorted(set("".join(words))):
+        vocab |= {c: len(vocab), f"{c}</w>": len(vocab) + 1}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+
+    def clip_tokenizer() -> CLIPTokenizer:
+        return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+
+    def clip(width: int, projection: bool) -> torch.nn.Module:
+        config = CLIPTextConfig(hidden_size=width, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                                vocab_size=len(vocab), max_position_embeddings=16, projection_dim=32)
+        return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+    t5_tokenizer = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(f"▁{w}", -1.0) for w in words],
+                               extra_ids=0)
+    torch.manual_seed(3)
+    t5 = T5EncoderModel(T5Config(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, vocab_size=len(words) + 3,
+                                 relative_attention_num_buckets=8)).eval()
+    if kind == "flux":
+        return {"text_encoder": clip(32, False), "tokenizer": clip_tokenizer(), "text_encoder_2": t5,
+                "tokenizer_2": t5_tokenizer}
+    return {"text_encoder": clip(16, True), "tokenizer": clip_tokenizer(), "text_encoder_2": clip(16, True),
+            "tokenizer_2": clip_tokenizer(), "text_encoder_3": t5, "tokenizer_3": t5_tokenizer}
+
+
+def test_prompts_encoded_by_the_pipelines_own_text_encoders_give_what_pipe_with_prompts_gives(family, tmp_path):
+    case, _ = family
+    folder = tmp_path / f"tiny-{case.kind}-text"
+    folder.mkdir()
+    pipe = case.pipeline()
+    pipe.register_modules(**tiny_text_encoders(case.kind, folder))
+    pipe.save_pretrained(folder / "pipeline")
+    source = str(folder / "pipeline")
+    s = case.settings
+    experiment = tmp_path / "experiment.yaml"
+    experiment.write_text(yaml.safe_dump({
+        "name": "tiny", "model": {"kind": case.kind, "source": source, "vae": source, "text_encoder": source,
+                                  "image_size": case.image_size, "device": "cpu"},
+        "sampler": {"scheduler": s.scheduler, "num_steps": s.num_steps, "guidance_scale": s.guidance_scale,
+                    "guidance": s.guidance, "batch_size": 8},
+        "workload": {"prompts": PROMPTS, "samples_per_condition": 1, "seed": 3},
+    }))
+    adapter = experiment_adapter(load_spec(experiment))
+    plan_path = plan_for(case, adapter, case.mixed).save(tmp_path / "plan.yaml")
+    main(["generate", "--experiment", str(experiment), "--plan", str(plan_path), "--out", str(tmp_path / "g")])
+    ours = load_file(tmp_path / "g" / "samples.safetensors")["samples"]
+    stock = FAMILIES[case.kind].pipeline_class().from_pretrained(source)
+    stock.set_progress_bar_config(disable=True)
+    ditplan.apply_plan(stock, plan_path)
+    images = stock(prompt=PROMPTS, height=case.image_size, width=case.image_size, num_inference_steps=s.num_steps,
+                   guidance_scale=s.guidance_scale, output_type="np",
+                   generator=[torch.Generator().manual_seed(seed) for seed in (3, 4)]).images
+    np.testing.assert_allclose(images, (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-5)
+
+
+def test_a_text_encoder_that_cannot_be_loaded_is_one_line(tmp_path, capsys):
+    experiment = tiny_experiment("flux", tmp_path)
+    data = yaml.safe_load(experiment.read_text())
+    del data["model"]["prompt_embeddings"]
+    data["model"]["text_encoder"] = "black-forest-labs/FLUX.1-dev"
+    experiment.write_text(yaml.safe_dump(data))
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--experiment", str(experiment), "--out", str(tmp_path / "g")])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "\n" not in err
+    assert "model.text_encoder 'black-forest-labs/FLUX.1-dev': cannot load a FluxPipeline's text encoders" in err
+
+
+@pytest.mark.parametrize("name", ["flux-1-dev", "sd35-medium"])
+def test_the_real_models_experiments_check_and_say_in_one_line_that_their_weights_are_not_here(name, tmp_path, capsys):
+    from ditplan.spec import SHIPPED_EXPERIMENTS
+    from ditplan.workflow import check_names
+
+    check_names(load_spec(SHIPPED_EXPERIMENTS / f"{name}.yaml"))  # every name and setting fits the family, without weights
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", name, "--out", str(tmp_path / "g")])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "\n" not in err and "cannot load" in err and "reachable hub" in err

@@ -391,8 +391,18 @@ class PromptFamily(ModelAdapter):
 
     @classmethod
     def load_kwargs(cls, spec: ModelSpec, conditions: Sequence[Any]) -> dict[str, Any]:
-        return {"prompt_embeddings": cls.read_embeddings(spec.prompt_embeddings, [str(c) for c in conditions]),
-                "image_size": spec.image_size}
+        """The prompts' embeddings, from the file or (a family that encodes prompts) ``model.text_encoder``."""
+        prompts = [str(c) for c in conditions]
+        if spec.prompt_embeddings:
+            embeddings = cls.read_embeddings(spec.prompt_embeddings, prompts)
+        else:
+            embeddings = cls.encode_prompts(spec.text_encoder, prompts)
+        return {"prompt_embeddings": embeddings, "image_size": spec.image_size}
+
+    @classmethod
+    def encode_prompts(cls, source: str, prompts: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``prompts`` (and the empty one) encoded with the text encoders at ``source`` (``encodes_prompts``)."""
+        raise NotImplementedError(f"the {cls.name} family runs from model.prompt_embeddings only")
 
     def conditioning(self, conditions: Sequence[Any], device: torch.device) -> Conditioning:
         needed = [*conditions, *([""] if self.unconditional else [])]
@@ -409,6 +419,17 @@ class PromptFamily(ModelAdapter):
             return {"encoder_hidden_states": embeds, self.second_input: second}
 
         return Conditioning(stack(list(conditions)), stack([""] * len(conditions)) if self.unconditional else None)
+
+
+def text_pipeline(pipeline_class: type, source: str) -> Any:
+    """The stock pipeline at ``source`` with its text encoders and tokenizers only (no transformer, no VAE); a
+    folder that lacks them or a hub id that cannot be fetched is one line naming ``model.text_encoder``."""
+    try:
+        return pipeline_class.from_pretrained(source, transformer=None, vae=None)
+    except (OSError, ValueError, TypeError) as err:
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise UserError(f"model.text_encoder {source!r}: cannot load a {pipeline_class.__name__}'s text encoders (not a "
+                        f"complete local folder, and not on a reachable hub): {first.strip()}") from None
 
 
 # an MMDiT block takes the image and the text stream and returns them text first (None for a text stream it ends)
@@ -436,6 +457,22 @@ class JointAttentionFamily(PromptFamily):
     @classmethod
     def cross_attention_of(cls, block: torch.nn.Module) -> Attention | None:
         return None  # the text takes part in the joint attention
+
+    encodes_prompts = True
+
+    @classmethod
+    def encode_prompts(cls, source: str, prompts: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each prompt (and the empty one when the family runs CFG) through the text encoders of the pipeline
+        folder or hub id ``source``, with that pipeline's own ``encode_prompt``: ``(embeds (L, D), pooled (P,))``."""
+        pipe = text_pipeline(cls.pipeline_class(), source)
+        with torch.no_grad():
+            return {prompt: cls.encode_one(pipe, prompt)
+                    for prompt in dict.fromkeys([*prompts, *([""] if cls.unconditional else [])])}
+
+    @classmethod
+    def encode_one(cls, pipe: Any, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One prompt through ``pipe.encode_prompt``: its embeddings (L, D) and pooled embedding (P,)."""
+        raise NotImplementedError
 
     @classmethod
     def check_spec(cls, spec: ExperimentSpec) -> None:

@@ -62,6 +62,11 @@ class FluxAdapter(JointAttentionFamily):
         return getattr(block, "ff", None) or block.proj_mlp  # a single-stream block's MLP is proj_mlp
 
     @classmethod
+    def encode_one(cls, pipe: Any, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device="cpu")
+        return embeds[0], pooled[0]
+
+    @classmethod
     def pipeline_timestep(cls, t: float) -> float:
         return t / 1000  # FluxPipeline passes timestep / 1000 (the transformer multiplies it back)
 

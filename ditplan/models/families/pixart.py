@@ -6,7 +6,6 @@ which batch CFG as ``[uncond; cond]``. Runs offline from prompt embeddings (a sa
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import (
@@ -22,10 +21,6 @@ from ditplan.models.family import (
     register_family,
     timestep_embedding_flops,
 )
-
-if TYPE_CHECKING:
-    from ditplan.spec import ModelSpec
-
 
 @register_family
 class PixArtAdapter(PromptFamily):
@@ -73,13 +68,6 @@ class PixArtAdapter(PromptFamily):
                 embeds = encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0][0]
             out[prompt] = (embeds, tokens.attention_mask[0])
         return out
-
-    @classmethod
-    def load_kwargs(cls, spec: ModelSpec, conditions: Sequence[Any]) -> dict[str, Any]:
-        prompts = [str(c) for c in conditions]
-        if spec.prompt_embeddings:
-            return {"prompt_embeddings": cls.read_embeddings(spec.prompt_embeddings, prompts)}
-        return {"prompt_embeddings": cls.encode_prompts(spec.text_encoder, prompts)}
 
     def cross_attention_block_flops(self, text_tokens: int, tokens: int | None = None) -> int:
         c = self.hidden_dim

@@ -38,6 +38,12 @@ class SD3Adapter(JointAttentionFamily):
     pipelines = {StableDiffusion3Pipeline: "uncond-cond"}
     attention_names = r"transformer_blocks\.\d+\.attn2?"  # SD3.5's dual-attention layers: attn2 too
 
+    @classmethod
+    def encode_one(cls, pipe: Any, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, prompt_3=None, device="cpu",
+                                                  do_classifier_free_guidance=False)
+        return embeds[0], pooled[0]
+
     # --- sampling ------------------------------------------------------------------------------
     def set_timesteps(self, scheduler: Any, num_steps: int, device: torch.device) -> None:
         """StableDiffusion3Pipeline's schedule: the scheduler's own, shifted by the token count when it shifts
