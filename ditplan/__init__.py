@@ -54,8 +54,8 @@ __all__ = [
 
 
 def apply_plan(model: Any, plan: Plan | str | Path, model_folder: str | Path | None = None) -> Any:
-    """Install ``plan`` (a Plan or a plan file) on a stock diffusers ``DiTPipeline`` /
-    ``PixArtAlphaPipeline`` / ``PixArtSigmaPipeline`` — then ``pipe(...)`` runs it — or on a bare
+    """Install ``plan`` (a Plan or a plan file) on a stock diffusers pipeline of a family ditplan knows (DiT,
+    PixArt-α/Σ, FLUX.1, SD3: :mod:`ditplan.models.families`) — then ``pipe(...)`` runs it — or on a bare
     transformer, whose loop tells the step with :func:`denoising_step`. A SparseDiT plan swaps in its
     fine-tuned network from ``model_folder`` (default: where the transformer was loaded from). Checks the
     weights here and the scheduler, steps and guidance at each pipeline call (see strategies.pipeline)."""
