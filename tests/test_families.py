@@ -107,13 +107,13 @@ class Case:
 
 
 CASES = {
-    # dual-stream blocks 0-1, single-stream blocks 2-3: computed, reused and forecast in every block kind
+    # dual-stream blocks 0-1, single-stream blocks 2-3: computed, AST, reused and forecast in every block kind
     "flux": Case("flux", tiny_flux, SamplerSettings("flow-euler", 4, 3.5, 8, guidance="embedded"), 16, 32, False,
-                 [["full"] * 4, ["full", "reuse", "full", "reuse"], ["reuse", "full", "forecast", "full"],
-                  ["forecast", "reuse", "reuse", "forecast"]], 1),
+                 [["full"] * 4, ["ast", "reuse", "full", "ast"], ["reuse", "ast", "forecast", "full"],
+                  ["forecast", "full", "ast", "forecast"]], 1),
     # block 0 with SD3.5's dual attention, block 2 the last (no text stream out)
     "sd3": Case("sd3", tiny_sd3, SamplerSettings("flow-euler", 4, 4.0, 8), 8, 64, True,
-                [["full"] * 3, ["reuse", "full", "reuse"], ["full", "forecast", "full"], ["forecast", "reuse", "forecast"]],
+                [["full"] * 3, ["reuse", "ast", "ast"], ["ast", "forecast", "full"], ["forecast", "reuse", "forecast"]],
                 4),
 }
 
@@ -222,17 +222,18 @@ def test_the_flops_of_a_sampling_run_are_what_flop_counter_mode_counts(family):
         assert counter.get_total_flops() == plan_flops(adapter, plan, case.settings, batch=2).total
 
 
-def test_an_attention_strategy_is_refused_in_one_line_and_nothing_is_installed(family):
+def test_a_strategy_that_works_inside_attention_is_refused_in_one_line_and_nothing_is_installed(family):
     case, folder = family
     adapter = adapter_of(case, folder, vae=False)
     rows = [list(row) for row in case.mixed]
-    rows[1][0] = "ast"
+    rows[1][0] = "wars"
     plan = plan_for(case, adapter, rows)
-    with pytest.raises(PlanError, match=f"'ast' does not run on the {case.kind} family's attention") as err:
+    with pytest.raises(PlanError, match=f"'wars' does not run on the {case.kind} family's attention; plans for it use "
+                                        "ast, forecast, full, reuse") as err:
         run_plan(adapter, plan, PROMPTS, [1], case.settings)
     assert "\n" not in str(err.value)
     pipe = stock_pipe(case, folder)
-    with pytest.raises(PlanError, match="'ast' does not run"):
+    with pytest.raises(PlanError, match="'wars' does not run"):
         ditplan.apply_plan(pipe, plan)
     assert not HookRegistry.check_if_exists_or_initialize(pipe.transformer).hooks
 
@@ -259,8 +260,8 @@ def test_ditplan_run_of_a_tiny_experiment_goes_from_dense_to_exported_plans(kind
     experiment = tiny_experiment(kind, tmp_path)
     run = RunDir(ditplan.run(experiment, show_progress=False))
     greedy = list(run.greedy.plans().values())
-    assert len(greedy) == 2 and all(p.strategies() <= {"full", "reuse"} for p in greedy)
-    assert any("reuse" in p.strategies() for p in greedy)  # δ = 0.5 lets blocks be reused
+    assert len(greedy) == 2 and all(p.strategies() <= {"full", "reuse", "ast"} for p in greedy)
+    assert any(p.strategies() - {"full"} for p in greedy)  # δ = 0.5 lets blocks be reused or attention shared
     exported = sorted(run.exported.glob("*.yaml"))
     assert exported and all(load_plan(p).target.scheduler == "flow-euler" for p in exported)
     sides = {side.kind for side in run.load_held_out().sides}  # type: ignore[union-attr]
@@ -271,8 +272,8 @@ def test_ditplan_run_of_a_tiny_experiment_goes_from_dense_to_exported_plans(kind
 
 
 @pytest.mark.parametrize(("kind", "change", "message"), [
-    ("flux", {"search": {"space": {"methods": ["full", "ast", "reuse"]}}},
-     "search.space: 'ast' does not run on the flux family's attention; plans for it use 'full' and block caching"),
+    ("flux", {"search": {"space": {"methods": ["full", "asc", "reuse"]}}},
+     "search.space: 'asc' does not run on the flux family's attention; plans for it use ast, forecast, full, reuse"),
     ("sd3", {"search": {"space": {"methods": ["full", "wars"]}}}, "search.space: 'wars' does not run on the sd3 family's"),
     ("flux", {"sampler": {"scheduler": "dpmsolver++", "guidance": "embedded"}},
      "sampler.scheduler = 'dpmsolver++' does not sample a flux model; choose one of ['flow-euler']"),

@@ -140,7 +140,8 @@ class ModelAdapter(abc.ABC):
     conditioning_kind: ClassVar[Literal["classes", "prompts"]]
     # how the experiment's guidance_scale acts (sampler.guidance): classifier-free guidance, or an input
     guidance_modes: ClassVar[tuple[str, ...]] = ("cfg",)
-    # whether ditplan's attention-level strategies run on its self-attention (else: full and block caching)
+    # whether ditplan's attention strategies may work inside its self-attention (queries, keys, values); else
+    # only those that take the module as a whole (full, ast) and block caching run on it (joint attention)
     plan_attention: ClassVar[bool] = True
     flow_matching: ClassVar[bool] = False  # whether it samples with a flow-matching scheduler
     # the strategies a search space draws when the experiment names none (search.space.methods)
@@ -439,15 +440,15 @@ JOINT_STREAMS = BlockPattern(("hidden_states", "encoder_hidden_states"), ("encod
 class JointAttentionFamily(PromptFamily):
     """A flow-matching MMDiT (FLUX, SD3): joint attention over image and text tokens in each block's ``attn``,
     blocks that take and return both streams, conditioned on T5 embeddings and a pooled CLIP embedding.
-    ditplan's attention-level strategies do not run on joint attention yet: its plans use ``full``, block
-    caching and diffusers' caches. Its sampling uses its stock pipeline's own code (schedule, latent packing),
+    ditplan's attention strategies that work inside attention (WA-RS, ASC, pooling) do not run on joint
+    attention yet: its plans use ``full``, AST, block caching and diffusers' caches. Its sampling uses its stock pipeline's own code (schedule, latent packing),
     which needs transformers (``pip install 'ditplan[text]'``)."""
 
     second_name = "pooled"
     second_input = "pooled_projections"
     flow_matching = True
     plan_attention = False
-    default_methods = ("full", "reuse", "forecast")
+    default_methods = ("full", "ast", "reuse", "forecast")
     attention_names = r"transformer_blocks\.\d+\.attn"
 
     @classmethod

@@ -34,13 +34,13 @@ from ditplan.strategies.apply import (
 from ditplan.strategies.base import BlockStrategy
 
 CANDIDATES: tuple[str, ...] = ("ast", "wars+asc", "wars", "asc")
-# on a family whose attention ditplan's attention strategies do not run on (joint attention): a block's reuse
-BLOCK_CANDIDATES: tuple[str, ...] = ("reuse",)
+# on a family whose attention ditplan sees only as a whole (joint attention): a block's reuse, then AST
+JOINT_CANDIDATES: tuple[str, ...] = ("reuse", "ast")
 
 
 def family_candidates(adapter: ModelAdapter) -> tuple[str, ...]:
     """Greedy's candidates on ``adapter``'s family, most compressing first."""
-    return CANDIDATES if adapter.plan_attention else BLOCK_CANDIDATES
+    return CANDIDATES if adapter.plan_attention else JOINT_CANDIDATES
 CFG_SHARING = frozenset({"wars+asc", "asc"})
 DEFAULT_THRESHOLDS: tuple[float, ...] = (0.025, 0.05, 0.075, 0.1, 0.125, 0.15)  # D1 … D6
 

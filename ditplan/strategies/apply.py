@@ -11,6 +11,7 @@ The original processor objects are kept and put back by :func:`remove_plan`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -236,7 +237,8 @@ class PlanRuntime:
         self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes())
 
     def cache_bytes(self) -> int:
-        tensors = [t for cache in self.caches for t in cache.values()]
+        # NOTE: an opaque strategy caches what the attention module returned: a tensor, or a tuple (joint attention)
+        tensors = [t for cache in self.caches for v in cache.values() for t in (v if isinstance(v, tuple) else (v,))]
         tensors += [t for residuals in self.block_residuals for _, streams in residuals for t in streams.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -353,19 +355,24 @@ class BlockCacheHook(ModelHook):
 
 
 class PlanAttnProcessor:
-    """The attention processor ditplan installs: dispatches each call to the plan's strategy."""
+    """The attention processor ditplan installs: dispatches each call to the plan's strategy. Arguments an
+    attention module passes by position (FLUX's) are named as its original processor names them."""
 
     def __init__(self, runtime: PlanRuntime, layer: int) -> None:
         self.runtime = runtime
         self.layer = layer
+        parameters = list(inspect.signature(runtime.originals[layer].__call__).parameters)
+        self.positional = parameters[2:]  # after (attn, hidden_states)
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         context = current_step()
         runtime = self.runtime
         if context is None:
             raise PlanError(UNKNOWN_STEP_OF_BLOCK)
-        if args:
-            raise TypeError("ditplan's attention processor takes keyword arguments only after hidden_states")
+        if len(args) > len(self.positional):
+            raise TypeError(f"the attention processor got {len(args)} positional arguments after hidden_states; "
+                            f"its original takes {self.positional}")
+        kwargs = {**dict(zip(self.positional, args)), **kwargs}
         step, layer = context.step, self.layer
         if runtime.sparse is not None and layer in runtime.sparse.key_values:
             # an SDTM end: keys/values come from the other token set (dense ↔ sparse)
@@ -441,9 +448,8 @@ def apply_plan(
     runtime = PlanRuntime(plan, build_strategies(plan), originals, sparse)  # validates the plan: nothing is changed yet
     check_family_runs(plan, transformer)
     runtime.diffusers_cache = DiffusersCache.from_plan(plan)
-    if family_of(transformer).plan_attention:
-        for index, attn in enumerate(layers):
-            attn.set_processor(PlanAttnProcessor(runtime, index))
+    for index, attn in enumerate(layers):
+        attn.set_processor(PlanAttnProcessor(runtime, index))
     if sparse is not None:
         sparse.install(_blocks(transformer))
     runtime.block_layers = sorted({*block_cached_layers(plan), *block_layers})
@@ -480,11 +486,19 @@ def family_refusal(family: type[ModelAdapter], names: Iterable[str], cache: str 
         return f"{broken}; ditplan's block caching ({', '.join(_block_cells())}) is the cache that runs there"
     if family.plan_attention:
         return None
-    refused = sorted(n for n in names if n != "full" and not is_block_strategy(n))
+    refused = sorted(n for n in names if not runs_on_any_attention(n))
     if refused:
-        return (f"{refused[0]!r} does not run on the {family.name} family's attention; plans for it use 'full' and "
-                f"block caching ({', '.join(_block_cells())})")
+        usable = sorted(n for n in STRATEGIES if runs_on_any_attention(n))
+        return (f"{refused[0]!r} does not run on the {family.name} family's attention; plans for it use "
+                f"{', '.join(usable)}")
     return None
+
+
+def runs_on_any_attention(name: str) -> bool:
+    """Whether strategy ``name`` runs whatever the attention inside: a block-level one, or one that takes the
+    attention module as a whole (``opaque_share``)."""
+    strategy = get_strategy_class(name)
+    return strategy.level == "block" or strategy.opaque_share is not None
 
 
 def check_family_runs(plan: Plan, transformer: torch.nn.Module) -> None:
@@ -511,9 +525,8 @@ def remove_plan(transformer: torch.nn.Module) -> None:
     runtime = get_runtime(transformer)
     if runtime is None:
         return
-    if family_of(transformer).plan_attention:
-        for attn, original in zip(_attention_layers(transformer), runtime.originals):
-            attn.set_processor(original)
+    for attn, original in zip(_attention_layers(transformer), runtime.originals):
+        attn.set_processor(original)
     if runtime.sparse is not None:
         runtime.sparse.remove(_blocks(transformer))
     for layer in runtime.block_layers:

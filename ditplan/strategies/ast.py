@@ -10,10 +10,12 @@ from ditplan.strategies.base import AttentionCall, AttentionShape, Strategy, reg
 @register
 class AttentionShareTimestep(Strategy):
     """Returns the layer's attention output from the last step at which it was computed: no attention
-    work at all, one cached (B, N, C) tensor per layer while later steps still need it."""
+    work at all, one cached (B, N, C) tensor per layer while later steps still need it (on joint attention,
+    what the module returned: the image and the text stream's outputs)."""
 
     name = "ast"
     reads = frozenset({"output"})
+    opaque_share = 0.0
 
     def attention(self, call: AttentionCall) -> torch.Tensor:
         return call.cache["output"]

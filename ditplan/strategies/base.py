@@ -91,6 +91,10 @@ class Strategy(abc.ABC):
     # "attention": the cell changes the layer's self-attention, and the rest of the block runs;
     # "block": the cell replaces the whole block (see BlockStrategy)
     level: ClassVar[str] = "attention"
+    # for a strategy that takes the attention module as a whole (runs it, or reuses its output) and so runs on
+    # any family's attention, joint attention included: the share of the module's FLOPs it spends; None for one
+    # that works inside the attention (queries, keys, values), which runs where a family exposes them
+    opaque_share: ClassVar[float | None] = None
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.config_class()

@@ -27,6 +27,7 @@ class Full(Strategy):
 
     name = "full"
     writes = frozenset({"output", "residual"})
+    opaque_share = 1.0
 
     def attention(self, call: AttentionCall) -> torch.Tensor:
         if "residual" not in call.wants:

@@ -4,10 +4,9 @@ single-stream blocks (``single_transformer_blocks``), RoPE positions and, in FLU
 (the scale is an input: one call per step). Runs in ``FluxPipeline`` with ``FlowMatchEulerDiscreteScheduler``,
 whose schedule it shifts by the image's token count as the pipeline does.
 
-A plan's layers are the dual-stream blocks, then the single-stream ones. Its cells are ``full`` and block
-caching (``reuse``, ``forecast``), which caches both token streams of a block; ditplan's attention-level
-strategies do not run on its joint attention. Runs offline from prompt embeddings: a safetensors file with
-``<prompt>.embeds`` (L, 4096: T5) and ``<prompt>.pooled`` (768: CLIP) per prompt.
+A plan's layers are the dual-stream blocks, then the single-stream ones; what runs on them is the joint-attention
+families' (:class:`~ditplan.models.family.JointAttentionFamily`). Prompts come through the pipeline's own text
+encoders or as stored embeddings: ``<prompt>.embeds`` (L, 4096: T5) and ``<prompt>.pooled`` (768: CLIP).
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@ with joint attention over image and text tokens (image first), MMDiT blocks (``t
 one keeps no text stream), an image-only second attention in SD3.5's dual-attention layers. Runs in
 ``StableDiffusion3Pipeline``, which batches classifier-free guidance as ``[uncond; cond]``.
 
-A plan's cells are ``full`` and block caching (``reuse``, ``forecast``), which caches both token streams of
-a block; ditplan's attention-level strategies do not run on its joint attention. Runs offline from prompt
-embeddings: a safetensors file with ``<prompt>.embeds`` (L, 4096: CLIP and T5 joined) and ``<prompt>.pooled``
-(2048: both CLIPs) for every prompt and for the empty prompt "" (the unconditional one).
+What runs on its blocks is the joint-attention families' (:class:`~ditplan.models.family.JointAttentionFamily`);
+a plan's attention cells are the joint ``attn``, not SD3.5's second attention. Prompts come through the
+pipeline's own text encoders or as stored embeddings: ``<prompt>.embeds`` (L, 4096: CLIP and T5 joined) and
+``<prompt>.pooled`` (2048: both CLIPs) for every prompt and for the empty prompt "" (the unconditional one).
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ class SD3Adapter(JointAttentionFamily):
     transformer_class = SD3Transformer2DModel
     scheduler_class = FlowMatchEulerDiscreteScheduler
     pipelines = {StableDiffusion3Pipeline: "uncond-cond"}
-    attention_names = r"transformer_blocks\.\d+\.attn2?"  # SD3.5's dual-attention layers: attn2 too
 
     @classmethod
     def encode_one(cls, pipe: Any, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,15 +68,13 @@ class SD3Adapter(JointAttentionFamily):
         return self.transformer.transformer_blocks[layer]
 
     def joint_attention_flops(self, layer: int, text_tokens: int) -> int:
-        """q, k, v of both streams, the scores over the joint sequence, the image's output projection and the
-        text's (but in the last block); SD3.5's dual-attention layers add an image-only attention."""
+        """The block's joint attention (``attn``): q, k, v of both streams, the scores over the joint sequence,
+        the image's output projection and the text's (but in the last block)."""
         block, c, n = self._block(layer), self.hidden_dim, self.num_tokens
         joint = n + text_tokens
         flops = 4 * linear_flops(n, c, c) + 3 * linear_flops(text_tokens, c, c) + 2 * 2 * joint * joint * c
         if not block.context_pre_only:
             flops += linear_flops(text_tokens, c, c)
-        if block.attn2 is not None:
-            flops += 4 * linear_flops(n, c, c) + 2 * 2 * n * n * c
         return flops
 
     def other_flops(self, text_tokens: int = 0, tokens: int | None = None, layer: int = 0) -> tuple[int, int]:
@@ -88,6 +85,8 @@ class SD3Adapter(JointAttentionFamily):
             context = linear_flops(1, c, 2 * c)
         else:
             context = linear_flops(1, c, 6 * c) + linear_flops(text_tokens, c, 4 * c) + linear_flops(text_tokens, 4 * c, c)
+        if block.attn2 is not None:  # SD3.5's second, image-only attention: not the plan's attention module
+            context += 4 * linear_flops(n, c, c) + 2 * 2 * n * n * c
         p2 = cfg.patch_size**2
         once = (
             linear_flops(n, p2 * cfg.in_channels, c)  # patch embedding (a strided conv)
