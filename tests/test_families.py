@@ -113,7 +113,7 @@ CASES = {
                   ["forecast", "full", "ast", "forecast"]], 1),
     # block 0 with SD3.5's dual attention, block 2 the last (no text stream out)
     "sd3": Case("sd3", tiny_sd3, SamplerSettings("flow-euler", 4, 4.0, 8), 8, 64, True,
-                [["full"] * 3, ["reuse", "ast", "ast"], ["ast", "forecast", "full"], ["forecast", "reuse", "forecast"]],
+                [["full"] * 3, ["reuse", "ast", "asc"], ["asc", "forecast", "ast"], ["forecast", "asc", "forecast"]],
                 4),
 }
 
@@ -229,7 +229,7 @@ def test_a_strategy_that_works_inside_attention_is_refused_in_one_line_and_nothi
     rows[1][0] = "wars"
     plan = plan_for(case, adapter, rows)
     with pytest.raises(PlanError, match=f"'wars' does not run on the {case.kind} family's attention; plans for it use "
-                                        "ast, forecast, full, reuse") as err:
+                                        "asc, ast, forecast, full, reuse") as err:
         run_plan(adapter, plan, PROMPTS, [1], case.settings)
     assert "\n" not in str(err.value)
     pipe = stock_pipe(case, folder)
@@ -260,7 +260,7 @@ def test_ditplan_run_of_a_tiny_experiment_goes_from_dense_to_exported_plans(kind
     experiment = tiny_experiment(kind, tmp_path)
     run = RunDir(ditplan.run(experiment, show_progress=False))
     greedy = list(run.greedy.plans().values())
-    assert len(greedy) == 2 and all(p.strategies() <= {"full", "reuse", "ast"} for p in greedy)
+    assert len(greedy) == 2 and all(p.strategies() <= {"full", "reuse", "ast", "asc"} for p in greedy)
     assert any(p.strategies() - {"full"} for p in greedy)  # δ = 0.5 lets blocks be reused or attention shared
     exported = sorted(run.exported.glob("*.yaml"))
     assert exported and all(load_plan(p).target.scheduler == "flow-euler" for p in exported)
@@ -272,8 +272,9 @@ def test_ditplan_run_of_a_tiny_experiment_goes_from_dense_to_exported_plans(kind
 
 
 @pytest.mark.parametrize(("kind", "change", "message"), [
-    ("flux", {"search": {"space": {"methods": ["full", "asc", "reuse"]}}},
-     "search.space: 'asc' does not run on the flux family's attention; plans for it use ast, forecast, full, reuse"),
+    ("flux", {"search": {"space": {"methods": ["full", "wars+asc", "reuse"]}}},
+     "search.space: 'wars+asc' does not run on the flux family's attention; plans for it use asc, ast, forecast, full, "
+     "reuse"),
     ("sd3", {"search": {"space": {"methods": ["full", "wars"]}}}, "search.space: 'wars' does not run on the sd3 family's"),
     ("flux", {"sampler": {"scheduler": "dpmsolver++", "guidance": "embedded"}},
      "sampler.scheduler = 'dpmsolver++' does not sample a flux model; choose one of ['flow-euler']"),

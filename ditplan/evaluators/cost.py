@@ -77,8 +77,8 @@ def plan_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSettin
             if planner.strategy_at(step, layer).level == "block":
                 continue  # the whole block is skipped: its output comes from cached residuals
             other += rows * adapter.other_flops(text_tokens, queries, layer)[0]
-            if not adapter.plan_attention:  # opaque cells only: their share of what the family counts
-                share = planner.strategy_at(step, layer).opaque_share
+            if not adapter.plan_attention:  # whole-module cells only: their share of what the family counts
+                share = planner.strategy_at(step, layer).module_share(settings.cfg)
                 attention += rows * share * adapter.joint_attention_flops(layer, text_tokens)  # type: ignore[operator]
                 continue
             if (queries, keys) != (n, n):  # an SDTM block: its attention is always computed

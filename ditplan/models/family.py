@@ -448,7 +448,7 @@ class JointAttentionFamily(PromptFamily):
     second_input = "pooled_projections"
     flow_matching = True
     plan_attention = False
-    default_methods = ("full", "ast", "reuse", "forecast")
+    default_methods = ("full", "ast", "asc", "reuse", "forecast")
     attention_names = r"transformer_blocks\.\d+\.attn"
 
     @classmethod

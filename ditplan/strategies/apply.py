@@ -496,9 +496,9 @@ def family_refusal(family: type[ModelAdapter], names: Iterable[str], cache: str 
 
 def runs_on_any_attention(name: str) -> bool:
     """Whether strategy ``name`` runs whatever the attention inside: a block-level one, or one that takes the
-    attention module as a whole (``opaque_share``)."""
+    attention module as a whole (:meth:`~ditplan.strategies.base.Strategy.module_share`)."""
     strategy = get_strategy_class(name)
-    return strategy.level == "block" or strategy.opaque_share is not None
+    return strategy.level == "block" or strategy.module_share(True) is not None
 
 
 def check_family_runs(plan: Plan, transformer: torch.nn.Module) -> None:

@@ -11,19 +11,24 @@ from ditplan.strategies.base import (
     dense_attention_flops,
     register,
 )
-from ditplan.strategies.sharing import conditional_half_only
+from ditplan.strategies.sharing import share_conditional_half
 
 
 @register
 class AttentionShareCFG(Strategy):
-    """Computes dense attention for the conditional half of the CFG batch only and reuses it for the
-    unconditional half: half the attention work. Only meaningful with guidance (otherwise dense)."""
+    """Computes the attention module for the conditional half of the CFG batch only and reuses its output
+    for the unconditional half: half the attention work (on joint attention, both streams' outputs). Only
+    meaningful with guidance (otherwise dense)."""
 
     name = "asc"
     writes = frozenset({"output"})
 
     def attention(self, call: AttentionCall) -> torch.Tensor:
-        return conditional_half_only(call.hidden_states, call.context, call.original)
+        return share_conditional_half(call)
+
+    @classmethod
+    def module_share(cls, cfg: bool) -> float:
+        return 0.5 if cfg else 1.0
 
     def attention_flops(self, shape: AttentionShape, cfg: bool, writes: frozenset[str]) -> float:
         return dense_attention_flops(shape, batch=shape.batch // 2 if cfg else shape.batch)

@@ -15,7 +15,10 @@ class AttentionShareTimestep(Strategy):
 
     name = "ast"
     reads = frozenset({"output"})
-    opaque_share = 0.0
+
+    @classmethod
+    def module_share(cls, cfg: bool) -> float:
+        return 0.0
 
     def attention(self, call: AttentionCall) -> torch.Tensor:
         return call.cache["output"]

@@ -74,6 +74,14 @@ class AttentionCall:
         x = self.hidden_states if hidden_states is None else hidden_states
         return self._original(self.attn, x, **self._kwargs)
 
+    def original_on_rows(self, rows: slice) -> Any:
+        """The layer's own attention on the batch rows ``rows`` of its input and of every argument with the
+        input's batch (joint attention's text stream): what the module returns, a tensor or a tuple."""
+        batch = self.hidden_states.shape[0]
+        kwargs = {k: v[rows] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch else v
+                  for k, v in self._kwargs.items()}
+        return self._original(self.attn, self.hidden_states[rows], **kwargs)
+
 
 class Strategy(abc.ABC):
     """Base class of attention strategies.
@@ -91,13 +99,17 @@ class Strategy(abc.ABC):
     # "attention": the cell changes the layer's self-attention, and the rest of the block runs;
     # "block": the cell replaces the whole block (see BlockStrategy)
     level: ClassVar[str] = "attention"
-    # for a strategy that takes the attention module as a whole (runs it, or reuses its output) and so runs on
-    # any family's attention, joint attention included: the share of the module's FLOPs it spends; None for one
-    # that works inside the attention (queries, keys, values), which runs where a family exposes them
-    opaque_share: ClassVar[float | None] = None
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.config_class()
+
+    @classmethod
+    def module_share(cls, cfg: bool) -> float | None:
+        """For a strategy that takes the attention module as a whole (runs it on all or some rows, or reuses
+        its output), and so runs on any family's attention, joint attention included: the share of the module's
+        FLOPs it spends (``cfg``: the batch holds CFG halves). None for one that works inside the attention
+        (queries, keys, values), which runs only where a family exposes them."""
+        return None
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> Strategy:

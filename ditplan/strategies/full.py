@@ -27,7 +27,10 @@ class Full(Strategy):
 
     name = "full"
     writes = frozenset({"output", "residual"})
-    opaque_share = 1.0
+
+    @classmethod
+    def module_share(cls, cfg: bool) -> float:
+        return 1.0
 
     def attention(self, call: AttentionCall) -> torch.Tensor:
         if "residual" not in call.wants:

@@ -42,6 +42,7 @@ class FluxAdapter(JointAttentionFamily):
     pipelines = {FluxPipeline: "distilled"}
     unconditional = False  # guidance-distilled: no unconditional call
     guidance_modes = ("embedded",)
+    default_methods = ("full", "ast", "reuse", "forecast")  # no CFG halves to share
     attention_names = r"(single_)?transformer_blocks\.\d+\.attn"
 
     def __init__(self, *args: Any, image_size: int | None = None, **kwargs: Any) -> None:
