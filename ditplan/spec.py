@@ -334,7 +334,7 @@ class IntervalSpaceSpec(_Strict):
 class SpaceSpec(_Strict):
     """methods: strategies a (layer group × step segment) cell may take, attention strategies and block
     caching (``reuse``, ``forecast``) alike; none: the model family's own (DiT and PixArt: full, ast, wars,
-    asc, wars+asc; FLUX: full, reuse, forecast). layer_groups / step_segments: a count of even pieces or
+    asc, wars+asc; SD3: full, ast, asc, reuse, forecast; FLUX: full, ast, reuse, forecast). layer_groups / step_segments: a count of even pieces or
     explicit cut points (1 per layer / per step = the full grid). params: narrower choices for strategy
     parameters, e.g. ``{wars: {window_size: [16, 32]}}``. sparse: SparseDiT choices joined to the cell
     choices (none: cells only). cache: one of diffusers' caches as a further choice (none: not drawn).

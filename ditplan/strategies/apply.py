@@ -415,7 +415,7 @@ def apply_plan(
     merges: torch.nn.ModuleList | None = None,
     block_layers: Iterable[int] = (),
 ) -> PlanRuntime:
-    """Install ``plan`` on ``transformer`` (a diffusers DiT/PixArt transformer).
+    """Install ``plan`` on ``transformer`` (a diffusers transformer of a known family).
 
     ``target`` (what the model and sampler are) is checked against the plan first; a plan with another
     layer count is always refused. ``merges``: the SDTM merge weights of a fine-tuned SparseDiT network

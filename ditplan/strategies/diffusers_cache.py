@@ -46,7 +46,7 @@ from ditplan.strategies.hooks import remove_hook
 class CacheMethod:
     """One of diffusers' caches: its config class, diffusers' function that installs it, the names of
     the hooks it registers (to remove them), the fields a plan may set, the values a search draws, and
-    config values ditplan sets for DiT/PixArt where the plan sets none."""
+    config values ditplan sets from the model's family where the plan sets none."""
 
     config_class: type
     apply: Callable[[torch.nn.Module, Any], None]

@@ -187,7 +187,7 @@ def _network_for(transformer: torch.nn.Module, plan: Plan, model_folder: str | P
 
 
 def apply_plan_to(model: Any, plan: Plan | str | Path, model_folder: str | Path | None = None) -> PlanRuntime:
-    """Install ``plan`` (a Plan or a plan file) on a stock diffusers DiT/PixArt pipeline, so that
+    """Install ``plan`` (a Plan or a plan file) on a stock diffusers pipeline of a known family, so that
     ``pipe(...)`` runs it, or on a bare transformer (your loop tells the step with ``denoising_step``).
 
     Checked here: the plan's layer count and weights (after swapping in the fine-tuned SparseDiT network a
