@@ -450,10 +450,10 @@ def apply_plan(
     runtime.diffusers_cache = DiffusersCache.from_plan(plan)
     for index, attn in enumerate(layers):
         attn.set_processor(PlanAttnProcessor(runtime, index))
-    if sparse is not None:
-        sparse.install(_blocks(transformer))
-    runtime.block_layers = sorted({*block_cached_layers(plan), *block_layers})
     blocks = _blocks(transformer)
+    if sparse is not None:
+        sparse.install(blocks)
+    runtime.block_layers = sorted({*block_cached_layers(plan), *block_layers})
     units = block_units(plan.num_layers, layout)
     family = family_of(transformer)
     for layer in runtime.block_layers:
@@ -527,10 +527,11 @@ def remove_plan(transformer: torch.nn.Module) -> None:
         return
     for attn, original in zip(_attention_layers(transformer), runtime.originals):
         attn.set_processor(original)
+    blocks = _blocks(transformer)
     if runtime.sparse is not None:
-        runtime.sparse.remove(_blocks(transformer))
+        runtime.sparse.remove(blocks)
     for layer in runtime.block_layers:
-        remove_hook(_blocks(transformer)[layer], BLOCK_HOOK)
+        remove_hook(blocks[layer], BLOCK_HOOK)
     if runtime.diffusers_cache is not None:
         runtime.diffusers_cache.remove(transformer)
         runtime.executed.remove()  # type: ignore[union-attr]

@@ -77,6 +77,7 @@ class PipelineClock:
         self.run: int | None = None  # the pipeline call under way
         self.last_step = -1
         self.timesteps: list[float] | None = None  # the scheduler's, read at the call's first step
+        self.tolerance = 0.0  # how far (relative) a call's timestep may lie from them, set with them
 
     def start(self, guidance_scale: float) -> None:
         """Called as the pipeline's ``__call__`` begins."""
@@ -98,9 +99,9 @@ class PipelineClock:
         t = torch.as_tensor(timestep).flatten()[0].item()
         if self.timesteps is None:  # the pipeline sets its schedule before the first transformer call
             self.timesteps = [self.family.pipeline_timestep(float(v)) for v in self.pipe.scheduler.timesteps]
-        timesteps = self.timesteps
-        # a pipeline may round the timestep to the transformer's dtype and scale it there (FLUX: t / 1000)
-        tolerance = 2 * torch.finfo(next(transformer_of(self.pipe).parameters()).dtype).eps
+            # a pipeline may round the timestep to the transformer's dtype and scale it there (FLUX: t / 1000)
+            self.tolerance = 2 * torch.finfo(next(transformer_of(self.pipe).parameters()).dtype).eps
+        timesteps, tolerance = self.timesteps, self.tolerance
         expected = self.last_step + 1
         distance = [abs(v - t) for v in timesteps]
         nearest = min(range(len(timesteps)), key=distance.__getitem__)
