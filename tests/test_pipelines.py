@@ -247,7 +247,7 @@ def test_calls_that_do_not_follow_the_schedule_fail_in_one_line(dit_folder):
     with pytest.raises(PlanError, match="call the pipeline"):
         pipe.transformer(x, timestep=torch.tensor([999, 999]), class_labels=labels)
     clock = step_hook(pipe.transformer).clock
-    clock.start(DIT.guidance_scale)  # as the pipeline's call does
+    clock.start(cfg=True)  # as the pipeline's call does
     pipe.scheduler.set_timesteps(DIT.num_steps)
     first = pipe.scheduler.timesteps[0].expand(2)
     pipe.transformer(x, timestep=first, class_labels=labels)

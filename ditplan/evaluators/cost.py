@@ -121,7 +121,7 @@ def run_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSetting
     one of diffusers' caches, from what ran (its self-attention part: the self-attentions that ran)."""
     if run.executed is None:
         return plan_flops(adapter, plan, settings, batch)
-    rows = batch * (2 if settings.cfg else 1)
+    rows = batch * (2 if settings.cfg and not adapter.two_calls() else 1)  # rows per transformer call
     return executed_flops(adapter, run.executed.counts, run.executed.calls, rows)
 
 

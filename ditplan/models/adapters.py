@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
-from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 from ditplan.errors import UserError
@@ -59,7 +58,7 @@ def load_adapter(
     else:
         raise ValueError("a model needs a source (a folder, a hub id or 'embedded') or a config dict; give one")
     schedule = {**base_schedule, **(scheduler_config or {})}
-    vae_model = _from_pretrained(AutoencoderKL.from_pretrained, vae, "vae", "model.vae", low_cpu_mem_usage=False,
+    vae_model = _from_pretrained(family.vae_class.from_pretrained, vae, "vae", "model.vae", low_cpu_mem_usage=False,
                                  **_torch_dtype(dtype)) if vae else None
     return family(transformer, schedule, model_id, vae=vae_model, **adapter_kwargs)
 

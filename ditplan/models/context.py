@@ -18,6 +18,7 @@ from ditplan.errors import UserError
 
 # how a classifier-free-guidance batch is laid out → whether the conditional half comes first
 CFG_ORDERS: dict[str, bool] = {"cond-uncond": True, "uncond-cond": False}
+BRANCHES = ("cond", "uncond")  # the two transformer calls of a step, in order, when guidance runs as two calls
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,9 @@ class StepContext:
     it) or second (``[uncond; cond]``, PixArt's pipelines).
     run: an id of the sampling run the step belongs to (a plan's caches start empty in a new run), or
     None when the loop does not say: then a step index lower than the last one starts a new run.
+    branch: ``"cond"`` or ``"uncond"`` when guidance runs as two transformer calls per step (Qwen-Image's
+    pipeline), the conditional one first, and this call is that branch (then ``cfg`` says guidance is on, but
+    the batch holds one branch only); None when one call makes the step.
     """
 
     step: int
@@ -36,6 +40,7 @@ class StepContext:
     cfg: bool
     cond_first: bool = True
     run: int | None = None
+    branch: str | None = None
 
 
 _CURRENT: ContextVar[StepContext | None] = ContextVar("ditplan_step", default=None)
@@ -60,7 +65,8 @@ def step_context(context: StepContext) -> Iterator[StepContext]:
         _CURRENT.reset(token)
 
 
-def denoising_step(step: int, num_steps: int, cfg: str | None = "cond-uncond") -> AbstractContextManager[StepContext]:
+def denoising_step(step: int, num_steps: int, cfg: str | None = "cond-uncond", branch: str | None = None
+                   ) -> AbstractContextManager[StepContext]:
     """Tell an applied plan which step a transformer call in your own denoising loop is for::
 
         ditplan.apply_plan(transformer, plan)
@@ -70,12 +76,17 @@ def denoising_step(step: int, num_steps: int, cfg: str | None = "cond-uncond") -
             ...
 
     ``cfg``: how the batch holds classifier-free guidance — ``"cond-uncond"`` (conditional half first),
-    ``"uncond-cond"``, or None (no guidance: every row is conditional). Steps must come in order; a step
-    lower than the previous one starts a new sampling run.
+    ``"uncond-cond"``, or None (no guidance: every row is conditional). ``branch``: a loop that runs guidance
+    as two calls per step says ``"cond"`` for the first call and ``"uncond"`` for the second (``cfg`` is then
+    not used). Steps must come in order; a step lower than the previous one starts a new sampling run.
     """
-    if cfg is not None and cfg not in CFG_ORDERS:
+    if branch is not None and branch not in BRANCHES:
+        raise UserError(f"branch={branch!r} is not a guidance call; use one of {list(BRANCHES)} or None")
+    if branch is None and cfg is not None and cfg not in CFG_ORDERS:
         raise UserError(f"cfg={cfg!r} is not a CFG batch layout; use one of {sorted(CFG_ORDERS)} or None")
     if not 0 <= step < num_steps:
         raise UserError(f"step {step} is outside 0 … {num_steps - 1}; give the index of the step in the schedule")
+    if branch is not None:
+        return step_context(StepContext(step=step, num_steps=num_steps, cfg=True, branch=branch))
     return step_context(StepContext(step=step, num_steps=num_steps, cfg=cfg is not None,
                                     cond_first=CFG_ORDERS.get(cfg or "cond-uncond", True)))

@@ -14,13 +14,16 @@ Nothing here knows a strategy.
 from __future__ import annotations
 
 import abc
+import importlib
 import importlib.util
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import numpy as np
 import torch
+from diffusers import AutoencoderKL
 from diffusers.models.attention_processor import Attention
 
 from ditplan.errors import UserError
@@ -32,9 +35,9 @@ if TYPE_CHECKING:
     from ditplan.spec import ExperimentSpec, ModelSpec
 
 # how a stock pipeline runs guidance: classifier-free guidance as one call on a batch whose conditional half
-# comes first or second (see ditplan.models.context.CFG_ORDERS), or a guidance-distilled model that takes the
-# scale as an input (one call per step, no unconditional half)
-CfgMode = Literal["cond-uncond", "uncond-cond", "distilled"]
+# comes first or second (see ditplan.models.context.CFG_ORDERS), as two calls per step (the conditional one
+# first), or a guidance-distilled model that takes the scale as an input (one call per step, no unconditional half)
+CfgMode = Literal["cond-uncond", "uncond-cond", "two-calls", "distilled"]
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,7 @@ class ModelAdapter(abc.ABC):
     name: ClassVar[str]
     transformer_class: ClassVar[type[torch.nn.Module]]
     scheduler_class: ClassVar[type]
+    vae_class: ClassVar[type] = AutoencoderKL  # the VAE class its pipelines decode with (``model.vae``)
     pipelines: ClassVar[Mapping[type, CfgMode]]
     conditioning_kind: ClassVar[Literal["classes", "prompts"]]
     # how the experiment's guidance_scale acts (sampler.guidance): classifier-free guidance, or an input
@@ -172,6 +176,26 @@ class ModelAdapter(abc.ABC):
     def pipeline_class(cls) -> type:
         """The family's main stock pipeline (the first it declares)."""
         return next(iter(cls.pipelines))
+
+    @classmethod
+    def two_calls(cls) -> bool:
+        """Whether guidance runs as two transformer calls per step (as the main pipeline runs it; ditplan's loop
+        follows it), not as one call on a ``[cond; uncond]`` batch (also for a family without a pipeline)."""
+        return next(iter(cls.pipelines.values()), None) == "two-calls"
+
+    guidance_argument: ClassVar[str] = "guidance_scale"  # the stock pipelines' argument for sampler.guidance_scale
+
+    @classmethod
+    def pipeline_guidance(cls, arguments: Mapping[str, Any], cfg_mode: CfgMode) -> tuple[float | None, bool]:
+        """A stock pipeline call's guidance, from its bound arguments: (the scale it was given, or None; whether it
+        runs classifier-free guidance)."""
+        scale = arguments.get(cls.guidance_argument)
+        return scale, cfg_mode != "distilled" and scale is not None and float(scale) > 1.0
+
+    def guide(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+        """The guided prediction from the conditional and unconditional ones (N, C, H, W), as the family's
+        pipeline combines them."""
+        return uncond + scale * (cond - uncond)
 
     # --- the family's structure, on any transformer of it (a plan is installed on bare transformers) ----
     @classmethod
@@ -485,6 +509,55 @@ class JointAttentionFamily(PromptFamily):
     @classmethod
     def block_pattern(cls, block: torch.nn.Module) -> BlockPattern:
         return JOINT_STREAMS
+
+
+class PackedLatentFamily(JointAttentionFamily):
+    """A joint-attention family whose pipeline packs the latents in 2 × 2 patches (the transformer sees
+    (N, tokens, 4C)), passes it timestep / 1000 and shifts the flow schedule by the image's token count (FLUX.1,
+    Qwen-Image); ``image_size`` must give an even number of latent pixels per side."""
+
+    default_image_size: ClassVar[int] = 1024
+
+    def __init__(self, *args: Any, image_size: int | None = None, **kwargs: Any) -> None:
+        image_size = image_size or self.default_image_size
+        super().__init__(*args, image_size=image_size, **kwargs)
+        if self.latent_size % 2 or self.latent_size < 2:
+            raise UserError(f"model.image_size = {image_size} gives {self.latent_size} latent pixels per side; a "
+                            f"{self.name} model packs them in 2 × 2 patches: give a size that makes an even count")
+
+    @classmethod
+    def pipeline_timestep(cls, t: float) -> float:
+        return t / 1000  # the pipeline passes timestep / 1000 (the transformer multiplies it back)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels // 4  # 2 × 2 patches are packed into the channels
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.latent_size // 2) ** 2
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) → (N, H/2 · W/2, 4C), with the pipeline's own ``_pack_latents``."""
+        n, c, h, w = latents.shape
+        return self.pipeline_class()._pack_latents(latents, n, c, h, w)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """(N, H/2 · W/2, 4C) → (N, C, H, W), with the pipeline's own ``_unpack_latents`` (Qwen-Image's adds a
+        frame axis, dropped here)."""
+        side = self.latent_size
+        return self.pipeline_class()._unpack_latents(packed, side, side, 1).reshape(packed.shape[0], -1, side, side)
+
+    def set_timesteps(self, scheduler: Any, num_steps: int, device: torch.device) -> None:
+        """The pipeline's schedule: sigmas from 1 to 1/N, shifted by the image's token count (``mu``), with the
+        pipeline module's own ``calculate_shift`` and ``retrieve_timesteps``."""
+        module = importlib.import_module(self.pipeline_class().__module__)
+        config = scheduler.config
+        sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)
+        mu = module.calculate_shift(self.num_tokens, config.get("base_image_seq_len", 256),
+                                    config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                    config.get("max_shift", 1.15))
+        module.retrieve_timesteps(scheduler, num_steps, device, sigmas=sigmas, mu=mu)
 
 
 FAMILIES: Registry[type[ModelAdapter]] = Registry("model family")

@@ -8,7 +8,9 @@ stateful hooks (an applied plan's caches) after each run, also a failed one. It 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +18,7 @@ import diffusers
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ditplan.models.context import StepContext, new_run_id, step_context
+from ditplan.models.context import BRANCHES, StepContext, current_step, new_run_id, step_context
 from ditplan.models.family import ModelAdapter
 from ditplan.models.identity import dtype_name
 from ditplan.plan import PlanTarget
@@ -57,17 +59,26 @@ def initial_noise(adapter: ModelAdapter, seeds: Sequence[int], device: torch.dev
 def guided_prediction(
     adapter: ModelAdapter, latents: torch.Tensor, t: torch.Tensor, inputs: dict, settings: SamplerSettings
 ) -> torch.Tensor:
-    """One guided model prediction for ``latents`` (N, C, H, W): the transformer sees 2N when CFG."""
+    """One guided model prediction for ``latents`` (N, C, H, W), inside the step's published context."""
     if not settings.cfg:
         return adapter.predict(latents, t, inputs)
-    both = adapter.predict(torch.cat([latents, latents]), t, inputs)  # (2N, C, H, W)
-    return combine_guidance(both, settings)
+    cond, uncond = cfg_predictions(adapter, latents, t, inputs)
+    return adapter.guide(cond, uncond, settings.guidance_scale)
 
 
-def combine_guidance(both: torch.Tensor, settings: SamplerSettings) -> torch.Tensor:
-    """``[cond; uncond]`` predictions (2N, C, H, W) → the guided prediction (N, C, H, W)."""
-    cond, uncond = both.chunk(2)
-    return uncond + settings.guidance_scale * (cond - uncond)
+def cfg_predictions(adapter: ModelAdapter, latents: torch.Tensor, t: torch.Tensor, inputs: dict
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The conditional and unconditional predictions for ``latents`` (N, C, H, W), from ``[cond; uncond]``
+    ``inputs``: one transformer call on the 2N batch, or, for a family whose pipeline makes two calls per step,
+    the conditional call then the unconditional one, each published as its branch of the current step."""
+    if not adapter.two_calls():
+        return adapter.predict(torch.cat([latents, latents]), t, inputs).chunk(2)
+    n, context = latents.shape[0], current_step()
+    out = []
+    for branch, rows in zip(BRANCHES, (slice(0, n), slice(n, None))):
+        with step_context(dataclasses.replace(context, branch=branch)) if context is not None else nullcontext():
+            out.append(adapter.predict(latents, t, {k: v[rows] for k, v in inputs.items()}))
+    return out[0], out[1]
 
 
 def batch_inputs(adapter: ModelAdapter, conditions: Sequence[Any], settings: SamplerSettings,

@@ -21,7 +21,7 @@ import torch
 from ditplan.evaluators.cost import peak_memory_bytes
 from ditplan.evaluators.fidelity import relative_l1
 from ditplan.models.family import ModelAdapter
-from ditplan.models.sampling import combine_guidance, plan_target, sample_batch
+from ditplan.models.sampling import cfg_predictions, plan_target, sample_batch
 from ditplan.plan import Plan, library_versions
 from ditplan.progress import Bar
 from ditplan.spec import SamplerSettings
@@ -109,12 +109,10 @@ class _Calibration:
         self.sample_forwards = 0  # rows through them
         self.losses: dict[tuple[int, int, str], float] = {}
         # Micro-batches of at most settings.batch_size samples, each with its own caches (attention entries and
-        # block residuals): every transformer forward runs them in turn, so a calibration batch of any size fits
-        # what one sampling batch needs.
+        # block residuals, the runtime's per-chunk state): every transformer forward runs them in turn, so a
+        # calibration batch of any size fits what one sampling batch needs.
         size = settings.batch_size
         self.chunks = [(a, min(a + size, num_samples)) for a in range(0, num_samples, size)]
-        self.chunk_caches = [([{} for _ in self.runtime.caches], [[] for _ in self.runtime.block_residuals])
-                             for _ in self.chunks]
 
     def current_plan(self) -> Plan:
         """The grid as decided so far, as a plan (without provenance)."""
@@ -127,7 +125,7 @@ class _Calibration:
         out = self.forward(step, row, model_in, t, inputs)  # takes the step with the chosen row (writes caches)
         if self.bar is not None:
             self.bar.update(1)
-        return combine_guidance(out, self.settings) if self.settings.cfg else out
+        return self.adapter.guide(*out.chunk(2), self.settings.guidance_scale) if self.settings.cfg else out
 
     def choose_row(self, step: int, model_in: torch.Tensor, t: torch.Tensor, inputs: dict) -> list[str]:
         """Algorithm 1 at ``step``: layer by layer, the first candidate passing its bound against the dense
@@ -162,16 +160,16 @@ class _Calibration:
         self.forwards += 1
         self.sample_forwards += len(model_in) * (2 if self.settings.cfg else 1)
         outs = []
-        for (a, b), (caches, residuals) in zip(self.chunks, self.chunk_caches):
-            self.runtime.caches, self.runtime.block_residuals = caches, residuals
-            x = model_in[a:b]
-            batch = torch.cat([x, x]) if self.settings.cfg else x
+        for chunk, (a, b) in enumerate(self.chunks):
+            self.runtime.chunk = chunk
             chunk_inputs = _chunk_inputs(inputs, a, b, len(model_in), self.settings.cfg)
-            outs.append(self.adapter.predict(batch, t, chunk_inputs))
+            if self.settings.cfg:
+                outs.append(cfg_predictions(self.adapter, model_in[a:b], t, chunk_inputs))
+            else:
+                outs.append(self.adapter.predict(model_in[a:b], t, chunk_inputs))
         if not self.settings.cfg:
             return torch.cat(outs)  # (N, C, H, W): the raw transformer output
-        halves = [out.chunk(2) for out in outs]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves])  # (2N, C, H, W): [cond; uncond]
+        return torch.cat([h[0] for h in outs] + [h[1] for h in outs])  # (2N, C, H, W): [cond; uncond]
 
     def found_plan(self, conditions: Sequence[Any], seeds: Sequence[int], seconds: float, peak: int) -> Plan:
         """The plan the run chose, with the parameters of the methods it uses and its provenance."""

@@ -188,10 +188,27 @@ def cell_writes(strategy: Strategy) -> frozenset[str]:
     return strategy.writes | ({BLOCK_ENTRY} if strategy.level == "attention" else frozenset())
 
 
+@dataclass
+class CallState:
+    """What one stream of transformer calls keeps between steps: per layer, the attention cache entries and
+    (a unit's first block: see :func:`block_units`) the ``(step, output − input per token stream)`` of its last
+    computed steps while block-level cells read them, and a unit's input until its end."""
+
+    caches: list[dict[str, Any]]
+    block_residuals: list[list[tuple[int, dict[str, torch.Tensor]]]]
+    unit_inputs: dict[int, dict[str, torch.Tensor]]
+
+    @classmethod
+    def empty(cls, num_layers: int) -> CallState:
+        return cls([{} for _ in range(num_layers)], [[] for _ in range(num_layers)], {})
+
+
 class PlanRuntime:
     """The plan installed on one transformer, its strategies and the per-layer caches of a run.
 
-    ``frozen`` (trial forwards during greedy calibration) reads caches but writes and frees nothing.
+    The caches belong to a stream of calls (:class:`CallState`): one per guidance branch when guidance runs as
+    two calls per step (each branch reuses its own earlier steps), and one per greedy calibration micro-batch
+    (``chunk``). ``frozen`` (trial forwards during greedy calibration) reads caches but writes and frees nothing.
     """
 
     def __init__(self, plan: Plan, strategies: dict[str, Strategy], originals: list[Any],
@@ -199,11 +216,11 @@ class PlanRuntime:
         self.planner = CachePlanner(plan, strategies)
         self.sparse = sparse
         self.originals = originals
-        self.caches: list[dict[str, torch.Tensor]] = [{} for _ in originals]
-        # per block (a unit's first block: see block_units): (step, output − input per token stream) of its last
-        # computed steps, while block-level cells read them
-        self.block_residuals: list[list[tuple[int, dict[str, torch.Tensor]]]] = [[] for _ in originals]
-        self.unit_inputs: dict[int, dict[str, torch.Tensor]] = {}  # a unit's first block → its input, until its end
+        self.states: dict[tuple[int, str | None], CallState] = {}
+        self.chunk = 0  # greedy calibration's micro-batch
+        self.branch: str | None = None  # the guidance branch of the call under way (two calls per step)
+        # per (chunk, layer): what the conditional call of a step leaves for the unconditional one (ASC)
+        self.between_calls: dict[tuple[int, int], dict[str, Any]] = {}
         self.frozen = False
         self.peak_cache_bytes = 0
         self.run: int | None = None  # the sampling run the caches belong to
@@ -213,6 +230,30 @@ class PlanRuntime:
         self.diffusers_cache: DiffusersCache | None = None  # one of diffusers' caches the plan carries
         self.executed: ExecutionCounter | None = None  # what ran, when that is decided at run time
         self.block_layers: list[int] = []  # the blocks with a BlockCacheHook
+
+    @property
+    def state(self) -> CallState:
+        """The caches of the call under way."""
+        key = (self.chunk, self.branch)
+        if key not in self.states:
+            self.states[key] = CallState.empty(len(self.originals))
+        return self.states[key]
+
+    @property
+    def caches(self) -> list[dict[str, Any]]:
+        return self.state.caches
+
+    @property
+    def block_residuals(self) -> list[list[tuple[int, dict[str, torch.Tensor]]]]:
+        return self.state.block_residuals
+
+    @property
+    def unit_inputs(self) -> dict[int, dict[str, torch.Tensor]]:
+        return self.state.unit_inputs
+
+    def between(self, layer: int) -> dict[str, Any]:
+        """What the conditional call of this step left for the unconditional one at ``layer``."""
+        return self.between_calls.setdefault((self.chunk, layer), {})
 
     @property
     def plan(self) -> Plan:
@@ -238,8 +279,11 @@ class PlanRuntime:
 
     def cache_bytes(self) -> int:
         # NOTE: an opaque strategy caches what the attention module returned: a tensor, or a tuple (joint attention)
-        tensors = [t for cache in self.caches for v in cache.values() for t in (v if isinstance(v, tuple) else (v,))]
-        tensors += [t for residuals in self.block_residuals for _, streams in residuals for t in streams.values()]
+        entries = [v for state in self.states.values() for cache in state.caches for v in cache.values()]
+        entries += [v for shared in self.between_calls.values() for v in shared.values()]
+        tensors = [t for v in entries for t in (v if isinstance(v, tuple) else (v,))]
+        tensors += [t for state in self.states.values() for residuals in state.block_residuals
+                    for _, streams in residuals for t in streams.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def enter(self, context: StepContext) -> None:
@@ -258,13 +302,11 @@ class PlanRuntime:
         if self.executed is not None:
             self.executed.calls += 1
         self.last_step = context.step
+        self.branch = context.branch
 
     def reset(self) -> None:
-        for cache in self.caches:
-            cache.clear()
-        for residuals in self.block_residuals:
-            residuals.clear()
-        self.unit_inputs.clear()
+        self.states.clear()
+        self.between_calls.clear()
         if self.sparse is not None:
             self.sparse.reset()
         self.last_step = -1
@@ -361,8 +403,17 @@ class PlanAttnProcessor:
     def __init__(self, runtime: PlanRuntime, layer: int) -> None:
         self.runtime = runtime
         self.layer = layer
-        parameters = list(inspect.signature(runtime.originals[layer].__call__).parameters)
-        self.positional = parameters[2:]  # after (attn, hidden_states)
+        signature = inspect.signature(runtime.originals[layer].__call__)
+        self.positional = list(signature.parameters)[2:]  # after (attn, hidden_states)
+
+        # NOTE: diffusers' Attention passes a processor only the keyword arguments its ``__call__`` names (read with
+        # inspect.signature(processor.__call__)); this instance attribute shows it the original's names (Qwen-Image's
+        # mask and RoPE), while calls still go to the class's __call__.
+        def named_like_the_original(*args: Any, **kwargs: Any) -> Any:
+            return self(*args, **kwargs)
+
+        named_like_the_original.__signature__ = signature  # type: ignore[attr-defined]
+        self.__call__ = named_like_the_original
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         context = current_step()
@@ -386,6 +437,7 @@ class PlanAttnProcessor:
             cache=runtime.caches[layer],
             wants=runtime.wants(step, layer),
             reader=lambda entry: runtime.planner.next_reader(step, layer, entry),
+            between=runtime.between(layer) if context.branch is not None else None,
         )
         out = runtime.planner.strategy_at(step, layer).attention(call)
         if "output" in call.wants:

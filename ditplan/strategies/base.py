@@ -43,6 +43,8 @@ class AttentionCall:
 
     ``cache`` persists across the steps of one sampling run (it is cleared before every run);
     ``wants`` names the cache entries a later step of this layer will read, so nothing else is kept.
+    ``between``: when guidance runs as two calls per step, what the step's conditional call leaves for its
+    unconditional one (ASC); else None.
     """
 
     def __init__(
@@ -55,8 +57,10 @@ class AttentionCall:
         cache: dict[str, torch.Tensor],
         wants: frozenset[str],
         reader: Callable[[str], Strategy | None],
+        between: dict[str, Any] | None = None,
     ) -> None:
         self.attn = attn
+        self.between = between
         self.hidden_states = hidden_states  # (B, N, C)
         self.context = context
         self.cache = cache

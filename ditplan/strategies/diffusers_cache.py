@@ -148,8 +148,10 @@ class DiffusersCache:
     @staticmethod
     @contextmanager
     def context(transformer: torch.nn.Module, context: StepContext) -> Iterator[None]:
-        """diffusers' cache context around one transformer call (what ``CacheMixin.cache_context`` sets)."""
-        _set_cache_context(transformer, CacheContext(CONTEXT_NAME, step_index=context.step,
+        """diffusers' cache context around one transformer call (what ``CacheMixin.cache_context`` sets); with
+        two calls per step, one per guidance branch, as their pipelines name them."""
+        name = CONTEXT_NAME if context.branch is None else f"{CONTEXT_NAME}-{context.branch}"
+        _set_cache_context(transformer, CacheContext(name, step_index=context.step,
                                                      num_inference_steps=context.num_steps))
         try:
             yield

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ditplan.models.adapters import load_sparse_folder
-from ditplan.models.context import CFG_ORDERS, StepContext, new_run_id
+from ditplan.models.context import BRANCHES, CFG_ORDERS, StepContext, new_run_id
 from ditplan.models.family import CfgMode, ModelAdapter, family_of, pipeline_family
 from ditplan.models.identity import Binding, NetworkIdentity, binding, warn_cast
 from ditplan.models.sampling import reset_stateful_hooks, scheduler_class
@@ -66,7 +66,8 @@ def sampler_description(name: str) -> str:
 class PipelineClock:
     """Derives each transformer call's step from the timestep it receives, against the pipeline
     scheduler's ``timesteps`` (as the family's pipeline passes them, e.g. FLUX's t / 1000, in the
-    transformer's dtype: the nearest one); one transformer call per step, in order, within one pipeline call."""
+    transformer's dtype: the nearest one); one transformer call per step, in order, within one pipeline call, or
+    with guidance as two calls per step (Qwen-Image) the conditional then the unconditional call of each step."""
 
     def __init__(self, pipe: Any, cfg_mode: CfgMode, family: type[ModelAdapter]) -> None:
         self.pipe = pipe
@@ -76,14 +77,16 @@ class PipelineClock:
         self.cfg = False
         self.run: int | None = None  # the pipeline call under way
         self.last_step = -1
+        self.last_branch: str | None = None  # with two calls per step: the branch of the last call
         self.timesteps: list[float] | None = None  # the scheduler's, read at the call's first step
         self.tolerance = 0.0  # how far (relative) a call's timestep may lie from them, set with them
 
-    def start(self, guidance_scale: float) -> None:
-        """Called as the pipeline's ``__call__`` begins."""
-        self.cfg = self.cfg_mode != "distilled" and guidance_scale > 1.0
+    def start(self, cfg: bool) -> None:
+        """Called as the pipeline's ``__call__`` begins; ``cfg``: the call runs classifier-free guidance."""
+        self.cfg = cfg
         self.run = new_run_id()
         self.last_step = -1
+        self.last_branch = None
         self.timesteps = None
 
     def stop(self) -> None:
@@ -101,43 +104,58 @@ class PipelineClock:
             self.timesteps = [self.family.pipeline_timestep(float(v)) for v in self.pipe.scheduler.timesteps]
             # a pipeline may round the timestep to the transformer's dtype and scale it there (FLUX: t / 1000)
             self.tolerance = 2 * torch.finfo(next(transformer_of(self.pipe).parameters()).dtype).eps
+        branch = None
+        if self.cfg and self.cfg_mode == "two-calls":
+            branch = BRANCHES[1] if self.last_branch == BRANCHES[0] else BRANCHES[0]
+        step = self._step_of(t, again=branch == BRANCHES[1])
+        self.last_step, self.last_branch = step, branch
+        return StepContext(step=step, num_steps=len(self.timesteps), cfg=self.cfg, cond_first=self.cond_first,
+                           run=self.run, branch=branch)
+
+    def _step_of(self, t: float, again: bool) -> int:
+        """The step of a call at timestep ``t``: the next one, or (``again``: the second call of a step) the last."""
         timesteps, tolerance = self.timesteps, self.tolerance
-        expected = self.last_step + 1
+        expected = self.last_step if again else self.last_step + 1
         distance = [abs(v - t) for v in timesteps]
         nearest = min(range(len(timesteps)), key=distance.__getitem__)
         if distance[nearest] > tolerance * abs(t):
             raise PlanError(f"the transformer got timestep {t:g}, which the scheduler's {len(timesteps)} timesteps do not "
                             "hold; a ditplan plan runs on the pipeline's own schedule")
-        if expected >= len(timesteps) or distance[expected] > distance[nearest]:
-            raise PlanError(
-                f"the transformer was called for step {nearest} (timestep {t:g}) after step {self.last_step} "
-                "of this pipeline call; a ditplan plan needs exactly one transformer call per step, in order"
-            )
-        step = expected
-        self.last_step = step
-        return StepContext(step=step, num_steps=len(timesteps), cfg=self.cfg, cond_first=self.cond_first, run=self.run)
+        if not 0 <= expected < len(timesteps) or distance[expected] > distance[nearest]:
+            calls = "two transformer calls per step (conditional, then unconditional)" if self.cfg_mode == "two-calls" \
+                and self.cfg else "exactly one transformer call per step"
+            raise PlanError(f"the transformer was called for step {nearest} (timestep {t:g}) after step {self.last_step} "
+                            f"of this pipeline call; a ditplan plan needs {calls}, in order")
+        return expected
 
 
-def check_pipeline_call(pipe: Any, plan: Plan, arguments: dict[str, Any]) -> None:
-    """Refuse a pipeline call whose scheduler family, step count or guidance scale the plan was not made for."""
+def check_pipeline_call(pipe: Any, plan: Plan, arguments: dict[str, Any], family: type[ModelAdapter],
+                        cfg_mode: CfgMode) -> bool:
+    """Refuse a pipeline call whose scheduler family, step count or guidance scale the plan was not made for;
+    returns whether the call runs classifier-free guidance."""
     target = plan.target
-    family = scheduler_family(pipe.scheduler)
+    scheduler = scheduler_family(pipe.scheduler)
     differences = []
-    if family != target.scheduler:
+    if scheduler != target.scheduler:
         differences.append(f"scheduler: plan has {target.scheduler!r}, pipeline has {type(pipe.scheduler).__name__}")
     steps = arguments.get("num_inference_steps")
     custom = arguments.get("timesteps") is not None or arguments.get("sigmas") is not None
     if not custom and steps != target.num_steps:
         differences.append(f"steps: plan has {target.num_steps}, call has num_inference_steps={steps}")
-    guidance = arguments.get("guidance_scale")
+    guidance, cfg = family.pipeline_guidance(arguments, cfg_mode)
+    argument = family.guidance_argument
     if guidance is not None and float(guidance) != target.guidance_scale:
-        differences.append(f"guidance scale: plan has {target.guidance_scale}, call has guidance_scale={guidance}")
+        differences.append(f"guidance scale: plan has {target.guidance_scale}, call has {argument}={guidance}")
+    elif cfg_mode != "distilled" and target.guidance_scale > 1.0 and not cfg:
+        differences.append("guidance: the plan runs classifier-free guidance, this call does not (give its negative "
+                           "prompt or negative prompt embeddings)")
     if differences:
         raise PlanError(
             f"plan made for {target.model} does not fit this pipeline call: " + "; ".join(differences)
-            + f" — call with num_inference_steps={target.num_steps}, guidance_scale={target.guidance_scale} and "
+            + f" — call with num_inference_steps={target.num_steps}, {argument}={target.guidance_scale} and "
             f"pipe.scheduler = {sampler_description(target.scheduler)}, or make a plan for these settings"
         )
+    return cfg
 
 
 def _planned_call(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -150,9 +168,8 @@ def _planned_call(self: Any, *args: Any, **kwargs: Any) -> Any:
         return original.__call__(self, *args, **kwargs)
     bound = inspect.signature(original.__call__).bind(self, *args, **kwargs)
     bound.apply_defaults()
-    check_pipeline_call(self, runtime.plan, bound.arguments)
     clock = step_hook(transformer).clock
-    clock.start(float(bound.arguments.get("guidance_scale", 1.0)))
+    clock.start(check_pipeline_call(self, runtime.plan, bound.arguments, clock.family, clock.cfg_mode))
     try:
         return original.__call__(self, *args, **kwargs)
     finally:

@@ -113,7 +113,7 @@ class WindowResidual(Strategy):
             return merge_heads(window_attention(q, k, v, self.layout))  # (B', N, C)
 
         if self.share_cfg:
-            merged = conditional_half_only(call.hidden_states, call.context, windowed)
+            merged = conditional_half_only(call, windowed)
         else:
             merged = windowed(call.hidden_states)
         merged = merged + call.cache["residual"]

@@ -4,7 +4,7 @@ A third-party family is a module that subclasses :class:`ditplan.models.family.M
 registers it with :func:`ditplan.models.family.register_family`; pass it to ``--plugin``.
 """
 
-from ditplan.models.families import dit, flux, pixart, sd3  # noqa: F401  (registers the built-in families)
+from ditplan.models.families import dit, flux, pixart, qwenimage, sd3  # noqa: F401  (registers the built-in families)
 from ditplan.models.family import (
     FAMILIES,
     ModelAdapter,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers import (
     FlowMatchEulerDiscreteScheduler,
@@ -21,19 +20,16 @@ from diffusers import (
     FluxTransformer2DModel,
 )
 
-from ditplan.errors import UserError
 from ditplan.models.family import (
-    JointAttentionFamily,
+    PackedLatentFamily,
     linear_flops,
     register_family,
     timestep_embedding_flops,
 )
 
-DEFAULT_IMAGE_SIZE = 1024  # FLUX.1's native resolution
-
 
 @register_family
-class FluxAdapter(JointAttentionFamily):
+class FluxAdapter(PackedLatentFamily):
     """``prompt_embeddings`` maps a prompt to ``(embeds (L, D), pooled (P,))``; ``image_size``: pixels per side."""
 
     name = "flux"
@@ -44,13 +40,7 @@ class FluxAdapter(JointAttentionFamily):
     guidance_modes = ("embedded",)
     default_methods = ("full", "ast", "reuse", "forecast")  # no CFG halves to share
     attention_names = r"(single_)?transformer_blocks\.\d+\.attn"
-
-    def __init__(self, *args: Any, image_size: int | None = None, **kwargs: Any) -> None:
-        image_size = image_size or DEFAULT_IMAGE_SIZE
-        super().__init__(*args, image_size=image_size, **kwargs)
-        if self.latent_size % 2 or self.latent_size < 2:
-            raise UserError(f"model.image_size = {image_size} gives {self.latent_size} latent pixels per side; FLUX packs "
-                            "them in 2 × 2 patches: give a size that makes an even count")
+    default_image_size = 1024  # FLUX.1's native resolution
 
     # --- structure ---------------------------------------------------------------------------
     @classmethod
@@ -67,46 +57,21 @@ class FluxAdapter(JointAttentionFamily):
         return embeds[0], pooled[0]
 
     @classmethod
-    def pipeline_timestep(cls, t: float) -> float:
-        return t / 1000  # FluxPipeline passes timestep / 1000 (the transformer multiplies it back)
-
-    @classmethod
     def estimate_size(cls, config: dict[str, Any]) -> tuple[int, int]:
         width = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
         return (int(config["num_layers"]) + int(config["num_single_layers"])) * 12 * width**2, 0
 
     # --- shape ---------------------------------------------------------------------------------
     @property
-    def latent_channels(self) -> int:
-        return self.transformer.config.in_channels // 4  # 2 × 2 patches are packed into the channels
-
-    @property
-    def num_tokens(self) -> int:
-        return (self.latent_size // 2) ** 2
-
-    @property
     def num_dual_layers(self) -> int:
         return len(self.transformer.transformer_blocks)
 
     # --- sampling ------------------------------------------------------------------------------
-    def set_timesteps(self, scheduler: Any, num_steps: int, device: torch.device) -> None:
-        """FluxPipeline's schedule: sigmas from 1 to 1/N, shifted by the image's token count (``mu``)."""
-        from diffusers.pipelines.flux.pipeline_flux import (
-            calculate_shift,
-            retrieve_timesteps,
-        )
-
-        config = scheduler.config
-        sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)
-        mu = calculate_shift(self.num_tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
-        retrieve_timesteps(scheduler, num_steps, device, sigmas=sigmas, mu=mu)
-
     def _call_transformer(self, latents: torch.Tensor, timestep: torch.Tensor, inputs: dict) -> torch.Tensor:
-        n, c, h, w = latents.shape
+        n, _, h, w = latents.shape
         guidance = inputs.get("guidance") if self.transformer.config.guidance_embeds else None
         out = self.transformer(
-            hidden_states=FluxPipeline._pack_latents(latents, n, c, h, w),
+            hidden_states=self.pack(latents),
             timestep=timestep.to(latents.dtype) / 1000,
             guidance=guidance,
             pooled_projections=inputs["pooled_projections"],
@@ -115,7 +80,7 @@ class FluxAdapter(JointAttentionFamily):
             img_ids=FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, latents.device, latents.dtype),
             return_dict=False,
         )[0]
-        return FluxPipeline._unpack_latents(out, h, w, 1)
+        return self.unpack(out)
 
     # --- FLOPs, per sample ---------------------------------------------------------------------
     def joint_attention_flops(self, layer: int, text_tokens: int) -> int:
