@@ -150,10 +150,11 @@ def family_plans(adapter, spec, cache_periods: tuple[int, ...] = (2,)) -> dict[s
     other step; block caching: ``reuse`` and ``forecast`` computing every k-th step for each k of
     ``cache_periods``; SparseDiT: each fine-tuned network beside the model, at the paper's curve and at
     constant rates."""
-    from ditplan.models.adapters import model_folder, sparse_networks
+    from ditplan.models.adapters import model_folder
     from ditplan.plansearch.space import interval_skips
     from ditplan.strategies.finetune_sparse import layout_plan
     from ditplan.strategies.sdtm import SparseLayout
+    from ditplan.strategies.sparse_network import sparse_networks
 
     def alternate(cell: str, period: int = 2):  # noqa: ANN202
         steps = spec.sampler.num_steps

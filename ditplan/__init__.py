@@ -66,7 +66,7 @@ def apply_plan(model: Any, plan: Plan | str | Path, model_folder: str | Path | N
 
 def load_for_plan(adapter: ModelAdapter, plan: Plan) -> ModelAdapter:
     """The model adapter a plan runs on (a fine-tuned SparseDiT network the plan names, or ``adapter``)."""
-    from ditplan.models.adapters import load_for_plan as _load
+    from ditplan.strategies.sparse_network import load_for_plan as _load
 
     return _load(adapter, plan)
 

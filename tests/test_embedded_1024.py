@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from ditplan.evaluators.digit_classifier import load_digit_classifier, to_classifier_size
 from ditplan.evaluators.distribution import class_agreement
 from ditplan.models import digits
-from ditplan.models.adapters import load_adapter, model_folder, sparse_networks
+from ditplan.models.adapters import load_adapter, model_folder
 from ditplan.models.digits import load_digits
 from ditplan.models.embedded import EMBEDDED_MODELS
 from ditplan.models.sampling import sample
 from ditplan.spec import SamplerSettings
+from ditplan.strategies.sparse_network import sparse_networks
 
 
 @pytest.fixture(scope="module")

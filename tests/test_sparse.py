@@ -8,7 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ditplan.evaluators.cost import plan_flops
-from ditplan.models.adapters import adapter_from_spec, load_adapter, sparse_networks
+from ditplan.models.adapters import adapter_from_spec, load_adapter
 from ditplan.models.context import StepContext, step_context
 from ditplan.models.sampling import guided_prediction, plan_target
 from ditplan.plan import Plan, PlanError, load_plan
@@ -21,6 +21,7 @@ from ditplan.strategies.finetune_sparse import (
     finetune_sparse,
 )
 from ditplan.strategies.sdtm import SparseLayout
+from ditplan.strategies.sparse_network import load_tuned_adapter, sparse_networks
 from tests.conftest import DATA
 
 # 4 blocks on a 4×4 token grid of 32×32 one-channel digits: room for pool + one SDTM, fast to train
@@ -166,7 +167,7 @@ def test_fine_tuning_resumes_exactly_and_its_plans_refuse_the_base_model(tmp_pat
     folder = export_sparse(teacher, base, layout, tmp_path / "straight")
     assert folder == base / "sparse" / "p1-s1_4"
     info = sparse_networks(base)["sparse/p1-s1_4"]
-    tuned = load_adapter("dit", str(folder))
+    tuned = load_tuned_adapter("dit", folder)
     assert tuned.merges is not None and tuned.weights_hash == info["weights_hash"] != teacher.weights_hash
 
     settings = SamplerSettings(num_steps=2, guidance_scale=3.0)

@@ -24,10 +24,7 @@ from common import print_provenance  # noqa: E402
 from ditplan.evaluators.cost import interleaved_times, plan_flops  # noqa: E402
 from ditplan.evaluators.distribution import class_agreement, distribution_metrics  # noqa: E402
 from ditplan.evaluators.fidelity import psnr, relative_l1  # noqa: E402
-from ditplan.models.adapters import (
-    load_adapter,  # noqa: E402
-    sparse_networks,  # noqa: E402
-)
+from ditplan.models.adapters import load_adapter  # noqa: E402
 from ditplan.models.digits import load_digits  # noqa: E402
 from ditplan.models.embedded import EMBEDDED_PATH  # noqa: E402
 from ditplan.models.sampling import plan_target  # noqa: E402
@@ -36,6 +33,7 @@ from ditplan.spec import SamplerSettings  # noqa: E402
 from ditplan.strategies.apply import run_plan  # noqa: E402
 from ditplan.strategies.finetune_sparse import layout_plan  # noqa: E402
 from ditplan.strategies.sdtm import SparseLayout  # noqa: E402
+from ditplan.strategies.sparse_network import sparse_networks  # noqa: E402
 
 CURVES = [{"name": "paper", "r_min": 0.5, "r_max": 0.875}, {"name": "step", "r_high": 0.875, "r_low": 0.5, "switch": 0.5}]
 

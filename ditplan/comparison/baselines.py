@@ -8,7 +8,7 @@ and the learned plans, in the same interleaved rounds.
 from __future__ import annotations
 
 from ditplan.errors import UserError
-from ditplan.models.adapters import model_folder, sparse_networks
+from ditplan.models.adapters import model_folder
 from ditplan.models.family import ModelAdapter
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, PlanError
@@ -17,6 +17,7 @@ from ditplan.spec import BaselineSpec, ExperimentSpec
 from ditplan.strategies.diffusers_cache import DiffusersCache
 from ditplan.strategies.finetune_sparse import layout_plan
 from ditplan.strategies.sdtm import SparseLayout
+from ditplan.strategies.sparse_network import sparse_networks
 
 
 def check_baselines(spec: ExperimentSpec) -> None:

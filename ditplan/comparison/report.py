@@ -19,7 +19,7 @@ import yaml
 
 from ditplan.errors import UserError
 from ditplan.evaluators.cost import sample_forwards
-from ditplan.models.adapters import LAYOUT_FILE, model_folder
+from ditplan.models.adapters import model_folder
 from ditplan.plan import Plan, load_plan
 from ditplan.plansearch.pareto import hypervolume, pareto_mask
 from ditplan.plansearch.proxy import read_proxy
@@ -28,6 +28,7 @@ from ditplan.plansearch.storage import load_finished_study
 from ditplan.registry import direction
 from ditplan.rundir import HeldOutRecord, RunDir, SideKind, SideResult
 from ditplan.spec import ExperimentSpec
+from ditplan.strategies.sparse_network import LAYOUT_FILE
 
 HEADLINE_EXTRAS = ("kid", "kid_low", "class_agreement")  # shown beside the quality metric when measured
 

@@ -1,5 +1,6 @@
 """Loading models: an experiment's model section, a folder or hub id, or a random config → an adapter of
-its family (:mod:`ditplan.models.families`), and the fine-tuned SparseDiT networks next to a base model.
+its family (:mod:`ditplan.models.families`). Every model loads plain: the extra weights a strategy adds to a
+network (:attr:`ModelAdapter.merges`) are that strategy's to load.
 
 Models load through diffusers' ``from_pretrained`` (a local folder in pipeline layout or a hub id) or are
 built with random weights from a config dict (tests).
@@ -7,22 +8,18 @@ built with random weights from a config dict (tests).
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import yaml
-from safetensors.torch import load_file
 
 from ditplan.errors import UserError
 from ditplan.files import check_folder
 from ditplan.models.embedded import EMBEDDED_FAMILY, EMBEDDED_MODELS
 from ditplan.models.families import FAMILIES
 from ditplan.models.family import ModelAdapter
-from ditplan.plan import Plan, PlanError
 
 if TYPE_CHECKING:
     from ditplan.spec import ExperimentSpec, ModelSpec
@@ -54,7 +51,6 @@ def load_adapter(
         transformer = load_transformer(transformer_cls, Path(path), dtype)
         base_schedule = _from_pretrained(family.scheduler_class.load_config, path, "scheduler", "model.source")
         model_id = source
-        adapter_kwargs.setdefault("merges", load_merges(Path(path), transformer))
     else:
         raise ValueError("a model needs a source (a folder, a hub id or 'embedded') or a config dict; give one")
     schedule = {**base_schedule, **(scheduler_config or {})}
@@ -137,82 +133,6 @@ def _from_pretrained(load: Any, source: str, subfolder: str, field: str, **kwarg
                         f"reachable hub): {first.strip()}") from None
 
 
-MERGES_FILE = "sparse_merge.safetensors"
-LAYOUT_FILE = "sparse_layout.yaml"
-
-
-def new_merges(num_modules: int, dim: int) -> torch.nn.ModuleList:
-    """The merge of each module at its start: ``up`` = identity, ``skip`` = zero."""
-    merges = torch.nn.ModuleList()
-    for _ in range(num_modules):
-        merge = torch.nn.ModuleDict({"up": torch.nn.Linear(dim, dim, bias=False), "skip": torch.nn.Linear(dim, dim, bias=False)})
-        with torch.no_grad():
-            merge["up"].weight.copy_(torch.eye(dim))
-            merge["skip"].weight.zero_()
-        merges.append(merge)
-    return merges
-
-
-def load_merges(folder: Path, transformer: torch.nn.Module) -> torch.nn.ModuleList | None:
-    """The SDTM merges a fine-tuned SparseDiT folder carries (``ditplan finetune-sparse``), else None."""
-    path = folder / MERGES_FILE
-    if not path.exists():
-        return None
-    state = load_file(path)
-    count = len({key.split(".")[0] for key in state})
-    merges = new_merges(count, transformer.config.num_attention_heads * transformer.config.attention_head_dim)
-    merges.load_state_dict(state)
-    return merges
-
-
-def load_for_plan(adapter: ModelAdapter, plan: Plan) -> ModelAdapter:
-    """The model ``plan`` runs on: ``adapter`` itself, or the fine-tuned SparseDiT network the plan names
-    in ``sparse.weights``."""
-    weights = (plan.sparse or {}).get("weights")
-    if not weights or adapter.merges is not None and adapter.weights_hash == plan.target.weights_hash:
-        return adapter
-    return load_sparse_network(adapter, weights)
-
-
-def load_sparse_network(adapter: ModelAdapter, weights: str) -> ModelAdapter:
-    """The fine-tuned SparseDiT network ``weights`` (a folder inside the base model's) as an adapter like
-    ``adapter`` (same conditioning, schedule, VAE, device); loaded once per adapter."""
-    networks = adapter.__dict__.setdefault("_sparse_networks", {})
-    if weights not in networks:
-        folder, transformer, merges = load_sparse_folder(type(adapter.transformer), model_folder(adapter.model_id), weights,
-                                                         adapter.dtype)
-        tuned = copy.copy(adapter)
-        tuned.__dict__.pop("identity", None)
-        tuned.__dict__.pop("_sparse_networks", None)
-        tuned.transformer = transformer.eval().requires_grad_(False)
-        tuned.merges = merges
-        tuned.model_id = str(folder)
-        networks[weights] = tuned.to(next(adapter.transformer.parameters()).device, adapter.dtype)
-    return networks[weights]
-
-
-def load_sparse_folder(transformer_cls: type[torch.nn.Module], base: Path, weights: str,
-                       dtype: torch.dtype | None = None) -> tuple[Path, torch.nn.Module, torch.nn.ModuleList | None]:
-    """The fine-tuned SparseDiT network ``weights`` inside the base model's folder ``base``: (its folder,
-    its transformer in ``dtype``, its SDTM merges)."""
-    folder = sparse_network_folder(base, weights)
-    transformer = load_transformer(transformer_cls, folder, dtype)
-    return folder, transformer, load_merges(folder, transformer)
-
-
-def sparse_network_folder(base: Path, weights: str) -> Path:
-    """The folder of the fine-tuned SparseDiT network a plan names (``sparse.weights``, relative to the base
-    model's folder ``base``); a path that leaves ``base`` or holds no network is refused."""
-    folder = (Path(base) / weights).resolve()
-    if Path(weights).is_absolute() or not folder.is_relative_to(Path(base).resolve()):
-        raise PlanError(f"plan's sparse.weights {weights!r} leaves the model folder {base}; a fine-tuned network must "
-                        "lie inside it, e.g. sparse/p1-s1_5")
-    if not (folder / "transformer").is_dir():
-        raise PlanError(f"plan needs the fine-tuned SparseDiT network {weights!r}, but {folder} holds none; make it "
-                        "with `ditplan finetune-sparse` for this model")
-    return folder
-
-
 def load_transformer(transformer_cls: type[torch.nn.Module], folder: Path, dtype: torch.dtype | None = None
                      ) -> torch.nn.Module:
     """The transformer of a model folder in diffusers layout (``<folder>/transformer``), in ``dtype``."""
@@ -224,14 +144,6 @@ def load_transformer(transformer_cls: type[torch.nn.Module], folder: Path, dtype
 def _torch_dtype(dtype: torch.dtype | None) -> dict[str, torch.dtype]:
     """``from_pretrained``'s dtype argument: none keeps diffusers' default (float32)."""
     return {} if dtype is None else {"torch_dtype": dtype}
-
-
-def sparse_networks(base_folder: Path) -> dict[str, dict]:
-    """The fine-tuned SparseDiT networks next to a base model: relative folder → its ``sparse_layout.yaml``."""
-    out = {}
-    for info in sorted((base_folder / "sparse").glob(f"*/{LAYOUT_FILE}")):
-        out[str(info.parent.relative_to(base_folder))] = yaml.safe_load(info.read_text())
-    return out
 
 
 def adapter_from_spec(spec: ModelSpec, conditions: Sequence[Any] = ()) -> ModelAdapter:

@@ -159,7 +159,6 @@ class ModelAdapter(abc.ABC):
         scheduler_config: dict[str, Any],
         model_id: str,
         vae: torch.nn.Module | None = None,
-        merges: torch.nn.ModuleList | None = None,
         image_size: int | None = None,
     ) -> None:
         """``image_size``: pixels per side, for families that render any size (default: the transformer's
@@ -169,8 +168,9 @@ class ModelAdapter(abc.ABC):
         self.scheduler_config = dict(scheduler_config)
         self.model_id = model_id
         self.vae = vae.eval().requires_grad_(False) if vae is not None else None
-        # SDTM merge weights of a fine-tuned SparseDiT network (ditplan finetune-sparse), else None
-        self.merges = merges.eval().requires_grad_(False) if merges is not None else None
+        # extra weights a strategy's network adds beside the transformer, set by the strategy that loads such a
+        # network (frozen); part of the network's identity, moved and cast with it. None for a plain model
+        self.merges: torch.nn.ModuleList | None = None
 
     @classmethod
     def pipeline_class(cls) -> type:

@@ -50,8 +50,8 @@ def weights_hash(module: torch.nn.Module, dtype: str | None = None) -> str:
 
 
 def network_hash(transformer: torch.nn.Module, merges: torch.nn.ModuleList | None, dtype: str | None = None) -> str:
-    """The identity of a network: its transformer's weights, plus its SDTM merges when fine-tuned (``dtype``:
-    cast to it)."""
+    """The identity of a network: its transformer's weights, plus the extra weights a strategy's network adds
+    (``merges``) when it has them (``dtype``: cast to it)."""
     if merges is None:
         return weights_hash(transformer, dtype)
     state = {f"transformer.{name}": tensor for name, tensor in transformer.state_dict().items()}
@@ -80,8 +80,8 @@ class WeightsIdentity(Protocol):
 
 
 class NetworkIdentity:
-    """The identity of a loaded network (a transformer and its SDTM merges, or None); its hashes are taken
-    when first read."""
+    """The identity of a loaded network (a transformer and the extra weights a strategy's network adds, or
+    None); its hashes are taken when first read."""
 
     def __init__(self, transformer: torch.nn.Module, merges: torch.nn.ModuleList | None = None) -> None:
         self.transformer = transformer

@@ -31,7 +31,7 @@ from typing import Any
 import optuna
 
 from ditplan.errors import UserError
-from ditplan.models.adapters import load_sparse_network, model_folder, sparse_networks
+from ditplan.models.adapters import model_folder
 from ditplan.models.family import ModelAdapter
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, PlanTarget
@@ -42,6 +42,7 @@ from ditplan.strategies.base import config_fields, get_strategy_class, is_block_
 from ditplan.strategies.curves import CURVES, RATE_CHOICES
 from ditplan.strategies.diffusers_cache import CACHE_METHODS
 from ditplan.strategies.sdtm import SparseLayout
+from ditplan.strategies.sparse_network import load_sparse_network, sparse_networks
 
 NO_NETWORK = "none"
 NO_CACHE = "none"

@@ -20,7 +20,6 @@ from typing import Any, Protocol
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from ditplan.models.adapters import load_for_plan, new_merges
 from ditplan.models.context import StepContext, current_step, step_context
 from ditplan.models.family import BlockPattern, ModelAdapter, family_of
 from ditplan.models.sampling import plan_target, sample
@@ -42,6 +41,7 @@ from ditplan.strategies.diffusers_cache import (
 )
 from ditplan.strategies.hooks import remove_hook
 from ditplan.strategies.sdtm import SparseLayout, SparseRuntime
+from ditplan.strategies.sparse_network import load_for_plan, new_merges
 
 _RUNTIME_ATTR = "_ditplan_runtime"
 STEP_HOOK = "ditplan_plan_step"

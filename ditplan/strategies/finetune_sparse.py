@@ -26,12 +26,6 @@ from safetensors.torch import save_file
 from ditplan.atomic import atomic_folder
 from ditplan.errors import UserError
 from ditplan.models import training
-from ditplan.models.adapters import (
-    LAYOUT_FILE,
-    MERGES_FILE,
-    load_sparse_network,
-    new_merges,
-)
 from ditplan.models.context import StepContext, step_context
 from ditplan.models.families.dit import DiTAdapter
 from ditplan.models.family import ModelAdapter
@@ -41,6 +35,12 @@ from ditplan.plan import Plan, PlanTarget
 from ditplan.spec import SamplerSettings
 from ditplan.strategies.apply import PlanRuntime, apply_plan, remove_plan
 from ditplan.strategies.sdtm import SparseLayout
+from ditplan.strategies.sparse_network import (
+    LAYOUT_FILE,
+    MERGES_FILE,
+    load_sparse_network,
+    new_merges,
+)
 
 CHECKPOINT_NAME = "finetune.pt"
 

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from ditplan.models.adapters import load_sparse_folder
 from ditplan.models.context import BRANCHES, CFG_ORDERS, StepContext, new_run_id
 from ditplan.models.family import CfgMode, ModelAdapter, family_of, pipeline_family
 from ditplan.models.identity import Binding, NetworkIdentity, binding, warn_cast
@@ -34,6 +33,7 @@ from ditplan.strategies.apply import (
     remove_plan,
     step_hook,
 )
+from ditplan.strategies.sparse_network import load_sparse_folder
 
 _ORIGINAL_CLASS = "_ditplan_original_class"
 
