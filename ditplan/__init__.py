@@ -7,7 +7,7 @@ The Python API mirrors the CLI::
     ditplan.compare([run_dir], "report/")                         # ditplan compare
     paths = ditplan.export(run_dir, "knee", "plans/")             # ditplan export
     ditplan.generate("quickstart", paths[0], classes=[3, 7])      # ditplan generate --plan … --class 3 --class 7
-    ditplan.apply_plan(pipe, paths[0])                            # a stock diffusers pipeline (DiT, PixArt, FLUX, SD3)
+    ditplan.apply_plan(pipe, paths[0])                            # a stock diffusers pipeline (DiT, PixArt, FLUX, SD3, Qwen-Image)
     images = pipe(class_labels=[3, 7], num_inference_steps=20, guidance_scale=4.0).images
     ditplan.remove_plan(pipe)
 

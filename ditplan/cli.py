@@ -23,7 +23,7 @@ PLUGIN_HELP = ("module to import (driver and search workers) that registers stra
                "extractors; repeatable")
 EXPERIMENT_HELP = "the experiment: a YAML file, or the name of a shipped one (quickstart, digits-1024, …)"
 DESCRIPTION = """\
-ditplan finds acceleration plans for Diffusion Transformers (DiT, PixArt, FLUX.1, SD3): which attention,
+ditplan finds acceleration plans for Diffusion Transformers (DiT, PixArt, FLUX.1, SD3, Qwen-Image): which attention,
 token-pruning or caching strategy each layer uses at each denoising step. It searches them (Optuna on Ray), compares them
 with DiTFastAttn's greedy plans and cache presets on held-out seeds, and exports plan files that a stock
 diffusers pipeline runs."""

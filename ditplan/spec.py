@@ -47,8 +47,8 @@ Count = Annotated[int, Field(gt=0, le=MAX_SAMPLES)]
 
 
 class ModelSpec(_Strict):
-    """kind: the model family (``ditplan.models.families``): ``dit`` (class labels), ``pixart`` (prompts), or
-    one a ``--plugin`` module registers.
+    """kind: the model family (``ditplan.models.families``): ``dit`` (class labels), ``pixart``, ``flux``, ``sd3``,
+    ``qwen-image`` (prompts), or one a ``--plugin`` module registers.
 
     source: ``embedded`` (ditplan's 256-token digit DiT) or ``embedded-1024`` (its 1,024-token GPU-sized
     sibling), a local folder in diffusers pipeline layout, or a hub id.

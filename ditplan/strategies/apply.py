@@ -12,7 +12,7 @@ The original processor objects are kept and put back by :func:`remove_plan`.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -281,10 +281,9 @@ class PlanRuntime:
         # NOTE: an opaque strategy caches what the attention module returned: a tensor, or a tuple (joint attention)
         entries = [v for state in self.states.values() for cache in state.caches for v in cache.values()]
         entries += [v for shared in self.between_calls.values() for v in shared.values()]
-        tensors = [t for v in entries for t in (v if isinstance(v, tuple) else (v,))]
-        tensors += [t for state in self.states.values() for residuals in state.block_residuals
-                    for _, streams in residuals for t in streams.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        entries += [streams for state in self.states.values() for residuals in state.block_residuals
+                    for _, streams in residuals]
+        return sum(t.numel() * t.element_size() for t in _tensors(entries))
 
     def enter(self, context: StepContext) -> None:
         """Called at every transformer call: check the step count, and start empty caches when the call
@@ -310,6 +309,17 @@ class PlanRuntime:
         if self.sparse is not None:
             self.sparse.reset()
         self.last_step = -1
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors in a cache entry: a tensor, or tuples, lists and dicts of them (other values skipped)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        yield from _tensors(list(value.values()))
 
 
 class StepClock(Protocol):

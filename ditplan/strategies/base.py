@@ -78,6 +78,11 @@ class AttentionCall:
         x = self.hidden_states if hidden_states is None else hidden_states
         return self._original(self.attn, x, **self._kwargs)
 
+    def token_counts(self) -> tuple[int, ...]:
+        """The tokens of the input and of a joint attention's text stream (``encoder_hidden_states``), if any."""
+        text = self._kwargs.get("encoder_hidden_states")
+        return (self.hidden_states.shape[1], *((text.shape[1],) if isinstance(text, torch.Tensor) else ()))
+
     def original_on_rows(self, rows: slice) -> Any:
         """The layer's own attention on the batch rows ``rows`` of its input and of every argument with the
         input's batch (joint attention's text stream): what the module returns, a tensor or a tuple."""

@@ -3,7 +3,8 @@
 ``apply_plan_to(pipe, plan)`` installs the plan on ``pipe.transformer`` and gives the transformer's
 step hook a :class:`PipelineClock`, which maps the timestep each transformer call receives onto the
 pipeline scheduler's ``timesteps`` (the step index) and knows the pipeline's guidance as its model family
-declares it (DiT batches ``[cond; uncond]``, PixArt and SD3 ``[uncond; cond]``, FLUX.1 is distilled). The pipeline's ``__call__`` checks the
+declares it (DiT batches ``[cond; uncond]``, PixArt and SD3 ``[uncond; cond]``, Qwen-Image makes two calls per
+step, FLUX.1 is distilled). The pipeline's ``__call__`` checks the
 plan's sampler (scheduler family, step count, guidance scale) before it runs and starts a new run.
 A plan made for a fine-tuned SparseDiT network swaps that network's weights (and SDTM merges) into
 the transformer; :func:`remove_plan_from` puts everything back exactly.

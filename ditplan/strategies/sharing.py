@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ditplan.plan import PlanError
+
 if TYPE_CHECKING:
     from ditplan.strategies.base import AttentionCall
 
@@ -32,9 +34,14 @@ def _shared(call: AttentionCall, compute: Callable[[slice | None], Any]) -> Any:
     context = call.context
     if context.branch is not None:  # two calls per step: the conditional one computes, the unconditional one reuses
         if context.branch == "cond":
-            call.between["asc"] = compute(None)
-            return call.between["asc"]
-        return call.between.pop("asc")
+            call.between["asc"] = (call.token_counts(), compute(None))
+            return call.between["asc"][1]
+        counts, shared = call.between.pop("asc")
+        if counts != call.token_counts():
+            raise PlanError(f"ASC gives the unconditional call the conditional call's attention output, but their token "
+                            f"counts differ ({counts} and {call.token_counts()}: image, text); give the prompt and the "
+                            "negative prompt embeddings of one length (as ditplan's loop does), or use a plan without asc")
+        return shared
     if not context.cfg:
         return compute(None)
     half = call.hidden_states.shape[0] // 2

@@ -7,14 +7,15 @@ when a negative prompt is given.
 
 A plan's layers are the blocks; what runs on them is the joint-attention families'
 (:class:`~ditplan.models.family.JointAttentionFamily`), each guidance call with its own caches and ASC across the
-two calls (the unconditional call takes the conditional call's attention output). Prompts come as stored
-embeddings: ``<prompt>.embeds`` (L, 3584: Qwen2.5-VL's last hidden states) and ``<prompt>.mask`` (L,) for every
-prompt and for the empty prompt "" (the unconditional one), padded to one length.
+two calls (the unconditional call takes the conditional call's attention output). Prompts come through the
+pipeline's own text encoder (Qwen2.5-VL) or as stored embeddings: ``<prompt>.embeds`` (L, 3584: the encoder's last
+hidden states) and ``<prompt>.mask`` (L,) for every prompt and for the empty prompt "" (the unconditional one),
+padded to one length.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from ditplan.models.family import (
     PackedLatentFamily,
     linear_flops,
     register_family,
+    text_pipeline,
     timestep_embedding_flops,
 )
 
@@ -47,7 +49,6 @@ class QwenImageAdapter(PackedLatentFamily):
     second_name = "mask"
     second_input = "encoder_hidden_states_mask"
     per_token = True
-    encodes_prompts = False  # its text encoder is a Qwen2.5-VL model: give model.prompt_embeddings
     default_image_size = 1328  # Qwen-Image's native resolution
 
     @classmethod
@@ -56,6 +57,17 @@ class QwenImageAdapter(PackedLatentFamily):
         scale = arguments.get(cls.guidance_argument)
         negative = arguments.get("negative_prompt") is not None or arguments.get("negative_prompt_embeds") is not None
         return scale, scale is not None and float(scale) > 1.0 and negative
+
+    @classmethod
+    def encode_prompts(cls, source: str, prompts: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The prompts and the empty one through the pipeline's own ``encode_prompt`` (its Qwen2.5-VL text encoder),
+        in one batch padded to one length: ``(embeds (L, D), mask (L,))`` each."""
+        pipe = text_pipeline(cls.pipeline_class(), source)
+        names = list(dict.fromkeys([*prompts, ""]))
+        with torch.no_grad():
+            embeds, mask = pipe.encode_prompt(names, device="cpu")
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long) if mask is None else mask  # None: no padding
+        return {name: (embeds[i], mask[i]) for i, name in enumerate(names)}
 
     @classmethod
     def block_probe(cls, block: torch.nn.Module) -> torch.nn.Module:
