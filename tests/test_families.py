@@ -135,18 +135,18 @@ class Case:
 
 
 CASES = {
-    # dual-stream blocks 0-1, single-stream blocks 2-3: computed, AST, reused and forecast in every block kind
+    # dual-stream blocks 0-1, single-stream blocks 2-3: computed, AST, WA-RS, reused and forecast in every block kind
     "flux": Case("flux", tiny_flux, SamplerSettings("flow-euler", 4, 3.5, 8, guidance="embedded"), 16, "pooled", 32,
-                 False, [["full"] * 4, ["ast", "reuse", "full", "ast"], ["reuse", "ast", "forecast", "full"],
-                         ["forecast", "full", "ast", "forecast"]], 1),
+                 False, [["full"] * 4, ["ast", "reuse", "full", "wars"], ["reuse", "wars", "forecast", "full"],
+                         ["forecast", "full", "wars", "forecast"]], 1),
     # block 0 with SD3.5's dual attention, block 2 the last (no text stream out)
     "sd3": Case("sd3", tiny_sd3, SamplerSettings("flow-euler", 4, 4.0, 8), 8, "pooled", 64, True,
-                [["full"] * 3, ["reuse", "ast", "asc"], ["asc", "forecast", "ast"], ["forecast", "asc", "forecast"]],
+                [["full"] * 3, ["reuse", "ast", "asc"], ["asc", "forecast", "wars"], ["forecast", "wars", "forecast"]],
                 4),
     # two calls per step: each branch reuses its own earlier steps, ASC passes the conditional call's output on
     "qwen-image": Case("qwen-image", tiny_qwen_image, SamplerSettings("flow-euler", 4, 4.0, 8), 16, "mask", 0, True,
-                       [["full"] * 3, ["reuse", "ast", "asc"], ["asc", "forecast", "ast"],
-                        ["forecast", "asc", "forecast"]], 4),
+                       [["full"] * 3, ["reuse", "ast", "asc"], ["asc", "forecast", "wars"],
+                        ["forecast", "wars", "forecast"]], 4),
 }
 
 
@@ -257,14 +257,14 @@ def test_a_strategy_that_works_inside_attention_is_refused_in_one_line_and_nothi
     case, folder = family
     adapter = adapter_of(case, folder, vae=False)
     rows = [list(row) for row in case.mixed]
-    rows[1][0] = "wars"
+    rows[1][0] = "pool"
     plan = plan_for(case, adapter, rows)
-    with pytest.raises(PlanError, match=f"'wars' does not run on the {case.kind} family's attention; plans for it use "
-                                        "asc, ast, forecast, full, reuse") as err:
+    with pytest.raises(PlanError, match=f"'pool' does not run on the {case.kind} family's attention; plans for it use "
+                                        "asc, ast, forecast, full, reuse, wars") as err:
         run_plan(adapter, plan, PROMPTS, [1], case.settings)
     assert "\n" not in str(err.value)
     pipe = stock_pipe(case, folder)
-    with pytest.raises(PlanError, match="'wars' does not run"):
+    with pytest.raises(PlanError, match="'pool' does not run"):
         ditplan.apply_plan(pipe, plan)
     assert not HookRegistry.check_if_exists_or_initialize(pipe.transformer).hooks
 
@@ -314,7 +314,7 @@ def test_ditplan_run_of_a_tiny_experiment_goes_from_dense_to_exported_plans(kind
     experiment = tiny_experiment(kind, tmp_path)
     run = RunDir(ditplan.run(experiment, show_progress=False))
     greedy = list(run.greedy.plans().values())
-    assert len(greedy) == 2 and all(p.strategies() <= {"full", "reuse", "ast", "asc"} for p in greedy)
+    assert len(greedy) == 2 and all(p.strategies() <= {"full", "reuse", "ast", "wars", "asc"} for p in greedy)
     assert any(p.strategies() - {"full"} for p in greedy)  # δ = 0.5 lets blocks be reused or attention shared
     exported = sorted(run.exported.glob("*.yaml"))
     assert exported and all(load_plan(p).target.scheduler == "flow-euler" for p in exported)
@@ -328,8 +328,8 @@ def test_ditplan_run_of_a_tiny_experiment_goes_from_dense_to_exported_plans(kind
 @pytest.mark.parametrize(("kind", "change", "message"), [
     ("flux", {"search": {"space": {"methods": ["full", "wars+asc", "reuse"]}}},
      "search.space: 'wars+asc' does not run on the flux family's attention; plans for it use asc, ast, forecast, full, "
-     "reuse"),
-    ("sd3", {"search": {"space": {"methods": ["full", "wars"]}}}, "search.space: 'wars' does not run on the sd3 family's"),
+     "reuse, wars"),
+    ("sd3", {"search": {"space": {"methods": ["full", "pool"]}}}, "search.space: 'pool' does not run on the sd3 family's"),
     ("flux", {"sampler": {"scheduler": "dpmsolver++", "guidance": "embedded"}},
      "sampler.scheduler = 'dpmsolver++' does not sample a flux model; choose one of ['flow-euler']"),
     ("flux", {"sampler": {"scheduler": "flow-euler", "guidance": "cfg"}}, "sampler.guidance = 'cfg': a flux model takes 'embedded'"),

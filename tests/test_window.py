@@ -29,6 +29,8 @@ from ditplan.strategies.attention import (
     window_attention,
     window_layout,
 )
+from ditplan.strategies.joint import JointTokens
+from ditplan.strategies.wars import WindowResidual
 from tests.test_strategies import _layer_call, grid_plan
 
 
@@ -230,3 +232,39 @@ def test_bad_window_parameters_are_refused_by_name(tiny_adapter, tiny_spec, para
 def test_tiles_need_a_square_grid():
     with pytest.raises(ValueError, match="needs a square token grid, but 60 tokens are not one; use 'blocks'"):
         window_layout("tiles", 60, 8)
+
+
+# --- joint attention: the window covers the image tokens; text tokens attend and are attended in full ----------
+def joint_reference(q, k, v, mask, tokens, layout):
+    """Joint attention written out as a masked dense attention: text queries see every (unmasked) key, image
+    queries every unmasked text key and the image keys ``layout.key_mask()`` gives them."""
+    text = q.shape[2] - tokens.image
+    allowed = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool)
+    image_rows = slice(text, None) if tokens.text_first else slice(0, tokens.image)
+    allowed[image_rows, image_rows] = layout.key_mask()
+    key_mask = torch.ones(q.shape[0], 1, 1, q.shape[2], dtype=torch.bool) if mask is None else mask
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed & key_mask)
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize(("shape", "window", "block"), [("blocks", 3, 4), ("tiles", 4, 2), ("band", 5, None)])
+def test_a_joint_window_equals_its_masked_reference_and_covering_every_token_equals_joint_attention(
+        text_first, masked, shape, window, block):
+    generator = torch.Generator().manual_seed(0)
+    image, text = 16, 5
+    q, k, v = (torch.randn(2, 3, image + text, 8, generator=generator) for _ in range(3))
+    mask = None
+    if masked:  # the second sample's last two text tokens are padding (Qwen-Image's key mask)
+        mask = torch.ones(2, 1, 1, image + text, dtype=torch.bool)
+        mask[1, ..., (text - 2 if text_first else image + text - 2):(text if text_first else image + text)] = False
+    tokens = JointTokens(image, text_first)
+    strategy = get_strategy_class("wars").from_params({"window_size": window, "window_shape": shape, "block_size": block})
+    strategy.validate(image)
+    windowed = strategy.image_window(tokens, q, k, v, mask)
+    reference = tokens.split(joint_reference(q, k, v, mask, tokens, strategy.layout))[1]
+    torch.testing.assert_close(windowed, reference, rtol=0, atol=1e-6)
+    dense = WindowResidual.from_params({"window_size": image - 1, "window_shape": shape})
+    dense.validate(image)
+    joint = tokens.split(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))[1]
+    torch.testing.assert_close(dense.image_window(tokens, q, k, v, mask), joint, rtol=0, atol=1e-6)

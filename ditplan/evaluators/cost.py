@@ -77,9 +77,9 @@ def plan_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSettin
             if planner.strategy_at(step, layer).level == "block":
                 continue  # the whole block is skipped: its output comes from cached residuals
             other += rows * adapter.other_flops(text_tokens, queries, layer)[0]
-            if not adapter.plan_attention:  # whole-module cells only: their share of what the family counts
-                share = planner.strategy_at(step, layer).module_share(settings.cfg)
-                attention += rows * share * adapter.joint_attention_flops(layer, text_tokens)  # type: ignore[operator]
+            if not adapter.plan_attention:
+                attention += rows * joint_cell_flops(adapter, planner, step, layer, settings.cfg, text_tokens,
+                                                     window_count)
                 continue
             if (queries, keys) != (n, n):  # an SDTM block: its attention is always computed
                 attention += cross_attention_flops(rows, queries, keys, shape.dim)
@@ -91,6 +91,23 @@ def plan_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSettin
         computed_modules = [m for m in layout.modules if planner.strategy_at(step, m[0]).level != "block"] if layout else []
         other += rows * (once + sdtm_overhead_flops(adapter) * len(computed_modules))
     return Flops(attention=attention, total=attention + other)
+
+
+def joint_cell_flops(adapter: ModelAdapter, planner: CachePlanner, step: int, layer: int, cfg: bool, text_tokens: int,
+                     window_count: str) -> float:
+    """FLOPs per sample of one (step, layer) cell on a joint attention: a whole-module strategy's share of the
+    family's count, or a kernel strategy's pairs in the family's count, plus the pairs a dense step's kernel adds
+    for a later cell's cache entry (WA-RS's residual)."""
+    strategy, n = planner.strategy_at(step, layer), adapter.num_tokens
+    share = strategy.module_share(cfg)
+    if share is not None:
+        flops = share * adapter.joint_attention_flops(layer, text_tokens)
+    else:
+        flops = adapter.joint_attention_flops(layer, text_tokens, strategy.joint_pairs(n, text_tokens, window_count))
+    for entry in planner.wants(step, layer):
+        extra = planner.next_reader(step, layer, entry).joint_production_pairs(entry, n, text_tokens, window_count)  # type: ignore[union-attr]
+        flops += 2 * 2 * extra * adapter.hidden_dim  # the scores and weighted sums of its pairs
+    return float(flops)
 
 
 def layer_attention_flops(adapter: ModelAdapter, layer: int, text_tokens: int) -> float:

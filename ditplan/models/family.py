@@ -145,7 +145,8 @@ class ModelAdapter(abc.ABC):
     # how the experiment's guidance_scale acts (sampler.guidance): classifier-free guidance, or an input
     guidance_modes: ClassVar[tuple[str, ...]] = ("cfg",)
     # whether ditplan's attention strategies may work inside its self-attention (queries, keys, values); else
-    # only those that take the module as a whole (full, ast) and block caching run on it (joint attention)
+    # (joint attention) those that take the module as a whole (full, ast, asc), those that work on its attention
+    # kernel (wars) and block caching run on it
     plan_attention: ClassVar[bool] = True
     flow_matching: ClassVar[bool] = False  # whether it samples with a flow-matching scheduler
     # the strategies a search space draws when the experiment names none (search.space.methods)
@@ -329,9 +330,9 @@ class ModelAdapter(abc.ABC):
         """Analytic FLOPs of the parts no attention strategy changes, per sample: (per block ``layer``, once
         per forward). ``tokens``: the block's token count when it runs on fewer tokens (default all)."""
 
-    def joint_attention_flops(self, layer: int, text_tokens: int) -> int:
-        """FLOPs of block ``layer``'s self-attention computed in full, per sample, for a family whose
-        attention ditplan's attention strategies do not replace (``plan_attention`` False)."""
+    def joint_attention_flops(self, layer: int, text_tokens: int, pairs: int | None = None) -> int:
+        """FLOPs of block ``layer``'s joint attention per sample (``plan_attention`` False): its projections, and
+        the scores and weighted sums of ``pairs`` (query, key) pairs (default all of the joint sequence's)."""
         raise NotImplementedError(f"the {self.name} family's attention FLOPs come from the attention strategies")
 
     def cross_attention_block_flops(self, text_tokens: int, tokens: int | None = None) -> int:
@@ -464,15 +465,17 @@ JOINT_STREAMS = BlockPattern(("hidden_states", "encoder_hidden_states"), ("encod
 class JointAttentionFamily(PromptFamily):
     """A flow-matching MMDiT (FLUX, SD3): joint attention over image and text tokens in each block's ``attn``,
     blocks that take and return both streams, conditioned on T5 embeddings and a pooled CLIP embedding.
-    ditplan's attention strategies that work inside attention (WA-RS, ASC, pooling) do not run on joint
-    attention yet: its plans use ``full``, AST, block caching and diffusers' caches. Its sampling uses its stock pipeline's own code (schedule, latent packing),
+    On joint attention run ``full``, AST, ASC, WA-RS (its window over the image tokens, through the attention
+    kernel of the family's own processor), block caching and diffusers' caches; ``wars+asc``, pooling and
+    SparseDiT do not. Its sampling uses its stock pipeline's own code (schedule, latent packing),
     which needs transformers (``pip install 'ditplan[text]'``)."""
 
     second_name = "pooled"
     second_input = "pooled_projections"
     flow_matching = True
     plan_attention = False
-    default_methods = ("full", "ast", "asc", "reuse", "forecast")
+    text_first: ClassVar[bool] = True  # the text tokens come before the image's in the joint sequence
+    default_methods = ("full", "ast", "wars", "asc", "reuse", "forecast")
     attention_names = r"transformer_blocks\.\d+\.attn"
 
     @classmethod

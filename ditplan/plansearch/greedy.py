@@ -34,8 +34,8 @@ from ditplan.strategies.apply import (
 from ditplan.strategies.base import BlockStrategy
 
 CANDIDATES: tuple[str, ...] = ("ast", "wars+asc", "wars", "asc")
-# on a family whose attention ditplan sees only as a whole (joint attention): a block's reuse, then AST, ASC
-JOINT_CANDIDATES: tuple[str, ...] = ("reuse", "ast", "asc")
+# on joint attention (no wars+asc there): a block's reuse, then AST, WA-RS over the image tokens, ASC
+JOINT_CANDIDATES: tuple[str, ...] = ("reuse", "ast", "wars", "asc")
 
 
 def family_candidates(adapter: ModelAdapter) -> tuple[str, ...]:

@@ -40,6 +40,7 @@ from ditplan.strategies.diffusers_cache import (
     broken_on,
 )
 from ditplan.strategies.hooks import remove_hook
+from ditplan.strategies.joint import JointTokens
 from ditplan.strategies.sdtm import SparseLayout, SparseRuntime
 from ditplan.strategies.sparse_network import load_for_plan, new_merges
 
@@ -230,6 +231,7 @@ class PlanRuntime:
         self.diffusers_cache: DiffusersCache | None = None  # one of diffusers' caches the plan carries
         self.executed: ExecutionCounter | None = None  # what ran, when that is decided at run time
         self.block_layers: list[int] = []  # the blocks with a BlockCacheHook
+        self.joint: JointTokens | None = None  # the token layout of a joint attention (set when applied)
 
     @property
     def state(self) -> CallState:
@@ -448,6 +450,7 @@ class PlanAttnProcessor:
             wants=runtime.wants(step, layer),
             reader=lambda entry: runtime.planner.next_reader(step, layer, entry),
             between=runtime.between(layer) if context.branch is not None else None,
+            joint=runtime.joint,
         )
         out = runtime.planner.strategy_at(step, layer).attention(call)
         if "output" in call.wants:
@@ -510,6 +513,9 @@ def apply_plan(
     runtime = PlanRuntime(plan, build_strategies(plan), originals, sparse)  # validates the plan: nothing is changed yet
     check_family_runs(plan, transformer)
     runtime.diffusers_cache = DiffusersCache.from_plan(plan)
+    family = family_of(transformer)
+    if not family.plan_attention:
+        runtime.joint = JointTokens(plan.target.num_tokens, family.text_first)
     for index, attn in enumerate(layers):
         attn.set_processor(PlanAttnProcessor(runtime, index))
     blocks = _blocks(transformer)
@@ -517,7 +523,6 @@ def apply_plan(
         sparse.install(blocks)
     runtime.block_layers = sorted({*block_cached_layers(plan), *block_layers})
     units = block_units(plan.num_layers, layout)
-    family = family_of(transformer)
     for layer in runtime.block_layers:
         HookRegistry.check_if_exists_or_initialize(blocks[layer]).register_hook(
             BlockCacheHook(runtime, layer, units[layer], family.block_pattern(blocks[layer])), BLOCK_HOOK)
@@ -557,10 +562,11 @@ def family_refusal(family: type[ModelAdapter], names: Iterable[str], cache: str 
 
 
 def runs_on_any_attention(name: str) -> bool:
-    """Whether strategy ``name`` runs whatever the attention inside: a block-level one, or one that takes the
-    attention module as a whole (:meth:`~ditplan.strategies.base.Strategy.module_share`)."""
+    """Whether strategy ``name`` runs on joint attention as well: a block-level one, one that takes the attention
+    module as a whole (:meth:`~ditplan.strategies.base.Strategy.module_share`), or one that works on its kernel
+    (``joint_kernel``)."""
     strategy = get_strategy_class(name)
-    return strategy.level == "block" or strategy.module_share(True) is not None
+    return strategy.level == "block" or strategy.module_share(True) is not None or strategy.joint_kernel
 
 
 def check_family_runs(plan: Plan, transformer: torch.nn.Module) -> None:

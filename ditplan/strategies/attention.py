@@ -75,9 +75,43 @@ def _band_mask(tokens: int, window: int, block: int, device: torch.device) -> to
     return ((query - key).abs() <= window) & (key >= 0) & (key < tokens)
 
 
-def _banded_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, block: int) -> torch.Tensor:
-    """Queries in blocks of ``block``; each block attends to its span of ``block + 2w`` keys only, so the
-    work is N·(block + 2w) pairs instead of N² (not a masked full attention)."""
+@dataclass(frozen=True)
+class GlobalKeys:
+    """Keys (and their values) that every query of a window sees besides its window: joint attention's text
+    tokens. k, v: (B, H, L, D); mask: which of them a query may see, broadcastable to (B, 1, 1, L) (bool, or
+    additive float), or None for all."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    def prepend(self, keys: torch.Tensor, values: torch.Tensor, groups: int, mask: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Window keys, values (B, H·G, S, D) of G groups and their mask (broadcastable to (B, H·G, Q, S), or None)
+        → the global keys first in every group: (B, H·G, L + S, D) and a mask over L + S keys (or None)."""
+        batch, heads, length, head_dim = self.k.shape
+        spread = [t[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, heads * groups, length, head_dim)
+                  for t in (self.k, self.v)]
+        keys, values = torch.cat([spread[0], keys], dim=2), torch.cat([spread[1], values], dim=2)
+        if mask is None and self.mask is None:
+            return keys, values, None
+        own = self._as_bool(self.mask, batch, length, keys.device)  # (B | 1, 1, 1, L)
+        window = torch.ones(1, 1, 1, keys.shape[2] - length, dtype=torch.bool, device=keys.device) if mask is None else mask
+        shape = torch.broadcast_shapes(own.shape[:-1], window.shape[:-1])
+        return keys, values, torch.cat([own.expand(*shape, length), window.expand(*shape, window.shape[-1])], dim=-1)
+
+    @staticmethod
+    def _as_bool(mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
+        if mask is None:
+            return torch.ones(1, 1, 1, length, dtype=torch.bool, device=device)
+        mask = mask if mask.dtype == torch.bool else mask > float("-inf")  # an additive mask: -inf hides a key
+        return mask.reshape(mask.shape[0] if mask.ndim == 4 else 1, 1, 1, length)
+
+
+def _banded_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, block: int,
+                             extra: GlobalKeys | None = None) -> torch.Tensor:
+    """Queries in blocks of ``block``; each block attends to its span of ``block + 2w`` keys only (and the
+    ``extra`` global keys), so the work is N·(block + 2w) pairs instead of N² (not a masked full attention)."""
     batch, heads, tokens, head_dim = q.shape
     blocks = -(-tokens // block)
     pad_end = blocks * block - tokens
@@ -91,6 +125,8 @@ def _banded_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     vb = vp.unfold(2, span, block).transpose(-1, -2).reshape(batch, heads * blocks, span, head_dim)
     mask = _band_mask(tokens, window, block, q.device)  # (blocks, block, span)
     mask = mask.expand(heads, -1, -1, -1).reshape(1, heads * blocks, block, span)
+    if extra is not None:
+        kb, vb, mask = extra.prepend(kb, vb, blocks, mask)
     out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)  # (B, H·blocks, block, D)
     return out.view(batch, heads, blocks * block, head_dim)[:, :, :tokens]
 
@@ -175,6 +211,12 @@ class WindowLayout:
             block = self.band_block
             return -(-self.tokens // block) * block * (block + 2 * self.window)
         return self.tokens * (self.span if self.shape == "blocks" else self.span * self.span)
+
+    def queries(self, count: str = "executed") -> int:
+        """Query rows the kernel runs: the masked band pads its last query block (``executed``); else N."""
+        if count == "executed" and self.shape == "band" and not self.covers_all():
+            return -(-self.tokens // self.band_block) * self.band_block
+        return self.tokens
 
     def starts(self) -> torch.Tensor:
         """Blocks and tiles: the first key of each block's run along the axis (the runs shifted inwards at
@@ -275,28 +317,37 @@ def _gather_indices(layout: WindowLayout, device: torch.device) -> tuple[int, to
     return queries.shape[0], flat.to(device), keys.flatten().to(device), flat.argsort().to(device)
 
 
-def _gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
+def _gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayout,
+                        extra: GlobalKeys | None = None) -> torch.Tensor:
     """Blocks or tiles through gathered copies: each group's queries and its span (or span²) keys copied
-    side by side, one unmasked SDPA call over all groups, then the queries put back in order."""
+    side by side (after the ``extra`` global keys), one SDPA call over all groups (unmasked without a mask on the
+    global keys), then the queries put back in order."""
     batch, heads, tokens, head_dim = q.shape
     groups, queries, keys, inverse = _gather_indices(layout, q.device)
     qg = q[:, :, queries].reshape(batch, heads * groups, -1, head_dim)  # (B, H·G, Q, D)
     kg = k[:, :, keys].reshape(batch, heads * groups, -1, head_dim)  # (B, H·G, S, D)
     vg = v[:, :, keys].reshape(batch, heads * groups, -1, head_dim)
-    out = F.scaled_dot_product_attention(qg, kg, vg).reshape(batch, heads, tokens, head_dim)
+    mask = None
+    if extra is not None:
+        kg, vg, mask = extra.prepend(kg, vg, groups, None)
+    out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask).reshape(batch, heads, tokens, head_dim)
     return out[:, :, inverse]
 
 
 def window_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayout, implementation: str | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayout, implementation: str | None = None,
+    extra: GlobalKeys | None = None,
 ) -> torch.Tensor:
-    """Attention of each query over the keys ``layout`` gives it; (B, H, N, D) in and out.
+    """Attention of each query over the keys ``layout`` gives it (and the ``extra`` global keys); (B, H, N, D)
+    in and out.
 
     A window covering every token is dense attention (computed as such). ``implementation``: for the
     band ``banded`` (blocked band with a mask through SDPA, any device) or ``flex`` (torch
     ``flex_attention``, CUDA; the default there); for blocks ``strided`` (the default) or ``gather``;
-    tiles are always gathered.
+    tiles are always gathered. With global keys the band is banded and blocks are gathered.
     """
+    if extra is not None:
+        return _with_global_keys(q, k, v, layout, extra)
     if layout.covers_all():
         return dense_attention(q, k, v)
     if layout.shape == "band":
@@ -306,3 +357,14 @@ def window_attention(
     if layout.shape == "blocks" and implementation in (None, "strided"):
         return _strided_block_attention(q, k, v, layout)
     return _gathered_attention(q, k, v, layout)
+
+
+def _with_global_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayout, extra: GlobalKeys
+                      ) -> torch.Tensor:
+    """:func:`window_attention` where every query also sees ``extra``'s keys."""
+    if layout.covers_all():
+        keys, values, mask = extra.prepend(k, v, 1, None)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    if layout.shape == "band":
+        return _banded_window_attention(q, k, v, layout.window, layout.band_block, extra)
+    return _gathered_attention(q, k, v, layout, extra)

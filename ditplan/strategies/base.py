@@ -18,6 +18,7 @@ from diffusers.models.attention_processor import Attention
 
 from ditplan.models.context import StepContext
 from ditplan.registry import Registry
+from ditplan.strategies.joint import JointTokens
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ class AttentionCall:
     ``cache`` persists across the steps of one sampling run (it is cleared before every run);
     ``wants`` names the cache entries a later step of this layer will read, so nothing else is kept.
     ``between``: when guidance runs as two calls per step, what the step's conditional call leaves for its
-    unconditional one (ASC); else None.
+    unconditional one (ASC); else None. ``joint``: where the image tokens lie in a joint attention's sequence
+    (FLUX, SD3, Qwen-Image: strategies work on its kernel, :mod:`ditplan.strategies.joint`), else None.
     """
 
     def __init__(
@@ -58,9 +60,11 @@ class AttentionCall:
         wants: frozenset[str],
         reader: Callable[[str], Strategy | None],
         between: dict[str, Any] | None = None,
+        joint: JointTokens | None = None,
     ) -> None:
         self.attn = attn
         self.between = between
+        self.joint = joint
         self.hidden_states = hidden_states  # (B, N, C)
         self.context = context
         self.cache = cache
@@ -111,6 +115,19 @@ class Strategy(abc.ABC):
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.config_class()
+
+    # runs inside joint attention (FLUX, SD3, Qwen-Image) through its attention kernel (see joint_pairs)
+    joint_kernel: ClassVar[bool] = False
+
+    def joint_pairs(self, tokens: int, text_tokens: int, count: str) -> int:
+        """A ``joint_kernel`` strategy: the (query, key) pairs its kernel computes on a joint sequence of ``tokens``
+        image and ``text_tokens`` text tokens (``count``: as for windows, ``executed`` or ``ideal``)."""
+        raise NotImplementedError(f"{self.name!r} does not run inside joint attention")
+
+    def joint_production_pairs(self, entry: str, tokens: int, text_tokens: int, count: str) -> int:
+        """The pairs an earlier dense step's kernel adds to make cache ``entry`` for this strategy on joint
+        attention (charged to that step)."""
+        return 0
 
     @classmethod
     def module_share(cls, cfg: bool) -> float | None:

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ditplan.strategies.attention import (
     WINDOW_SHAPES,
+    GlobalKeys,
     WindowLayout,
     merge_heads,
     project_out,
@@ -26,6 +29,7 @@ from ditplan.strategies.attention import (
     window_layout,
 )
 from ditplan.strategies.base import AttentionCall, AttentionShape, Strategy, register
+from ditplan.strategies.joint import JointTokens, run_with_kernel
 from ditplan.strategies.sharing import conditional_half_only
 
 
@@ -58,9 +62,11 @@ class WindowConfig:
 
 @register
 class WindowResidual(Strategy):
-    """WA-RS: window attention plus the residual cached at the layer's last dense step."""
+    """WA-RS: window attention plus the residual cached at the layer's last dense step. On joint attention the
+    window covers the image tokens only: text tokens attend and are attended in full."""
 
     name = "wars"
+    joint_kernel = True
     config_class = WindowConfig
     reads = frozenset({"residual"})
     writes = frozenset({"output"})
@@ -108,6 +114,9 @@ class WindowResidual(Strategy):
         return dense - merge_heads(window_attention(q, k, v, self.layout))
 
     def attention(self, call: AttentionCall) -> torch.Tensor:
+        if call.joint is not None:
+            return self.joint_attention(call)
+
         def windowed(x: torch.Tensor) -> torch.Tensor:
             q, k, v = project_qkv(call.attn, x)
             return merge_heads(window_attention(q, k, v, self.layout))  # (B', N, C)
@@ -118,6 +127,42 @@ class WindowResidual(Strategy):
             merged = windowed(call.hidden_states)
         merged = merged + call.cache["residual"]
         return project_out(call.attn, merged)
+
+    # --- joint attention: the window over the image tokens; text queries and keys stay dense -------------
+    def image_window(self, tokens: JointTokens, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | None) -> torch.Tensor:
+        """The image queries' window attention over the image keys, plus every text key: (B, H, N, D)."""
+        qi = tokens.split(q)[1]
+        (kt, ki), (vt, vi) = tokens.split(k), tokens.split(v)
+        return window_attention(qi, ki, vi, self.layout, extra=GlobalKeys(kt, vt, tokens.text_mask(mask)))
+
+    def make_joint_residual(self, tokens: JointTokens, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            mask: torch.Tensor | None, dense: torch.Tensor) -> torch.Tensor:
+        """Called in the kernel of a dense step whose residual a later step reads: the image rows' O − W."""
+        return tokens.split(dense)[1] - self.image_window(tokens, q, k, v, mask)
+
+    def joint_attention(self, call: AttentionCall) -> Any:
+        """The family's own processor with a kernel that windows the image queries over the image keys (the text
+        keys all seen) and adds the residual; the text queries attend densely."""
+        tokens, residual = call.joint, call.cache["residual"]
+
+        def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            text = F.scaled_dot_product_attention(tokens.split(q)[0], k, v, attn_mask=mask)
+            return tokens.join(text, self.image_window(tokens, q, k, v, mask) + residual)
+
+        return run_with_kernel(call, kernel)
+
+    def joint_pairs(self, tokens: int, text_tokens: int, count: str) -> int:
+        """Text queries see every key; image queries the text keys and their window."""
+        return text_tokens * (text_tokens + tokens) + self.image_pairs(text_tokens, count)
+
+    def joint_production_pairs(self, entry: str, tokens: int, text_tokens: int, count: str) -> int:
+        """The image queries' window pass a dense step adds to make the residual."""
+        return self.image_pairs(text_tokens, count) if entry == "residual" else 0
+
+    def image_pairs(self, text_tokens: int, count: str) -> int:
+        """The image queries' pairs on joint attention: their window and every text key."""
+        return self.layout.queries(count) * text_tokens + self.layout.pairs(count)
 
     def attention_flops(self, shape: AttentionShape, cfg: bool, writes: frozenset[str]) -> float:
         rows = shape.batch // 2 if (self.share_cfg and cfg) else shape.batch  # rows the window pass sees
@@ -137,5 +182,6 @@ class WindowResidualShareCFG(WindowResidual):
     """WA-RS+ASC: the window pass on the conditional half only, shared by both halves, plus the residual."""
 
     name = "wars+asc"
+    joint_kernel = False  # its conditional-half window pass is built for plain self-attention only
     share_cfg = True
     shares_params_with = "wars"  # one window for both, so that a residual serves either

@@ -38,7 +38,7 @@ class FluxAdapter(PackedLatentFamily):
     pipelines = {FluxPipeline: "distilled"}
     unconditional = False  # guidance-distilled: no unconditional call
     guidance_modes = ("embedded",)
-    default_methods = ("full", "ast", "reuse", "forecast")  # no CFG halves to share
+    default_methods = ("full", "ast", "wars", "reuse", "forecast")  # no CFG halves to share
     attention_names = r"(single_)?transformer_blocks\.\d+\.attn"
     default_image_size = 1024  # FLUX.1's native resolution
 
@@ -83,12 +83,12 @@ class FluxAdapter(PackedLatentFamily):
         return self.unpack(out)
 
     # --- FLOPs, per sample ---------------------------------------------------------------------
-    def joint_attention_flops(self, layer: int, text_tokens: int) -> int:
+    def joint_attention_flops(self, layer: int, text_tokens: int, pairs: int | None = None) -> int:
         """Dual-stream: q, k, v and out projections of each stream; single-stream: q, k, v over the joint
         sequence (its output projection is the block's proj_out); both: scores and weighted sum."""
         c, n = self.hidden_dim, self.num_tokens
         joint = n + text_tokens
-        core = 2 * 2 * joint * joint * c
+        core = 2 * 2 * (joint * joint if pairs is None else pairs) * c  # the scores and weighted sum of its pairs
         if layer < self.num_dual_layers:
             return 4 * linear_flops(n, c, c) + 4 * linear_flops(text_tokens, c, c) + core
         return 3 * linear_flops(joint, c, c) + core

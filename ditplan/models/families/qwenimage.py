@@ -118,11 +118,11 @@ class QwenImageAdapter(PackedLatentFamily):
         return self.vae.decode(frames, return_dict=False)[0][:, :, 0].float()
 
     # --- FLOPs, per sample ---------------------------------------------------------------------
-    def joint_attention_flops(self, layer: int, text_tokens: int) -> int:
+    def joint_attention_flops(self, layer: int, text_tokens: int, pairs: int | None = None) -> int:
         """q, k, v and output projections of both streams, and the scores and weighted sum over the joint sequence."""
         c, n = self.hidden_dim, self.num_tokens
-        joint = n + text_tokens
-        return 4 * linear_flops(n, c, c) + 4 * linear_flops(text_tokens, c, c) + 2 * 2 * joint * joint * c
+        pairs = (n + text_tokens) ** 2 if pairs is None else pairs
+        return 4 * linear_flops(n, c, c) + 4 * linear_flops(text_tokens, c, c) + 2 * 2 * pairs * c
 
     def other_flops(self, text_tokens: int = 0, tokens: int | None = None, layer: int = 0) -> tuple[int, int]:
         c, n, cfg = self.hidden_dim, self.num_tokens, self.transformer.config

@@ -36,6 +36,7 @@ class SD3Adapter(JointAttentionFamily):
     transformer_class = SD3Transformer2DModel
     scheduler_class = FlowMatchEulerDiscreteScheduler
     pipelines = {StableDiffusion3Pipeline: "uncond-cond"}
+    text_first = False  # its joint attention puts the image tokens first
 
     @classmethod
     def encode_one(cls, pipe: Any, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,12 +68,12 @@ class SD3Adapter(JointAttentionFamily):
     def _block(self, layer: int) -> torch.nn.Module:
         return self.transformer.transformer_blocks[layer]
 
-    def joint_attention_flops(self, layer: int, text_tokens: int) -> int:
+    def joint_attention_flops(self, layer: int, text_tokens: int, pairs: int | None = None) -> int:
         """The block's joint attention (``attn``): q, k, v of both streams, the scores over the joint sequence,
         the image's output projection and the text's (but in the last block)."""
         block, c, n = self._block(layer), self.hidden_dim, self.num_tokens
-        joint = n + text_tokens
-        flops = 4 * linear_flops(n, c, c) + 3 * linear_flops(text_tokens, c, c) + 2 * 2 * joint * joint * c
+        pairs = (n + text_tokens) ** 2 if pairs is None else pairs
+        flops = 4 * linear_flops(n, c, c) + 3 * linear_flops(text_tokens, c, c) + 2 * 2 * pairs * c
         if not block.context_pre_only:
             flops += linear_flops(text_tokens, c, c)
         return flops
