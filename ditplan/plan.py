@@ -46,6 +46,7 @@ class PlanTarget:
     guidance_scale: float
     dtype: str | None = None
     cast_hashes: Mapping[str, str] = field(default_factory=dict, hash=False)
+    true_cfg_scale: float = 1.0  # CFG on top of a guidance-distilled model (FLUX.1's true CFG); 1: none
 
     def differences(self, other: PlanTarget) -> list[str]:
         """Human-readable mismatches, ignoring the model id and the dtype (the weights decide identity)."""
@@ -55,6 +56,7 @@ class PlanTarget:
             "scheduler": "scheduler",
             "num_steps": "steps",
             "guidance_scale": "guidance scale",
+            "true_cfg_scale": "true CFG scale",
         }
         found = [
             f"{label}: plan has {getattr(self, key)!r}, target has {getattr(other, key)!r}"
@@ -67,7 +69,9 @@ class PlanTarget:
 
     def to_dict(self) -> dict[str, Any]:
         """The target as a plan file holds it; one without a dtype (an older plan's) as it was written."""
-        data = {key: value for key, value in self.__dict__.items() if key not in ("dtype", "cast_hashes")}
+        data = {key: value for key, value in self.__dict__.items() if key not in ("dtype", "cast_hashes", "true_cfg_scale")}
+        if self.true_cfg_scale != 1.0:
+            data["true_cfg_scale"] = self.true_cfg_scale
         if self.dtype is not None:
             data.update(dtype=self.dtype, cast_hashes=dict(self.cast_hashes))
         return data
@@ -102,14 +106,18 @@ def decode_runs(text: str, max_length: int | None = None) -> list[str]:
 _TARGET_TYPES = {"model": str, "weights_hash": str, "num_layers": int, "num_tokens": int, "scheduler": str,
                  "num_steps": int, "guidance_scale": (int, float)}
 _DTYPE_KEYS = ("dtype", "cast_hashes")  # optional: plans written before they were recorded lack them
+_OPTIONAL_KEYS = (*_DTYPE_KEYS, "true_cfg_scale")  # true_cfg_scale: written only when FLUX.1's true CFG is on
 _TYPE_NAMES = {str: "string", int: "whole number"}
 _MAX_GRID = 10_000  # layers or steps of any plan
 
 
 def _target(data: Any) -> PlanTarget:
-    if not isinstance(data, dict) or not set(_TARGET_TYPES) <= set(data) <= {*_TARGET_TYPES, *_DTYPE_KEYS}:
+    if not isinstance(data, dict) or not set(_TARGET_TYPES) <= set(data) <= {*_TARGET_TYPES, *_OPTIONAL_KEYS}:
         raise PlanError(f"plan target is malformed; it is a mapping of exactly {list(_TARGET_TYPES)}, plus optionally "
-                        f"{' and '.join(_DTYPE_KEYS)}")
+                        f"{', '.join(_OPTIONAL_KEYS)}")
+    true_cfg = data.get("true_cfg_scale", 1.0)
+    if not isinstance(true_cfg, (int, float)) or isinstance(true_cfg, bool):
+        raise PlanError(f"plan target.true_cfg_scale = {true_cfg!r} is not a number")
     for key, kind in _TARGET_TYPES.items():
         value = data[key]
         if not isinstance(value, kind) or isinstance(value, bool):
@@ -118,7 +126,8 @@ def _target(data: Any) -> PlanTarget:
         if not 0 < data[key] <= _MAX_GRID:
             raise PlanError(f"plan target.{key} = {data[key]} is outside 1…{_MAX_GRID}")
     dtype, casts = _target_dtype(data)
-    return PlanTarget(**{key: data[key] for key in _TARGET_TYPES}, dtype=dtype, cast_hashes=casts)
+    return PlanTarget(**{key: data[key] for key in _TARGET_TYPES}, dtype=dtype, cast_hashes=casts,
+                      true_cfg_scale=float(true_cfg))
 
 
 def _target_dtype(data: dict) -> tuple[str | None, dict[str, str]]:

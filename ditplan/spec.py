@@ -99,18 +99,26 @@ class ModelSpec(_Strict):
 class SamplerSettings:
     """scheduler: a name in :data:`~ditplan.registry.SCHEDULERS`; guidance_scale ≤ 1 switches classifier-free
     guidance off; guidance: ``cfg`` (classifier-free guidance, a conditional and an unconditional half) or
-    ``embedded`` (a guidance-distilled model takes the scale as an input: one conditional call per step)."""
+    ``embedded`` (a guidance-distilled model takes the scale as an input: one conditional call per step);
+    true_cfg_scale: with ``embedded``, > 1 adds classifier-free guidance at that scale on top (FLUX.1's true CFG:
+    an unconditional call per step as well)."""
 
     scheduler: str = "dpmsolver++"
     num_steps: int = 20
     guidance_scale: float = 4.0
     batch_size: int = 50
     guidance: str = "cfg"
+    true_cfg_scale: float = 1.0
 
     @property
     def cfg(self) -> bool:
-        """Whether each step runs a classifier-free-guidance batch (conditional and unconditional halves)."""
-        return self.guidance == "cfg" and self.guidance_scale > 1.0
+        """Whether each step runs classifier-free guidance (a conditional and an unconditional prediction)."""
+        return self.cfg_scale > 1.0
+
+    @property
+    def cfg_scale(self) -> float:
+        """The classifier-free guidance scale: ``guidance_scale`` with ``cfg``, ``true_cfg_scale`` with ``embedded``."""
+        return self.guidance_scale if self.guidance == "cfg" else self.true_cfg_scale
 
 
 def _choice(what: str, value: str, choices: list[str]) -> str:
@@ -130,14 +138,25 @@ class SamplerSpec(_Strict):
     guidance: Literal["cfg", "embedded"] = Field(
         "cfg", description="how guidance_scale acts: cfg (classifier-free guidance) or embedded (a guidance-distilled "
         "model such as FLUX.1-dev takes it as an input)")
+    true_cfg_scale: float = Field(
+        1.0, ge=0, le=1e4, description="with guidance: embedded, classifier-free guidance on top of the distilled "
+        "guidance (FLUX.1's true CFG: a second, unconditional call per step, with the empty prompt); ≤ 1 switches it off")
 
     @field_validator("scheduler")
     @classmethod
     def _known_scheduler(cls, value: str) -> str:
         return _choice("scheduler", value, SCHEDULERS.choices())
 
+    @model_validator(mode="after")
+    def _true_cfg_on_distilled_guidance(self) -> SamplerSpec:
+        if self.true_cfg_scale > 1.0 and self.guidance != "embedded":
+            raise ValueError(f"true_cfg_scale = {self.true_cfg_scale} adds classifier-free guidance to a guidance-distilled "
+                             "model (guidance: embedded); with guidance: cfg, guidance_scale is the CFG scale")
+        return self
+
     def settings(self) -> SamplerSettings:
-        return SamplerSettings(self.scheduler, self.num_steps, self.guidance_scale, self.batch_size, self.guidance)
+        return SamplerSettings(self.scheduler, self.num_steps, self.guidance_scale, self.batch_size, self.guidance,
+                               self.true_cfg_scale)
 
 
 class SeedSet(NamedTuple):

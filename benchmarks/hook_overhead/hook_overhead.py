@@ -6,8 +6,9 @@ warm-up call each); the ratio is planned time / stock time in the same round: th
 ``--repeats`` rounds with its min–max band. Models:
 
 - the embedded digit DiT in ``DiTPipeline`` (6 layers, 256 tokens);
-- tiny random DiT, PixArt-Σ and FLUX.1 pipelines (the sizes diffusers' own tests use), where a call
-  computes so little that the hooks' fixed cost per call shows most.
+- tiny random DiT, PixArt-Σ, FLUX.1, SD3.5 and Qwen-Image pipelines (the sizes diffusers' own tests use), where
+  a call computes so little that the hooks' fixed cost per call shows most (Qwen-Image: guidance as two calls per
+  step).
 
     python benchmarks/hook_overhead/hook_overhead.py [--repeats 15] [--steps 20]
 """
@@ -24,7 +25,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 import torch  # noqa: E402
 from common import print_provenance, ratio_stats  # noqa: E402
-from diffusers import FluxPipeline, PixArtSigmaPipeline  # noqa: E402
+from diffusers import (  # noqa: E402
+    FluxPipeline,
+    PixArtSigmaPipeline,
+    QwenImagePipeline,
+    StableDiffusion3Pipeline,
+)
 
 import ditplan  # noqa: E402
 from ditplan.evaluators.cost import interleaved_times  # noqa: E402
@@ -42,6 +48,11 @@ TINY_PIXART = {"sample_size": 8, "patch_size": 2, "in_channels": 4, "out_channel
 TINY_FLUX = {"patch_size": 1, "in_channels": 4, "num_layers": 2, "num_single_layers": 2, "attention_head_dim": 16,
              "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 32,
              "axes_dims_rope": [4, 4, 8], "guidance_embeds": True}
+TINY_SD3 = {"sample_size": 8, "patch_size": 1, "in_channels": 4, "num_layers": 3, "attention_head_dim": 8,
+            "num_attention_heads": 4, "caption_projection_dim": 32, "joint_attention_dim": 32,
+            "pooled_projection_dim": 64, "out_channels": 4, "dual_attention_layers": (0,), "qk_norm": "rms_norm"}
+TINY_QWEN = {"patch_size": 2, "in_channels": 16, "out_channels": 4, "num_layers": 3, "attention_head_dim": 16,
+             "num_attention_heads": 2, "joint_attention_dim": 32, "axes_dims_rope": (8, 4, 4)}
 
 
 # (the model's adapter: what a plan for it records, its stock pipeline, the sampler, one pipeline call)
@@ -98,7 +109,40 @@ def tiny_flux(steps: int, batch: int) -> Case:
     return adapter, pipe, SamplerSettings("flow-euler", steps, 3.5, guidance="embedded"), call
 
 
-CASES = {"embedded DiT": embedded, "tiny DiT": tiny_dit, "tiny PixArt-Σ": tiny_pixart, "tiny FLUX.1": tiny_flux}
+def tiny_sd3(steps: int, batch: int) -> Case:
+    embeds = torch.randn(batch, 8, 32, generator=torch.Generator().manual_seed(0))
+    pooled = torch.randn(batch, 64, generator=torch.Generator().manual_seed(1))
+    adapter = load_adapter("sd3", config=TINY_SD3, prompt_embeddings={"": (embeds[0], pooled[0])}, image_size=16)
+    pipe = StableDiffusion3Pipeline(scheduler=make_scheduler(adapter, "flow-euler"), vae=None, text_encoder=None,
+                                    tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+                                    tokenizer_3=None, transformer=adapter.transformer)
+    pipe.vae_scale_factor = 1  # no VAE: the latents are the image
+
+    def call(p: Any) -> Any:
+        return p(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=torch.zeros_like(embeds),
+                 negative_pooled_prompt_embeds=torch.zeros_like(pooled), height=16, width=16, num_inference_steps=steps,
+                 guidance_scale=4.0, generator=generators(batch), output_type="latent")
+
+    return adapter, pipe, SamplerSettings("flow-euler", steps, 4.0), call
+
+
+def tiny_qwen_image(steps: int, batch: int) -> Case:
+    embeds = torch.randn(batch, 8, 32, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(batch, 8, dtype=torch.long)
+    adapter = load_adapter("qwen-image", config=TINY_QWEN, prompt_embeddings={"": (embeds[0], mask[0])}, image_size=16)
+    pipe = QwenImagePipeline(scheduler=make_scheduler(adapter, "flow-euler"), vae=None, text_encoder=None, tokenizer=None,
+                             transformer=adapter.transformer)
+
+    def call(p: Any) -> Any:
+        return p(prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=torch.zeros_like(embeds),
+                 negative_prompt_embeds_mask=mask, height=128, width=128, num_inference_steps=steps,
+                 true_cfg_scale=4.0, generator=generators(batch), output_type="latent")
+
+    return adapter, pipe, SamplerSettings("flow-euler", steps, 4.0), call
+
+
+CASES = {"embedded DiT": embedded, "tiny DiT": tiny_dit, "tiny PixArt-Σ": tiny_pixart, "tiny FLUX.1": tiny_flux,
+         "tiny SD3.5": tiny_sd3, "tiny Qwen-Image": tiny_qwen_image}
 
 
 def measure(name: str, steps: int, batch: int, repeats: int) -> tuple[float, float, float]:

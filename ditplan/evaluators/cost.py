@@ -149,7 +149,9 @@ def plan_flops_ratio(adapter: ModelAdapter, plan: Plan) -> float | None:
     if plan.cache or (adapter.num_layers, adapter.num_tokens) != (plan.target.num_layers, plan.target.num_tokens):
         return None
     t = plan.target
-    settings = SamplerSettings(t.scheduler, t.num_steps, t.guidance_scale, batch_size=1)
+    true_cfg = t.true_cfg_scale > 1.0  # CFG on a guidance-distilled model: the distilled scale is an input
+    settings = SamplerSettings(t.scheduler, t.num_steps, t.guidance_scale, batch_size=1,
+                               guidance="embedded" if true_cfg else "cfg", true_cfg_scale=t.true_cfg_scale)
     return plan_flops(adapter, plan, settings).total / plan_flops(adapter, None, settings).total
 
 

@@ -26,7 +26,8 @@ def reference_key(adapter: ModelAdapter, settings: SamplerSettings, conditions: 
     description = {
         "weights": adapter.weights_hash,
         "schedule": adapter.scheduler_config,
-        "settings": [settings.scheduler, settings.num_steps, settings.guidance_scale],
+        "settings": [settings.scheduler, settings.num_steps, settings.guidance_scale,
+                     *([settings.true_cfg_scale] if settings.true_cfg_scale != 1.0 else [])],
         "conditions": [str(c) for c in conditions],
         "seeds": [int(s) for s in seeds],
     }

@@ -180,18 +180,19 @@ class ModelAdapter(abc.ABC):
 
     @classmethod
     def two_calls(cls) -> bool:
-        """Whether guidance runs as two transformer calls per step (as the main pipeline runs it; ditplan's loop
-        follows it), not as one call on a ``[cond; uncond]`` batch (also for a family without a pipeline)."""
-        return next(iter(cls.pipelines.values()), None) == "two-calls"
+        """Whether classifier-free guidance runs as two transformer calls per step (as the main pipeline runs it;
+        ditplan's loop follows it: a guidance-distilled pipeline's true CFG does too), not as one call on a
+        ``[cond; uncond]`` batch (also for a family without a pipeline)."""
+        return next(iter(cls.pipelines.values()), None) in ("two-calls", "distilled")
 
     guidance_argument: ClassVar[str] = "guidance_scale"  # the stock pipelines' argument for sampler.guidance_scale
 
     @classmethod
-    def pipeline_guidance(cls, arguments: Mapping[str, Any], cfg_mode: CfgMode) -> tuple[float | None, bool]:
+    def pipeline_guidance(cls, arguments: Mapping[str, Any], cfg_mode: CfgMode) -> tuple[float | None, bool, float]:
         """A stock pipeline call's guidance, from its bound arguments: (the scale it was given, or None; whether it
-        runs classifier-free guidance)."""
+        runs classifier-free guidance; the true-CFG scale on top of distilled guidance, 1 without)."""
         scale = arguments.get(cls.guidance_argument)
-        return scale, cfg_mode != "distilled" and scale is not None and float(scale) > 1.0
+        return scale, cfg_mode != "distilled" and scale is not None and float(scale) > 1.0, 1.0
 
     def guide(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
         """The guided prediction from the conditional and unconditional ones (N, C, H, W), as the family's
@@ -431,7 +432,10 @@ class PromptFamily(ModelAdapter):
         raise NotImplementedError(f"the {cls.name} family runs from model.prompt_embeddings only")
 
     def conditioning(self, conditions: Sequence[Any], device: torch.device) -> Conditioning:
-        needed = [*conditions, *([""] if self.unconditional else [])]
+        """The prompts' embeddings, and the empty prompt's as the unconditional input where the family runs CFG
+        (or, for a guidance-distilled one, where they are given: true CFG)."""
+        unconditional = self.unconditional or "" in self.prompt_embeddings
+        needed = [*conditions, *([""] if unconditional else [])]
         missing = [p for p in needed if p not in self.prompt_embeddings]
         if missing:
             raise UserError(f"no prompt embedding for {missing[0]!r}; give embeddings for every prompt"
@@ -444,7 +448,7 @@ class PromptFamily(ModelAdapter):
             second = second.to(device) if self.per_token else second.to(device, self.dtype)
             return {"encoder_hidden_states": embeds, self.second_input: second}
 
-        return Conditioning(stack(list(conditions)), stack([""] * len(conditions)) if self.unconditional else None)
+        return Conditioning(stack(list(conditions)), stack([""] * len(conditions)) if unconditional else None)
 
 
 def text_pipeline(pipeline_class: type, source: str) -> Any:
@@ -490,12 +494,12 @@ class JointAttentionFamily(PromptFamily):
 
     @classmethod
     def encode_prompts(cls, source: str, prompts: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Each prompt (and the empty one when the family runs CFG) through the text encoders of the pipeline
-        folder or hub id ``source``, with that pipeline's own ``encode_prompt``: ``(embeds (L, D), pooled (P,))``."""
+        """Each prompt and the empty one (the unconditional prompt of CFG, also FLUX.1's true CFG) through the text
+        encoders of the pipeline folder or hub id ``source``, with that pipeline's own ``encode_prompt``:
+        ``(embeds (L, D), pooled (P,))``."""
         pipe = text_pipeline(cls.pipeline_class(), source)
         with torch.no_grad():
-            return {prompt: cls.encode_one(pipe, prompt)
-                    for prompt in dict.fromkeys([*prompts, *([""] if cls.unconditional else [])])}
+            return {prompt: cls.encode_one(pipe, prompt) for prompt in dict.fromkeys([*prompts, ""])}
 
     @classmethod
     def encode_one(cls, pipe: Any, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -63,7 +63,7 @@ def guided_prediction(
     if not settings.cfg:
         return adapter.predict(latents, t, inputs)
     cond, uncond = cfg_predictions(adapter, latents, t, inputs)
-    return adapter.guide(cond, uncond, settings.guidance_scale)
+    return adapter.guide(cond, uncond, settings.cfg_scale)
 
 
 def cfg_predictions(adapter: ModelAdapter, latents: torch.Tensor, t: torch.Tensor, inputs: dict
@@ -84,10 +84,11 @@ def cfg_predictions(adapter: ModelAdapter, latents: torch.Tensor, t: torch.Tenso
 def batch_inputs(adapter: ModelAdapter, conditions: Sequence[Any], settings: SamplerSettings,
                  device: torch.device) -> dict[str, torch.Tensor]:
     """The transformer's conditioning inputs for one batch: ``[cond; uncond]`` halves with CFG; a
-    guidance-distilled model also gets the scale as its ``guidance`` input."""
+    guidance-distilled model also gets the scale as its ``guidance`` input (every row)."""
     inputs = adapter.conditioning(conditions, device).for_batch(settings.cfg)
     if settings.guidance == "embedded":
-        inputs = {**inputs, "guidance": torch.full((len(conditions),), float(settings.guidance_scale), device=device)}
+        rows = len(conditions) * (2 if settings.cfg else 1)
+        inputs = {**inputs, "guidance": torch.full((rows,), float(settings.guidance_scale), device=device)}
     return inputs
 
 
@@ -178,6 +179,7 @@ def plan_target(adapter: ModelAdapter, settings: SamplerSettings) -> PlanTarget:
         scheduler=settings.scheduler,
         num_steps=settings.num_steps,
         guidance_scale=float(settings.guidance_scale),
+        true_cfg_scale=float(settings.true_cfg_scale),
         dtype=dtype_name(adapter.dtype),
         cast_hashes=dict(adapter.cast_hashes),
     )

@@ -125,7 +125,7 @@ class _Calibration:
         out = self.forward(step, row, model_in, t, inputs)  # takes the step with the chosen row (writes caches)
         if self.bar is not None:
             self.bar.update(1)
-        return self.adapter.guide(*out.chunk(2), self.settings.guidance_scale) if self.settings.cfg else out
+        return self.adapter.guide(*out.chunk(2), self.settings.cfg_scale) if self.settings.cfg else out
 
     def choose_row(self, step: int, model_in: torch.Tensor, t: torch.Tensor, inputs: dict) -> list[str]:
         """Algorithm 1 at ``step``: layer by layer, the first candidate passing its bound against the dense

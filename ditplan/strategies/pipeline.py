@@ -106,7 +106,7 @@ class PipelineClock:
             # a pipeline may round the timestep to the transformer's dtype and scale it there (FLUX: t / 1000)
             self.tolerance = 2 * torch.finfo(next(transformer_of(self.pipe).parameters()).dtype).eps
         branch = None
-        if self.cfg and self.cfg_mode == "two-calls":
+        if self.cfg and self.cfg_mode in ("two-calls", "distilled"):  # a distilled pipeline's true CFG: two calls
             branch = BRANCHES[1] if self.last_branch == BRANCHES[0] else BRANCHES[0]
         step = self._step_of(t, again=branch == BRANCHES[1])
         self.last_step, self.last_branch = step, branch
@@ -123,8 +123,8 @@ class PipelineClock:
             raise PlanError(f"the transformer got timestep {t:g}, which the scheduler's {len(timesteps)} timesteps do not "
                             "hold; a ditplan plan runs on the pipeline's own schedule")
         if not 0 <= expected < len(timesteps) or distance[expected] > distance[nearest]:
-            calls = "two transformer calls per step (conditional, then unconditional)" if self.cfg_mode == "two-calls" \
-                and self.cfg else "exactly one transformer call per step"
+            calls = "two transformer calls per step (conditional, then unconditional)" if self.cfg \
+                and self.cfg_mode in ("two-calls", "distilled") else "exactly one transformer call per step"
             raise PlanError(f"the transformer was called for step {nearest} (timestep {t:g}) after step {self.last_step} "
                             f"of this pipeline call; a ditplan plan needs {calls}, in order")
         return expected
@@ -143,13 +143,16 @@ def check_pipeline_call(pipe: Any, plan: Plan, arguments: dict[str, Any], family
     custom = arguments.get("timesteps") is not None or arguments.get("sigmas") is not None
     if not custom and steps != target.num_steps:
         differences.append(f"steps: plan has {target.num_steps}, call has num_inference_steps={steps}")
-    guidance, cfg = family.pipeline_guidance(arguments, cfg_mode)
+    guidance, cfg, true_cfg = family.pipeline_guidance(arguments, cfg_mode)
     argument = family.guidance_argument
     if guidance is not None and float(guidance) != target.guidance_scale:
         differences.append(f"guidance scale: plan has {target.guidance_scale}, call has {argument}={guidance}")
     elif cfg_mode != "distilled" and target.guidance_scale > 1.0 and not cfg:
         differences.append("guidance: the plan runs classifier-free guidance, this call does not (give its negative "
                            "prompt or negative prompt embeddings)")
+    if true_cfg != target.true_cfg_scale:
+        differences.append(f"true CFG scale: plan has {target.true_cfg_scale}, call runs {true_cfg} (true_cfg_scale > 1 "
+                           "with a negative prompt turns it on)")
     if differences:
         raise PlanError(
             f"plan made for {target.model} does not fit this pipeline call: " + "; ".join(differences)

@@ -123,7 +123,8 @@ def plan_card(plan: Plan, flops_ratio: float | None = None) -> str:
     return "\n".join([
         describe(plan),
         f"target: {t.model} (weights {t.weights_hash}{measured}), {t.num_layers} layers × {t.num_tokens} tokens",
-        f"sampler: {t.scheduler}, {t.num_steps} steps, guidance {_number(t.guidance_scale)}",
+        f"sampler: {t.scheduler}, {t.num_steps} steps, guidance {_number(t.guidance_scale)}"
+        + (f", true CFG {_number(t.true_cfg_scale)}" if t.true_cfg_scale != 1.0 else ""),
         f"FLOPs ratio to dense: {flops}",
         *([f"found by: {', '.join(f'{k} {v}' for k, v in found.items())}"] if found else []),
     ])

@@ -11,7 +11,8 @@ encoders or as stored embeddings: ``<prompt>.embeds`` (L, 4096: T5) and ``<promp
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import (
@@ -21,11 +22,16 @@ from diffusers import (
 )
 
 from ditplan.models.family import (
+    CfgMode,
     PackedLatentFamily,
     linear_flops,
+    read_prompt_embeddings,
     register_family,
     timestep_embedding_flops,
 )
+
+if TYPE_CHECKING:
+    from ditplan.spec import ExperimentSpec
 
 
 @register_family
@@ -36,7 +42,7 @@ class FluxAdapter(PackedLatentFamily):
     transformer_class = FluxTransformer2DModel
     scheduler_class = FlowMatchEulerDiscreteScheduler
     pipelines = {FluxPipeline: "distilled"}
-    unconditional = False  # guidance-distilled: no unconditional call
+    unconditional = False  # guidance-distilled: an unconditional call only with true CFG (sampler.true_cfg_scale)
     guidance_modes = ("embedded",)
     default_methods = ("full", "ast", "wars", "reuse", "forecast")  # no CFG halves to share
     attention_names = r"(single_)?transformer_blocks\.\d+\.attn"
@@ -46,6 +52,23 @@ class FluxAdapter(PackedLatentFamily):
     @classmethod
     def blocks(cls, transformer: torch.nn.Module) -> list[torch.nn.Module]:
         return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+    @classmethod
+    def pipeline_guidance(cls, arguments: Mapping[str, Any], cfg_mode: CfgMode) -> tuple[float | None, bool, float]:
+        """The distilled ``guidance_scale``; true CFG when ``true_cfg_scale`` > 1 and a negative prompt (or its
+        embeddings and pooled embeddings) is given, as FluxPipeline decides."""
+        negative = arguments.get("negative_prompt") is not None or (
+            arguments.get("negative_prompt_embeds") is not None and arguments.get("negative_pooled_prompt_embeds") is not None)
+        true_cfg = float(arguments.get("true_cfg_scale") or 1.0)
+        true_cfg = true_cfg if negative and true_cfg > 1.0 else 1.0
+        return arguments.get(cls.guidance_argument), true_cfg > 1.0, true_cfg
+
+    @classmethod
+    def check_spec(cls, spec: ExperimentSpec) -> None:
+        """True CFG (``sampler.true_cfg_scale`` > 1) needs the empty prompt's embeddings, its unconditional prompt."""
+        super().check_spec(spec)
+        if spec.sampler.true_cfg_scale > 1.0 and spec.model.prompt_embeddings:
+            read_prompt_embeddings(spec.model.prompt_embeddings, [], cls.second_name, cls.per_token, unconditional=True)
 
     @classmethod
     def block_probe(cls, block: torch.nn.Module) -> torch.nn.Module:

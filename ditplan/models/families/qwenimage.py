@@ -52,11 +52,11 @@ class QwenImageAdapter(PackedLatentFamily):
     default_image_size = 1328  # Qwen-Image's native resolution
 
     @classmethod
-    def pipeline_guidance(cls, arguments: Mapping[str, Any], cfg_mode: CfgMode) -> tuple[float | None, bool]:
+    def pipeline_guidance(cls, arguments: Mapping[str, Any], cfg_mode: CfgMode) -> tuple[float | None, bool, float]:
         """QwenImagePipeline guides when ``true_cfg_scale`` > 1 and a negative prompt (or its embeddings) is given."""
         scale = arguments.get(cls.guidance_argument)
         negative = arguments.get("negative_prompt") is not None or arguments.get("negative_prompt_embeds") is not None
-        return scale, scale is not None and float(scale) > 1.0 and negative
+        return scale, scale is not None and float(scale) > 1.0 and negative, 1.0
 
     @classmethod
     def encode_prompts(cls, source: str, prompts: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
