@@ -100,6 +100,7 @@ METRICS: Registry[MetricInfo] = Registry("metric", {
     "mse": MetricInfo("minimize", 1.0, "mean squared error to dense"),
     "psnr": MetricInfo("maximize", 10.0, "PSNR to dense (dB)"),
     "ssim": MetricInfo("maximize", 0.0, "SSIM to dense"),
+    "lpips": MetricInfo("minimize", 1.0, "LPIPS to dense (VGG16)"),
     # window attention as its kernel executes it (evaluators.cost.FLOPS_COUNT)
     "flops_ratio": MetricInfo("minimize", 1.0, "FLOPs ratio to dense"),
     "ideal_flops_ratio": MetricInfo("minimize", 1.0, "FLOPs ratio to dense (ideal windows)"),

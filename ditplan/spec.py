@@ -246,16 +246,23 @@ class EvaluationSpec(_Strict):
     embedded model, ``inception-v3-compat`` with a local ``feature_extractor_weights_path``); none
     skips distribution metrics. reference: ``digits-held-out`` or a folder of real images.
     clip_weights_path: a local CLIP folder for the CLIP score of prompt workloads (skipped without).
+    lpips_weights_path: a local folder in torch.hub's layout for the ``lpips`` fidelity metric
+    (torch-fidelity's VGG16 LPIPS; skipped without, and an experiment whose objectives, constraints or
+    refine metrics name ``lpips`` is refused without it): ``checkpoints/weights-vgg16-lpips.pth`` from
+    https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-vgg16-lpips.pth and
+    ``checkpoints/vgg16-397923af.pth`` from https://download.pytorch.org/models/vgg16-397923af.pth,
+    downloaded once on a machine with internet (or copied from its torch hub cache); nothing is downloaded.
     latency_repeats: timed runs (after a warm-up) whose median is reported (``ditplan evaluate``), and a
     search trial's when its objectives or constraints include ``latency_ratio``.
     cache_dir: where dense references and reference statistics are cached by content hash.
-    reference, feature_extractor_weights_path and clip_weights_path are relative to the experiment
-    file; cache_dir (written) to the working directory."""
+    reference, feature_extractor_weights_path, clip_weights_path and lpips_weights_path are relative to
+    the experiment file; cache_dir (written) to the working directory."""
 
     feature_extractor: str | None = None
     feature_extractor_weights_path: str | None = None
     reference: str | None = None
     clip_weights_path: str | None = None
+    lpips_weights_path: str | None = None
     latency_repeats: int = Field(5, gt=0, le=1000)
     cache_dir: str = ".cache/ditplan"
 
@@ -576,6 +583,9 @@ class ExperimentSpec(_Strict):
             raise ValueError(f"metric {domain[0]} needs evaluation.feature_extractor and evaluation.reference")
         if "class_agreement" in domain and (self.evaluation.feature_extractor != "digits" or self.workload.classes is None):
             raise ValueError("metric class_agreement needs the digits extractor and a class-conditional workload")
+        if "lpips" in named and not self.evaluation.lpips_weights_path:
+            raise ValueError("metric lpips needs evaluation.lpips_weights_path: set it to a local folder holding "
+                             "torch-fidelity's LPIPS checkpoints (nothing is downloaded), or drop lpips")
         return self
 
     @model_validator(mode="after")
@@ -719,7 +729,7 @@ def load_spec(experiment: Experiment) -> ExperimentSpec:
 # files and folders it reads. ``output_dir`` and ``evaluation.cache_dir`` are where ditplan writes and
 # stay relative to the working directory, like any output path on a command line.
 FILE_PATHS = (("model", "prompt_embeddings"), ("evaluation", "feature_extractor_weights_path"),
-              ("evaluation", "clip_weights_path"))
+              ("evaluation", "clip_weights_path"), ("evaluation", "lpips_weights_path"))
 # Fields that name a local folder, a hub id (``owner/name``) or an embedded model's name.
 MODEL_SOURCES = (("model", "source"), ("model", "vae"), ("model", "text_encoder"))
 # ``evaluation.reference``: a folder of real images, or this built-in reference set by name.

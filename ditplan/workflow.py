@@ -75,7 +75,7 @@ def prepare(experiment: Experiment, plugins: Sequence[str] = (), evaluates: bool
             ) -> tuple[ExperimentSpec, ModelAdapter]:
     """The experiment in ``experiment`` and its model, once everything the command needs is known to exist:
     a bad name or file is a one-line :class:`UserError` naming the experiment file, before any work.
-    ``evaluates``: also the files the evaluation reads (extractor weights, reference, CLIP weights);
+    ``evaluates``: also the files the evaluation reads (extractor weights, reference, CLIP and LPIPS weights);
     ``searches``: those, the search space and the baselines' plans (they need the model: its tokens, its
     fine-tuned networks)."""
     import_plugins(plugins)

@@ -50,7 +50,7 @@ def check_extractor(spec: ExperimentSpec) -> None:
 
 
 def check_evaluation_files(spec: ExperimentSpec) -> None:
-    """Refuse, before any work, extractor weights, a reference or CLIP weights that do not exist."""
+    """Refuse, before any work, extractor weights, a reference, CLIP or LPIPS weights that do not exist."""
     evaluation = spec.evaluation
     if evaluation.feature_extractor_weights_path:
         readable_file(evaluation.feature_extractor_weights_path, "evaluation.feature_extractor_weights_path file", 1 << 40)
@@ -58,6 +58,10 @@ def check_evaluation_files(spec: ExperimentSpec) -> None:
         check_folder(evaluation.reference, "evaluation.reference folder")
     if evaluation.clip_weights_path:
         check_folder(evaluation.clip_weights_path, "evaluation.clip_weights_path folder")
+    if evaluation.lpips_weights_path:
+        from ditplan.evaluators.lpips import check_lpips_weights
+
+        check_lpips_weights(evaluation.lpips_weights_path)
 
 
 def class_agreement_applies(spec: ExperimentSpec, num_classes: int | None) -> bool:

@@ -45,8 +45,11 @@ def evaluate_plan(
     if spec.workload.prompts is not None and not spec.evaluation.clip_weights_path:
         warnings.warn("clip_score skipped: set evaluation.clip_weights_path to a local CLIP folder to compute it",
                       stacklevel=2)
+    if not spec.evaluation.lpips_weights_path:
+        warnings.warn("lpips skipped: set evaluation.lpips_weights_path to a local folder of torch-fidelity's LPIPS "
+                      "checkpoints to compute it", stacklevel=2)
     wanted = [*domain_wanted(adapter, spec, None), *(EXTRA_DISTRIBUTION if spec.evaluation.feature_extractor else ()),
-              "clip_score"]
+              "clip_score", "lpips"]
     result = measure(adapter, spec, {PLAN: plan} if plan is not None else {}, chosen, wanted, timed=True,
                      rounds_count=spec.evaluation.latency_repeats, show_progress=show_progress)
     mine, dense = result.metrics[PLAN if plan is not None else DENSE], result.metrics[DENSE]

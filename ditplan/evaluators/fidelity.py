@@ -1,4 +1,5 @@
-"""Fidelity to the dense model: relative L1 (DiTFastAttn's definition), MSE, PSNR, SSIM."""
+"""Fidelity to the dense model: relative L1 (DiTFastAttn's definition), MSE, PSNR, SSIM (LPIPS, which needs
+local weights: :mod:`ditplan.evaluators.lpips`)."""
 
 from __future__ import annotations
 

@@ -3,9 +3,9 @@
 Search trials, the held-out stage and ``ditplan evaluate`` all measure through :func:`measure`, so
 their figures mean the same thing. For every plan it gives:
 
-- quality: fidelity to dense on the same seeds (rel. L1, MSE, PSNR, SSIM) and, as asked, domain metrics
-  against the experiment's real reference (FID, KID, KID on the low-level layer, class agreement, IS,
-  precision/recall) and the CLIP score of prompt workloads;
+- quality: fidelity to dense on the same seeds (rel. L1, MSE, PSNR, SSIM; LPIPS with local weights) and,
+  as asked, domain metrics against the experiment's real reference (FID, KID, KID on the low-level layer,
+  class agreement, IS, precision/recall) and the CLIP score of prompt workloads;
 - cost: FLOPs ratios to dense (analytic; for a plan carrying one of diffusers' caches, counted from what
   ran) and the peak memory its caches held;
 - timed, the latency ratio by the interleaved protocol: the seed set is cut into rounds; in each round
@@ -123,9 +123,14 @@ def domain_wanted(adapter: ModelAdapter, spec: ExperimentSpec, metrics: Sequence
 def quality(adapter: ModelAdapter, spec: ExperimentSpec, images: torch.Tensor, dense: torch.Tensor,
             conditions: Sequence[Any], metrics: Sequence[str] | None, reference: torch.Tensor | str | None = None,
             ) -> dict[str, float]:
-    """Fidelity of ``images`` to ``dense`` (same seeds) and the domain metrics ``metrics`` asks for (None:
-    every one that applies), against ``reference`` (default: the experiment's real images)."""
+    """Fidelity of ``images`` to ``dense`` (same seeds; LPIPS where ``evaluation.lpips_weights_path`` is set and
+    ``metrics`` is None or names it) and the domain metrics ``metrics`` asks for (None: every one that
+    applies), against ``reference`` (default: the experiment's real images)."""
     values = {m.name: m.value for m in FidelityEvaluator().evaluate(images, dense)}
+    if spec.evaluation.lpips_weights_path and (metrics is None or "lpips" in metrics):
+        from ditplan.evaluators.lpips import lpips
+
+        values["lpips"] = lpips(images, dense, spec.evaluation.lpips_weights_path, spec.model.torch_device())
     wanted = domain_wanted(adapter, spec, metrics)
     if wanted:
         num_classes = getattr(adapter, "num_classes", None)
