@@ -83,6 +83,29 @@ def _show(args: argparse.Namespace) -> None:
     print(plan_card(plan, plan_flops_ratio(adapter, plan) if adapter is not None else None))
 
 
+@command("retarget")
+def _retarget(args: argparse.Namespace) -> None:
+    from ditplan.models.adapters import recorded_adapter
+    from ditplan.plan import load_plan
+    from ditplan.strategies.retarget import retarget_to_steps
+    from ditplan.workflow import prepare
+
+    plan = load_plan(args.plan)
+    adapter = prepare(args.experiment)[1] if args.experiment else recorded_adapter(plan.target.model)
+    if adapter is None:
+        raise UserError(f"the plan's model {plan.target.model!r} is not on this machine; give --experiment, the "
+                        "experiment whose model the plan was made for")
+    if args.steps < 1:
+        raise UserError(f"--steps {args.steps}: give the step count to re-target the plan to, at least 1")
+    retargeted = retarget_to_steps(plan, adapter, args.steps)
+    out = Path(args.out or Path(args.plan).with_name(f"{Path(args.plan).stem}-{args.steps}steps.yaml"))
+    retargeted.save(out)
+    changed = retargeted.provenance["retargeted_from"]["cells_computed_in_full"]
+    print(f"wrote {out}: {plan.num_steps} → {args.steps} steps by normalised time"
+          + (f"; {changed} cells computed in full (the step that made their cache was dropped)" if changed else "")
+          + "; evaluate it at the new step count (ditplan evaluate) before you rely on it")
+
+
 @command("evaluate")
 def _evaluate(args: argparse.Namespace) -> None:
     import ditplan
@@ -291,6 +314,13 @@ def _add_use(sub: argparse._SubParsersAction) -> None:
     p.add_argument("plan", help="plan YAML file")
     p.add_argument("--experiment", help="compute the FLOPs ratio on this experiment's model (default: the model the "
                                         "plan records, when it is on this machine)")
+
+    p = sub.add_parser("retarget", help="write a plan re-targeted to another step count (rows mapped by normalised time)")
+    p.add_argument("plan", help="plan YAML file")
+    p.add_argument("--steps", type=int, required=True, help="the step count to re-target it to")
+    p.add_argument("--experiment", help="the experiment whose model the plan was made for (default: the model the "
+                                        "plan records, when it is on this machine)")
+    p.add_argument("--out", help="the re-targeted plan file (default: PLAN-<steps>steps.yaml next to PLAN)")
 
     p = sub.add_parser("evaluate", help="all metrics of one plan vs dense on the experiment's workload")
     _experiment_args(p)

@@ -35,7 +35,9 @@ class PlanTarget:
 
     ``dtype``: what the weights computed in when the plan was measured; ``cast_hashes``: their hash cast to
     each other half-precision dtype, so that the same weights in that dtype take the plan (see
-    :func:`ditplan.models.identity.binding`). Plans written before these were recorded have neither."""
+    :func:`ditplan.models.identity.binding`). Plans written before these were recorded have neither.
+    ``schedule``: the normalised time (timestep / training timesteps, 1 = noise) of each of its steps, by which it
+    is re-targeted to another step count (:mod:`ditplan.strategies.retarget`); empty in older plans."""
 
     model: str
     weights_hash: str
@@ -47,6 +49,7 @@ class PlanTarget:
     dtype: str | None = None
     cast_hashes: Mapping[str, str] = field(default_factory=dict, hash=False)
     true_cfg_scale: float = 1.0  # CFG on top of a guidance-distilled model (FLUX.1's true CFG); 1: none
+    schedule: tuple[float, ...] = ()
 
     def differences(self, other: PlanTarget) -> list[str]:
         """Human-readable mismatches, ignoring the model id and the dtype (the weights decide identity)."""
@@ -58,20 +61,23 @@ class PlanTarget:
             "guidance_scale": "guidance scale",
             "true_cfg_scale": "true CFG scale",
         }
-        found = [
-            f"{label}: plan has {getattr(self, key)!r}, target has {getattr(other, key)!r}"
-            for key, label in names.items()
-            if getattr(self, key) != getattr(other, key)
-        ]
+        found = []
+        for key, label in names.items():
+            if getattr(self, key) != getattr(other, key):
+                hint = f" (ditplan retarget PLAN --steps {other.num_steps} re-targets it)" if key == "num_steps" else ""
+                found.append(f"{label}: plan has {getattr(self, key)!r}, target has {getattr(other, key)!r}{hint}")
         if binding(self, other) is Binding.OTHER:
             found.insert(0, f"model weights (hash): plan has {self.weights_hash!r}, target has {other.weights_hash!r}")
         return found
 
     def to_dict(self) -> dict[str, Any]:
         """The target as a plan file holds it; one without a dtype (an older plan's) as it was written."""
-        data = {key: value for key, value in self.__dict__.items() if key not in ("dtype", "cast_hashes", "true_cfg_scale")}
+        data = {key: value for key, value in self.__dict__.items()
+                if key not in ("dtype", "cast_hashes", "true_cfg_scale", "schedule")}
         if self.true_cfg_scale != 1.0:
             data["true_cfg_scale"] = self.true_cfg_scale
+        if self.schedule:
+            data["schedule"] = list(self.schedule)
         if self.dtype is not None:
             data.update(dtype=self.dtype, cast_hashes=dict(self.cast_hashes))
         return data
@@ -106,7 +112,8 @@ def decode_runs(text: str, max_length: int | None = None) -> list[str]:
 _TARGET_TYPES = {"model": str, "weights_hash": str, "num_layers": int, "num_tokens": int, "scheduler": str,
                  "num_steps": int, "guidance_scale": (int, float)}
 _DTYPE_KEYS = ("dtype", "cast_hashes")  # optional: plans written before they were recorded lack them
-_OPTIONAL_KEYS = (*_DTYPE_KEYS, "true_cfg_scale")  # true_cfg_scale: written only when FLUX.1's true CFG is on
+# true_cfg_scale: written only when FLUX.1's true CFG is on; schedule: by plans that record it
+_OPTIONAL_KEYS = (*_DTYPE_KEYS, "true_cfg_scale", "schedule")
 _TYPE_NAMES = {str: "string", int: "whole number"}
 _MAX_GRID = 10_000  # layers or steps of any plan
 
@@ -126,8 +133,13 @@ def _target(data: Any) -> PlanTarget:
         if not 0 < data[key] <= _MAX_GRID:
             raise PlanError(f"plan target.{key} = {data[key]} is outside 1…{_MAX_GRID}")
     dtype, casts = _target_dtype(data)
+    schedule = data.get("schedule", [])
+    if not isinstance(schedule, list) or len(schedule) not in (0, data["num_steps"]) or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1 for t in schedule):
+        raise PlanError(f"plan target.schedule is not {data['num_steps']} normalised times between 0 and 1, one per "
+                        "step; drop it, or write the plan again with ditplan")
     return PlanTarget(**{key: data[key] for key in _TARGET_TYPES}, dtype=dtype, cast_hashes=casts,
-                      true_cfg_scale=float(true_cfg))
+                      true_cfg_scale=float(true_cfg), schedule=tuple(float(t) for t in schedule))
 
 
 def _target_dtype(data: dict) -> tuple[str | None, dict[str, str]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,8 @@ from safetensors.torch import load_file
 import ditplan
 from ditplan.cli import main
 from ditplan.models.adapters import load_adapter
-from ditplan.models.families.pixart import PixArtAdapter
 from ditplan.models.embedded import EMBEDDED_PATH
+from ditplan.models.families.pixart import PixArtAdapter
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, PlanError
 from ditplan.plansearch.space import LayoutCaching, layout_columns
@@ -38,6 +39,7 @@ from ditplan.spec import SamplerSettings
 from ditplan.strategies.apply import get_runtime, run_plan, step_hook
 from ditplan.strategies.curves import Constant
 from ditplan.strategies.finetune_sparse import layout_plan
+from ditplan.strategies.retarget import retarget_to_steps
 from ditplan.strategies.sdtm import SparseLayout
 from tests.conftest import DATA, tiny_vae
 
@@ -158,8 +160,10 @@ def test_asc_in_a_pixart_pipeline_shares_the_conditional_half(pixart_folder, mon
 def test_a_plan_for_another_sampler_is_refused_at_the_first_call_in_one_line(dit_folder):
     adapter = load_adapter("dit", str(dit_folder), vae=str(dit_folder))
     pipe = dit_pipe(dit_folder)
-    ditplan.apply_plan(pipe, plan_for(adapter, DIT, MIXED))
-    with pytest.raises(PlanError, match="steps: plan has 4, call has num_inference_steps=5") as err:
+    plan = plan_for(adapter, DIT, MIXED)
+    ditplan.apply_plan(pipe, replace(plan, target=replace(plan.target, schedule=())))  # an older plan's target
+    with pytest.raises(PlanError, match="steps: plan has 4, call has num_inference_steps=5, and it records no schedule "
+                                        r"\(made by an older ditplan\): `ditplan retarget") as err:
         run_dit(pipe, [1], [0], num_inference_steps=5)
     assert "\n" not in str(err.value)
     with pytest.raises(PlanError, match="guidance scale: plan has 3.0, call has guidance_scale=2.0"):
@@ -168,6 +172,22 @@ def test_a_plan_for_another_sampler_is_refused_at_the_first_call_in_one_line(dit
     with pytest.raises(PlanError, match="scheduler: plan has 'dpmsolver\\+\\+', pipeline has DDIMScheduler"):
         run_dit(pipe, [1], [0])
     assert get_runtime(pipe.transformer).caches == [{}, {}]  # a refused call leaves nothing behind
+    ditplan.remove_plan(pipe)
+
+
+def test_a_call_at_another_step_count_runs_the_plan_re_targeted_as_ditplans_loop_runs_it(dit_folder):
+    adapter = load_adapter("dit", str(dit_folder), vae=str(dit_folder))
+    plan = plan_for(adapter, DIT, MIXED)
+    pipe = dit_pipe(dit_folder)
+    ditplan.apply_plan(pipe, plan)
+    with pytest.warns(UserWarning, match="plan made for 4 steps runs re-targeted to 7 steps"):
+        images = run_dit(pipe, [1, 2], [5, 6], num_inference_steps=7)
+    retargeted = retarget_to_steps(plan, adapter, 7)
+    assert retargeted.num_steps == 7 and get_runtime(pipe.transformer).plan == plan  # the applied plan is back
+    ours = run_plan(adapter, retargeted, [1, 2], [5, 6], replace(DIT, num_steps=7)).samples
+    np.testing.assert_allclose(images, as_pipeline_images(ours), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(run_dit(pipe, [1, 2], [5, 6]), as_pipeline_images(
+        run_plan(adapter, plan, [1, 2], [5, 6], DIT).samples), rtol=0, atol=1e-5)  # and at its own steps as before
     ditplan.remove_plan(pipe)
 
 

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -102,12 +103,12 @@ def test_generate_writes_a_grid_and_raw_samples(tmp_path, experiment):
 
 
 def test_generate_refuses_a_plan_made_for_another_sampler(tmp_path, tiny_adapter, tiny_spec, capsys):
-    target = plan_target(tiny_adapter, tiny_spec.sampler.settings())
-    plan_path = Plan.uniform(PlanTarget(**{**target.__dict__, "num_steps": 50})).save(tmp_path / "p.yaml")
+    settings = tiny_spec.sampler.settings()
+    plan_path = Plan.uniform(plan_target(tiny_adapter, replace(settings, num_steps=50))).save(tmp_path / "p.yaml")
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "--experiment", str(DATA / "tiny-dit.yaml"), "--plan", str(plan_path), "--out", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert "steps: plan has 50, target has 4" in capsys.readouterr().err
+    assert "steps: plan has 50, target has 4 (ditplan retarget PLAN --steps 4 re-targets it)" in capsys.readouterr().err
     assert not (tmp_path / "grid.png").exists()
 
 

@@ -169,6 +169,12 @@ def sample(
     return torch.cat(out).cpu()
 
 
+def normalised_schedule(scheduler: SchedulerMixin) -> tuple[float, ...]:
+    """Each step's time as a fraction of the training timesteps (1 = noise), from a scheduler whose schedule is set."""
+    total = scheduler.config.num_train_timesteps
+    return tuple(round(float(t) / total, 6) for t in scheduler.timesteps)
+
+
 def plan_target(adapter: ModelAdapter, settings: SamplerSettings) -> PlanTarget:
     """What a plan for this model and sampler is made for."""
     return PlanTarget(
@@ -180,6 +186,7 @@ def plan_target(adapter: ModelAdapter, settings: SamplerSettings) -> PlanTarget:
         num_steps=settings.num_steps,
         guidance_scale=float(settings.guidance_scale),
         true_cfg_scale=float(settings.true_cfg_scale),
+        schedule=normalised_schedule(start_schedule(adapter, settings, torch.device("cpu"))),
         dtype=dtype_name(adapter.dtype),
         cast_hashes=dict(adapter.cast_hashes),
     )

@@ -16,6 +16,7 @@ On a bare transformer the plan is installed the same way, and the user's loop sa
 from __future__ import annotations
 
 import inspect
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +25,19 @@ import torch
 from ditplan.models.context import BRANCHES, CFG_ORDERS, StepContext, new_run_id
 from ditplan.models.family import CfgMode, ModelAdapter, family_of, pipeline_family
 from ditplan.models.identity import Binding, NetworkIdentity, binding, warn_cast
-from ditplan.models.sampling import reset_stateful_hooks, scheduler_class
+from ditplan.models.sampling import normalised_schedule, reset_stateful_hooks, scheduler_class
 from ditplan.plan import Plan, PlanError, load_plan
 from ditplan.registry import SCHEDULERS
 from ditplan.strategies.apply import (
+    CachePlanner,
     PlanRuntime,
     apply_plan,
+    build_strategies,
     get_runtime,
     remove_plan,
     step_hook,
 )
+from ditplan.strategies.retarget import retarget, retarget_refusal
 from ditplan.strategies.sparse_network import load_sparse_folder
 
 _ORIGINAL_CLASS = "_ditplan_original_class"
@@ -70,8 +74,10 @@ class PipelineClock:
     transformer's dtype: the nearest one); one transformer call per step, in order, within one pipeline call, or
     with guidance as two calls per step (Qwen-Image) the conditional then the unconditional call of each step."""
 
-    def __init__(self, pipe: Any, cfg_mode: CfgMode, family: type[ModelAdapter]) -> None:
+    def __init__(self, pipe: Any, cfg_mode: CfgMode, family: type[ModelAdapter], runtime: PlanRuntime) -> None:
         self.pipe = pipe
+        self.runtime = runtime
+        self.applied = runtime.planner  # the plan as applied; a call at another step count runs it re-targeted
         self.cfg_mode = cfg_mode
         self.cond_first = CFG_ORDERS.get(cfg_mode, True)
         self.family = family
@@ -92,6 +98,16 @@ class PipelineClock:
 
     def stop(self) -> None:
         self.run = None
+        self.runtime.planner = self.applied
+
+    def _retarget(self) -> None:
+        """Run the applied plan re-targeted to the pipeline's step count for this call (with a warning)."""
+        plan = retarget(self.applied.plan, normalised_schedule(self.pipe.scheduler))
+        warnings.warn(f"plan made for {self.applied.plan.num_steps} steps runs re-targeted to {plan.num_steps} steps (its "
+                      "rows mapped by normalised time); its quality and speed were measured at "
+                      f"{self.applied.plan.num_steps}: `ditplan retarget` writes the re-targeted plan to evaluate",
+                      UserWarning, stacklevel=1)
+        self.runtime.planner = CachePlanner(plan, build_strategies(plan))
 
     def context_for(self, args: tuple, kwargs: dict) -> StepContext:
         if self.run is None:
@@ -105,6 +121,8 @@ class PipelineClock:
             self.timesteps = [self.family.pipeline_timestep(float(v)) for v in self.pipe.scheduler.timesteps]
             # a pipeline may round the timestep to the transformer's dtype and scale it there (FLUX: t / 1000)
             self.tolerance = 2 * torch.finfo(next(transformer_of(self.pipe).parameters()).dtype).eps
+            if len(self.timesteps) != self.applied.plan.num_steps:
+                self._retarget()
         branch = None
         if self.cfg and self.cfg_mode in ("two-calls", "distilled"):  # a distilled pipeline's true CFG: two calls
             branch = BRANCHES[1] if self.last_branch == BRANCHES[0] else BRANCHES[0]
@@ -141,8 +159,9 @@ def check_pipeline_call(pipe: Any, plan: Plan, arguments: dict[str, Any], family
         differences.append(f"scheduler: plan has {target.scheduler!r}, pipeline has {type(pipe.scheduler).__name__}")
     steps = arguments.get("num_inference_steps")
     custom = arguments.get("timesteps") is not None or arguments.get("sigmas") is not None
-    if not custom and steps != target.num_steps:
-        differences.append(f"steps: plan has {target.num_steps}, call has num_inference_steps={steps}")
+    refusal = retarget_refusal(plan)
+    if not custom and steps != target.num_steps and refusal:  # else the call runs it re-targeted
+        differences.append(f"steps: plan has {target.num_steps}, call has num_inference_steps={steps}, and {refusal}")
     guidance, cfg, true_cfg = family.pipeline_guidance(arguments, cfg_mode)
     argument = family.guidance_argument
     if guidance is not None and float(guidance) != target.guidance_scale:
@@ -247,7 +266,7 @@ def apply_plan_to(model: Any, plan: Plan | str | Path, model_folder: str | Path 
     if bound is Binding.CAST:
         warn_cast(plan.target, found)
     if pipeline:
-        step_hook(transformer).clock = PipelineClock(model, cfg_order, family_of(transformer))
+        step_hook(transformer).clock = PipelineClock(model, cfg_order, family_of(transformer), runtime)
         setattr(model, _ORIGINAL_CLASS, type(model))
         model.__class__ = _planned_class(type(model))
     return runtime

@@ -1,0 +1,71 @@
+"""A plan made at N steps, re-targeted to M steps.
+
+Each of the M steps takes the row of the plan's step nearest to it in normalised time (its timestep as a fraction of
+the training timesteps, :attr:`~ditplan.plan.PlanTarget.schedule`), not in step index, so a plan's early, middle and
+late steps stay early, middle and late whatever the count. A cell that reuses a cache no earlier step of its layer now
+makes (fewer steps may drop the step that made it) computes in full instead. The re-targeted plan was not measured at
+M steps: its quality and speed there are for an evaluation to say.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+from ditplan.models.family import ModelAdapter
+from ditplan.models.sampling import plan_target
+from ditplan.plan import Plan, PlanError
+from ditplan.spec import SamplerSettings
+from ditplan.strategies.apply import cell_writes
+from ditplan.strategies.base import get_strategy_class
+
+
+def retarget_refusal(plan: Plan) -> str | None:
+    """Why ``plan`` cannot be re-targeted to another step count, or None."""
+    if not plan.target.schedule:
+        return ("it records no schedule (made by an older ditplan): `ditplan retarget PLAN --steps M --experiment FILE` "
+                "re-targets it from its experiment")
+    if plan.sparse:
+        return "a SparseDiT plan's pruning curve is tied to its steps: make a plan for this step count"
+    return None
+
+
+def retarget(plan: Plan, schedule: Sequence[float]) -> Plan:
+    """``plan`` on the steps whose normalised times are ``schedule`` (1 = noise), one row per step."""
+    refusal = retarget_refusal(plan)
+    if refusal:
+        raise PlanError(f"cannot re-target the plan to {len(schedule)} steps: {refusal}")
+    made = plan.target.schedule
+    rows = [plan.grid[min(range(len(made)), key=lambda i: abs(made[i] - t))] for t in schedule]
+    target = replace(plan.target, num_steps=len(schedule), schedule=tuple(schedule))
+    grid, computed = _computed_where_unmade(rows)
+    provenance = {"retargeted_from": {"num_steps": plan.num_steps, "cells_computed_in_full": computed,
+                                      "provenance": dict(plan.provenance)}}
+    return replace(plan, target=target, grid=grid, provenance=provenance)
+
+
+def retarget_to_steps(plan: Plan, adapter: ModelAdapter, steps: int) -> Plan:
+    """``plan`` re-targeted to ``steps`` steps of its sampler on ``adapter``'s model (which it must fit); a plan that
+    records no schedule (an older one) takes the schedule of its own steps on that model."""
+    t = plan.target
+    settings = SamplerSettings(t.scheduler, t.num_steps, t.guidance_scale, guidance="embedded" if t.true_cfg_scale > 1
+                               else "cfg", true_cfg_scale=t.true_cfg_scale)
+    own = plan_target(adapter, settings)
+    plan.check_fits(own)
+    if not t.schedule:
+        plan = replace(plan, target=replace(t, schedule=own.schedule))
+    return retarget(plan, plan_target(adapter, replace(settings, num_steps=steps)).schedule)
+
+
+def _computed_where_unmade(rows: Sequence[Sequence[str]]) -> tuple[tuple[tuple[str, ...], ...], int]:
+    """``rows`` with every cell that reads a cache entry no earlier step of its layer makes set to ``full``, and how
+    many cells that set."""
+    grid, computed = [list(row) for row in rows], 0
+    for layer in range(len(grid[0]) if grid else 0):
+        made: set[str] = set()
+        for row in grid:
+            strategy = get_strategy_class(row[layer])
+            if strategy.reads - made:
+                row[layer], strategy, computed = "full", get_strategy_class("full"), computed + 1
+            made |= cell_writes(strategy)  # type: ignore[arg-type]
+    return tuple(tuple(row) for row in grid), computed

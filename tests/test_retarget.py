@@ -1,0 +1,85 @@
+"""Plans re-targeted to another step count: rows mapped by normalised time, caches still made before they are read,
+and the ``ditplan retarget`` command."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import yaml
+
+from ditplan.cli import main
+from ditplan.models.adapters import load_adapter
+from ditplan.models.sampling import plan_target
+from ditplan.plan import Plan, PlanError, PlanTarget, load_plan
+from ditplan.spec import SamplerSettings
+from ditplan.strategies.apply import CachePlanner, build_strategies
+from ditplan.strategies.retarget import retarget, retarget_to_steps
+from tests.conftest import DATA
+
+TARGET = PlanTarget("m", "abc", num_layers=2, num_tokens=64, scheduler="ddim", num_steps=4, guidance_scale=4.0,
+                    schedule=(0.9, 0.6, 0.3, 0.05))
+ROWS = (("full", "full"), ("ast", "full"), ("full", "wars"), ("asc", "reuse"))
+
+
+def test_each_new_step_takes_the_row_of_the_step_nearest_in_normalised_time():
+    plan = Plan(TARGET, ROWS)
+    assert retarget(plan, TARGET.schedule).grid == ROWS  # its own schedule: the plan itself
+    longer = retarget(plan, (0.95, 0.8, 0.7, 0.5, 0.4, 0.2, 0.1, 0.0))
+    assert longer.grid == (ROWS[0], ROWS[0], ROWS[1], ROWS[1], ROWS[2], ROWS[2], ROWS[3], ROWS[3])
+    assert longer.target.num_steps == 8 and longer.target.schedule[0] == 0.95
+    assert longer.provenance["retargeted_from"] == {"num_steps": 4, "cells_computed_in_full": 0, "provenance": {}}
+    CachePlanner(longer, build_strategies(longer))  # a valid plan: every read cache is made earlier
+
+
+def test_a_cell_whose_cache_was_made_at_a_dropped_step_computes_in_full():
+    plan = Plan(TARGET, ROWS)
+    shorter = retarget(plan, (0.62, 0.31))  # steps 1 and 2: the first reads what the dropped step 0 made
+    assert shorter.grid == (("full", "full"), ("full", "wars"))  # ast read the dropped step 0: full; wars reads row 0
+    assert shorter.provenance["retargeted_from"]["cells_computed_in_full"] == 1
+    CachePlanner(shorter, build_strategies(shorter))
+
+
+def test_plans_that_cannot_be_re_targeted_say_why_in_one_line():
+    older = Plan(replace(TARGET, schedule=()), ROWS)
+    with pytest.raises(PlanError, match="cannot re-target the plan to 2 steps: it records no schedule .* `ditplan "
+                                        "retarget PLAN --steps M --experiment FILE`") as err:
+        retarget(older, (0.5, 0.1))
+    assert "\n" not in str(err.value)
+    with pytest.raises(PlanError, match="SparseDiT plan's pruning curve is tied to its steps"):
+        retarget(Plan(TARGET, ROWS, sparse={"modules": [[0, 2]]}), (0.5, 0.1))
+
+
+def test_a_plan_records_its_schedule_and_loads_it_back(tmp_path):
+    plan = Plan(TARGET, ROWS)
+    assert load_plan(plan.save(tmp_path / "p.yaml")).target.schedule == TARGET.schedule
+    data = yaml.safe_load((tmp_path / "p.yaml").read_text())
+    data["target"]["schedule"] = [0.9, 0.6]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(PlanError, match="target.schedule is not 4 normalised times between 0 and 1"):
+        load_plan(tmp_path / "bad.yaml")
+
+
+def test_ditplan_retarget_writes_the_plan_at_the_new_step_count_also_from_an_older_plan(tmp_path, capsys):
+    adapter = load_adapter("dit", "embedded")
+    settings = SamplerSettings(num_steps=5, guidance_scale=4.0)
+    rows = [["full"] * 6] + [["ast", "wars", "reuse", "full", "asc", "forecast"]] * 4
+    plan = Plan(plan_target(adapter, settings), tuple(map(tuple, rows)), params={"wars": {"window_size": 32}})
+    older = replace(plan, target=replace(plan.target, schedule=()))
+    older.save(tmp_path / "plan.yaml")
+    main(["retarget", str(tmp_path / "plan.yaml"), "--steps", "9"])
+    assert "5 → 9 steps by normalised time" in capsys.readouterr().out
+    written = load_plan(tmp_path / "plan-9steps.yaml")
+    assert written.num_steps == 9 and written.target.schedule == plan_target(adapter, replace(settings, num_steps=9)).schedule
+    assert written == replace(retarget_to_steps(plan, adapter, 9), provenance=written.provenance)
+    assert written.params == {"wars": {"window_size": 32}}
+
+
+def test_ditplan_retarget_refuses_in_one_line_what_it_cannot_do(tmp_path, capsys):
+    Plan(replace(TARGET, model="not-here"), ROWS).save(tmp_path / "plan.yaml")
+    for args, message in [([], "the plan's model 'not-here' is not on this machine; give --experiment"),
+                          (["--experiment", str(DATA / "tiny-dit.yaml")], "does not fit this model/sampler")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["retarget", str(tmp_path / "plan.yaml"), "--steps", "6", *args])
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and message in err and "\n" not in err
