@@ -78,12 +78,12 @@ def remove_plan(model: Any) -> None:
     remove_plan_from(model)
 
 
-def denoising_step(step: int, num_steps: int, cfg: str | None = "cond-uncond") -> Any:
-    """Context manager telling an applied plan the step of a transformer call in your own loop
-    (see ditplan.models.context.denoising_step)."""
+def denoising_step(step: int, num_steps: int, cfg: str | None = "cond-uncond", branch: str | None = None) -> Any:
+    """Context manager telling an applied plan the step of a transformer call in your own loop, and with guidance
+    as two calls per step which call (``branch``: "cond", then "uncond"; see ditplan.models.context.denoising_step)."""
     from ditplan.models.context import denoising_step as _step
 
-    return _step(step, num_steps, cfg)
+    return _step(step, num_steps, cfg, branch)
 
 
 def load_plan(path: str | Path) -> Plan:

@@ -86,17 +86,17 @@ def _show(args: argparse.Namespace) -> None:
 @command("retarget")
 def _retarget(args: argparse.Namespace) -> None:
     from ditplan.models.adapters import recorded_adapter
-    from ditplan.plan import load_plan
+    from ditplan.plan import MAX_GRID, load_plan
     from ditplan.strategies.retarget import retarget_to_steps
     from ditplan.workflow import prepare
 
+    if not 1 <= args.steps <= MAX_GRID:
+        raise UserError(f"--steps {args.steps}: give the step count to re-target the plan to, 1 … {MAX_GRID}")
     plan = load_plan(args.plan)
     adapter = prepare(args.experiment)[1] if args.experiment else recorded_adapter(plan.target.model)
     if adapter is None:
-        raise UserError(f"the plan's model {plan.target.model!r} is not on this machine; give --experiment, the "
-                        "experiment whose model the plan was made for")
-    if args.steps < 1:
-        raise UserError(f"--steps {args.steps}: give the step count to re-target the plan to, at least 1")
+        raise UserError(f"the plan's model {plan.target.model!r} is not on this machine (or needs its experiment's "
+                        "prompts); give --experiment, the experiment whose model the plan was made for")
     retargeted = retarget_to_steps(plan, adapter, args.steps)
     out = Path(args.out or Path(args.plan).with_name(f"{Path(args.plan).stem}-{args.steps}steps.yaml"))
     retargeted.save(out)

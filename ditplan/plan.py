@@ -115,7 +115,7 @@ _DTYPE_KEYS = ("dtype", "cast_hashes")  # optional: plans written before they we
 # true_cfg_scale: written only when FLUX.1's true CFG is on; schedule: by plans that record it
 _OPTIONAL_KEYS = (*_DTYPE_KEYS, "true_cfg_scale", "schedule")
 _TYPE_NAMES = {str: "string", int: "whole number"}
-_MAX_GRID = 10_000  # layers or steps of any plan
+MAX_GRID = 10_000  # layers or steps of any plan
 
 
 def _target(data: Any) -> PlanTarget:
@@ -130,8 +130,8 @@ def _target(data: Any) -> PlanTarget:
         if not isinstance(value, kind) or isinstance(value, bool):
             raise PlanError(f"plan target.{key} = {value!r} is not a {_TYPE_NAMES.get(kind, 'number')}")
     for key in ("num_layers", "num_steps"):
-        if not 0 < data[key] <= _MAX_GRID:
-            raise PlanError(f"plan target.{key} = {data[key]} is outside 1…{_MAX_GRID}")
+        if not 0 < data[key] <= MAX_GRID:
+            raise PlanError(f"plan target.{key} = {data[key]} is outside 1…{MAX_GRID}")
     dtype, casts = _target_dtype(data)
     schedule = data.get("schedule", [])
     if not isinstance(schedule, list) or len(schedule) not in (0, data["num_steps"]) or not all(

@@ -48,6 +48,10 @@ def test_plans_that_cannot_be_re_targeted_say_why_in_one_line():
     assert "\n" not in str(err.value)
     with pytest.raises(PlanError, match="SparseDiT plan's pruning curve is tied to its steps"):
         retarget(Plan(TARGET, ROWS, sparse={"modules": [[0, 2]]}), (0.5, 0.1))
+    with pytest.raises(PlanError, match="one of diffusers' caches counts steps in the cache's config"):
+        retarget(Plan.uniform(TARGET, cache={"method": "taylorseer", "config": {"cache_interval": 2}}), (0.5, 0.1))
+    with pytest.raises(PlanError, match="cannot re-target the plan to 0 steps: give 1 … 10000 steps"):
+        retarget(Plan(TARGET, ROWS), ())
 
 
 def test_a_plan_records_its_schedule_and_loads_it_back(tmp_path):
@@ -77,9 +81,18 @@ def test_ditplan_retarget_writes_the_plan_at_the_new_step_count_also_from_an_old
 
 def test_ditplan_retarget_refuses_in_one_line_what_it_cannot_do(tmp_path, capsys):
     Plan(replace(TARGET, model="not-here"), ROWS).save(tmp_path / "plan.yaml")
-    for args, message in [([], "the plan's model 'not-here' is not on this machine; give --experiment"),
-                          (["--experiment", str(DATA / "tiny-dit.yaml")], "does not fit this model/sampler")]:
+    flux = tmp_path / "flux-folder"  # a local FLUX.1 folder: its prompts and image size are its experiment's
+    (flux / "transformer").mkdir(parents=True)
+    (flux / "transformer" / "config.json").write_text('{"_class_name": "FluxTransformer2DModel"}')
+    Plan(replace(TARGET, model=str(flux)), ROWS).save(tmp_path / "flux.yaml")
+    for plan, args, message in [
+        ("plan.yaml", [], "the plan's model 'not-here' is not on this machine (or needs its experiment's prompts); give "
+                          "--experiment"),
+        ("flux.yaml", [], "is not on this machine (or needs its experiment's prompts); give --experiment"),
+        ("plan.yaml", ["--experiment", str(DATA / "tiny-dit.yaml")], "does not fit this model/sampler"),
+        ("plan.yaml", ["--steps", "20000"], "--steps 20000: give the step count to re-target the plan to, 1 … 10000"),
+    ]:
         with pytest.raises(SystemExit) as exit_:
-            main(["retarget", str(tmp_path / "plan.yaml"), "--steps", "6", *args])
+            main(["retarget", str(tmp_path / plan), "--steps", "6", *args])
         err = capsys.readouterr().err.strip()
         assert exit_.value.code == 2 and message in err and "\n" not in err

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ditplan.models.family import ModelAdapter, linear_flops
-from ditplan.models.sampling import plan_target
+from ditplan.models.sampling import plan_target, target_settings
 from ditplan.plan import Plan, PlanError
 from ditplan.spec import SamplerSettings
 from ditplan.strategies.apply import (
@@ -148,10 +148,7 @@ def plan_flops_ratio(adapter: ModelAdapter, plan: Plan) -> float | None:
     caches (its FLOPs are what a run executed)."""
     if plan.cache or (adapter.num_layers, adapter.num_tokens) != (plan.target.num_layers, plan.target.num_tokens):
         return None
-    t = plan.target
-    true_cfg = t.true_cfg_scale > 1.0  # CFG on a guidance-distilled model: the distilled scale is an input
-    settings = SamplerSettings(t.scheduler, t.num_steps, t.guidance_scale, batch_size=1,
-                               guidance="embedded" if true_cfg else "cfg", true_cfg_scale=t.true_cfg_scale)
+    settings = target_settings(plan.target, type(adapter))
     return plan_flops(adapter, plan, settings).total / plan_flops(adapter, None, settings).total
 
 

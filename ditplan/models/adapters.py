@@ -61,14 +61,16 @@ def load_adapter(
 
 def recorded_adapter(model_id: str) -> ModelAdapter | None:
     """The model a plan records (``target.model``) when it is on this machine: an embedded model's name or a
-    local pipeline folder; None for a hub id or random weights (nothing is downloaded)."""
+    local pipeline folder; None for a hub id or random weights (nothing is downloaded), and for a prompt-conditioned
+    family, which its experiment's prompts and image size complete."""
     if model_id in EMBEDDED_MODELS:
         return load_adapter(EMBEDDED_FAMILY, model_id)
     config = Path(model_id) / "transformer" / "config.json"
     if not config.is_file():
         return None
     class_name = json.loads(config.read_text()).get("_class_name")
-    kind = next((k for k, family in FAMILIES.items() if family.transformer_class.__name__ == class_name), None)
+    kind = next((k for k, family in FAMILIES.items() if family.transformer_class.__name__ == class_name
+                 and family.conditioning_kind == "classes"), None)
     return load_adapter(kind, model_id) if kind else None
 
 

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 # how a stock pipeline runs guidance: classifier-free guidance as one call on a batch whose conditional half
 # comes first or second (see ditplan.models.context.CFG_ORDERS), as two calls per step (the conditional one
-# first), or a guidance-distilled model that takes the scale as an input (one call per step, no unconditional half)
+# first), or a guidance-distilled model that takes the scale as an input (one call per step; with true CFG on top,
+# FLUX.1's, two calls as well)
 CfgMode = Literal["cond-uncond", "uncond-cond", "two-calls", "distilled"]
 
 
@@ -74,7 +75,7 @@ SINGLE_STREAM = BlockPattern()
 @dataclass(frozen=True)
 class Conditioning:
     """What the transformer is conditioned on, for a batch: ``cond`` and the null ``uncond`` (None for a
-    guidance-distilled model)."""
+    guidance-distilled model without the empty prompt's embeddings, which its true CFG needs)."""
 
     cond: dict[str, torch.Tensor]
     uncond: dict[str, torch.Tensor] | None
@@ -84,8 +85,9 @@ class Conditioning:
         if not cfg:
             return self.cond
         if self.uncond is None:
-            raise UserError("this model has no unconditional input (it is guidance-distilled); set sampler.guidance: "
-                            "embedded")
+            raise UserError("classifier-free guidance needs an unconditional input: a guidance-distilled model takes "
+                            "sampler.guidance: embedded, and its true CFG (sampler.true_cfg_scale) the empty prompt's "
+                            "embeddings ('')")
         return {k: torch.cat([self.cond[k], self.uncond[k]]) for k in self.cond}
 
 
@@ -467,8 +469,9 @@ JOINT_STREAMS = BlockPattern(("hidden_states", "encoder_hidden_states"), ("encod
 
 
 class JointAttentionFamily(PromptFamily):
-    """A flow-matching MMDiT (FLUX, SD3): joint attention over image and text tokens in each block's ``attn``,
-    blocks that take and return both streams, conditioned on T5 embeddings and a pooled CLIP embedding.
+    """A flow-matching MMDiT (FLUX, SD3, Qwen-Image): joint attention over image and text tokens in each block's
+    ``attn``, blocks that take and return both streams, conditioned on text embeddings and a second tensor (FLUX's
+    and SD3's pooled CLIP embedding, Qwen-Image's padding mask).
     On joint attention run ``full``, AST, ASC, WA-RS (its window over the image tokens, through the attention
     kernel of the family's own processor), block caching and diffusers' caches; ``wars+asc``, pooling and
     SparseDiT do not. Its sampling uses its stock pipeline's own code (schedule, latent packing),

@@ -169,6 +169,13 @@ def sample(
     return torch.cat(out).cpu()
 
 
+def target_settings(target: PlanTarget, family: type[ModelAdapter], num_steps: int | None = None) -> SamplerSettings:
+    """The sampler settings a plan's target records, on a model of ``family`` (how it takes the guidance scale), at
+    ``num_steps`` steps (default the target's)."""
+    return SamplerSettings(target.scheduler, num_steps or target.num_steps, target.guidance_scale, batch_size=1,
+                           guidance=family.guidance_modes[0], true_cfg_scale=target.true_cfg_scale)
+
+
 def normalised_schedule(scheduler: SchedulerMixin) -> tuple[float, ...]:
     """Each step's time as a fraction of the training timesteps (1 = noise), from a scheduler whose schedule is set."""
     total = scheduler.config.num_train_timesteps

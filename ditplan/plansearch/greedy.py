@@ -39,8 +39,9 @@ JOINT_CANDIDATES: tuple[str, ...] = ("reuse", "ast", "wars", "asc")
 
 
 def family_candidates(adapter: ModelAdapter) -> tuple[str, ...]:
-    """Greedy's candidates on ``adapter``'s family, most compressing first."""
-    return CANDIDATES if adapter.plan_attention else JOINT_CANDIDATES
+    """Greedy's candidates on ``adapter``'s family, most compressing first: those among the family's default methods."""
+    candidates = CANDIDATES if adapter.plan_attention else JOINT_CANDIDATES
+    return tuple(c for c in candidates if c in adapter.default_methods)
 CFG_SHARING = frozenset({"wars+asc", "asc"})
 DEFAULT_THRESHOLDS: tuple[float, ...] = (0.025, 0.05, 0.075, 0.1, 0.125, 0.15)  # D1 … D6
 

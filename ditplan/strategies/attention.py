@@ -104,7 +104,8 @@ class GlobalKeys:
     def _as_bool(mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
         if mask is None:
             return torch.ones(1, 1, 1, length, dtype=torch.bool, device=device)
-        mask = mask if mask.dtype == torch.bool else mask > float("-inf")  # an additive mask: -inf hides a key
+        # an additive mask hides a key with -inf or the dtype's lowest value
+        mask = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
         return mask.reshape(mask.shape[0] if mask.ndim == 4 else 1, 1, 1, length)
 
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from ditplan.plan import PlanError
+
 if TYPE_CHECKING:
     from ditplan.strategies.base import AttentionCall
 
@@ -59,6 +61,7 @@ class _KernelSwap(TorchFunctionMode):
     def __init__(self, kernel: Kernel) -> None:
         super().__init__()
         self.kernel = kernel
+        self.calls = 0
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -66,12 +69,19 @@ class _KernelSwap(TorchFunctionMode):
             return func(*args, **kwargs)
         call = dict(zip(_SDPA_ARGUMENTS, args)) | kwargs  # diffusers' dispatch passes them by name
         if call.get("dropout_p") or call.get("is_causal") or call.get("scale") is not None or call.get("enable_gqa"):
-            raise NotImplementedError("ditplan's joint-attention kernels take a key mask only (no dropout, causal "
-                                      "mask, custom scale or grouped queries)")
+            raise PlanError("ditplan's joint-attention kernels take a key mask only, but the attention processor asked "
+                            "for dropout, a causal mask, a scale or grouped queries; use a plan without wars on this model")
+        self.calls += 1
         return self.kernel(call["query"], call["key"], call["value"], call.get("attn_mask"))
 
 
 def run_with_kernel(call: AttentionCall, kernel: Kernel) -> Any:
     """The attention module's own processor on the call's inputs, with ``kernel`` as its attention kernel."""
-    with _KernelSwap(kernel):
-        return call.original()
+    swap = _KernelSwap(kernel)
+    with swap:
+        out = call.original()
+    if not swap.calls:
+        raise PlanError("wars on joint attention swaps the attention kernel its processor calls through PyTorch's "
+                        "scaled_dot_product_attention, but this one ran another attention backend; use diffusers' "
+                        "native backend (transformer.set_attention_backend('native')) or a plan without wars")
+    return out

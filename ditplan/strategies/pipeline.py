@@ -4,8 +4,9 @@
 step hook a :class:`PipelineClock`, which maps the timestep each transformer call receives onto the
 pipeline scheduler's ``timesteps`` (the step index) and knows the pipeline's guidance as its model family
 declares it (DiT batches ``[cond; uncond]``, PixArt and SD3 ``[uncond; cond]``, Qwen-Image makes two calls per
-step, FLUX.1 is distilled). The pipeline's ``__call__`` checks the
-plan's sampler (scheduler family, step count, guidance scale) before it runs and starts a new run.
+step, FLUX.1 is distilled and makes two calls with its true CFG). The pipeline's ``__call__`` checks the
+plan's sampler (scheduler family, guidance) before it runs and starts a new run; a call at another step count runs
+the plan re-targeted (:mod:`ditplan.strategies.retarget`) and the applied plan is back after it.
 A plan made for a fine-tuned SparseDiT network swaps that network's weights (and SDTM merges) into
 the transformer; :func:`remove_plan_from` puts everything back exactly.
 
@@ -149,9 +150,9 @@ class PipelineClock:
 
 
 def check_pipeline_call(pipe: Any, plan: Plan, arguments: dict[str, Any], family: type[ModelAdapter],
-                        cfg_mode: CfgMode) -> bool:
-    """Refuse a pipeline call whose scheduler family, step count or guidance scale the plan was not made for;
-    returns whether the call runs classifier-free guidance."""
+                        cfg_mode: CfgMode) -> None:
+    """Refuse a pipeline call whose scheduler family or guidance the plan was not made for, or whose step count it
+    cannot be re-targeted to."""
     target = plan.target
     scheduler = scheduler_family(pipe.scheduler)
     differences = []
@@ -178,7 +179,6 @@ def check_pipeline_call(pipe: Any, plan: Plan, arguments: dict[str, Any], family
             + f" — call with num_inference_steps={target.num_steps}, {argument}={target.guidance_scale} and "
             f"pipe.scheduler = {sampler_description(target.scheduler)}, or make a plan for these settings"
         )
-    return cfg
 
 
 def _planned_call(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -192,7 +192,8 @@ def _planned_call(self: Any, *args: Any, **kwargs: Any) -> Any:
     bound = inspect.signature(original.__call__).bind(self, *args, **kwargs)
     bound.apply_defaults()
     clock = step_hook(transformer).clock
-    clock.start(check_pipeline_call(self, runtime.plan, bound.arguments, clock.family, clock.cfg_mode))
+    check_pipeline_call(self, runtime.plan, bound.arguments, clock.family, clock.cfg_mode)
+    clock.start(clock.family.pipeline_guidance(bound.arguments, clock.cfg_mode)[1])
     try:
         return original.__call__(self, *args, **kwargs)
     finally:

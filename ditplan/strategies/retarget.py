@@ -13,15 +13,16 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from ditplan.models.family import ModelAdapter
-from ditplan.models.sampling import plan_target
-from ditplan.plan import Plan, PlanError
-from ditplan.spec import SamplerSettings
+from ditplan.models.sampling import plan_target, target_settings
+from ditplan.plan import MAX_GRID, Plan, PlanError
 from ditplan.strategies.apply import cell_writes
 from ditplan.strategies.base import get_strategy_class
 
 
 def retarget_refusal(plan: Plan) -> str | None:
     """Why ``plan`` cannot be re-targeted to another step count, or None."""
+    if plan.cache:
+        return "a plan with one of diffusers' caches counts steps in the cache's config: make one for this step count"
     if not plan.target.schedule:
         return ("it records no schedule (made by an older ditplan): `ditplan retarget PLAN --steps M --experiment FILE` "
                 "re-targets it from its experiment")
@@ -32,7 +33,7 @@ def retarget_refusal(plan: Plan) -> str | None:
 
 def retarget(plan: Plan, schedule: Sequence[float]) -> Plan:
     """``plan`` on the steps whose normalised times are ``schedule`` (1 = noise), one row per step."""
-    refusal = retarget_refusal(plan)
+    refusal = retarget_refusal(plan) or (None if 1 <= len(schedule) <= MAX_GRID else f"give 1 … {MAX_GRID} steps")
     if refusal:
         raise PlanError(f"cannot re-target the plan to {len(schedule)} steps: {refusal}")
     made = plan.target.schedule
@@ -47,14 +48,11 @@ def retarget(plan: Plan, schedule: Sequence[float]) -> Plan:
 def retarget_to_steps(plan: Plan, adapter: ModelAdapter, steps: int) -> Plan:
     """``plan`` re-targeted to ``steps`` steps of its sampler on ``adapter``'s model (which it must fit); a plan that
     records no schedule (an older one) takes the schedule of its own steps on that model."""
-    t = plan.target
-    settings = SamplerSettings(t.scheduler, t.num_steps, t.guidance_scale, guidance="embedded" if t.true_cfg_scale > 1
-                               else "cfg", true_cfg_scale=t.true_cfg_scale)
-    own = plan_target(adapter, settings)
+    own = plan_target(adapter, target_settings(plan.target, type(adapter)))
     plan.check_fits(own)
-    if not t.schedule:
-        plan = replace(plan, target=replace(t, schedule=own.schedule))
-    return retarget(plan, plan_target(adapter, replace(settings, num_steps=steps)).schedule)
+    if not plan.target.schedule:
+        plan = replace(plan, target=replace(plan.target, schedule=own.schedule))
+    return retarget(plan, plan_target(adapter, target_settings(plan.target, type(adapter), steps)).schedule)
 
 
 def _computed_where_unmade(rows: Sequence[Sequence[str]]) -> tuple[tuple[tuple[str, ...], ...], int]:

@@ -36,6 +36,9 @@ def _shared(call: AttentionCall, compute: Callable[[slice | None], Any]) -> Any:
         if context.branch == "cond":
             call.between["asc"] = (call.token_counts(), compute(None))
             return call.between["asc"][1]
+        if "asc" not in call.between:
+            raise PlanError("ASC gives the unconditional call of a step the conditional call's attention output, but "
+                            "the unconditional call came first; make the conditional call first in each step")
         counts, shared = call.between.pop("asc")
         if counts != call.token_counts():
             raise PlanError(f"ASC gives the unconditional call the conditional call's attention output, but their token "

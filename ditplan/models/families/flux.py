@@ -1,12 +1,14 @@
 """FLUX.1 (black-forest-labs, diffusers ``FluxTransformer2DModel``): a flow-matching transformer with joint
 attention over text and image tokens (text first), dual-stream blocks (``transformer_blocks``) then
 single-stream blocks (``single_transformer_blocks``), RoPE positions and, in FLUX.1-dev, distilled guidance
-(the scale is an input: one call per step). Runs in ``FluxPipeline`` with ``FlowMatchEulerDiscreteScheduler``,
-whose schedule it shifts by the image's token count as the pipeline does.
+(the scale is an input: one call per step; true CFG on top, ``sampler.true_cfg_scale``, adds an unconditional call
+with the empty prompt). Runs in ``FluxPipeline`` with ``FlowMatchEulerDiscreteScheduler``, whose schedule it shifts
+by the image's token count as the pipeline does.
 
 A plan's layers are the dual-stream blocks, then the single-stream ones; what runs on them is the joint-attention
 families' (:class:`~ditplan.models.family.JointAttentionFamily`). Prompts come through the pipeline's own text
-encoders or as stored embeddings: ``<prompt>.embeds`` (L, 4096: T5) and ``<prompt>.pooled`` (768: CLIP).
+encoders or as stored embeddings: ``<prompt>.embeds`` (L, 4096: T5) and ``<prompt>.pooled`` (768: CLIP), and for
+true CFG those of the empty prompt "".
 """
 
 from __future__ import annotations

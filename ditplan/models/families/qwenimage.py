@@ -49,6 +49,9 @@ class QwenImageAdapter(PackedLatentFamily):
     second_name = "mask"
     second_input = "encoder_hidden_states_mask"
     per_token = True
+    # no asc: QwenImagePipeline pads the prompt and the negative prompt each to its own length, and ASC cannot give
+    # the unconditional call the conditional call's output there (it runs where the two are of one length)
+    default_methods = ("full", "ast", "wars", "reuse", "forecast")
     default_image_size = 1328  # Qwen-Image's native resolution
 
     @classmethod
