@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from ditplan.plansearch.storage import study_storage
@@ -13,6 +14,7 @@ from ditplan.spec import load_spec
 from tests.conftest import DATA, ENV
 
 
+@pytest.mark.slow  # minutes on 2 cores: the fast set stays under 10 minutes
 def test_a_search_runs_on_a_two_node_loopback_cluster_one_gpu_per_trial(loopback_cluster, tmp_path):
     experiment = tmp_path / "search.yaml"
     experiment.write_text((DATA / "tiny-search.yaml").read_text().replace("search:\n", "search:\n  gpus_per_trial: 1\n"))

@@ -67,6 +67,7 @@ def test_a_strategy_that_raises_fails_only_its_trials(local_ray, tmp_path):
     assert 0 < result.failed < 6
 
 
+@pytest.mark.slow  # minutes on 2 cores: the fast set stays under 10 minutes
 def test_killing_the_driver_then_resuming_loses_no_completed_trial(tmp_path):
     run_dir = tmp_path / "run"
     spec = _spec(tmp_path)

@@ -86,6 +86,7 @@ def test_two_drivers_share_one_postgresql_study(database, loopback_cluster, tmp_
             f"trial-{t.number:04d}.yaml" for t in trials]
 
 
+@pytest.mark.slow  # minutes on 2 cores: the fast set stays under 10 minutes
 def test_with_screening_the_main_driver_promotes_once_and_the_promoted_trials_run_on_every_search_sample(
         database, loopback_cluster, tmp_path):
     experiment = _experiment(tmp_path, storage=database, refine=None, screening={"samples": 2, "promote": 3}, **SHARED)
@@ -206,6 +207,7 @@ def _runs(uri, study):
     return trials, sorted(hypervolume)
 
 
+@pytest.mark.slow  # minutes on 2 cores: the fast set stays under 10 minutes
 def test_mlflow_through_a_tracking_server_records_the_same_runs_as_through_sqlite(mlflow_server, local_ray, tmp_path):
     spec = load_spec(_experiment(tmp_path, refine=None))
     run_search(spec, tmp_path / "sqlite", trials=3, workers=1, show_progress=False)
