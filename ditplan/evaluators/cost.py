@@ -106,7 +106,8 @@ def joint_cell_flops(adapter: ModelAdapter, planner: CachePlanner, step: int, la
         flops = adapter.joint_attention_flops(layer, text_tokens, strategy.joint_pairs(n, text_tokens, window_count))
     for entry in planner.wants(step, layer):
         extra = planner.next_reader(step, layer, entry).joint_production_pairs(entry, n, text_tokens, window_count)  # type: ignore[union-attr]
-        flops += 2 * 2 * extra * adapter.hidden_dim  # the scores and weighted sums of its pairs
+        # the family's count of those pairs alone: its count with them, less its count with none
+        flops += adapter.joint_attention_flops(layer, text_tokens, extra) - adapter.joint_attention_flops(layer, text_tokens, 0)
     return float(flops)
 
 

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 # first), or a guidance-distilled model that takes the scale as an input (one call per step; with true CFG on top,
 # FLUX.1's, two calls as well)
 CfgMode = Literal["cond-uncond", "uncond-cond", "two-calls", "distilled"]
+TWO_CALL_MODES: tuple[CfgMode, ...] = ("two-calls", "distilled")  # where guidance, when on, is two calls per step
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,7 @@ class ModelAdapter(abc.ABC):
         """Whether classifier-free guidance runs as two transformer calls per step (as the main pipeline runs it;
         ditplan's loop follows it: a guidance-distilled pipeline's true CFG does too), not as one call on a
         ``[cond; uncond]`` batch (also for a family without a pipeline)."""
-        return next(iter(cls.pipelines.values()), None) in ("two-calls", "distilled")
+        return next(iter(cls.pipelines.values()), None) in TWO_CALL_MODES
 
     guidance_argument: ClassVar[str] = "guidance_scale"  # the stock pipelines' argument for sampler.guidance_scale
 

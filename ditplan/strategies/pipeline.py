@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ditplan.models.context import BRANCHES, CFG_ORDERS, StepContext, new_run_id
-from ditplan.models.family import CfgMode, ModelAdapter, family_of, pipeline_family
+from ditplan.models.family import TWO_CALL_MODES, CfgMode, ModelAdapter, family_of, pipeline_family
 from ditplan.models.identity import Binding, NetworkIdentity, binding, warn_cast
 from ditplan.models.sampling import normalised_schedule, reset_stateful_hooks, scheduler_class
 from ditplan.plan import Plan, PlanError, load_plan
@@ -81,6 +81,7 @@ class PipelineClock:
         self.applied = runtime.planner  # the plan as applied; a call at another step count runs it re-targeted
         self.cfg_mode = cfg_mode
         self.cond_first = CFG_ORDERS.get(cfg_mode, True)
+        self.two_calls = cfg_mode in TWO_CALL_MODES  # with guidance on: a conditional then an unconditional call
         self.family = family
         self.cfg = False
         self.run: int | None = None  # the pipeline call under way
@@ -125,7 +126,7 @@ class PipelineClock:
             if len(self.timesteps) != self.applied.plan.num_steps:
                 self._retarget()
         branch = None
-        if self.cfg and self.cfg_mode in ("two-calls", "distilled"):  # a distilled pipeline's true CFG: two calls
+        if self.cfg and self.two_calls:
             branch = BRANCHES[1] if self.last_branch == BRANCHES[0] else BRANCHES[0]
         step = self._step_of(t, again=branch == BRANCHES[1])
         self.last_step, self.last_branch = step, branch
@@ -142,8 +143,8 @@ class PipelineClock:
             raise PlanError(f"the transformer got timestep {t:g}, which the scheduler's {len(timesteps)} timesteps do not "
                             "hold; a ditplan plan runs on the pipeline's own schedule")
         if not 0 <= expected < len(timesteps) or distance[expected] > distance[nearest]:
-            calls = "two transformer calls per step (conditional, then unconditional)" if self.cfg \
-                and self.cfg_mode in ("two-calls", "distilled") else "exactly one transformer call per step"
+            calls = "two transformer calls per step (conditional, then unconditional)" if self.cfg and self.two_calls \
+                else "exactly one transformer call per step"
             raise PlanError(f"the transformer was called for step {nearest} (timestep {t:g}) after step {self.last_step} "
                             f"of this pipeline call; a ditplan plan needs {calls}, in order")
         return expected
