@@ -466,7 +466,12 @@ class ScreeningSpec(_Strict):
 class SearchSpec(_Strict):
     """sampler: tpe (default), nsga2, gp or random, seeded by ``seed``. trials: learned trials per
     study (warm-start plans not counted; a trial that draws an earlier trial's parameters counts too, and
-    takes that trial's values without being evaluated). workers: Ray tasks in flight. samples: the first K samples of
+    takes that trial's values without being evaluated). workers: Ray tasks in flight. batch: trials the sampler
+    proposes at once, each from the trials finished before the batch; the next batch is asked when this one is
+    recorded, so one driver's search gives the same trials and values whatever ``workers`` and whatever order
+    they finish in (latencies aside): a larger batch keeps more workers busy, a smaller one lets the sampler
+    learn sooner (workers above it idle; with several drivers on one study, their batches interleave by
+    timing). samples: the first K samples of
     the search seed set, on which every trial is judged. reference_point: hypervolume reference in objective units
     (default: dense cost, and the worst quality seen). storage: an Optuna RDB URL for several drivers
     (default: a journal file in the run directory). tracking_uri: MLflow (default: SQLite in the run
@@ -490,6 +495,7 @@ class SearchSpec(_Strict):
     population_size: int = Field(50, ge=2, le=MAX_SAMPLES)  # NSGA-II generation size
     trials: int = Field(30, gt=0, le=1_000_000)
     workers: int = Field(2, gt=0, le=4096)
+    batch: int = Field(4, gt=0, le=4096)
     seed: Seed = 0
     samples: Count = 10
     objectives: list[ObjectiveSpec] = [ObjectiveSpec(metric="rel_l1"), ObjectiveSpec(metric="flops_ratio")]

@@ -55,6 +55,14 @@ class InlinePool:
         return []
 
 
+class ShuffledPool(InlinePool):
+    """Evaluations done at once, handed back one at a time, the most recent first: workers that finish in
+    another order than they started."""
+
+    def wait(self, max_wait_s: float) -> list[Outcome]:
+        return [self.done.pop()] if self.done else []
+
+
 def score(plan):  # noqa: ANN001
     """A stand-in evaluation: fewer full cells, cheaper and worse; a plan using asc fails."""
     cells = [m for row in plan.grid[1:] for m in row]
@@ -103,3 +111,25 @@ def test_the_loop_asks_submits_and_records_until_the_learned_trials_are_done(spe
     records = trial_records(hand.study, spec.search, hand.run.search, ["rel_l1", "flops_ratio"])
     assert [r.warm for r in records][0] == "greedy" and all(r.samples == 4 for r in records)
     assert {r.number for r in records} == {t.number for t in trials if t.state == TrialState.COMPLETE and REPEAT not in t.user_attrs}
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_search_gives_the_same_trials_whatever_its_workers_and_their_finishing_order(spec, tmp_path, batch):
+    """TPE past its random start-up trials proposes from what has finished: the batches make every ask see the
+    same finished trials, with one worker in order and with two or three finishing out of order."""
+    space = spec.search.space.model_copy(update={"methods": ["full", "ast", "wars"], "layer_groups": 2, "step_segments": 2})
+
+    def trials(workers, pool):  # noqa: ANN001, ANN202
+        run = spec.model_copy(update={"output_dir": str(tmp_path / f"{workers}-{type(pool).__name__}"), "search": spec.search.model_copy(
+            update={"sampler": "tpe", "space": space, "batch": batch})})
+        hand = hand_study(run, RunDir.of(run), dense={4: {"rel_l1": 0.0}}, tracker=MemoryTracker())
+        loop = TrialLoop(hand.study, run.search, hand.study._storage, hand.recorder,
+                         PlanSource(experiment_space(experiment_adapter(run), run), {}), "test-driver")
+        with progress_bar(1, "", enabled=False) as bar:
+            loop.run(16, workers=workers, pool=pool, submit=lambda trial, plan: None, bar=bar)
+        return [(t.number, t.params, t.values) for t in hand.study.get_trials()]
+
+    alone = trials(1, InlinePool(score))
+    assert len(alone) == 16 and len({str(params) for _, params, _ in alone}) > 10  # TPE proposed past its 10 random trials
+    assert trials(2, ShuffledPool(score)) == alone
+    assert trials(3, ShuffledPool(score)) == alone

@@ -82,7 +82,8 @@ def _trials(spec, run_dir):
 
 
 def test_a_driver_killed_at_each_point_then_resumed_leaves_a_whole_run(local_ray, tmp_path, monkeypatch):
-    spec = _write_experiment(tmp_path, sampler="random", refine={"metrics": ["rel_l1"], "samples": 4})
+    # one trial asked at a time: each crash cuts off the one trial being recorded
+    spec = _write_experiment(tmp_path, sampler="random", refine={"metrics": ["rel_l1"], "samples": 4}, batch=1)
     run_dir = tmp_path / "search"
     for number, (name, (owner, method, after)) in enumerate(POINTS.items()):
         with crash_at(monkeypatch, owner, method, after, on_call=2), pytest.raises(Crash):
@@ -116,16 +117,18 @@ def test_a_driver_killed_at_each_point_then_resumed_leaves_a_whole_run(local_ray
 
 
 def test_a_stopping_driver_cancels_its_tasks_and_queues_their_trials_again(local_ray, tmp_path, monkeypatch):
-    spec = _write_experiment(tmp_path, sampler="random", refine=None)
+    spec = _write_experiment(tmp_path, sampler="random", refine=None, batch=4)
     with crash_at(monkeypatch, Recorder, "save_plan", False, on_call=1), pytest.raises(Crash):
         run_search(spec, tmp_path / "run", trials=4, workers=2, show_progress=False)
     trials = _trials(spec, tmp_path / "run")
     states = sorted(t.state.name for t in trials)
-    assert states == ["FAIL", "RUNNING", "WAITING"]  # being recorded | in flight, cancelled | its re-run
-    (cancelled,) = [t for t in trials if t.state == TrialState.FAIL]
-    (queued,) = [t for t in trials if t.state == TrialState.WAITING]
-    assert is_interrupted(cancelled) and queued.system_attrs["failed_trial"] == cancelled.number
-    assert queued.params == cancelled.params
+    # one being recorded | one in flight and the two asked but not yet submitted, given up | their re-runs
+    assert states == ["FAIL"] * 3 + ["RUNNING"] + ["WAITING"] * 3
+    cancelled = {t.number: t for t in trials if t.state == TrialState.FAIL}
+    queued = [t for t in trials if t.state == TrialState.WAITING]
+    assert all(is_interrupted(t) for t in cancelled.values())
+    assert sorted(t.system_attrs["failed_trial"] for t in queued) == sorted(cancelled)
+    assert all(t.params == cancelled[t.system_attrs["failed_trial"]].params for t in queued)
 
 
 def test_a_resumed_study_proposes_new_plans_and_a_fresh_one_is_reproducible(local_ray, tmp_path):

@@ -52,6 +52,22 @@ def test_six_trials_on_two_workers_are_in_the_journal_and_mlflow(local_ray, tmp_
     assert result.hypervolume > 0
 
 
+def test_two_searches_on_two_workers_and_one_on_one_record_the_same_trials(local_ray, tmp_path):
+    """NSGA-II with generations of 2 breeds from the third trial on: what it proposes depends on what has
+    finished, so only asks that see the same finished trials give the same search."""
+    spec = _spec(tmp_path, sampler="nsga2", population_size=2, batch=2)
+
+    def recorded(run, workers):  # noqa: ANN001, ANN202
+        run_search(spec, tmp_path / run, trials=6, workers=workers, show_progress=False, promote_best=False)
+        return [(t.number, t.state, t.params, t.values, t.user_attrs.get("metrics"))
+                for t in _study(spec, tmp_path / run).get_trials()]
+
+    first = recorded("a", 2)
+    assert len(first) == 6 and len({str(params) for _, _, params, _, _ in first}) > 2
+    assert recorded("b", 2) == first
+    assert recorded("c", 1) == first
+
+
 def test_a_strategy_that_raises_fails_only_its_trials(local_ray, tmp_path):
     spec = _spec(tmp_path, space=load_spec(EXPERIMENT).search.space.model_copy(
         update={"methods": ["full", "boom"], "layer_groups": 1, "step_segments": 1}))

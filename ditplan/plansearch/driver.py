@@ -201,6 +201,9 @@ def run_search(
     d = _open(spec, search_dir, resume, dict(warm_start or {}))
     d.recorder.repair(tracker=True)
     trials, workers = trials or spec.search.trials, workers or spec.search.workers
+    if workers > spec.search.batch:
+        warnings.warn(f"workers ({workers}) above search.batch ({spec.search.batch}): at most {spec.search.batch} trials "
+                      f"run at once; raise search.batch to keep every worker busy")
     with LazyRay(address) as ray:
         _run_loop(d, trials, workers, plugins, show_progress, ray)
         d.recorder.repair(tracker=False)  # plan files of the trials other drivers completed
