@@ -35,6 +35,7 @@ __version__ = "0.2.0"
 __all__ = [
     "__version__",
     "apply_plan",
+    "calibrated_config",
     "compare",
     "denoising_step",
     "embedded_pipeline",
@@ -62,6 +63,16 @@ def apply_plan(model: Any, plan: Plan | str | Path, model_folder: str | Path | N
     from ditplan.strategies.pipeline import apply_plan_to
 
     return apply_plan_to(model, plan, model_folder)
+
+
+def calibrated_config(method: str, adapter: ModelAdapter, settings: SamplerSettings, conditions: Sequence[Any],
+                      seeds: Sequence[int]) -> dict[str, Any]:
+    """The config fields of diffusers' cache ``method`` measured on the model (MagCache's ``mag_ratios``, one per
+    step), by diffusers' own calibration on a dense run of ``(conditions, seeds)`` at ``settings``: put them in a
+    plan's ``cache.config`` (see ditplan.strategies.diffusers_cache)."""
+    from ditplan.strategies.diffusers_cache import calibrated_config as _calibrated
+
+    return _calibrated(method, adapter, settings, conditions, seeds)
 
 
 def load_for_plan(adapter: ModelAdapter, plan: Plan) -> ModelAdapter:

@@ -28,8 +28,10 @@ def test_a_baseline_is_one_preset_and_bad_settings_are_refused_naming_it(tiny_ad
         BaselineSpec(name="both", cache={"method": "first_block"}, sparse={"network": "sparse/p1-s1_5"})
     plan = baseline_plan(tiny_adapter, tiny_spec, BaselineSpec(name="fbc", cache={"method": "first_block"}))
     assert plan.cache == {"method": "first_block"} and plan.strategies() == {"full"}
-    with pytest.raises(UserError, match="baseline 'mag': plan cache method 'mag' is unknown"):
-        baseline_plan(tiny_adapter, tiny_spec, BaselineSpec(name="mag", cache={"method": "mag"}))
+    with pytest.raises(UserError, match="baseline 'tc': plan cache method 'teacache' is unknown"):
+        baseline_plan(tiny_adapter, tiny_spec, BaselineSpec(name="tc", cache={"method": "teacache"}))
+    with pytest.raises(UserError, match=r"baseline 'mag': plan cache 'mag' needs mag_ratios .* at 4 steps"):
+        check_baselines(with_baselines(tiny_spec, {"name": "mag", "cache": {"method": "mag"}}))
     with pytest.raises(UserError, match="baseline 'sd': no fine-tuned network 'sparse/p9'"):
         baseline_plan(tiny_adapter, tiny_spec, BaselineSpec(name="sd", sparse={"network": "sparse/p9"}))
 

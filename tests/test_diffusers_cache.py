@@ -1,4 +1,4 @@
-"""diffusers' own caches (FirstBlockCache, TaylorSeer) as a plan part, installed by diffusers' apply_*."""
+"""diffusers' own caches (FirstBlockCache, TaylorSeer, MagCache) as a plan part, installed by diffusers' apply_*."""
 
 from __future__ import annotations
 
@@ -11,27 +11,34 @@ from ditplan.evaluators.cost import executed_flops, plan_flops
 from ditplan.models.sampling import plan_target, sample
 from ditplan.plan import Plan, PlanError, load_plan
 from ditplan.strategies import apply_plan, remove_plan, run_plan
+from ditplan.strategies.diffusers_cache import calibrated_config
 
 
 def cache_plan(adapter, settings, method: str, **config) -> Plan:
-    return Plan.uniform(plan_target(adapter, settings), cache={"method": method, "config": config})
+    """A plan with the cache ``method`` and ``config``, and what the cache measures on the model (MagCache's ratios)."""
+    measured = calibrated_config(method, adapter, settings, [3, 4], [5, 6])
+    return Plan.uniform(plan_target(adapter, settings), cache={"method": method, "config": {**measured, **config}})
 
 
 def hooked_modules(transformer: torch.nn.Module) -> list[str]:
     return [name for name, m in transformer.named_modules() if hasattr(m, "_diffusers_hook") or "forward" in m.__dict__]
 
 
-@pytest.mark.parametrize("method, never_skip", [("first_block", {"threshold": 0.0}), ("taylorseer", {"cache_interval": 1})])
+@pytest.mark.parametrize("method, never_skip, skipping", [
+    ("first_block", {"threshold": 0.0}, {"threshold": 1e9}),
+    ("taylorseer", {"cache_interval": 1}, {}),
+    ("mag", {"max_skip_steps": 0}, {"threshold": 1e9}),  # no step may skip; any error is small enough
+])
 def test_a_cache_that_never_skips_equals_dense_and_removal_restores_the_transformer(tiny_adapter, tiny_spec, method,
-                                                                                    never_skip):
+                                                                                    never_skip, skipping):
     settings = tiny_spec.sampler.settings()
     conditions, seeds = tiny_spec.workload.conditions(), tiny_spec.workload.seeds()
     dense = sample(tiny_adapter, conditions, seeds, settings)
     assert torch.equal(run_plan(tiny_adapter, cache_plan(tiny_adapter, settings, method, **never_skip),
                                         conditions, seeds, settings).samples, dense)
     assert hooked_modules(tiny_adapter.transformer) == []
-    skipping = cache_plan(tiny_adapter, settings, method, **({"threshold": 1e9} if method == "first_block" else {}))
-    assert not torch.equal(run_plan(tiny_adapter, skipping, conditions, seeds, settings).samples, dense)
+    skipped = run_plan(tiny_adapter, cache_plan(tiny_adapter, settings, method, **skipping), conditions, seeds, settings)
+    assert not torch.equal(skipped.samples, dense)
     assert torch.equal(sample(tiny_adapter, conditions, seeds, settings), dense)
 
 
@@ -41,6 +48,9 @@ def test_a_cache_that_never_skips_equals_dense_and_removal_restores_the_transfor
     # TaylorSeer, warm-up 1, interval 2: attention computes at steps 0 and 2; the feed-forwards always run
     ("taylorseer", {"cache_interval": 2, "disable_cache_before_step": 1}, {"block": [4, 4], "self_attention": [2, 2],
                                                                           "cross_attention": [0, 0]}),
+    # MagCache, no step retained, any error small enough: step 0 computes, then it skips every block at most 3 in a row
+    ("mag", {"threshold": 1e9, "retention_ratio": 0.0}, {"block": [1, 1], "self_attention": [1, 1],
+                                                         "cross_attention": [0, 0]}),
 ])
 def test_executed_parts_are_counted_and_their_flops_equal_the_flop_counter(tiny_adapter, tiny_spec, method, config,
                                                                            expected):
@@ -65,10 +75,15 @@ def test_a_cache_plan_is_checked_before_anything_is_installed(tiny_adapter, tiny
         "keeps every grid cell 'full'": mixed,
         "cache method 'teacache' is unknown": Plan.uniform(target, cache={"method": "teacache"}),
         "has no field 'treshold'": Plan.uniform(target, cache={"method": "first_block", "config": {"treshold": 0.1}}),
+        r"cache 'mag' needs mag_ratios \(one per step, measured on the model\): calibrate them on the model at 4 steps "
+        r"\(ditplan.calibrated_config\('mag', ": Plan.uniform(target, cache={"method": "mag"}),
+        "cache 'mag' has 3 mag_ratios but the plan runs 4 steps: calibrate them on the model at 4 steps":
+            Plan.uniform(target, cache={"method": "mag", "config": {"mag_ratios": [1.0, 1.1, 0.9]}}),
     }
     for message, plan in bad.items():
-        with pytest.raises(PlanError, match=message):
+        with pytest.raises(PlanError, match=message) as err:
             apply_plan(tiny_adapter.transformer, plan)
+        assert "\n" not in str(err.value)
         assert hooked_modules(tiny_adapter.transformer) == []
     good = cache_plan(tiny_adapter, settings, "taylorseer", cache_interval=3, max_order=2)
     assert load_plan(good.save(tmp_path / "plan.yaml")) == good
@@ -99,3 +114,18 @@ def test_trials_and_the_held_out_evaluation_take_a_cache_plans_flops_from_what_r
     dense = sample(tiny_adapter, conditions, seeds, settings)
     trial = trial_metrics(spec, always, dense, SeedSet("search", conditions, seeds), ["rel_l1", "flops_ratio"])
     assert trial["flops_ratio"] == skipped / dense_one and trial["rel_l1"] > 0
+
+
+def test_mag_ratios_are_diffusers_own_calibration_one_per_step_averaged_over_the_samples(tiny_adapter, tiny_spec):
+    import dataclasses
+
+    settings = tiny_spec.sampler.settings()  # 4 steps, CFG as one [cond; uncond] call
+    ratios = calibrated_config("mag", tiny_adapter, settings, [1, 2, 3], [0, 1, 2])["mag_ratios"]
+    assert len(ratios) == settings.num_steps and ratios[0] == 1.0  # step 0 has no residual before it
+    assert len(set(ratios)) == settings.num_steps  # measured, not made up
+    assert hooked_modules(tiny_adapter.transformer) == []
+    one_by_one = calibrated_config("mag", tiny_adapter, dataclasses.replace(settings, batch_size=1), [1, 2, 3],
+                                   [0, 1, 2])["mag_ratios"]
+    assert one_by_one == pytest.approx(ratios, rel=1e-6)  # the mean over the samples, whatever the batches
+    alone = [calibrated_config("mag", tiny_adapter, settings, [c], [s])["mag_ratios"] for c, s in ((1, 0), (2, 1))]
+    assert ratios != pytest.approx(alone[0], rel=1e-6) and ratios != pytest.approx(alone[1], rel=1e-6)

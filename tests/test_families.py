@@ -43,6 +43,7 @@ from ditplan.plan import Plan, PlanError, load_plan
 from ditplan.rundir import RunDir
 from ditplan.spec import SamplerSettings, load_spec
 from ditplan.strategies.apply import run_plan
+from ditplan.strategies.diffusers_cache import calibrated_config
 from tests.conftest import DATA
 
 PROMPTS = ["a red circle", "a blue square"]
@@ -426,10 +427,12 @@ def test_a_third_party_family_registered_by_a_plugin_runs_end_to_end(tmp_path, c
 
 
 @pytest.mark.parametrize(("method", "config"), [("first_block", {"threshold": 1e9}),  # never close enough: skips
-                                                ("taylorseer", {"cache_interval": 2, "disable_cache_before_step": 1})])
+                                                ("taylorseer", {"cache_interval": 2, "disable_cache_before_step": 1}),
+                                                ("mag", {"threshold": 1e9, "retention_ratio": 0.0})])  # skips 1–3
 def test_diffusers_caches_run_through_diffusers_own_hooks_or_are_refused_where_they_break(family, method, config):
     case, folder = family
     adapter = adapter_of(case, folder, vae=False)
+    config = {**config, **calibrated_config(method, adapter, case.settings, PROMPTS, [1, 2])}  # MagCache's ratios
     plan = Plan.uniform(plan_target(adapter, case.settings), cache={"method": method, "config": config})
     if case.kind == "sd3" and method == "first_block":  # measured: it crashes on SD3's last block
         with pytest.raises(PlanError, match="FirstBlockCache crashes on SD3.*block caching \\(forecast, reuse\\)") as err:
@@ -492,7 +495,11 @@ def tiny_text_encoders(kind: str, folder: Path) -> dict[str, Any]:
 
 
 def tiny_qwen_text_encoder(folder: Path) -> dict[str, Any]:
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2Tokenizer,
+    )
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     (folder / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(bytes_to_unicode().values())}))

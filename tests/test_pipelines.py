@@ -7,6 +7,7 @@ loaded back with ``from_pretrained``, as a user's own would be; the embedded dig
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import warnings
@@ -25,6 +26,7 @@ from diffusers import (
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
 )
+from diffusers.hooks import MagCacheConfig, apply_mag_cache
 from safetensors.torch import load_file
 
 import ditplan
@@ -38,6 +40,7 @@ from ditplan.plansearch.space import LayoutCaching, layout_columns
 from ditplan.spec import SamplerSettings
 from ditplan.strategies.apply import get_runtime, run_plan, step_hook
 from ditplan.strategies.curves import Constant
+from ditplan.strategies.diffusers_cache import calibrated_config
 from ditplan.strategies.finetune_sparse import layout_plan
 from ditplan.strategies.retarget import retarget_to_steps
 from ditplan.strategies.sdtm import SparseLayout
@@ -155,6 +158,17 @@ def test_asc_in_a_pixart_pipeline_shares_the_conditional_half(pixart_folder, mon
     ditplan.apply_plan(pipe, plan)
     assert np.abs(pixart_call(pipe, prompts, seeds, embeddings) - ours).max() > 1e-3
     ditplan.remove_plan(pipe)
+
+
+def test_mag_ratios_are_what_diffusers_calibration_prints_in_the_stock_pipeline(dit_folder, capsys):
+    adapter = load_adapter("dit", str(dit_folder), vae=str(dit_folder))
+    ratios = calibrated_config("mag", adapter, DIT, [1, 2], [0, 1])["mag_ratios"]
+    pipe = dit_pipe(dit_folder)
+    apply_mag_cache(pipe.transformer, MagCacheConfig(num_inference_steps=DIT.num_steps, calibrate=True))
+    capsys.readouterr()
+    run_dit(pipe, [1, 2], [0, 1])
+    printed = ast.literal_eval(capsys.readouterr().out.strip().splitlines()[-1])  # "Copy these values …", then them
+    assert len(ratios) == DIT.num_steps and ratios == pytest.approx(printed, rel=1e-5)
 
 
 def test_a_plan_for_another_sampler_is_refused_at_the_first_call_in_one_line(dit_folder):
@@ -363,9 +377,11 @@ def test_the_readme_snippet_runs_as_written(dit_folder, tmp_path, monkeypatch):
     assert get_runtime(namespace["pipe"].transformer) is None
 
 
-def test_a_plan_with_diffusers_first_block_cache_runs_in_the_pipeline_as_in_ditplans_loop(dit_folder):
+@pytest.mark.parametrize("method, config", [("first_block", {"threshold": 0.2}), ("mag", {"threshold": 0.06})])
+def test_a_plan_with_one_of_diffusers_caches_runs_in_the_pipeline_as_in_ditplans_loop(dit_folder, method, config):
     adapter = load_adapter("dit", str(dit_folder), vae=str(dit_folder))
-    plan = Plan.uniform(plan_target(adapter, DIT), cache={"method": "first_block", "config": {"threshold": 0.2}})
+    measured = calibrated_config(method, adapter, DIT, [3, 4], [5, 6])  # MagCache's ratios, from a dense run
+    plan = Plan.uniform(plan_target(adapter, DIT), cache={"method": method, "config": {**config, **measured}})
     ours = as_pipeline_images(run_plan(adapter, plan, [1, 2], [0, 1], DIT).samples)
     pipe = dit_pipe(dit_folder)
     dense = run_dit(pipe, [1, 2], [0, 1])

@@ -213,8 +213,10 @@ def test_a_cache_choice_keeps_the_methods_own_values_and_refuses_unknown_fields(
     narrowed = cache_choices("taylorseer", {"cache_interval": [2], "disable_cache_after_step": [15]})
     assert narrowed.space == {**CACHE_METHODS["taylorseer"].space, "cache_interval": [2],
                               "disable_cache_after_step": [15]}
-    with pytest.raises(UserError, match=r"search.space.cache.method: unknown cache 'mag'; choose one of \['first_block',"):
-        cache_choices("mag")
+    with pytest.raises(UserError, match=r"search.space.cache.method: unknown cache 'teacache'; choose one of \['first_block',"):
+        cache_choices("teacache")
+    with pytest.raises(UserError, match="cache.params.mag_ratios is measured on the model .*, not drawn; drop it"):
+        cache_choices("mag", {"mag_ratios": [[1.0] * 10]})
     with pytest.raises(UserError, match="'first_block' has no field 'interval'"):
         cache_choices("first_block", {"interval": [2]})
 
@@ -236,6 +238,29 @@ def test_an_experiment_file_makes_a_diffusers_cache_a_search_choice(tiny_adapter
         IntervalChoices((2, 3, 4, 5), (0.8, 1.0))
     with pytest.raises(UserError, match="'taylorseer' has no field 'threshold'"):
         experiment_space(tiny_adapter, with_space(cache={"method": "taylorseer", "params": {"threshold": [0.1]}}))
+
+
+def test_a_mag_cache_choice_draws_plans_that_carry_the_models_calibrated_ratios(tiny_adapter, tiny_spec, tmp_path,
+                                                                             monkeypatch):
+    import ditplan.evaluators.reference
+    from ditplan.plansearch.space import experiment_space
+    from ditplan.spec import SpaceSpec
+    from ditplan.strategies.diffusers_cache import DiffusersCache, calibrated_config
+
+    spec = tiny_spec.model_copy(update={
+        "search": tiny_spec.search.model_copy(update={"space": SpaceSpec(methods=["full", "ast"], cache={"method": "mag"})}),
+        "evaluation": tiny_spec.evaluation.model_copy(update={"cache_dir": str(tmp_path)})})
+    space = experiment_space(tiny_adapter, spec)
+    _, conditions, seeds = spec.seed_set("calibration")  # the experiment's calibration batch, dense
+    assert space.cache.fixed == calibrated_config("mag", tiny_adapter, spec.sampler.settings(), conditions, seeds)
+    assert len(space.cache.fixed["mag_ratios"]) == spec.sampler.num_steps
+    monkeypatch.setattr(ditplan.evaluators.reference, "calibrated_config", None)  # measured once: read back now
+    assert experiment_space(tiny_adapter, spec).cache == space.cache
+    drawn = [plan for plan, params in draw(space, trials=20) if params["cache"] == "mag"]
+    assert drawn and all(space.params_for(plan) is not None for plan in drawn)
+    for plan in drawn:
+        assert plan.cache["config"]["mag_ratios"] == space.cache.fixed["mag_ratios"]
+        assert DiffusersCache.from_plan(plan).settings()["num_inference_steps"] == spec.sampler.num_steps
 
 
 def test_the_joint_quickstart_space_joins_attention_block_caching_sparsedit_and_a_diffusers_cache(embedded_adapter):

@@ -31,7 +31,7 @@ def check_baselines(spec: ExperimentSpec) -> None:
         taken.add(baseline.name)
         if baseline.cache is not None:
             try:
-                DiffusersCache.from_config(dict(baseline.cache))
+                DiffusersCache.from_config(dict(baseline.cache), spec.sampler.settings().num_steps)
             except PlanError as err:
                 raise UserError(f"baseline {baseline.name!r}: {err}") from None
 

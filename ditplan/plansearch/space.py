@@ -19,18 +19,21 @@ draws whether to run one (method, every, stop); then its skipped steps are the m
 draw only the steps that compute (a segment with none draws nothing). One of
 diffusers' caches joins as a global choice (:class:`CacheChoices`): a trial first draws whether it
 runs the cache (then with its drawn config, every cell ``full`` and no sparse part, as such plans
-must be) or draws the grid and the sparse part.
+must be) or draws the grid and the sparse part. A cache that needs values measured on the model (MagCache's
+``mag_ratios``) gets them once, from a dense run of the experiment's calibration batch (cached by content
+in ``evaluation.cache_dir``), and every plan it draws carries them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import optuna
 
 from ditplan.errors import UserError
+from ditplan.evaluators.reference import cached_calibration
 from ditplan.models.adapters import model_folder
 from ditplan.models.family import ModelAdapter
 from ditplan.models.sampling import plan_target
@@ -130,10 +133,13 @@ def layout_columns(layout: SparseLayout, num_steps: int, caching: LayoutCaching 
 
 @dataclass(frozen=True)
 class CacheChoices:
-    """One of diffusers' caches (``method``, a key of ``CACHE_METHODS``) and ``{field: [choices]}``."""
+    """One of diffusers' caches (``method``, a key of ``CACHE_METHODS``), ``{field: [choices]}``, and the config
+    values every plan that runs it carries, not drawn (its fields measured on the model: MagCache's
+    ``mag_ratios``)."""
 
     method: str
     space: Mapping[str, Sequence[Any]]
+    fixed: Mapping[str, Any] = field(default_factory=dict)
 
     def param_name(self, field: str) -> str:
         return f"cache.{self.method}.{field}"
@@ -334,7 +340,7 @@ class PlanSpace:
         if trial.suggest_categorical("cache", [NO_CACHE, choices.method]) == NO_CACHE:
             return None
         config = {f: trial.suggest_categorical(choices.param_name(f), list(c)) for f, c in choices.space.items()}
-        return {"method": choices.method, "config": config}
+        return {"method": choices.method, "config": {**choices.fixed, **config}}
 
     def _cache_params_for(self, plan: Plan) -> dict[str, Any] | None:
         choices = self.cache
@@ -342,9 +348,11 @@ class PlanSpace:
         if not plan.cache:
             return {"cache": NO_CACHE}
         config = dict(plan.cache.get("config") or {})
-        if plan.cache.get("method") != choices.method or set(config) != set(choices.space):
+        if plan.cache.get("method") != choices.method or set(config) != {*choices.space, *choices.fixed}:
             return None
         if any(config[f] not in options for f, options in choices.space.items()):
+            return None
+        if any(config[f] != value for f, value in choices.fixed.items()):
             return None
         return {"cache": choices.method, **{choices.param_name(f): config[f] for f in choices.space}}
 
@@ -546,28 +554,40 @@ def cache_choices(method: str, params: Mapping[str, Sequence[Any]] | None = None
     if known is None:
         raise unknown_name("cache", method, list(CACHE_METHODS), "search.space.cache.method")
     space = {k: list(v) for k, v in known.space.items()}
-    for field, values in (params or {}).items():
-        if field not in known.fields:
-            raise UserError(f"search.space.cache.params: {method!r} has no field {field!r}; its fields are "
+    for name, values in (params or {}).items():
+        if name not in known.fields:
+            raise UserError(f"search.space.cache.params: {method!r} has no field {name!r}; its fields are "
                             f"{list(known.fields)}")
+        if name in known.calibrated:
+            raise UserError(f"search.space.cache.params.{name} is measured on the model (a dense run of the "
+                            "calibration batch), not drawn; drop it")
         if not values:
-            raise UserError(f"search.space.cache.params.{field} lists no values; give at least one")
+            raise UserError(f"search.space.cache.params.{name} lists no values; give at least one")
         for value in values:
             try:
-                known.config_class(**{field: value})
+                # NOTE: the fields measured on the model are not yet: one neutral ratio stands in for them
+                known.config_class(**{**dict.fromkeys(known.calibrated, [1.0]), name: value})
             except (TypeError, ValueError) as err:
-                raise UserError(f"search.space.cache.params.{field}: {value!r} is not valid for {method!r} ({err})") from None
-        space[field] = list(values)
+                raise UserError(f"search.space.cache.params.{name}: {value!r} is not valid for {method!r} ({err})") from None
+        space[name] = list(values)
     return CacheChoices(method, space)
 
 
 def experiment_space(adapter: ModelAdapter, spec: ExperimentSpec) -> PlanSpace:
     """The search space an experiment file describes, for its model and sampler."""
     space = spec.search.space
-    cache = cache_choices(space.cache.method, space.cache.params) if space.cache is not None else None
+    cache = calibrated(cache_choices(space.cache.method, space.cache.params), adapter, spec) if space.cache else None
     interval = IntervalChoices(tuple(space.interval.every), tuple(space.interval.stop)) if space.interval else None
     return build_space(plan_target(adapter, spec.sampler.settings()), space_methods(space, type(adapter)), space.layer_groups,
                        space.step_segments, space.params, sparse_choices(adapter, spec), cache, interval)
+
+
+def calibrated(choices: CacheChoices, adapter: ModelAdapter, spec: ExperimentSpec) -> CacheChoices:
+    """``choices`` with the config values its cache needs measured on the model, from a dense run of the
+    experiment's calibration batch (read from ``evaluation.cache_dir`` when measured before)."""
+    _, conditions, seeds = spec.seed_set("calibration")
+    return replace(choices, fixed=cached_calibration(choices.method, adapter, spec.sampler.settings(), conditions, seeds,
+                                                     spec.evaluation.cache_dir))
 
 
 def sparse_choices(adapter: ModelAdapter, spec: ExperimentSpec) -> SparseChoices | None:
