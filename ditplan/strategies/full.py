@@ -45,7 +45,7 @@ class Full(Strategy):
                 call.cache["residual"] = reader.make_joint_residual(call.joint, q, k, v, mask, dense)  # type: ignore[union-attr]
                 return dense
 
-            return run_with_kernel(call, kernel)
+            return run_with_kernel(call.original, kernel)
         q, k, v = project_qkv(call.attn, call.hidden_states)  # (B, H, N, D) each
         dense = merge_heads(dense_attention(q, k, v))  # (B, N, C)
         call.cache["residual"] = reader.make_residual(q, k, v, dense)  # type: ignore[union-attr]

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ditplan.plan import PlanError
-
-if TYPE_CHECKING:
-    from ditplan.strategies.base import AttentionCall
 
 # (q, k, v (B, H, S, D), key mask or None) → the attention output (B, H, S, D)
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -75,11 +72,12 @@ class _KernelSwap(TorchFunctionMode):
         return self.kernel(call["query"], call["key"], call["value"], call.get("attn_mask"))
 
 
-def run_with_kernel(call: AttentionCall, kernel: Kernel) -> Any:
-    """The attention module's own processor on the call's inputs, with ``kernel`` as its attention kernel."""
+def run_with_kernel(original: Callable[[], Any], kernel: Kernel) -> Any:
+    """``original()`` (the attention module's own processor on a call's inputs) with ``kernel`` as its attention
+    kernel."""
     swap = _KernelSwap(kernel)
     with swap:
-        out = call.original()
+        out = original()
     if not swap.calls:
         raise PlanError("wars on joint attention swaps the attention kernel its processor calls through PyTorch's "
                         "scaled_dot_product_attention, but this one ran another attention backend; use diffusers' "

@@ -150,7 +150,7 @@ class WindowResidual(Strategy):
             text = F.scaled_dot_product_attention(tokens.split(q)[0], k, v, attn_mask=mask)
             return tokens.join(text, self.image_window(tokens, q, k, v, mask) + residual)
 
-        return run_with_kernel(call, kernel)
+        return run_with_kernel(call.original, kernel)
 
     def joint_pairs(self, tokens: int, text_tokens: int, count: str) -> int:
         """Text queries see every key; image queries the text keys and their window."""
