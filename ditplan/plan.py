@@ -94,17 +94,17 @@ def encode_runs(row: Sequence[str]) -> str:
     return " ".join(f"{name}:{count}" for name, count in runs)
 
 
-def decode_runs(text: str, max_length: int | None = None) -> list[str]:
+def decode_runs(text: str, max_length: int | None = None, what: str = "plan grid line") -> list[str]:
     """The row a run-length line encodes; a row longer than ``max_length`` is refused before it is built."""
     if not isinstance(text, str):
-        raise PlanError(f"plan grid line {text!r} is not a string of runs NAME:COUNT, e.g. 'full:20'")
+        raise PlanError(f"{what} {text!r} is not a string of runs NAME:COUNT, e.g. 'full:20'")
     row: list[str] = []
     for token in text.split():
         name, sep, count = token.rpartition(":")
         if not sep or not name or not count.isdigit() or int(count) < 1:
-            raise PlanError(f"bad run {token!r} in plan grid; write runs as NAME:COUNT, e.g. 'full:20'")
+            raise PlanError(f"bad run {token!r} in {what} {text[:60]!r}; write runs as NAME:COUNT, e.g. 'full:20'")
         if max_length is not None and len(row) + int(count) > max_length:
-            raise PlanError(f"plan grid line {text[:60]!r} is longer than the {max_length} steps its target says")
+            raise PlanError(f"{what} {text[:60]!r} is longer than the {max_length} steps its target says")
         row.extend([name] * int(count))
     return row
 
@@ -175,7 +175,9 @@ class Plan:
     """grid[step][layer] names a registered strategy; ``params`` maps a strategy name to its config;
     ``sparse`` is SparseDiT's global part (SDTM block ranges, pruning curve, fine-tuned weights; see
     :class:`ditplan.strategies.sdtm.SparseLayout`), or None; ``cache`` one of diffusers' caches with its
-    config (see :mod:`ditplan.strategies.diffusers_cache`), or None."""
+    config (see :mod:`ditplan.strategies.diffusers_cache`), or None; ``guidance`` what stands in for the
+    unconditional branch of classifier-free guidance at each step, one name per step (see
+    :mod:`ditplan.strategies.guidance`), or None: computed at every step."""
 
     target: PlanTarget
     grid: tuple[tuple[str, ...], ...]
@@ -183,6 +185,7 @@ class Plan:
     provenance: Mapping[str, Any] = field(default_factory=dict)
     sparse: Mapping[str, Any] | None = None
     cache: Mapping[str, Any] | None = None
+    guidance: tuple[str, ...] | None = None
 
     @property
     def num_steps(self) -> int:
@@ -234,6 +237,7 @@ class Plan:
             "params": copy.deepcopy({k: dict(v) for k, v in self.params.items()}),
             "sparse": copy.deepcopy(dict(self.sparse)) if self.sparse else None,
             **({"cache": copy.deepcopy(dict(self.cache))} if self.cache else {}),
+            **({"guidance": encode_runs(self.guidance)} if self.guidance else {}),  # runs over steps
             "grid": [encode_runs(col) for col in columns],  # one line per layer, runs over steps
             "provenance": copy.deepcopy(dict(self.provenance)),
         }
@@ -259,8 +263,13 @@ class Plan:
         params = _mapping(data, "params")
         if not all(isinstance(v, dict) or v is None for v in params.values()):
             raise PlanError("plan params maps a strategy name to its config mapping, e.g. {wars: {window_size: 4}}")
+        guidance = tuple(decode_runs(data["guidance"], target.num_steps, "plan guidance")) if data.get("guidance") is not None else None
+        if guidance is not None and len(guidance) != target.num_steps:
+            raise PlanError(f"plan guidance {data['guidance']!r} covers {len(guidance)} steps, but its target says "
+                            f"{target.num_steps}; give one name per step, e.g. 'full:{target.num_steps}'")
         return cls(target=target, grid=grid, params=params, provenance=_mapping(data, "provenance"),
-                   sparse=_mapping(data, "sparse", optional=True) or None, cache=_mapping(data, "cache", optional=True) or None)
+                   sparse=_mapping(data, "sparse", optional=True) or None, cache=_mapping(data, "cache", optional=True) or None,
+                   guidance=guidance)
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (temporary file, then rename): no half-written plan is ever left."""

@@ -358,6 +358,23 @@ class IntervalSpaceSpec(_Strict):
     stop: list[Annotated[float, Field(gt=0, le=1)]] = Field([0.8, 1.0], min_length=1)
 
 
+class GuidanceSpaceSpec(_Strict):
+    """Guidance on an interval, drawn per step segment: the unconditional branch computed at every step, or
+    one of ``fills`` (``reuse``, ``forecast``, ``off``: :mod:`ditplan.strategies.guidance`) standing in for it
+    between the steps that compute it: every k-th of the segment from its first (k from ``every``; 0: none of
+    the segment's steps)."""
+
+    fills: list[str] = Field(["reuse", "forecast", "off"], min_length=1)
+    every: list[Annotated[int, Field(ge=0)]] = Field([2, 3, 0], min_length=1)
+
+    @field_validator("every")
+    @classmethod
+    def _every_skips(cls, value: list[int]) -> list[int]:
+        if 1 in value:
+            raise ValueError("every: 1 computes every step (that is 'full', always drawn); give 0 or 2 and more")
+        return value
+
+
 class SpaceSpec(_Strict):
     """methods: strategies a (layer group × step segment) cell may take, attention strategies and block
     caching (``reuse``, ``forecast``) alike; none: the model family's own (DiT and PixArt: full, ast, wars,
@@ -365,7 +382,8 @@ class SpaceSpec(_Strict):
     explicit cut points (1 per layer / per step = the full grid). params: narrower choices for strategy
     parameters, e.g. ``{wars: {window_size: [16, 32]}}``. sparse: SparseDiT choices joined to the cell
     choices (none: cells only). cache: one of diffusers' caches as a further choice (none: not drawn).
-    interval: a cache interval for the grid's blocks as a further choice (none: not drawn)."""
+    interval: a cache interval for the grid's blocks as a further choice (none: not drawn). guidance: the
+    unconditional branch of classifier-free guidance skipped at some steps, per step segment (none: not drawn)."""
 
     methods: list[str] | None = None
     layer_groups: int | list[int] = 3
@@ -374,6 +392,7 @@ class SpaceSpec(_Strict):
     sparse: SparseSpaceSpec | None = None
     cache: CacheSpaceSpec | None = None
     interval: IntervalSpaceSpec | None = None
+    guidance: GuidanceSpaceSpec | None = None
 
 
 class RefineSpec(_Strict):

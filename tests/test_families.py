@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -241,21 +241,30 @@ def test_an_all_full_plan_is_bit_identical_to_no_plan_and_removing_it_restores_t
     assert torch.equal(case.latents(pipe, adapter, PROMPTS, [5, 6]), stock)
 
 
+# where the family guides: the unconditional prediction reused, forecast and off on three of the four steps
+GUIDED = ("full", "full", "forecast", "off")
+
+
+def mixed_plans(case: Case, adapter: Any) -> list[Plan]:
+    """The case's mixed plan, and where it guides, the same with guidance skipping unconditional steps."""
+    plan = plan_for(case, adapter, case.mixed)
+    return [plan, *([replace(plan, guidance=GUIDED)] if case.unconditional else [])]
+
+
 def test_a_plan_in_the_pipeline_equals_ditplans_loop_on_the_latents(family):
     case, folder = family
     adapter = adapter_of(case, folder, vae=False)
-    plan = plan_for(case, adapter, case.mixed)
-    ours = run_plan(adapter, plan, PROMPTS, [3, 4], case.settings).samples  # latents: no VAE on ditplan's side
-    pipe = stock_pipe(case, folder)
-    ditplan.apply_plan(pipe, plan)
-    np.testing.assert_allclose(case.latents(pipe, adapter, PROMPTS, [3, 4]).numpy(), ours.numpy(), rtol=0, atol=1e-5)
+    for plan in mixed_plans(case, adapter):
+        ours = run_plan(adapter, plan, PROMPTS, [3, 4], case.settings).samples  # latents: no VAE on ditplan's side
+        pipe = stock_pipe(case, folder)
+        ditplan.apply_plan(pipe, plan)
+        np.testing.assert_allclose(case.latents(pipe, adapter, PROMPTS, [3, 4]).numpy(), ours.numpy(), rtol=0, atol=1e-5)
 
 
 def test_the_flops_of_a_sampling_run_are_what_flop_counter_mode_counts(family):
     case, folder = family
     adapter = adapter_of(case, folder, vae=False)
-    for rows in (None, case.mixed):
-        plan = plan_for(case, adapter, rows) if rows else None
+    for plan in (None, *mixed_plans(case, adapter)):
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # MATH: attention as counted matmuls
             run_plan(adapter, plan, PROMPTS, [1, 2], case.settings)
         assert counter.get_total_flops() == plan_flops(adapter, plan, case.settings, batch=2).total

@@ -26,6 +26,7 @@ from ditplan.strategies.base import (
     cross_attention_flops,
     dense_attention_flops,
 )
+from ditplan.strategies.guidance import GuidanceSchedule
 
 
 @dataclass(frozen=True)
@@ -61,16 +62,34 @@ def plan_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSettin
     if plan is not None and plan.cache:
         raise PlanError("the FLOPs of a plan carrying one of diffusers' caches are what ran: count a run with the "
                         "runtime's ExecutionCounter and use executed_flops")
-    rows = batch * (2 if settings.cfg else 1)
+    plan = plan if plan is not None else Plan.uniform(plan_target(adapter, settings))
+    strategies = build_strategies(plan)
+    planner = CachePlanner(plan, strategies)
+    schedule = GuidanceSchedule.from_plan(plan) if settings.cfg else None
+    count = (text_tokens, window_count)
+    if schedule is None:
+        return _stream_flops(adapter, planner, planner.steps, batch * (2 if settings.cfg else 1), settings.cfg, *count)
+    # guidance skips unconditional steps: the conditional calls at every step, the unconditional ones at the steps
+    # that compute it, each on its own cache plan; an unconditional call costs what a batch of both halves costs
+    # beyond the conditional half alone (nothing where it takes the conditional call's attention output: ASC)
+    uncond = CachePlanner(plan, strategies, steps=schedule.computed_steps)
+    cond = _stream_flops(adapter, planner, planner.steps, batch, False, *count)
+    both = _stream_flops(adapter, uncond, uncond.steps, 2 * batch, True, *count)
+    alone = _stream_flops(adapter, uncond, uncond.steps, batch, False, *count)
+    return Flops(attention=cond.attention + both.attention - alone.attention, total=cond.total + both.total - alone.total)
+
+
+def _stream_flops(adapter: ModelAdapter, planner: CachePlanner, steps: Sequence[int], rows: int, cfg: bool,
+                  text_tokens: int, window_count: str) -> Flops:
+    """FLOPs of the transformer calls of ``rows`` rows (``cfg``: both guidance halves) at ``steps`` on ``planner``."""
+    plan = planner.plan
     n, layers = adapter.num_tokens, adapter.num_layers
     shape = AttentionShape(batch=rows, tokens=n, dim=adapter.hidden_dim, heads=adapter.transformer.config.num_attention_heads,
                            window_count=window_count)
     once = adapter.other_flops(text_tokens)[1]
-    plan = plan if plan is not None else Plan.uniform(plan_target(adapter, settings))
-    planner = CachePlanner(plan, build_strategies(plan))
     layout = sparse_layout(plan)
     attention, other = 0.0, 0.0
-    for step in range(plan.num_steps):
+    for step in steps:
         # (query, key/value) tokens of each block's attention; SDTM changes them, nothing else does
         tokens = layout.tokens_by_block(step, plan.num_steps, layers, n) if layout else [(n, n)] * layers
         for layer, (queries, keys) in enumerate(tokens):
@@ -78,14 +97,13 @@ def plan_flops(adapter: ModelAdapter, plan: Plan | None, settings: SamplerSettin
                 continue  # the whole block is skipped: its output comes from cached residuals
             other += rows * adapter.other_flops(text_tokens, queries, layer)[0]
             if not adapter.plan_attention:
-                attention += rows * joint_cell_flops(adapter, planner, step, layer, settings.cfg, text_tokens,
-                                                     window_count)
+                attention += rows * joint_cell_flops(adapter, planner, step, layer, cfg, text_tokens, window_count)
                 continue
             if (queries, keys) != (n, n):  # an SDTM block: its attention is always computed
                 attention += cross_attention_flops(rows, queries, keys, shape.dim)
                 continue
             wants = planner.wants(step, layer)
-            attention += planner.strategy_at(step, layer).attention_flops(shape, settings.cfg, wants)
+            attention += planner.strategy_at(step, layer).attention_flops(shape, cfg, wants)
             for entry in wants:  # e.g. the window pass a dense step spends on a later WA-RS residual
                 attention += planner.next_reader(step, layer, entry).production_flops(entry, shape)  # type: ignore[union-attr]
         computed_modules = [m for m in layout.modules if planner.strategy_at(step, m[0]).level != "block"] if layout else []

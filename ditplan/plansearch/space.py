@@ -44,6 +44,7 @@ from ditplan.strategies.apply import family_refusal
 from ditplan.strategies.base import config_fields, get_strategy_class, is_block_strategy
 from ditplan.strategies.curves import CURVES, RATE_CHOICES
 from ditplan.strategies.diffusers_cache import CACHE_METHODS
+from ditplan.strategies.guidance import COMPUTED, GUIDANCE_FILLS
 from ditplan.strategies.sdtm import SparseLayout
 from ditplan.strategies.sparse_network import load_sparse_network, sparse_networks
 
@@ -117,6 +118,20 @@ class IntervalChoices:
     stop: tuple[float, ...]
 
 
+@dataclass(frozen=True)
+class GuidanceChoices:
+    """Guidance on an interval per step segment: computed at every step, or one of ``fills`` between the steps
+    that compute it, every ``every``-th of the segment from its first (0: none of them)."""
+
+    fills: tuple[str, ...]
+    every: tuple[int, ...]
+
+    @staticmethod
+    def segment(fill: str, every: int, start: int, end: int) -> list[str]:
+        """The guidance of steps [start, end) for ``fill`` every ``every``-th step."""
+        return [COMPUTED if every and (step - start) % every == 0 else fill for step in range(start, end)]
+
+
 def interval_skips(step: int, every: int, end: int, warmup: int = LAYOUT_CACHE_WARMUP) -> bool:
     """FORA's cache interval: whether ``step`` skips when the first ``warmup`` steps compute, then every
     ``every``-th step from there, and every step from ``end`` on."""
@@ -169,6 +184,7 @@ class PlanSpace:
     sparse: SparseChoices | None = None
     cache: CacheChoices | None = None
     interval: IntervalChoices | None = None
+    guidance: GuidanceChoices | None = None
 
     @property
     def layer_groups(self) -> list[tuple[int, int]]:
@@ -203,6 +219,10 @@ class PlanSpace:
             return None
         if any(m != "full" for layer, m in enumerate(plan.grid[0]) if layer not in fixed):
             return None
+        guidance = self._guidance_params_for(plan)
+        if guidance is None:
+            return None
+        params.update(guidance)
         for interval in [None, *self.intervals()]:  # the first that expresses it: no interval where none is needed
             grid = self._grid_params_for(plan, fixed, interval)
             if grid is not None:
@@ -235,6 +255,7 @@ class PlanSpace:
             params.update(sparse[0])
         if self.intervals():
             params[INTERVAL] = NO_CACHE
+        params.update(self._guidance_params_for(plan) or self._guidance_params_for(replace(plan, guidance=None)) or {})
         used = set()
         for layers in self.layer_groups:
             for steps in self.step_segments:
@@ -276,7 +297,44 @@ class PlanSpace:
         for name, choices in self.params.items():
             if name in used:
                 params[name] = {p: trial.suggest_categorical(_param_name(name, p), list(c)) for p, c in choices.items()}
-        return Plan(target, tuple(map(tuple, grid)), params=params, sparse=layout.to_dict() if layout else None)
+        guidance = self._suggest_guidance(trial) if layout is None else None  # a sparse part keeps one state: no skips
+        return Plan(target, tuple(map(tuple, grid)), params=params, sparse=layout.to_dict() if layout else None,
+                    guidance=guidance)
+
+    # --- guidance on an interval ------------------------------------------------------------------
+    def _guidance_name(self, steps: tuple[int, int]) -> str:
+        return f"guidance.S{steps[0]}-{steps[1] - 1}"
+
+    def _suggest_guidance(self, trial: optuna.Trial) -> tuple[str, ...] | None:
+        """Per step segment: ``full``, or a fill and how often the segment computes the unconditional branch."""
+        if self.guidance is None:
+            return None
+        guidance = [COMPUTED] * self.target.num_steps
+        for s0, s1 in self.step_segments:
+            name = self._guidance_name((s0, s1))
+            fill = trial.suggest_categorical(name, [COMPUTED, *self.guidance.fills])
+            if fill != COMPUTED:
+                every = trial.suggest_categorical(f"{name}.every", list(self.guidance.every))
+                guidance[s0:s1] = self.guidance.segment(fill, every, s0, s1)
+        return tuple(guidance) if set(guidance) != {COMPUTED} else None
+
+    def _guidance_params_for(self, plan: Plan) -> dict[str, Any] | None:
+        """The guidance parameters that give ``plan``'s guidance, or None when this space cannot express it."""
+        steps = plan.guidance or (COMPUTED,) * plan.num_steps
+        if self.guidance is None:
+            return {} if set(steps) == {COMPUTED} else None
+        params: dict[str, Any] = {}
+        for s0, s1 in self.step_segments:
+            name, segment = self._guidance_name((s0, s1)), list(steps[s0:s1])
+            if set(segment) == {COMPUTED}:
+                params[name] = COMPUTED
+                continue
+            options = [(fill, every) for fill in self.guidance.fills for every in self.guidance.every
+                       if self.guidance.segment(fill, every, s0, s1) == segment]
+            if not options:
+                return None
+            params[name], params[f"{name}.every"] = options[0]
+        return params if steps[0] == COMPUTED else None
 
     # --- the grid's cache interval -----------------------------------------------------------------
     def intervals(self) -> list[CacheInterval]:
@@ -482,6 +540,7 @@ def build_space(
     sparse: SparseChoices | None = None,
     cache: CacheChoices | None = None,
     interval: IntervalChoices | None = None,
+    guidance: GuidanceChoices | None = None,
 ) -> PlanSpace:
     """``layer_groups`` / ``step_segments``: a count (even pieces) or explicit cut points."""
     _check_methods(methods, param_choices or {}, interval is not None)
@@ -500,7 +559,11 @@ def build_space(
                             f"gives them different choices ({space} vs {params[other]}); give both the same choices")
     if sparse is not None:
         _check_curves(sparse.curves)
-    return PlanSpace(target, tuple(methods), tuple(layer_cuts), tuple(step_cuts), params, sparse, cache, interval)
+    for fill in guidance.fills if guidance is not None else ():
+        if fill not in GUIDANCE_FILLS:
+            raise unknown_name("guidance fill", fill, GUIDANCE_FILLS.choices(), "search.space.guidance.fills")
+    return PlanSpace(target, tuple(methods), tuple(layer_cuts), tuple(step_cuts), params, sparse, cache, interval,
+                     guidance)
 
 
 def _check_methods(methods: Sequence[str], param_choices: Mapping[str, Mapping[str, Any]], interval: bool) -> None:
@@ -578,8 +641,13 @@ def experiment_space(adapter: ModelAdapter, spec: ExperimentSpec) -> PlanSpace:
     space = spec.search.space
     cache = calibrated(cache_choices(space.cache.method, space.cache.params), adapter, spec) if space.cache else None
     interval = IntervalChoices(tuple(space.interval.every), tuple(space.interval.stop)) if space.interval else None
+    guidance = GuidanceChoices(tuple(space.guidance.fills), tuple(space.guidance.every)) if space.guidance else None
+    if guidance is not None and not spec.sampler.settings().cfg:
+        raise UserError("search.space.guidance skips the unconditional branch of classifier-free guidance, but the "
+                        "sampler runs none; drop search.space.guidance or sample with guidance")
     return build_space(plan_target(adapter, spec.sampler.settings()), space_methods(space, type(adapter)), space.layer_groups,
-                       space.step_segments, space.params, sparse_choices(adapter, spec), cache, interval)
+                       space.step_segments, space.params, sparse_choices(adapter, spec), cache, interval,
+                       guidance)
 
 
 def calibrated(choices: CacheChoices, adapter: ModelAdapter, spec: ExperimentSpec) -> CacheChoices:

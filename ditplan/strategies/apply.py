@@ -39,6 +39,7 @@ from ditplan.strategies.diffusers_cache import (
     ExecutionCounter,
     broken_on,
 )
+from ditplan.strategies.guidance import GuidanceRunner, GuidanceSchedule
 from ditplan.strategies.hooks import remove_hook
 from ditplan.strategies.joint import JointTokens
 from ditplan.strategies.sdtm import SparseLayout, SparseRuntime
@@ -114,12 +115,15 @@ class CachePlanner:
     rewrites it; so caches are freed as soon as nothing needs them.
     """
 
-    def __init__(self, plan: Plan, strategies: dict[str, Strategy], open_ended: bool = False) -> None:
+    def __init__(self, plan: Plan, strategies: dict[str, Strategy], open_ended: bool = False,
+                 steps: Sequence[int] | None = None) -> None:
         """``open_ended``: later steps are not decided yet (greedy calibration), so every entry that
-        some known strategy reads is kept, made as the first such strategy defines it."""
+        some known strategy reads is kept, made as the first such strategy defines it. ``steps``: the steps
+        this stream of calls runs (default all; the unconditional branch of a plan whose guidance skips some)."""
         self.plan = plan
         self.strategies = strategies
         self.open_ended = open_ended
+        self.steps = tuple(range(plan.num_steps)) if steps is None else tuple(steps)
         self._check_reads_are_written()
         self._block_history = self._later_block_history()
 
@@ -130,7 +134,7 @@ class CachePlanner:
         """The strategy of the first later step that reads ``entry`` before a step rewrites it."""
         if self.open_ended:
             return next((s for _, s in sorted(self.strategies.items()) if entry in s.reads), None)
-        for later in range(step + 1, self.plan.num_steps):
+        for later in (s for s in self.steps if s > step):
             strategy = self.strategy_at(later, layer)
             if entry in strategy.reads:
                 return strategy
@@ -149,11 +153,11 @@ class CachePlanner:
             most = max((s.history for s in self.strategies.values() if isinstance(s, BlockStrategy)), default=0)
             return [[most] * self.plan.num_layers for _ in range(self.plan.num_steps)]
         table = [[0] * self.plan.num_layers for _ in range(self.plan.num_steps)]
-        for step in range(self.plan.num_steps - 2, -1, -1):
+        for step, after in reversed(list(zip(self.steps, self.steps[1:]))):  # each step and the stream's next one
             for layer in range(self.plan.num_layers):
-                later = self.strategy_at(step + 1, layer)
+                later = self.strategy_at(after, layer)
                 own = later.history if isinstance(later, BlockStrategy) else 0
-                table[step][layer] = max(own, table[step + 1][layer])
+                table[step][layer] = max(own, table[after][layer])
         return table
 
     def wants(self, step: int, layer: int) -> frozenset[str]:
@@ -164,7 +168,7 @@ class CachePlanner:
         for layer in range(self.plan.num_layers):
             written: set[str] = set()
             made_for: dict[str, Strategy] = {}  # entry → the first strategy that reads it since it was made
-            for step in range(self.plan.num_steps):
+            for step in self.steps:
                 strategy = self.strategy_at(step, layer)
                 missing = strategy.reads - written
                 if missing:
@@ -215,6 +219,10 @@ class PlanRuntime:
     def __init__(self, plan: Plan, strategies: dict[str, Strategy], originals: list[Any],
                  sparse: SparseRuntime | None = None) -> None:
         self.planner = CachePlanner(plan, strategies)
+        schedule = GuidanceSchedule.from_plan(plan)
+        # the unconditional branch runs only the steps that compute it: its caches are planned over those
+        self.uncond_planner = CachePlanner(plan, strategies, steps=schedule.computed_steps) if schedule else None
+        self.guidance = GuidanceRunner(schedule) if schedule else None
         self.sparse = sparse
         self.originals = originals
         self.states: dict[tuple[int, str | None], CallState] = {}
@@ -261,17 +269,23 @@ class PlanRuntime:
     def plan(self) -> Plan:
         return self.planner.plan
 
+    @property
+    def stream_planner(self) -> CachePlanner:
+        """The cache planner of the call under way: the unconditional branch's where the plan's guidance skips
+        some of its steps, else the plan's."""
+        return self.uncond_planner if self.branch == "uncond" and self.uncond_planner is not None else self.planner
+
     def wants(self, step: int, layer: int) -> frozenset[str]:
         if self.frozen:
             return frozenset()
-        return self.planner.wants(step, layer)
+        return self.stream_planner.wants(step, layer)
 
     def after_call(self, step: int, layer: int) -> None:
         """Free what no later step reads; track the peak cache size."""
         if self.frozen:
             return
         cache = self.caches[layer]
-        for entry in [e for e in cache if self.planner.next_reader(step, layer, e) is None]:
+        for entry in [e for e in cache if self.stream_planner.next_reader(step, layer, e) is None]:
             del cache[entry]
         self.note_peak()
 
@@ -308,6 +322,8 @@ class PlanRuntime:
     def reset(self) -> None:
         self.states.clear()
         self.between_calls.clear()
+        if self.guidance is not None:
+            self.guidance.reset()
         if self.sparse is not None:
             self.sparse.reset()
         self.last_step = -1
@@ -353,6 +369,13 @@ class PlanStepHook(ModelHook):
                     "`with ditplan.denoising_step(i, num_steps):`, or remove_plan first"
                 )
             context = self.clock.context_for(args, kwargs)
+        guidance = self.runtime.guidance
+        if guidance is None:
+            return self._call(module, context, args, kwargs)
+        return guidance.forward(lambda ctx, a, k: self._call(module, ctx, a, k), context, args, kwargs, self.runtime.chunk)
+
+    def _call(self, module: torch.nn.Module, context: StepContext, args: tuple, kwargs: dict) -> Any:
+        """The transformer's own forward, as the call of ``context``."""
         self.runtime.enter(context)
         cache = self.runtime.diffusers_cache
         with step_context(context), cache.context(module, context) if cache is not None else nullcontext():
@@ -391,7 +414,7 @@ class BlockCacheHook(ModelHook):
                 return self.pattern.pack(streams)  # the unit's output, made by its first block
             out = {name: strategy.block_output(x, [(s, r[name]) for s, r in residuals], step)
                    for name, x in streams.items() if name in residuals[-1][1]}  # the streams the block returns
-            if not runtime.frozen and runtime.planner.block_history(step, start) == 0:
+            if not runtime.frozen and runtime.stream_planner.block_history(step, start) == 0:
                 residuals.clear()  # the last reader
             return self.pattern.pack(out)
         if layer == start:
@@ -400,7 +423,7 @@ class BlockCacheHook(ModelHook):
         if layer == end - 1:
             unit_input = runtime.unit_inputs.pop(start)
             if not runtime.frozen:
-                keep = runtime.planner.block_history(step, start)
+                keep = runtime.stream_planner.block_history(step, start)
                 if keep:  # the residual is only made while a later block-level cell reads it
                     residuals.append((step, {n: x - unit_input[n] for n, x in self.pattern.streams_out(out).items()}))
                 del residuals[: max(0, len(residuals) - keep)]
@@ -448,7 +471,7 @@ class PlanAttnProcessor:
             context=context,
             cache=runtime.caches[layer],
             wants=runtime.wants(step, layer),
-            reader=lambda entry: runtime.planner.next_reader(step, layer, entry),
+            reader=lambda entry: runtime.stream_planner.next_reader(step, layer, entry),
             between=runtime.between(layer) if context.branch is not None else None,
             joint=runtime.joint,
         )
@@ -540,8 +563,15 @@ def check_plan(plan: Plan, adapter: ModelAdapter, settings: SamplerSettings) -> 
     plan.check_fits(plan_target(load_for_plan(adapter, plan), settings))
     check_family_runs(plan, adapter.transformer)
     sparse_layout(plan)
-    CachePlanner(plan, build_strategies(plan, extra=tuple(plan.params)))  # the strategies and their cache planning
+    strategies = build_strategies(plan, extra=tuple(plan.params))
+    CachePlanner(plan, strategies)  # the strategies and their cache planning
     DiffusersCache.from_plan(plan)
+    schedule = GuidanceSchedule.from_plan(plan)
+    if schedule is not None:
+        if not settings.cfg:
+            raise PlanError("plan guidance skips unconditional steps, but the sampler runs no classifier-free guidance; "
+                            "drop the plan's guidance part or sample with guidance")
+        CachePlanner(plan, strategies, steps=schedule.computed_steps)  # the unconditional branch's own steps
 
 
 def family_refusal(family: type[ModelAdapter], names: Iterable[str], cache: str | None = None) -> str | None:

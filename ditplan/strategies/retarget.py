@@ -17,6 +17,7 @@ from ditplan.models.sampling import plan_target, target_settings
 from ditplan.plan import MAX_GRID, Plan, PlanError
 from ditplan.strategies.apply import cell_writes
 from ditplan.strategies.base import get_strategy_class
+from ditplan.strategies.guidance import COMPUTED
 
 
 def retarget_refusal(plan: Plan) -> str | None:
@@ -37,12 +38,18 @@ def retarget(plan: Plan, schedule: Sequence[float]) -> Plan:
     if refusal:
         raise PlanError(f"cannot re-target the plan to {len(schedule)} steps: {refusal}")
     made = plan.target.schedule
-    rows = [plan.grid[min(range(len(made)), key=lambda i: abs(made[i] - t))] for t in schedule]
+    nearest = [min(range(len(made)), key=lambda i: abs(made[i] - t)) for t in schedule]
     target = replace(plan.target, num_steps=len(schedule), schedule=tuple(schedule))
-    grid, computed = _computed_where_unmade(rows)
+    grid, computed = _computed_where_unmade([plan.grid[i] for i in nearest])
+    guidance = None
+    if plan.guidance is not None:  # the first step computes; the unconditional branch's own steps are repaired too
+        guidance = (COMPUTED, *(plan.guidance[i] for i in nearest[1:]))
+        steps = [s for s, name in enumerate(guidance) if name == COMPUTED]
+        repaired, more = _computed_where_unmade([grid[s] for s in steps])
+        grid, computed = tuple(dict(zip(steps, repaired)).get(s, row) for s, row in enumerate(grid)), computed + more
     provenance = {"retargeted_from": {"num_steps": plan.num_steps, "cells_computed_in_full": computed,
                                       "provenance": dict(plan.provenance)}}
-    return replace(plan, target=target, grid=grid, provenance=provenance)
+    return replace(plan, target=target, grid=grid, guidance=guidance, provenance=provenance)
 
 
 def retarget_to_steps(plan: Plan, adapter: ModelAdapter, steps: int) -> Plan:

@@ -3,7 +3,8 @@
 
 The description is derived from the plan's parts alone, the same way for every strategy: SparseDiT's
 layout and curve, one of diffusers' caches, then the grid's cells counted per strategy over the
-layer × step grid (``full`` is the dense default and is not named). A strategy whose cells form one
+layer × step grid (``full`` is the dense default and is not named), then what stands in for the unconditional
+branch where guidance skips it. A strategy whose cells form one
 pattern (the same steps in each of its layers, those steps a range or every k-th step) is said as that
 pattern; any other as its share of the cells. Steps count from 0 (pure noise), as in plan files.
 """
@@ -89,6 +90,17 @@ def _cache_text(cache: dict) -> str:
     return f"diffusers {cache.get('method')} cache" + (f" ({settings})" if settings else "")
 
 
+def _guidance_text(guidance: Sequence[str]) -> list[str]:
+    """Each fill of a plan's guidance with its steps, e.g. ``unconditional branch off from step 12``."""
+    fills = sorted(set(guidance) - {"full"}, key=guidance.index)
+    parts = []
+    for fill in fills:
+        steps = [s for s, name in enumerate(guidance) if name == fill]
+        pattern = _steps_text(steps, len(guidance)) or f"at {len(steps)} steps"
+        parts.append(f"unconditional branch {fill} {pattern}")
+    return parts
+
+
 def describe(plan: Plan) -> str:
     """What ``plan`` does in a few words, e.g. ``SparseDiT p1-s1_6, r 0.875; all blocks reuse every 2nd step
     from step 3``; a plan that changes nothing is ``dense (no acceleration)``."""
@@ -96,6 +108,7 @@ def describe(plan: Plan) -> str:
     parts = [_sparse_text(layout)] if layout else []
     parts += [_cache_text(dict(plan.cache))] if plan.cache else []
     parts += _grid_text(plan, layout.fixed_cells() if layout else {})
+    parts += _guidance_text(plan.guidance) if plan.guidance else []
     return "; ".join(parts) or DENSE
 
 
