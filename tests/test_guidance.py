@@ -180,3 +180,4 @@ def test_a_plans_description_says_where_its_guidance_skips_the_unconditional_bra
     adapter = load_adapter("dit", str(dit_folder), vae=str(dit_folder))
     plan = guided(adapter, "full:1 reuse:1 full:1 reuse:1 off:2", grid=[["full", "full"]] * STEPS)
     assert describe(plan) == "unconditional branch reuse every 2nd step of steps 1–3; unconditional branch off from step 4"
+

@@ -390,3 +390,21 @@ def test_a_plan_with_one_of_diffusers_caches_runs_in_the_pipeline_as_in_ditplans
     assert sum(runtime.executed.counts["block"]) < 2 * DIT.num_steps  # it skipped blocks
     ditplan.remove_plan(pipe)
     assert np.array_equal(run_dit(pipe, [1, 2], [0, 1]), dense)
+
+
+def test_a_guided_plan_runs_in_pixart_pipelines_whose_batch_puts_the_unconditional_half_first(pixart_folder):
+    from ditplan.models.families.pixart import PixArtAdapter
+    from tests.conftest import DATA
+    from tests.test_pipelines import PIXART, pixart_call
+
+    pipeline_cls, folder = pixart_folder
+    embeddings = PixArtAdapter.read_embeddings(str(DATA / "tiny-pixart-prompts.safetensors"))
+    adapter = load_adapter("pixart", str(folder), vae=str(folder), prompt_embeddings=embeddings)
+    prompts, seeds = ["a red circle", "a blue square"], [3, 4]
+    plan = replace(plan_for(adapter, PIXART, [["full", "full"], ["asc", "ast"], ["ast", "wars+asc"]]),
+                   guidance=("full", "reuse", "off"))
+    ours = as_pipeline_images(run_plan(adapter, plan, prompts, seeds, PIXART).samples)
+    pipe = pipeline_cls.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    ditplan.apply_plan(pipe, plan)
+    np.testing.assert_allclose(pixart_call(pipe, prompts, seeds, embeddings), ours, rtol=0, atol=1e-5)
