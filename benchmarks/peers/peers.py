@@ -46,6 +46,7 @@ from common import (  # noqa: E402
 from ditplan.evaluators.cost import executed_flops, turn_order  # noqa: E402
 from ditplan.evaluators.domain import reference_images  # noqa: E402
 from ditplan.evaluators.measure import DENSE, quality, rounds  # noqa: E402
+from ditplan.evaluators.reference import cached_calibration  # noqa: E402
 from ditplan.models.adapters import adapter_from_spec  # noqa: E402
 from ditplan.models.family import ModelAdapter  # noqa: E402
 from ditplan.models.sampling import plan_target  # noqa: E402
@@ -57,9 +58,16 @@ PIPELINE_DENSE = "stock DiTPipeline (dense)"
 
 
 def diffusers_default_plans(adapter: ModelAdapter, spec: ExperimentSpec) -> dict[str, tuple[str, Plan]]:
-    target = plan_target(adapter, spec.sampler.settings())
-    return {f"diffusers {method} (default config)": ("diffusers cache", Plan.uniform(target, cache={"method": method}))
-            for method in CACHE_METHODS}
+    """Each of diffusers' caches at its default config; MagCache with the model's magnitude ratios, which it needs
+    at the sampler's step count, measured by diffusers' own calibration on the calibration seeds."""
+    settings = spec.sampler.settings()
+    target, (_, conditions, seeds) = plan_target(adapter, settings), spec.seed_set("calibration")
+    plans = {}
+    for method in CACHE_METHODS:
+        measured = cached_calibration(method, adapter, settings, conditions, seeds, spec.evaluation.cache_dir)
+        cache = {"method": method, **({"config": measured} if measured else {})}
+        plans[f"diffusers {method} (default config)"] = ("diffusers cache", Plan.uniform(target, cache=cache))
+    return plans
 
 
 def cache_dit_configs() -> dict[str, tuple[Any, Any]]:
