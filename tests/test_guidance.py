@@ -16,7 +16,7 @@ from ditplan.models.adapters import load_adapter
 from ditplan.models.context import StepContext
 from ditplan.models.sampling import plan_target
 from ditplan.plan import Plan, PlanError
-from ditplan.strategies.apply import run_plan
+from ditplan.strategies.apply import get_runtime, run_plan
 from ditplan.strategies.guidance import GuidanceRunner, GuidanceSchedule
 from ditplan.strategies.retarget import retarget_to_steps
 from tests.test_pipelines import (
@@ -132,19 +132,21 @@ def test_a_search_space_draws_guidance_per_step_segment_and_reads_it_back_from_t
     from ditplan.plansearch.space import GuidanceChoices, build_space
 
     settings = replace(tiny_spec.sampler.settings(), num_steps=STEPS)
-    space = build_space(plan_target(tiny_adapter, settings), ["full", "ast", "asc"], layer_groups=1, step_segments=2,
-                        guidance=GuidanceChoices(("reuse", "forecast", "off"), (2, 0)))
+    # segments of 1, 2 and 2 steps: none to skip in the first, and every 2nd or 3rd step the same in the others
+    space = build_space(plan_target(tiny_adapter, settings), ["full", "ast", "asc"], layer_groups=1,
+                        step_segments=[1, 2, 4], guidance=GuidanceChoices(("reuse", "forecast", "off"), (2, 3, 0)))
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     drawn = set()
     for _ in range(60):
         trial = study.ask()
         plan = space.suggest(trial)
-        assert space.params_for(plan) == trial.params
+        assert space.params_for(plan) == trial.params  # one set of parameters per plan: repeats are found
+        assert trial.params.get("guidance.S1-1.every", 0) == 0  # a step that computes there is 'full'
         drawn.add(plan.guidance)
         study.tell(trial, 0.0)
-    last = {guidance[3:] for guidance in drawn if guidance}  # segment S3-5
-    assert None in drawn and ("full", "reuse", "full") in last  # computed every 2nd step, reused between
-    assert ("off", "off", "off") in last  # none of its steps computes
+    last = {guidance[4:] for guidance in drawn if guidance}  # segment S4-5
+    assert None in drawn and ("full", "reuse") in last  # computed every 2nd step, reused between
+    assert ("off", "off") in last  # none of its steps computes
     for guidance in drawn - {None}:
         plan = replace(Plan.uniform(plan_target(tiny_adapter, settings)), guidance=guidance)
         run_plan(tiny_adapter, plan, [1], [5], settings)  # every drawn schedule runs
@@ -181,3 +183,27 @@ def test_a_plans_description_says_where_its_guidance_skips_the_unconditional_bra
     plan = guided(adapter, "full:1 reuse:1 full:1 reuse:1 off:2", grid=[["full", "full"]] * STEPS)
     assert describe(plan) == "unconditional branch reuse every 2nd step of steps 1–3; unconditional branch off from step 4"
 
+
+
+def test_a_guided_plan_in_a_pipeline_at_another_step_count_runs_re_targeted_as_ditplans_loop(dit_folder):
+    adapter = load_adapter("dit", str(dit_folder), vae=str(dit_folder))
+    plan = guided(adapter, "full:3 off:3")
+    pipe = dit_pipe(dit_folder)
+    ditplan.apply_plan(pipe, plan)
+    for steps in (3, 12):
+        with pytest.warns(UserWarning, match=f"runs re-targeted to {steps} steps"):
+            images = run_dit(pipe, [1, 2], [5, 6], num_inference_steps=steps)
+        ours = run_plan(adapter, retarget_to_steps(plan, adapter, steps), [1, 2], [5, 6], replace(SETTINGS, num_steps=steps))
+        np.testing.assert_allclose(images, as_pipeline_images(ours.samples), rtol=0, atol=1e-5)
+
+
+def test_asc_frees_what_it_left_for_an_unconditional_call_that_does_not_run(dit_folder):
+    adapter = load_adapter("dit", str(dit_folder), vae=str(dit_folder))
+    grid = [["full", "full"]] + [["asc", "asc"]] * (STEPS - 1)
+    pipe = dit_pipe(dit_folder)
+    ditplan.apply_plan(pipe, guided(adapter, "full:1 off:1 full:1 off:3", grid))
+    left = []  # after each step's transformer call: what the conditional call left for the unconditional one
+    pipe.transformer.register_forward_hook(
+        lambda *_: left.append(sum(map(bool, get_runtime(pipe.transformer).between_calls.values()))))
+    run_dit(pipe, [1], [5], num_inference_steps=STEPS)
+    assert left == [0] * STEPS

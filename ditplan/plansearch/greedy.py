@@ -157,7 +157,7 @@ class _Calibration:
         """One transformer forward of the whole batch with ``row`` as the plan of ``step``, micro-batch by
         micro-batch, each on its own caches."""
         self.grid[step] = list(row)
-        self.runtime.planner = CachePlanner(self.current_plan(), self.strategies, open_ended=True)
+        self.runtime.use(CachePlanner(self.current_plan(), self.strategies, open_ended=True))
         self.forwards += 1
         self.sample_forwards += len(model_in) * (2 if self.settings.cfg else 1)
         outs = []

@@ -131,6 +131,11 @@ class GuidanceChoices:
         """The guidance of steps [start, end) for ``fill`` every ``every``-th step."""
         return [COMPUTED if every and (step - start) % every == 0 else fill for step in range(start, end)]
 
+    def every_for(self, length: int) -> list[int]:
+        """The ``every`` choices that give distinct guidance on a segment of ``length`` steps (one beyond the segment
+        computes its first step only, as ``length`` does) and skip at least one step there."""
+        return sorted({min(every, length) for every in self.every if min(every, length) != 1})
+
 
 def interval_skips(step: int, every: int, end: int, warmup: int = LAYOUT_CACHE_WARMUP) -> bool:
     """FORA's cache interval: whether ``step`` skips when the first ``warmup`` steps compute, then every
@@ -311,25 +316,25 @@ class PlanSpace:
             return None
         guidance = [COMPUTED] * self.target.num_steps
         for s0, s1 in self.step_segments:
-            name = self._guidance_name((s0, s1))
-            fill = trial.suggest_categorical(name, [COMPUTED, *self.guidance.fills])
+            name, choices = self._guidance_name((s0, s1)), self.guidance.every_for(s1 - s0)
+            fill = trial.suggest_categorical(name, [COMPUTED, *self.guidance.fills]) if choices else COMPUTED
             if fill != COMPUTED:
-                every = trial.suggest_categorical(f"{name}.every", list(self.guidance.every))
+                every = trial.suggest_categorical(f"{name}.every", choices)
                 guidance[s0:s1] = self.guidance.segment(fill, every, s0, s1)
         return tuple(guidance) if set(guidance) != {COMPUTED} else None
 
     def _guidance_params_for(self, plan: Plan) -> dict[str, Any] | None:
         """The guidance parameters that give ``plan``'s guidance, or None when this space cannot express it."""
         steps = plan.guidance or (COMPUTED,) * plan.num_steps
-        if self.guidance is None:
+        if self.guidance is None or plan.sparse:  # a trial with a sparse part draws no guidance
             return {} if set(steps) == {COMPUTED} else None
         params: dict[str, Any] = {}
         for s0, s1 in self.step_segments:
-            name, segment = self._guidance_name((s0, s1)), list(steps[s0:s1])
+            name, segment, choices = self._guidance_name((s0, s1)), list(steps[s0:s1]), self.guidance.every_for(s1 - s0)
             if set(segment) == {COMPUTED}:
-                params[name] = COMPUTED
+                params.update({name: COMPUTED} if choices else {})
                 continue
-            options = [(fill, every) for fill in self.guidance.fills for every in self.guidance.every
+            options = [(fill, every) for fill in self.guidance.fills for every in choices
                        if self.guidance.segment(fill, every, s0, s1) == segment]
             if not options:
                 return None

@@ -218,11 +218,7 @@ class PlanRuntime:
 
     def __init__(self, plan: Plan, strategies: dict[str, Strategy], originals: list[Any],
                  sparse: SparseRuntime | None = None) -> None:
-        self.planner = CachePlanner(plan, strategies)
-        schedule = GuidanceSchedule.from_plan(plan)
-        # the unconditional branch runs only the steps that compute it: its caches are planned over those
-        self.uncond_planner = CachePlanner(plan, strategies, steps=schedule.computed_steps) if schedule else None
-        self.guidance = GuidanceRunner(schedule) if schedule else None
+        self.use(CachePlanner(plan, strategies))
         self.sparse = sparse
         self.originals = originals
         self.states: dict[tuple[int, str | None], CallState] = {}
@@ -240,6 +236,19 @@ class PlanRuntime:
         self.executed: ExecutionCounter | None = None  # what ran, when that is decided at run time
         self.block_layers: list[int] = []  # the blocks with a BlockCacheHook
         self.joint: JointTokens | None = None  # the token layout of a joint attention (set when applied)
+
+    def use(self, planner: CachePlanner) -> None:
+        """Run ``planner``'s plan from now on: its cache planning and its guidance, with the unconditional branch's
+        own cache planning over the steps that compute it where the guidance skips some."""
+        self.planner = planner
+        schedule = GuidanceSchedule.from_plan(planner.plan)
+        self.uncond_planner = CachePlanner(planner.plan, planner.strategies, steps=schedule.computed_steps) if schedule else None
+        self.guidance = GuidanceRunner(schedule) if schedule else None
+
+    def drop_between(self) -> None:
+        """Free what the conditional call of this step left for an unconditional call that does not run."""
+        for key in [k for k in self.between_calls if k[0] == self.chunk]:
+            del self.between_calls[key]
 
     @property
     def state(self) -> CallState:
@@ -372,7 +381,8 @@ class PlanStepHook(ModelHook):
         guidance = self.runtime.guidance
         if guidance is None:
             return self._call(module, context, args, kwargs)
-        return guidance.forward(lambda ctx, a, k: self._call(module, ctx, a, k), context, args, kwargs, self.runtime.chunk)
+        return guidance.forward(lambda ctx, a, k: self._call(module, ctx, a, k), context, args, kwargs, self.runtime.chunk,
+                                self.runtime.drop_between)
 
     def _call(self, module: torch.nn.Module, context: StepContext, args: tuple, kwargs: dict) -> Any:
         """The transformer's own forward, as the call of ``context``."""

@@ -91,9 +91,18 @@ class AttentionCall:
         """The layer's own attention on the batch rows ``rows`` of its input and of every argument with the
         input's batch (joint attention's text stream): what the module returns, a tensor or a tuple."""
         batch = self.hidden_states.shape[0]
-        kwargs = {k: v[rows] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch else v
-                  for k, v in self._kwargs.items()}
-        return self._original(self.attn, self.hidden_states[rows], **kwargs)
+        return self._original(self.attn, self.hidden_states[rows], **rows_of(self._kwargs, rows, batch))
+
+
+def rows_of(value: Any, rows: slice, batch: int) -> Any:
+    """``value`` with every tensor of ``batch`` rows (in tuples, lists and dicts too) cut to ``rows``."""
+    if isinstance(value, torch.Tensor):
+        return value[rows] if value.ndim and value.shape[0] == batch else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(rows_of(v, rows, batch) for v in value)
+    if isinstance(value, dict):
+        return {k: rows_of(v, rows, batch) for k, v in value.items()}
+    return value
 
 
 class Strategy(abc.ABC):

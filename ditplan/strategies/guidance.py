@@ -33,6 +33,7 @@ import torch
 from ditplan.models.context import StepContext
 from ditplan.plan import Plan, PlanError
 from ditplan.registry import Registry, did_you_mean
+from ditplan.strategies.base import rows_of
 
 History = Sequence[tuple[int, torch.Tensor]]  # (step, unconditional prediction) of the last computed steps
 # (history, this step's conditional prediction, step) → the unconditional prediction at a step that skips it
@@ -104,17 +105,6 @@ def with_prediction(out: Any, value: torch.Tensor) -> Any:
     return replace(out, sample=value)
 
 
-def rows_of(value: Any, rows: slice, batch: int) -> Any:
-    """``value`` with every tensor of ``batch`` rows (in tuples, lists and dicts too) cut to ``rows``."""
-    if isinstance(value, torch.Tensor):
-        return value[rows] if value.ndim and value.shape[0] == batch else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(rows_of(v, rows, batch) for v in value)
-    if isinstance(value, dict):
-        return {k: rows_of(v, rows, batch) for k, v in value.items()}
-    return value
-
-
 Call = Callable[[StepContext, tuple, dict], Any]  # the transformer's forward under a step context
 
 
@@ -132,22 +122,25 @@ class GuidanceRunner:
         self.uncond.clear()
         self.cond.clear()
 
-    def forward(self, call: Call, context: StepContext, args: tuple, kwargs: dict, chunk: int = 0) -> Any:
-        """One transformer call of a step: a branch of two calls, or a batch of both halves run as two calls."""
+    def forward(self, call: Call, context: StepContext, args: tuple, kwargs: dict, chunk: int = 0,
+                skipped: Callable[[], None] = lambda: None) -> Any:
+        """One transformer call of a step: a branch of two calls, or a batch of both halves run as two calls;
+        ``skipped()`` is called where the unconditional call does not run."""
         if not context.cfg:
             return call(context, args, kwargs)
         if context.branch is not None:
-            return self._branch(call, context, args, kwargs, chunk)
+            return self._branch(call, context, args, kwargs, chunk, skipped)
         batch = _batch_rows(args, kwargs)
         half = batch // 2
         cond_rows, uncond_rows = (slice(0, half), slice(half, None)) if context.cond_first else (slice(half, None), slice(0, half))
         outs = {branch: self._branch(call, replace(context, branch=branch), rows_of(args, rows, batch),
-                                     rows_of(kwargs, rows, batch), chunk)
+                                     rows_of(kwargs, rows, batch), chunk, skipped)
                 for branch, rows in (("cond", cond_rows), ("uncond", uncond_rows))}
         first, second = ("cond", "uncond") if context.cond_first else ("uncond", "cond")
         return with_prediction(outs["cond"], torch.cat([prediction(outs[first]), prediction(outs[second])]))
 
-    def _branch(self, call: Call, context: StepContext, args: tuple, kwargs: dict, chunk: int) -> Any:
+    def _branch(self, call: Call, context: StepContext, args: tuple, kwargs: dict, chunk: int,
+                skipped: Callable[[], None]) -> Any:
         step = context.step
         if context.branch == "cond":
             out = call(context, args, kwargs)
@@ -159,9 +152,11 @@ class GuidanceRunner:
             history[:] = [*history[-1:], (step, prediction(out))]
             return out
         cond_step, cond_out = self.cond.get(chunk, (None, None))
-        if cond_step != step:
-            raise PlanError("plan guidance fills the unconditional call of a step from the conditional one, but the "
-                            "unconditional call came first; make the conditional call first in each step")
+        if cond_step != step or chunk not in self.uncond:
+            raise PlanError("plan guidance fills the unconditional call of a step from the conditional call of that step "
+                            "and earlier unconditional ones, but this run has neither (the unconditional call came "
+                            "first, or the run did not start at step 0); make the conditional call first from step 0")
+        skipped()
         fill = GUIDANCE_FILLS[self.schedule.fills[step]](self.uncond[chunk], prediction(cond_out), step)
         return with_prediction(cond_out, fill)
 
@@ -170,5 +165,6 @@ def _batch_rows(args: tuple, kwargs: dict) -> int:
     """The rows of the latent batch a transformer call gets (its first argument, or ``hidden_states``)."""
     latents = args[0] if args else kwargs["hidden_states"]
     if latents.shape[0] % 2:
-        raise PlanError(f"plan guidance splits a guided batch into its two halves, but it has {latents.shape[0]} rows")
+        raise PlanError(f"plan guidance splits a guided batch into its two halves, but it has {latents.shape[0]} rows; "
+                        "give the transformer both halves of each sample (conditional and unconditional) in one batch")
     return latents.shape[0]

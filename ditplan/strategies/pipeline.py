@@ -100,7 +100,7 @@ class PipelineClock:
 
     def stop(self) -> None:
         self.run = None
-        self.runtime.planner = self.applied
+        self.runtime.use(self.applied)
 
     def _retarget(self) -> None:
         """Run the applied plan re-targeted to the pipeline's step count for this call (with a warning)."""
@@ -109,7 +109,7 @@ class PipelineClock:
                       "rows mapped by normalised time); its quality and speed were measured at "
                       f"{self.applied.plan.num_steps}: `ditplan retarget` writes the re-targeted plan to evaluate",
                       UserWarning, stacklevel=1)
-        self.runtime.planner = CachePlanner(plan, build_strategies(plan))
+        self.runtime.use(CachePlanner(plan, build_strategies(plan)))
 
     def context_for(self, args: tuple, kwargs: dict) -> StepContext:
         if self.run is None:
