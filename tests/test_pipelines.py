@@ -377,7 +377,8 @@ def test_the_readme_snippet_runs_as_written(dit_folder, tmp_path, monkeypatch):
     assert get_runtime(namespace["pipe"].transformer) is None
 
 
-@pytest.mark.parametrize("method, config", [("first_block", {"threshold": 0.2}), ("mag", {"threshold": 0.06})])
+@pytest.mark.parametrize("method, config", [("first_block", {"threshold": 0.2}), ("mag", {"threshold": 0.06}),
+                                            ("forecast_cache", {"threshold": 0.2, "bn": 0})])
 def test_a_plan_with_one_of_diffusers_caches_runs_in_the_pipeline_as_in_ditplans_loop(dit_folder, method, config):
     adapter = load_adapter("dit", str(dit_folder), vae=str(dit_folder))
     measured = calibrated_config(method, adapter, DIT, [3, 4], [5, 6])  # MagCache's ratios, from a dense run
