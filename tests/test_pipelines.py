@@ -393,6 +393,23 @@ def test_a_plan_with_one_of_diffusers_caches_runs_in_the_pipeline_as_in_ditplans
     assert np.array_equal(run_dit(pipe, [1, 2], [0, 1]), dense)
 
 
+def test_the_forecast_cache_in_a_pixart_pipeline_runs_as_in_ditplans_loop_and_skips_the_cross_attention(pixart_folder):
+    pipeline_cls, folder = pixart_folder  # 2 blocks: block 0 decides, block 1 is the middle
+    embeddings = PixArtAdapter.read_embeddings(str(DATA / "tiny-pixart-prompts.safetensors"))
+    adapter = load_adapter("pixart", str(folder), vae=str(folder), prompt_embeddings=embeddings)
+    prompts, seeds = ["a red circle", "a blue square"], [3, 4]
+    plan = Plan.uniform(plan_target(adapter, PIXART), cache={"method": "forecast_cache",
+                                                         "config": {"threshold": 1e9, "bn": 0, "warmup": 1}})
+    ours = run_plan(adapter, plan, prompts, seeds, PIXART)
+    assert ours.executed.counts == {"block": [3, 1], "self_attention": [3, 1], "cross_attention": [3, 1]}
+    pipe = pipeline_cls.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    ditplan.apply_plan(pipe, plan)
+    np.testing.assert_allclose(pixart_call(pipe, prompts, seeds, embeddings), as_pipeline_images(ours.samples), rtol=0,
+                               atol=1e-5)
+    ditplan.remove_plan(pipe)
+
+
 def test_a_guided_plan_runs_in_pixart_pipelines_whose_batch_puts_the_unconditional_half_first(pixart_folder):
     from ditplan.models.families.pixart import PixArtAdapter
     from tests.conftest import DATA
