@@ -243,6 +243,13 @@ def test_an_experiment_file_makes_a_diffusers_cache_a_search_choice(tiny_adapter
         IntervalChoices((2, 3, 4, 5), (0.8, 1.0))
     with pytest.raises(UserError, match="'taylorseer' has no field 'threshold'"):
         experiment_space(tiny_adapter, with_space(cache={"method": "taylorseer", "params": {"threshold": [0.1]}}))
+    with pytest.raises(UserError, match=r"search.space.cache: forecast cache fn 1 \+ bn 1 leave none of the model's 2 "
+                                        r"blocks to skip; lower fn or bn so that fn \+ bn < 2; set them in "
+                                        r"search.space.cache.params") as err:
+        experiment_space(tiny_adapter, with_space(cache={"method": "forecast_cache"}))  # the tiny DiT has 2 blocks
+    assert "\n" not in str(err.value)
+    fitting = experiment_space(tiny_adapter, with_space(cache={"method": "forecast_cache", "params": {"bn": [0]}}))
+    assert fitting.cache == CacheChoices("forecast_cache", {**CACHE_METHODS["forecast_cache"].space, "bn": [0]})
 
 
 def test_a_mag_cache_choice_draws_plans_that_carry_the_models_calibrated_ratios(tiny_adapter, tiny_spec, tmp_path,
