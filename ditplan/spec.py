@@ -338,11 +338,13 @@ class SparseSpaceSpec(_Strict):
 
 
 class CacheSpaceSpec(_Strict):
-    """One of diffusers' caches as a search choice: a trial either runs it (every grid cell ``full``,
+    """One run-time cache as a search choice: a trial either runs it (every grid cell ``full``,
     no SparseDiT part: the cache decides at run time what computes) or draws the grid and sparse parts
-    as usual. method: ``first_block``, ``taylorseer`` or ``mag`` (MagCache: its ``mag_ratios`` are measured
-    once on the calibration batch and every drawn plan carries them); params: narrower choices for its
-    config fields, e.g. ``{threshold: [0.05, 0.1]}`` (default: the method's own search values)."""
+    as usual. method: diffusers' ``first_block``, ``taylorseer`` or ``mag`` (MagCache: its ``mag_ratios`` are
+    measured once on the calibration batch and every drawn plan carries them), or ditplan's ``forecast_cache``
+    (the first ``fn`` and last ``bn`` blocks always compute, the middle ones are skipped on the first blocks'
+    residual change and Taylor-forecast); params: narrower choices for its config fields, e.g.
+    ``{threshold: [0.05, 0.1]}`` (default: the method's own search values)."""
 
     method: str
     params: dict[str, list[Any]] = {}
@@ -571,7 +573,7 @@ class GreedySpec(_Strict):
 class BaselineSpec(_Strict):
     """A preset users run today, measured on the held-out seeds beside greedy and learned plans (``ditplan
     run``; ``ditplan compare`` shows it with the best learned plan at ≤ its latency). Exactly one of:
-    cache: one of diffusers' caches, ``{method: first_block, config: {}}`` (config: its fields, default
+    cache: one of the run-time caches, ``{method: first_block, config: {}}`` (config: its fields, default
     the documented defaults; ``mag`` needs the model's ``mag_ratios``, see ``ditplan.calibrated_config``); sparse: a SparseDiT setting, ``{network: sparse/p1-s1_5, curve: {name:
     paper, r_min: 0.5, r_max: 0.875}}`` (the network's folder relative to the model's)."""
 

@@ -1,4 +1,5 @@
-"""diffusers' own caches (FirstBlockCache, TaylorSeer, MagCache) as a plan part, installed by diffusers' apply_*."""
+"""Run-time caches as a plan part: diffusers' own (FirstBlockCache, TaylorSeer, MagCache), installed by diffusers'
+apply_*, and ditplan's forecast cache (tests/test_forecast_cache.py has its own behaviour)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def hooked_modules(transformer: torch.nn.Module) -> list[str]:
     ("first_block", {"threshold": 0.0}, {"threshold": 1e9}),
     ("taylorseer", {"cache_interval": 1}, {}),
     ("mag", {"max_skip_steps": 0}, {"threshold": 1e9}),  # no step may skip; any error is small enough
+    # the tiny DiT's 2 blocks: the first decides, the second is the middle (no last block kept)
+    ("forecast_cache", {"threshold": 0.0, "bn": 0}, {"threshold": 1e9, "bn": 0}),
 ])
 def test_a_cache_that_never_skips_equals_dense_and_removal_restores_the_transformer(tiny_adapter, tiny_spec, method,
                                                                                     never_skip, skipping):
@@ -51,6 +54,9 @@ def test_a_cache_that_never_skips_equals_dense_and_removal_restores_the_transfor
     # MagCache, no step retained, any error small enough: step 0 computes, then it skips every block at most 3 in a row
     ("mag", {"threshold": 1e9, "retention_ratio": 0.0}, {"block": [1, 1], "self_attention": [1, 1],
                                                          "cross_attention": [0, 0]}),
+    # the forecast cache, warm-up 1, never close enough: the first block always, the second (middle) at step 0 only
+    ("forecast_cache", {"threshold": 1e9, "bn": 0, "warmup": 1}, {"block": [4, 1], "self_attention": [4, 1],
+                                                                  "cross_attention": [0, 0]}),
 ])
 def test_executed_parts_are_counted_and_their_flops_equal_the_flop_counter(tiny_adapter, tiny_spec, method, config,
                                                                            expected):
@@ -79,6 +85,10 @@ def test_a_cache_plan_is_checked_before_anything_is_installed(tiny_adapter, tiny
         r"\(ditplan.calibrated_config\('mag', ": Plan.uniform(target, cache={"method": "mag"}),
         "cache 'mag' has 3 mag_ratios but the plan runs 4 steps: calibrate them on the model at 4 steps":
             Plan.uniform(target, cache={"method": "mag", "config": {"mag_ratios": [1.0, 1.1, 0.9]}}),
+        r"forecast cache fn 1 \+ bn 1 leave none of the model's 2 blocks to skip; lower fn or bn so that fn \+ bn < 2":
+            Plan.uniform(target, cache={"method": "forecast_cache"}),
+        "cache 'forecast_cache' config {'order': 4, 'bn': 0} is invalid: order 4 is not supported; use 0 … 3":
+            Plan.uniform(target, cache={"method": "forecast_cache", "config": {"order": 4, "bn": 0}}),
     }
     for message, plan in bad.items():
         with pytest.raises(PlanError, match=message) as err:

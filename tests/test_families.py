@@ -437,7 +437,8 @@ def test_a_third_party_family_registered_by_a_plugin_runs_end_to_end(tmp_path, c
 
 @pytest.mark.parametrize(("method", "config"), [("first_block", {"threshold": 1e9}),  # never close enough: skips
                                                 ("taylorseer", {"cache_interval": 2, "disable_cache_before_step": 1}),
-                                                ("mag", {"threshold": 1e9, "retention_ratio": 0.0})])  # skips 1–3
+                                                ("mag", {"threshold": 1e9, "retention_ratio": 0.0}),  # skips 1–3
+                                                ("forecast_cache", {"threshold": 1e9, "warmup": 1})])  # skips 1–3
 def test_diffusers_caches_run_through_diffusers_own_hooks_or_are_refused_where_they_break(family, method, config):
     case, folder = family
     adapter = adapter_of(case, folder, vae=False)

@@ -377,7 +377,8 @@ def test_the_readme_snippet_runs_as_written(dit_folder, tmp_path, monkeypatch):
     assert get_runtime(namespace["pipe"].transformer) is None
 
 
-@pytest.mark.parametrize("method, config", [("first_block", {"threshold": 0.2}), ("mag", {"threshold": 0.06})])
+@pytest.mark.parametrize("method, config", [("first_block", {"threshold": 0.2}), ("mag", {"threshold": 0.06}),
+                                            ("forecast_cache", {"threshold": 0.2, "bn": 0})])
 def test_a_plan_with_one_of_diffusers_caches_runs_in_the_pipeline_as_in_ditplans_loop(dit_folder, method, config):
     adapter = load_adapter("dit", str(dit_folder), vae=str(dit_folder))
     measured = calibrated_config(method, adapter, DIT, [3, 4], [5, 6])  # MagCache's ratios, from a dense run
@@ -390,6 +391,23 @@ def test_a_plan_with_one_of_diffusers_caches_runs_in_the_pipeline_as_in_ditplans
     assert sum(runtime.executed.counts["block"]) < 2 * DIT.num_steps  # it skipped blocks
     ditplan.remove_plan(pipe)
     assert np.array_equal(run_dit(pipe, [1, 2], [0, 1]), dense)
+
+
+def test_the_forecast_cache_in_a_pixart_pipeline_runs_as_in_ditplans_loop_and_skips_the_cross_attention(pixart_folder):
+    pipeline_cls, folder = pixart_folder  # 2 blocks: block 0 decides, block 1 is the middle
+    embeddings = PixArtAdapter.read_embeddings(str(DATA / "tiny-pixart-prompts.safetensors"))
+    adapter = load_adapter("pixart", str(folder), vae=str(folder), prompt_embeddings=embeddings)
+    prompts, seeds = ["a red circle", "a blue square"], [3, 4]
+    plan = Plan.uniform(plan_target(adapter, PIXART), cache={"method": "forecast_cache",
+                                                         "config": {"threshold": 1e9, "bn": 0, "warmup": 1}})
+    ours = run_plan(adapter, plan, prompts, seeds, PIXART)
+    assert ours.executed.counts == {"block": [3, 1], "self_attention": [3, 1], "cross_attention": [3, 1]}
+    pipe = pipeline_cls.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    ditplan.apply_plan(pipe, plan)
+    np.testing.assert_allclose(pixart_call(pipe, prompts, seeds, embeddings), as_pipeline_images(ours.samples), rtol=0,
+                               atol=1e-5)
+    ditplan.remove_plan(pipe)
 
 
 def test_a_guided_plan_runs_in_pixart_pipelines_whose_batch_puts_the_unconditional_half_first(pixart_folder):

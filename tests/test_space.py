@@ -187,23 +187,27 @@ def test_plans_outside_the_sparse_choices_are_not_expressible():
         build_space(TARGET, ["full"], 1, 1, sparse=SparseChoices((), (0,), ("wavy",)))
 
 
-def test_a_diffusers_cache_choice_draws_cache_plans_with_dense_cells_and_maps_them_back():
-    cache = cache_choices("first_block", {"threshold": [0.05, 0.2]})
+@pytest.mark.parametrize("method, params", [("first_block", {"threshold": [0.05, 0.2]}),
+                                            ("forecast_cache", {"threshold": [0.1, 0.3]})])
+def test_a_run_time_cache_choice_draws_cache_plans_with_dense_cells_and_maps_them_back(method, params):
+    cache = cache_choices(method, params)
     space = build_space(TARGET, ["full", "ast", "reuse", "forecast"], 2, 3,
                         sparse=SparseChoices((NETWORK,), (0, 1), ("paper",)), cache=cache)
     seen = set()
-    for plan, params in draw(space, trials=40):
-        assert space.params_for(plan) == params
-        if params["cache"] == NO_CACHE:
-            assert plan.cache is None and not any(k.startswith("cache.") for k in params)
+    for plan, drawn in draw(space, trials=40):
+        assert space.params_for(plan) == drawn
+        if drawn["cache"] == NO_CACHE:
+            assert plan.cache is None and not any(k.startswith("cache.") for k in drawn)
             seen |= plan.strategies()
             continue
-        assert params == {"cache": "first_block", "cache.first_block.threshold": plan.cache["config"]["threshold"]}
-        assert plan.cache["config"]["threshold"] in (0.05, 0.2)
+        config = plan.cache["config"]
+        assert drawn == {"cache": method, **{f"cache.{method}.{name}": value for name, value in config.items()}}
+        assert set(config) == set(cache.space) and all(config[name] in cache.space[name] for name in config)
+        assert config["threshold"] in params["threshold"]
         assert plan == Plan.uniform(TARGET, cache=plan.cache)  # every cell full, no sparse part
         seen.add("cache")
     assert {"cache", "reuse", "forecast", "pool"} <= seen
-    other = Plan.uniform(TARGET, cache={"method": "first_block", "config": {"threshold": 0.1}})  # not a choice
+    other = Plan.uniform(TARGET, cache={"method": method, "config": {"threshold": 0.15}})  # not a choice
     assert space.params_for(other) is None
     assert build_space(TARGET, ["full"], 1, 1).params_for(other) is None  # no cache choice at all
 
@@ -213,7 +217,8 @@ def test_a_cache_choice_keeps_the_methods_own_values_and_refuses_unknown_fields(
     narrowed = cache_choices("taylorseer", {"cache_interval": [2], "disable_cache_after_step": [15]})
     assert narrowed.space == {**CACHE_METHODS["taylorseer"].space, "cache_interval": [2],
                               "disable_cache_after_step": [15]}
-    with pytest.raises(UserError, match=r"search.space.cache.method: unknown cache 'teacache'; choose one of \['first_block',"):
+    with pytest.raises(UserError, match=r"search.space.cache.method: unknown cache 'teacache'.*; choose one of \['first_block', "
+                                        r"'forecast_cache', 'mag', 'taylorseer'\]"):
         cache_choices("teacache")
     with pytest.raises(UserError, match="cache.params.mag_ratios is measured on the model .*, not drawn; drop it"):
         cache_choices("mag", {"mag_ratios": [[1.0] * 10]})
@@ -238,6 +243,13 @@ def test_an_experiment_file_makes_a_diffusers_cache_a_search_choice(tiny_adapter
         IntervalChoices((2, 3, 4, 5), (0.8, 1.0))
     with pytest.raises(UserError, match="'taylorseer' has no field 'threshold'"):
         experiment_space(tiny_adapter, with_space(cache={"method": "taylorseer", "params": {"threshold": [0.1]}}))
+    with pytest.raises(UserError, match=r"search.space.cache: forecast cache fn 1 \+ bn 1 leave none of the model's 2 "
+                                        r"blocks to skip; lower fn or bn so that fn \+ bn < 2; set them in "
+                                        r"search.space.cache.params") as err:
+        experiment_space(tiny_adapter, with_space(cache={"method": "forecast_cache"}))  # the tiny DiT has 2 blocks
+    assert "\n" not in str(err.value)
+    fitting = experiment_space(tiny_adapter, with_space(cache={"method": "forecast_cache", "params": {"bn": [0]}}))
+    assert fitting.cache == CacheChoices("forecast_cache", {**CACHE_METHODS["forecast_cache"].space, "bn": [0]})
 
 
 def test_a_mag_cache_choice_draws_plans_that_carry_the_models_calibrated_ratios(tiny_adapter, tiny_spec, tmp_path,

@@ -26,6 +26,7 @@ in ``evaluation.cache_dir``), and every plan it draws carries them.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -37,7 +38,7 @@ from ditplan.evaluators.reference import cached_calibration
 from ditplan.models.adapters import model_folder
 from ditplan.models.family import ModelAdapter
 from ditplan.models.sampling import plan_target
-from ditplan.plan import Plan, PlanTarget
+from ditplan.plan import Plan, PlanError, PlanTarget
 from ditplan.registry import unknown_name
 from ditplan.spec import ExperimentSpec, SpaceSpec
 from ditplan.strategies.apply import family_refusal
@@ -633,18 +634,39 @@ def cache_choices(method: str, params: Mapping[str, Sequence[Any]] | None = None
             raise UserError(f"search.space.cache.params.{name} lists no values; give at least one")
         for value in values:
             try:
-                # NOTE: the fields measured on the model are not yet: one neutral ratio stands in for them
-                known.config_class(**{**dict.fromkeys(known.calibrated, [1.0]), name: value})
+                _unmeasured_config(method, {name: value})
             except (TypeError, ValueError) as err:
                 raise UserError(f"search.space.cache.params.{name}: {value!r} is not valid for {method!r} ({err})") from None
         space[name] = list(values)
     return CacheChoices(method, space)
 
 
+def _unmeasured_config(method: str, values: Mapping[str, Any]) -> Any:
+    """The config of cache ``method`` with ``values``, before its fields measured on the model are."""
+    known = CACHE_METHODS[method]
+    # NOTE: the fields measured on the model are not yet: one neutral ratio stands in for them
+    return known.config_class(**{**dict.fromkeys(known.calibrated, [1.0]), **values})
+
+
+def check_cache_fits(choices: CacheChoices, num_layers: int) -> None:
+    """Refuse, in one line, a cache choice that draws a config not fitting a model of ``num_layers`` blocks (the
+    forecast cache's ``fn + bn`` leaving no middle block)."""
+    names = list(choices.space)
+    for values in itertools.product(*(choices.space[name] for name in names)):
+        try:
+            CACHE_METHODS[choices.method].check_blocks(_unmeasured_config(choices.method, dict(zip(names, values))),
+                                                       num_layers)
+        except PlanError as err:
+            raise UserError(f"search.space.cache: {err}; set them in search.space.cache.params") from None
+
+
 def experiment_space(adapter: ModelAdapter, spec: ExperimentSpec) -> PlanSpace:
     """The search space an experiment file describes, for its model and sampler."""
     space = spec.search.space
-    cache = calibrated(cache_choices(space.cache.method, space.cache.params), adapter, spec) if space.cache else None
+    cache = cache_choices(space.cache.method, space.cache.params) if space.cache else None
+    if cache is not None:
+        check_cache_fits(cache, adapter.num_layers)
+        cache = calibrated(cache, adapter, spec)
     interval = IntervalChoices(tuple(space.interval.every), tuple(space.interval.stop)) if space.interval else None
     guidance = GuidanceChoices(tuple(space.guidance.fills), tuple(space.guidance.every)) if space.guidance else None
     if guidance is not None and not spec.sampler.settings().cfg:

@@ -232,7 +232,7 @@ class PlanRuntime:
         self.last_step = -1
         # the transformer's own weights while a fine-tuned SparseDiT network's are swapped in
         self.original_weights: dict[str, torch.Tensor] | None = None
-        self.diffusers_cache: DiffusersCache | None = None  # one of diffusers' caches the plan carries
+        self.diffusers_cache: DiffusersCache | None = None  # the run-time cache the plan carries (diffusers' or ditplan's)
         self.executed: ExecutionCounter | None = None  # what ran, when that is decided at run time
         self.block_layers: list[int] = []  # the blocks with a BlockCacheHook
         self.joint: JointTokens | None = None  # the token layout of a joint attention (set when applied)

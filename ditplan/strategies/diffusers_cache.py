@@ -1,7 +1,10 @@
-"""diffusers' own caches as a plan part: FirstBlockCache, TaylorSeerCache and MagCache.
+"""Run-time caches as a plan part: diffusers' FirstBlockCache, TaylorSeerCache and MagCache, and ditplan's forecast
+cache.
 
-Installed with diffusers' ``apply_first_block_cache`` / ``apply_taylorseer_cache`` / ``apply_mag_cache``
-(never re-implemented); their fields are plan parameters the search can tune (``CacheMethod.space``).
+diffusers' are installed with its ``apply_first_block_cache`` / ``apply_taylorseer_cache`` / ``apply_mag_cache``
+(never re-implemented); the forecast cache, which diffusers lacks (cache-dit's DBCache with a Taylor forecast), with
+ditplan's :func:`~ditplan.strategies.forecast_cache.apply_forecast_cache` on diffusers' hooks and cache contexts.
+Their fields are plan parameters the search can tune (``CacheMethod.space``).
 MagCache also needs its model's magnitude ratios at the plan's step count (``mag_ratios``, one per step):
 diffusers' own calibration mode measures them on a dense run (:func:`calibrated_config`), and the plan
 carries them, so a plan file runs on its own. DiT
@@ -20,6 +23,7 @@ A plan file holds it as::
 
     cache: {method: first_block, config: {threshold: 0.1}}
     cache: {method: mag, config: {threshold: 0.06, mag_ratios: [1.0, 1.21, …]}}  # one ratio per step
+    cache: {method: forecast_cache, config: {threshold: 0.2, order: 2}}
 """
 
 from __future__ import annotations
@@ -53,6 +57,13 @@ from ditplan.models.family import ModelAdapter, family_of
 from ditplan.models.sampling import sample_batch
 from ditplan.plan import Plan, PlanError
 from ditplan.spec import SamplerSettings
+from ditplan.strategies.forecast_cache import (
+    FORECAST_HEAD_HOOK,
+    FORECAST_MIDDLE_HOOK,
+    ForecastCacheConfig,
+    apply_forecast_cache,
+    check_fits,
+)
 from ditplan.strategies.hooks import remove_hook
 
 # (adapter, settings, conditions, seeds) → a config field's value, measured on a dense run of that batch
@@ -61,11 +72,12 @@ Calibration = Callable[[ModelAdapter, SamplerSettings, Sequence[Any], Sequence[i
 
 @dataclass(frozen=True)
 class CacheMethod:
-    """One of diffusers' caches: its config class, diffusers' function that installs it, the names of
-    the hooks it registers (to remove them), the fields a plan may set, the values a search draws, and
-    config values ditplan sets from the model's family where the plan sets none; for a cache that counts the
-    sampling run's steps, the field that holds their count (ditplan sets it to the plan's), and the fields
-    measured on the model, one value per step (a plan carries them; :func:`calibrated_config` measures them)."""
+    """One run-time cache: its config class, the function that installs it (diffusers' own, or ditplan's where
+    diffusers has none), the names of the hooks it registers (to remove them), the fields a plan may set, the values
+    a search draws, and config values ditplan sets from the model's family where the plan sets none; for a cache
+    that counts the sampling run's steps, the field that holds their count (ditplan sets it to the plan's), the
+    fields measured on the model, one value per step (a plan carries them; :func:`calibrated_config` measures them),
+    and a check of a config against the model's block count (a one-line :class:`PlanError`)."""
 
     config_class: type
     apply: Callable[[torch.nn.Module, Any], None]
@@ -76,6 +88,7 @@ class CacheMethod:
     family_defaults: Callable[[type[ModelAdapter]], Mapping[str, Any]] = lambda family: {}
     steps_field: str | None = None
     calibrated: Mapping[str, Calibration] = field(default_factory=dict)
+    check_blocks: Callable[[Any, int], None] = lambda config, num_blocks: None
 
 
 def calibrate_mag_ratios(adapter: ModelAdapter, settings: SamplerSettings, conditions: Sequence[Any],
@@ -150,6 +163,15 @@ CACHE_METHODS: dict[str, CacheMethod] = {
         steps_field="num_inference_steps",
         calibrated={"mag_ratios": calibrate_mag_ratios},
     ),
+    # ditplan's: the first `fn` and last `bn` blocks always compute; the middle ones are skipped while the first
+    # blocks' residual changed less than `threshold` (relative), at most `max_skip` calls in a row after `warmup`,
+    # and their residual is Taylor-forecast (order `order`) from the last computed steps
+    "forecast_cache": CacheMethod(
+        ForecastCacheConfig, apply_forecast_cache, (FORECAST_HEAD_HOOK, FORECAST_MIDDLE_HOOK),
+        fields=("threshold", "fn", "bn", "order", "warmup", "max_skip"),
+        space={"threshold": [0.05, 0.1, 0.2, 0.3], "order": [1, 2], "max_skip": [2, 3, 4]},
+        check_blocks=check_fits,
+    ),
 }
 CONTEXT_NAME = "ditplan"
 CALIBRATION_HOOK = "ditplan_cache_calibration"
@@ -223,10 +245,13 @@ class DiffusersCache:
 
     @classmethod
     def from_plan(cls, plan: Plan) -> DiffusersCache | None:
-        """The plan's cache (None without one), refused when its grid or sparse part would compute anything else."""
+        """The plan's cache (None without one), refused when its grid or sparse part would compute anything else or
+        its config does not fit the plan's block count."""
         if not plan.cache:
             return None
         cache = cls.from_config(plan.cache, plan.num_steps)
+        known = CACHE_METHODS[cache.method]
+        known.check_blocks(known.config_class(**cache.settings()), plan.num_layers)
         cells = plan.strategies() - {"full"}
         if cells or plan.sparse:
             raise PlanError(
