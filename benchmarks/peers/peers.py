@@ -58,7 +58,7 @@ PIPELINE_DENSE = "stock DiTPipeline (dense)"
 
 
 def diffusers_default_plans(adapter: ModelAdapter, spec: ExperimentSpec) -> dict[str, tuple[str, Plan]]:
-    """Each of diffusers' caches at its default config; MagCache with the model's magnitude ratios, which it needs
+    """Each run-time cache (diffusers', and ditplan's forecast cache) at its default config; MagCache with the model's magnitude ratios, which it needs
     at the sampler's step count, measured by diffusers' own calibration on the calibration seeds."""
     settings = spec.sampler.settings()
     target, (_, conditions, seeds) = plan_target(adapter, settings), spec.seed_set("calibration")
@@ -66,7 +66,8 @@ def diffusers_default_plans(adapter: ModelAdapter, spec: ExperimentSpec) -> dict
     for method in CACHE_METHODS:
         measured = cached_calibration(method, adapter, settings, conditions, seeds, spec.evaluation.cache_dir)
         cache = {"method": method, **({"config": measured} if measured else {})}
-        plans[f"diffusers {method} (default config)"] = ("diffusers cache", Plan.uniform(target, cache=cache))
+        library = CACHE_METHODS[method].library
+        plans[f"{library} {method} (default config)"] = (f"{library} cache", Plan.uniform(target, cache=cache))
     return plans
 
 

@@ -590,7 +590,8 @@ def family_refusal(family: type[ModelAdapter], names: Iterable[str], cache: str 
     that do not break on it."""
     broken = broken_on(family.name, cache) if cache else None
     if broken:
-        return f"{broken}; ditplan's block caching ({', '.join(_block_cells())}) is the cache that runs there"
+        return (f"{broken}; ditplan's run-time forecast_cache and its block caching ({', '.join(_block_cells())}) "
+                "are the caches that run there")
     if family.plan_attention:
         return None
     refused = sorted(n for n in names if not runs_on_any_attention(n))

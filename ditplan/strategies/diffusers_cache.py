@@ -11,7 +11,7 @@ carries them, so a plan file runs on its own. DiT
 and PixArt (and SD3) transformers are not diffusers ``CacheMixin`` models, so the plan's step hook sets the
 diffusers cache context around every transformer call, as ``CacheMixin.cache_context`` would. Where one of
 them breaks on a family (:data:`BROKEN`), a plan with it is refused in one line and ditplan's own block
-caching (``reuse``, ``forecast``) is the cache that runs there.
+caching (``reuse``, ``forecast``) or its forecast cache is the cache that runs there.
 
 These caches decide at run time which blocks (FirstBlockCache) or attention modules (TaylorSeer)
 compute, so a plan that carries one keeps every grid cell ``full`` (nothing of the plan's own reuse
@@ -89,6 +89,7 @@ class CacheMethod:
     steps_field: str | None = None
     calibrated: Mapping[str, Calibration] = field(default_factory=dict)
     check_blocks: Callable[[Any, int], None] = lambda config, num_blocks: None
+    library: str = "diffusers"  # whose cache it is (diffusers', or ditplan's own)
 
 
 def calibrate_mag_ratios(adapter: ModelAdapter, settings: SamplerSettings, conditions: Sequence[Any],
@@ -171,6 +172,7 @@ CACHE_METHODS: dict[str, CacheMethod] = {
         fields=("threshold", "fn", "bn", "order", "warmup", "max_skip"),
         space={"threshold": [0.05, 0.1, 0.2, 0.3], "order": [1, 2], "max_skip": [2, 3, 4]},
         check_blocks=check_fits,
+        library="ditplan",
     ),
 }
 CONTEXT_NAME = "ditplan"
@@ -264,7 +266,7 @@ class DiffusersCache:
         family = family_of(transformer)
         reason = broken_on(family.name, self.method)
         if reason:
-            raise PlanError(f"{reason}; use ditplan's block caching (reuse, forecast) there")
+            raise PlanError(f"{reason}; use ditplan's run-time forecast_cache or its block caching (reuse, forecast) there")
         CACHE_METHODS[self.method].apply(transformer, self.config_for(family))
 
     def remove(self, transformer: torch.nn.Module) -> None:
