@@ -121,6 +121,14 @@ def measure_held_out(adapter, spec, plans: Mapping[str, Any]):  # noqa: ANN001, 
                    rounds_count=spec.search.refine.latency_repeats)
 
 
+def print_row(name: str, side: str, v: dict[str, float]) -> None:
+    """One held-out row: | name | side | latency ratio (band) | FID | KID | kid_low | rel. L1 | FLOPs ratio |."""
+    nan = float("nan")
+    print(f"| {name} | {side} | {v['latency_ratio']:.3f} ({v['latency_ratio_min']:.2f}–{v['latency_ratio_max']:.2f}) "
+          f"| {v.get('fid', nan):.3f} | {v.get('kid', nan):.4f} | {v.get('kid_low', nan):.4f} | {v['rel_l1']:.4f} "
+          f"| {v['flops_ratio']:.3f} |", flush=True)
+
+
 # --- timings ---------------------------------------------------------------------------------------------
 
 def ratio_stats(times: Mapping[str, list[float]], name: str, dense: str = "dense") -> tuple[float, float, float]:

@@ -41,6 +41,7 @@ from common import (  # noqa: E402
     load_experiment,
     measure_held_out,
     print_provenance,
+    print_row,
 )
 
 from ditplan.evaluators.cost import executed_flops, turn_order  # noqa: E402
@@ -154,13 +155,6 @@ def cache_dit_metrics(adapter: ModelAdapter, spec: ExperimentSpec) -> dict[str, 
                       latency_ratio_min=min(ratios), latency_ratio_max=max(ratios))
         out[name] = values
     return out
-
-
-def print_row(name: str, side: str, v: dict[str, float]) -> None:
-    nan = float("nan")
-    print(f"| {name} | {side} | {v['latency_ratio']:.3f} ({v['latency_ratio_min']:.2f}–{v['latency_ratio_max']:.2f}) "
-          f"| {v.get('fid', nan):.3f} | {v.get('kid', nan):.4f} | {v.get('kid_low', nan):.4f} | {v['rel_l1']:.4f} "
-          f"| {v['flops_ratio']:.3f} |", flush=True)
 
 
 def cache_dit_rows(adapter: ModelAdapter, spec: ExperimentSpec) -> list[tuple[str, str, dict[str, float]]]:
