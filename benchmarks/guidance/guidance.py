@@ -36,13 +36,14 @@ from ditplan.evaluators.measure import DENSE  # noqa: E402
 from ditplan.models.adapters import adapter_from_spec  # noqa: E402
 from ditplan.models.sampling import plan_target  # noqa: E402
 from ditplan.plan import Plan  # noqa: E402
+from ditplan.plansearch.space import GuidanceChoices  # noqa: E402
 
 COMPUTED_FIRST = 2  # steps that compute the unconditional branch in every row
 
 
 def schedule(steps: int, fill: str, every: int = 0, start: int = COMPUTED_FIRST) -> tuple[str, ...]:
     """``fill`` from ``start`` on, the unconditional branch computed every ``every``-th step there (0: never)."""
-    return tuple("full" if s < start or (every and (s - start) % every == 0) else fill for s in range(steps))
+    return ("full",) * start + tuple(GuidanceChoices.segment(fill, every, start, steps))
 
 
 def plans(adapter, spec) -> dict[str, Plan]:  # noqa: ANN001

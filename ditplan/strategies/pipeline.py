@@ -100,7 +100,8 @@ class PipelineClock:
 
     def stop(self) -> None:
         self.run = None
-        self.runtime.use(self.applied)
+        if self.runtime.planner is not self.applied:  # the call ran re-targeted: the applied plan back
+            self.runtime.use(self.applied)
 
     def _retarget(self) -> None:
         """Run the applied plan re-targeted to the pipeline's step count for this call (with a warning)."""
