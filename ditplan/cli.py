@@ -79,7 +79,7 @@ def _show(args: argparse.Namespace) -> None:
     from ditplan.workflow import prepare
 
     plan = load_plan(args.plan)
-    adapter = prepare(args.experiment)[1] if args.experiment else recorded_adapter(plan.target.model)
+    adapter = prepare(args.experiment)[1] if args.experiment else recorded_adapter(plan)
     print(plan_card(plan, plan_flops_ratio(adapter, plan) if adapter is not None else None))
 
 
@@ -93,7 +93,7 @@ def _retarget(args: argparse.Namespace) -> None:
     if not 1 <= args.steps <= MAX_GRID:
         raise UserError(f"--steps {args.steps}: give the step count to re-target the plan to, 1 … {MAX_GRID}")
     plan = load_plan(args.plan)
-    adapter = prepare(args.experiment)[1] if args.experiment else recorded_adapter(plan.target.model)
+    adapter = prepare(args.experiment)[1] if args.experiment else recorded_adapter(plan)
     if adapter is None:
         raise UserError(f"the plan's model {plan.target.model!r} is not on this machine (or needs its experiment's "
                         "prompts); give --experiment, the experiment whose model the plan was made for")

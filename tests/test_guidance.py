@@ -207,3 +207,38 @@ def test_asc_frees_what_it_left_for_an_unconditional_call_that_does_not_run(dit_
         lambda *_: left.append(sum(map(bool, get_runtime(pipe.transformer).between_calls.values()))))
     run_dit(pipe, [1], [5], num_inference_steps=STEPS)
     assert left == [0] * STEPS
+
+
+def test_a_guided_sparsedit_plan_splits_into_the_rows_of_its_batch_and_costs_what_flop_counter_mode_counts(tiny_adapter,
+                                                                                                          tiny_spec):
+    """SparseDiT's token modules act sample by sample and keep nothing between calls: a step computed as two calls on
+    the halves gives the rows of one call on the batch, and the FLOPs count what both branches ran."""
+    from ditplan.strategies import apply_plan, remove_plan
+    from tests.test_sparse import module_cached_plan, one_forward
+
+    settings = tiny_spec.sampler.settings()
+    target = plan_target(tiny_adapter, settings)
+    plan = module_cached_plan(target, [["full", "reuse", "full", "forecast"]] * 2, r=0.75)
+    inputs = tiny_adapter.conditioning([1, 2], torch.device("cpu")).for_batch(settings.cfg)
+    x = torch.randn(2, tiny_adapter.latent_channels, tiny_adapter.latent_size, tiny_adapter.latent_size)
+    predictions = []
+    for guidance in (None, ("full", "reuse", "full", "off")):
+        apply_plan(tiny_adapter.transformer, replace(plan, guidance=guidance), target)
+        try:
+            predictions.append(one_forward(tiny_adapter, settings, x, inputs))
+        finally:
+            remove_plan(tiny_adapter.transformer)
+    torch.testing.assert_close(predictions[1], predictions[0], rtol=0, atol=1e-5)  # batched vs per-half matmuls
+    for guidance in (("full", "reuse", "full", "off"), ("full", "off", "off", "forecast")):
+        guided_plan = replace(plan, guidance=guidance)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            run_plan(tiny_adapter, guided_plan, [1, 2], [5, 6], settings)
+        assert plan_flops(tiny_adapter, guided_plan, settings, batch=2).total == counter.get_total_flops(), guidance
+
+
+def test_a_bare_off_in_an_experiment_file_is_the_fill_off():
+    import yaml
+
+    from ditplan.spec import GuidanceSpaceSpec
+
+    assert GuidanceSpaceSpec.model_validate(yaml.safe_load("{fills: [reuse, off], every: [0]}")).fills == ["reuse", "off"]

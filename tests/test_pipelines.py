@@ -316,10 +316,14 @@ def test_a_bare_transformer_in_a_users_own_loop_is_told_the_step(dit_folder):
     torch.testing.assert_close(images, expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("caching", [None, LayoutCaching("reuse", every=2, stop=1.0, blocks="all")])
+CACHING = LayoutCaching("reuse", every=2, stop=1.0, blocks="all")
+
+
+@pytest.mark.parametrize(("caching", "guidance"), [(None, None), (CACHING, None), (CACHING, ("full", "reuse", "full", "off"))])
 def test_a_sparsedit_plan_swaps_in_its_network_in_a_stock_pipeline_and_removal_restores_the_weights(embedded_adapter,
-                                                                                                       caching):
-    """caching: the network's blocks (its SDTM module as a whole and its Poolingformer layer) reuse at step 3."""
+                                                                                                       caching, guidance):
+    """caching: the network's blocks (its SDTM module as a whole and its Poolingformer layer) reuse at step 3;
+    guidance: the unconditional branch reuses step 0's at step 1 and is off at step 3 (its module reuses step 2's)."""
     from ditplan.models.pipelines import embedded_pipeline
 
     settings = SamplerSettings(num_steps=4, guidance_scale=4.0)
@@ -327,10 +331,13 @@ def test_a_sparsedit_plan_swaps_in_its_network_in_a_stock_pipeline_and_removal_r
     plan = layout_plan(embedded_adapter, layout, settings)
     columns = layout_columns(layout, 4, caching)
     plan = Plan(plan.target, tuple(tuple(columns[l][s] if l in columns else "full" for l in range(6)) for s in range(4)),
-                sparse=plan.sparse)
+                sparse=plan.sparse, guidance=guidance)
     assert (caching is not None) == ("reuse" in plan.strategies())
     labels, seeds = [0, 7], [10, 11]
     ours = as_pipeline_images(run_plan(embedded_adapter, plan, labels, seeds, settings).samples)
+    if guidance is not None:  # the skipped steps changed the samples
+        unguided = run_plan(embedded_adapter, replace(plan, guidance=None), labels, seeds, settings).samples
+        assert np.abs(as_pipeline_images(unguided) - ours).max() > 1e-3
 
     pipe = embedded_pipeline()
     pipe.set_progress_bar_config(disable=True)

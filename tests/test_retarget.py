@@ -40,14 +40,20 @@ def test_a_cell_whose_cache_was_made_at_a_dropped_step_computes_in_full():
     CachePlanner(shorter, build_strategies(shorter))
 
 
+def test_a_sparsedit_plans_poolingformer_layer_computes_as_pool_where_its_cache_was_made_at_a_dropped_step():
+    rows = (("pool", "full"), ("reuse", "reuse"), ("pool", "full"), ("reuse", "reuse"))
+    plan = Plan(TARGET, rows, sparse={"pool_layers": 1, "modules": [], "curve": {"name": "constant", "r": 0.5}})
+    shorter = retarget(plan, (0.62, 0.31, 0.05))  # steps 1, 2 and 3: the first reads what the dropped step 0 made
+    assert shorter.grid == (("pool", "full"), ("pool", "full"), ("reuse", "reuse"))
+    assert shorter.sparse == plan.sparse and shorter.provenance["retargeted_from"]["cells_computed_in_full"] == 2
+
+
 def test_plans_that_cannot_be_re_targeted_say_why_in_one_line():
     older = Plan(replace(TARGET, schedule=()), ROWS)
     with pytest.raises(PlanError, match="cannot re-target the plan to 2 steps: it records no schedule .* `ditplan "
                                         "retarget PLAN --steps M --experiment FILE`") as err:
         retarget(older, (0.5, 0.1))
     assert "\n" not in str(err.value)
-    with pytest.raises(PlanError, match="SparseDiT plan's pruning curve is tied to its steps"):
-        retarget(Plan(TARGET, ROWS, sparse={"modules": [[0, 2]]}), (0.5, 0.1))
     with pytest.raises(PlanError, match="one of diffusers' caches counts steps in the cache's config"):
         retarget(Plan.uniform(TARGET, cache={"method": "taylorseer", "config": {"cache_interval": 2}}), (0.5, 0.1))
     with pytest.raises(PlanError, match="cannot re-target the plan to 0 steps: give 1 … 10000 steps"):
@@ -96,3 +102,39 @@ def test_ditplan_retarget_refuses_in_one_line_what_it_cannot_do(tmp_path, capsys
             main(["retarget", str(tmp_path / plan), "--steps", "6", *args])
         err = capsys.readouterr().err.strip()
         assert exit_.value.code == 2 and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("recorded", ["embedded/sparse/p1-s1_6", "folder"])
+def test_the_shipped_sparsedit_plan_is_re_targeted_by_ditplan_retarget_and_in_a_pipeline_alike(tmp_path, capsys,
+                                                                                               recorded):
+    """The quickstart's knee plan runs a fine-tuned network: `ditplan retarget` finds its base model from the plan
+    alone (named as shipped, or as an export writes it: the network's own folder), and a stock pipeline called at
+    that step count runs the same plan re-targeted as ditplan's loop does."""
+    import numpy as np
+
+    import ditplan
+    from ditplan.models.adapters import model_folder
+    from ditplan.models.pipelines import embedded_pipeline
+    from ditplan.strategies.apply import run_plan
+    from tests.test_pipelines import as_pipeline_images, generators
+
+    knee = ditplan.shipped_plan("quickstart-knee")
+    model = str(model_folder("embedded") / "sparse" / "p1-s1_6") if recorded == "folder" else recorded
+    knee = replace(knee, target=replace(knee.target, model=model))
+    knee.save(tmp_path / "knee.yaml")
+    main(["retarget", str(tmp_path / "knee.yaml"), "--steps", "7"])
+    assert "20 → 7 steps" in capsys.readouterr().out
+    adapter = load_adapter("dit", "embedded")
+    written = load_plan(tmp_path / "knee-7steps.yaml")
+    assert written == replace(retarget_to_steps(knee, adapter, 7), provenance=written.provenance)
+    assert "pool" in {row[0] for row in written.grid} <= {"pool", "reuse"}  # its Poolingformer layer stays one
+    assert "off" in written.guidance and "reuse" in {row[1] for row in written.grid}
+    settings = SamplerSettings(num_steps=7, guidance_scale=4.0)
+    ours = as_pipeline_images(run_plan(adapter, written, [3, 8], [1, 2], settings).samples)
+    pipe = embedded_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    ditplan.apply_plan(pipe, knee)
+    with pytest.warns(UserWarning, match="runs re-targeted to 7 steps"):
+        images = pipe(class_labels=[3, 8], num_inference_steps=7, guidance_scale=4.0, output_type="np",
+                      generator=generators([1, 2])).images
+    np.testing.assert_allclose(images, ours, rtol=0, atol=1e-5)

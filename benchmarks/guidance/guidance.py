@@ -4,9 +4,10 @@ chosen steps, alone and on top of a learned plan, on an experiment's held-out se
 Rows (every one on the same model, sampler and held-out seeds; the first two steps compute it everywhere):
 - guidance off from a step on (guidance-interval methods: the last steps without guidance);
 - the unconditional prediction reused, or forecast linearly, between the steps that compute it (every 2nd or 3rd);
-- block reuse every other step (training-free) alone and with the unconditional branch reused every 2nd step (a
-  plan with guidance has no SparseDiT part: the quickstart's learned plans, which run a fine-tuned network, cannot
-  take it).
+- block reuse every other step (training-free) alone, with the unconditional branch reused every 2nd step and with
+  guidance off from the middle step on;
+- the quickstart's shipped knee plan (a SparseDiT network whose blocks reuse every other step) alone and with
+  guidance off from the middle or the last-quarter step on.
 
 Dense and every plan take turns in each of ``refine.latency_repeats`` rounds in one process (what ``ditplan run``
 reports from): latency ratio = median over rounds of the plan's time / dense's in the same round (band: min–max).
@@ -35,7 +36,7 @@ from common import (  # noqa: E402
 from ditplan.evaluators.measure import DENSE  # noqa: E402
 from ditplan.models.adapters import adapter_from_spec  # noqa: E402
 from ditplan.models.sampling import plan_target  # noqa: E402
-from ditplan.plan import Plan  # noqa: E402
+from ditplan.plan import Plan, shipped_plan  # noqa: E402
 from ditplan.plansearch.space import GuidanceChoices  # noqa: E402
 
 COMPUTED_FIRST = 2  # steps that compute the unconditional branch in every row
@@ -58,7 +59,19 @@ def plans(adapter, spec) -> dict[str, Plan]:  # noqa: ANN001
     out["block reuse every other step"] = reuse
     out["block reuse every other step + unconditional reuse, computed every 2"] = replace(
         reuse, guidance=schedule(steps, "reuse", 2))
+    out[f"block reuse every other step + guidance off from step {steps // 2}"] = replace(
+        reuse, guidance=schedule(steps, "off", start=steps // 2))
+    knee = shipped_plan("quickstart-knee")  # made for the quickstart's model and sampler
+    out["quickstart-knee"] = knee
+    for start in (steps // 2, 3 * steps // 4):
+        out[f"quickstart-knee + guidance off from step {start}"] = replace(knee, guidance=schedule(steps, "off", start=start))
     return out
+
+
+def side(name: str) -> str:
+    if name.startswith("quickstart-knee"):
+        return "learned" + (" + guidance" if "guidance" in name else "")
+    return "block caching" if name == "block reuse every other step" else "guidance"
 
 
 def main() -> None:
@@ -78,7 +91,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     print_row(DENSE, "", result.metrics[DENSE])
     for name in rows:
-        print_row(name, "block caching" if name == "block reuse every other step" else "guidance", result.metrics[name])
+        print_row(name, side(name), result.metrics[name])
 
 
 if __name__ == "__main__":

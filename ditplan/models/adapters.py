@@ -22,6 +22,7 @@ from ditplan.models.families import FAMILIES
 from ditplan.models.family import ModelAdapter
 
 if TYPE_CHECKING:
+    from ditplan.plan import Plan
     from ditplan.spec import ExperimentSpec, ModelSpec
 
 
@@ -59,10 +60,14 @@ def load_adapter(
     return family(transformer, schedule, model_id, vae=vae_model, **adapter_kwargs)
 
 
-def recorded_adapter(model_id: str) -> ModelAdapter | None:
-    """The model a plan records (``target.model``) when it is on this machine: an embedded model's name or a
-    local pipeline folder; None for a hub id or random weights (nothing is downloaded), and for a prompt-conditioned
-    family, which its experiment's prompts and image size complete."""
+def recorded_adapter(plan: Plan) -> ModelAdapter | None:
+    """The model ``plan`` records (``target.model``) when it is on this machine: an embedded model's name or a local
+    pipeline folder (for a fine-tuned SparseDiT network, the base model it lies in); None for a hub id or random
+    weights (nothing is downloaded), and for a prompt-conditioned family, which its experiment's prompts and image
+    size complete."""
+    model_id, weights = plan.target.model, (plan.sparse or {}).get("weights")
+    if weights and model_id.endswith(weights):  # the network's folder inside its base model's
+        model_id = model_id[: -len(weights)].rstrip("/")
     if model_id in EMBEDDED_MODELS:
         return load_adapter(EMBEDDED_FAMILY, model_id)
     config = Path(model_id) / "transformer" / "config.json"

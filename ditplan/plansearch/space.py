@@ -303,7 +303,7 @@ class PlanSpace:
         for name, choices in self.params.items():
             if name in used:
                 params[name] = {p: trial.suggest_categorical(_param_name(name, p), list(c)) for p, c in choices.items()}
-        guidance = self._suggest_guidance(trial) if layout is None else None  # a sparse part keeps one state: no skips
+        guidance = self._suggest_guidance(trial)
         return Plan(target, tuple(map(tuple, grid)), params=params, sparse=layout.to_dict() if layout else None,
                     guidance=guidance)
 
@@ -327,7 +327,7 @@ class PlanSpace:
     def _guidance_params_for(self, plan: Plan) -> dict[str, Any] | None:
         """The guidance parameters that give ``plan``'s guidance, or None when this space cannot express it."""
         steps = plan.guidance or (COMPUTED,) * plan.num_steps
-        if self.guidance is None or plan.sparse:  # a trial with a sparse part draws no guidance
+        if self.guidance is None:
             return {} if set(steps) == {COMPUTED} else None
         params: dict[str, Any] = {}
         for s0, s1 in self.step_segments:

@@ -68,7 +68,7 @@ class GuidanceSchedule:
     @classmethod
     def from_plan(cls, plan: Plan) -> GuidanceSchedule | None:
         """The plan's schedule (None without one, or when every step computes); a bad name or a first step that
-        does not compute is a one-line :class:`PlanError`, as is a sparse part or one of diffusers' caches beside it."""
+        does not compute is a one-line :class:`PlanError`, as is a run-time cache beside it (diffusers' or ditplan's)."""
         if plan.guidance is None or set(plan.guidance) == {COMPUTED}:
             return None
         for name in plan.guidance:
@@ -78,10 +78,9 @@ class GuidanceSchedule:
         if plan.guidance[0] != COMPUTED:
             raise PlanError(f"plan guidance starts with {plan.guidance[0]!r}, but the first step has no earlier "
                             "unconditional prediction to stand in; make step 0 'full'")
-        if plan.sparse or plan.cache:
-            part = "a sparse part" if plan.sparse else "one of diffusers' caches"
-            raise PlanError(f"plan guidance skips unconditional steps, which {part} does not follow (it keeps one state "
-                            "for both branches); drop the guidance part or the " + ("sparse part" if plan.sparse else "cache"))
+        if plan.cache:
+            raise PlanError("plan guidance skips unconditional steps, which a run-time cache does not follow (it keeps "
+                            "one state for both branches); drop the guidance part or the cache")
         return cls(tuple(plan.guidance))
 
     def computes(self, step: int) -> bool:
