@@ -6,8 +6,9 @@ Rows (every one on the same model, sampler and held-out seeds; the first two ste
 - the unconditional prediction reused, or forecast linearly, between the steps that compute it (every 2nd or 3rd);
 - block reuse every other step (training-free) alone, with the unconditional branch reused every 2nd step and with
   guidance off from the middle step on;
-- the quickstart's shipped knee plan (a SparseDiT network whose blocks reuse every other step) alone and with
-  guidance off from the middle or the last-quarter step on.
+- the quickstart's shipped knee plan (a SparseDiT network whose blocks reuse every other step, guidance off at
+  chosen steps) as learned, without its guidance part, and with guidance off from the middle or the last-quarter
+  step on instead.
 
 Dense and every plan take turns in each of ``refine.latency_repeats`` rounds in one process (what ``ditplan run``
 reports from): latency ratio = median over rounds of the plan's time / dense's in the same round (band: min–max).
@@ -62,15 +63,17 @@ def plans(adapter, spec) -> dict[str, Plan]:  # noqa: ANN001
     out[f"block reuse every other step + guidance off from step {steps // 2}"] = replace(
         reuse, guidance=schedule(steps, "off", start=steps // 2))
     knee = shipped_plan("quickstart-knee")  # made for the quickstart's model and sampler
-    out["quickstart-knee"] = knee
+    out["quickstart-knee, its guidance part dropped"] = replace(knee, guidance=None)
+    out["quickstart-knee (as learned)"] = knee
     for start in (steps // 2, 3 * steps // 4):
-        out[f"quickstart-knee + guidance off from step {start}"] = replace(knee, guidance=schedule(steps, "off", start=start))
+        out[f"quickstart-knee, guidance off from step {start} instead"] = replace(
+            knee, guidance=schedule(steps, "off", start=start))
     return out
 
 
 def side(name: str) -> str:
     if name.startswith("quickstart-knee"):
-        return "learned" + (" + guidance" if "guidance" in name else "")
+        return "learned"
     return "block caching" if name == "block reuse every other step" else "guidance"
 
 
