@@ -1,8 +1,8 @@
 """The Plan: which strategy each self-attention layer uses at each denoising step, plus the
 strategies' parameters, what the plan was made for, and how it was found.
 
-Plan files are YAML (``yaml.safe_load`` only). The step × layer grid is stored run-length encoded,
-one line per layer, e.g. ``"full:2 ast:3 wars:15"``.
+Plan files are YAML (read with a safe loader only: ``ditplan.files.read_yaml``). The step × layer grid is stored
+run-length encoded, one line per layer, e.g. ``"full:2 ast:3 wars:15"``.
 """
 
 from __future__ import annotations

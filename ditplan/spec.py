@@ -369,12 +369,6 @@ class GuidanceSpaceSpec(_Strict):
     fills: list[str] = Field(["reuse", "forecast", "off"], min_length=1)
     every: list[Annotated[int, Field(ge=0)]] = Field([2, 3, 0], min_length=1)
 
-    @field_validator("fills", mode="before")
-    @classmethod
-    def _off_as_written(cls, value: Any) -> Any:
-        # YAML reads a bare `off` as false; no fill is a boolean, so it was the fill `off`
-        return [("off" if fill is False else fill) for fill in value] if isinstance(value, list) else value
-
     @field_validator("every")
     @classmethod
     def _every_skips(cls, value: list[int]) -> list[int]:

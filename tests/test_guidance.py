@@ -236,9 +236,9 @@ def test_a_guided_sparsedit_plan_splits_into_the_rows_of_its_batch_and_costs_wha
         assert plan_flops(tiny_adapter, guided_plan, settings, batch=2).total == counter.get_total_flops(), guidance
 
 
-def test_a_bare_off_in_an_experiment_file_is_the_fill_off():
-    import yaml
-
+def test_a_bare_off_in_an_experiment_file_is_the_fill_off(tmp_path):
+    from ditplan.files import read_yaml
     from ditplan.spec import GuidanceSpaceSpec
 
-    assert GuidanceSpaceSpec.model_validate(yaml.safe_load("{fills: [reuse, off], every: [0]}")).fills == ["reuse", "off"]
+    (tmp_path / "space.yaml").write_text("{fills: [reuse, off], every: [0]}")
+    assert GuidanceSpaceSpec.model_validate(read_yaml(tmp_path / "space.yaml", "file")).fills == ["reuse", "off"]

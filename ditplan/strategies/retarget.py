@@ -66,11 +66,10 @@ def retarget_to_steps(plan: Plan, adapter: ModelAdapter, steps: int) -> Plan:
 
 
 def _computing_cells(plan: Plan) -> list[str]:
-    """The cell that computes each layer of ``plan``: ``pool`` on a SparseDiT layout's Poolingformer layers, else
-    ``full``."""
+    """The cell that computes each layer of ``plan``: the one its SparseDiT layout fixes there, else ``full``."""
     layout = sparse_layout(plan)
-    pool_layers = layout.pool_layers if layout else 0
-    return ["pool" if layer < pool_layers else "full" for layer in range(plan.target.num_layers)]
+    fixed = layout.fixed_cells() if layout else {}
+    return [fixed.get(layer, "full") for layer in range(plan.target.num_layers)]
 
 
 def _computed_where_unmade(rows: Sequence[Sequence[str]], computing: Sequence[str]
