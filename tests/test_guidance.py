@@ -184,7 +184,6 @@ def test_a_plans_description_says_where_its_guidance_skips_the_unconditional_bra
     assert describe(plan) == "unconditional branch reuse every 2nd step of steps 1–3; unconditional branch off from step 4"
 
 
-
 def test_a_guided_plan_in_a_pipeline_at_another_step_count_runs_re_targeted_as_ditplans_loop(dit_folder):
     adapter = load_adapter("dit", str(dit_folder), vae=str(dit_folder))
     plan = guided(adapter, "full:3 off:3")
