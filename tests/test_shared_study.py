@@ -70,6 +70,7 @@ def _trials(experiment, run_dir):
     return optuna.load_study(study_name=spec.name, storage=study_storage(spec, SearchDir(run_dir))).get_trials()
 
 
+@pytest.mark.slow  # ≈ 80 s: a PostgreSQL server, a Ray cluster and two driver start-ups
 def test_two_drivers_share_one_postgresql_study(database, loopback_cluster, tmp_path):
     experiment = _experiment(tmp_path, storage=database, **SHARED)
     drivers = [_driver(experiment, tmp_path / name, 8, loopback_cluster) for name in ("a", "b")]
