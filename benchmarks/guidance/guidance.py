@@ -1,11 +1,13 @@
 """Guidance on an interval on the embedded model: the unconditional branch of classifier-free guidance skipped at
 chosen steps, alone and on top of a learned plan, on an experiment's held-out seeds.
 
-Rows (every one on the same model, sampler and held-out seeds; the first two steps compute it everywhere):
-- guidance off from a step on (guidance-interval methods: the last steps without guidance);
+Rows (every one on the same model, sampler and held-out seeds; the first step computes it everywhere, the first two
+wherever the row names no step):
+- guidance off from a step on (guidance-interval methods: the last steps without guidance), from step 1 on too;
 - the unconditional prediction reused, or forecast linearly, between the steps that compute it (every 2nd or 3rd);
 - block reuse every other step (training-free) alone, with the unconditional branch reused every 2nd step and with
-  guidance off from the middle step on;
+  guidance off from the middle step on; block reuse at 2 of every 3 steps with guidance off from step 1 on (the
+  training-free plans at ≥ 4× FLOPs that the quickstart's search does not keep: rel. L1 to dense above its floor);
 - the quickstart's shipped knee plan (a SparseDiT network whose blocks reuse every other step, guidance off at
   chosen steps) as learned, without its guidance part, and with guidance off from the middle or the last-quarter
   step on instead.
@@ -40,7 +42,7 @@ from ditplan.models.sampling import plan_target  # noqa: E402
 from ditplan.plan import Plan, shipped_plan  # noqa: E402
 from ditplan.plansearch.space import GuidanceChoices  # noqa: E402
 
-COMPUTED_FIRST = 2  # steps that compute the unconditional branch in every row
+COMPUTED_FIRST = 2  # steps that compute the unconditional branch where a row names no step
 
 
 def schedule(steps: int, fill: str, every: int = 0, start: int = COMPUTED_FIRST) -> tuple[str, ...]:
@@ -52,16 +54,19 @@ def plans(adapter, spec) -> dict[str, Plan]:  # noqa: ANN001
     steps = spec.sampler.num_steps
     dense = Plan.uniform(plan_target(adapter, spec.sampler.settings()))
     out = {f"guidance off from step {start}": replace(dense, guidance=schedule(steps, "off", start=start))
-           for start in (steps // 2, 3 * steps // 4)}
+           for start in (1, steps // 2, 3 * steps // 4)}
     for fill in ("reuse", "forecast"):
         for every in (2, 3):
             out[f"unconditional {fill}, computed every {every}"] = replace(dense, guidance=schedule(steps, fill, every))
-    _, reuse = family_plans(adapter, spec)["reuse every other step"]
+    fixed = family_plans(adapter, spec, cache_periods=(2, 3))
+    reuse = fixed["reuse every other step"][1]
     out["block reuse every other step"] = reuse
     out["block reuse every other step + unconditional reuse, computed every 2"] = replace(
         reuse, guidance=schedule(steps, "reuse", 2))
     out[f"block reuse every other step + guidance off from step {steps // 2}"] = replace(
         reuse, guidance=schedule(steps, "off", start=steps // 2))
+    out["block reuse 2 of every 3 steps + guidance off from step 1"] = replace(
+        fixed["reuse every 3rd step"][1], guidance=schedule(steps, "off", start=1))
     knee = shipped_plan("quickstart-knee")  # made for the quickstart's model and sampler
     out["quickstart-knee, its guidance part dropped"] = replace(knee, guidance=None)
     out["quickstart-knee (as learned)"] = knee
