@@ -1,12 +1,14 @@
 """Peers: the accelerations DiT users run today, beside ditplan's plans, on an experiment's held-out seeds.
 
 Rows (every one on the same model, sampler and held-out seeds):
-- diffusers' caches at their documented default configs (``FirstBlockCacheConfig()``,
-  ``TaylorSeerCacheConfig()``; ditplan only names DiT's attention modules for TaylorSeer, whose default
-  patterns match none), installed by diffusers' own ``apply_*`` functions as a plan's ``cache`` part;
-- SparseDiT's settings: each fine-tuned network next to the model at the paper's curve and at constant
-  rates; block caching (``reuse``, ``forecast``) every other step (both from ``common.family_plans``);
-- plan files (``--plans``): a run's greedy D1–D6 and learned plans;
+- diffusers' caches at their documented default configs (``FirstBlockCacheConfig()``, ``TaylorSeerCacheConfig()``,
+  ``MagCacheConfig()`` with the model's magnitude ratios from diffusers' own calibration; ditplan only names DiT's
+  attention modules for TaylorSeer, whose default patterns match none), installed by diffusers' own ``apply_*``
+  functions as a plan's ``cache`` part, and ditplan's run-time forecast cache at its defaults;
+- fixed plans of the ``--families`` chosen: SparseDiT's settings (each fine-tuned network next to the model at the
+  paper's curve and at constant rates), block caching (``reuse``, ``forecast``) every other step (both from
+  ``common.family_plans``);
+- plan files (``--plans``): greedy and learned plans;
 - cache-dit (``pip install 'ditplan[peers]'``): DBCache configs through ``cache_dit.enable_cache`` on a
   stock ``DiTPipeline`` (``embedded_pipeline``), when cache-dit is installed.
 
@@ -16,8 +18,8 @@ the plan's time / dense's time in the same round (band: min–max). cache-dit ca
 so its rows run in a second interleaved loop whose dense is the stock pipeline without cache-dit (same
 seeds, same rounds); rel. L1 is to that dense, FLOPs are counted from the block parts that ran.
 
-    python benchmarks/peers/peers.py --experiment ditplan/experiments/quickstart.yaml \
-        --plans runs/quickstart/greedy/*.yaml runs/quickstart/exported/*.yaml
+    python benchmarks/peers/peers.py --experiment ditplan/experiments/quickstart.yaml --families "block caching" \
+        --plans benchmarks/peers/results/peers-plans/*.yaml
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")  # NOTE: cache-dit logs every enable/disable to stdout
+os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # NOTE: cache-dit logs every enable/disable, and warns of every pattern check it skips, to stdout
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 from common import (  # noqa: E402
     add_experiment_arguments,
