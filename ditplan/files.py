@@ -40,21 +40,21 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-class _Loader(yaml.SafeLoader):
+class _SafeLoader12(yaml.SafeLoader):
     """``yaml.SafeLoader`` with YAML 1.2's booleans, ``true`` and ``false`` only: YAML 1.1 also reads ``yes``, ``no``,
     ``on`` and ``off`` as booleans, which turns a name such as the guidance fill ``off`` into false (a boolean field
     still takes them: the experiment schema reads ``"yes"`` / ``"off"`` as true / false)."""
 
 
 _BOOL = "tag:yaml.org,2002:bool"
-_Loader.yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
-                                   for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_SafeLoader12.yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+                                         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_SafeLoader12.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 def read_yaml(path: str | Path, what: str) -> Any:
-    """The YAML document in ``path`` (safe loading, YAML 1.2's booleans: :class:`_Loader`); ``what`` names the kind
-    of file in errors."""
+    """The YAML document in ``path`` (safe loading, YAML 1.2's booleans: :class:`_SafeLoader12`); ``what`` names the
+    kind of file in errors."""
     path = readable_file(path, what, MAX_YAML_BYTES)
     try:
         text = path.read_bytes().decode("utf-8")
@@ -63,7 +63,7 @@ def read_yaml(path: str | Path, what: str) -> Any:
     except OSError as err:
         raise UserError(f"{what} {path} cannot be read: {err.strerror or err}") from None
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+        return yaml.load(text, Loader=_SafeLoader12)  # noqa: S506 (a yaml.SafeLoader subclass)
     except yaml.YAMLError as err:
         raise UserError(f"{what} {path} is not valid YAML: {_one_line(err)}") from None
     except RecursionError:

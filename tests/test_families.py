@@ -351,8 +351,7 @@ def tiny_experiment(kind: str, tmp_path: Path, change: dict | None = None) -> Pa
 
 # Qwen-Image's joint attention is FLUX's and SD3's, and its CFG runs as two calls per step: the fast set runs it alone
 # (each family's plan in its stock pipeline is in the fast set above)
-@pytest.mark.parametrize("kind", [pytest.param("flux", marks=pytest.mark.slow), pytest.param("sd3", marks=pytest.mark.slow),
-                                  "qwen-image"])
+@pytest.mark.parametrize("kind", [pytest.param(kind, marks=pytest.mark.slow) for kind in ("flux", "sd3")] + ["qwen-image"])
 def test_ditplan_run_of_a_tiny_experiment_goes_from_dense_to_exported_plans(kind, tmp_path):
     case = CASES[kind]
     experiment = tiny_experiment(kind, tmp_path)

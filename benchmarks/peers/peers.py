@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # NOTE: cache-dit logs every enable/disable, and warns of every pattern check it skips, to stdout
+# NOTE: cache-dit logs every enable/disable, and warns of every pattern check it skips, to stdout
+os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py
 from common import (  # noqa: E402
     add_experiment_arguments,
@@ -58,6 +59,7 @@ from ditplan.spec import ExperimentSpec  # noqa: E402
 from ditplan.strategies.diffusers_cache import CACHE_METHODS, ExecutionCounter  # noqa: E402
 
 PIPELINE_DENSE = "stock DiTPipeline (dense)"
+FIXED_FAMILIES = ("SparseDiT", "block caching")  # common.family_plans' families shown beside the peers
 
 
 def diffusers_default_plans(adapter: ModelAdapter, spec: ExperimentSpec) -> dict[str, tuple[str, Plan]]:
@@ -181,8 +183,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, help="held-out samples (default: the experiment's refine.samples)")
     parser.add_argument("--plans", nargs="*", default=[], help="plan files (greedy D1–D6, learned plans)")
     parser.add_argument("--no-cache-dit", action="store_true", help="skip the cache-dit rows")
-    parser.add_argument("--families", nargs="*", default=["SparseDiT", "block caching"],
-                        choices=["SparseDiT", "block caching"], help="the fixed plans of these families as rows")
+    parser.add_argument("--families", nargs="*", default=list(FIXED_FAMILIES), choices=FIXED_FAMILIES,
+                        help="the fixed plans of these families as rows")
     args = parser.parse_args()
     print_provenance()
     spec = load_experiment(args)
@@ -235,7 +237,8 @@ def print_goals(rows: list[tuple[str, str, dict[str, float]]], learned: set[str]
         v = by_name[best]
         verdict = "met" if v["latency_ratio"] <= 0.25 else "NOT met"
         print(f"- {goal}: {verdict}: {best} {1 / v['latency_ratio']:.2f}× (latency {v['latency_ratio']:.3f}, band "
-              f"{v['latency_ratio_min']:.2f}–{v['latency_ratio_max']:.2f}) at FID {v['fid']:.3f}, kid_low {v['kid_low']:.4f}")
+              f"{v['latency_ratio_min']:.2f}–{v['latency_ratio_max']:.2f}) at FID {v['fid']:.3f}, "
+              f"kid_low {v['kid_low']:.4f}")
     print("| peer row | its latency | its FID | fastest learned at ≤ latency and ≤ FID | latency | FID |")
     print("|---|---|---|---|---|---|")
     for name, side, v in rows[1:]:
